@@ -1,0 +1,232 @@
+//! The desired state of one node's dataplane, as control computes it from Kubernetes objects.
+//!
+//! This is the contract between `kxdp-control` and `kxdp-dataplane`: control turns Nodes, Pods,
+//! Services and EndpointSlices into a [`TableSpec`] (a pure function), streams it, and the
+//! dataplane compiles it into lookup tables. Everything here is already resolved: named ports
+//! are numbers, endpoint categorisation (ready / serving-terminating fallback, traffic policies,
+//! topology) is done, defaults are applied. The dataplane never sees a Kubernetes object.
+//!
+//! Fields added later carry `#[serde(default)]`, so an older control still talks to a newer
+//! dataplane; a change that breaks that bumps [`SPEC_VERSION`].
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// Version of the table format; the stream header carries it and a mismatch is refused.
+pub const SPEC_VERSION: u32 = 1;
+
+/// Layer-4 protocols that Services and conntrack know about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Protocol {
+    /// IP protocol 6.
+    Tcp,
+    /// IP protocol 17.
+    Udp,
+    /// IP protocol 132.
+    Sctp,
+}
+
+impl Protocol {
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Sctp => 132,
+        }
+    }
+
+    /// The protocol for an IP protocol number, if it is one Services carry.
+    pub fn from_number(n: u8) -> Option<Protocol> {
+        match n {
+            6 => Some(Protocol::Tcp),
+            17 => Some(Protocol::Udp),
+            132 => Some(Protocol::Sctp),
+            _ => None,
+        }
+    }
+}
+
+/// Everything one node's dataplane needs, computed by control.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableSpec {
+    /// The node this dataplane serves.
+    pub node: NodeSpec,
+    /// Cluster-wide settings.
+    pub cluster: ClusterSpec,
+    /// One entry per (Service, port, IP family): the unit kube-proxy programs.
+    pub services: Vec<ServiceSpec>,
+    /// Pods whose network interface is on this node.
+    pub local_pods: Vec<PodSpec>,
+    /// Other nodes, for routes to their pod networks through the overlay.
+    #[serde(default)]
+    pub remote_nodes: Vec<RemoteNodeSpec>,
+}
+
+/// The node under this dataplane.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeSpec {
+    /// Kubernetes Node name.
+    pub name: String,
+    /// The node's own addresses (InternalIP, ExternalIP), used for NodePorts and masquerade.
+    pub addresses: Vec<IpAddr>,
+    /// The node's pod networks (`spec.podCIDRs`).
+    pub pod_cidrs: Vec<IpNet>,
+    /// `topology.kubernetes.io/zone`, for topology-aware routing.
+    #[serde(default)]
+    pub zone: Option<String>,
+}
+
+/// Settings that hold for the whole cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterSpec {
+    /// The pod networks of the cluster; traffic from outside them is "external".
+    pub cluster_cidrs: Vec<IpNet>,
+    /// The Service ClusterIP ranges; an address there that no Service holds is dropped.
+    pub service_cidrs: Vec<IpNet>,
+    /// SNAT every Service flow (kube-proxy `--masquerade-all`).
+    #[serde(default)]
+    pub masquerade_all: bool,
+    /// Masquerade pod traffic leaving the cluster networks (flannel `--ip-masq`).
+    #[serde(default = "yes")]
+    pub ip_masq: bool,
+    /// VXLAN network identifier of the overlay.
+    #[serde(default = "default_vni")]
+    pub vxlan_vni: u32,
+    /// VXLAN UDP destination port of the overlay.
+    #[serde(default = "default_vxlan_port")]
+    pub vxlan_port: u16,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_vni() -> u32 {
+    1
+}
+fn default_vxlan_port() -> u16 {
+    8472
+}
+
+impl Default for ClusterSpec {
+    fn default() -> Self {
+        ClusterSpec {
+            cluster_cidrs: vec![
+                "10.244.0.0/16".parse().expect("literal"),
+                "fd00:10:244::/48".parse().expect("literal"),
+            ],
+            service_cidrs: vec![
+                "172.30.0.0/16".parse().expect("literal"),
+                "fd00:172:30::/112".parse().expect("literal"),
+            ],
+            masquerade_all: false,
+            ip_masq: true,
+            vxlan_vni: default_vni(),
+            vxlan_port: default_vxlan_port(),
+        }
+    }
+}
+
+/// How a frontend address is reached, which decides the traffic policy that applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum FrontendKind {
+    /// `spec.clusterIP(s)`: internal traffic policy.
+    ClusterIp,
+    /// A node address with `spec.ports[].nodePort`: external traffic policy.
+    NodePort,
+    /// `status.loadBalancer.ingress[].ip`: external traffic policy.
+    LoadBalancer,
+    /// `spec.externalIPs`: external traffic policy.
+    ExternalIp,
+}
+
+impl FrontendKind {
+    /// Whether `externalTrafficPolicy` governs this frontend.
+    pub fn is_external(self) -> bool {
+        !matches!(self, FrontendKind::ClusterIp)
+    }
+}
+
+/// One address:port a Service is reached at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FrontendSpec {
+    /// What kind of address this is.
+    pub kind: FrontendKind,
+    /// The destination address clients use.
+    pub ip: IpAddr,
+    /// The destination port clients use.
+    pub port: u16,
+}
+
+/// One endpoint of a Service port, after named-port resolution.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct EndpointSpec {
+    /// Endpoint address (a pod IP, or any address for hand-made slices).
+    pub ip: IpAddr,
+    /// Target port on the endpoint.
+    pub port: u16,
+    /// Whether the endpoint is on this node (`nodeName` equals ours).
+    pub local: bool,
+    /// EndpointSlice `conditions.ready` after defaulting.
+    pub ready: bool,
+    /// EndpointSlice `conditions.serving` after defaulting.
+    pub serving: bool,
+    /// EndpointSlice `conditions.terminating` after defaulting.
+    pub terminating: bool,
+}
+
+/// One (Service, port, IP family): frontends and the endpoint lists each traffic policy uses.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSpec {
+    /// `namespace/name:portName`, for counters and inspection.
+    pub name: String,
+    /// Transport protocol of this port.
+    pub protocol: Protocol,
+    /// Every address:port that reaches this Service port.
+    pub frontends: Vec<FrontendSpec>,
+    /// Endpoints for traffic under policy `Cluster` (already categorised: ready ones, else the
+    /// serving-and-terminating ones; topology hints applied).
+    pub cluster_endpoints: Vec<EndpointSpec>,
+    /// Endpoints for traffic under policy `Local`: the local subset, same categorisation.
+    pub local_endpoints: Vec<EndpointSpec>,
+    /// Every endpoint the slices list for this port, whatever their state: used to tell
+    /// "endpoint gone" (flush its flows) from "endpoint not chosen for new flows".
+    #[serde(default)]
+    pub all_endpoints: Vec<EndpointSpec>,
+    /// `internalTrafficPolicy: Local`.
+    #[serde(default)]
+    pub internal_local: bool,
+    /// `externalTrafficPolicy: Local`.
+    #[serde(default)]
+    pub external_local: bool,
+    /// `sessionAffinity: ClientIP` timeout in seconds; `None` without affinity.
+    #[serde(default)]
+    pub affinity_timeout_s: Option<u32>,
+}
+
+/// A pod whose interface is on this node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodSpec {
+    /// `namespace/name`.
+    pub name: String,
+    /// `status.podIPs`.
+    pub ips: Vec<IpAddr>,
+    /// Pod labels (NetworkPolicy selects on them).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// Another node of the cluster, reached through the VXLAN overlay.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteNodeSpec {
+    /// Kubernetes Node name.
+    pub name: String,
+    /// The node's pod networks.
+    pub pod_cidrs: Vec<IpNet>,
+    /// Outer destination of VXLAN packets (flannel `public-ip`, else its InternalIP).
+    pub vtep_ip: IpAddr,
+    /// Inner destination MAC (flannel `VtepMAC`).
+    pub vtep_mac: [u8; 6],
+}

@@ -1,0 +1,154 @@
+//! The framing of the control stream between `kxdp-control` and `kxdp-dataplane`.
+//!
+//! A frame is `b"KXDP"`, the format version as a big-endian `u32`, the payload length as a
+//! big-endian `u32`, then a JSON payload (a [`Message`]). JSON keeps the stream readable with
+//! `socat` at 3 a.m.; the version lets either side refuse a peer it does not understand
+//! instead of misreading it. Encoding and decoding are pure: the sockets live elsewhere.
+
+use serde::{Deserialize, Serialize};
+
+use crate::spec::{TableSpec, SPEC_VERSION};
+
+/// Frame magic.
+pub const MAGIC: &[u8; 4] = b"KXDP";
+/// Header length: magic, version, payload length.
+pub const HEADER_LEN: usize = 12;
+/// The largest payload accepted (a full table of 100k Services fits with room to spare).
+pub const MAX_PAYLOAD: usize = 1 << 30;
+
+/// A message on the control stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Message {
+    /// control → dataplane: the complete desired state, replacing what the dataplane has.
+    /// `generation` increases with every table control computes.
+    Snapshot {
+        /// Monotonic number of this table within one control process.
+        generation: u64,
+        /// The tables.
+        tables: Box<TableSpec>,
+    },
+    /// dataplane → control: `generation` is now what the workers use.
+    Applied {
+        /// The generation applied.
+        generation: u64,
+    },
+    /// Either side: the last frame was refused, and why.
+    Refused {
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+/// Why a frame could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// The first bytes are not `KXDP`: the peer is not a kxdp control stream.
+    #[error("bad magic {0:02x?}: the peer does not speak the kxdp control protocol")]
+    BadMagic([u8; 4]),
+    /// The peer speaks another format version.
+    #[error("control stream version {got}, this binary speaks {want}: run control and dataplane from the same release")]
+    Version {
+        /// Version in the frame.
+        got: u32,
+        /// Version of this binary.
+        want: u32,
+    },
+    /// The payload length is over [`MAX_PAYLOAD`].
+    #[error("frame of {0} bytes is over the {MAX_PAYLOAD}-byte limit")]
+    TooLarge(usize),
+    /// The payload is not a valid message.
+    #[error("malformed message: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Encodes `msg` as one frame.
+pub fn encode(msg: &Message) -> Vec<u8> {
+    let payload = serde_json::to_vec(msg).expect("messages always serialize");
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&SPEC_VERSION.to_be_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// Reads a header: the payload length that follows, or why the stream is unusable.
+pub fn decode_header(header: &[u8; HEADER_LEN]) -> Result<usize, WireError> {
+    let magic: [u8; 4] = header[0..4].try_into().expect("length 4");
+    if &magic != MAGIC {
+        return Err(WireError::BadMagic(magic));
+    }
+    let version = u32::from_be_bytes(header[4..8].try_into().expect("length 4"));
+    if version != SPEC_VERSION {
+        return Err(WireError::Version {
+            got: version,
+            want: SPEC_VERSION,
+        });
+    }
+    let len = u32::from_be_bytes(header[8..12].try_into().expect("length 4")) as usize;
+    if len > MAX_PAYLOAD {
+        return Err(WireError::TooLarge(len));
+    }
+    Ok(len)
+}
+
+/// Decodes a payload whose header [`decode_header`] accepted.
+pub fn decode_payload(payload: &[u8]) -> Result<Message, WireError> {
+    Ok(serde_json::from_slice(payload)?)
+}
+
+/// Reads one frame from a blocking reader.
+pub fn read_message<R: std::io::Read>(r: &mut R) -> std::io::Result<Message> {
+    let mut header = [0u8; HEADER_LEN];
+    r.read_exact(&mut header)?;
+    let len = decode_header(&header).map_err(std::io::Error::other)?;
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload)?;
+    decode_payload(&payload).map_err(std::io::Error::other)
+}
+
+/// Writes one frame to a blocking writer.
+pub fn write_message<W: std::io::Write>(w: &mut W, msg: &Message) -> std::io::Result<()> {
+    w.write_all(&encode(msg))?;
+    w.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let msg = Message::Snapshot {
+            generation: 7,
+            tables: Box::default(),
+        };
+        let bytes = encode(&msg);
+        let mut cursor = std::io::Cursor::new(bytes);
+        assert_eq!(read_message(&mut cursor).unwrap(), msg);
+    }
+
+    #[test]
+    fn other_version_is_refused() {
+        let mut bytes = encode(&Message::Applied { generation: 1 });
+        bytes[7] ^= 0xff;
+        let header: [u8; HEADER_LEN] = bytes[..HEADER_LEN].try_into().unwrap();
+        assert!(matches!(
+            decode_header(&header),
+            Err(WireError::Version { .. })
+        ));
+        let mut cursor = std::io::Cursor::new(bytes);
+        assert!(read_message(&mut cursor).is_err());
+    }
+
+    #[test]
+    fn bad_magic_and_oversize_are_refused() {
+        let mut header = [0u8; HEADER_LEN];
+        header[..4].copy_from_slice(b"HTTP");
+        assert!(matches!(decode_header(&header), Err(WireError::BadMagic(_))));
+        header[..4].copy_from_slice(MAGIC);
+        header[4..8].copy_from_slice(&SPEC_VERSION.to_be_bytes());
+        header[8..12].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(matches!(decode_header(&header), Err(WireError::TooLarge(_))));
+    }
+}

@@ -1,0 +1,97 @@
+//! The interface every packet source implements: a worker's set of ports sharing one frame pool.
+
+/// A packet in a device's frame pool: `addr` is the device address of the packet's first byte.
+///
+/// A frame lives in a fixed-size chunk; the bytes before `addr` inside the chunk are headroom,
+/// so a header (VXLAN) can be prepended by moving `addr` back. A `Frame` is a handle, not an
+/// owner: it must end in exactly one of [`Device::send`] or [`Device::free`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Frame {
+    /// Device address of the first packet byte.
+    pub addr: u64,
+    /// Packet length in bytes.
+    pub len: u32,
+}
+
+/// Index of a port (an interface, or an in-memory port) within one device.
+pub type PortId = usize;
+
+/// One worker's ports and their shared frame pool.
+///
+/// AF_XDP: one socket per (interface, queue), all of a worker's sockets on one UMEM, so a
+/// frame received on one port is transmitted on another without a copy. In memory: queues of
+/// byte vectors that tests fill and drain.
+pub trait Device {
+    /// Number of ports.
+    fn port_count(&self) -> usize;
+
+    /// Size of one chunk of the frame pool (headroom plus the largest packet).
+    fn chunk_size(&self) -> usize;
+
+    /// Appends up to `max` received frames of `port` to `out` (which must have the capacity).
+    fn recv(&mut self, port: PortId, out: &mut Vec<Frame>, max: usize);
+
+    /// The whole chunk that holds `frame`, and the packet's offset inside it.
+    fn chunk_mut(&mut self, frame: Frame) -> (&mut [u8], usize);
+
+    /// A free frame with its packet starting after the default headroom, length 0; `None`
+    /// when the pool is empty (counted by the device).
+    fn alloc(&mut self) -> Option<Frame>;
+
+    /// Returns `frame` to the pool.
+    fn free(&mut self, frame: Frame);
+
+    /// Queues `frame` for transmission on `port`. When the transmit ring is full the frame is
+    /// returned to the pool and counted, and `false` is returned.
+    fn send(&mut self, port: PortId, frame: Frame) -> bool;
+
+    /// Pushes queued transmits to the kernel (waking it only when the ring asks), reaps
+    /// completions and refills receive buffers.
+    fn flush(&mut self);
+
+    /// Counters of this device.
+    fn stats(&self) -> DeviceStats;
+}
+
+/// Convenience accessors built on [`Device::chunk_mut`].
+pub trait DeviceExt: Device {
+    /// The packet bytes of `frame`.
+    fn packet_mut(&mut self, frame: Frame) -> &mut [u8] {
+        let (chunk, off) = self.chunk_mut(frame);
+        let end = (off + frame.len as usize).min(chunk.len());
+        &mut chunk[off..end]
+    }
+
+    /// Headroom before the packet of `frame`, in bytes.
+    fn headroom(&mut self, frame: Frame) -> usize {
+        self.chunk_mut(frame).1
+    }
+}
+
+impl<D: Device + ?Sized> DeviceExt for D {}
+
+/// Counters kept by a device; plain numbers, summed by whoever reads them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceStats {
+    /// Frames received.
+    pub rx_frames: u64,
+    /// Frames handed to transmit rings.
+    pub tx_frames: u64,
+    /// Frames dropped because a transmit ring was full.
+    pub tx_ring_full: u64,
+    /// Allocations refused because the frame pool was empty.
+    pub alloc_failed: u64,
+    /// Kernel: frames dropped for lack of fill-ring buffers or other reasons (XDP_STATISTICS
+    /// `rx_dropped`).
+    pub kernel_rx_dropped: u64,
+    /// Kernel: frames dropped because the RX ring was full (`rx_ring_full`).
+    pub kernel_rx_ring_full: u64,
+    /// Kernel: invalid descriptors on RX (`rx_invalid_descs`).
+    pub kernel_rx_invalid: u64,
+    /// Kernel: invalid descriptors on TX (`tx_invalid_descs`).
+    pub kernel_tx_invalid: u64,
+    /// Kernel: fill ring empty when a frame arrived (`rx_fill_ring_empty_descs`).
+    pub kernel_fill_empty: u64,
+    /// Wake-up syscalls made because a ring asked for one.
+    pub wakeups: u64,
+}
