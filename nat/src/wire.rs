@@ -145,10 +145,16 @@ mod tests {
     fn bad_magic_and_oversize_are_refused() {
         let mut header = [0u8; HEADER_LEN];
         header[..4].copy_from_slice(b"HTTP");
-        assert!(matches!(decode_header(&header), Err(WireError::BadMagic(_))));
+        assert!(matches!(
+            decode_header(&header),
+            Err(WireError::BadMagic(_))
+        ));
         header[..4].copy_from_slice(MAGIC);
         header[4..8].copy_from_slice(&SPEC_VERSION.to_be_bytes());
         header[8..12].copy_from_slice(&u32::MAX.to_be_bytes());
-        assert!(matches!(decode_header(&header), Err(WireError::TooLarge(_))));
+        assert!(matches!(
+            decode_header(&header),
+            Err(WireError::TooLarge(_))
+        ));
     }
 }

@@ -1,0 +1,504 @@
+//! Service tables compiled from a [`TableSpec`]: frontend lookup, endpoint choice by traffic
+//! policy and Maglev, and kube-proxy's masquerade rules.
+//!
+//! A [`ServiceTable`] is immutable once built; the dataplane swaps a whole new one in when
+//! control sends a table, so workers read it without locks.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::maglev::{MaglevRing, DEFAULT_RING_SIZE};
+use crate::spec::{EndpointSpec, FrontendKind, Protocol, ServiceSpec, TableSpec};
+
+/// A frontend's lookup key: destination address, port and protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FrontendKey {
+    /// Destination address.
+    pub ip: IpAddr,
+    /// Destination port.
+    pub port: u16,
+    /// Transport protocol.
+    pub protocol: Protocol,
+}
+
+/// What a frontend lookup finds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrontendRef {
+    /// Dense service id (index into the table's services; 0 is never used).
+    pub service: u32,
+    /// The kind of address that matched.
+    pub kind: FrontendKind,
+}
+
+/// One backend of a Service port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Backend {
+    /// Endpoint address.
+    pub ip: IpAddr,
+    /// Target port.
+    pub port: u16,
+    /// On this node.
+    pub local: bool,
+}
+
+/// Backends for one traffic policy and their Maglev ring.
+#[derive(Clone, Debug, Default)]
+pub struct BackendSet {
+    /// The backends, in the order control sent them.
+    pub backends: Vec<Backend>,
+    ring: Option<MaglevRing>,
+}
+
+impl BackendSet {
+    fn build(endpoints: &[EndpointSpec], ring_size: u32) -> BackendSet {
+        let backends: Vec<Backend> = endpoints
+            .iter()
+            .map(|e| Backend {
+                ip: e.ip,
+                port: e.port,
+                local: e.local,
+            })
+            .collect();
+        let ring = if backends.len() > 1 {
+            let keys: Vec<String> = backends
+                .iter()
+                .map(|b| format!("{}:{}", b.ip, b.port))
+                .collect();
+            MaglevRing::build(&keys, ring_size)
+        } else {
+            None
+        };
+        BackendSet { backends, ring }
+    }
+
+    /// The backend Maglev gives a flow hash, or `None` without backends.
+    #[inline]
+    pub fn pick(&self, hash: u64) -> Option<Backend> {
+        match (&self.ring, self.backends.first()) {
+            (Some(ring), _) => self.backends.get(ring.pick(hash)).copied(),
+            (None, first) => first.copied(),
+        }
+    }
+
+    /// The Maglev ring, when there are two or more backends.
+    pub fn ring(&self) -> Option<&MaglevRing> {
+        self.ring.as_ref()
+    }
+}
+
+/// One compiled (Service, port, family).
+#[derive(Clone, Debug)]
+pub struct Service {
+    /// `namespace/name:port`.
+    pub name: String,
+    /// Transport protocol.
+    pub protocol: Protocol,
+    /// Backends under policy Cluster.
+    pub cluster: BackendSet,
+    /// Backends under policy Local.
+    pub local: BackendSet,
+    /// `internalTrafficPolicy: Local`.
+    pub internal_local: bool,
+    /// `externalTrafficPolicy: Local`.
+    pub external_local: bool,
+    /// ClientIP affinity timeout in seconds.
+    pub affinity_timeout_s: Option<u32>,
+    /// Every endpoint the slices list, whatever their state.
+    pub all_endpoints: Vec<Backend>,
+}
+
+/// What to do with the first packet of a connection to a frontend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Send it to `backend`; `masquerade` says whether the source is rewritten to the node.
+    Translate {
+        /// The chosen backend.
+        backend: Backend,
+        /// SNAT the source, as kube-proxy's KUBE-MARK-MASQ would.
+        masquerade: bool,
+    },
+    /// No usable endpoint at all: tell the client (ICMP port unreachable / TCP RST).
+    Reject,
+    /// Endpoints exist, but none for this traffic under a `Local` policy: drop silently.
+    Drop,
+}
+
+/// Where the first packet of a connection comes from, as kube-proxy classifies it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// A pod (source inside the cluster CIDRs).
+    Pod,
+    /// A host-network process on this node (source is one of the node's addresses).
+    Node,
+    /// Anything else: outside the cluster.
+    External,
+}
+
+/// The compiled Service tables of one node.
+#[derive(Clone, Debug, Default)]
+pub struct ServiceTable {
+    frontends: HashMap<FrontendKey, FrontendRef, BuildFastHasher>,
+    services: Vec<Service>,
+    /// Service ClusterIP ranges.
+    pub service_cidrs: Vec<IpNet>,
+    /// Pod networks of the cluster.
+    pub cluster_cidrs: Vec<IpNet>,
+    /// The node's own addresses.
+    pub node_addresses: Vec<IpAddr>,
+    /// `--masquerade-all`.
+    pub masquerade_all: bool,
+}
+
+impl ServiceTable {
+    /// Compiles `spec` with Maglev rings of `ring_size` slots.
+    pub fn build(spec: &TableSpec, ring_size: u32) -> ServiceTable {
+        let mut t = ServiceTable {
+            frontends: HashMap::with_hasher(BuildFastHasher),
+            // Id 0 means "unset"; keep a placeholder there.
+            services: vec![placeholder()],
+            service_cidrs: spec.cluster.service_cidrs.clone(),
+            cluster_cidrs: spec.cluster.cluster_cidrs.clone(),
+            node_addresses: spec.node.addresses.clone(),
+            masquerade_all: spec.cluster.masquerade_all,
+        };
+        for s in &spec.services {
+            let id = t.services.len() as u32;
+            t.services.push(compile(s, ring_size));
+            for f in &s.frontends {
+                t.frontends
+                    .entry(FrontendKey {
+                        ip: f.ip,
+                        port: f.port,
+                        protocol: s.protocol,
+                    })
+                    .or_insert(FrontendRef {
+                        service: id,
+                        kind: f.kind,
+                    });
+            }
+        }
+        t
+    }
+
+    /// Compiles `spec` with the default ring size.
+    pub fn from_spec(spec: &TableSpec) -> ServiceTable {
+        ServiceTable::build(spec, DEFAULT_RING_SIZE)
+    }
+
+    /// The frontend at a destination, if any.
+    #[inline]
+    pub fn frontend(&self, key: &FrontendKey) -> Option<FrontendRef> {
+        self.frontends.get(key).copied()
+    }
+
+    /// The service with a dense id.
+    #[inline]
+    pub fn service(&self, id: u32) -> Option<&Service> {
+        if id == 0 {
+            return None;
+        }
+        self.services.get(id as usize)
+    }
+
+    /// All services, by id (index 0 is a placeholder).
+    pub fn services(&self) -> &[Service] {
+        &self.services
+    }
+
+    /// Whether `ip` lies in the Service range (then an unknown address there is dropped).
+    pub fn in_service_range(&self, ip: IpAddr) -> bool {
+        self.service_cidrs.iter().any(|n| n.contains(&ip))
+    }
+
+    /// How kube-proxy classifies a client address.
+    pub fn origin(&self, src: IpAddr) -> Origin {
+        if self.node_addresses.contains(&src) {
+            Origin::Node
+        } else if self.cluster_cidrs.iter().any(|n| n.contains(&src)) {
+            Origin::Pod
+        } else {
+            Origin::External
+        }
+    }
+
+    /// kube-proxy's decision for a new connection from `src` to frontend `f`, with `hash`
+    /// the flow hash Maglev uses.
+    pub fn decide(&self, f: FrontendRef, src: IpAddr, hash: u64) -> Decision {
+        let Some(svc) = self.service(f.service) else {
+            return Decision::Drop;
+        };
+        let origin = self.origin(src);
+        // Which endpoint set, and whether the policy itself asks for masquerade.
+        let (set, policy_masq) = if f.kind.is_external() {
+            if svc.external_local && origin == Origin::External {
+                // eTP Local: external clients only reach local endpoints, source kept.
+                (&svc.local, false)
+            } else if svc.external_local {
+                // Pods short-circuit to the cluster endpoints; the node's own traffic does
+                // too but is masqueraded (iptables KUBE-EXT-* `--src-type LOCAL`).
+                (&svc.cluster, origin == Origin::Node)
+            } else {
+                // eTP Cluster: every external-frontend connection is masqueraded.
+                (&svc.cluster, true)
+            }
+        } else if svc.internal_local {
+            (&svc.local, false)
+        } else {
+            (&svc.cluster, false)
+        };
+        let Some(backend) = set.pick(hash) else {
+            return if svc.cluster.backends.is_empty() {
+                Decision::Reject
+            } else {
+                Decision::Drop
+            };
+        };
+        let masquerade = self.masquerade_all
+            || policy_masq
+            // ClusterIP from outside the pod networks (KUBE-SVC-* `! -s clusterCIDR`).
+            || (!f.kind.is_external() && origin != Origin::Pod)
+            // Hairpin: a pod reaching itself through its Service (KUBE-SEP-* `-s endpoint`).
+            || backend.ip == src;
+        Decision::Translate {
+            backend,
+            masquerade,
+        }
+    }
+}
+
+fn placeholder() -> Service {
+    Service {
+        name: String::new(),
+        protocol: Protocol::Tcp,
+        cluster: BackendSet::default(),
+        local: BackendSet::default(),
+        internal_local: false,
+        external_local: false,
+        affinity_timeout_s: None,
+        all_endpoints: Vec::new(),
+    }
+}
+
+fn compile(s: &ServiceSpec, ring_size: u32) -> Service {
+    Service {
+        name: s.name.clone(),
+        protocol: s.protocol,
+        cluster: BackendSet::build(&s.cluster_endpoints, ring_size),
+        local: BackendSet::build(&s.local_endpoints, ring_size),
+        internal_local: s.internal_local,
+        external_local: s.external_local,
+        affinity_timeout_s: s.affinity_timeout_s,
+        all_endpoints: s
+            .all_endpoints
+            .iter()
+            .map(|e| Backend {
+                ip: e.ip,
+                port: e.port,
+                local: e.local,
+            })
+            .collect(),
+    }
+}
+
+/// A fast, deterministic hasher for small fixed keys (FxHash's multiply-rotate); table keys
+/// come from control, not from the wire, so flooding the map is not a concern here.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BuildFastHasher;
+
+impl std::hash::BuildHasher for BuildFastHasher {
+    type Hasher = FastHasher;
+    fn build_hasher(&self) -> FastHasher {
+        FastHasher(0)
+    }
+}
+
+/// See [`BuildFastHasher`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FastHasher(u64);
+
+impl std::hash::Hasher for FastHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(b));
+        }
+    }
+    #[inline]
+    fn write_u8(&mut self, i: u8) {
+        self.write_u64(i as u64)
+    }
+    #[inline]
+    fn write_u16(&mut self, i: u16) {
+        self.write_u64(i as u64)
+    }
+    #[inline]
+    fn write_u32(&mut self, i: u32) {
+        self.write_u64(i as u64)
+    }
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        self.0 = (self.0.rotate_left(5) ^ i).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    #[inline]
+    fn write_usize(&mut self, i: usize) {
+        self.write_u64(i as u64)
+    }
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{EndpointSpec, FrontendSpec};
+
+    fn ep(ip: &str, local: bool) -> EndpointSpec {
+        EndpointSpec {
+            ip: ip.parse().unwrap(),
+            port: 8080,
+            local,
+            ready: true,
+            serving: true,
+            terminating: false,
+        }
+    }
+
+    fn table(
+        cluster: Vec<EndpointSpec>,
+        etp_local: bool,
+    ) -> (ServiceTable, FrontendRef, FrontendRef) {
+        let local: Vec<EndpointSpec> = cluster.iter().filter(|e| e.local).cloned().collect();
+        let spec = TableSpec {
+            node: crate::spec::NodeSpec {
+                name: "node-a".into(),
+                addresses: vec!["192.168.0.2".parse().unwrap()],
+                pod_cidrs: vec!["10.244.1.0/24".parse().unwrap()],
+                zone: None,
+            },
+            services: vec![ServiceSpec {
+                name: "default/web:http".into(),
+                protocol: Protocol::Tcp,
+                frontends: vec![
+                    FrontendSpec {
+                        kind: FrontendKind::ClusterIp,
+                        ip: "172.30.0.41".parse().unwrap(),
+                        port: 80,
+                    },
+                    FrontendSpec {
+                        kind: FrontendKind::NodePort,
+                        ip: "192.168.0.2".parse().unwrap(),
+                        port: 30080,
+                    },
+                ],
+                all_endpoints: cluster.clone(),
+                cluster_endpoints: cluster,
+                local_endpoints: local,
+                internal_local: false,
+                external_local: etp_local,
+                affinity_timeout_s: None,
+            }],
+            ..TableSpec::default()
+        };
+        let t = ServiceTable::build(&spec, 251);
+        let key = |ip: &str, port| FrontendKey {
+            ip: ip.parse().unwrap(),
+            port,
+            protocol: Protocol::Tcp,
+        };
+        let cip = t.frontend(&key("172.30.0.41", 80)).unwrap();
+        let np = t.frontend(&key("192.168.0.2", 30080)).unwrap();
+        (t, cip, np)
+    }
+
+    #[test]
+    fn clusterip_from_pod_keeps_source_and_from_outside_masquerades() {
+        let (t, cip, _) = table(vec![ep("10.244.1.5", true), ep("10.244.2.5", false)], false);
+        let pod = "10.244.1.2".parse().unwrap();
+        let outside = "203.0.113.2".parse().unwrap();
+        assert!(matches!(
+            t.decide(cip, pod, 1),
+            Decision::Translate {
+                masquerade: false,
+                ..
+            }
+        ));
+        assert!(matches!(
+            t.decide(cip, outside, 1),
+            Decision::Translate {
+                masquerade: true,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn hairpin_masquerades() {
+        let (t, cip, _) = table(vec![ep("10.244.1.5", true)], false);
+        let me = "10.244.1.5".parse().unwrap();
+        assert!(matches!(
+            t.decide(cip, me, 9),
+            Decision::Translate {
+                masquerade: true,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn etp_local_without_local_endpoint_drops_external_and_serves_pods() {
+        let (t, _, np) = table(vec![ep("10.244.2.5", false)], true);
+        assert_eq!(
+            t.decide(np, "203.0.113.2".parse().unwrap(), 3),
+            Decision::Drop
+        );
+        assert!(matches!(
+            t.decide(np, "10.244.1.2".parse().unwrap(), 3),
+            Decision::Translate {
+                masquerade: false,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn no_endpoints_rejects() {
+        let (t, cip, np) = table(vec![], true);
+        assert_eq!(
+            t.decide(cip, "10.244.1.2".parse().unwrap(), 3),
+            Decision::Reject
+        );
+        assert_eq!(
+            t.decide(np, "203.0.113.2".parse().unwrap(), 3),
+            Decision::Reject
+        );
+    }
+
+    #[test]
+    fn every_backend_is_chosen_across_flows() {
+        let (t, cip, _) = table(
+            vec![
+                ep("10.244.1.5", true),
+                ep("10.244.1.6", true),
+                ep("10.244.2.5", false),
+            ],
+            false,
+        );
+        let mut seen = std::collections::HashSet::new();
+        for h in 0..200u64 {
+            if let Decision::Translate { backend, .. } = t.decide(
+                cip,
+                "10.244.1.2".parse().unwrap(),
+                h.wrapping_mul(0x9e3779b97f4a7c15),
+            ) {
+                seen.insert(backend.ip);
+            }
+        }
+        assert_eq!(seen.len(), 3);
+    }
+}
