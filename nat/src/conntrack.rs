@@ -41,10 +41,8 @@ impl FlowKey {
 
     /// A hash of the tuple that every node computes alike (Maglev needs that).
     pub fn flow_hash(&self) -> u64 {
-        use std::hash::{BuildHasher, Hash, Hasher};
-        let mut h = BuildFastHasher.build_hasher();
-        self.hash(&mut h);
-        let x = h.finish();
+        use std::hash::BuildHasher;
+        let x = BuildFastHasher.hash_one(self);
         // splitmix64 finaliser: spread low-entropy tuples over all 64 bits.
         let x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         let x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);

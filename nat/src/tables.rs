@@ -140,6 +140,7 @@ pub enum Origin {
 #[derive(Clone, Debug, Default)]
 pub struct ServiceTable {
     frontends: HashMap<FrontendKey, FrontendRef, BuildFastHasher>,
+    frontend_ips: std::collections::HashSet<IpAddr, BuildFastHasher>,
     services: Vec<Service>,
     /// Service ClusterIP ranges.
     pub service_cidrs: Vec<IpNet>,
@@ -156,6 +157,7 @@ impl ServiceTable {
     pub fn build(spec: &TableSpec, ring_size: u32) -> ServiceTable {
         let mut t = ServiceTable {
             frontends: HashMap::with_hasher(BuildFastHasher),
+            frontend_ips: Default::default(),
             // Id 0 means "unset"; keep a placeholder there.
             services: vec![placeholder()],
             service_cidrs: spec.cluster.service_cidrs.clone(),
@@ -167,6 +169,7 @@ impl ServiceTable {
             let id = t.services.len() as u32;
             t.services.push(compile(s, ring_size));
             for f in &s.frontends {
+                t.frontend_ips.insert(f.ip);
                 t.frontends
                     .entry(FrontendKey {
                         ip: f.ip,
@@ -191,6 +194,11 @@ impl ServiceTable {
     #[inline]
     pub fn frontend(&self, key: &FrontendKey) -> Option<FrontendRef> {
         self.frontends.get(key).copied()
+    }
+
+    /// Whether any frontend uses `ip` (the uplink answers ARP for these).
+    pub fn is_frontend_ip(&self, ip: IpAddr) -> bool {
+        self.frontend_ips.contains(&ip)
     }
 
     /// The service with a dense id.

@@ -32,6 +32,19 @@ pub enum Message {
         /// The generation applied.
         generation: u64,
     },
+    /// inspection → dataplane: send the counters.
+    GetStats,
+    /// dataplane → inspection: per-worker counters and table occupancy.
+    Stats {
+        /// Generation of the tables in use.
+        generation: u64,
+        /// Tracked connections.
+        conntrack: usize,
+        /// Capacity of the connection table.
+        conntrack_capacity: usize,
+        /// Per worker: named counters.
+        workers: Vec<Vec<(String, u64)>>,
+    },
     /// Either side: the last frame was refused, and why.
     Refused {
         /// What was wrong.

@@ -1,0 +1,195 @@
+//! Per-worker counters: plain `u64`s in a cache-aligned struct that only its worker writes,
+//! published to atomics once per burst so readers never slow the hot path.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! drop_reasons {
+    ($($(#[doc = $doc:literal])* $name:ident => $label:literal,)*) => {
+        /// Why the pipeline dropped a frame; each reason has its own counter.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        #[repr(usize)]
+        pub enum DropReason {
+            $($(#[doc = $doc])* $name,)*
+        }
+
+        impl DropReason {
+            /// Every reason, in counter order.
+            pub const ALL: &'static [DropReason] = &[$(DropReason::$name,)*];
+            /// Number of reasons.
+            pub const COUNT: usize = DropReason::ALL.len();
+
+            /// The reason's name in metrics and `kxdp stats`.
+            pub fn label(self) -> &'static str {
+                match self {
+                    $(DropReason::$name => $label,)*
+                }
+            }
+        }
+    };
+}
+
+drop_reasons! {
+    /// Not Ethernet II with IPv4, IPv6 or ARP.
+    UnknownEthertype => "unknown_ethertype",
+    /// Shorter than the headers it announces.
+    Truncated => "truncated",
+    /// Invalid IP header (version, length).
+    BadIpHeader => "bad_ip_header",
+    /// IPv4 header checksum does not verify.
+    BadIpChecksum => "bad_ip_checksum",
+    /// IPv6 extension header that is not walked.
+    UnsupportedExtension => "unsupported_extension",
+    /// ARP that is neither a request nor a reply we act on.
+    ArpIgnored => "arp_ignored",
+    /// Addressed to the node or its gateway address (not served by the dataplane yet).
+    ToHost => "to_host",
+    /// A non-first fragment (no ports to translate with).
+    Fragment => "fragment",
+    /// TTL or hop limit ran out.
+    TtlExceeded => "ttl_exceeded",
+    /// A Service-range address that no Service holds (kube-proxy nftables drops these).
+    NoService => "no_service",
+    /// `Local` traffic policy and no local endpoint.
+    NoLocalEndpoint => "no_local_endpoint",
+    /// The conntrack table is full: new flow refused.
+    ConntrackFull => "conntrack_full",
+    /// No free source port for masquerade.
+    SnatExhausted => "snat_exhausted",
+    /// No route to the destination.
+    NoRoute => "no_route",
+    /// The next hop's MAC is not known yet (resolution was started).
+    NeighborUnresolved => "neighbor_unresolved",
+    /// The frame pool was empty when a reply had to be built.
+    NoFrame => "no_frame",
+    /// A protocol the dataplane does not translate or route.
+    UnsupportedProtocol => "unsupported_protocol",
+    /// Tables not received from control yet.
+    NoTables => "no_tables",
+}
+
+/// One worker's counters. Only that worker writes them.
+#[derive(Clone, Debug)]
+#[repr(align(64))]
+pub struct Counters {
+    /// Frames received.
+    pub rx: u64,
+    /// Frames transmitted (forwarded or built).
+    pub tx: u64,
+    /// ARP requests answered.
+    pub arp_replies: u64,
+    /// ARP requests sent to resolve a neighbour.
+    pub arp_requests: u64,
+    /// New Service connections translated.
+    pub nat_new: u64,
+    /// Packets of tracked connections translated.
+    pub nat_hits: u64,
+    /// Connections rejected for lack of endpoints (ICMP / RST sent).
+    pub rejects: u64,
+    /// Packets routed without translation.
+    pub routed: u64,
+    /// Drops, indexed by [`DropReason`].
+    pub drops: [u64; DropReason::COUNT],
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            rx: 0,
+            tx: 0,
+            arp_replies: 0,
+            arp_requests: 0,
+            nat_new: 0,
+            nat_hits: 0,
+            rejects: 0,
+            routed: 0,
+            drops: [0; DropReason::COUNT],
+        }
+    }
+}
+
+impl Counters {
+    /// Counts a drop.
+    #[inline]
+    pub fn drop(&mut self, reason: DropReason) {
+        self.drops[reason as usize] += 1;
+    }
+
+    /// Total drops.
+    pub fn total_drops(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+
+    /// Named values, for the stats message and printing.
+    pub fn named(&self) -> Vec<(String, u64)> {
+        let mut out = vec![
+            ("rx".to_string(), self.rx),
+            ("tx".to_string(), self.tx),
+            ("arp_replies".to_string(), self.arp_replies),
+            ("arp_requests".to_string(), self.arp_requests),
+            ("nat_new".to_string(), self.nat_new),
+            ("nat_hits".to_string(), self.nat_hits),
+            ("rejects".to_string(), self.rejects),
+            ("routed".to_string(), self.routed),
+        ];
+        for r in DropReason::ALL {
+            out.push((format!("drop_{}", r.label()), self.drops[*r as usize]));
+        }
+        out
+    }
+}
+
+const FIXED: usize = 8;
+
+/// Where a worker publishes its counters for readers on other threads.
+pub struct Published {
+    values: [AtomicU64; FIXED + DropReason::COUNT],
+}
+
+impl Default for Published {
+    fn default() -> Self {
+        Published {
+            values: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl Published {
+    /// Copies `c` out (Relaxed: each value is independent and only ever grows).
+    pub fn publish(&self, c: &Counters) {
+        let fixed = [
+            c.rx,
+            c.tx,
+            c.arp_replies,
+            c.arp_requests,
+            c.nat_new,
+            c.nat_hits,
+            c.rejects,
+            c.routed,
+        ];
+        for (slot, v) in self.values.iter().zip(fixed.iter().chain(c.drops.iter())) {
+            slot.store(*v, Ordering::Relaxed);
+        }
+    }
+
+    /// Reads the last published values.
+    pub fn read(&self) -> Counters {
+        let v: Vec<u64> = self
+            .values
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .collect();
+        let mut c = Counters {
+            rx: v[0],
+            tx: v[1],
+            arp_replies: v[2],
+            arp_requests: v[3],
+            nat_new: v[4],
+            nat_hits: v[5],
+            rejects: v[6],
+            routed: v[7],
+            ..Counters::default()
+        };
+        c.drops.copy_from_slice(&v[FIXED..]);
+        c
+    }
+}

@@ -1,0 +1,586 @@
+//! The per-packet pipeline: ARP for the pods' gateway, Service translation with connection
+//! tracking, routing between pod interfaces, and kube-proxy's reject for Services without
+//! endpoints.
+//!
+//! Pure: it reads frames from a [`Device`] and writes them back (forward, or rewritten into
+//! a reply in place), given the tables, the shared conntrack and the time as arguments. It
+//! never allocates, locks or panics per packet; every drop has a [`DropReason`].
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use nat::conntrack::{Connection, Direction, FlowKey, InsertError};
+use nat::packet::{self, End, Headers, Malformed, ETH_ARP, ETH_IPV4, ETH_IPV6, ETH_LEN};
+use nat::tables::{Decision, FrontendKey};
+use pktio::{Device, Frame, PortId};
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::wire::{
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, Icmpv4DstUnreachable, Icmpv4Packet,
+    Icmpv4Repr, Icmpv6DstUnreachable, Icmpv6Packet, Icmpv6Repr, IpProtocol, Ipv4Packet, Ipv4Repr,
+    Ipv6Packet, Ipv6Repr,
+};
+
+use crate::counters::{Counters, DropReason};
+use crate::state::{Neighbor, PortRole, Shared, Tables};
+
+/// One second in the pipeline's clock unit (nanoseconds).
+pub const SECOND: u64 = 1_000_000_000;
+
+/// Connection timeouts, in seconds. kube-proxy leaves these to the kernel's conntrack, whose
+/// defaults kube-proxy adjusts: TCP established 86400 s (`--conntrack-tcp-timeout-established`),
+/// TCP after FIN 3600 s (`close-wait`, kube-proxy's default) — shortened here to 120 s
+/// (the kernel's `time_wait`) since a closed connection needs no more; UDP 30 s (the
+/// kernel's `nf_conntrack_udp_timeout`).
+pub mod timeouts {
+    /// TCP, established or opening.
+    pub const TCP: u64 = 86_400;
+    /// TCP once a FIN or RST was seen.
+    pub const TCP_CLOSING: u64 = 120;
+    /// UDP and SCTP.
+    pub const UDP: u64 = 30;
+    /// ICMP echo.
+    pub const ICMP: u64 = 30;
+}
+
+/// First port of the masquerade source-port range (the kernel's default ephemeral range).
+pub const SNAT_PORT_MIN: u16 = 32768;
+/// Last port of the masquerade source-port range.
+pub const SNAT_PORT_MAX: u16 = 60999;
+/// Ports tried before a masqueraded connection is refused; bounded so a crowded range
+/// costs a new flow at most this many conntrack probes.
+const SNAT_TRIES: u64 = 64;
+
+/// What became of a frame handled in place.
+enum Outcome {
+    /// Transmit the (rewritten) frame on a port; `addr`/`len` may have changed.
+    Send(PortId, Frame),
+    /// Drop and count.
+    Drop(DropReason),
+    /// Drop and count, and ask for the MAC of this address on the pod ports.
+    Resolve(DropReason, Ipv4Addr),
+}
+
+/// Remembers recent neighbour solicitations so a burst for one address sends one request.
+pub struct ResolveLimiter {
+    recent: [(u32, u64); 64],
+}
+
+impl Default for ResolveLimiter {
+    fn default() -> Self {
+        ResolveLimiter {
+            recent: [(0, 0); 64],
+        }
+    }
+}
+
+impl ResolveLimiter {
+    /// Minimum interval between two requests for one address.
+    const INTERVAL: u64 = SECOND / 5;
+
+    fn allow(&mut self, ip: Ipv4Addr, now: u64) -> bool {
+        let key = u32::from(ip);
+        let slot = &mut self.recent[(key as usize).wrapping_mul(0x9e37_79b9) >> 26 & 63];
+        if slot.0 == key && now < slot.1 + Self::INTERVAL && slot.1 != 0 {
+            return false;
+        }
+        *slot = (key, now.max(1));
+        true
+    }
+}
+
+/// The pipeline of one worker: borrowed state for one burst.
+pub struct Pipeline<'a> {
+    /// Shared state.
+    pub shared: &'a Shared,
+    /// Tables for this burst.
+    pub tables: &'a Tables,
+    /// The time, in nanoseconds of the dataplane's clock.
+    pub now: u64,
+}
+
+impl Pipeline<'_> {
+    /// Handles one received frame; the frame is always sent or freed.
+    pub fn handle<D: Device>(
+        &self,
+        dev: &mut D,
+        port: PortId,
+        frame: Frame,
+        c: &mut Counters,
+        limiter: &mut ResolveLimiter,
+    ) {
+        c.rx += 1;
+        let outcome = {
+            let (chunk, off) = dev.chunk_mut(frame);
+            self.classify(chunk, off, frame, port, c)
+        };
+        match outcome {
+            Outcome::Send(out, f) => {
+                if dev.send(out, f) {
+                    c.tx += 1;
+                }
+            }
+            Outcome::Drop(reason) => {
+                c.drop(reason);
+                dev.free(frame);
+            }
+            Outcome::Resolve(reason, ip) => {
+                c.drop(reason);
+                dev.free(frame);
+                if limiter.allow(ip, self.now) {
+                    self.solicit(dev, ip, c);
+                }
+            }
+        }
+    }
+
+    fn classify(
+        &self,
+        chunk: &mut [u8],
+        off: usize,
+        frame: Frame,
+        port: PortId,
+        c: &mut Counters,
+    ) -> Outcome {
+        let len = frame.len as usize;
+        let Some(pkt) = chunk.get_mut(off..off + len) else {
+            return Outcome::Drop(DropReason::Truncated);
+        };
+        match packet::ethertype(pkt) {
+            Some(ETH_ARP) => self.arp(pkt, frame, port, c),
+            Some(ETH_IPV4) | Some(ETH_IPV6) => self.ip(chunk, off, frame, port, c),
+            Some(_) => Outcome::Drop(DropReason::UnknownEthertype),
+            None => Outcome::Drop(DropReason::Truncated),
+        }
+    }
+
+    /// Answers ARP requests: on pod ports for every address but the asker's own (we are the
+    /// gateway to everything), on the uplink for the node's and the Services' addresses.
+    fn arp(&self, pkt: &mut [u8], frame: Frame, port: PortId, c: &mut Counters) -> Outcome {
+        let Some(cfg) = self.shared.ports.get(port) else {
+            return Outcome::Drop(DropReason::NoRoute);
+        };
+        let Ok(arp) = ArpPacket::new_checked(&pkt[ETH_LEN..]) else {
+            return Outcome::Drop(DropReason::Truncated);
+        };
+        let Ok(ArpRepr::EthernetIpv4 {
+            operation,
+            source_hardware_addr,
+            source_protocol_addr,
+            target_protocol_addr,
+            ..
+        }) = ArpRepr::parse(&arp)
+        else {
+            return Outcome::Drop(DropReason::ArpIgnored);
+        };
+        let sender = IpAddr::V4(source_protocol_addr);
+        if cfg.role == PortRole::Pod && self.tables.in_local_pod_network(sender) {
+            self.shared.neighbors.learn(
+                sender,
+                Neighbor {
+                    port,
+                    mac: source_hardware_addr.0,
+                },
+            );
+        }
+        if operation != ArpOperation::Request || source_protocol_addr == target_protocol_addr {
+            return Outcome::Drop(DropReason::ArpIgnored);
+        }
+        let target = IpAddr::V4(target_protocol_addr);
+        let answer = match cfg.role {
+            PortRole::Pod => true,
+            PortRole::Uplink => {
+                self.tables.node_addresses.contains(&target)
+                    || self.tables.services.is_frontend_ip(target)
+            }
+        };
+        if !answer {
+            return Outcome::Drop(DropReason::ArpIgnored);
+        }
+        let reply = ArpRepr::EthernetIpv4 {
+            operation: ArpOperation::Reply,
+            source_hardware_addr: EthernetAddress(cfg.mac),
+            source_protocol_addr: target_protocol_addr,
+            target_hardware_addr: source_hardware_addr,
+            target_protocol_addr: source_protocol_addr,
+        };
+        set_macs(pkt, source_hardware_addr.0, cfg.mac);
+        reply.emit(&mut ArpPacket::new_unchecked(&mut pkt[ETH_LEN..]));
+        c.arp_replies += 1;
+        let len = (ETH_LEN + reply.buffer_len()).max(frame.len as usize) as u32;
+        Outcome::Send(
+            port,
+            Frame {
+                addr: frame.addr,
+                len,
+            },
+        )
+    }
+
+    fn ip(
+        &self,
+        chunk: &mut [u8],
+        off: usize,
+        frame: Frame,
+        port: PortId,
+        c: &mut Counters,
+    ) -> Outcome {
+        let pkt = &mut chunk[off..off + frame.len as usize];
+        let mut h = match packet::parse(pkt) {
+            Ok(h) => h,
+            Err(m) => return Outcome::Drop(malformed(m)),
+        };
+        let role = self.shared.ports.get(port).map(|p| p.role);
+        if role == Some(PortRole::Pod) && self.tables.local_pods.contains_key(&h.src) {
+            let mut mac = [0u8; 6];
+            mac.copy_from_slice(&pkt[6..12]);
+            self.shared.neighbors.learn(h.src, Neighbor { port, mac });
+        }
+        if h.later_fragment {
+            return Outcome::Drop(DropReason::Fragment);
+        }
+        let tracked = matches!(
+            h.proto,
+            packet::PROTO_TCP | packet::PROTO_UDP | packet::PROTO_SCTP
+        ) || (matches!(h.proto, packet::PROTO_ICMP | packet::PROTO_ICMPV6)
+            && packet::is_echo(h.v6, h.icmp_type));
+        if tracked {
+            let key = FlowKey {
+                proto: h.proto,
+                src: h.src,
+                dst: h.dst,
+                sport: h.sport,
+                dport: h.dport,
+            };
+            let timeout = self.timeout(pkt, &h);
+            if let Some((conn, dir)) = self.shared.conntrack.lookup(&key, self.now, timeout) {
+                translate(pkt, &mut h, &conn, dir);
+                c.nat_hits += 1;
+                return self.route(pkt, &mut h, frame, c);
+            }
+            if let Some(proto) = nat::spec::Protocol::from_number(h.proto) {
+                let fkey = FrontendKey {
+                    ip: h.dst,
+                    port: h.dport,
+                    protocol: proto,
+                };
+                if let Some(f) = self.tables.services.frontend(&fkey) {
+                    return match self.tables.services.decide(f, h.src, key.flow_hash()) {
+                        Decision::Translate {
+                            backend,
+                            masquerade,
+                        } => {
+                            let mut reply = FlowKey {
+                                proto: h.proto,
+                                src: backend.ip,
+                                dst: h.src,
+                                sport: backend.port,
+                                dport: h.sport,
+                            };
+                            let snat = if masquerade {
+                                match self.tables.masquerade_source(h.v6) {
+                                    Some(ip) => Some(ip),
+                                    None => return Outcome::Drop(DropReason::NoRoute),
+                                }
+                            } else {
+                                None
+                            };
+                            let conn = match self.track(key, &mut reply, snat, f.service, timeout) {
+                                Ok(conn) => conn,
+                                Err(reason) => return Outcome::Drop(reason),
+                            };
+                            translate(pkt, &mut h, &conn, Direction::Original);
+                            c.nat_new += 1;
+                            self.route(pkt, &mut h, frame, c)
+                        }
+                        Decision::Reject => {
+                            c.rejects += 1;
+                            self.reject(chunk, off, frame, port, &h)
+                        }
+                        Decision::Drop => Outcome::Drop(DropReason::NoLocalEndpoint),
+                    };
+                }
+            }
+        }
+        if self.tables.services.in_service_range(h.dst) {
+            return Outcome::Drop(DropReason::NoService);
+        }
+        if self.tables.is_gateway(h.dst) || self.tables.node_addresses.contains(&h.dst) {
+            return Outcome::Drop(DropReason::ToHost);
+        }
+        c.routed += 1;
+        self.route(pkt, &mut h, frame, c)
+    }
+
+    /// Inserts a new connection, choosing a masquerade port that no live flow uses.
+    fn track(
+        &self,
+        key: FlowKey,
+        reply: &mut FlowKey,
+        snat: Option<IpAddr>,
+        service: u32,
+        timeout: u64,
+    ) -> Result<Connection, DropReason> {
+        let tries = if snat.is_some() { SNAT_TRIES } else { 1 };
+        let span = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u64 + 1;
+        let seed = key.flow_hash();
+        for i in 0..tries {
+            if let Some(ip) = snat {
+                reply.dst = ip;
+                reply.dport = if i == 0 && key.sport >= SNAT_PORT_MIN {
+                    key.sport
+                } else {
+                    SNAT_PORT_MIN + ((seed.wrapping_add(i.wrapping_mul(0x9e37_79b9))) % span) as u16
+                };
+            }
+            let conn = Connection {
+                original: key,
+                reply: *reply,
+                service,
+            };
+            match self.shared.conntrack.insert(conn, self.now, timeout) {
+                Ok(()) => return Ok(conn),
+                Err(InsertError::Full) => return Err(DropReason::ConntrackFull),
+                Err(InsertError::Exists) => continue,
+            }
+        }
+        Err(DropReason::SnatExhausted)
+    }
+
+    fn timeout(&self, pkt: &[u8], h: &Headers) -> u64 {
+        let secs = match h.proto {
+            packet::PROTO_TCP => {
+                let flags = pkt.get(h.l4 + 13).copied().unwrap_or(0);
+                if flags & 0x05 != 0 {
+                    timeouts::TCP_CLOSING
+                } else {
+                    timeouts::TCP
+                }
+            }
+            packet::PROTO_ICMP | packet::PROTO_ICMPV6 => timeouts::ICMP,
+            _ => timeouts::UDP,
+        };
+        secs * SECOND
+    }
+
+    /// Sends a packet towards its (translated) destination.
+    fn route(&self, pkt: &mut [u8], h: &mut Headers, frame: Frame, _c: &mut Counters) -> Outcome {
+        if h.ttl <= 1 {
+            return Outcome::Drop(DropReason::TtlExceeded);
+        }
+        let local =
+            self.tables.local_pods.contains_key(&h.dst) || self.tables.in_local_pod_network(h.dst);
+        if !local {
+            return Outcome::Drop(DropReason::NoRoute);
+        }
+        let Some(n) = self.shared.neighbors.get(&h.dst) else {
+            return match h.dst {
+                IpAddr::V4(a) => Outcome::Resolve(DropReason::NeighborUnresolved, a),
+                IpAddr::V6(_) => Outcome::Drop(DropReason::NeighborUnresolved),
+            };
+        };
+        let Some(out) = self.shared.ports.get(n.port) else {
+            return Outcome::Drop(DropReason::NoRoute);
+        };
+        packet::decrement_ttl(pkt, h);
+        set_macs(pkt, n.mac, out.mac);
+        Outcome::Send(n.port, frame)
+    }
+
+    /// Rewrites the frame in place into an ICMP port unreachable to the sender, as kube-proxy
+    /// rejects connections to a Service without endpoints (for TCP too).
+    fn reject(
+        &self,
+        chunk: &mut [u8],
+        off: usize,
+        frame: Frame,
+        port: PortId,
+        h: &Headers,
+    ) -> Outcome {
+        let Some(cfg) = self.shared.ports.get(port) else {
+            return Outcome::Drop(DropReason::NoRoute);
+        };
+        let pkt = &mut chunk[off..];
+        let mut client_mac = [0u8; 6];
+        client_mac.copy_from_slice(&pkt[6..12]);
+        // The quoted original: its header and the first 8 bytes of its payload.
+        let mut quoted = [0u8; 8];
+        let n = (h.end - h.l4).min(8);
+        quoted[..n].copy_from_slice(&pkt[h.l4..h.l4 + n]);
+        let caps = ChecksumCapabilities::default();
+        let total = match (h.src, h.dst) {
+            (IpAddr::V4(src), IpAddr::V4(dst)) => {
+                let original = Ipv4Repr {
+                    src_addr: src,
+                    dst_addr: dst,
+                    next_header: IpProtocol::from(h.proto),
+                    payload_len: h.end - h.l4,
+                    hop_limit: h.ttl,
+                };
+                let icmp = Icmpv4Repr::DstUnreachable {
+                    reason: Icmpv4DstUnreachable::PortUnreachable,
+                    header: original,
+                    data: &quoted[..n],
+                };
+                let ip = Ipv4Repr {
+                    src_addr: dst,
+                    dst_addr: src,
+                    next_header: IpProtocol::Icmp,
+                    payload_len: icmp.buffer_len(),
+                    hop_limit: 64,
+                };
+                let total = ETH_LEN + ip.buffer_len() + icmp.buffer_len();
+                if pkt.len() < total {
+                    return Outcome::Drop(DropReason::NoFrame);
+                }
+                let l3 = &mut pkt[ETH_LEN..total];
+                ip.emit(&mut Ipv4Packet::new_unchecked(&mut *l3), &caps);
+                icmp.emit(
+                    &mut Icmpv4Packet::new_unchecked(&mut l3[ip.buffer_len()..]),
+                    &caps,
+                );
+                pkt[12..14].copy_from_slice(&ETH_IPV4.to_be_bytes());
+                total
+            }
+            (IpAddr::V6(src), IpAddr::V6(dst)) => {
+                let original = Ipv6Repr {
+                    src_addr: src,
+                    dst_addr: dst,
+                    next_header: IpProtocol::from(h.proto),
+                    payload_len: h.end - h.l4,
+                    hop_limit: h.ttl,
+                };
+                let icmp = Icmpv6Repr::DstUnreachable {
+                    reason: Icmpv6DstUnreachable::PortUnreachable,
+                    header: original,
+                    data: &quoted[..n],
+                };
+                let ip = Ipv6Repr {
+                    src_addr: dst,
+                    dst_addr: src,
+                    next_header: IpProtocol::Icmpv6,
+                    payload_len: icmp.buffer_len(),
+                    hop_limit: 64,
+                };
+                let total = ETH_LEN + ip.buffer_len() + icmp.buffer_len();
+                if pkt.len() < total {
+                    return Outcome::Drop(DropReason::NoFrame);
+                }
+                let l3 = &mut pkt[ETH_LEN..total];
+                ip.emit(&mut Ipv6Packet::new_unchecked(&mut *l3));
+                icmp.emit(
+                    &dst,
+                    &src,
+                    &mut Icmpv6Packet::new_unchecked(&mut l3[ip.buffer_len()..]),
+                    &caps,
+                );
+                pkt[12..14].copy_from_slice(&ETH_IPV6.to_be_bytes());
+                total
+            }
+            _ => return Outcome::Drop(DropReason::BadIpHeader),
+        };
+        set_macs(pkt, client_mac, cfg.mac);
+        Outcome::Send(
+            port,
+            Frame {
+                addr: frame.addr,
+                len: total as u32,
+            },
+        )
+    }
+
+    /// Broadcasts an ARP request for `ip` on every pod port.
+    fn solicit<D: Device>(&self, dev: &mut D, ip: Ipv4Addr, c: &mut Counters) {
+        let Some(gw) = self.tables.gateway_v4 else {
+            return;
+        };
+        for (port, cfg) in self.shared.ports.iter().enumerate() {
+            if cfg.role != PortRole::Pod {
+                continue;
+            }
+            let Some(mut f) = dev.alloc() else {
+                c.drop(DropReason::NoFrame);
+                return;
+            };
+            let req = ArpRepr::EthernetIpv4 {
+                operation: ArpOperation::Request,
+                source_hardware_addr: EthernetAddress(cfg.mac),
+                source_protocol_addr: gw,
+                target_hardware_addr: EthernetAddress([0; 6]),
+                target_protocol_addr: ip,
+            };
+            // Ethernet minimum frame (without FCS).
+            let len = 60;
+            {
+                let (chunk, off) = dev.chunk_mut(f);
+                let pkt = &mut chunk[off..off + len];
+                pkt.fill(0);
+                set_macs(pkt, [0xff; 6], cfg.mac);
+                pkt[12..14].copy_from_slice(&ETH_ARP.to_be_bytes());
+                req.emit(&mut ArpPacket::new_unchecked(&mut pkt[ETH_LEN..]));
+            }
+            f.len = len as u32;
+            if dev.send(port, f) {
+                c.tx += 1;
+                c.arp_requests += 1;
+            }
+        }
+    }
+
+    /// Solicits every local pod address whose MAC is not known yet (called periodically,
+    /// so backends are resolved before their first connection).
+    pub fn resolve_local_pods<D: Device>(
+        &self,
+        dev: &mut D,
+        c: &mut Counters,
+        limiter: &mut ResolveLimiter,
+    ) {
+        for ip in self.tables.local_pods.keys() {
+            if let IpAddr::V4(a) = ip {
+                if self.shared.neighbors.get(ip).is_none() && limiter.allow(*a, self.now) {
+                    self.solicit(dev, *a, c);
+                }
+            }
+        }
+    }
+}
+
+/// Applies a tracked connection's translation to a packet of it.
+fn translate(pkt: &mut [u8], h: &mut Headers, conn: &Connection, dir: Direction) {
+    match dir {
+        Direction::Original => {
+            if conn.reply.src != h.dst || conn.reply.sport != h.dport {
+                packet::rewrite(pkt, h, End::Destination, conn.reply.src, conn.reply.sport);
+            }
+            if conn.reply.dst != h.src || conn.reply.dport != h.sport {
+                packet::rewrite(pkt, h, End::Source, conn.reply.dst, conn.reply.dport);
+            }
+        }
+        Direction::Reply => {
+            if conn.original.dst != h.src || conn.original.dport != h.sport {
+                packet::rewrite(pkt, h, End::Source, conn.original.dst, conn.original.dport);
+            }
+            if conn.original.src != h.dst || conn.original.sport != h.dport {
+                packet::rewrite(
+                    pkt,
+                    h,
+                    End::Destination,
+                    conn.original.src,
+                    conn.original.sport,
+                );
+            }
+        }
+    }
+}
+
+fn set_macs(pkt: &mut [u8], dst: [u8; 6], src: [u8; 6]) {
+    pkt[0..6].copy_from_slice(&dst);
+    pkt[6..12].copy_from_slice(&src);
+}
+
+fn malformed(m: Malformed) -> DropReason {
+    match m {
+        Malformed::Truncated => DropReason::Truncated,
+        Malformed::BadIpHeader => DropReason::BadIpHeader,
+        Malformed::BadIpChecksum => DropReason::BadIpChecksum,
+        Malformed::UnsupportedExtension => DropReason::UnsupportedExtension,
+    }
+}

@@ -1,0 +1,97 @@
+//! The dataplane's end of the control stream: a Unix socket on which control sends tables
+//! and inspection asks for counters.
+//!
+//! Each connection is served by its own thread; a table is compiled off the workers and
+//! swapped in whole, so workers never wait. A control that goes away leaves the tables as
+//! they are: forwarding continues until a new control connects and resyncs.
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use nat::wire::{self, Message};
+
+use crate::state::Shared;
+
+/// Binds the control socket at `path` (mode 0600: only root may program the dataplane) and
+/// serves it on a background thread.
+pub fn serve(
+    path: &Path,
+    shared: Arc<Shared>,
+    epoch: Instant,
+) -> io::Result<std::thread::JoinHandle<()>> {
+    if path.exists() {
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    log::info!("control socket listening on {}", path.display());
+    std::thread::Builder::new()
+        .name("kxdp-control-rx".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                match stream {
+                    Ok(stream) => {
+                        let shared = shared.clone();
+                        let _ = std::thread::Builder::new()
+                            .name("kxdp-control-conn".into())
+                            .spawn(move || {
+                                if let Err(e) = connection(stream, &shared, epoch) {
+                                    log::debug!("control connection ended: {e}");
+                                }
+                            });
+                    }
+                    Err(e) => log::warn!("accept on control socket: {e}"),
+                }
+            }
+        })
+}
+
+fn connection(mut stream: UnixStream, shared: &Shared, epoch: Instant) -> io::Result<()> {
+    loop {
+        let msg = match wire::read_message(&mut stream) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => {
+                log::warn!("refusing control message: {e}");
+                let _ = wire::write_message(
+                    &mut stream,
+                    &Message::Refused {
+                        reason: e.to_string(),
+                    },
+                );
+                return Err(e);
+            }
+        };
+        let answer = handle(msg, shared, epoch);
+        wire::write_message(&mut stream, &answer)?;
+    }
+}
+
+/// Acts on one message and returns the answer.
+pub fn handle(msg: Message, shared: &Shared, epoch: Instant) -> Message {
+    match msg {
+        Message::Snapshot { generation, tables } => {
+            let started = Instant::now();
+            let services = tables.services.len();
+            shared.install(generation, *tables, epoch.elapsed().as_nanos() as u64);
+            log::info!(
+                "applied table generation {generation}: {services} service ports in {:?}",
+                started.elapsed()
+            );
+            Message::Applied { generation }
+        }
+        Message::GetStats => Message::Stats {
+            generation: shared.tables.load().generation,
+            conntrack: shared.conntrack.len(),
+            conntrack_capacity: shared.conntrack.capacity(),
+            workers: shared.counters.iter().map(|p| p.read().named()).collect(),
+        },
+        other => Message::Refused {
+            reason: format!("unexpected message {other:?}"),
+        },
+    }
+}

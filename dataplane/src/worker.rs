@@ -1,0 +1,101 @@
+//! The poll-mode worker: one thread, one [`Device`] (its queue on every port), busy-polling
+//! in bursts.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use pktio::{Device, Frame};
+
+use crate::counters::Counters;
+use crate::pipeline::{Pipeline, ResolveLimiter, SECOND};
+use crate::state::Shared;
+
+/// Frames taken from one port per pass. 64 is the burst DPDK's l3fwd uses and the size of
+/// the pass the lab benchmark (`kxdp bench`, issue 7) measures; larger bursts did not help
+/// on veth, where the kernel hands frames over one copy at a time.
+pub const BURST: usize = 64;
+
+/// How often worker 0 solicits unresolved local pods (and publishes housekeeping).
+const HOUSEKEEPING: u64 = SECOND / 10;
+
+/// A worker: its device, its counters, and a handle on the shared state.
+pub struct Worker<D: Device> {
+    /// Index of the worker (its counters' slot in [`Shared::counters`]).
+    pub id: usize,
+    /// Its device.
+    pub dev: D,
+    shared: Arc<Shared>,
+    counters: Counters,
+    limiter: ResolveLimiter,
+    rx: Vec<Frame>,
+    last_housekeeping: u64,
+}
+
+impl<D: Device> Worker<D> {
+    /// A worker over `dev`.
+    pub fn new(id: usize, dev: D, shared: Arc<Shared>) -> Worker<D> {
+        Worker {
+            id,
+            dev,
+            shared,
+            counters: Counters::default(),
+            limiter: ResolveLimiter::default(),
+            rx: Vec::with_capacity(BURST),
+            last_housekeeping: 0,
+        }
+    }
+
+    /// One pass over every port at time `now`: receive a burst, handle it, flush. Returns
+    /// the number of frames handled.
+    pub fn poll(&mut self, now: u64) -> usize {
+        let tables = self.shared.tables.load();
+        let pipeline = Pipeline {
+            shared: &self.shared,
+            tables: &tables,
+            now,
+        };
+        let mut handled = 0;
+        for port in 0..self.dev.port_count() {
+            self.rx.clear();
+            self.dev.recv(port, &mut self.rx, BURST);
+            handled += self.rx.len();
+            for i in 0..self.rx.len() {
+                let frame = self.rx[i];
+                pipeline.handle(
+                    &mut self.dev,
+                    port,
+                    frame,
+                    &mut self.counters,
+                    &mut self.limiter,
+                );
+            }
+        }
+        if self.id == 0 && now >= self.last_housekeeping + HOUSEKEEPING {
+            self.last_housekeeping = now;
+            pipeline.resolve_local_pods(&mut self.dev, &mut self.counters, &mut self.limiter);
+        }
+        self.dev.flush();
+        if let Some(p) = self.shared.counters.get(self.id) {
+            p.publish(&self.counters);
+        }
+        handled
+    }
+
+    /// This worker's counters.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Busy-polls until `stop` is set, with the time taken from a monotonic clock started
+    /// at `epoch` (all workers share one epoch, so conntrack times agree).
+    pub fn run(mut self, stop: &AtomicBool, epoch: Instant) -> Worker<D> {
+        while !stop.load(Ordering::Relaxed) {
+            let now = epoch.elapsed().as_nanos() as u64;
+            if self.poll(now) == 0 {
+                std::hint::spin_loop();
+            }
+        }
+        self
+    }
+}
