@@ -432,6 +432,8 @@ impl Pipeline<'_> {
                     return Outcome::Drop(DropReason::NoFrame);
                 }
                 let l3 = &mut pkt[ETH_LEN..total];
+                // smoltcp leaves the ICMP "unused" word as it finds it; it must be zero.
+                l3.fill(0);
                 ip.emit(&mut Ipv4Packet::new_unchecked(&mut *l3), &caps);
                 icmp.emit(
                     &mut Icmpv4Packet::new_unchecked(&mut l3[ip.buffer_len()..]),
@@ -465,6 +467,7 @@ impl Pipeline<'_> {
                     return Outcome::Drop(DropReason::NoFrame);
                 }
                 let l3 = &mut pkt[ETH_LEN..total];
+                l3.fill(0);
                 ip.emit(&mut Ipv6Packet::new_unchecked(&mut *l3));
                 icmp.emit(
                     &dst,
