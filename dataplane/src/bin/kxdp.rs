@@ -1,0 +1,412 @@
+//! `kxdp`: the operator's command. Builds and tears down the namespace lab, runs the pods'
+//! echo server and a test client, reads the dataplane's counters, and runs the demo.
+
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use dataplane::lab::{Lab, LabSpec};
+use nat::wire::{self, Message};
+
+#[derive(Parser)]
+#[command(name = "kxdp", about = "kxdp: lab, demo and inspection")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build, inspect or remove the namespace lab.
+    Lab {
+        #[command(subcommand)]
+        action: LabAction,
+        /// The lab description.
+        #[arg(long, default_value = "lab/lab.yaml", global = true)]
+        lab: PathBuf,
+        /// Override the lab's name (namespaces are kxdp-<name>-…).
+        #[arg(long, global = true)]
+        name: Option<String>,
+    },
+    /// Run a pod's echo server: answers every TCP connection and UDP datagram with its name.
+    Echo {
+        /// The name to answer with.
+        #[arg(long)]
+        name: String,
+        /// Ports, comma-separated; each is served on TCP and UDP.
+        #[arg(long, value_delimiter = ',')]
+        ports: Vec<u16>,
+    },
+    /// Connect `count` times to an address and print who answered, one JSON line each.
+    Call {
+        /// Destination address:port.
+        #[arg(long)]
+        to: SocketAddr,
+        /// tcp or udp.
+        #[arg(long, default_value = "tcp")]
+        proto: String,
+        /// Number of connections (each from a new source port).
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// Per-attempt timeout in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+    },
+    /// Print the dataplane's per-worker counters.
+    Stats {
+        /// The dataplane's control socket.
+        #[arg(long, default_value = "/run/kxdp/dataplane.sock")]
+        socket: PathBuf,
+    },
+    /// The demo: lab up, dataplane and control on the bundled manifests, TCP and UDP calls
+    /// to the ClusterIPs from a pod, a table of who answered and the counters, lab down.
+    Demo {
+        /// The lab description.
+        #[arg(long, default_value = "lab/lab.yaml")]
+        lab: PathBuf,
+        /// The manifests control reads.
+        #[arg(long, default_value = "lab/manifests")]
+        manifests: PathBuf,
+        /// Worker threads (and queues per interface).
+        #[arg(long, default_value_t = 2)]
+        workers: u32,
+        /// Connections per Service.
+        #[arg(long, default_value_t = 30)]
+        count: u32,
+    },
+}
+
+#[derive(clap::Subcommand)]
+enum LabAction {
+    /// Build the lab and start the pods' echo servers.
+    Up {
+        /// Queues per veth (one per dataplane worker).
+        #[arg(long)]
+        queues: Option<u32>,
+    },
+    /// End the lab's processes and delete its namespaces.
+    Down,
+    /// Show which of the lab's namespaces exist.
+    Status,
+}
+
+fn main() -> Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match Cli::parse().command {
+        Cmd::Lab { action, lab, name } => {
+            let mut spec = LabSpec::load(&lab)?;
+            if let Some(n) = name {
+                spec.name = n;
+            }
+            match action {
+                LabAction::Up { queues } => {
+                    if let Some(q) = queues {
+                        spec.queues = q;
+                    }
+                    let lab = Lab::new(spec);
+                    lab.up(&std::env::current_exe()?)?;
+                    print!("{}", lab.status());
+                }
+                LabAction::Down => Lab::new(spec).down()?,
+                LabAction::Status => print!("{}", Lab::new(spec).status()),
+            }
+            Ok(())
+        }
+        Cmd::Echo { name, ports } => echo(&name, &ports),
+        Cmd::Call {
+            to,
+            proto,
+            count,
+            timeout_ms,
+        } => {
+            let timeout = Duration::from_millis(timeout_ms);
+            for i in 0..count {
+                let answer = match proto.as_str() {
+                    "tcp" => call_tcp(to, timeout),
+                    "udp" => call_udp(to, timeout),
+                    other => bail!("--proto {other}: use tcp or udp"),
+                };
+                let line = match answer {
+                    Ok(a) => serde_json::json!({"i": i, "answer": a}),
+                    Err(e) => serde_json::json!({"i": i, "error": format!("{e:#}")}),
+                };
+                println!("{line}");
+            }
+            Ok(())
+        }
+        Cmd::Stats { socket } => {
+            print_stats(&stats(&socket)?);
+            Ok(())
+        }
+        Cmd::Demo {
+            lab,
+            manifests,
+            workers,
+            count,
+        } => demo(&lab, &manifests, workers, count),
+    }
+}
+
+fn echo(name: &str, ports: &[u16]) -> Result<()> {
+    let mut threads = Vec::new();
+    for &port in ports {
+        let tcp =
+            TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("bind tcp {port}"))?;
+        let answer = format!("{name}\n");
+        threads.push(std::thread::spawn(move || {
+            for mut conn in tcp.incoming().flatten() {
+                let _ = conn.set_write_timeout(Some(Duration::from_secs(2)));
+                let _ = conn.write_all(answer.as_bytes());
+            }
+        }));
+        let udp = UdpSocket::bind(("0.0.0.0", port)).with_context(|| format!("bind udp {port}"))?;
+        let answer = name.to_string();
+        threads.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((_, from)) = udp.recv_from(&mut buf) {
+                let _ = udp.send_to(answer.as_bytes(), from);
+            }
+        }));
+    }
+    eprintln!("echo {name} on {ports:?}");
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+fn call_tcp(to: SocketAddr, timeout: Duration) -> Result<String> {
+    let mut s = TcpStream::connect_timeout(&to, timeout).context("connect")?;
+    s.set_read_timeout(Some(timeout))?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).context("read")?;
+    Ok(out.trim().to_string())
+}
+
+fn call_udp(to: SocketAddr, timeout: Duration) -> Result<String> {
+    let s = UdpSocket::bind(("0.0.0.0", 0))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.connect(to)?;
+    let mut buf = [0u8; 2048];
+    // A datagram can be lost (e.g. while the dataplane resolves a pod); ask up to 3 times.
+    let mut last = None;
+    for _ in 0..3 {
+        s.send(b"who")?;
+        match s.recv(&mut buf) {
+            Ok(n) => return Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string()),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last
+        .map(anyhow::Error::from)
+        .unwrap_or_else(|| anyhow::anyhow!("no answer")))
+}
+
+/// Asks the dataplane for its counters.
+fn stats(socket: &Path) -> Result<Message> {
+    let mut s = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
+        format!(
+            "connect to {} (is kxdp-dataplane running?)",
+            socket.display()
+        )
+    })?;
+    wire::write_message(&mut s, &Message::GetStats)?;
+    Ok(wire::read_message(&mut s)?)
+}
+
+fn print_stats(m: &Message) {
+    let Message::Stats {
+        generation,
+        conntrack,
+        conntrack_capacity,
+        workers,
+    } = m
+    else {
+        println!("unexpected answer: {m:?}");
+        return;
+    };
+    println!("tables generation {generation}, conntrack {conntrack}/{conntrack_capacity}");
+    print!("{:<28}", "counter");
+    for i in 0..workers.len() {
+        print!("{:>14}", format!("worker {i}"));
+    }
+    println!();
+    if let Some(first) = workers.first() {
+        for (k, (name, _)) in first.iter().enumerate() {
+            let values: Vec<u64> = workers
+                .iter()
+                .map(|w| w.get(k).map(|v| v.1).unwrap_or(0))
+                .collect();
+            if values.iter().all(|v| *v == 0) && name.starts_with("drop_") {
+                continue;
+            }
+            print!("{name:<28}");
+            for v in values {
+                print!("{v:>14}");
+            }
+            println!();
+        }
+    }
+}
+
+/// A child process that is ended (by PID) when dropped.
+struct Guarded(Child);
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+        let _ = self.0.wait();
+    }
+}
+
+fn sibling(name: &str) -> Result<PathBuf> {
+    let me = std::env::current_exe()?;
+    Ok(me.with_file_name(name))
+}
+
+fn demo(lab_path: &Path, manifests: &Path, workers: u32, count: u32) -> Result<()> {
+    let mut spec = LabSpec::load(lab_path)?;
+    spec.queues = workers;
+    let lab = Lab::new(spec);
+    let _ = lab.down();
+    lab.up(&std::env::current_exe()?)?;
+    // Whatever happens below, the lab goes away.
+    struct Down<'a>(&'a Lab);
+    impl Drop for Down<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.down();
+        }
+    }
+    let _down = Down(&lab);
+    let socket = lab.state_dir().join("dataplane.sock");
+    let dp_log = std::fs::File::create(lab.state_dir().join("dataplane.log"))?;
+    let dataplane = Lab::exec(
+        &lab.node_ns(),
+        &sibling("kxdp-dataplane")?.to_string_lossy(),
+    )
+    .args([
+        "--uplink",
+        lab.uplink_if(),
+        "--pods",
+        &lab.pod_interfaces().join(","),
+    ])
+    .args([
+        "--workers",
+        &workers.to_string(),
+        "--socket",
+        &socket.to_string_lossy(),
+    ])
+    .stdin(Stdio::null())
+    .stdout(dp_log.try_clone()?)
+    .stderr(dp_log)
+    .spawn()
+    .context("start kxdp-dataplane")?;
+    let _dataplane = Guarded(dataplane);
+    wait_for(&socket, Duration::from_secs(10))
+        .context("kxdp-dataplane did not open its socket (see its log)")?;
+    let ctl_log = std::fs::File::create(lab.state_dir().join("control.log"))?;
+    let control = Command::new(sibling("kxdp-control")?)
+        .args([
+            "--manifests",
+            &manifests.to_string_lossy(),
+            "--node",
+            &lab.spec.node.name,
+        ])
+        .args(["--socket", &socket.to_string_lossy()])
+        .stdin(Stdio::null())
+        .stdout(ctl_log.try_clone()?)
+        .stderr(ctl_log)
+        .spawn()
+        .context("start kxdp-control")?;
+    let _control = Guarded(control);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(Message::Stats { generation, .. }) = stats(&socket) {
+            if generation > 0 {
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "control did not program the dataplane within 10 s (see {})",
+                lab.state_dir().display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let client = lab
+        .pod_index("default/client")
+        .context("the lab has no default/client pod")?;
+    let me = std::env::current_exe()?;
+    let targets = [
+        ("web", "172.30.0.41:80", "tcp"),
+        ("dns", "172.30.0.10:53", "udp"),
+        ("dns", "172.30.0.10:53", "tcp"),
+    ];
+    println!(
+        "\n{count} connections per Service from default/client ({}):",
+        lab.spec.pods[client].ip
+    );
+    println!(
+        "{:<8} {:<18} {:<5} {:<18} {:>8}",
+        "service", "clusterIP:port", "proto", "answered by", "count"
+    );
+    for (svc, to, proto) in targets {
+        let out = run_output(Lab::exec(&lab.pod_ns(client), &me.to_string_lossy()).args([
+            "call",
+            "--to",
+            to,
+            "--proto",
+            proto,
+            "--count",
+            &count.to_string(),
+        ]))?;
+        let mut tally: BTreeMap<String, u32> = BTreeMap::new();
+        for line in out.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+            let who = v
+                .get("answer")
+                .and_then(|a| a.as_str())
+                .map(str::to_string)
+                .unwrap_or_else(|| {
+                    format!(
+                        "error: {}",
+                        v.get("error").and_then(|e| e.as_str()).unwrap_or("?")
+                    )
+                });
+            *tally.entry(who).or_default() += 1;
+        }
+        for (who, n) in tally {
+            println!("{svc:<8} {to:<18} {proto:<5} {who:<18} {n:>8}");
+        }
+    }
+    println!();
+    print_stats(&stats(&socket)?);
+    Ok(())
+}
+
+fn run_output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.stdin(Stdio::null()).output()?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn wait_for(path: &Path, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    while !path.exists() {
+        if Instant::now() > deadline {
+            bail!("{} did not appear within {limit:?}", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}

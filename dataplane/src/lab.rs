@@ -1,0 +1,395 @@
+//! The lab: a node, its pods and an outside host as network namespaces on veth pairs, built
+//! from a small description (`lab/lab.yaml`), so the dataplane can be run and tested with
+//! real kernels on one machine.
+//!
+//! Every namespace and interface the lab creates lives inside namespaces it made itself
+//! (both ends of every veth); nothing in the root namespace is touched. Names carry the
+//! lab's name, so two labs (or a rerun) never collide. Processes the lab starts are
+//! recorded by PID and ended by PID on `down`.
+
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use ipnet::Ipv4Net;
+use serde::Deserialize;
+
+/// A lab description.
+#[derive(Clone, Debug, Deserialize)]
+pub struct LabSpec {
+    /// The lab's name: every namespace is `kxdp-<name>-…`.
+    pub name: String,
+    /// The node under the dataplane.
+    pub node: LabNode,
+    /// The host on the other end of the node's uplink.
+    pub outside: LabOutside,
+    /// The node's pods.
+    pub pods: Vec<LabPod>,
+    /// Queues per veth (one per worker); default 1.
+    #[serde(default = "one")]
+    pub queues: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// The lab's node.
+#[derive(Clone, Debug, Deserialize)]
+pub struct LabNode {
+    /// Kubernetes Node name (as in the manifests).
+    pub name: String,
+    /// Address on the uplink, with prefix.
+    pub address: Ipv4Net,
+    /// The node's pod network; its first address is the pods' gateway.
+    #[serde(rename = "podCIDR")]
+    pub pod_cidr: Ipv4Net,
+}
+
+/// The outside host.
+#[derive(Clone, Debug, Deserialize)]
+pub struct LabOutside {
+    /// Its address on the uplink, with prefix.
+    pub address: Ipv4Net,
+}
+
+/// One pod.
+#[derive(Clone, Debug, Deserialize)]
+pub struct LabPod {
+    /// `namespace/name`, as in the manifests.
+    pub name: String,
+    /// Its IPv4 address.
+    pub ip: Ipv4Addr,
+    /// Its IPv6 address, if any.
+    #[serde(default)]
+    pub ip6: Option<Ipv6Addr>,
+    /// Ports its echo server answers on (TCP and UDP).
+    #[serde(default)]
+    pub ports: Vec<u16>,
+}
+
+/// Why a lab operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    /// The description could not be read.
+    #[error("lab description {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// The description is not valid YAML of the lab's shape.
+    #[error("lab description {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        message: String,
+    },
+    /// A command failed.
+    #[error("`{command}` failed: {stderr}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// What it printed.
+        stderr: String,
+    },
+    /// Something else in the OS.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+impl LabSpec {
+    /// Reads a description file.
+    pub fn load(path: &Path) -> Result<LabSpec, LabError> {
+        let text = std::fs::read_to_string(path).map_err(|source| LabError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        serde_yaml::from_str(&text).map_err(|e| LabError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+}
+
+/// Runs `ip` (or any command) and fails with its stderr.
+pub fn run(cmd: &mut Command) -> Result<String, LabError> {
+    let out = cmd.stdin(Stdio::null()).output()?;
+    if !out.status.success() {
+        return Err(LabError::Command {
+            command: format!("{cmd:?}"),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ip(args: &[&str]) -> Result<String, LabError> {
+    run(Command::new("ip").args(args))
+}
+
+/// A lab built (or to be built) from a description.
+pub struct Lab {
+    /// The description.
+    pub spec: LabSpec,
+}
+
+impl Lab {
+    /// A lab for `spec`.
+    pub fn new(spec: LabSpec) -> Lab {
+        Lab { spec }
+    }
+
+    /// The node's namespace.
+    pub fn node_ns(&self) -> String {
+        format!("kxdp-{}-node", self.spec.name)
+    }
+
+    /// The outside host's namespace.
+    pub fn outside_ns(&self) -> String {
+        format!("kxdp-{}-out", self.spec.name)
+    }
+
+    /// Pod `i`'s namespace.
+    pub fn pod_ns(&self, i: usize) -> String {
+        format!("kxdp-{}-p{}", self.spec.name, i)
+    }
+
+    /// Pod `i`'s interface on the node (the host side of its veth).
+    pub fn pod_if(&self, i: usize) -> String {
+        format!("kxp{i}")
+    }
+
+    /// The node's uplink interface.
+    pub fn uplink_if(&self) -> &'static str {
+        "kxup0"
+    }
+
+    /// The index of a pod by `namespace/name` (or bare name).
+    pub fn pod_index(&self, name: &str) -> Option<usize> {
+        self.spec
+            .pods
+            .iter()
+            .position(|p| p.name == name || p.name.rsplit('/').next() == Some(name))
+    }
+
+    /// Where the lab keeps PIDs and logs.
+    pub fn state_dir(&self) -> PathBuf {
+        PathBuf::from(format!("/run/kxdp/lab-{}", self.spec.name))
+    }
+
+    /// Every namespace of the lab.
+    pub fn namespaces(&self) -> Vec<String> {
+        let mut out = vec![self.node_ns(), self.outside_ns()];
+        out.extend((0..self.spec.pods.len()).map(|i| self.pod_ns(i)));
+        out
+    }
+
+    /// A command run inside namespace `ns`.
+    pub fn exec(ns: &str, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns, program]);
+        c
+    }
+
+    /// Builds the namespaces, veths, addresses and routes, and starts each pod's echo
+    /// server (`echo_binary echo …`). On failure, whatever was built is torn down.
+    pub fn up(&self, echo_binary: &Path) -> Result<(), LabError> {
+        let result = self.build(echo_binary);
+        if result.is_err() {
+            let _ = self.down();
+        }
+        result
+    }
+
+    fn build(&self, echo_binary: &Path) -> Result<(), LabError> {
+        let s = &self.spec;
+        let node = self.node_ns();
+        let q = s.queues.max(1).to_string();
+        std::fs::create_dir_all(self.state_dir())?;
+        for ns in self.namespaces() {
+            ip(&["netns", "add", &ns])?;
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        }
+        // Uplink: node kxup0 <-> outside eth0.
+        let out = self.outside_ns();
+        ip(&[
+            "-n",
+            &node,
+            "link",
+            "add",
+            self.uplink_if(),
+            "numtxqueues",
+            &q,
+            "numrxqueues",
+            &q,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &out,
+            "numtxqueues",
+            &q,
+            "numrxqueues",
+            &q,
+        ])?;
+        ip(&[
+            "-n",
+            &node,
+            "addr",
+            "add",
+            &s.node.address.to_string(),
+            "dev",
+            self.uplink_if(),
+        ])?;
+        ip(&["-n", &node, "link", "set", self.uplink_if(), "up"])?;
+        ip(&[
+            "-n",
+            &out,
+            "addr",
+            "add",
+            &s.outside.address.to_string(),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", &out, "link", "set", "eth0", "up"])?;
+        offload_off(&out, "eth0")?;
+        let gw = s
+            .node
+            .pod_cidr
+            .hosts()
+            .next()
+            .ok_or_else(|| LabError::Command {
+                command: "lab".into(),
+                stderr: format!("pod network {} has no host address", s.node.pod_cidr),
+            })?;
+        let prefix = s.node.pod_cidr.prefix_len();
+        for (i, pod) in s.pods.iter().enumerate() {
+            let pns = self.pod_ns(i);
+            let host_if = self.pod_if(i);
+            ip(&[
+                "-n",
+                &node,
+                "link",
+                "add",
+                &host_if,
+                "numtxqueues",
+                &q,
+                "numrxqueues",
+                &q,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &pns,
+                "numtxqueues",
+                &q,
+                "numrxqueues",
+                &q,
+            ])?;
+            ip(&["-n", &node, "link", "set", &host_if, "up"])?;
+            ip(&[
+                "-n",
+                &pns,
+                "addr",
+                "add",
+                &format!("{}/{prefix}", pod.ip),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&["-n", &pns, "link", "set", "eth0", "up"])?;
+            ip(&[
+                "-n",
+                &pns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &gw.to_string(),
+                "dev",
+                "eth0",
+            ])?;
+            // The dataplane rewrites packets without the kernel's help: the pod must send
+            // complete checksums and no segments larger than the MTU.
+            offload_off(&pns, "eth0")?;
+            if !pod.ports.is_empty() {
+                let ports: Vec<String> = pod.ports.iter().map(|p| p.to_string()).collect();
+                let log = std::fs::File::create(self.state_dir().join(format!("echo-{i}.log")))?;
+                let child = Lab::exec(&pns, &echo_binary.to_string_lossy())
+                    .args(["echo", "--name", &pod.name, "--ports", &ports.join(",")])
+                    .stdin(Stdio::null())
+                    .stdout(log.try_clone()?)
+                    .stderr(log)
+                    .spawn()?;
+                self.record_pid(child.id())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a PID for `down` to end.
+    pub fn record_pid(&self, pid: u32) -> Result<(), LabError> {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.state_dir().join("pids"))?;
+        writeln!(f, "{pid}")?;
+        Ok(())
+    }
+
+    /// Ends the processes the lab started (by PID) and deletes its namespaces.
+    pub fn down(&self) -> Result<(), LabError> {
+        let pids = std::fs::read_to_string(self.state_dir().join("pids")).unwrap_or_default();
+        for pid in pids.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+            let _ = Command::new("kill")
+                .arg(pid.to_string())
+                .stderr(Stdio::null())
+                .status();
+        }
+        let existing = ip(&["netns", "list"]).unwrap_or_default();
+        for ns in self.namespaces() {
+            if existing
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(ns.as_str()))
+            {
+                ip(&["netns", "del", &ns])?;
+            }
+        }
+        let _ = std::fs::remove_dir_all(self.state_dir());
+        Ok(())
+    }
+
+    /// A short report: which namespaces exist.
+    pub fn status(&self) -> String {
+        let existing = ip(&["netns", "list"]).unwrap_or_default();
+        let mut out = String::new();
+        for ns in self.namespaces() {
+            let up = existing
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(ns.as_str()));
+            out.push_str(&format!("{ns:<24} {}\n", if up { "up" } else { "absent" }));
+        }
+        out
+    }
+
+    /// The pod interfaces on the node, in pod order.
+    pub fn pod_interfaces(&self) -> Vec<String> {
+        (0..self.spec.pods.len()).map(|i| self.pod_if(i)).collect()
+    }
+}
+
+/// Turns off checksum offload and segmentation on an interface inside `ns`.
+fn offload_off(ns: &str, dev: &str) -> Result<(), LabError> {
+    run(Lab::exec(ns, "ethtool").args([
+        "-K", dev, "tx", "off", "rx", "off", "tso", "off", "gso", "off", "gro", "off",
+    ]))
+    .map(|_| ())
+}
