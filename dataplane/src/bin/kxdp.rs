@@ -59,6 +59,21 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         timeout_ms: u64,
     },
+    /// Send UDP datagrams to an address as fast as one socket can, for a bounded time.
+    Blast {
+        /// Destination address:port.
+        #[arg(long)]
+        to: SocketAddr,
+        /// How long to send, in seconds.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Payload bytes per datagram (18 makes a 64-byte Ethernet frame).
+        #[arg(long, default_value_t = 18)]
+        size: usize,
+        /// Source ports to rotate through (flows).
+        #[arg(long, default_value_t = 16)]
+        flows: u16,
+    },
     /// Print the dataplane's per-worker counters.
     Stats {
         /// The dataplane's control socket.
@@ -80,6 +95,9 @@ enum Cmd {
         /// Connections per Service.
         #[arg(long, default_value_t = 30)]
         count: u32,
+        /// Seconds of UDP load for a packet-rate figure (0: skip).
+        #[arg(long, default_value_t = 5)]
+        rate_seconds: u64,
     },
 }
 
@@ -141,6 +159,33 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Blast {
+            to,
+            seconds,
+            size,
+            flows,
+        } => {
+            let sockets: Vec<UdpSocket> = (0..flows.max(1))
+                .map(|_| UdpSocket::bind(("0.0.0.0", 0)))
+                .collect::<Result<_, _>>()?;
+            let payload = vec![0x6bu8; size];
+            let deadline = Instant::now() + Duration::from_secs(seconds);
+            let mut sent = 0u64;
+            'send: loop {
+                for s in &sockets {
+                    for _ in 0..64 {
+                        if s.send_to(&payload, to).is_ok() {
+                            sent += 1;
+                        }
+                    }
+                    if Instant::now() >= deadline {
+                        break 'send;
+                    }
+                }
+            }
+            println!("{}", serde_json::json!({"sent": sent, "seconds": seconds}));
+            Ok(())
+        }
         Cmd::Stats { socket } => {
             print_stats(&stats(&socket)?);
             Ok(())
@@ -150,7 +195,8 @@ fn main() -> Result<()> {
             manifests,
             workers,
             count,
-        } => demo(&lab, &manifests, workers, count),
+            rate_seconds,
+        } => demo(&lab, &manifests, workers, count, rate_seconds),
     }
 }
 
@@ -271,7 +317,7 @@ fn sibling(name: &str) -> Result<PathBuf> {
     Ok(me.with_file_name(name))
 }
 
-fn demo(lab_path: &Path, manifests: &Path, workers: u32, count: u32) -> Result<()> {
+fn demo(lab_path: &Path, manifests: &Path, workers: u32, count: u32, rate_seconds: u64) -> Result<()> {
     let mut spec = LabSpec::load(lab_path)?;
     spec.queues = workers;
     let lab = Lab::new(spec);
@@ -389,7 +435,28 @@ fn demo(lab_path: &Path, manifests: &Path, workers: u32, count: u32) -> Result<(
     }
     println!();
     print_stats(&stats(&socket)?);
+    if rate_seconds > 0 {
+        let before = forwarded(&stats(&socket)?);
+        let started = Instant::now();
+        let out = run_output(Lab::exec(&lab.pod_ns(client), &me.to_string_lossy()).args(["blast", "--to", "172.30.0.10:53", "--seconds", &rate_seconds.to_string()]))?;
+        let elapsed = started.elapsed().as_secs_f64();
+        let after = forwarded(&stats(&socket)?);
+        let sent: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_default();
+        let sent = sent.get("sent").and_then(|v| v.as_u64()).unwrap_or(0);
+        println!(
+            "\nrate: a UDP sender in default/client sent {sent} 64-byte datagrams to 172.30.0.10:53 in {elapsed:.1} s ({:.0} pps offered);\nthe dataplane forwarded {} packets in that time, both directions ({:.0} pps, {workers} workers)",
+            sent as f64 / elapsed,
+            after - before,
+            (after - before) as f64 / elapsed
+        );
+    }
     Ok(())
+}
+
+/// Packets the dataplane transmitted, summed over workers.
+fn forwarded(m: &Message) -> u64 {
+    let Message::Stats { workers, .. } = m else { return 0 };
+    workers.iter().flat_map(|w| w.iter()).filter(|(k, _)| k == "tx").map(|(_, v)| *v).sum()
 }
 
 fn run_output(cmd: &mut Command) -> Result<String> {

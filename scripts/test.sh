@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Runs every test: unit and golden-packet tests, the shared cases through the in-memory
+# pipeline, and (as root) the namespace tests through AF_XDP. Installs what it needs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/deps.sh
+# The namespace tests start kxdp-control and kxdp-dataplane as processes.
+cargo build --workspace --bins
+cargo test --workspace -- --test-threads=1
