@@ -337,7 +337,7 @@ impl Pipeline<'_> {
                 service,
             };
             match self.shared.conntrack.insert(conn, self.now, timeout) {
-                Ok(()) => return Ok(conn),
+                Ok(_) => return Ok(conn),
                 Err(InsertError::Full) => return Err(DropReason::ConntrackFull),
                 Err(InsertError::Exists) => continue,
             }

@@ -1,14 +1,34 @@
-//! Connection tracking shared by all workers: each translated connection is stored under
-//! its original and its reply 5-tuple, so a reply arriving on any queue finds its way back.
+//! Connection tracking shared by all workers, lock-free.
 //!
-//! This first version shards a hash map over many small mutexes; capacity is fixed at start
-//! and a full table refuses new flows (counted by the caller) while established ones keep
-//! working. Issue 3 replaces the shards with a lock-free table behind the same interface.
+//! Each translated connection is one [`Entry`] in a fixed array, found through an index of
+//! 64-bit slots under both its original and its reply 5-tuple, so a reply arriving on any
+//! queue finds its way back. Capacity is fixed at start; nothing allocates afterwards.
+//!
+//! - **Entries** are written only while their owner holds them exclusively (after taking
+//!   them from the free list, before publishing them in the index), under a sequence
+//!   counter: a reader that raced with a reuse sees the counter move and reads again, and
+//!   compares the key it read, so it can never take one connection for another.
+//! - **Index slots** hold `tag(32) | entry+1 (31) | direction (1)`; 0 is free. A key lives
+//!   in the first free slot of its window of [`WINDOW`] slots (four cache lines), found by
+//!   compare-and-swap. Lookups scan the window; nothing ever moves.
+//! - **Inserting the same tuple twice at once** (two workers, or two flows picking the same
+//!   masquerade port) is settled after publishing: an entry is `PENDING` until it has
+//!   checked its window for a twin. A live twin wins; a pending twin with a lower index
+//!   wins; a pending twin with a higher index is waited for (it never waits for us, so it
+//!   soon goes live, and wins, or gives up). Publishing and checking are sequentially
+//!   consistent, so of two racers at least one sees the other.
+//! - **Removal** (expiry, or a flush of flows to a deleted endpoint) is a compare-and-swap
+//!   of the entry's state from `LIVE` to `DEAD` (so two sweepers never free one entry),
+//!   then clearing its index slots, then returning it to a lock-free free list (a Treiber
+//!   stack with an ABA tag).
+//! - **A full table** (free list empty, or a key's window full) refuses the new flow with
+//!   [`InsertError::Full`]; established flows are untouched.
+//!
+//! Memory: 104 bytes per entry plus three index slots (24 bytes) per entry, 128 bytes per
+//! connection: 1M connections in 122 MiB.
 
-use std::collections::HashMap;
-use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use crate::tables::BuildFastHasher;
 
@@ -71,55 +91,189 @@ pub enum Direction {
     Reply,
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Slot {
-    conn: Connection,
-    dir: Direction,
-    expires: u64,
+/// A lookup's result: the connection, the packet's direction, and the entry (for state
+/// updates through [`Conntrack::set_state`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hit {
+    /// The connection.
+    pub conn: Connection,
+    /// The packet's direction.
+    pub dir: Direction,
+    /// The entry's index.
+    pub entry: u32,
+    /// The protocol state stored with the entry.
+    pub state: u8,
 }
 
 /// Why an insert was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum InsertError {
-    /// The table holds `capacity` connections.
+    /// No free entry, or no free index slot near the key: the table is full.
     Full,
-    /// One of the tuples is already tracked (another worker won the race).
+    /// One of the tuples is already tracked.
     Exists,
 }
 
-/// Number of shards: a power of two well above the worker count, so workers rarely meet.
-const SHARDS: usize = 256;
+/// Index slots scanned for one key: four 64-byte cache lines.
+pub const WINDOW: usize = 32;
+/// Index slots per entry: two keys per entry at most two-thirds full.
+const SLOTS_PER_ENTRY: usize = 3;
+/// Rounds an insert waits for a pending twin to settle (spinning, then yielding the core in
+/// case the twin's thread was preempted). Reached only when two inserts of one tuple race.
+const PENDING_WAIT: usize = 1 << 14;
+
+fn backoff(round: usize) {
+    if round < 64 {
+        std::hint::spin_loop();
+    } else {
+        std::thread::yield_now();
+    }
+}
+/// Re-reads of an entry that is being rewritten before a lookup gives up on it.
+const SEQ_RETRIES: usize = 16;
+
+const FREE: u8 = 0;
+const PENDING: u8 = 1;
+const LIVE: u8 = 2;
+const DEAD: u8 = 3;
+
+/// Words of an entry's connection: four addresses (2 words each), ports, proto+service.
+const KEY_WORDS: usize = 10;
+
+/// One connection. Word layout of `key`: original src, original dst, reply src, reply dst
+/// (16 bytes each, IPv4 mapped), then the four ports, then proto | v6 flag | service.
+struct Entry {
+    /// Even: stable; odd: being written. Bumped around every rewrite of `key`.
+    seq: AtomicU64,
+    key: [AtomicU64; KEY_WORDS],
+    /// Expiry time (ns); refreshed by packets.
+    expires: AtomicU64,
+    /// `FREE`/`PENDING`/`LIVE`/`DEAD` in the low byte, protocol state in the next.
+    state: AtomicU64,
+}
+
+impl Entry {
+    fn new() -> Entry {
+        Entry {
+            seq: AtomicU64::new(0),
+            key: std::array::from_fn(|_| AtomicU64::new(0)),
+            expires: AtomicU64::new(0),
+            state: AtomicU64::new(FREE as u64),
+        }
+    }
+}
+
+fn addr_words(ip: IpAddr) -> [u64; 2] {
+    let b = match ip {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    };
+    [
+        u64::from_le_bytes(b[..8].try_into().expect("8 bytes")),
+        u64::from_le_bytes(b[8..].try_into().expect("8 bytes")),
+    ]
+}
+
+fn words_addr(w: [u64; 2], v6: bool) -> IpAddr {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&w[0].to_le_bytes());
+    b[8..].copy_from_slice(&w[1].to_le_bytes());
+    let a = Ipv6Addr::from(b);
+    if v6 {
+        IpAddr::V6(a)
+    } else {
+        IpAddr::V4(a.to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED))
+    }
+}
+
+fn encode(c: &Connection) -> [u64; KEY_WORDS] {
+    let mut w = [0u64; KEY_WORDS];
+    let addrs = [c.original.src, c.original.dst, c.reply.src, c.reply.dst];
+    for (i, a) in addrs.iter().enumerate() {
+        let [x, y] = addr_words(*a);
+        w[2 * i] = x;
+        w[2 * i + 1] = y;
+    }
+    w[8] = c.original.sport as u64
+        | (c.original.dport as u64) << 16
+        | (c.reply.sport as u64) << 32
+        | (c.reply.dport as u64) << 48;
+    w[9] = c.original.proto as u64 | (c.original.src.is_ipv6() as u64) << 8 | (c.service as u64) << 32;
+    w
+}
+
+fn decode(w: &[u64; KEY_WORDS]) -> Connection {
+    let v6 = (w[9] >> 8) & 1 == 1;
+    let proto = w[9] as u8;
+    let a = |i: usize| words_addr([w[2 * i], w[2 * i + 1]], v6);
+    Connection {
+        original: FlowKey {
+            proto,
+            src: a(0),
+            dst: a(1),
+            sport: w[8] as u16,
+            dport: (w[8] >> 16) as u16,
+        },
+        reply: FlowKey {
+            proto,
+            src: a(2),
+            dst: a(3),
+            sport: (w[8] >> 32) as u16,
+            dport: (w[8] >> 48) as u16,
+        },
+        service: (w[9] >> 32) as u32,
+    }
+}
+
+fn slot_value(tag: u32, entry: u32, dir: Direction) -> u64 {
+    (tag as u64) << 32 | ((entry as u64 + 1) << 1) | (dir == Direction::Reply) as u64
+}
+
+fn slot_entry(v: u64) -> Option<(u32, Direction)> {
+    let e = ((v & 0xffff_ffff) >> 1) as u32;
+    if e == 0 {
+        return None;
+    }
+    let dir = if v & 1 == 1 {
+        Direction::Reply
+    } else {
+        Direction::Original
+    };
+    Some((e - 1, dir))
+}
 
 /// The shared connection table.
 pub struct Conntrack {
-    shards: Box<[Mutex<HashMap<FlowKey, Slot, BuildFastHasher>>]>,
-    capacity: usize,
+    entries: Box<[Entry]>,
+    index: Box<[AtomicU64]>,
+    mask: usize,
+    /// Free list: `tag << 32 | (entry + 1)`, 0 when empty.
+    free_head: AtomicU64,
+    next_free: Box<[AtomicU32]>,
     len: AtomicUsize,
 }
 
 impl Conntrack {
-    /// A table for at most `capacity` connections.
+    /// A table for at most `capacity` connections (at least 1, at most 2^31 - 1).
     pub fn new(capacity: usize) -> Conntrack {
-        Conntrack {
-            shards: (0..SHARDS)
-                .map(|_| Mutex::new(HashMap::with_hasher(BuildFastHasher)))
-                .collect(),
-            capacity,
+        let capacity = capacity.clamp(1, (u32::MAX >> 1) as usize - 1);
+        let slots = (capacity * SLOTS_PER_ENTRY).next_power_of_two().max(WINDOW);
+        let ct = Conntrack {
+            entries: (0..capacity).map(|_| Entry::new()).collect(),
+            index: (0..slots).map(|_| AtomicU64::new(0)).collect(),
+            mask: slots - 1,
+            free_head: AtomicU64::new(0),
+            next_free: (0..capacity).map(|_| AtomicU32::new(0)).collect(),
             len: AtomicUsize::new(0),
+        };
+        // Entry 0 ends up on top, so a fresh table fills from the front.
+        for e in (0..capacity as u32).rev() {
+            ct.push_free(e);
         }
+        ct
     }
 
-    fn shard(&self, key: &FlowKey) -> usize {
-        (key.flow_hash() as usize) & (SHARDS - 1)
-    }
-
-    fn lock(&self, i: usize) -> std::sync::MutexGuard<'_, HashMap<FlowKey, Slot, BuildFastHasher>> {
-        // A poisoned shard only means another worker panicked mid-update; the map itself is
-        // still consistent (every update is a single insert or remove).
-        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Number of tracked connections.
+    /// Number of tracked connections (entries in use).
     pub fn len(&self) -> usize {
         self.len.load(Ordering::Relaxed)
     }
@@ -131,132 +285,328 @@ impl Conntrack {
 
     /// The table's capacity.
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.entries.len()
+    }
+
+    /// Bytes of memory the table holds.
+    pub fn memory_bytes(&self) -> usize {
+        self.entries.len() * (std::mem::size_of::<Entry>() + 4) + self.index.len() * 8
+    }
+
+    fn pop_free(&self) -> Option<u32> {
+        // Acquire pairs with the Release of the CAS in `push_free`, so `next_free` of the
+        // head we read is the value its pusher wrote.
+        let mut head = self.free_head.load(Ordering::Acquire);
+        loop {
+            let e = (head & 0xffff_ffff) as u32;
+            if e == 0 {
+                return None;
+            }
+            let next = self.next_free[(e - 1) as usize].load(Ordering::Relaxed);
+            // The tag in the high half changes on every pop, so a head that was popped and
+            // pushed back meanwhile (ABA) fails this exchange.
+            let new = ((head >> 32).wrapping_add(1) << 32) | next as u64;
+            match self
+                .free_head
+                .compare_exchange_weak(head, new, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => {
+                    self.len.fetch_add(1, Ordering::Relaxed);
+                    return Some(e - 1);
+                }
+                Err(h) => head = h,
+            }
+        }
+    }
+
+    fn push_free(&self, entry: u32) {
+        let mut head = self.free_head.load(Ordering::Acquire);
+        loop {
+            self.next_free[entry as usize].store((head & 0xffff_ffff) as u32, Ordering::Relaxed);
+            let new = (head & !0xffff_ffff) | (entry as u64 + 1);
+            // Release: publishes `next_free[entry]` to the popper's Acquire.
+            match self
+                .free_head
+                .compare_exchange_weak(head, new, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return,
+                Err(h) => head = h,
+            }
+        }
+    }
+
+    /// Reads an entry's connection consistently; `None` if it kept changing.
+    fn read_entry(&self, e: u32) -> Option<[u64; KEY_WORDS]> {
+        let entry = &self.entries[e as usize];
+        for _ in 0..SEQ_RETRIES {
+            // Acquire pairs with the Release store that ended the last rewrite.
+            let s1 = entry.seq.load(Ordering::Acquire);
+            if s1 & 1 == 1 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let w: [u64; KEY_WORDS] = std::array::from_fn(|i| entry.key[i].load(Ordering::Relaxed));
+            // Keeps the key loads above from moving below the re-check (seqlock reader).
+            fence(Ordering::Acquire);
+            if entry.seq.load(Ordering::Relaxed) == s1 {
+                return Some(w);
+            }
+        }
+        None
+    }
+
+    fn write_entry(&self, e: u32, w: &[u64; KEY_WORDS]) {
+        let entry = &self.entries[e as usize];
+        let s = entry.seq.load(Ordering::Relaxed);
+        entry.seq.store(s + 1, Ordering::Relaxed);
+        // Orders the odd sequence before the key stores, for readers' first load.
+        fence(Ordering::Release);
+        for (slot, v) in entry.key.iter().zip(w) {
+            slot.store(*v, Ordering::Relaxed);
+        }
+        // Release: a reader that sees `s + 2` sees every key word above.
+        entry.seq.store(s + 2, Ordering::Release);
+    }
+
+    fn window(&self, key: &FlowKey) -> (usize, u32) {
+        let h = key.flow_hash();
+        (((h as usize) & self.mask) & !(WINDOW - 1), (h >> 32) as u32)
+    }
+
+    fn key_of(c: &Connection, dir: Direction) -> &FlowKey {
+        match dir {
+            Direction::Original => &c.original,
+            Direction::Reply => &c.reply,
+        }
+    }
+
+    /// Finds `key` among entries in states accepted by `want`; returns the entry, its
+    /// decoded connection, the direction and the raw state word.
+    fn find(&self, key: &FlowKey, want: impl Fn(u8) -> bool, skip: Option<u32>) -> Option<(u32, Connection, Direction, u64)> {
+        let (start, tag) = self.window(key);
+        for i in 0..WINDOW {
+            let v = self.index[(start + i) & self.mask].load(Ordering::SeqCst);
+            if v == 0 || (v >> 32) as u32 != tag {
+                continue;
+            }
+            let Some((e, dir)) = slot_entry(v) else { continue };
+            if Some(e) == skip {
+                continue;
+            }
+            let st = self.entries[e as usize].state.load(Ordering::Acquire);
+            if !want(st as u8) {
+                continue;
+            }
+            let Some(w) = self.read_entry(e) else { continue };
+            let conn = decode(&w);
+            if Self::key_of(&conn, dir) == key {
+                return Some((e, conn, dir, st));
+            }
+        }
+        None
     }
 
     /// Looks a packet's tuple up; a live entry's expiry is pushed to `now + timeout`.
     pub fn lookup(&self, key: &FlowKey, now: u64, timeout: u64) -> Option<(Connection, Direction)> {
-        let mut shard = self.lock(self.shard(key));
-        let slot = shard.get_mut(key)?;
-        if slot.expires <= now {
+        let hit = self.get(key, now)?;
+        self.refresh(hit.entry, now + timeout);
+        Some((hit.conn, hit.dir))
+    }
+
+    /// Looks a tuple up without refreshing it.
+    pub fn get(&self, key: &FlowKey, now: u64) -> Option<Hit> {
+        let (e, conn, dir, st) = self.find(key, |s| s == LIVE, None)?;
+        if self.entries[e as usize].expires.load(Ordering::Relaxed) <= now {
             return None;
         }
-        slot.expires = now + timeout;
-        Some((slot.conn, slot.dir))
+        Some(Hit {
+            conn,
+            dir,
+            entry: e,
+            state: (st >> 8) as u8,
+        })
+    }
+
+    /// Sets an entry's expiry.
+    pub fn refresh(&self, entry: u32, expires: u64) {
+        if let Some(e) = self.entries.get(entry as usize) {
+            e.expires.store(expires, Ordering::Relaxed);
+        }
+    }
+
+    /// Stores a protocol state (for example TCP's) with a live entry.
+    pub fn set_state(&self, entry: u32, state: u8) {
+        let Some(e) = self.entries.get(entry as usize) else { return };
+        let mut cur = e.state.load(Ordering::Relaxed);
+        while cur as u8 == LIVE {
+            let new = (cur & !0xff00) | (state as u64) << 8;
+            match e.state.compare_exchange_weak(cur, new, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return,
+                Err(c) => cur = c,
+            }
+        }
     }
 
     /// Whether a tuple is tracked and live.
     pub fn contains(&self, key: &FlowKey, now: u64) -> bool {
-        let shard = self.lock(self.shard(key));
-        shard.get(key).is_some_and(|s| s.expires > now)
+        self.get(key, now).is_some()
     }
 
-    /// Tracks `conn` until `now + timeout` unless refreshed.
-    pub fn insert(&self, conn: Connection, now: u64, timeout: u64) -> Result<(), InsertError> {
-        if self.len.fetch_add(1, Ordering::Relaxed) >= self.capacity {
-            self.len.fetch_sub(1, Ordering::Relaxed);
-            return Err(InsertError::Full);
-        }
-        let a = self.shard(&conn.original);
-        let b = self.shard(&conn.reply);
-        let expires = now + timeout;
-        let slot = |dir| Slot { conn, dir, expires };
-        let live = |m: &HashMap<FlowKey, Slot, BuildFastHasher>, k: &FlowKey| {
-            m.get(k).is_some_and(|s| s.expires > now)
-        };
-        let result = if a == b {
-            let mut s = self.lock(a);
-            if live(&s, &conn.original) || live(&s, &conn.reply) {
-                Err(InsertError::Exists)
-            } else {
-                let old1 = s.insert(conn.original, slot(Direction::Original));
-                let old2 = s.insert(conn.reply, slot(Direction::Reply));
-                self.forget_replaced(old1.is_some() as usize + old2.is_some() as usize);
-                Ok(())
-            }
-        } else {
-            // Lock in index order so two inserts never wait on each other in a cycle.
-            let (lo, hi) = if a < b { (a, b) } else { (b, a) };
-            let mut first = self.lock(lo);
-            let mut second = self.lock(hi);
-            let (sa, sb) = if a < b {
-                (&mut first, &mut second)
-            } else {
-                (&mut second, &mut first)
-            };
-            if live(sa, &conn.original) || live(sb, &conn.reply) {
-                Err(InsertError::Exists)
-            } else {
-                let old1 = sa.insert(conn.original, slot(Direction::Original));
-                let old2 = sb.insert(conn.reply, slot(Direction::Reply));
-                self.forget_replaced(old1.is_some() as usize + old2.is_some() as usize);
-                Ok(())
-            }
-        };
-        if result.is_err() {
-            self.len.fetch_sub(1, Ordering::Relaxed);
-        }
-        result
+    /// Tracks `conn` until `now + timeout` unless refreshed. Returns the entry.
+    pub fn insert(&self, conn: Connection, now: u64, timeout: u64) -> Result<u32, InsertError> {
+        self.insert_with_state(conn, 0, now, timeout)
     }
 
-    /// Expired entries that an insert overwrote count half a connection each.
-    fn forget_replaced(&self, keys: usize) {
-        // Each connection has two keys; an overwritten pair was one connection already
-        // counted. Overwriting single stale keys can leave the count slightly high until
-        // `expire` recounts, which only makes the table refuse a little early.
-        if keys == 2 {
-            self.len.fetch_sub(1, Ordering::Relaxed);
+    /// [`Conntrack::insert`] with an initial protocol state.
+    pub fn insert_with_state(&self, conn: Connection, state: u8, now: u64, timeout: u64) -> Result<u32, InsertError> {
+        if self.contains(&conn.original, now) || self.contains(&conn.reply, now) {
+            return Err(InsertError::Exists);
         }
-    }
-
-    /// Removes a connection (both tuples).
-    pub fn remove(&self, conn: &Connection) {
-        let mut removed = false;
-        for key in [conn.original, conn.reply] {
-            let mut s = self.lock(self.shard(&key));
-            if s.get(&key).is_some_and(|slot| slot.conn == *conn) {
-                s.remove(&key);
-                removed = true;
+        let e = self.pop_free().ok_or(InsertError::Full)?;
+        let entry = &self.entries[e as usize];
+        self.write_entry(e, &encode(&conn));
+        entry.expires.store(now + timeout, Ordering::Relaxed);
+        entry.state.store(PENDING as u64 | (state as u64) << 8, Ordering::SeqCst);
+        let mut claimed: [Option<usize>; 2] = [None, None];
+        for (n, dir) in [Direction::Original, Direction::Reply].into_iter().enumerate() {
+            let key = Self::key_of(&conn, dir);
+            let (start, tag) = self.window(key);
+            let value = slot_value(tag, e, dir);
+            for i in 0..WINDOW {
+                let at = (start + i) & self.mask;
+                if self.index[at]
+                    .compare_exchange(0, value, Ordering::SeqCst, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    claimed[n] = Some(at);
+                    break;
+                }
+            }
+            if claimed[n].is_none() {
+                self.abandon(e, &claimed);
+                return Err(InsertError::Full);
             }
         }
-        if removed {
-            self.len.fetch_sub(1, Ordering::Relaxed);
+        // Settle a race with a twin inserted at the same time (see the module comment).
+        for dir in [Direction::Original, Direction::Reply] {
+            let key = Self::key_of(&conn, dir);
+            let mut waited = 0usize;
+            while let Some((other, _, _, st)) = self.find(key, |s| s == LIVE || s == PENDING, Some(e)) {
+                let twin = &self.entries[other as usize];
+                let loses = if st as u8 == LIVE {
+                    twin.expires.load(Ordering::Relaxed) > now
+                } else if other < e {
+                    true
+                } else if waited < PENDING_WAIT {
+                    // A higher twin never waits on us: it goes live (it did not see us,
+                    // and we lose) or gives up (it saw us). Wait for that, then look again.
+                    waited += 1;
+                    backoff(waited);
+                    continue;
+                } else {
+                    true
+                };
+                if !loses {
+                    break;
+                }
+                self.abandon(e, &claimed);
+                // The twin is a few stores from live; wait for it (bounded) so that the
+                // caller's lookup after `Exists` finds the connection.
+                for i in 0..PENDING_WAIT {
+                    if twin.state.load(Ordering::Acquire) as u8 != PENDING {
+                        break;
+                    }
+                    backoff(i);
+                }
+                return Err(InsertError::Exists);
+            }
+        }
+        entry.state.store(LIVE as u64 | (state as u64) << 8, Ordering::SeqCst);
+        Ok(e)
+    }
+
+    fn abandon(&self, e: u32, claimed: &[Option<usize>; 2]) {
+        let entry = &self.entries[e as usize];
+        entry.state.store(DEAD as u64, Ordering::SeqCst);
+        for at in claimed.iter().flatten() {
+            self.index[*at].store(0, Ordering::SeqCst);
+        }
+        entry.state.store(FREE as u64, Ordering::Release);
+        self.len.fetch_sub(1, Ordering::Relaxed);
+        self.push_free(e);
+    }
+
+    /// Removes a live entry: only the caller that moves it from LIVE to DEAD frees it.
+    fn kill(&self, e: u32, conn: &Connection) -> bool {
+        let entry = &self.entries[e as usize];
+        let cur = entry.state.load(Ordering::Acquire);
+        if cur as u8 != LIVE
+            || entry
+                .state
+                .compare_exchange(cur, DEAD as u64, Ordering::SeqCst, Ordering::Relaxed)
+                .is_err()
+        {
+            return false;
+        }
+        for dir in [Direction::Original, Direction::Reply] {
+            let key = Self::key_of(conn, dir);
+            let (start, tag) = self.window(key);
+            let value = slot_value(tag, e, dir);
+            for i in 0..WINDOW {
+                let at = (start + i) & self.mask;
+                if self.index[at]
+                    .compare_exchange(value, 0, Ordering::SeqCst, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    break;
+                }
+            }
+        }
+        entry.state.store(FREE as u64, Ordering::Release);
+        self.len.fetch_sub(1, Ordering::Relaxed);
+        self.push_free(e);
+        true
+    }
+
+    /// Removes a connection (both tuples), if tracked.
+    pub fn remove(&self, conn: &Connection) -> bool {
+        match self.find(&conn.original, |s| s == LIVE, None) {
+            Some((e, c, _, _)) if c == *conn => self.kill(e, &c),
+            _ => false,
         }
     }
 
     /// Removes every expired entry and every connection for which `stale` is true (for
-    /// example UDP flows to an endpoint that is gone). Returns how many connections went.
+    /// example UDP flows to an endpoint that is gone). Returns how many went. Workers keep
+    /// running meanwhile; each removal is a few atomic operations.
     pub fn sweep(&self, now: u64, mut stale: impl FnMut(&Connection) -> bool) -> usize {
-        let mut live_conns = 0usize;
-        let mut removed = 0usize;
-        for i in 0..SHARDS {
-            let mut s = self.lock(i);
-            s.retain(|_, slot| {
-                let keep = slot.expires > now && !stale(&slot.conn);
-                if !keep && slot.dir == Direction::Original {
-                    removed += 1;
-                }
-                if keep && slot.dir == Direction::Original {
-                    live_conns += 1;
-                }
-                keep
-            });
+        let mut removed = 0;
+        for e in 0..self.entries.len() as u32 {
+            let entry = &self.entries[e as usize];
+            if entry.state.load(Ordering::Acquire) as u8 != LIVE {
+                continue;
+            }
+            let Some(w) = self.read_entry(e) else { continue };
+            let conn = decode(&w);
+            let expired = entry.expires.load(Ordering::Relaxed) <= now;
+            if (expired || stale(&conn)) && self.kill(e, &conn) {
+                removed += 1;
+            }
         }
-        // Recount: reply halves of removed pairs live in other shards and are gone too.
-        self.len.store(live_conns, Ordering::Relaxed);
         removed
     }
 
-    /// Every live connection (for inspection; takes each shard's lock briefly).
+    /// Every live connection with its expiry (for inspection).
     pub fn snapshot(&self, now: u64) -> Vec<Connection> {
         let mut out = Vec::new();
-        for i in 0..SHARDS {
-            let s = self.lock(i);
-            out.extend(
-                s.values()
-                    .filter(|slot| slot.dir == Direction::Original && slot.expires > now)
-                    .map(|slot| slot.conn),
-            );
+        for e in 0..self.entries.len() as u32 {
+            let entry = &self.entries[e as usize];
+            if entry.state.load(Ordering::Acquire) as u8 != LIVE || entry.expires.load(Ordering::Relaxed) <= now {
+                continue;
+            }
+            if let Some(w) = self.read_entry(e) {
+                out.push(decode(&w));
+            }
         }
         out
     }
@@ -265,6 +615,8 @@ impl Conntrack {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
+    use std::sync::Arc;
 
     fn conn(sport: u16) -> Connection {
         let original = FlowKey {
@@ -289,14 +641,24 @@ mod tests {
     }
 
     #[test]
+    fn encode_round_trips_v4_and_v6() {
+        let c = conn(40000);
+        assert_eq!(decode(&encode(&c)), c);
+        let mut c6 = c;
+        c6.original.src = "fd00:10:244:1::2".parse().unwrap();
+        c6.original.dst = "fd00:172:30::41".parse().unwrap();
+        c6.reply.src = "fd00:10:244:1::5".parse().unwrap();
+        c6.reply.dst = "fd00:10:244:1::2".parse().unwrap();
+        c6.service = u32::MAX;
+        assert_eq!(decode(&encode(&c6)), c6);
+    }
+
+    #[test]
     fn both_directions_found() {
         let ct = Conntrack::new(10);
         let c = conn(40000);
         ct.insert(c, 0, 100).unwrap();
-        assert_eq!(
-            ct.lookup(&c.original, 1, 100),
-            Some((c, Direction::Original))
-        );
+        assert_eq!(ct.lookup(&c.original, 1, 100), Some((c, Direction::Original)));
         assert_eq!(ct.lookup(&c.reply, 1, 100), Some((c, Direction::Reply)));
         assert_eq!(ct.insert(c, 2, 100), Err(InsertError::Exists));
         assert_eq!(ct.len(), 1);
@@ -309,6 +671,7 @@ mod tests {
         ct.insert(conn(2), 0, 100).unwrap();
         assert_eq!(ct.insert(conn(3), 0, 100), Err(InsertError::Full));
         assert!(ct.lookup(&conn(1).original, 5, 100).is_some());
+        assert!(ct.lookup(&conn(2).reply, 5, 100).is_some());
     }
 
     #[test]
@@ -323,5 +686,122 @@ mod tests {
         assert!(ct.is_empty());
         // An expired entry's tuple can be reused.
         ct.insert(conn(1), 200, 10).unwrap();
+    }
+
+    #[test]
+    fn memory_per_connection_is_bounded() {
+        let ct = Conntrack::new(1 << 16);
+        // 104-byte entries, 4 bytes of free list, 3 (rounded up to a power of two) slots.
+        assert!(ct.memory_bytes() / (1 << 16) <= 104 + 4 + 8 * 4);
+    }
+
+    #[test]
+    fn threads_inserting_looking_up_and_expiring_the_same_tuples() {
+        let ct = Arc::new(Conntrack::new(4096));
+        let barrier = Arc::new(std::sync::Barrier::new(4));
+        let rounds = 50u64;
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let ct = ct.clone();
+                let b = barrier.clone();
+                std::thread::spawn(move || {
+                    let mut won = 0;
+                    for round in 0..rounds {
+                        let now = round * 1000;
+                        b.wait();
+                        for s in 0..64u16 {
+                            if ct.insert(conn(s), now, 500).is_ok() {
+                                won += 1;
+                            }
+                            // Whoever won, the tuple is tracked now, in both directions.
+                            assert!(ct.lookup(&conn(s).reply, now, 500).is_some());
+                            assert!(ct.get(&conn(s).original, now).is_some());
+                        }
+                        b.wait();
+                        // Everyone expires the round's flows at once; each is freed once.
+                        ct.sweep(now + 600, |_| false);
+                    }
+                    won
+                })
+            })
+            .collect();
+        let won: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(won, 64 * rounds as usize, "exactly one insert per tuple per round");
+        assert_eq!(ct.len(), 0, "no entry leaked");
+        // The free list still holds every entry.
+        for s in 0..4096u16 {
+            ct.insert(conn(s), 0, 10).unwrap();
+        }
+        assert_eq!(ct.insert(conn(5000), 0, 10), Err(InsertError::Full));
+    }
+
+    #[test]
+    fn concurrent_racers_never_leave_twins() {
+        for _ in 0..20 {
+            let ct = Arc::new(Conntrack::new(256));
+            let barrier = Arc::new(std::sync::Barrier::new(4));
+            let threads: Vec<_> = (0..4)
+                .map(|_| {
+                    let ct = ct.clone();
+                    let b = barrier.clone();
+                    std::thread::spawn(move || {
+                        b.wait();
+                        (0..32u16).filter(|s| ct.insert(conn(*s), 0, 100).is_ok()).count()
+                    })
+                })
+                .collect();
+            let won: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+            assert_eq!(won, 32, "exactly one winner per tuple");
+            assert_eq!(ct.len(), 32);
+            assert_eq!(ct.snapshot(1).len(), 32);
+        }
+    }
+
+    proptest::proptest! {
+        /// The table behaves like a map with capacity, checked against a plain model.
+        #[test]
+        fn matches_a_simple_model(ops in proptest::collection::vec((0u8..4, 0u16..24, 1u64..50), 1..200)) {
+            let cap = 16;
+            let ct = Conntrack::new(cap);
+            let mut model: HashMap<u16, u64> = HashMap::new();
+            let mut now = 0u64;
+            for (op, s, t) in ops {
+                match op {
+                    0 => {
+                        let want = if model.get(&s).is_some_and(|e| *e > now) {
+                            Err(InsertError::Exists)
+                        } else if ct.len() >= cap {
+                            // Expired entries hold their space until a sweep.
+                            Err(InsertError::Full)
+                        } else {
+                            Ok(())
+                        };
+                        let got = ct.insert(conn(s), now, t).map(|_| ());
+                        proptest::prop_assert_eq!(got, want);
+                        if got.is_ok() {
+                            model.insert(s, now + t);
+                        }
+                    }
+                    1 => {
+                        let want = model.get(&s).is_some_and(|e| *e > now);
+                        let got = ct.get(&conn(s).reply, now).is_some();
+                        proptest::prop_assert_eq!(got, want);
+                    }
+                    2 => {
+                        now += t;
+                        ct.sweep(now, |_| false);
+                        model.retain(|_, e| *e > now);
+                        proptest::prop_assert_eq!(ct.len(), model.len());
+                        proptest::prop_assert_eq!(ct.snapshot(now).len(), model.len());
+                    }
+                    _ => {
+                        let removed = ct.remove(&conn(s));
+                        let want = model.get(&s).is_some_and(|e| *e > now) || (model.contains_key(&s) && removed);
+                        proptest::prop_assert_eq!(removed, want);
+                        model.remove(&s);
+                    }
+                }
+            }
+        }
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod device;
 pub mod mem;
+pub mod netns;
 pub mod xsk;
 
 pub use device::{Device, DeviceExt, DeviceStats, Frame, PortId};

@@ -1,0 +1,269 @@
+//! [`XskDevice`]: one worker's AF_XDP sockets, one per port, all on one UMEM, behind the
+//! [`Device`] interface.
+//!
+//! Frame life cycle: free stack → fill ring → (kernel receives) → RX ring → pipeline →
+//! TX ring → (kernel transmits) → completion ring → free stack. A frame received on one port
+//! can go straight onto another port's TX ring: same UMEM, no copy.
+
+use std::os::fd::{AsRawFd, RawFd};
+
+use crate::device::{Device, DeviceStats, Frame, PortId};
+
+use super::socket::{UmemRole, XskSocket};
+use super::sys::XDP_PACKET_HEADROOM;
+use super::umem::{FreeFrames, Umem};
+use super::{XskConfig, XskError, MAP_UMEM};
+
+/// Wake-up calls per socket per flush while the kernel answers EAGAIN. In copy mode one
+/// sendto transmits at most the kernel's TX budget (32 frames, `max_tx_budget`), so 4 calls
+/// drain two 64-frame worker bursts (`dataplane::worker::BURST`); what is left waits for the
+/// next flush. No benchmark has tuned it yet.
+const TX_KICKS_PER_FLUSH: u32 = 4;
+
+struct Port {
+    sock: XskSocket,
+}
+
+/// One worker's AF_XDP ports over a shared UMEM.
+///
+/// Dropping it closes the sockets (the kernel removes them from any XSKMAP) and unmaps the
+/// UMEM.
+pub struct XskDevice {
+    /// Declared before `umem` so sockets close before the UMEM is unmapped.
+    ports: Vec<Port>,
+    umem: Umem,
+    free: FreeFrames,
+    /// Chunks each fill ring is kept topped up to.
+    fill_share: u32,
+    stats: DeviceStats,
+}
+
+impl XskDevice {
+    /// Binds one socket per `(ifindex, queue)` pair, in order (port `i` is `pairs[i]`), all on
+    /// one UMEM of `cfg.frame_count` chunks, and fills their fill rings. Interface indexes are
+    /// those of the calling thread's network namespace.
+    pub fn new(pairs: &[(u32, u32)], cfg: &XskConfig) -> Result<XskDevice, XskError> {
+        cfg.validate()?;
+        if pairs.is_empty() {
+            return Err(XskError::Config("no (interface, queue) pairs".into()));
+        }
+        for (i, p) in pairs.iter().enumerate() {
+            if pairs[..i].contains(p) {
+                return Err(XskError::Config(format!(
+                    "{} queue {} given twice: one socket per queue",
+                    super::ifname(p.0),
+                    p.1
+                )));
+            }
+        }
+        let umem = Umem::new(cfg.frame_count, cfg.frame_size)
+            .map_err(|e| XskError::os(MAP_UMEM, format!("{} frames", cfg.frame_count), e))?;
+        let mut ports: Vec<Port> = Vec::with_capacity(pairs.len());
+        for &(ifindex, queue) in pairs {
+            let role = match ports.first() {
+                None => UmemRole::Owner(&umem),
+                Some(first) => UmemRole::SharedWith(first.sock.fd().as_raw_fd()),
+            };
+            let sock = XskSocket::new(ifindex, queue, cfg, role)?;
+            ports.push(Port { sock });
+        }
+        // Half the UMEM waits in fill rings, split evenly; the other half is for frames in
+        // flight (pipeline, TX rings, completions). A ring never holds more than its size.
+        let fill_share = (cfg.frame_count / 2 / pairs.len() as u32)
+            .max(1)
+            .min(cfg.fill_size);
+        let mut dev = XskDevice {
+            ports,
+            umem,
+            free: FreeFrames::all(cfg.frame_count, cfg.frame_size),
+            fill_share,
+            stats: DeviceStats::default(),
+        };
+        for port in 0..dev.ports.len() {
+            dev.refill(port);
+        }
+        Ok(dev)
+    }
+
+    /// The AF_XDP socket of `port`, to insert into the interface's XSKMAP
+    /// ([`super::XdpProgram::insert`]). Panics if `port >= port_count()`.
+    pub fn socket_fd(&self, port: PortId) -> RawFd {
+        self.ports[port].sock.fd().as_raw_fd()
+    }
+
+    /// Chunks free in user space (not lent to the kernel, not held by the caller).
+    pub fn free_frames(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Chunks each fill ring is kept topped up to.
+    pub fn fill_share(&self) -> u32 {
+        self.fill_share
+    }
+
+    /// Moves transmitted chunks from `port`'s completion ring to the free stack.
+    fn reap(&mut self, port: PortId) {
+        let Some(p) = self.ports.get_mut(port) else {
+            return;
+        };
+        // Bound: the ring's size, i.e. everything completed so far.
+        let (first, n) = p.sock.comp.peek(p.sock.comp.size());
+        for i in 0..n {
+            // The kernel returns the address we transmitted from; keep the chunk.
+            let base = self
+                .umem
+                .chunk_base(p.sock.comp.read(first.wrapping_add(i)));
+            self.free.push(base);
+        }
+        if n > 0 {
+            p.sock.comp.release();
+        }
+    }
+
+    /// Tops `port`'s fill ring up to its share from the free stack. Returns how many chunks
+    /// were lent.
+    fn refill(&mut self, port: PortId) -> u32 {
+        let Some(p) = self.ports.get_mut(port) else {
+            return 0;
+        };
+        let lent = p.sock.fill.outstanding();
+        let want = self
+            .fill_share
+            .saturating_sub(lent)
+            .min(self.free.len() as u32);
+        if want == 0 {
+            return 0;
+        }
+        // All-or-nothing; `want` fits because `lent + want <= fill_share <= fill size`.
+        let Some(first) = p.sock.fill.reserve(want) else {
+            return 0;
+        };
+        for i in 0..want {
+            // `want <= free.len()`, so pop succeeds; 0 would only be a harmless duplicate.
+            let base = self.free.pop().unwrap_or(0);
+            p.sock.fill.write(first.wrapping_add(i), base);
+        }
+        p.sock.fill.submit();
+        want
+    }
+}
+
+impl Device for XskDevice {
+    fn port_count(&self) -> usize {
+        self.ports.len()
+    }
+
+    fn chunk_size(&self) -> usize {
+        self.umem.frame_size() as usize
+    }
+
+    fn recv(&mut self, port: PortId, out: &mut Vec<Frame>, max: usize) {
+        debug_assert!(port < self.ports.len(), "recv on port {port}");
+        let Some(p) = self.ports.get_mut(port) else {
+            return;
+        };
+        // Never beyond `out`'s spare capacity: pushing must not allocate.
+        let max = max.min(out.capacity() - out.len()).min(u32::MAX as usize) as u32;
+        let (first, n) = p.sock.rx.peek(max);
+        if n == 0 {
+            if p.sock.fill.needs_wakeup() {
+                p.sock.kick_rx();
+                self.stats.wakeups += 1;
+            }
+            return;
+        }
+        for i in 0..n {
+            let d = p.sock.rx.read(first.wrapping_add(i));
+            out.push(Frame {
+                addr: d.addr,
+                len: d.len,
+            });
+        }
+        p.sock.rx.release();
+        self.stats.rx_frames += u64::from(n);
+    }
+
+    fn chunk_mut(&mut self, frame: Frame) -> (&mut [u8], usize) {
+        self.umem.chunk_mut(frame.addr)
+    }
+
+    fn alloc(&mut self) -> Option<Frame> {
+        match self.free.pop() {
+            Some(base) => Some(Frame {
+                addr: base + XDP_PACKET_HEADROOM,
+                len: 0,
+            }),
+            None => {
+                self.stats.alloc_failed += 1;
+                None
+            }
+        }
+    }
+
+    fn free(&mut self, frame: Frame) {
+        let base = self.umem.chunk_base(frame.addr);
+        self.free.push(base);
+    }
+
+    fn send(&mut self, port: PortId, frame: Frame) -> bool {
+        debug_assert!(port < self.ports.len(), "send on port {port}");
+        let Some(p) = self.ports.get_mut(port) else {
+            self.free(frame);
+            return false;
+        };
+        let Some(idx) = p.sock.tx.reserve(1) else {
+            self.stats.tx_ring_full += 1;
+            self.free(frame);
+            return false;
+        };
+        p.sock.tx.write(
+            idx,
+            libc::xdp_desc {
+                addr: frame.addr,
+                len: frame.len,
+                options: 0,
+            },
+        );
+        self.stats.tx_frames += 1;
+        true
+    }
+
+    fn flush(&mut self) {
+        for port in 0..self.ports.len() {
+            let p = &mut self.ports[port];
+            p.sock.tx.submit();
+            if p.sock.tx.needs_wakeup() && p.sock.tx.outstanding() > 0 {
+                for _ in 0..TX_KICKS_PER_FLUSH {
+                    let errno = self.ports[port].sock.kick_tx();
+                    self.stats.wakeups += 1;
+                    // A full completion ring also stops the kernel with EAGAIN: make room.
+                    self.reap(port);
+                    // EBUSY, ENOBUFS, ENETDOWN: transient, retried at the next flush.
+                    if errno != libc::EAGAIN {
+                        break;
+                    }
+                }
+            }
+            self.reap(port);
+            if self.refill(port) > 0 && self.ports[port].sock.fill.needs_wakeup() {
+                self.ports[port].sock.kick_rx();
+                self.stats.wakeups += 1;
+            }
+        }
+    }
+
+    fn stats(&self) -> DeviceStats {
+        let mut s = self.stats;
+        for p in &self.ports {
+            // Not on the hot path; a socket that cannot answer adds nothing.
+            if let Ok(k) = p.sock.statistics() {
+                s.kernel_rx_dropped += k.rx_dropped;
+                s.kernel_rx_ring_full += k.rx_ring_full;
+                s.kernel_rx_invalid += k.rx_invalid_descs;
+                s.kernel_tx_invalid += k.tx_invalid_descs;
+                s.kernel_fill_empty += k.rx_fill_ring_empty_descs;
+            }
+        }
+        s
+    }
+}

@@ -1,0 +1,143 @@
+//! The UMEM: one worker's packet memory, an anonymous mapping cut into equal power-of-two
+//! chunks, registered with the kernel through the first socket and shared by the others.
+//!
+//! Addresses are byte offsets into the UMEM. A packet's address may lie anywhere inside its
+//! chunk (the kernel puts received packets `XDP_PACKET_HEADROOM` in); its chunk is
+//! `addr & !(frame_size - 1)`.
+
+use std::io;
+use std::os::fd::BorrowedFd;
+
+use super::sys::{self, Mmap};
+
+/// The mapped packet memory of one worker.
+pub(crate) struct Umem {
+    map: Mmap,
+    frame_size: u32,
+}
+
+impl Umem {
+    /// Maps `frame_count` chunks of `frame_size` bytes (a power of two, checked by the caller).
+    pub fn new(frame_count: u32, frame_size: u32) -> io::Result<Umem> {
+        let len = frame_count as usize * frame_size as usize;
+        Ok(Umem {
+            map: Mmap::anonymous(len)?,
+            frame_size,
+        })
+    }
+
+    /// Registers the UMEM with the AF_XDP socket `fd` (XDP_UMEM_REG): aligned chunks, no
+    /// extra headroom (the kernel adds `XDP_PACKET_HEADROOM` on receive anyway).
+    pub fn register(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        let reg = libc::xdp_umem_reg {
+            addr: self.map.as_ptr() as u64,
+            len: self.map.len() as u64,
+            chunk_size: self.frame_size,
+            headroom: 0,
+            flags: 0,
+            tx_metadata_len: 0,
+        };
+        sys::setsockopt(fd, libc::SOL_XDP, libc::XDP_UMEM_REG, &reg)
+    }
+
+    /// Size of one chunk.
+    pub fn frame_size(&self) -> u32 {
+        self.frame_size
+    }
+
+    /// The chunk that holds `addr`.
+    pub fn chunk_base(&self, addr: u64) -> u64 {
+        addr & !(u64::from(self.frame_size) - 1)
+    }
+
+    /// The chunk holding `addr` and `addr`'s offset inside it. An address beyond the UMEM
+    /// (a bug: addresses come from this device or the kernel) is clamped to the last chunk
+    /// rather than panicking on the hot path.
+    pub fn chunk_mut(&mut self, addr: u64) -> (&mut [u8], usize) {
+        let size = self.frame_size as usize;
+        debug_assert!(
+            addr < self.map.len() as u64,
+            "frame address {addr} outside the UMEM"
+        );
+        let base = (self.chunk_base(addr) as usize).min(self.map.len() - size);
+        let off = (addr as usize).saturating_sub(base).min(size);
+        // SAFETY: `base + size <= len`, so the slice is inside the mapping. The caller holds the
+        // frame, so the chunk is in user space's hands (not in a fill or TX ring) and the kernel
+        // does not touch it; `&mut self` keeps a second slice of it from coexisting.
+        let chunk = unsafe { std::slice::from_raw_parts_mut(self.map.as_ptr().add(base), size) };
+        (chunk, off)
+    }
+}
+
+/// The chunks currently in user space's hands and unused: a stack of chunk addresses,
+/// allocated once for the whole UMEM so pushing never allocates.
+pub(crate) struct FreeFrames {
+    stack: Vec<u64>,
+    /// Number of chunks of the UMEM: the stack never holds more.
+    limit: usize,
+}
+
+impl FreeFrames {
+    /// Every chunk of a UMEM of `frame_count` chunks of `frame_size` bytes, lowest first out.
+    pub fn all(frame_count: u32, frame_size: u32) -> FreeFrames {
+        let mut stack = Vec::with_capacity(frame_count as usize);
+        stack.extend(
+            (0..u64::from(frame_count))
+                .rev()
+                .map(|i| i * u64::from(frame_size)),
+        );
+        FreeFrames {
+            stack,
+            limit: frame_count as usize,
+        }
+    }
+
+    /// Takes a chunk.
+    pub fn pop(&mut self) -> Option<u64> {
+        self.stack.pop()
+    }
+
+    /// Returns chunk `base`. Returns `false` (and drops it) if the stack is already full, which
+    /// only a double free can cause.
+    pub fn push(&mut self, base: u64) -> bool {
+        if self.stack.len() >= self.limit {
+            debug_assert!(
+                self.stack.len() < self.limit,
+                "free stack overflow: frame {base} freed twice?"
+            );
+            return false;
+        }
+        self.stack.push(base);
+        true
+    }
+
+    /// Number of free chunks.
+    pub fn len(&self) -> usize {
+        self.stack.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_of_an_address_inside_a_frame() {
+        let mut umem = Umem::new(4, 4096).unwrap();
+        assert_eq!(umem.chunk_base(2 * 4096 + 256), 2 * 4096);
+        let (chunk, off) = umem.chunk_mut(3 * 4096 + 300);
+        assert_eq!((chunk.len(), off), (4096, 300));
+        chunk[off] = 7;
+        assert_eq!(umem.chunk_mut(3 * 4096).0[300], 7);
+    }
+
+    #[test]
+    fn free_stack_gives_low_chunks_first_and_never_grows() {
+        let mut free = FreeFrames::all(3, 2048);
+        assert_eq!(free.pop(), Some(0));
+        assert_eq!(free.pop(), Some(2048));
+        assert!(free.push(2048));
+        assert!(free.push(0));
+        assert_eq!(free.len(), 3);
+    }
+}
