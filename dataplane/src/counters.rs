@@ -89,6 +89,9 @@ pub struct Counters {
     pub routed: u64,
     /// Drops, indexed by [`DropReason`].
     pub drops: [u64; DropReason::COUNT],
+    /// The device's own counters (TX ring full, pool empty, the kernel's XDP statistics),
+    /// refreshed at housekeeping.
+    pub device: pktio::DeviceStats,
 }
 
 impl Default for Counters {
@@ -103,6 +106,7 @@ impl Default for Counters {
             rejects: 0,
             routed: 0,
             drops: [0; DropReason::COUNT],
+            device: pktio::DeviceStats::default(),
         }
     }
 }
@@ -134,15 +138,27 @@ impl Counters {
         for r in DropReason::ALL {
             out.push((format!("drop_{}", r.label()), self.drops[*r as usize]));
         }
+        let d = &self.device;
+        out.extend([
+            ("dev_tx_ring_full".to_string(), d.tx_ring_full),
+            ("dev_alloc_failed".to_string(), d.alloc_failed),
+            ("dev_wakeups".to_string(), d.wakeups),
+            ("kernel_rx_dropped".to_string(), d.kernel_rx_dropped),
+            ("kernel_rx_ring_full".to_string(), d.kernel_rx_ring_full),
+            ("kernel_rx_invalid".to_string(), d.kernel_rx_invalid),
+            ("kernel_tx_invalid".to_string(), d.kernel_tx_invalid),
+            ("kernel_fill_empty".to_string(), d.kernel_fill_empty),
+        ]);
         out
     }
 }
 
 const FIXED: usize = 8;
+const DEVICE: usize = 8;
 
 /// Where a worker publishes its counters for readers on other threads.
 pub struct Published {
-    values: [AtomicU64; FIXED + DropReason::COUNT],
+    values: [AtomicU64; FIXED + DropReason::COUNT + DEVICE],
 }
 
 impl Default for Published {
@@ -166,7 +182,19 @@ impl Published {
             c.rejects,
             c.routed,
         ];
-        for (slot, v) in self.values.iter().zip(fixed.iter().chain(c.drops.iter())) {
+        let d = &c.device;
+        let device = [
+            d.tx_ring_full,
+            d.alloc_failed,
+            d.wakeups,
+            d.kernel_rx_dropped,
+            d.kernel_rx_ring_full,
+            d.kernel_rx_invalid,
+            d.kernel_tx_invalid,
+            d.kernel_fill_empty,
+        ];
+        let all = fixed.iter().chain(c.drops.iter()).chain(device.iter());
+        for (slot, v) in self.values.iter().zip(all) {
             slot.store(*v, Ordering::Relaxed);
         }
     }
@@ -189,7 +217,20 @@ impl Published {
             routed: v[7],
             ..Counters::default()
         };
-        c.drops.copy_from_slice(&v[FIXED..]);
+        c.drops
+            .copy_from_slice(&v[FIXED..FIXED + DropReason::COUNT]);
+        let d = &v[FIXED + DropReason::COUNT..];
+        c.device = pktio::DeviceStats {
+            tx_ring_full: d[0],
+            alloc_failed: d[1],
+            wakeups: d[2],
+            kernel_rx_dropped: d[3],
+            kernel_rx_ring_full: d[4],
+            kernel_rx_invalid: d[5],
+            kernel_tx_invalid: d[6],
+            kernel_fill_empty: d[7],
+            ..pktio::DeviceStats::default()
+        };
         c
     }
 }

@@ -71,9 +71,12 @@ impl<D: Device> Worker<D> {
                 );
             }
         }
-        if self.id == 0 && now >= self.last_housekeeping + HOUSEKEEPING {
+        if now >= self.last_housekeeping + HOUSEKEEPING {
             self.last_housekeeping = now;
-            pipeline.resolve_local_pods(&mut self.dev, &mut self.counters, &mut self.limiter);
+            if self.id == 0 {
+                pipeline.resolve_local_pods(&mut self.dev, &mut self.counters, &mut self.limiter);
+            }
+            self.counters.device = self.dev.stats();
         }
         self.dev.flush();
         if let Some(p) = self.shared.counters.get(self.id) {

@@ -1,0 +1,182 @@
+//! `kxdp-dataplane`: attaches to a node's uplink and pod interfaces with AF_XDP, runs one
+//! pinned poll-mode worker per queue, and takes its tables from `kxdp-control` over a Unix
+//! socket.
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use dataplane::state::{Limits, PortConfig, PortRole, Shared};
+use dataplane::worker::Worker;
+use pktio::xsk::{self, XdpMode, XdpProgram, XskConfig, XskDevice};
+
+#[derive(Parser)]
+#[command(name = "kxdp-dataplane", about = "kxdp's AF_XDP Service dataplane")]
+struct Args {
+    /// The node's uplink interface.
+    #[arg(long)]
+    uplink: Option<String>,
+    /// Pod interfaces (host side of each pod's veth), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pods: Vec<String>,
+    /// Worker threads; worker i serves queue i of every interface.
+    #[arg(long, default_value_t = 1)]
+    workers: u32,
+    /// The control socket kxdp-control connects to.
+    #[arg(long, default_value = "/run/kxdp/dataplane.sock")]
+    socket: PathBuf,
+    /// XDP attach mode: auto (native, else generic), native or generic.
+    #[arg(long, default_value = "auto")]
+    xdp_mode: String,
+    /// Conntrack capacity (connections); a full table refuses new flows.
+    #[arg(long, default_value_t = 1 << 20)]
+    conntrack_capacity: usize,
+    /// Maglev ring size (a prime).
+    #[arg(long, default_value_t = nat::maglev::DEFAULT_RING_SIZE)]
+    ring_size: u32,
+    /// UMEM frames per worker.
+    #[arg(long, default_value_t = 4096)]
+    frames: u32,
+    /// Pin workers to cores (worker i on core i modulo the core count).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pin: bool,
+}
+
+fn mac_of(ifname: &str) -> Result<[u8; 6]> {
+    let path = format!("/sys/class/net/{ifname}/address");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("read {path}: does {ifname} exist in this namespace?"))?;
+    let bytes: Vec<u8> = text
+        .trim()
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("{path}: not a MAC address"))?;
+    let mut mac = [0u8; 6];
+    if bytes.len() != 6 {
+        bail!("{path}: not a MAC address");
+    }
+    mac.copy_from_slice(&bytes);
+    Ok(mac)
+}
+
+fn main() -> Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let args = Args::parse();
+    let mode = match args.xdp_mode.as_str() {
+        "auto" => XdpMode::Auto,
+        "native" => XdpMode::Native,
+        "generic" => XdpMode::Generic,
+        other => bail!("--xdp-mode {other}: use auto, native or generic"),
+    };
+    let mut ports = Vec::new();
+    if let Some(up) = &args.uplink {
+        ports.push(PortConfig {
+            name: up.clone(),
+            role: PortRole::Uplink,
+            mac: mac_of(up)?,
+        });
+    }
+    for p in &args.pods {
+        ports.push(PortConfig {
+            name: p.clone(),
+            role: PortRole::Pod,
+            mac: mac_of(p)?,
+        });
+    }
+    if ports.is_empty() {
+        bail!("no interfaces: give --uplink and/or --pods");
+    }
+    let workers = args.workers.max(1);
+    let limits = Limits {
+        ring_size: args.ring_size,
+        conntrack_capacity: args.conntrack_capacity,
+    };
+    let shared = Arc::new(Shared::new(ports.clone(), workers as usize, limits));
+    // One XDP program per interface, steering queue i to worker i's socket.
+    let mut programs = Vec::new();
+    let mut ifindexes = Vec::new();
+    for p in &ports {
+        let idx = xsk::ifindex(&p.name)?;
+        let prog = XdpProgram::attach(idx, workers, mode)
+            .with_context(|| format!("attach XDP to {}", p.name))?;
+        log::info!("{}: XDP attached in {:?} mode", p.name, prog.mode());
+        programs.push(prog);
+        ifindexes.push(idx);
+    }
+    let cfg = XskConfig {
+        frame_count: args.frames,
+        ..XskConfig::default()
+    };
+    let mut devices = Vec::new();
+    for w in 0..workers {
+        let pairs: Vec<(u32, u32)> = ifindexes.iter().map(|i| (*i, w)).collect();
+        let dev = XskDevice::new(&pairs, &cfg)
+            .with_context(|| format!("AF_XDP sockets for worker {w}"))?;
+        for (i, prog) in programs.iter().enumerate() {
+            prog.insert(w, dev.socket_fd(i))
+                .with_context(|| format!("steer {} queue {w}", ports[i].name))?;
+        }
+        devices.push(dev);
+    }
+    let epoch = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
+    if let Some(dir) = args.socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    dataplane::server::serve(&args.socket, shared.clone(), epoch)?;
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let mut handles = Vec::new();
+    for (w, dev) in devices.into_iter().enumerate() {
+        let shared = shared.clone();
+        let stop = stop.clone();
+        let core = if args.pin {
+            cores.get(w % cores.len().max(1)).copied()
+        } else {
+            None
+        };
+        handles.push(
+            std::thread::Builder::new()
+                .name(format!("kxdp-worker-{w}"))
+                .spawn(move || {
+                    if let Some(core) = core {
+                        if !core_affinity::set_for_current(core) {
+                            log::warn!("worker {w}: could not pin to core {}", core.id);
+                        }
+                    }
+                    log::info!("worker {w} polling {} ports", dev_ports(&dev));
+                    Worker::new(w, dev, shared).run(&stop, epoch);
+                })?,
+        );
+    }
+    log::info!(
+        "kxdp-dataplane running: {} ports, {workers} workers, control socket {}",
+        ports.len(),
+        args.socket.display()
+    );
+    // Conntrack expiry off the workers' path.
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = epoch.elapsed().as_nanos() as u64;
+        shared.conntrack.sweep(now, |_| false);
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    let _ = std::fs::remove_file(&args.socket);
+    drop(programs);
+    log::info!("kxdp-dataplane stopped; XDP programs detached");
+    Ok(())
+}
+
+fn dev_ports(dev: &XskDevice) -> usize {
+    use pktio::Device;
+    dev.port_count()
+}
