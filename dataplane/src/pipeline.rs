@@ -263,7 +263,14 @@ impl Pipeline<'_> {
                     protocol: proto,
                 };
                 if let Some(f) = self.tables.services.frontend(&fkey) {
-                    return match self.tables.services.decide(f, h.src, key.flow_hash()) {
+                    let decision = self.tables.services.decide_with_affinity(
+                        f,
+                        h.src,
+                        key.flow_hash(),
+                        Some(&self.shared.affinity),
+                        self.now,
+                    );
+                    return match decision {
                         Decision::Translate {
                             backend,
                             masquerade,

@@ -170,6 +170,8 @@ pub struct Limits {
     pub ring_size: u32,
     /// Conntrack capacity.
     pub conntrack_capacity: usize,
+    /// Session-affinity records (clients remembered across all Services).
+    pub affinity_capacity: usize,
 }
 
 impl Default for Limits {
@@ -177,6 +179,7 @@ impl Default for Limits {
         Limits {
             ring_size: nat::maglev::DEFAULT_RING_SIZE,
             conntrack_capacity: 1 << 20,
+            affinity_capacity: 1 << 16,
         }
     }
 }
@@ -189,6 +192,8 @@ pub struct Shared {
     pub conntrack: Conntrack,
     /// Learned neighbours.
     pub neighbors: Neighbors,
+    /// ClientIP session affinity records.
+    pub affinity: nat::affinity::AffinityTable,
     /// The ports, by index (equal on every worker).
     pub ports: Vec<PortConfig>,
     /// Per-worker published counters.
@@ -204,6 +209,7 @@ impl Shared {
             tables: ArcSwap::from_pointee(Tables::empty()),
             conntrack: Conntrack::new(limits.conntrack_capacity),
             neighbors: Neighbors::default(),
+            affinity: nat::affinity::AffinityTable::new(limits.affinity_capacity),
             ports,
             counters: (0..workers).map(|_| Published::default()).collect(),
             limits,

@@ -79,6 +79,7 @@ fn node() -> Worker<MemDevice> {
         Limits {
             ring_size: 251,
             conntrack_capacity: 1024,
+            affinity_capacity: 64,
         },
     ));
     let spec = TableSpec {

@@ -198,7 +198,8 @@ fn encode(c: &Connection) -> [u64; KEY_WORDS] {
         | (c.original.dport as u64) << 16
         | (c.reply.sport as u64) << 32
         | (c.reply.dport as u64) << 48;
-    w[9] = c.original.proto as u64 | (c.original.src.is_ipv6() as u64) << 8 | (c.service as u64) << 32;
+    w[9] =
+        c.original.proto as u64 | (c.original.src.is_ipv6() as u64) << 8 | (c.service as u64) << 32;
     w
 }
 
@@ -306,10 +307,12 @@ impl Conntrack {
             // The tag in the high half changes on every pop, so a head that was popped and
             // pushed back meanwhile (ABA) fails this exchange.
             let new = ((head >> 32).wrapping_add(1) << 32) | next as u64;
-            match self
-                .free_head
-                .compare_exchange_weak(head, new, Ordering::AcqRel, Ordering::Acquire)
-            {
+            match self.free_head.compare_exchange_weak(
+                head,
+                new,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
                 Ok(_) => {
                     self.len.fetch_add(1, Ordering::Relaxed);
                     return Some(e - 1);
@@ -325,10 +328,12 @@ impl Conntrack {
             self.next_free[entry as usize].store((head & 0xffff_ffff) as u32, Ordering::Relaxed);
             let new = (head & !0xffff_ffff) | (entry as u64 + 1);
             // Release: publishes `next_free[entry]` to the popper's Acquire.
-            match self
-                .free_head
-                .compare_exchange_weak(head, new, Ordering::AcqRel, Ordering::Acquire)
-            {
+            match self.free_head.compare_exchange_weak(
+                head,
+                new,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
                 Ok(_) => return,
                 Err(h) => head = h,
             }
@@ -382,14 +387,21 @@ impl Conntrack {
 
     /// Finds `key` among entries in states accepted by `want`; returns the entry, its
     /// decoded connection, the direction and the raw state word.
-    fn find(&self, key: &FlowKey, want: impl Fn(u8) -> bool, skip: Option<u32>) -> Option<(u32, Connection, Direction, u64)> {
+    fn find(
+        &self,
+        key: &FlowKey,
+        want: impl Fn(u8) -> bool,
+        skip: Option<u32>,
+    ) -> Option<(u32, Connection, Direction, u64)> {
         let (start, tag) = self.window(key);
         for i in 0..WINDOW {
             let v = self.index[(start + i) & self.mask].load(Ordering::SeqCst);
             if v == 0 || (v >> 32) as u32 != tag {
                 continue;
             }
-            let Some((e, dir)) = slot_entry(v) else { continue };
+            let Some((e, dir)) = slot_entry(v) else {
+                continue;
+            };
             if Some(e) == skip {
                 continue;
             }
@@ -397,7 +409,9 @@ impl Conntrack {
             if !want(st as u8) {
                 continue;
             }
-            let Some(w) = self.read_entry(e) else { continue };
+            let Some(w) = self.read_entry(e) else {
+                continue;
+            };
             let conn = decode(&w);
             if Self::key_of(&conn, dir) == key {
                 return Some((e, conn, dir, st));
@@ -436,11 +450,16 @@ impl Conntrack {
 
     /// Stores a protocol state (for example TCP's) with a live entry.
     pub fn set_state(&self, entry: u32, state: u8) {
-        let Some(e) = self.entries.get(entry as usize) else { return };
+        let Some(e) = self.entries.get(entry as usize) else {
+            return;
+        };
         let mut cur = e.state.load(Ordering::Relaxed);
         while cur as u8 == LIVE {
             let new = (cur & !0xff00) | (state as u64) << 8;
-            match e.state.compare_exchange_weak(cur, new, Ordering::Relaxed, Ordering::Relaxed) {
+            match e
+                .state
+                .compare_exchange_weak(cur, new, Ordering::Relaxed, Ordering::Relaxed)
+            {
                 Ok(_) => return,
                 Err(c) => cur = c,
             }
@@ -458,7 +477,13 @@ impl Conntrack {
     }
 
     /// [`Conntrack::insert`] with an initial protocol state.
-    pub fn insert_with_state(&self, conn: Connection, state: u8, now: u64, timeout: u64) -> Result<u32, InsertError> {
+    pub fn insert_with_state(
+        &self,
+        conn: Connection,
+        state: u8,
+        now: u64,
+        timeout: u64,
+    ) -> Result<u32, InsertError> {
         if self.contains(&conn.original, now) || self.contains(&conn.reply, now) {
             return Err(InsertError::Exists);
         }
@@ -466,9 +491,14 @@ impl Conntrack {
         let entry = &self.entries[e as usize];
         self.write_entry(e, &encode(&conn));
         entry.expires.store(now + timeout, Ordering::Relaxed);
-        entry.state.store(PENDING as u64 | (state as u64) << 8, Ordering::SeqCst);
+        entry
+            .state
+            .store(PENDING as u64 | (state as u64) << 8, Ordering::SeqCst);
         let mut claimed: [Option<usize>; 2] = [None, None];
-        for (n, dir) in [Direction::Original, Direction::Reply].into_iter().enumerate() {
+        for (n, dir) in [Direction::Original, Direction::Reply]
+            .into_iter()
+            .enumerate()
+        {
             let key = Self::key_of(&conn, dir);
             let (start, tag) = self.window(key);
             let value = slot_value(tag, e, dir);
@@ -491,7 +521,9 @@ impl Conntrack {
         for dir in [Direction::Original, Direction::Reply] {
             let key = Self::key_of(&conn, dir);
             let mut waited = 0usize;
-            while let Some((other, _, _, st)) = self.find(key, |s| s == LIVE || s == PENDING, Some(e)) {
+            while let Some((other, _, _, st)) =
+                self.find(key, |s| s == LIVE || s == PENDING, Some(e))
+            {
                 let twin = &self.entries[other as usize];
                 let loses = if st as u8 == LIVE {
                     twin.expires.load(Ordering::Relaxed) > now
@@ -521,7 +553,9 @@ impl Conntrack {
                 return Err(InsertError::Exists);
             }
         }
-        entry.state.store(LIVE as u64 | (state as u64) << 8, Ordering::SeqCst);
+        entry
+            .state
+            .store(LIVE as u64 | (state as u64) << 8, Ordering::SeqCst);
         Ok(e)
     }
 
@@ -586,7 +620,9 @@ impl Conntrack {
             if entry.state.load(Ordering::Acquire) as u8 != LIVE {
                 continue;
             }
-            let Some(w) = self.read_entry(e) else { continue };
+            let Some(w) = self.read_entry(e) else {
+                continue;
+            };
             let conn = decode(&w);
             let expired = entry.expires.load(Ordering::Relaxed) <= now;
             if (expired || stale(&conn)) && self.kill(e, &conn) {
@@ -601,7 +637,9 @@ impl Conntrack {
         let mut out = Vec::new();
         for e in 0..self.entries.len() as u32 {
             let entry = &self.entries[e as usize];
-            if entry.state.load(Ordering::Acquire) as u8 != LIVE || entry.expires.load(Ordering::Relaxed) <= now {
+            if entry.state.load(Ordering::Acquire) as u8 != LIVE
+                || entry.expires.load(Ordering::Relaxed) <= now
+            {
                 continue;
             }
             if let Some(w) = self.read_entry(e) {
@@ -658,7 +696,10 @@ mod tests {
         let ct = Conntrack::new(10);
         let c = conn(40000);
         ct.insert(c, 0, 100).unwrap();
-        assert_eq!(ct.lookup(&c.original, 1, 100), Some((c, Direction::Original)));
+        assert_eq!(
+            ct.lookup(&c.original, 1, 100),
+            Some((c, Direction::Original))
+        );
         assert_eq!(ct.lookup(&c.reply, 1, 100), Some((c, Direction::Reply)));
         assert_eq!(ct.insert(c, 2, 100), Err(InsertError::Exists));
         assert_eq!(ct.len(), 1);
@@ -726,7 +767,11 @@ mod tests {
             })
             .collect();
         let won: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
-        assert_eq!(won, 64 * rounds as usize, "exactly one insert per tuple per round");
+        assert_eq!(
+            won,
+            64 * rounds as usize,
+            "exactly one insert per tuple per round"
+        );
         assert_eq!(ct.len(), 0, "no entry leaked");
         // The free list still holds every entry.
         for s in 0..4096u16 {
@@ -746,7 +791,9 @@ mod tests {
                     let b = barrier.clone();
                     std::thread::spawn(move || {
                         b.wait();
-                        (0..32u16).filter(|s| ct.insert(conn(*s), 0, 100).is_ok()).count()
+                        (0..32u16)
+                            .filter(|s| ct.insert(conn(*s), 0, 100).is_ok())
+                            .count()
                     })
                 })
                 .collect();

@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod affinity;
 pub mod checksum;
 pub mod conntrack;
 pub mod maglev;

@@ -107,6 +107,8 @@ pub struct Service {
     pub affinity_timeout_s: Option<u32>,
     /// Every endpoint the slices list, whatever their state.
     pub all_endpoints: Vec<Backend>,
+    /// Stable key of this Service port in the affinity table.
+    pub affinity_key: u64,
 }
 
 /// What to do with the first packet of a connection to a frontend.
@@ -234,6 +236,21 @@ impl ServiceTable {
     /// kube-proxy's decision for a new connection from `src` to frontend `f`, with `hash`
     /// the flow hash Maglev uses.
     pub fn decide(&self, f: FrontendRef, src: IpAddr, hash: u64) -> Decision {
+        self.decide_with_affinity(f, src, hash, None, 0)
+    }
+
+    /// [`ServiceTable::decide`] honouring `sessionAffinity: ClientIP`: a client goes back
+    /// to the backend it last reached while that backend is still usable and the timeout
+    /// (counted from its last new connection, as kube-proxy's `recent` match does) has not
+    /// run out. `now` is in nanoseconds.
+    pub fn decide_with_affinity(
+        &self,
+        f: FrontendRef,
+        src: IpAddr,
+        hash: u64,
+        affinity: Option<&crate::affinity::AffinityTable>,
+        now: u64,
+    ) -> Decision {
         let Some(svc) = self.service(f.service) else {
             return Decision::Drop;
         };
@@ -256,13 +273,30 @@ impl ServiceTable {
         } else {
             (&svc.cluster, false)
         };
-        let Some(backend) = set.pick(hash) else {
+        let remembered = match (affinity, svc.affinity_timeout_s) {
+            (Some(table), Some(_)) => {
+                let key = svc.affinity_key ^ (std::ptr::eq(set, &svc.local) as u64) << 1;
+                table.get(key, src, now).and_then(|(ip, port)| {
+                    set.backends
+                        .iter()
+                        .copied()
+                        .find(|b| b.ip == ip && b.port == port)
+                })
+            }
+            _ => None,
+        };
+        let Some(backend) = remembered.or_else(|| set.pick(hash)) else {
             return if svc.cluster.backends.is_empty() {
                 Decision::Reject
             } else {
                 Decision::Drop
             };
         };
+        if let (Some(table), Some(timeout)) = (affinity, svc.affinity_timeout_s) {
+            let key = svc.affinity_key ^ (std::ptr::eq(set, &svc.local) as u64) << 1;
+            let expires = now.saturating_add(timeout as u64 * 1_000_000_000);
+            table.set(key, src, (backend.ip, backend.port), expires);
+        }
         let masquerade = self.masquerade_all
             || policy_masq
             // ClusterIP from outside the pod networks (KUBE-SVC-* `! -s clusterCIDR`).
@@ -286,6 +320,7 @@ fn placeholder() -> Service {
         external_local: false,
         affinity_timeout_s: None,
         all_endpoints: Vec::new(),
+        affinity_key: 0,
     }
 }
 
@@ -307,6 +342,10 @@ fn compile(s: &ServiceSpec, ring_size: u32) -> Service {
                 local: e.local,
             })
             .collect(),
+        affinity_key: crate::affinity::service_key(
+            &s.name,
+            s.frontends.first().is_some_and(|f| f.ip.is_ipv6()),
+        ),
     }
 }
 

@@ -36,6 +36,10 @@ struct Args {
     /// Conntrack capacity (connections); a full table refuses new flows.
     #[arg(long, default_value_t = 1 << 20)]
     conntrack_capacity: usize,
+    /// Session-affinity records (clients remembered across all Services with ClientIP
+    /// affinity); a full bucket forgets the record that expires first.
+    #[arg(long, default_value_t = 1 << 16)]
+    affinity_capacity: usize,
     /// Maglev ring size (a prime).
     #[arg(long, default_value_t = nat::maglev::DEFAULT_RING_SIZE)]
     ring_size: u32,
@@ -96,6 +100,7 @@ fn main() -> Result<()> {
     let limits = Limits {
         ring_size: args.ring_size,
         conntrack_capacity: args.conntrack_capacity,
+        affinity_capacity: args.affinity_capacity,
     };
     let shared = Arc::new(Shared::new(ports.clone(), workers as usize, limits));
     // One XDP program per interface, steering queue i to worker i's socket.

@@ -317,7 +317,13 @@ fn sibling(name: &str) -> Result<PathBuf> {
     Ok(me.with_file_name(name))
 }
 
-fn demo(lab_path: &Path, manifests: &Path, workers: u32, count: u32, rate_seconds: u64) -> Result<()> {
+fn demo(
+    lab_path: &Path,
+    manifests: &Path,
+    workers: u32,
+    count: u32,
+    rate_seconds: u64,
+) -> Result<()> {
     let mut spec = LabSpec::load(lab_path)?;
     spec.queues = workers;
     let lab = Lab::new(spec);
@@ -438,7 +444,13 @@ fn demo(lab_path: &Path, manifests: &Path, workers: u32, count: u32, rate_second
     if rate_seconds > 0 {
         let before = forwarded(&stats(&socket)?);
         let started = Instant::now();
-        let out = run_output(Lab::exec(&lab.pod_ns(client), &me.to_string_lossy()).args(["blast", "--to", "172.30.0.10:53", "--seconds", &rate_seconds.to_string()]))?;
+        let out = run_output(Lab::exec(&lab.pod_ns(client), &me.to_string_lossy()).args([
+            "blast",
+            "--to",
+            "172.30.0.10:53",
+            "--seconds",
+            &rate_seconds.to_string(),
+        ]))?;
         let elapsed = started.elapsed().as_secs_f64();
         let after = forwarded(&stats(&socket)?);
         let sent: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_default();
@@ -455,8 +467,15 @@ fn demo(lab_path: &Path, manifests: &Path, workers: u32, count: u32, rate_second
 
 /// Packets the dataplane transmitted, summed over workers.
 fn forwarded(m: &Message) -> u64 {
-    let Message::Stats { workers, .. } = m else { return 0 };
-    workers.iter().flat_map(|w| w.iter()).filter(|(k, _)| k == "tx").map(|(_, v)| *v).sum()
+    let Message::Stats { workers, .. } = m else {
+        return 0;
+    };
+    workers
+        .iter()
+        .flat_map(|w| w.iter())
+        .filter(|(k, _)| k == "tx")
+        .map(|(_, v)| *v)
+        .sum()
 }
 
 fn run_output(cmd: &mut Command) -> Result<String> {
