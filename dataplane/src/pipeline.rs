@@ -7,6 +7,7 @@
 //! never allocates, locks or panics per packet; every drop has a [`DropReason`].
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::Ordering;
 
 use nat::conntrack::{Connection, Direction, FlowKey, InsertError};
 use nat::packet::{self, End, Headers, Malformed, ETH_ARP, ETH_IPV4, ETH_IPV6, ETH_LEN};
@@ -229,11 +230,22 @@ impl Pipeline<'_> {
             Err(m) => return Outcome::Drop(malformed(m)),
         };
         let role = self.shared.ports.get(port).map(|p| p.role);
-        if role == Some(PortRole::Pod) && self.tables.local_pods.contains_key(&h.src) {
-            let mut mac = [0u8; 6];
-            mac.copy_from_slice(&pkt[6..12]);
-            self.shared.neighbors.learn(h.src, Neighbor { port, mac });
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&pkt[6..12]);
+        match role {
+            Some(PortRole::Pod) if self.tables.local_pods.contains_key(&h.src) => {
+                self.shared.neighbors.learn(h.src, Neighbor { port, mac });
+            }
+            Some(PortRole::Uplink) => {
+                // Replies to outside clients go back where their traffic came from.
+                let m = mac_u64(mac);
+                if self.shared.uplink_next_hop.load(Ordering::Relaxed) != m {
+                    self.shared.uplink_next_hop.store(m, Ordering::Relaxed);
+                }
+            }
+            _ => {}
         }
+        let from_uplink = role == Some(PortRole::Uplink);
         if h.later_fragment {
             return Outcome::Drop(DropReason::Fragment);
         }
@@ -254,7 +266,7 @@ impl Pipeline<'_> {
             if let Some((conn, dir)) = self.shared.conntrack.lookup(&key, self.now, timeout) {
                 translate(pkt, &mut h, &conn, dir);
                 c.nat_hits += 1;
-                return self.route(pkt, &mut h, frame, c);
+                return self.route(pkt, &mut h, frame, true);
             }
             if let Some(proto) = nat::spec::Protocol::from_number(h.proto) {
                 let fkey = FrontendKey {
@@ -296,7 +308,7 @@ impl Pipeline<'_> {
                             };
                             translate(pkt, &mut h, &conn, Direction::Original);
                             c.nat_new += 1;
-                            self.route(pkt, &mut h, frame, c)
+                            self.route(pkt, &mut h, frame, true)
                         }
                         Decision::Reject => {
                             c.rejects += 1;
@@ -314,7 +326,7 @@ impl Pipeline<'_> {
             return Outcome::Drop(DropReason::ToHost);
         }
         c.routed += 1;
-        self.route(pkt, &mut h, frame, c)
+        self.route(pkt, &mut h, frame, from_uplink)
     }
 
     /// Inserts a new connection, choosing a masquerade port that no live flow uses.
@@ -368,28 +380,40 @@ impl Pipeline<'_> {
         secs * SECOND
     }
 
-    /// Sends a packet towards its (translated) destination.
-    fn route(&self, pkt: &mut [u8], h: &mut Headers, frame: Frame, _c: &mut Counters) -> Outcome {
+    /// Sends a packet towards its (translated) destination: a local pod by its learned
+    /// neighbour entry, anything outside the cluster through the uplink's next hop.
+    /// `may_leave` says whether the packet may go out of the uplink untranslated (pod
+    /// traffic to the outside is masqueraded first, which is issue 9's work).
+    fn route(&self, pkt: &mut [u8], h: &mut Headers, frame: Frame, may_leave: bool) -> Outcome {
         if h.ttl <= 1 {
             return Outcome::Drop(DropReason::TtlExceeded);
         }
         let local =
             self.tables.local_pods.contains_key(&h.dst) || self.tables.in_local_pod_network(h.dst);
-        if !local {
-            return Outcome::Drop(DropReason::NoRoute);
-        }
-        let Some(n) = self.shared.neighbors.get(&h.dst) else {
-            return match h.dst {
-                IpAddr::V4(a) => Outcome::Resolve(DropReason::NeighborUnresolved, a),
-                IpAddr::V6(_) => Outcome::Drop(DropReason::NeighborUnresolved),
+        let (port, mac) = if local {
+            let Some(n) = self.shared.neighbors.get(&h.dst) else {
+                return match h.dst {
+                    IpAddr::V4(a) => Outcome::Resolve(DropReason::NeighborUnresolved, a),
+                    IpAddr::V6(_) => Outcome::Drop(DropReason::NeighborUnresolved),
+                };
             };
+            (n.port, n.mac)
+        } else if self.tables.in_cluster_network(h.dst) || !may_leave {
+            // Remote pods need the overlay (issue 4).
+            return Outcome::Drop(DropReason::NoRoute);
+        } else {
+            let next_hop = self.shared.uplink_next_hop.load(Ordering::Relaxed);
+            match self.shared.uplink {
+                Some(up) if next_hop != 0 => (up, u64_mac(next_hop)),
+                _ => return Outcome::Drop(DropReason::NoRoute),
+            }
         };
-        let Some(out) = self.shared.ports.get(n.port) else {
+        let Some(out) = self.shared.ports.get(port) else {
             return Outcome::Drop(DropReason::NoRoute);
         };
         packet::decrement_ttl(pkt, h);
-        set_macs(pkt, n.mac, out.mac);
-        Outcome::Send(n.port, frame)
+        set_macs(pkt, mac, out.mac);
+        Outcome::Send(port, frame)
     }
 
     /// Rewrites the frame in place into an ICMP port unreachable to the sender, as kube-proxy
@@ -579,6 +603,18 @@ fn translate(pkt: &mut [u8], h: &mut Headers, conn: &Connection, dir: Direction)
             }
         }
     }
+}
+
+fn mac_u64(mac: [u8; 6]) -> u64 {
+    let mut b = [0u8; 8];
+    b[..6].copy_from_slice(&mac);
+    // Bit 63 marks "known", so an all-zero MAC is still distinguishable from unset.
+    u64::from_le_bytes(b) | 1 << 63
+}
+
+fn u64_mac(v: u64) -> [u8; 6] {
+    let b = v.to_le_bytes();
+    [b[0], b[1], b[2], b[3], b[4], b[5]]
 }
 
 fn set_macs(pkt: &mut [u8], dst: [u8; 6], src: [u8; 6]) {

@@ -105,6 +105,11 @@ impl Tables {
         self.pod_cidrs.iter().any(|n| n.contains(&ip))
     }
 
+    /// Whether `ip` is in the cluster's pod networks (this node's or another's).
+    pub fn in_cluster_network(&self, ip: IpAddr) -> bool {
+        self.services.cluster_cidrs.iter().any(|n| n.contains(&ip))
+    }
+
     /// The address used as masquerade source towards pods of this node (the gateway of the
     /// family), falling back to a node address.
     pub fn masquerade_source(&self, family_v6: bool) -> Option<IpAddr> {
@@ -200,12 +205,20 @@ pub struct Shared {
     pub counters: Vec<Published>,
     /// Start-up settings.
     pub limits: Limits,
+    /// The MAC of the next hop behind the uplink (learned from IP traffic arriving there);
+    /// 0 while unknown.
+    pub uplink_next_hop: std::sync::atomic::AtomicU64,
+    /// The uplink's port index, if there is one.
+    pub uplink: Option<usize>,
 }
 
 impl Shared {
     /// State for `workers` workers on `ports`.
     pub fn new(ports: Vec<PortConfig>, workers: usize, limits: Limits) -> Shared {
+        let uplink = ports.iter().position(|p| p.role == PortRole::Uplink);
         Shared {
+            uplink,
+            uplink_next_hop: std::sync::atomic::AtomicU64::new(0),
             tables: ArcSwap::from_pointee(Tables::empty()),
             conntrack: Conntrack::new(limits.conntrack_capacity),
             neighbors: Neighbors::default(),

@@ -171,7 +171,9 @@ impl ServiceTable {
             let id = t.services.len() as u32;
             t.services.push(compile(s, ring_size));
             for f in &s.frontends {
-                t.frontend_ips.insert(f.ip);
+                if f.kind.is_external() {
+                    t.frontend_ips.insert(f.ip);
+                }
                 t.frontends
                     .entry(FrontendKey {
                         ip: f.ip,
@@ -198,7 +200,8 @@ impl ServiceTable {
         self.frontends.get(key).copied()
     }
 
-    /// Whether any frontend uses `ip` (the uplink answers ARP for these).
+    /// Whether `ip` is a NodePort, LoadBalancer or external IP frontend address (the
+    /// uplink answers ARP for these; ClusterIPs are not reachable from outside).
     pub fn is_frontend_ip(&self, ip: IpAddr) -> bool {
         self.frontend_ips.contains(&ip)
     }
