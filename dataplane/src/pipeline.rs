@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering;
 use nat::conntrack::{Connection, Direction, FlowKey, InsertError};
 use nat::packet::{self, End, Headers, Malformed, ETH_ARP, ETH_IPV4, ETH_IPV6, ETH_LEN};
 use nat::tables::{Decision, FrontendKey};
+use nat::timeouts::{self, State};
 use pktio::{Device, Frame, PortId};
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
@@ -24,23 +25,7 @@ use crate::counters::{Counters, DropReason};
 use crate::state::{Neighbor, PortRole, Shared, Tables};
 
 /// One second in the pipeline's clock unit (nanoseconds).
-pub const SECOND: u64 = 1_000_000_000;
-
-/// Connection timeouts, in seconds. kube-proxy leaves these to the kernel's conntrack, whose
-/// defaults kube-proxy adjusts: TCP established 86400 s (`--conntrack-tcp-timeout-established`),
-/// TCP after FIN 3600 s (`close-wait`, kube-proxy's default) — shortened here to 120 s
-/// (the kernel's `time_wait`) since a closed connection needs no more; UDP 30 s (the
-/// kernel's `nf_conntrack_udp_timeout`).
-pub mod timeouts {
-    /// TCP, established or opening.
-    pub const TCP: u64 = 86_400;
-    /// TCP once a FIN or RST was seen.
-    pub const TCP_CLOSING: u64 = 120;
-    /// UDP and SCTP.
-    pub const UDP: u64 = 30;
-    /// ICMP echo.
-    pub const ICMP: u64 = 30;
-}
+pub const SECOND: u64 = timeouts::SECOND;
 
 /// First port of the masquerade source-port range (the kernel's default ephemeral range).
 pub const SNAT_PORT_MIN: u16 = 32768;
@@ -262,8 +247,21 @@ impl Pipeline<'_> {
                 sport: h.sport,
                 dport: h.dport,
             };
-            let timeout = self.timeout(pkt, &h);
-            if let Some((conn, dir)) = self.shared.conntrack.lookup(&key, self.now, timeout) {
+            let flags = if h.proto == packet::PROTO_TCP {
+                pkt.get(h.l4 + 13).copied().unwrap_or(0)
+            } else {
+                0
+            };
+            if let Some(hit) = self.shared.conntrack.get(&key, self.now) {
+                let (conn, dir) = (hit.conn, hit.dir);
+                let before = State::from_u8(hit.state);
+                let state = timeouts::next(h.proto, before, dir, flags);
+                if state != before {
+                    self.shared.conntrack.set_state(hit.entry, state as u8);
+                }
+                self.shared
+                    .conntrack
+                    .refresh(hit.entry, self.now + timeouts::timeout(h.proto, state));
                 translate(pkt, &mut h, &conn, dir);
                 c.nat_hits += 1;
                 return self.route(pkt, &mut h, frame, true);
@@ -302,7 +300,8 @@ impl Pipeline<'_> {
                             } else {
                                 None
                             };
-                            let conn = match self.track(key, &mut reply, snat, f.service, timeout) {
+                            let state = timeouts::initial(h.proto, flags);
+                            let conn = match self.track(key, &mut reply, snat, f.service, state) {
                                 Ok(conn) => conn,
                                 Err(reason) => return Outcome::Drop(reason),
                             };
@@ -336,8 +335,9 @@ impl Pipeline<'_> {
         reply: &mut FlowKey,
         snat: Option<IpAddr>,
         service: u32,
-        timeout: u64,
+        state: State,
     ) -> Result<Connection, DropReason> {
+        let timeout = timeouts::timeout(key.proto, state);
         let tries = if snat.is_some() { SNAT_TRIES } else { 1 };
         let span = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u64 + 1;
         let seed = key.flow_hash();
@@ -355,29 +355,17 @@ impl Pipeline<'_> {
                 reply: *reply,
                 service,
             };
-            match self.shared.conntrack.insert(conn, self.now, timeout) {
+            match self
+                .shared
+                .conntrack
+                .insert_with_state(conn, state as u8, self.now, timeout)
+            {
                 Ok(_) => return Ok(conn),
                 Err(InsertError::Full) => return Err(DropReason::ConntrackFull),
                 Err(InsertError::Exists) => continue,
             }
         }
         Err(DropReason::SnatExhausted)
-    }
-
-    fn timeout(&self, pkt: &[u8], h: &Headers) -> u64 {
-        let secs = match h.proto {
-            packet::PROTO_TCP => {
-                let flags = pkt.get(h.l4 + 13).copied().unwrap_or(0);
-                if flags & 0x05 != 0 {
-                    timeouts::TCP_CLOSING
-                } else {
-                    timeouts::TCP
-                }
-            }
-            packet::PROTO_ICMP | packet::PROTO_ICMPV6 => timeouts::ICMP,
-            _ => timeouts::UDP,
-        };
-        secs * SECOND
     }
 
     /// Sends a packet towards its (translated) destination: a local pod by its learned

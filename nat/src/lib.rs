@@ -15,4 +15,5 @@ pub mod maglev;
 pub mod packet;
 pub mod spec;
 pub mod tables;
+pub mod timeouts;
 pub mod wire;

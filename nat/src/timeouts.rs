@@ -1,0 +1,177 @@
+//! Protocol state of tracked connections and the timeout each state gets.
+//!
+//! kube-proxy leaves these to the kernel's conntrack (tuning two of them); Cilium keeps its
+//! own. The values here follow the kernel as kube-proxy configures it:
+//!
+//! | state | kxdp | kernel (kube-proxy) | Cilium |
+//! |---|---|---|---|
+//! | TCP SYN sent | 120 s | 120 s (`tcp_timeout_syn_sent`) | 60 s (`CT_SYN_TIMEOUT`) |
+//! | TCP SYN received | 60 s | 60 s | 60 s |
+//! | TCP established | 86400 s | 86400 s (`--conntrack-tcp-timeout-established`) | 21600 s |
+//! | TCP closing (FIN seen) | 120 s | 120 s `fin_wait` / 3600 s `close_wait` (`--conntrack-tcp-timeout-close-wait`) | 10 s (`CT_CLOSE_TIMEOUT`) |
+//! | TCP reset | 10 s | 10 s (`tcp_timeout_close`) | 10 s |
+//! | UDP, SCTP one-way | 30 s | 30 s (`udp_timeout`) | 60 s |
+//! | UDP, SCTP both ways | 120 s | 120 s (`udp_timeout_stream`) | 60 s |
+//! | ICMP echo | 30 s | 30 s | 60 s |
+//!
+//! A connection that starts without a SYN is taken up as established, as the kernel's
+//! default `nf_conntrack_tcp_loose` does, so a dataplane restart does not cut streams.
+
+use crate::conntrack::Direction;
+use crate::packet::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP};
+
+/// One second in the tables' clock unit (nanoseconds).
+pub const SECOND: u64 = 1_000_000_000;
+
+/// TCP flag bits.
+pub mod tcp_flags {
+    /// FIN.
+    pub const FIN: u8 = 0x01;
+    /// SYN.
+    pub const SYN: u8 = 0x02;
+    /// RST.
+    pub const RST: u8 = 0x04;
+    /// ACK.
+    pub const ACK: u8 = 0x10;
+}
+
+/// Protocol state stored with a connection (one byte).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum State {
+    /// Nothing seen yet / UDP or SCTP with traffic in one direction only.
+    New = 0,
+    /// TCP: the client's SYN.
+    SynSent = 1,
+    /// TCP: the server's SYN-ACK.
+    SynRecv = 2,
+    /// TCP: handshake done; UDP/SCTP: traffic both ways.
+    Established = 3,
+    /// TCP: a FIN was seen.
+    Closing = 4,
+    /// TCP: a RST was seen.
+    Reset = 5,
+}
+
+impl State {
+    /// The state stored as a byte.
+    pub fn from_u8(v: u8) -> State {
+        match v {
+            1 => State::SynSent,
+            2 => State::SynRecv,
+            3 => State::Established,
+            4 => State::Closing,
+            5 => State::Reset,
+            _ => State::New,
+        }
+    }
+
+    /// Its name, for inspection.
+    pub fn name(self) -> &'static str {
+        match self {
+            State::New => "NEW",
+            State::SynSent => "SYN_SENT",
+            State::SynRecv => "SYN_RECV",
+            State::Established => "ESTABLISHED",
+            State::Closing => "CLOSING",
+            State::Reset => "RESET",
+        }
+    }
+}
+
+/// The state of a new connection from its first packet.
+pub fn initial(proto: u8, tcp_flags: u8) -> State {
+    if proto == PROTO_TCP {
+        if tcp_flags & tcp_flags::RST != 0 {
+            State::Reset
+        } else if tcp_flags & tcp_flags::SYN != 0 && tcp_flags & tcp_flags::ACK == 0 {
+            State::SynSent
+        } else {
+            State::Established
+        }
+    } else {
+        State::New
+    }
+}
+
+/// The state after a packet of an existing connection.
+pub fn next(proto: u8, state: State, dir: Direction, tcp_flags: u8) -> State {
+    if proto != PROTO_TCP {
+        return match (state, dir) {
+            (State::New, Direction::Reply) => State::Established,
+            (s, _) => s,
+        };
+    }
+    use tcp_flags::*;
+    if tcp_flags & RST != 0 {
+        return State::Reset;
+    }
+    if tcp_flags & FIN != 0 {
+        return State::Closing;
+    }
+    match (state, dir) {
+        (State::SynSent, Direction::Reply) if tcp_flags & SYN != 0 && tcp_flags & ACK != 0 => {
+            State::SynRecv
+        }
+        (State::SynRecv, Direction::Original) if tcp_flags & ACK != 0 && tcp_flags & SYN == 0 => {
+            State::Established
+        }
+        // A new SYN on a reset or closed tuple reopens it (port reuse).
+        (State::Reset | State::Closing, Direction::Original)
+            if tcp_flags & SYN != 0 && tcp_flags & ACK == 0 =>
+        {
+            State::SynSent
+        }
+        (s, _) => s,
+    }
+}
+
+/// How long a connection in `state` lives without traffic, in nanoseconds.
+pub fn timeout(proto: u8, state: State) -> u64 {
+    let secs = match (proto, state) {
+        (PROTO_TCP, State::SynSent) => 120,
+        (PROTO_TCP, State::SynRecv) => 60,
+        (PROTO_TCP, State::Established | State::New) => 86_400,
+        (PROTO_TCP, State::Closing) => 120,
+        (PROTO_TCP, State::Reset) => 10,
+        (PROTO_ICMP | PROTO_ICMPV6, _) => 30,
+        (_, State::Established) => 120,
+        _ => 30,
+    };
+    secs * SECOND
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tcp_flags::*;
+
+    #[test]
+    fn tcp_handshake_and_close() {
+        let s = initial(PROTO_TCP, SYN);
+        assert_eq!(s, State::SynSent);
+        let s = next(PROTO_TCP, s, Direction::Reply, SYN | ACK);
+        assert_eq!(s, State::SynRecv);
+        let s = next(PROTO_TCP, s, Direction::Original, ACK);
+        assert_eq!(s, State::Established);
+        assert_eq!(timeout(PROTO_TCP, s), 86_400 * SECOND);
+        let s = next(PROTO_TCP, s, Direction::Reply, FIN | ACK);
+        assert_eq!(timeout(PROTO_TCP, s), 120 * SECOND);
+        assert_eq!(next(PROTO_TCP, s, Direction::Original, RST), State::Reset);
+    }
+
+    #[test]
+    fn mid_stream_pickup_is_established() {
+        assert_eq!(initial(PROTO_TCP, ACK), State::Established);
+    }
+
+    #[test]
+    fn udp_becomes_a_stream_when_answered() {
+        let s = initial(17, 0);
+        assert_eq!(timeout(17, s), 30 * SECOND);
+        let s = next(17, s, Direction::Original, 0);
+        assert_eq!(s, State::New);
+        let s = next(17, s, Direction::Reply, 0);
+        assert_eq!(timeout(17, s), 120 * SECOND);
+    }
+}
