@@ -39,8 +39,9 @@ drop_reasons! {
     BadIpChecksum => "bad_ip_checksum",
     /// IPv6 extension header that is not walked.
     UnsupportedExtension => "unsupported_extension",
-    /// ARP that is neither a request nor a reply we act on.
-    ArpIgnored => "arp_ignored",
+    /// An ARP or NDP message consumed without an answer: a reply we learned from, or a
+    /// request for an address we do not answer for.
+    NeighborConsumed => "neighbor_consumed",
     /// Addressed to the node or its gateway address (not served by the dataplane yet).
     ToHost => "to_host",
     /// A non-first fragment (no ports to translate with).
@@ -75,9 +76,9 @@ pub struct Counters {
     pub rx: u64,
     /// Frames transmitted (forwarded or built).
     pub tx: u64,
-    /// ARP requests answered.
+    /// ARP requests and IPv6 neighbour solicitations answered.
     pub arp_replies: u64,
-    /// ARP requests sent to resolve a neighbour.
+    /// ARP requests and neighbour solicitations sent to resolve a neighbour.
     pub arp_requests: u64,
     /// New Service connections translated.
     pub nat_new: u64,

@@ -6,7 +6,7 @@
 //! a reply in place), given the tables, the shared conntrack and the time as arguments. It
 //! never allocates, locks or panics per packet; every drop has a [`DropReason`].
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::Ordering;
 
 use nat::conntrack::{Connection, Direction, FlowKey, InsertError};
@@ -18,7 +18,7 @@ use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
     ArpOperation, ArpPacket, ArpRepr, EthernetAddress, Icmpv4DstUnreachable, Icmpv4Packet,
     Icmpv4Repr, Icmpv6DstUnreachable, Icmpv6Packet, Icmpv6Repr, IpProtocol, Ipv4Packet, Ipv4Repr,
-    Ipv6Packet, Ipv6Repr,
+    Ipv6Packet, Ipv6Repr, NdiscNeighborFlags, NdiscRepr, RawHardwareAddress,
 };
 
 use crate::counters::{Counters, DropReason};
@@ -42,7 +42,7 @@ enum Outcome {
     /// Drop and count.
     Drop(DropReason),
     /// Drop and count, and ask for the MAC of this address on the pod ports.
-    Resolve(DropReason, Ipv4Addr),
+    Resolve(DropReason, IpAddr),
 }
 
 /// Remembers recent neighbour solicitations so a burst for one address sends one request.
@@ -62,8 +62,15 @@ impl ResolveLimiter {
     /// Minimum interval between two requests for one address.
     const INTERVAL: u64 = SECOND / 5;
 
-    fn allow(&mut self, ip: Ipv4Addr, now: u64) -> bool {
-        let key = u32::from(ip);
+    fn allow(&mut self, ip: IpAddr, now: u64) -> bool {
+        let key = match ip {
+            IpAddr::V4(a) => u32::from(a),
+            IpAddr::V6(a) => {
+                let o = a.octets();
+                u32::from_be_bytes([o[12], o[13], o[14], o[15]])
+                    ^ u32::from_be_bytes([o[0], o[1], o[2], o[3]])
+            }
+        };
         let slot = &mut self.recent[(key as usize).wrapping_mul(0x9e37_79b9) >> 26 & 63];
         if slot.0 == key && now < slot.1 + Self::INTERVAL && slot.1 != 0 {
             return false;
@@ -155,7 +162,7 @@ impl Pipeline<'_> {
             ..
         }) = ArpRepr::parse(&arp)
         else {
-            return Outcome::Drop(DropReason::ArpIgnored);
+            return Outcome::Drop(DropReason::NeighborConsumed);
         };
         let sender = IpAddr::V4(source_protocol_addr);
         if cfg.role == PortRole::Pod && self.tables.in_local_pod_network(sender) {
@@ -168,7 +175,7 @@ impl Pipeline<'_> {
             );
         }
         if operation != ArpOperation::Request || source_protocol_addr == target_protocol_addr {
-            return Outcome::Drop(DropReason::ArpIgnored);
+            return Outcome::Drop(DropReason::NeighborConsumed);
         }
         let target = IpAddr::V4(target_protocol_addr);
         let answer = match cfg.role {
@@ -179,7 +186,7 @@ impl Pipeline<'_> {
             }
         };
         if !answer {
-            return Outcome::Drop(DropReason::ArpIgnored);
+            return Outcome::Drop(DropReason::NeighborConsumed);
         }
         let reply = ArpRepr::EthernetIpv4 {
             operation: ArpOperation::Reply,
@@ -231,6 +238,9 @@ impl Pipeline<'_> {
             _ => {}
         }
         let from_uplink = role == Some(PortRole::Uplink);
+        if h.proto == packet::PROTO_ICMPV6 && matches!(h.icmp_type, 133..=137) {
+            return self.ndp(pkt, frame, port, &h, c);
+        }
         if h.later_fragment {
             return Outcome::Drop(DropReason::Fragment);
         }
@@ -380,10 +390,7 @@ impl Pipeline<'_> {
             self.tables.local_pods.contains_key(&h.dst) || self.tables.in_local_pod_network(h.dst);
         let (port, mac) = if local {
             let Some(n) = self.shared.neighbors.get(&h.dst) else {
-                return match h.dst {
-                    IpAddr::V4(a) => Outcome::Resolve(DropReason::NeighborUnresolved, a),
-                    IpAddr::V6(_) => Outcome::Drop(DropReason::NeighborUnresolved),
-                };
+                return Outcome::Resolve(DropReason::NeighborUnresolved, h.dst);
             };
             (n.port, n.mac)
         } else if self.tables.in_cluster_network(h.dst) || !may_leave {
@@ -509,11 +516,9 @@ impl Pipeline<'_> {
         )
     }
 
-    /// Broadcasts an ARP request for `ip` on every pod port.
-    fn solicit<D: Device>(&self, dev: &mut D, ip: Ipv4Addr, c: &mut Counters) {
-        let Some(gw) = self.tables.gateway_v4 else {
-            return;
-        };
+    /// Asks every pod port who has `ip`: an ARP request for IPv4, a neighbour solicitation
+    /// to the solicited-node multicast group for IPv6.
+    fn solicit<D: Device>(&self, dev: &mut D, ip: IpAddr, c: &mut Counters) {
         for (port, cfg) in self.shared.ports.iter().enumerate() {
             if cfg.role != PortRole::Pod {
                 continue;
@@ -522,28 +527,144 @@ impl Pipeline<'_> {
                 c.drop(DropReason::NoFrame);
                 return;
             };
-            let req = ArpRepr::EthernetIpv4 {
-                operation: ArpOperation::Request,
-                source_hardware_addr: EthernetAddress(cfg.mac),
-                source_protocol_addr: gw,
-                target_hardware_addr: EthernetAddress([0; 6]),
-                target_protocol_addr: ip,
-            };
-            // Ethernet minimum frame (without FCS).
-            let len = 60;
-            {
+            let len = {
                 let (chunk, off) = dev.chunk_mut(f);
-                let pkt = &mut chunk[off..off + len];
-                pkt.fill(0);
-                set_macs(pkt, [0xff; 6], cfg.mac);
-                pkt[12..14].copy_from_slice(&ETH_ARP.to_be_bytes());
-                req.emit(&mut ArpPacket::new_unchecked(&mut pkt[ETH_LEN..]));
-            }
+                let pkt = &mut chunk[off..];
+                match ip {
+                    IpAddr::V4(a) => self
+                        .tables
+                        .gateway_v4
+                        .map(|gw| write_arp_request(pkt, cfg.mac, gw, a)),
+                    IpAddr::V6(a) => self
+                        .tables
+                        .gateway_v6
+                        .map(|gw| write_neighbor_solicit(pkt, cfg.mac, gw, a)),
+                }
+            };
+            let Some(len) = len else {
+                dev.free(f);
+                return;
+            };
             f.len = len as u32;
             if dev.send(port, f) {
                 c.tx += 1;
                 c.arp_requests += 1;
             }
+        }
+    }
+
+    /// IPv6 neighbour discovery: answer solicitations as ARP is answered (on pod ports for
+    /// every address but the asker's own, on the uplink for the node's and external
+    /// frontends' addresses), and learn pods from solicitations and advertisements.
+    fn ndp(
+        &self,
+        pkt: &mut [u8],
+        frame: Frame,
+        port: PortId,
+        h: &Headers,
+        c: &mut Counters,
+    ) -> Outcome {
+        let (IpAddr::V6(src), IpAddr::V6(dst)) = (h.src, h.dst) else {
+            return Outcome::Drop(DropReason::BadIpHeader);
+        };
+        let Some(cfg) = self.shared.ports.get(port) else {
+            return Outcome::Drop(DropReason::NoRoute);
+        };
+        // RFC 4861 7.1.1: neighbour discovery only from on-link (hop limit 255).
+        if h.ttl != 255 {
+            return Outcome::Drop(DropReason::NeighborConsumed);
+        }
+        let caps = ChecksumCapabilities::default();
+        let Ok(icmp) = Icmpv6Packet::new_checked(&pkt[h.l4..h.end]) else {
+            return Outcome::Drop(DropReason::Truncated);
+        };
+        let Ok(Icmpv6Repr::Ndisc(nd)) = Icmpv6Repr::parse(&src, &dst, &icmp, &caps) else {
+            return Outcome::Drop(DropReason::NeighborConsumed);
+        };
+        let mut eth_src = [0u8; 6];
+        eth_src.copy_from_slice(&pkt[6..12]);
+        let lladdr_mac = |l: Option<RawHardwareAddress>| {
+            l.and_then(|l| <[u8; 6]>::try_from(l.as_bytes()).ok())
+                .unwrap_or(eth_src)
+        };
+        let learn = |ip: Ipv6Addr, mac: [u8; 6]| {
+            let ip = IpAddr::V6(ip);
+            if cfg.role == PortRole::Pod && self.tables.in_local_pod_network(ip) {
+                self.shared.neighbors.learn(ip, Neighbor { port, mac });
+            }
+        };
+        match nd {
+            NdiscRepr::NeighborAdvert {
+                target_addr,
+                lladdr,
+                ..
+            } => {
+                learn(target_addr, lladdr_mac(lladdr));
+                Outcome::Drop(DropReason::NeighborConsumed)
+            }
+            NdiscRepr::NeighborSolicit {
+                target_addr,
+                lladdr,
+            } => {
+                if !src.is_unspecified() {
+                    learn(src, lladdr_mac(lladdr));
+                }
+                let target = IpAddr::V6(target_addr);
+                let answer = match cfg.role {
+                    PortRole::Pod => target_addr != src,
+                    PortRole::Uplink => {
+                        self.tables.node_addresses.contains(&target)
+                            || self.tables.services.is_frontend_ip(target)
+                    }
+                };
+                if !answer {
+                    return Outcome::Drop(DropReason::NeighborConsumed);
+                }
+                let reply_dst = if src.is_unspecified() {
+                    Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1)
+                } else {
+                    src
+                };
+                let na = Icmpv6Repr::Ndisc(NdiscRepr::NeighborAdvert {
+                    flags: NdiscNeighborFlags::ROUTER
+                        | NdiscNeighborFlags::SOLICITED
+                        | NdiscNeighborFlags::OVERRIDE,
+                    target_addr,
+                    lladdr: Some(EthernetAddress(cfg.mac).into()),
+                });
+                let ip = Ipv6Repr {
+                    src_addr: target_addr,
+                    dst_addr: reply_dst,
+                    next_header: IpProtocol::Icmpv6,
+                    payload_len: na.buffer_len(),
+                    hop_limit: 255,
+                };
+                let total = ETH_LEN + ip.buffer_len() + na.buffer_len();
+                if pkt.len() < total {
+                    return Outcome::Drop(DropReason::NoFrame);
+                }
+                set_macs(pkt, eth_src, cfg.mac);
+                pkt[12..14].copy_from_slice(&ETH_IPV6.to_be_bytes());
+                let l3 = &mut pkt[ETH_LEN..total];
+                l3.fill(0);
+                ip.emit(&mut Ipv6Packet::new_unchecked(&mut *l3));
+                na.emit(
+                    &target_addr,
+                    &reply_dst,
+                    &mut Icmpv6Packet::new_unchecked(&mut l3[ip.buffer_len()..]),
+                    &caps,
+                );
+                c.arp_replies += 1;
+                Outcome::Send(
+                    port,
+                    Frame {
+                        addr: frame.addr,
+                        len: total as u32,
+                    },
+                )
+            }
+            // Router solicitations and the rest: pods are configured statically.
+            _ => Outcome::Drop(DropReason::NeighborConsumed),
         }
     }
 
@@ -556,10 +677,8 @@ impl Pipeline<'_> {
         limiter: &mut ResolveLimiter,
     ) {
         for ip in self.tables.local_pods.keys() {
-            if let IpAddr::V4(a) = ip {
-                if self.shared.neighbors.get(ip).is_none() && limiter.allow(*a, self.now) {
-                    self.solicit(dev, *a, c);
-                }
+            if self.shared.neighbors.get(ip).is_none() && limiter.allow(*ip, self.now) {
+                self.solicit(dev, *ip, c);
             }
         }
     }
@@ -603,6 +722,67 @@ fn mac_u64(mac: [u8; 6]) -> u64 {
 fn u64_mac(v: u64) -> [u8; 6] {
     let b = v.to_le_bytes();
     [b[0], b[1], b[2], b[3], b[4], b[5]]
+}
+
+/// Writes an ARP request (who has `target`? tell `gw`) as a minimum-size broadcast frame;
+/// returns its length.
+fn write_arp_request(pkt: &mut [u8], mac: [u8; 6], gw: Ipv4Addr, target: Ipv4Addr) -> usize {
+    // Ethernet minimum frame (without FCS).
+    let len = 60;
+    let pkt = &mut pkt[..len];
+    pkt.fill(0);
+    set_macs(pkt, [0xff; 6], mac);
+    pkt[12..14].copy_from_slice(&ETH_ARP.to_be_bytes());
+    ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Request,
+        source_hardware_addr: EthernetAddress(mac),
+        source_protocol_addr: gw,
+        target_hardware_addr: EthernetAddress([0; 6]),
+        target_protocol_addr: target,
+    }
+    .emit(&mut ArpPacket::new_unchecked(&mut pkt[ETH_LEN..]));
+    len
+}
+
+/// Writes a neighbour solicitation for `target` from `gw` to its solicited-node group;
+/// returns its length.
+fn write_neighbor_solicit(pkt: &mut [u8], mac: [u8; 6], gw: Ipv6Addr, target: Ipv6Addr) -> usize {
+    let t = target.octets();
+    let group = Ipv6Addr::new(
+        0xff02,
+        0,
+        0,
+        0,
+        0,
+        1,
+        0xff00 | t[13] as u16,
+        u16::from_be_bytes([t[14], t[15]]),
+    );
+    let ns = Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit {
+        target_addr: target,
+        lladdr: Some(EthernetAddress(mac).into()),
+    });
+    let ip = Ipv6Repr {
+        src_addr: gw,
+        dst_addr: group,
+        next_header: IpProtocol::Icmpv6,
+        payload_len: ns.buffer_len(),
+        hop_limit: 255,
+    };
+    let total = ETH_LEN + ip.buffer_len() + ns.buffer_len();
+    let pkt = &mut pkt[..total];
+    pkt.fill(0);
+    set_macs(pkt, [0x33, 0x33, 0xff, t[13], t[14], t[15]], mac);
+    pkt[12..14].copy_from_slice(&ETH_IPV6.to_be_bytes());
+    let l3 = &mut pkt[ETH_LEN..];
+    ip.emit(&mut Ipv6Packet::new_unchecked(&mut *l3));
+    ns.emit(
+        &gw,
+        &group,
+        &mut Icmpv6Packet::new_unchecked(&mut l3[ip.buffer_len()..]),
+        &ChecksumCapabilities::default(),
+    );
+    total
 }
 
 fn set_macs(pkt: &mut [u8], dst: [u8; 6], src: [u8; 6]) {

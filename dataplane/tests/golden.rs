@@ -182,7 +182,11 @@ fn tcp(
 /// requests (it solicits unresolved pods in the background).
 fn step(w: &mut Worker<MemDevice>, now: u64) -> Vec<Vec<Vec<u8>>> {
     w.poll(now);
-    let is_solicitation = |f: &Vec<u8>| f.len() >= 22 && f[12..14] == [8, 6] && f[20..22] == [0, 1];
+    let is_solicitation = |f: &Vec<u8>| {
+        let arp = f.len() >= 22 && f[12..14] == [8, 6] && f[20..22] == [0, 1];
+        let ns = f.len() > 54 && f[12..14] == [0x86, 0xdd] && f[20] == 58 && f[54] == 135;
+        arp || ns
+    };
     (0..3)
         .map(|p| {
             w.dev
@@ -254,7 +258,7 @@ fn uplink_arp_only_for_node_and_service_addresses() {
             router
         )]
     );
-    assert_eq!(w.counters().drops[DropReason::ArpIgnored as usize], 1);
+    assert_eq!(w.counters().drops[DropReason::NeighborConsumed as usize], 1);
 }
 
 #[test]
@@ -498,4 +502,65 @@ fn ipv6_clusterip_dnat_is_byte_exact() {
             63
         )]
     );
+}
+
+#[test]
+fn ipv6_neighbour_solicitation_for_the_gateway_is_answered() {
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{
+        EthernetAddress, Icmpv6Packet, Icmpv6Repr, IpProtocol, Ipv6Packet, Ipv6Repr,
+        NdiscNeighborFlags, NdiscRepr,
+    };
+    let mut w = node();
+    let pod: std::net::Ipv6Addr = "fd00:10:244:1::2".parse().unwrap();
+    let gw: std::net::Ipv6Addr = "fd00:10:244:1::1".parse().unwrap();
+    let group: std::net::Ipv6Addr = "ff02::1:ff00:1".parse().unwrap();
+    let ns = Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit {
+        target_addr: gw,
+        lladdr: Some(EthernetAddress(POD1).into()),
+    });
+    let ip = Ipv6Repr {
+        src_addr: pod,
+        dst_addr: group,
+        next_header: IpProtocol::Icmpv6,
+        payload_len: ns.buffer_len(),
+        hop_limit: 255,
+    };
+    let mut f = vec![0u8; 14 + ip.buffer_len() + ns.buffer_len()];
+    f[0..6].copy_from_slice(&[0x33, 0x33, 0xff, 0, 0, 1]);
+    f[6..12].copy_from_slice(&POD1);
+    f[12..14].copy_from_slice(&[0x86, 0xdd]);
+    ip.emit(&mut Ipv6Packet::new_unchecked(&mut f[14..]));
+    ns.emit(
+        &pod,
+        &group,
+        &mut Icmpv6Packet::new_unchecked(&mut f[14 + 40..]),
+        &ChecksumCapabilities::default(),
+    );
+    w.dev.inject(1, &f);
+    let out = step(&mut w, 2 * SECOND);
+    let na = out[1]
+        .iter()
+        .find(|f| f.len() > 54 && f[12..14] == [0x86, 0xdd])
+        .expect("an answer on port 1");
+    assert_eq!(&na[0..12], &[POD1, GW1].concat()[..]);
+    let ipp = Ipv6Packet::new_checked(&na[14..]).unwrap();
+    let ipr = Ipv6Repr::parse(&ipp).unwrap();
+    assert_eq!((ipr.src_addr, ipr.dst_addr, ipr.hop_limit), (gw, pod, 255));
+    let icmp = Icmpv6Packet::new_checked(ipp.payload()).unwrap();
+    // Parsing verifies the ICMPv6 checksum.
+    let repr = Icmpv6Repr::parse(&gw, &pod, &icmp, &ChecksumCapabilities::default()).unwrap();
+    let Icmpv6Repr::Ndisc(NdiscRepr::NeighborAdvert {
+        flags,
+        target_addr,
+        lladdr,
+    }) = repr
+    else {
+        panic!("{repr:?}")
+    };
+    assert_eq!(target_addr, gw);
+    assert!(flags.contains(NdiscNeighborFlags::SOLICITED | NdiscNeighborFlags::ROUTER));
+    assert_eq!(lladdr.unwrap().as_bytes(), &GW1);
+    // And the pod was learned from its solicitation: traffic to it needs no resolution.
+    assert!(w.counters().arp_replies >= 1);
 }
