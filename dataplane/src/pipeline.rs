@@ -244,6 +244,9 @@ impl Pipeline<'_> {
         if h.later_fragment {
             return Outcome::Drop(DropReason::Fragment);
         }
+        if packet::is_icmp_error(&h) && self.icmp_error(pkt, &mut h, c) {
+            return self.route(pkt, &mut h, frame, true);
+        }
         let tracked = matches!(
             h.proto,
             packet::PROTO_TCP | packet::PROTO_UDP | packet::PROTO_SCTP
@@ -336,6 +339,52 @@ impl Pipeline<'_> {
         }
         c.routed += 1;
         self.route(pkt, &mut h, frame, from_uplink)
+    }
+
+    /// Translates an ICMP error about a tracked connection, the quoted packet and the
+    /// outer header both, as the kernel's NAT does (so path-MTU discovery and traceroute
+    /// work through a Service). Returns false when the error is about no connection of ours.
+    fn icmp_error(&self, pkt: &mut [u8], h: &mut Headers, c: &mut Counters) -> bool {
+        let Some(mut q) = packet::parse_quoted(pkt, h) else {
+            return false;
+        };
+        // The quoted packet travelled the other way: its reverse is a packet of ours.
+        let key = FlowKey {
+            proto: q.proto,
+            src: q.dst,
+            dst: q.src,
+            sport: q.dport,
+            dport: q.sport,
+        };
+        let Some(hit) = self.shared.conntrack.get(&key, self.now) else {
+            return false;
+        };
+        let conn = hit.conn;
+        // (quoted source, quoted destination, outer (from, to) for source and destination)
+        let (qs, qd, src_map, dst_map) = match hit.dir {
+            // The error is about a packet the client sent (after DNAT / SNAT); the client
+            // must see its own packet as it sent it.
+            Direction::Reply => (
+                (conn.original.src, conn.original.sport),
+                (conn.original.dst, conn.original.dport),
+                (conn.reply.src, conn.original.dst),
+                (conn.reply.dst, conn.original.src),
+            ),
+            // The error is about a reply the client got; the backend must see its own.
+            Direction::Original => (
+                (conn.reply.src, conn.reply.sport),
+                (conn.reply.dst, conn.reply.dport),
+                (conn.original.src, conn.reply.dst),
+                (conn.original.dst, conn.reply.src),
+            ),
+        };
+        packet::rewrite_quoted(pkt, &mut q, qs, qd);
+        let src = if h.src == src_map.0 { src_map.1 } else { h.src };
+        let dst = if h.dst == dst_map.0 { dst_map.1 } else { h.dst };
+        packet::set_addresses(pkt, h, src, dst);
+        packet::fix_icmp_checksum(pkt, h);
+        c.nat_hits += 1;
+        true
     }
 
     /// Inserts a new connection, choosing a masquerade port that no live flow uses.

@@ -564,3 +564,63 @@ fn ipv6_neighbour_solicitation_for_the_gateway_is_answered() {
     // And the pod was learned from its solicitation: traffic to it needs no resolution.
     assert!(w.counters().arp_replies >= 1);
 }
+
+#[test]
+fn icmp_frag_needed_from_the_backend_side_is_un_natted_inner_and_outer() {
+    use etherparse::icmpv4::DestUnreachableHeader;
+    use etherparse::{Icmpv4Type, Ipv4HeaderSlice};
+    let mut w = node();
+    resolve_web(&mut w);
+    w.dev.inject(
+        1,
+        &tcp(
+            (GW1, POD1),
+            [10, 244, 1, 2],
+            40000,
+            [172, 30, 0, 41],
+            80,
+            64,
+            true,
+        ),
+    );
+    let out = step(&mut w, 3 * SECOND);
+    let forwarded = out[2][0].clone();
+    // web answers "fragmentation needed", quoting the packet it got (after DNAT).
+    let mut err = Vec::new();
+    PacketBuilder::ethernet2(POD2, GW2)
+        .ipv4([10, 244, 1, 5], [10, 244, 1, 2], 64)
+        .icmpv4(Icmpv4Type::DestinationUnreachable(
+            DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
+        ))
+        .write(&mut err, &forwarded[14..14 + 28])
+        .unwrap();
+    w.dev.inject(2, &err);
+    let out = step(&mut w, 4 * SECOND);
+    assert_eq!(out[1].len(), 1, "the error reaches the client");
+    let p = SlicedPacket::from_ethernet(&out[1][0]).unwrap();
+    let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
+        panic!()
+    };
+    // The client sees the error come from the ClusterIP it talked to.
+    assert_eq!(ip.header().source(), [172, 30, 0, 41]);
+    assert_eq!(ip.header().destination(), [10, 244, 1, 2]);
+    let h = ip.header().to_header();
+    assert_eq!(h.header_checksum, h.calc_header_checksum());
+    let Some(TransportSlice::Icmpv4(icmp)) = &p.transport else {
+        panic!()
+    };
+    assert_eq!(
+        icmp.header().checksum,
+        icmp.header().icmp_type.calc_checksum(icmp.payload())
+    );
+    // The quoted packet is the client's own: to the ClusterIP, port 80, valid header.
+    let q = Ipv4HeaderSlice::from_slice(icmp.payload()).unwrap();
+    assert_eq!(
+        (q.source(), q.destination()),
+        ([10, 244, 1, 2], [172, 30, 0, 41])
+    );
+    let qh = q.to_header();
+    assert_eq!(qh.header_checksum, qh.calc_header_checksum());
+    let ports = &icmp.payload()[20..24];
+    assert_eq!(ports, &[0x9c, 0x40, 0, 80]);
+}

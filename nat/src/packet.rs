@@ -339,6 +339,179 @@ pub fn rewrite(frame: &mut [u8], h: &mut Headers, end: End, ip: IpAddr, port: u1
     }
 }
 
+/// The packet quoted inside an ICMP error: where it is and its tuple.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quoted {
+    /// Offset of the quoted IP header in the frame.
+    pub l3: usize,
+    /// Offset of its transport header.
+    pub l4: usize,
+    /// End of the quoted bytes (the ICMP message's end).
+    pub end: usize,
+    /// IPv6.
+    pub v6: bool,
+    /// Its protocol.
+    pub proto: u8,
+    /// Its source.
+    pub src: IpAddr,
+    /// Its destination.
+    pub dst: IpAddr,
+    /// Its source port (ICMP echo: identifier).
+    pub sport: u16,
+    /// Its destination port (ICMP echo: identifier).
+    pub dport: u16,
+}
+
+/// Whether `h` is an ICMP error that quotes a packet (destination unreachable, packet too
+/// big, time exceeded, parameter problem).
+pub fn is_icmp_error(h: &Headers) -> bool {
+    match h.proto {
+        PROTO_ICMP => matches!(h.icmp_type, 3 | 11 | 12),
+        PROTO_ICMPV6 => matches!(h.icmp_type, 1..=4),
+        _ => false,
+    }
+}
+
+/// Parses the packet an ICMP error quotes (its IP header and at least 8 bytes of transport
+/// header, RFC 792 / RFC 4443).
+pub fn parse_quoted(frame: &[u8], h: &Headers) -> Option<Quoted> {
+    let l3 = h.l4 + 8;
+    let ip = frame.get(l3..h.end)?;
+    let (l4, proto, src, dst, v6) = if !h.v6 {
+        if ip.len() < 20 || ip[0] >> 4 != 4 {
+            return None;
+        }
+        let ihl = (ip[0] & 0x0f) as usize * 4;
+        if ihl < 20 {
+            return None;
+        }
+        let src = IpAddr::V4(Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]));
+        let dst = IpAddr::V4(Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]));
+        (l3 + ihl, ip[9], src, dst, false)
+    } else {
+        if ip.len() < 40 || ip[0] >> 4 != 6 {
+            return None;
+        }
+        let mut a = [0u8; 16];
+        a.copy_from_slice(&ip[8..24]);
+        let mut b = [0u8; 16];
+        b.copy_from_slice(&ip[24..40]);
+        (l3 + 40, ip[6], IpAddr::V6(a.into()), IpAddr::V6(b.into()), true)
+    };
+    let t = frame.get(l4..l4 + 8)?;
+    let (sport, dport) = match proto {
+        PROTO_TCP | PROTO_UDP | PROTO_SCTP => (
+            u16::from_be_bytes([t[0], t[1]]),
+            u16::from_be_bytes([t[2], t[3]]),
+        ),
+        PROTO_ICMP | PROTO_ICMPV6 if is_echo(v6, t[0]) => {
+            let id = u16::from_be_bytes([t[4], t[5]]);
+            (id, id)
+        }
+        _ => return None,
+    };
+    Some(Quoted {
+        l3,
+        l4,
+        end: h.end,
+        v6,
+        proto,
+        src,
+        dst,
+        sport,
+        dport,
+    })
+}
+
+/// Rewrites the quoted packet's addresses and ports, with its IPv4 header checksum and the
+/// transport checksum where the quote carries it. The enclosing ICMP checksum must be
+/// recomputed afterwards ([`fix_icmp_checksum`]).
+pub fn rewrite_quoted(frame: &mut [u8], q: &mut Quoted, src: (IpAddr, u16), dst: (IpAddr, u16)) {
+    let (ns, alen) = addr_bytes(&src.0);
+    let (nd, _) = addr_bytes(&dst.0);
+    let (os, _) = addr_bytes(&q.src);
+    let (od, _) = addr_bytes(&q.dst);
+    let (so, dof) = if q.v6 { (8, 24) } else { (12, 16) };
+    // Transport checksum, if the quote includes it.
+    let check_at = match q.proto {
+        PROTO_TCP => Some(q.l4 + 16),
+        PROTO_UDP => Some(q.l4 + 6),
+        _ => None,
+    };
+    if let Some(at) = check_at.filter(|at| at + 2 <= q.end) {
+        let mut c = u16::from_be_bytes([frame[at], frame[at + 1]]);
+        if !(q.proto == PROTO_UDP && !q.v6 && c == 0) {
+            c = checksum::update_bytes(c, &os[..alen], &ns[..alen]);
+            c = checksum::update_bytes(c, &od[..alen], &nd[..alen]);
+            c = checksum::update16(c, q.sport, src.1);
+            c = checksum::update16(c, q.dport, dst.1);
+            frame[at..at + 2].copy_from_slice(&c.to_be_bytes());
+        }
+    }
+    match q.proto {
+        PROTO_TCP | PROTO_UDP | PROTO_SCTP => {
+            frame[q.l4..q.l4 + 2].copy_from_slice(&src.1.to_be_bytes());
+            frame[q.l4 + 2..q.l4 + 4].copy_from_slice(&dst.1.to_be_bytes());
+        }
+        _ => {
+            // ICMP echo: the identifier; the quoted echo's own checksum is left as it was
+            // (it covers data the quote may not hold in full).
+            frame[q.l4 + 4..q.l4 + 6].copy_from_slice(&src.1.to_be_bytes());
+        }
+    }
+    frame[q.l3 + so..q.l3 + so + alen].copy_from_slice(&ns[..alen]);
+    frame[q.l3 + dof..q.l3 + dof + alen].copy_from_slice(&nd[..alen]);
+    if !q.v6 {
+        let ihl = (frame[q.l3] & 0x0f) as usize * 4;
+        if q.l3 + ihl <= frame.len() {
+            frame[q.l3 + 10..q.l3 + 12].copy_from_slice(&[0, 0]);
+            let c = checksum::checksum(&frame[q.l3..q.l3 + ihl]);
+            frame[q.l3 + 10..q.l3 + 12].copy_from_slice(&c.to_be_bytes());
+        }
+    }
+    q.src = src.0;
+    q.sport = src.1;
+    q.dst = dst.0;
+    q.dport = dst.1;
+}
+
+/// Sets an IP packet's addresses without touching the transport header (for ICMP errors,
+/// whose checksum is then recomputed whole), updating the IPv4 header checksum.
+pub fn set_addresses(frame: &mut [u8], h: &mut Headers, src: IpAddr, dst: IpAddr) {
+    let (ns, alen) = addr_bytes(&src);
+    let (nd, _) = addr_bytes(&dst);
+    let (so, dof) = if h.v6 { (8, 24) } else { (12, 16) };
+    frame[h.l3 + so..h.l3 + so + alen].copy_from_slice(&ns[..alen]);
+    frame[h.l3 + dof..h.l3 + dof + alen].copy_from_slice(&nd[..alen]);
+    if !h.v6 {
+        let ihl = h.l4 - h.l3;
+        frame[h.l3 + 10..h.l3 + 12].copy_from_slice(&[0, 0]);
+        let c = checksum::checksum(&frame[h.l3..h.l3 + ihl]);
+        frame[h.l3 + 10..h.l3 + 12].copy_from_slice(&c.to_be_bytes());
+    }
+    h.src = src;
+    h.dst = dst;
+}
+
+/// Recomputes an ICMP or ICMPv6 message's checksum over the whole message (slow path:
+/// ICMP errors only).
+pub fn fix_icmp_checksum(frame: &mut [u8], h: &Headers) {
+    let msg = h.l4..h.end;
+    frame[h.l4 + 2..h.l4 + 4].copy_from_slice(&[0, 0]);
+    let initial = match (h.v6, h.src, h.dst) {
+        (true, IpAddr::V6(s), IpAddr::V6(d)) => {
+            pseudo_sum_v6(s.octets(), d.octets(), (h.end - h.l4) as u32)
+        }
+        _ => 0,
+    };
+    let c = !(checksum::sum(&frame[msg], initial) as u16);
+    frame[h.l4 + 2..h.l4 + 4].copy_from_slice(&c.to_be_bytes());
+}
+
+fn pseudo_sum_v6(src: [u8; 16], dst: [u8; 16], len: u32) -> u32 {
+    checksum::pseudo_v6(src, dst, PROTO_ICMPV6, len)
+}
+
 /// Decrements the TTL / hop limit, updating the IPv4 header checksum. Returns the new value.
 pub fn decrement_ttl(frame: &mut [u8], h: &mut Headers) -> u8 {
     let ttl = h.ttl.saturating_sub(1);
