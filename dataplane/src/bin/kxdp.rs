@@ -58,6 +58,22 @@ enum Cmd {
         /// Per-attempt timeout in milliseconds.
         #[arg(long, default_value_t = 1000)]
         timeout_ms: u64,
+        /// Pause between connections, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        interval_ms: u64,
+    },
+    /// Hold one TCP connection open and stream through it (echoed back) for a bounded
+    /// time; prints one JSON line with who answered, bytes echoed and any error.
+    Hold {
+        /// Destination address:port.
+        #[arg(long)]
+        to: SocketAddr,
+        /// How long to hold the connection, in milliseconds.
+        #[arg(long, default_value_t = 3000)]
+        millis: u64,
+        /// Pause between writes, in milliseconds.
+        #[arg(long, default_value_t = 10)]
+        interval_ms: u64,
     },
     /// Send UDP datagrams to an address as fast as one socket can, for a bounded time.
     Blast {
@@ -143,9 +159,13 @@ fn main() -> Result<()> {
             proto,
             count,
             timeout_ms,
+            interval_ms,
         } => {
             let timeout = Duration::from_millis(timeout_ms);
             for i in 0..count {
+                if i > 0 && interval_ms > 0 {
+                    std::thread::sleep(Duration::from_millis(interval_ms));
+                }
                 let answer = match proto.as_str() {
                     "tcp" => call_tcp(to, timeout),
                     "udp" => call_udp(to, timeout),
@@ -157,6 +177,24 @@ fn main() -> Result<()> {
                 };
                 println!("{line}");
             }
+            Ok(())
+        }
+        Cmd::Hold {
+            to,
+            millis,
+            interval_ms,
+        } => {
+            let line = match hold(
+                to,
+                Duration::from_millis(millis),
+                Duration::from_millis(interval_ms),
+            ) {
+                Ok((who, bytes)) => serde_json::json!({"answer": who, "bytes": bytes}),
+                Err((who, bytes, e)) => {
+                    serde_json::json!({"answer": who, "bytes": bytes, "error": format!("{e:#}")})
+                }
+            };
+            println!("{line}");
             Ok(())
         }
         Cmd::Blast {
@@ -208,8 +246,22 @@ fn echo(name: &str, ports: &[u16]) -> Result<()> {
         let answer = format!("{name}\n");
         threads.push(std::thread::spawn(move || {
             for mut conn in tcp.incoming().flatten() {
-                let _ = conn.set_write_timeout(Some(Duration::from_secs(2)));
-                let _ = conn.write_all(answer.as_bytes());
+                let answer = answer.clone();
+                // Each connection: say who we are, then echo whatever comes until the
+                // client closes (a one-shot `call` closes at once, `hold` streams).
+                std::thread::spawn(move || {
+                    let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
+                    let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+                    if conn.write_all(answer.as_bytes()).is_err() {
+                        return;
+                    }
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = conn.read(&mut buf) {
+                        if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                });
             }
         }));
         let udp = UdpSocket::bind(("0.0.0.0", port)).with_context(|| format!("bind udp {port}"))?;
@@ -230,10 +282,53 @@ fn echo(name: &str, ports: &[u16]) -> Result<()> {
 
 fn call_tcp(to: SocketAddr, timeout: Duration) -> Result<String> {
     let mut s = TcpStream::connect_timeout(&to, timeout).context("connect")?;
+    s.shutdown(std::net::Shutdown::Write)?;
     s.set_read_timeout(Some(timeout))?;
     let mut out = String::new();
     s.read_to_string(&mut out).context("read")?;
     Ok(out.trim().to_string())
+}
+
+/// Streams 64-byte messages through one connection, checking each echo; returns who
+/// answered and the bytes echoed, or the error with what was done before it.
+fn hold(
+    to: SocketAddr,
+    total: Duration,
+    interval: Duration,
+) -> std::result::Result<(String, u64), (String, u64, anyhow::Error)> {
+    let mut who = String::new();
+    let mut bytes = 0u64;
+    let mut run = || -> Result<()> {
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(2)).context("connect")?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while b[0] != b'\n' {
+            s.read_exact(&mut b).context("read greeting")?;
+            line.push(b[0]);
+        }
+        who = String::from_utf8_lossy(&line).trim().to_string();
+        let deadline = Instant::now() + total;
+        let mut seq = 0u64;
+        while Instant::now() < deadline {
+            let mut msg = [0u8; 64];
+            msg[..8].copy_from_slice(&seq.to_be_bytes());
+            s.write_all(&msg).context("write")?;
+            let mut back = [0u8; 64];
+            s.read_exact(&mut back).context("read echo")?;
+            if back != msg {
+                bail!("echo {seq} came back changed");
+            }
+            bytes += 64;
+            seq += 1;
+            std::thread::sleep(interval);
+        }
+        Ok(())
+    };
+    match run() {
+        Ok(()) => Ok((who, bytes)),
+        Err(e) => Err((who.clone(), bytes, e)),
+    }
 }
 
 fn call_udp(to: SocketAddr, timeout: Duration) -> Result<String> {
