@@ -58,7 +58,8 @@ drop_reasons! {
     SnatExhausted => "snat_exhausted",
     /// No route to the destination.
     NoRoute => "no_route",
-    /// The next hop's MAC is not known yet (resolution was started).
+    /// The next hop did not answer ARP / neighbour solicitation within the hold time, or
+    /// the worker's hold queue was full.
     NeighborUnresolved => "neighbor_unresolved",
     /// The frame pool was empty when a reply had to be built.
     NoFrame => "no_frame",

@@ -45,20 +45,32 @@ enum Outcome {
     Resolve(DropReason, IpAddr),
 }
 
-/// Remembers recent neighbour solicitations so a burst for one address sends one request.
-pub struct ResolveLimiter {
+/// Frames a worker holds while their next hop is being resolved, like the kernel's
+/// per-neighbour `unres_qlen` queue: the first packet of a connection to a pod the
+/// dataplane has not heard from yet is delayed, not lost.
+pub const HELD_FRAMES: usize = 64;
+/// How long a held frame waits for its neighbour before it is dropped (and counted).
+pub const HOLD_TIME: u64 = SECOND;
+
+/// Per-worker neighbour-resolution state: recent solicitations (so a burst for one address
+/// sends one request) and the frames waiting for an answer.
+pub struct Resolver {
     recent: [(u32, u64); 64],
+    held: [Option<(Frame, IpAddr, u64)>; HELD_FRAMES],
+    held_count: usize,
 }
 
-impl Default for ResolveLimiter {
+impl Default for Resolver {
     fn default() -> Self {
-        ResolveLimiter {
+        Resolver {
             recent: [(0, 0); 64],
+            held: [None; HELD_FRAMES],
+            held_count: 0,
         }
     }
 }
 
-impl ResolveLimiter {
+impl Resolver {
     /// Minimum interval between two requests for one address.
     const INTERVAL: u64 = SECOND / 5;
 
@@ -77,6 +89,23 @@ impl ResolveLimiter {
         }
         *slot = (key, now.max(1));
         true
+    }
+
+    /// Holds `frame` for `ip` until `deadline`; false when every slot is taken.
+    fn hold(&mut self, frame: Frame, ip: IpAddr, deadline: u64) -> bool {
+        match self.held.iter_mut().find(|s| s.is_none()) {
+            Some(slot) => {
+                *slot = Some((frame, ip, deadline));
+                self.held_count += 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Frames held now.
+    pub fn held(&self) -> usize {
+        self.held_count
     }
 }
 
@@ -98,7 +127,7 @@ impl Pipeline<'_> {
         port: PortId,
         frame: Frame,
         c: &mut Counters,
-        limiter: &mut ResolveLimiter,
+        limiter: &mut Resolver,
     ) {
         c.rx += 1;
         let outcome = {
@@ -116,8 +145,10 @@ impl Pipeline<'_> {
                 dev.free(frame);
             }
             Outcome::Resolve(reason, ip) => {
-                c.drop(reason);
-                dev.free(frame);
+                if !limiter.hold(frame, ip, self.now + HOLD_TIME) {
+                    c.drop(reason);
+                    dev.free(frame);
+                }
                 if limiter.allow(ip, self.now) {
                     self.solicit(dev, ip, c);
                 }
@@ -717,13 +748,52 @@ impl Pipeline<'_> {
         }
     }
 
+    /// Sends the held frames whose neighbour is now known; drops (and counts) those that
+    /// waited too long.
+    pub fn release_held<D: Device>(&self, dev: &mut D, c: &mut Counters, resolver: &mut Resolver) {
+        if resolver.held_count == 0 {
+            return;
+        }
+        for i in 0..HELD_FRAMES {
+            let Some((frame, ip, deadline)) = resolver.held[i] else {
+                continue;
+            };
+            let next = self.shared.neighbors.get(&ip);
+            if next.is_none() && self.now < deadline {
+                continue;
+            }
+            resolver.held[i] = None;
+            resolver.held_count -= 1;
+            let out = next.and_then(|n| {
+                let cfg = self.shared.ports.get(n.port)?;
+                let (chunk, off) = dev.chunk_mut(frame);
+                let pkt = chunk.get_mut(off..off + frame.len as usize)?;
+                let mut h = packet::parse(pkt).ok()?;
+                packet::decrement_ttl(pkt, &mut h);
+                set_macs(pkt, n.mac, cfg.mac);
+                Some(n.port)
+            });
+            match out {
+                Some(port) => {
+                    if dev.send(port, frame) {
+                        c.tx += 1;
+                    }
+                }
+                None => {
+                    c.drop(DropReason::NeighborUnresolved);
+                    dev.free(frame);
+                }
+            }
+        }
+    }
+
     /// Solicits every local pod address whose MAC is not known yet (called periodically,
     /// so backends are resolved before their first connection).
     pub fn resolve_local_pods<D: Device>(
         &self,
         dev: &mut D,
         c: &mut Counters,
-        limiter: &mut ResolveLimiter,
+        limiter: &mut Resolver,
     ) {
         for ip in self.tables.local_pods.keys() {
             if self.shared.neighbors.get(ip).is_none() && limiter.allow(*ip, self.now) {

@@ -8,7 +8,7 @@ use std::time::Instant;
 use pktio::{Device, Frame};
 
 use crate::counters::Counters;
-use crate::pipeline::{Pipeline, ResolveLimiter, SECOND};
+use crate::pipeline::{Pipeline, Resolver, SECOND};
 use crate::state::Shared;
 
 /// Frames taken from one port per pass. 64 is the burst DPDK's l3fwd uses and the size of
@@ -27,7 +27,7 @@ pub struct Worker<D: Device> {
     pub dev: D,
     shared: Arc<Shared>,
     counters: Counters,
-    limiter: ResolveLimiter,
+    limiter: Resolver,
     rx: Vec<Frame>,
     last_housekeeping: u64,
 }
@@ -40,7 +40,7 @@ impl<D: Device> Worker<D> {
             dev,
             shared,
             counters: Counters::default(),
-            limiter: ResolveLimiter::default(),
+            limiter: Resolver::default(),
             rx: Vec::with_capacity(BURST),
             last_housekeeping: 0,
         }
@@ -71,6 +71,7 @@ impl<D: Device> Worker<D> {
                 );
             }
         }
+        pipeline.release_held(&mut self.dev, &mut self.counters, &mut self.limiter);
         if now >= self.last_housekeeping + HOUSEKEEPING {
             self.last_housekeeping = now;
             if self.id == 0 {

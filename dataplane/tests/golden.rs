@@ -624,3 +624,72 @@ fn icmp_frag_needed_from_the_backend_side_is_un_natted_inner_and_outer() {
     let ports = &icmp.payload()[20..24];
     assert_eq!(ports, &[0x9c, 0x40, 0, 80]);
 }
+
+#[test]
+fn first_packet_to_an_unresolved_pod_is_held_until_it_answers() {
+    let mut w = node();
+    w.dev.inject(
+        1,
+        &tcp(
+            (GW1, POD1),
+            [10, 244, 1, 2],
+            40000,
+            [172, 30, 0, 41],
+            80,
+            64,
+            true,
+        ),
+    );
+    let out = step(&mut w, 2 * SECOND);
+    assert!(
+        out[2].is_empty(),
+        "nothing can go to web before it is resolved"
+    );
+    // The dataplane asked who has 10.244.1.5; web answers, and the held SYN follows.
+    w.dev
+        .inject(2, &arp(2, POD2, [10, 244, 1, 5], GW2, [10, 244, 1, 1], GW2));
+    let out = step(&mut w, 2 * SECOND + 1000);
+    let want = tcp(
+        (POD2, GW2),
+        [10, 244, 1, 2],
+        40000,
+        [10, 244, 1, 5],
+        8080,
+        63,
+        true,
+    );
+    assert_eq!(out[2], vec![want]);
+    assert_eq!(
+        w.counters().drops[DropReason::NeighborUnresolved as usize],
+        0
+    );
+}
+
+#[test]
+fn a_held_packet_is_dropped_and_counted_when_nobody_answers() {
+    let mut w = node();
+    w.dev.inject(
+        1,
+        &tcp(
+            (GW1, POD1),
+            [10, 244, 1, 2],
+            40000,
+            [172, 30, 0, 41],
+            80,
+            64,
+            true,
+        ),
+    );
+    step(&mut w, 2 * SECOND);
+    let out = step(&mut w, 4 * SECOND);
+    assert!(out.iter().all(|p| p.is_empty()));
+    assert_eq!(
+        w.counters().drops[DropReason::NeighborUnresolved as usize],
+        1
+    );
+    assert_eq!(
+        w.dev.free_frames(),
+        64,
+        "the held frame went back to the pool"
+    );
+}
