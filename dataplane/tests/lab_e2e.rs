@@ -64,13 +64,22 @@ fn generation(socket: &Path) -> Option<u64> {
     }
 }
 
+/// The test's own copy of the lab manifests, which it edits while control runs.
+fn manifests(lab: &Lab) -> PathBuf {
+    lab.state_dir().join("manifests")
+}
+
 fn start_control(lab: &Lab, socket: &Path) -> Proc {
-    let log = std::fs::File::create(lab.state_dir().join("control.log")).unwrap();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(lab.state_dir().join("control.log"))
+        .unwrap();
     Proc(
         Command::new(bin("kxdp-control"))
             .args([
                 "--manifests",
-                &repo().join("lab/manifests").to_string_lossy(),
+                &manifests(lab).to_string_lossy(),
                 "--node",
                 "node-a",
             ])
@@ -136,6 +145,17 @@ fn clusterip_over_af_xdp_and_control_restart() {
     let lab = LabGuard(Lab::new(spec));
     let lab = &lab.0;
     lab.up(&bin("kxdp")).expect("lab up");
+    std::fs::create_dir_all(manifests(lab)).unwrap();
+    for f in std::fs::read_dir(repo().join("lab/manifests")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, manifests(lab).join(f.file_name().unwrap())).unwrap();
+    }
+    // A malformed manifest is reported with its file and field; the others still apply.
+    std::fs::write(
+        manifests(lab).join("99-bad.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: bad, namespace: default}\nspec:\n  ports: [{port: eighty}]\n",
+    )
+    .unwrap();
     let socket = lab.state_dir().join("dataplane.sock");
     let dp_log = std::fs::File::create(lab.state_dir().join("dataplane.log")).unwrap();
     let _dataplane = Proc(
@@ -262,6 +282,38 @@ fn clusterip_over_af_xdp_and_control_restart() {
         names(&after),
         ["default/web-1", "default/web-2", "default/web-3"],
         "after restart: {after:?}"
+    );
+    let log = std::fs::read_to_string(lab.state_dir().join("control.log")).unwrap();
+    assert!(
+        log.contains("99-bad.yaml document 1: spec.ports[0].port"),
+        "control log: {log}"
+    );
+
+    // A change to the directory reaches the dataplane without a restart: web-3 stops
+    // being ready, and new connections stop going to it.
+    let web = manifests(lab).join("20-web.yaml");
+    let text = std::fs::read_to_string(&web).unwrap();
+    let edited = text.replacen(
+        "- addresses: [10.244.1.7]\n  conditions: {ready: true}",
+        "- addresses: [10.244.1.7]\n  conditions: {ready: false}",
+        1,
+    );
+    assert_ne!(edited, text, "the test edits web-3's condition");
+    let before = generation(&socket).unwrap();
+    std::fs::write(&web, edited).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while generation(&socket).unwrap_or(0) == before {
+        assert!(
+            Instant::now() < deadline,
+            "the edit did not reach the dataplane within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let edited = call(lab, client, "172.30.0.41:80", "tcp", 30);
+    assert_eq!(
+        names(&edited),
+        ["default/web-1", "default/web-2"],
+        "after the edit: {edited:?}"
     );
     drop(control);
 }
