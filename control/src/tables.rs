@@ -103,24 +103,15 @@ pub fn compute_with_warnings(
         if spec.pod_cidrs.is_empty() {
             continue;
         }
-        let ann = n.metadata.annotations.clone().unwrap_or_default();
-        let vtep_ip = ann
-            .get(FLANNEL_PUBLIC_IP)
-            .and_then(|s| s.parse::<IpAddr>().ok())
-            .or_else(|| spec.addresses.iter().copied().find(|a| a.is_ipv4()));
-        let Some(vtep_ip) = vtep_ip else {
+        let Some(vtep_ip) = spec.vtep_ip else {
             warnings.push(Warning(format!("node {name}: no public-ip annotation and no IPv4 InternalIP; its pods are unreachable")));
             continue;
         };
-        let vtep_mac = ann
-            .get(FLANNEL_BACKEND_DATA)
-            .and_then(|d| vtep_mac(d))
-            .unwrap_or([0; 6]);
         remote_nodes.push(RemoteNodeSpec {
             name: name.clone(),
             pod_cidrs: spec.pod_cidrs,
             vtep_ip,
-            vtep_mac,
+            vtep_mac: spec.vtep_mac.unwrap_or([0; 6]),
         });
     }
     Ok((
@@ -191,11 +182,19 @@ fn node_spec(name: &str, node: &Node) -> NodeSpec {
         .and_then(|l| l.get(ZONE_LABEL))
         .filter(|z| !z.is_empty())
         .cloned();
+    let ann = node.metadata.annotations.clone().unwrap_or_default();
+    let vtep_ip = ann
+        .get(FLANNEL_PUBLIC_IP)
+        .and_then(|s| s.parse::<IpAddr>().ok())
+        .or_else(|| addresses.iter().copied().find(|a| a.is_ipv4()));
+    let vtep_mac = ann.get(FLANNEL_BACKEND_DATA).and_then(|d| vtep_mac(d));
     NodeSpec {
         name: name.to_string(),
         addresses,
         pod_cidrs,
         zone,
+        vtep_ip,
+        vtep_mac,
     }
 }
 

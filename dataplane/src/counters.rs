@@ -67,6 +67,12 @@ drop_reasons! {
     UnsupportedProtocol => "unsupported_protocol",
     /// Tables not received from control yet.
     NoTables => "no_tables",
+    /// VXLAN to this node that does not decapsulate (wrong VNI, truncated, bad header).
+    BadOverlay => "bad_overlay",
+    /// Too big for the overlay and fragmenting was not allowed or not possible.
+    TooBig => "too_big",
+    /// Not enough headroom before the frame to prepend the overlay headers.
+    NoHeadroom => "no_headroom",
 }
 
 /// One worker's counters. Only that worker writes them.
@@ -89,6 +95,12 @@ pub struct Counters {
     pub rejects: u64,
     /// Packets routed without translation.
     pub routed: u64,
+    /// Packets sent into the overlay (VXLAN encapsulated).
+    pub encapsulated: u64,
+    /// Packets taken out of the overlay.
+    pub decapsulated: u64,
+    /// ICMP fragmentation-needed / packet-too-big sent.
+    pub too_big: u64,
     /// Drops, indexed by [`DropReason`].
     pub drops: [u64; DropReason::COUNT],
     /// The device's own counters (TX ring full, pool empty, the kernel's XDP statistics),
@@ -107,6 +119,9 @@ impl Default for Counters {
             nat_hits: 0,
             rejects: 0,
             routed: 0,
+            encapsulated: 0,
+            decapsulated: 0,
+            too_big: 0,
             drops: [0; DropReason::COUNT],
             device: pktio::DeviceStats::default(),
         }
@@ -136,6 +151,9 @@ impl Counters {
             ("nat_hits".to_string(), self.nat_hits),
             ("rejects".to_string(), self.rejects),
             ("routed".to_string(), self.routed),
+            ("encapsulated".to_string(), self.encapsulated),
+            ("decapsulated".to_string(), self.decapsulated),
+            ("too_big".to_string(), self.too_big),
         ];
         for r in DropReason::ALL {
             out.push((format!("drop_{}", r.label()), self.drops[*r as usize]));
@@ -155,7 +173,7 @@ impl Counters {
     }
 }
 
-const FIXED: usize = 8;
+const FIXED: usize = 11;
 const DEVICE: usize = 8;
 
 /// Where a worker publishes its counters for readers on other threads.
@@ -183,6 +201,9 @@ impl Published {
             c.nat_hits,
             c.rejects,
             c.routed,
+            c.encapsulated,
+            c.decapsulated,
+            c.too_big,
         ];
         let d = &c.device;
         let device = [
@@ -217,6 +238,9 @@ impl Published {
             nat_hits: v[5],
             rejects: v[6],
             routed: v[7],
+            encapsulated: v[8],
+            decapsulated: v[9],
+            too_big: v[10],
             ..Counters::default()
         };
         c.drops

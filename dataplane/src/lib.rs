@@ -12,4 +12,5 @@ pub mod lab;
 pub mod pipeline;
 pub mod server;
 pub mod state;
+pub mod vxlan;
 pub mod worker;

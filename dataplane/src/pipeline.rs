@@ -35,6 +35,24 @@ pub const SNAT_PORT_MAX: u16 = 60999;
 /// costs a new flow at most this many conntrack probes.
 const SNAT_TRIES: u64 = 64;
 
+/// Which ICMP error the dataplane builds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum IcmpKind {
+    /// Destination port unreachable (a Service without endpoints).
+    PortUnreachable,
+    /// Fragmentation needed (IPv4) / packet too big (IPv6), with the MTU that fits.
+    TooBig(u16),
+}
+
+/// How a frame reached the pipeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Via {
+    /// Straight from a port.
+    Port,
+    /// Out of a VXLAN packet that arrived on the uplink.
+    Overlay,
+}
+
 /// What became of a frame handled in place.
 enum Outcome {
     /// Transmit the (rewritten) frame on a port; `addr`/`len` may have changed.
@@ -170,9 +188,60 @@ impl Pipeline<'_> {
         };
         match packet::ethertype(pkt) {
             Some(ETH_ARP) => self.arp(pkt, frame, port, c),
-            Some(ETH_IPV4) | Some(ETH_IPV6) => self.ip(chunk, off, frame, port, c),
+            Some(ETH_IPV4) if self.is_overlay_for_us(pkt, port) => {
+                self.decap(chunk, off, frame, port, c)
+            }
+            Some(ETH_IPV4) | Some(ETH_IPV6) => self.ip(chunk, off, frame, port, Via::Port, c),
             Some(_) => Outcome::Drop(DropReason::UnknownEthertype),
             None => Outcome::Drop(DropReason::Truncated),
+        }
+    }
+
+    /// Whether a frame from the uplink is VXLAN addressed to this node's VTEP (a cheap look
+    /// at fixed offsets; [`crate::vxlan::decapsulate`] validates it fully).
+    fn is_overlay_for_us(&self, pkt: &[u8], port: PortId) -> bool {
+        let Some(o) = &self.tables.overlay else {
+            return false;
+        };
+        if Some(port) != self.shared.uplink || pkt.len() < ETH_LEN + 28 {
+            return false;
+        }
+        let ip = &pkt[ETH_LEN..];
+        let ihl = (ip[0] & 0x0f) as usize * 4;
+        ip[9] == packet::PROTO_UDP
+            && ip[16..20] == o.local_vtep_ip.octets()
+            && pkt.len() >= ETH_LEN + ihl + 4
+            && u16::from_be_bytes([ip[ihl + 2], ip[ihl + 3]]) == o.port
+    }
+
+    /// Takes the inner frame out of a VXLAN packet and handles it as received from the
+    /// overlay.
+    fn decap(
+        &self,
+        chunk: &mut [u8],
+        off: usize,
+        frame: Frame,
+        port: PortId,
+        c: &mut Counters,
+    ) -> Outcome {
+        let Some(overlay) = &self.tables.overlay else {
+            return Outcome::Drop(DropReason::NoRoute);
+        };
+        let pkt = &chunk[off..off + frame.len as usize];
+        let d = match crate::vxlan::decapsulate(pkt, overlay) {
+            Ok(d) => d,
+            Err(_) => return Outcome::Drop(DropReason::BadOverlay),
+        };
+        c.decapsulated += 1;
+        let inner = Frame {
+            addr: frame.addr + d.inner_offset as u64,
+            len: d.inner_len as u32,
+        };
+        match packet::ethertype(&chunk[off + d.inner_offset..]) {
+            Some(ETH_IPV4) | Some(ETH_IPV6) => {
+                self.ip(chunk, off + d.inner_offset, inner, port, Via::Overlay, c)
+            }
+            _ => Outcome::Drop(DropReason::BadOverlay),
         }
     }
 
@@ -196,13 +265,19 @@ impl Pipeline<'_> {
             return Outcome::Drop(DropReason::NeighborConsumed);
         };
         let sender = IpAddr::V4(source_protocol_addr);
-        if cfg.role == PortRole::Pod && self.tables.in_local_pod_network(sender) {
+        let learn = match cfg.role {
+            PortRole::Pod => self.tables.in_local_pod_network(sender),
+            // On the uplink, everyone who speaks ARP is a neighbour (other nodes' VTEPs).
+            PortRole::Uplink => !source_protocol_addr.is_unspecified(),
+        };
+        if learn {
             self.shared.neighbors.learn(
                 sender,
                 Neighbor {
                     port,
                     mac: source_hardware_addr.0,
                 },
+                self.now,
             );
         }
         if operation != ArpOperation::Request || source_protocol_addr == target_protocol_addr {
@@ -245,6 +320,7 @@ impl Pipeline<'_> {
         off: usize,
         frame: Frame,
         port: PortId,
+        via: Via,
         c: &mut Counters,
     ) -> Outcome {
         let pkt = &mut chunk[off..off + frame.len as usize];
@@ -255,11 +331,13 @@ impl Pipeline<'_> {
         let role = self.shared.ports.get(port).map(|p| p.role);
         let mut mac = [0u8; 6];
         mac.copy_from_slice(&pkt[6..12]);
-        match role {
-            Some(PortRole::Pod) if self.tables.local_pods.contains_key(&h.src) => {
-                self.shared.neighbors.learn(h.src, Neighbor { port, mac });
+        match (role, via) {
+            (Some(PortRole::Pod), _) if self.tables.local_pods.contains_key(&h.src) => {
+                self.shared
+                    .neighbors
+                    .learn(h.src, Neighbor { port, mac }, self.now);
             }
-            Some(PortRole::Uplink) => {
+            (Some(PortRole::Uplink), Via::Port) => {
                 // Replies to outside clients go back where their traffic came from.
                 let m = mac_u64(mac);
                 if self.shared.uplink_next_hop.load(Ordering::Relaxed) != m {
@@ -268,15 +346,19 @@ impl Pipeline<'_> {
             }
             _ => {}
         }
-        let from_uplink = role == Some(PortRole::Uplink);
+        // Untranslated traffic may leave through the uplink only if it came from there.
+        let from_outside = role == Some(PortRole::Uplink) && via == Via::Port;
         if h.proto == packet::PROTO_ICMPV6 && matches!(h.icmp_type, 133..=137) {
+            if via == Via::Overlay {
+                return Outcome::Drop(DropReason::NeighborConsumed);
+            }
             return self.ndp(pkt, frame, port, &h, c);
         }
         if h.later_fragment {
             return Outcome::Drop(DropReason::Fragment);
         }
         if packet::is_icmp_error(&h) && self.icmp_error(pkt, &mut h, c) {
-            return self.route(pkt, &mut h, frame, true);
+            return self.route(chunk, off, &mut h, frame, port, true, c);
         }
         let tracked = matches!(
             h.proto,
@@ -308,7 +390,7 @@ impl Pipeline<'_> {
                     .refresh(hit.entry, self.now + timeouts::timeout(h.proto, state));
                 translate(pkt, &mut h, &conn, dir);
                 c.nat_hits += 1;
-                return self.route(pkt, &mut h, frame, true);
+                return self.route(chunk, off, &mut h, frame, port, true, c);
             }
             if let Some(proto) = nat::spec::Protocol::from_number(h.proto) {
                 let fkey = FrontendKey {
@@ -351,11 +433,21 @@ impl Pipeline<'_> {
                             };
                             translate(pkt, &mut h, &conn, Direction::Original);
                             c.nat_new += 1;
-                            self.route(pkt, &mut h, frame, true)
+                            self.route(chunk, off, &mut h, frame, port, true, c)
                         }
                         Decision::Reject => {
                             c.rejects += 1;
-                            self.reject(chunk, off, frame, port, &h)
+                            let from = h.dst;
+                            self.icmp_reply(
+                                chunk,
+                                off,
+                                frame,
+                                port,
+                                &h,
+                                IcmpKind::PortUnreachable,
+                                from,
+                                c,
+                            )
                         }
                         Decision::Drop => Outcome::Drop(DropReason::NoLocalEndpoint),
                     };
@@ -369,7 +461,7 @@ impl Pipeline<'_> {
             return Outcome::Drop(DropReason::ToHost);
         }
         c.routed += 1;
-        self.route(pkt, &mut h, frame, from_uplink)
+        self.route(chunk, off, &mut h, frame, port, from_outside, c)
     }
 
     /// Translates an ICMP error about a tracked connection, the quoted packet and the
@@ -459,22 +551,39 @@ impl Pipeline<'_> {
     }
 
     /// Sends a packet towards its (translated) destination: a local pod by its learned
-    /// neighbour entry, anything outside the cluster through the uplink's next hop.
-    /// `may_leave` says whether the packet may go out of the uplink untranslated (pod
-    /// traffic to the outside is masqueraded first, which is issue 9's work).
-    fn route(&self, pkt: &mut [u8], h: &mut Headers, frame: Frame, may_leave: bool) -> Outcome {
+    /// neighbour entry, a pod on another node through the overlay, anything outside the
+    /// cluster through the uplink's next hop. `may_leave` says whether the packet may go out
+    /// of the uplink untranslated (pod traffic to the outside is masqueraded first, which is
+    /// issue 9's work). A packet too big for the overlay is answered with ICMP
+    /// fragmentation-needed / packet-too-big (sent back to `in_port`'s sender).
+    #[allow(clippy::too_many_arguments)]
+    fn route(
+        &self,
+        chunk: &mut [u8],
+        off: usize,
+        h: &mut Headers,
+        frame: Frame,
+        in_port: PortId,
+        may_leave: bool,
+        c: &mut Counters,
+    ) -> Outcome {
         if h.ttl <= 1 {
             return Outcome::Drop(DropReason::TtlExceeded);
         }
+        let len = frame.len as usize;
         let local =
             self.tables.local_pods.contains_key(&h.dst) || self.tables.in_local_pod_network(h.dst);
+        if !local {
+            if let Some(r) = self.tables.remote.lookup(h.dst) {
+                return self.encap(chunk, off, h, frame, in_port, r, c);
+            }
+        }
         let (port, mac) = if local {
             let Some(n) = self.shared.neighbors.get(&h.dst) else {
                 return Outcome::Resolve(DropReason::NeighborUnresolved, h.dst);
             };
             (n.port, n.mac)
         } else if self.tables.in_cluster_network(h.dst) || !may_leave {
-            // Remote pods need the overlay (issue 4).
             return Outcome::Drop(DropReason::NoRoute);
         } else {
             let next_hop = self.shared.uplink_next_hop.load(Ordering::Relaxed);
@@ -486,20 +595,103 @@ impl Pipeline<'_> {
         let Some(out) = self.shared.ports.get(port) else {
             return Outcome::Drop(DropReason::NoRoute);
         };
+        let pkt = &mut chunk[off..off + len];
         packet::decrement_ttl(pkt, h);
         set_macs(pkt, mac, out.mac);
         Outcome::Send(port, frame)
     }
 
-    /// Rewrites the frame in place into an ICMP port unreachable to the sender, as kube-proxy
-    /// rejects connections to a Service without endpoints (for TCP too).
-    fn reject(
+    /// Encapsulates a packet for another node's pod network and sends it on the uplink.
+    #[allow(clippy::too_many_arguments)]
+    fn encap(
+        &self,
+        chunk: &mut [u8],
+        off: usize,
+        h: &mut Headers,
+        frame: Frame,
+        in_port: PortId,
+        r: crate::state::RemoteRoute,
+        c: &mut Counters,
+    ) -> Outcome {
+        let (Some(overlay), Some(up)) = (&self.tables.overlay, self.shared.uplink) else {
+            return Outcome::Drop(DropReason::NoRoute);
+        };
+        let Some(upcfg) = self.shared.ports.get(up) else {
+            return Outcome::Drop(DropReason::NoRoute);
+        };
+        let vtep = IpAddr::V4(r.vtep);
+        let Some(next) = self.shared.neighbors.get(&vtep).filter(|n| n.port == up) else {
+            return Outcome::Resolve(DropReason::NeighborUnresolved, vtep);
+        };
+        let ip_len = h.end - h.l3;
+        let inner_mtu = (upcfg.mtu as usize).saturating_sub(crate::vxlan::VXLAN_OVERHEAD - ETH_LEN);
+        if ip_len > inner_mtu {
+            let df = h.v6 || chunk.get(off + h.l3 + 6).is_some_and(|b| b & 0x40 != 0);
+            if !df {
+                return Outcome::Drop(DropReason::TooBig);
+            }
+            c.too_big += 1;
+            let from = match self.tables.masquerade_source(h.v6) {
+                Some(a) => a,
+                None => return Outcome::Drop(DropReason::TooBig),
+            };
+            let h = *h;
+            return self.icmp_reply(
+                chunk,
+                off,
+                frame,
+                in_port,
+                &h,
+                IcmpKind::TooBig(inner_mtu as u16),
+                from,
+                c,
+            );
+        }
+        packet::decrement_ttl(&mut chunk[off..off + frame.len as usize], h);
+        let flow = FlowKey {
+            proto: h.proto,
+            src: h.src,
+            dst: h.dst,
+            sport: h.sport,
+            dport: h.dport,
+        }
+        .flow_hash();
+        let remote = crate::vxlan::RemoteVtep {
+            ip: r.vtep,
+            vtep_mac: r.vtep_mac,
+            next_hop_mac: next.mac,
+        };
+        match crate::vxlan::encapsulate(chunk, off, frame.len as usize, overlay, &remote, flow) {
+            Some((new_off, new_len)) => {
+                c.encapsulated += 1;
+                Outcome::Send(
+                    up,
+                    Frame {
+                        addr: frame.addr - (off - new_off) as u64,
+                        len: new_len as u32,
+                    },
+                )
+            }
+            None => Outcome::Drop(DropReason::NoHeadroom),
+        }
+    }
+
+    /// Rewrites the frame in place into an ICMP error about it, from `from` to its sender,
+    /// and sends it back where the packet came from. For a port unreachable that is the
+    /// client on `port` (kube-proxy's reject, for TCP too); for too-big and time-exceeded
+    /// about a packet already translated, the error is un-NATed like any error about a
+    /// tracked connection, then routed.
+    #[allow(clippy::too_many_arguments)]
+    fn icmp_reply(
         &self,
         chunk: &mut [u8],
         off: usize,
         frame: Frame,
         port: PortId,
         h: &Headers,
+        kind: IcmpKind,
+        from: IpAddr,
+        c: &mut Counters,
     ) -> Outcome {
         let Some(cfg) = self.shared.ports.get(port) else {
             return Outcome::Drop(DropReason::NoRoute);
@@ -507,13 +699,13 @@ impl Pipeline<'_> {
         let pkt = &mut chunk[off..];
         let mut client_mac = [0u8; 6];
         client_mac.copy_from_slice(&pkt[6..12]);
-        // The quoted original: its header and the first 8 bytes of its payload.
+        // The quoted original: its IP header and the first 8 bytes of its payload.
         let mut quoted = [0u8; 8];
         let n = (h.end - h.l4).min(8);
         quoted[..n].copy_from_slice(&pkt[h.l4..h.l4 + n]);
         let caps = ChecksumCapabilities::default();
-        let total = match (h.src, h.dst) {
-            (IpAddr::V4(src), IpAddr::V4(dst)) => {
+        let total = match (h.src, h.dst, from) {
+            (IpAddr::V4(src), IpAddr::V4(dst), IpAddr::V4(from)) => {
                 let original = Ipv4Repr {
                     src_addr: src,
                     dst_addr: dst,
@@ -521,13 +713,21 @@ impl Pipeline<'_> {
                     payload_len: h.end - h.l4,
                     hop_limit: h.ttl,
                 };
-                let icmp = Icmpv4Repr::DstUnreachable {
-                    reason: Icmpv4DstUnreachable::PortUnreachable,
-                    header: original,
-                    data: &quoted[..n],
+                let data = &quoted[..n];
+                let icmp = match kind {
+                    IcmpKind::PortUnreachable => Icmpv4Repr::DstUnreachable {
+                        reason: Icmpv4DstUnreachable::PortUnreachable,
+                        header: original,
+                        data,
+                    },
+                    IcmpKind::TooBig(_) => Icmpv4Repr::DstUnreachable {
+                        reason: Icmpv4DstUnreachable::FragRequired,
+                        header: original,
+                        data,
+                    },
                 };
                 let ip = Ipv4Repr {
-                    src_addr: dst,
+                    src_addr: from,
                     dst_addr: src,
                     next_header: IpProtocol::Icmp,
                     payload_len: icmp.buffer_len(),
@@ -541,14 +741,19 @@ impl Pipeline<'_> {
                 // smoltcp leaves the ICMP "unused" word as it finds it; it must be zero.
                 l3.fill(0);
                 ip.emit(&mut Ipv4Packet::new_unchecked(&mut *l3), &caps);
-                icmp.emit(
-                    &mut Icmpv4Packet::new_unchecked(&mut l3[ip.buffer_len()..]),
-                    &caps,
-                );
+                let at = ip.buffer_len();
+                icmp.emit(&mut Icmpv4Packet::new_unchecked(&mut l3[at..]), &caps);
+                if let IcmpKind::TooBig(mtu) = kind {
+                    // RFC 1191: next-hop MTU in the low half of the "unused" word.
+                    l3[at + 6..at + 8].copy_from_slice(&mtu.to_be_bytes());
+                    l3[at + 2..at + 4].copy_from_slice(&[0, 0]);
+                    let check = nat::checksum::checksum(&l3[at..]);
+                    l3[at + 2..at + 4].copy_from_slice(&check.to_be_bytes());
+                }
                 pkt[12..14].copy_from_slice(&ETH_IPV4.to_be_bytes());
                 total
             }
-            (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            (IpAddr::V6(src), IpAddr::V6(dst), IpAddr::V6(from)) => {
                 let original = Ipv6Repr {
                     src_addr: src,
                     dst_addr: dst,
@@ -556,13 +761,21 @@ impl Pipeline<'_> {
                     payload_len: h.end - h.l4,
                     hop_limit: h.ttl,
                 };
-                let icmp = Icmpv6Repr::DstUnreachable {
-                    reason: Icmpv6DstUnreachable::PortUnreachable,
-                    header: original,
-                    data: &quoted[..n],
+                let data = &quoted[..n];
+                let icmp = match kind {
+                    IcmpKind::PortUnreachable => Icmpv6Repr::DstUnreachable {
+                        reason: Icmpv6DstUnreachable::PortUnreachable,
+                        header: original,
+                        data,
+                    },
+                    IcmpKind::TooBig(mtu) => Icmpv6Repr::PktTooBig {
+                        mtu: mtu as u32,
+                        header: original,
+                        data,
+                    },
                 };
                 let ip = Ipv6Repr {
-                    src_addr: dst,
+                    src_addr: from,
                     dst_addr: src,
                     next_header: IpProtocol::Icmpv6,
                     payload_len: icmp.buffer_len(),
@@ -576,7 +789,7 @@ impl Pipeline<'_> {
                 l3.fill(0);
                 ip.emit(&mut Ipv6Packet::new_unchecked(&mut *l3));
                 icmp.emit(
-                    &dst,
+                    &from,
                     &src,
                     &mut Icmpv6Packet::new_unchecked(&mut l3[ip.buffer_len()..]),
                     &caps,
@@ -587,22 +800,49 @@ impl Pipeline<'_> {
             _ => return Outcome::Drop(DropReason::BadIpHeader),
         };
         set_macs(pkt, client_mac, cfg.mac);
-        Outcome::Send(
-            port,
-            Frame {
-                addr: frame.addr,
-                len: total as u32,
-            },
-        )
+        let reply = Frame {
+            addr: frame.addr,
+            len: total as u32,
+        };
+        if kind == IcmpKind::PortUnreachable {
+            return Outcome::Send(port, reply);
+        }
+        // An error about a translated packet goes to the translated source: un-NAT it
+        // (the client then sees its own packet to the Service quoted), then route it.
+        let Ok(mut eh) = packet::parse(&chunk[off..off + total]) else {
+            return Outcome::Drop(DropReason::BadIpHeader);
+        };
+        self.icmp_error(&mut chunk[off..off + total], &mut eh, c);
+        self.route(chunk, off, &mut eh, reply, port, true, c)
     }
 
     /// Asks every pod port who has `ip`: an ARP request for IPv4, a neighbour solicitation
     /// to the solicited-node multicast group for IPv6.
     fn solicit<D: Device>(&self, dev: &mut D, ip: IpAddr, c: &mut Counters) {
+        // Pods are asked on every pod port, from the gateway; anything else (other nodes'
+        // VTEPs) on the uplink, from the node's own address.
+        let on_pods = self.tables.in_local_pod_network(ip);
+        let node_v4 = self.tables.node_addresses.iter().find_map(|a| match a {
+            IpAddr::V4(v) => Some(*v),
+            IpAddr::V6(_) => None,
+        });
+        let node_v6 = self.tables.node_addresses.iter().find_map(|a| match a {
+            IpAddr::V6(v) => Some(*v),
+            IpAddr::V4(_) => None,
+        });
         for (port, cfg) in self.shared.ports.iter().enumerate() {
-            if cfg.role != PortRole::Pod {
+            let wanted = match cfg.role {
+                PortRole::Pod => on_pods,
+                PortRole::Uplink => !on_pods,
+            };
+            if !wanted {
                 continue;
             }
+            let (src4, src6) = if on_pods {
+                (self.tables.gateway_v4, self.tables.gateway_v6)
+            } else {
+                (node_v4, node_v6)
+            };
             let Some(mut f) = dev.alloc() else {
                 c.drop(DropReason::NoFrame);
                 return;
@@ -611,14 +851,8 @@ impl Pipeline<'_> {
                 let (chunk, off) = dev.chunk_mut(f);
                 let pkt = &mut chunk[off..];
                 match ip {
-                    IpAddr::V4(a) => self
-                        .tables
-                        .gateway_v4
-                        .map(|gw| write_arp_request(pkt, cfg.mac, gw, a)),
-                    IpAddr::V6(a) => self
-                        .tables
-                        .gateway_v6
-                        .map(|gw| write_neighbor_solicit(pkt, cfg.mac, gw, a)),
+                    IpAddr::V4(a) => src4.map(|src| write_arp_request(pkt, cfg.mac, src, a)),
+                    IpAddr::V6(a) => src6.map(|src| write_neighbor_solicit(pkt, cfg.mac, src, a)),
                 }
             };
             let Some(len) = len else {
@@ -670,7 +904,9 @@ impl Pipeline<'_> {
         let learn = |ip: Ipv6Addr, mac: [u8; 6]| {
             let ip = IpAddr::V6(ip);
             if cfg.role == PortRole::Pod && self.tables.in_local_pod_network(ip) {
-                self.shared.neighbors.learn(ip, Neighbor { port, mac });
+                self.shared
+                    .neighbors
+                    .learn(ip, Neighbor { port, mac }, self.now);
             }
         };
         match nd {
@@ -758,29 +994,30 @@ impl Pipeline<'_> {
             let Some((frame, ip, deadline)) = resolver.held[i] else {
                 continue;
             };
-            let next = self.shared.neighbors.get(&ip);
-            if next.is_none() && self.now < deadline {
+            if self.shared.neighbors.get(&ip).is_none() && self.now < deadline {
                 continue;
             }
             resolver.held[i] = None;
             resolver.held_count -= 1;
-            let out = next.and_then(|n| {
-                let cfg = self.shared.ports.get(n.port)?;
+            // Route it again: translation is done, the next hop is known (or never will be).
+            let outcome = {
                 let (chunk, off) = dev.chunk_mut(frame);
-                let pkt = chunk.get_mut(off..off + frame.len as usize)?;
-                let mut h = packet::parse(pkt).ok()?;
-                packet::decrement_ttl(pkt, &mut h);
-                set_macs(pkt, n.mac, cfg.mac);
-                Some(n.port)
-            });
-            match out {
-                Some(port) => {
-                    if dev.send(port, frame) {
+                match packet::parse(&chunk[off..off + frame.len as usize]) {
+                    Ok(mut h) if self.shared.neighbors.get(&ip).is_some() => {
+                        let in_port = self.shared.uplink.unwrap_or(0);
+                        self.route(chunk, off, &mut h, frame, in_port, true, c)
+                    }
+                    _ => Outcome::Drop(DropReason::NeighborUnresolved),
+                }
+            };
+            match outcome {
+                Outcome::Send(port, f) => {
+                    if dev.send(port, f) {
                         c.tx += 1;
                     }
                 }
-                None => {
-                    c.drop(DropReason::NeighborUnresolved);
+                Outcome::Drop(reason) | Outcome::Resolve(reason, _) => {
+                    c.drop(reason);
                     dev.free(frame);
                 }
             }
@@ -788,7 +1025,8 @@ impl Pipeline<'_> {
     }
 
     /// Solicits every local pod address whose MAC is not known yet (called periodically,
-    /// so backends are resolved before their first connection).
+    /// so backends are resolved before their first connection), re-confirms stale
+    /// neighbours and forgets dead ones.
     pub fn resolve_local_pods<D: Device>(
         &self,
         dev: &mut D,
@@ -800,6 +1038,16 @@ impl Pipeline<'_> {
                 self.solicit(dev, *ip, c);
             }
         }
+        // Re-confirm neighbours not heard from for a while (they stay in use meanwhile, as
+        // the kernel's STALE entries do); forget those silent for ten times as long.
+        for ip in self.shared.neighbors.stale(self.now) {
+            if limiter.allow(ip, self.now) {
+                self.solicit(dev, ip, c);
+            }
+        }
+        self.shared
+            .neighbors
+            .expire(self.now, 10 * crate::state::NEIGHBOR_REFRESH);
     }
 }
 

@@ -31,6 +31,9 @@ pub struct PortConfig {
     pub role: PortRole,
     /// Its MAC address: the source of every frame the dataplane sends there.
     pub mac: [u8; 6],
+    /// Its MTU (IP packet size); the overlay's inner MTU is this less
+    /// [`crate::vxlan::VXLAN_OVERHEAD`] on the uplink.
+    pub mtu: u16,
 }
 
 /// The compiled tables of one generation: everything a worker looks up per packet.
@@ -49,13 +52,102 @@ pub struct Tables {
     pub gateway_v6: Option<Ipv6Addr>,
     /// The node's own addresses.
     pub node_addresses: Vec<IpAddr>,
+    /// Routes to other nodes' pod networks through the overlay.
+    pub remote: RemoteRoutes,
+    /// The overlay's settings, when the node has an IPv4 VTEP address.
+    pub overlay: Option<crate::vxlan::Overlay>,
     /// The spec these tables were compiled from (for inspection and diffs).
     pub spec: TableSpec,
 }
 
+/// A route to another node's pod network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RemoteRoute {
+    /// The node's VTEP (outer destination).
+    pub vtep: Ipv4Addr,
+    /// The node's VTEP MAC (inner destination).
+    pub vtep_mac: [u8; 6],
+}
+
+/// Longest-prefix match over the other nodes' pod networks: one hash map per prefix length
+/// (a cluster uses one or two, /24 and /64 typically), longest first.
+#[derive(Clone, Debug, Default)]
+pub struct RemoteRoutes {
+    by_len: Vec<(u8, bool, HashMap<u128, RemoteRoute, BuildFastHasher>)>,
+}
+
+fn masked(ip: IpAddr, len: u8) -> u128 {
+    match ip {
+        IpAddr::V4(a) => {
+            let v = u32::from(a) as u128;
+            if len == 0 {
+                0
+            } else {
+                v & ((u32::MAX << (32 - len as u32)) as u128)
+            }
+        }
+        IpAddr::V6(a) => {
+            let v = u128::from(a);
+            if len == 0 {
+                0
+            } else {
+                v & (u128::MAX << (128 - len as u32))
+            }
+        }
+    }
+}
+
+impl RemoteRoutes {
+    /// Builds the routes of `nodes`.
+    pub fn build(nodes: &[nat::spec::RemoteNodeSpec]) -> RemoteRoutes {
+        let mut r = RemoteRoutes::default();
+        for n in nodes {
+            let IpAddr::V4(vtep) = n.vtep_ip else {
+                continue;
+            };
+            for net in &n.pod_cidrs {
+                let (len, v6) = (net.prefix_len(), net.addr().is_ipv6());
+                let idx = match r.by_len.iter().position(|(l, f, _)| *l == len && *f == v6) {
+                    Some(i) => i,
+                    None => {
+                        r.by_len
+                            .push((len, v6, HashMap::with_hasher(BuildFastHasher)));
+                        r.by_len.len() - 1
+                    }
+                };
+                r.by_len[idx].2.insert(
+                    masked(net.addr(), len),
+                    RemoteRoute {
+                        vtep,
+                        vtep_mac: n.vtep_mac,
+                    },
+                );
+            }
+        }
+        r.by_len.sort_by_key(|e| std::cmp::Reverse(e.0));
+        r
+    }
+
+    /// The node whose pod network holds `ip`.
+    #[inline]
+    pub fn lookup(&self, ip: IpAddr) -> Option<RemoteRoute> {
+        let v6 = ip.is_ipv6();
+        self.by_len
+            .iter()
+            .filter(|(_, f, _)| *f == v6)
+            .find_map(|(len, _, m)| m.get(&masked(ip, *len)).copied())
+    }
+}
+
 impl Tables {
-    /// Compiles a spec.
-    pub fn compile(generation: u64, spec: TableSpec, ring_size: u32) -> Tables {
+    /// Compiles a spec; `uplink_mac` is the MAC of the node's uplink (the VTEP MAC when the
+    /// node announces none).
+    pub fn compile(
+        generation: u64,
+        spec: TableSpec,
+        ring_size: u32,
+        uplink_mac: Option<[u8; 6]>,
+    ) -> Tables {
         let services = ServiceTable::build(&spec, ring_size);
         let mut local_pods = HashMap::with_hasher(BuildFastHasher);
         for p in &spec.local_pods {
@@ -75,8 +167,20 @@ impl Tables {
             }
             IpNet::V4(_) => None,
         });
+        let overlay = match (spec.node.vtep_ip, uplink_mac) {
+            (Some(IpAddr::V4(ip)), Some(mac)) => Some(crate::vxlan::Overlay {
+                vni: spec.cluster.vxlan_vni,
+                port: spec.cluster.vxlan_port,
+                local_vtep_ip: ip,
+                local_vtep_mac: spec.node.vtep_mac.unwrap_or(mac),
+                uplink_mac: mac,
+            }),
+            _ => None,
+        };
         Tables {
             generation,
+            remote: RemoteRoutes::build(&spec.remote_nodes),
+            overlay,
             services,
             local_pods,
             pod_cidrs: spec.node.pod_cidrs.clone(),
@@ -89,7 +193,7 @@ impl Tables {
 
     /// Empty tables: before control speaks, nothing is translated.
     pub fn empty() -> Tables {
-        Tables::compile(0, TableSpec::default(), 13)
+        Tables::compile(0, TableSpec::default(), 13, None)
     }
 
     /// Whether `ip` is one of the addresses the dataplane itself owns (gateways).
@@ -136,35 +240,68 @@ pub struct Neighbor {
     pub mac: [u8; 6],
 }
 
+/// How long a learned neighbour is trusted before it is solicited again (it stays in use
+/// meanwhile, like the kernel's STALE state). The kernel's `base_reachable_time` is 30 s.
+pub const NEIGHBOR_REFRESH: u64 = 30 * 1_000_000_000;
+
 /// Learned neighbours. Read per packet without locks; written (copy on write) only when a
-/// neighbour appears or moves, which is rare.
+/// neighbour appears, moves, or is re-confirmed after [`NEIGHBOR_REFRESH`], which is rare.
 #[derive(Default)]
 pub struct Neighbors {
-    map: ArcSwap<HashMap<IpAddr, Neighbor, BuildFastHasher>>,
+    map: ArcSwap<HashMap<IpAddr, (Neighbor, u64), BuildFastHasher>>,
 }
 
 impl Neighbors {
     /// Where `ip` lives, if learned.
     #[inline]
     pub fn get(&self, ip: &IpAddr) -> Option<Neighbor> {
-        self.map.load().get(ip).copied()
+        self.map.load().get(ip).map(|e| e.0)
     }
 
-    /// Records `ip` at `n` unless that is already known.
-    pub fn learn(&self, ip: IpAddr, n: Neighbor) {
-        if self.get(&ip) == Some(n) {
+    /// Records `ip` at `n`, seen at `now`, unless that is already known and fresh.
+    pub fn learn(&self, ip: IpAddr, n: Neighbor, now: u64) {
+        if let Some((known, at)) = self.map.load().get(&ip) {
+            if *known == n && now.saturating_sub(*at) < NEIGHBOR_REFRESH / 2 {
+                return;
+            }
+        }
+        self.map.rcu(|m| {
+            let mut m = HashMap::clone(m);
+            m.insert(ip, (n, now));
+            m
+        });
+    }
+
+    /// Neighbours not confirmed for [`NEIGHBOR_REFRESH`]: to be solicited again.
+    pub fn stale(&self, now: u64) -> Vec<IpAddr> {
+        self.map
+            .load()
+            .iter()
+            .filter(|(_, (_, at))| now.saturating_sub(*at) >= NEIGHBOR_REFRESH)
+            .map(|(ip, _)| *ip)
+            .collect()
+    }
+
+    /// Forgets neighbours not confirmed for `max_age`.
+    pub fn expire(&self, now: u64, max_age: u64) {
+        if self
+            .map
+            .load()
+            .values()
+            .all(|(_, at)| now.saturating_sub(*at) < max_age)
+        {
             return;
         }
         self.map.rcu(|m| {
             let mut m = HashMap::clone(m);
-            m.insert(ip, n);
+            m.retain(|_, (_, at)| now.saturating_sub(*at) < max_age);
             m
         });
     }
 
     /// Every neighbour (for inspection).
     pub fn all(&self) -> Vec<(IpAddr, Neighbor)> {
-        self.map.load().iter().map(|(k, v)| (*k, *v)).collect()
+        self.map.load().iter().map(|(k, v)| (*k, v.0)).collect()
     }
 }
 
@@ -233,7 +370,8 @@ impl Shared {
     /// no longer allow (UDP to endpoints that are gone, so the next datagram picks a live
     /// one). Workers are never stopped.
     pub fn install(&self, generation: u64, spec: TableSpec, now: u64) {
-        let tables = Tables::compile(generation, spec, self.limits.ring_size);
+        let uplink_mac = self.uplink.and_then(|u| self.ports.get(u)).map(|p| p.mac);
+        let tables = Tables::compile(generation, spec, self.limits.ring_size, uplink_mac);
         self.tables.store(Arc::new(tables));
         self.retire_stale_flows(now);
     }

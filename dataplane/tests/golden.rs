@@ -61,16 +61,19 @@ fn node() -> Worker<MemDevice> {
             name: "uplink".into(),
             role: PortRole::Uplink,
             mac: UPLINK,
+            mtu: 1500,
         },
         PortConfig {
             name: "client".into(),
             role: PortRole::Pod,
             mac: GW1,
+            mtu: 1500,
         },
         PortConfig {
             name: "web".into(),
             role: PortRole::Pod,
             mac: GW2,
+            mtu: 1500,
         },
     ];
     let shared = Arc::new(Shared::new(
@@ -91,6 +94,7 @@ fn node() -> Worker<MemDevice> {
                 "fd00:10:244:1::/64".parse().unwrap(),
             ],
             zone: None,
+            ..Default::default()
         },
         cluster: ClusterSpec::default(),
         services: vec![

@@ -77,6 +77,14 @@ pub struct NodeSpec {
     /// `topology.kubernetes.io/zone`, for topology-aware routing.
     #[serde(default)]
     pub zone: Option<String>,
+    /// Outer source address of this node's VXLAN packets (flannel `public-ip`, else the
+    /// first IPv4 InternalIP).
+    #[serde(default)]
+    pub vtep_ip: Option<IpAddr>,
+    /// This node's VTEP MAC as other nodes know it (flannel `VtepMAC`); the uplink's MAC
+    /// when the node does not announce one.
+    #[serde(default)]
+    pub vtep_mac: Option<[u8; 6]>,
 }
 
 /// Settings that hold for the whole cluster.

@@ -430,6 +430,7 @@ mod tests {
                 addresses: vec!["192.168.0.2".parse().unwrap()],
                 pod_cidrs: vec!["10.244.1.0/24".parse().unwrap()],
                 zone: None,
+                ..Default::default()
             },
             services: vec![ServiceSpec {
                 name: "default/web:http".into(),

@@ -69,6 +69,14 @@ fn mac_of(ifname: &str) -> Result<[u8; 6]> {
     Ok(mac)
 }
 
+fn mtu_of(ifname: &str) -> Result<u16> {
+    let path = format!("/sys/class/net/{ifname}/mtu");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
+    text.trim()
+        .parse()
+        .with_context(|| format!("{path}: not an MTU"))
+}
+
 fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
@@ -84,6 +92,7 @@ fn main() -> Result<()> {
             name: up.clone(),
             role: PortRole::Uplink,
             mac: mac_of(up)?,
+            mtu: mtu_of(up)?,
         });
     }
     for p in &args.pods {
@@ -91,6 +100,7 @@ fn main() -> Result<()> {
             name: p.clone(),
             role: PortRole::Pod,
             mac: mac_of(p)?,
+            mtu: mtu_of(p)?,
         });
     }
     if ports.is_empty() {

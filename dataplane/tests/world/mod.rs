@@ -140,6 +140,9 @@ const VXLAN_PORT: u16 = 8472;
 fn port_mac(i: usize) -> [u8; 6] {
     [0x02, 0, 0, 1, (i >> 8) as u8, i as u8]
 }
+fn node_mac(i: usize) -> [u8; 6] {
+    [0x02, 0, 0, 2, (i >> 8) as u8, i as u8]
+}
 fn pod_mac(i: usize) -> [u8; 6] {
     [0x0a, 0x58, 0, 1, (i >> 8) as u8, i as u8]
 }
@@ -274,12 +277,14 @@ impl World {
             name: "uplink".into(),
             role: PortRole::Uplink,
             mac: UPLINK_MAC,
+            mtu: 1500,
         }];
         for (name, i) in &local_ports {
             ports.push(PortConfig {
                 name: name.clone(),
                 role: PortRole::Pod,
                 mac: port_mac(*i),
+                mtu: 1450,
             });
         }
         let nports = ports.len();
@@ -698,7 +703,15 @@ impl World {
                 for frame in self.worker.dev.take_sent(port) {
                     any = true;
                     if packet::ethertype(&frame) == Some(packet::ETH_ARP) {
-                        if port != 0 {
+                        if port == 0 {
+                            // Other nodes answer for their addresses on the uplink.
+                            let nodes = self.nodes();
+                            for (i, n) in nodes.values().enumerate() {
+                                if let Some(reply) = arp_answer(&frame, &n.addresses, node_mac(i)) {
+                                    self.worker.dev.inject(0, &reply);
+                                }
+                            }
+                        } else {
                             if let Some(reply) = arp_answer(
                                 &frame,
                                 port_ips.get(&port).map(|v| v.as_slice()).unwrap_or(&[]),
@@ -712,6 +725,19 @@ impl World {
                     let Ok(h) = packet::parse(&frame) else {
                         continue;
                     };
+                    if h.proto == packet::PROTO_ICMPV6 && h.icmp_type == 135 {
+                        if port != 0 {
+                            if let Some(reply) = na_answer(
+                                &frame,
+                                &h,
+                                port_ips.get(&port).map(|v| v.as_slice()).unwrap_or(&[]),
+                                pod_mac(port),
+                            ) {
+                                self.worker.dev.inject(port, &reply);
+                            }
+                        }
+                        continue;
+                    }
                     if port == 0 && h.proto == packet::PROTO_UDP && h.dport == VXLAN_PORT {
                         let inner_start = h.l4 + 8 + 8;
                         if let Some(inner) = frame.get(inner_start..h.end) {
@@ -936,6 +962,51 @@ fn arp_answer(req: &[u8], ips: &[IpAddr], mac: [u8; 6]) -> Option<Vec<u8>> {
     out[28..32].copy_from_slice(&a[24..28]);
     out[32..38].copy_from_slice(&a[8..14]);
     out[38..42].copy_from_slice(&a[14..18]);
+    Some(out)
+}
+
+/// A pod's neighbour advertisement answering a solicitation for one of its addresses.
+fn na_answer(req: &[u8], h: &Headers, ips: &[IpAddr], mac: [u8; 6]) -> Option<Vec<u8>> {
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{
+        EthernetAddress, Icmpv6Packet, Icmpv6Repr, IpProtocol, Ipv6Packet, Ipv6Repr,
+        NdiscNeighborFlags, NdiscRepr,
+    };
+    let (IpAddr::V6(src), IpAddr::V6(dst)) = (h.src, h.dst) else {
+        return None;
+    };
+    let icmp = Icmpv6Packet::new_checked(req.get(h.l4..h.end)?).ok()?;
+    let Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit { target_addr, .. }) =
+        Icmpv6Repr::parse(&src, &dst, &icmp, &ChecksumCapabilities::default()).ok()?
+    else {
+        return None;
+    };
+    if !ips.contains(&IpAddr::V6(target_addr)) {
+        return None;
+    }
+    let na = Icmpv6Repr::Ndisc(NdiscRepr::NeighborAdvert {
+        flags: NdiscNeighborFlags::SOLICITED | NdiscNeighborFlags::OVERRIDE,
+        target_addr,
+        lladdr: Some(EthernetAddress(mac).into()),
+    });
+    let ip = Ipv6Repr {
+        src_addr: target_addr,
+        dst_addr: src,
+        next_header: IpProtocol::Icmpv6,
+        payload_len: na.buffer_len(),
+        hop_limit: 255,
+    };
+    let mut out = vec![0u8; 14 + ip.buffer_len() + na.buffer_len()];
+    out[0..6].copy_from_slice(&req[6..12]);
+    out[6..12].copy_from_slice(&mac);
+    out[12..14].copy_from_slice(&packet::ETH_IPV6.to_be_bytes());
+    ip.emit(&mut Ipv6Packet::new_unchecked(&mut out[14..]));
+    na.emit(
+        &target_addr,
+        &src,
+        &mut Icmpv6Packet::new_unchecked(&mut out[14 + 40..]),
+        &ChecksumCapabilities::default(),
+    );
     Some(out)
 }
 
