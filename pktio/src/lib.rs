@@ -5,6 +5,7 @@
 //! syscalls that create them. It knows nothing about packets' contents: parsing and rewriting
 //! live in `nat` and `dataplane`.
 
+pub mod capture;
 pub mod device;
 pub mod mem;
 pub mod netns;
