@@ -1,0 +1,427 @@
+//! Per-packet cost of the whole pipeline in memory, with 1, 10k and 100k ClusterIP
+//! Services installed (three local endpoints each), on one worker over a `MemDevice`:
+//!
+//! - `established`: a TCP ACK of a tracked connection from the client pod to a ClusterIP,
+//!   DNATed and routed to the backend's port (conntrack hit, rewrite, route). 1024 flows,
+//!   spread over the Services, visited in turn.
+//! - `new_flow`: a TCP SYN of a connection not seen before (frontend lookup, Maglev pick,
+//!   conntrack insert, rewrite, route).
+//!
+//! Frames go in bursts of [`BURST`] (the worker's own burst): inject a burst into the client
+//! port, one `Worker::poll`, drain the backend port with `take_sent`. One criterion
+//! iteration is one packet; the time reported per iteration is the measured time divided by
+//! the packets, nothing subtracted.
+//!
+//! What is measured: by default only `poll` (receive from the in-memory queue, the pipeline,
+//! transmit onto the in-memory queue, counter publication). The `*_with_io` variants (one
+//! Service only) also time `inject` (a copy of each frame into the pool) and `take_sent` (a
+//! copy out into a fresh `Vec` per frame, plus the `Vec` of them): their difference from
+//! the plain variants is what the in-memory device adds that AF_XDP does not.
+//!
+//! Run: `cargo bench -p dataplane --bench pipeline`. Each Service's Maglev rings (cluster
+//! and local set) are built at install; the install time per size is printed on stderr.
+
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use dataplane::pipeline::SECOND;
+use dataplane::state::{Limits, PortConfig, PortRole, Shared};
+use dataplane::worker::{Worker, BURST};
+use etherparse::PacketBuilder;
+use nat::spec::*;
+use pktio::MemDevice;
+
+const UPLINK_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
+const GW_CLIENT: [u8; 6] = [2, 0, 0, 0, 1, 1];
+const GW_WEB: [u8; 6] = [2, 0, 0, 0, 1, 2];
+const CLIENT_MAC: [u8; 6] = [0x0a, 0x58, 10, 244, 1, 2];
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+/// The three backend pods every Service has (all behind the `web` port).
+const BACKENDS: [Ipv4Addr; 3] = [
+    Ipv4Addr::new(10, 244, 1, 5),
+    Ipv4Addr::new(10, 244, 1, 6),
+    Ipv4Addr::new(10, 244, 1, 7),
+];
+/// Port indices.
+const CLIENT_PORT: usize = 1;
+const WEB_PORT: usize = 2;
+
+/// Services installed per run.
+const SIZES: [u32; 3] = [1, 10_000, 100_000];
+/// Above this many Services the Maglev rings are 251 slots instead of the default 16381.
+/// With the default, `Shared::install` of 100k Services (two rings each, cluster and
+/// local: 200k rings of 32 KiB) took 80 s and peaked at 6.3 GiB resident on this 2-core
+/// machine (10k Services: 6.5 s); with 251 slots it takes about 1 s. The ring size only
+/// changes the Maglev slot read of `new_flow`. `KXDP_BENCH_FULL_RINGS=1` uses the
+/// default ring at every size.
+const SMALL_RING_ABOVE: u32 = 10_000;
+/// Tracked flows `established` cycles through.
+const ESTABLISHED_FLOWS: u16 = 1024;
+/// Source ports of the established flows start here; new flows' start at `NEW_SPORT`, so
+/// the two never share a tuple.
+const ESTABLISHED_SPORT: u16 = 20000;
+/// New flows are drawn from a pool of this many distinct SYNs (source ports
+/// `NEW_SPORT..`); when the pool is used up, their connections are swept (outside the
+/// measured time) and the pool starts again. The table thus holds at most this many new
+/// flows besides the established ones.
+const NEW_FLOWS: u16 = 32768;
+const NEW_SPORT: u16 = 30000;
+/// Simulated time between two bursts.
+const TICK: u64 = 1_000;
+
+fn ep(ip: Ipv4Addr) -> EndpointSpec {
+    EndpointSpec {
+        ip: IpAddr::V4(ip),
+        port: 8080,
+        local: true,
+        ready: true,
+        serving: true,
+        terminating: false,
+    }
+}
+
+/// ClusterIP of Service `i`: 172.30.0.1 onwards, into 172.31.0.0/16 past 65535.
+fn cluster_ip(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(172, 30, 0, 1)) + i)
+}
+
+fn spec(services: u32) -> TableSpec {
+    let eps: Vec<EndpointSpec> = BACKENDS.iter().map(|b| ep(*b)).collect();
+    let first = u32::from(cluster_ip(0)) >> 16;
+    let last = u32::from(cluster_ip(services - 1)) >> 16;
+    let service_cidrs = (first..=last)
+        .map(|net| {
+            let [a, b, ..] = Ipv4Addr::from(net << 16).octets();
+            format!("{a}.{b}.0.0/16").parse().expect("a /16")
+        })
+        .collect();
+    let pod = |name: &str, ip: Ipv4Addr| PodSpec {
+        name: name.into(),
+        ips: vec![IpAddr::V4(ip)],
+        labels: Default::default(),
+    };
+    let mut local_pods = vec![pod("default/client", CLIENT)];
+    local_pods.extend(
+        BACKENDS
+            .iter()
+            .enumerate()
+            .map(|(i, b)| pod(&format!("default/web-{i}"), *b)),
+    );
+    TableSpec {
+        node: NodeSpec {
+            name: "node-a".into(),
+            addresses: vec!["192.168.0.2".parse().expect("literal")],
+            pod_cidrs: vec!["10.244.1.0/24".parse().expect("literal")],
+            ..NodeSpec::default()
+        },
+        cluster: ClusterSpec {
+            service_cidrs,
+            ..ClusterSpec::default()
+        },
+        services: (0..services)
+            .map(|i| ServiceSpec {
+                name: format!("bench/svc-{i}:http"),
+                protocol: Protocol::Tcp,
+                frontends: vec![FrontendSpec {
+                    kind: FrontendKind::ClusterIp,
+                    ip: IpAddr::V4(cluster_ip(i)),
+                    port: 80,
+                }],
+                cluster_endpoints: eps.clone(),
+                local_endpoints: eps.clone(),
+                all_endpoints: eps.clone(),
+                internal_local: false,
+                external_local: false,
+                affinity_timeout_s: None,
+            })
+            .collect(),
+        local_pods,
+        remote_nodes: vec![],
+    }
+}
+
+/// A TCP segment between the client pod and a ClusterIP (or back from a backend), without
+/// payload. `flags`: (syn, ack).
+fn tcp(
+    macs: ([u8; 6], [u8; 6]),
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    flags: (bool, bool),
+) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(macs.0, macs.1)
+        .ipv4(src.0.octets(), dst.0.octets(), 64)
+        .tcp(src.1, dst.1, 1000, 64240);
+    let b = match flags {
+        (true, false) => b.syn(),
+        (true, true) => b.syn().ack(1),
+        _ => b.ack(1),
+    };
+    let mut out = Vec::with_capacity(64);
+    b.write(&mut out, &[]).expect("writing to a Vec");
+    out
+}
+
+fn from_client(sport: u16, service: u32, syn: bool) -> Vec<u8> {
+    tcp(
+        (CLIENT_MAC, GW_CLIENT),
+        (CLIENT, sport),
+        (cluster_ip(service), 80),
+        (syn, !syn),
+    )
+}
+
+fn backend_mac(ip: Ipv4Addr) -> [u8; 6] {
+    [0x0a, 0x58, 10, 244, 1, ip.octets()[3]]
+}
+
+/// An ARP reply from `sender` (MAC, address) to `target`.
+fn arp_reply(sender: ([u8; 6], Ipv4Addr), target: ([u8; 6], [u8; 4])) -> Vec<u8> {
+    let mut f = Vec::with_capacity(42);
+    f.extend_from_slice(&target.0);
+    f.extend_from_slice(&sender.0);
+    // Ethertype ARP; Ethernet, IPv4, address lengths 6 and 4; operation 2 (reply).
+    f.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 2]);
+    f.extend_from_slice(&sender.0);
+    f.extend_from_slice(&sender.1.octets());
+    f.extend_from_slice(&target.0);
+    f.extend_from_slice(&target.1);
+    f
+}
+
+/// Whether a sent frame carries IPv4 (rather than being one of the dataplane's own ARP
+/// requests).
+fn is_ipv4(frame: &[u8]) -> bool {
+    frame.get(12..14) == Some(&[8, 0])
+}
+
+/// A node with `services` Services, its neighbours resolved, `ESTABLISHED_FLOWS`
+/// connections through the three-way handshake, and the frames of both benchmarks built.
+struct Node {
+    worker: Worker<MemDevice>,
+    shared: Arc<Shared>,
+    now: u64,
+    established: Vec<Vec<u8>>,
+    established_at: usize,
+    syns: Vec<Vec<u8>>,
+    syns_at: usize,
+}
+
+impl Node {
+    fn new(services: u32) -> Node {
+        let full_rings = std::env::var_os("KXDP_BENCH_FULL_RINGS").is_some();
+        let ring_size = if services > SMALL_RING_ABOVE && !full_rings {
+            251
+        } else {
+            nat::maglev::DEFAULT_RING_SIZE
+        };
+        let port = |name: &str, role, mac| PortConfig {
+            name: name.into(),
+            role,
+            mac,
+            mtu: 1500,
+        };
+        let ports = vec![
+            port("uplink", PortRole::Uplink, UPLINK_MAC),
+            port("client", PortRole::Pod, GW_CLIENT),
+            port("web", PortRole::Pod, GW_WEB),
+        ];
+        let shared = Arc::new(Shared::new(
+            ports,
+            1,
+            Limits {
+                ring_size,
+                ..Limits::default()
+            },
+        ));
+        let started = Instant::now();
+        let spec = spec(services);
+        let built = started.elapsed();
+        let started = Instant::now();
+        shared.install(1, spec, SECOND);
+        eprintln!(
+            "{services} Services: spec built in {built:.2?}, Shared::install (ring {ring_size}) \
+             took {:.2?}",
+            started.elapsed()
+        );
+        let mut node = Node {
+            worker: Worker::new(0, MemDevice::new(3, 4 * BURST), shared.clone()),
+            shared,
+            now: 2 * SECOND,
+            established: Vec::new(),
+            established_at: 0,
+            syns: Vec::new(),
+            syns_at: 0,
+        };
+        node.resolve_neighbors();
+        // Spread the flows (established and new) over all the Services.
+        let service_of = |k: u32, of: u32| (k as u64 * services as u64 / of as u64) as u32;
+        for f in 0..ESTABLISHED_FLOWS {
+            let service = service_of(f as u32, ESTABLISHED_FLOWS as u32);
+            node.handshake(ESTABLISHED_SPORT + f, service);
+            node.established
+                .push(from_client(ESTABLISHED_SPORT + f, service, false));
+        }
+        // New flows go to Services in a scattered order (as real clients would), not walking
+        // the service table in order where the prefetcher would hide its misses.
+        node.syns = (0..NEW_FLOWS)
+            .map(|k| {
+                let scattered = (k as u32).wrapping_mul(40503) % NEW_FLOWS as u32;
+                from_client(NEW_SPORT + k, service_of(scattered, NEW_FLOWS as u32), true)
+            })
+            .collect();
+        node
+    }
+
+    /// The pods answer the dataplane's ARP requests, so it knows where they are.
+    fn resolve_neighbors(&mut self) {
+        let gateway = [10, 244, 1, 1];
+        self.worker.dev.inject(
+            CLIENT_PORT,
+            &arp_reply((CLIENT_MAC, CLIENT), (GW_CLIENT, gateway)),
+        );
+        for b in BACKENDS {
+            self.worker
+                .dev
+                .inject(WEB_PORT, &arp_reply((backend_mac(b), b), (GW_WEB, gateway)));
+        }
+        self.now += TICK;
+        self.worker.poll(self.now);
+        for port in 0..3 {
+            // The dataplane's own ARP requests, sent before it learned the pods.
+            self.worker.dev.take_sent(port);
+        }
+    }
+
+    /// One poll with `frames` arriving from the client; returns what the web port sent.
+    fn exchange(&mut self, port: usize, frames: &[Vec<u8>]) -> Vec<Vec<u8>> {
+        for f in frames {
+            assert!(self.worker.dev.inject(port, f), "device pool too small");
+        }
+        self.now += TICK;
+        self.worker.poll(self.now);
+        let out: Vec<Vec<u8>> = self
+            .worker
+            .dev
+            .take_sent(if port == CLIENT_PORT {
+                WEB_PORT
+            } else {
+                CLIENT_PORT
+            })
+            .into_iter()
+            .filter(|f| is_ipv4(f))
+            .collect();
+        assert_eq!(
+            out.len(),
+            frames.len(),
+            "dropped: {:?}",
+            self.worker.counters()
+        );
+        out
+    }
+
+    /// SYN, SYN-ACK from whichever backend Maglev chose, ACK: the flow is established.
+    fn handshake(&mut self, sport: u16, service: u32) {
+        let out = self.exchange(CLIENT_PORT, &[from_client(sport, service, true)]);
+        let backend = Ipv4Addr::new(out[0][30], out[0][31], out[0][32], out[0][33]);
+        let syn_ack = tcp(
+            (backend_mac(backend), GW_WEB),
+            (backend, 8080),
+            (CLIENT, sport),
+            (true, true),
+        );
+        self.exchange(WEB_PORT, &[syn_ack]);
+        self.exchange(CLIENT_PORT, &[from_client(sport, service, false)]);
+    }
+
+    /// Runs `packets` packets of the established flows (`new == false`) or new flows
+    /// through the worker in bursts; returns the measured time (see the file comment).
+    fn run(&mut self, packets: u64, new: bool, with_io: bool) -> Duration {
+        let mut measured = Duration::ZERO;
+        let mut left = packets;
+        while left > 0 {
+            let len = left.min(BURST as u64) as usize;
+            left -= len as u64;
+            let (frames, at) = if new {
+                if self.syns_at + len > self.syns.len() {
+                    // Retire the pool's connections so its SYNs are new again.
+                    self.shared
+                        .conntrack
+                        .sweep(self.now, |c| c.original.sport >= NEW_SPORT);
+                    self.syns_at = 0;
+                }
+                (&self.syns, &mut self.syns_at)
+            } else {
+                if self.established_at + len > self.established.len() {
+                    self.established_at = 0;
+                }
+                (&self.established, &mut self.established_at)
+            };
+            let burst = &frames[*at..*at + len];
+            *at += len;
+            self.now += TICK;
+            let started = Instant::now();
+            for f in burst {
+                self.worker.dev.inject(CLIENT_PORT, f);
+            }
+            let polled = Instant::now();
+            black_box(self.worker.poll(self.now));
+            let done = Instant::now();
+            let sent = self.worker.dev.take_sent(WEB_PORT);
+            let drained = Instant::now();
+            measured += if with_io {
+                drained - started
+            } else {
+                done - polled
+            };
+            // Not a timing check: a burst that was dropped would measure the wrong path.
+            assert_eq!(
+                sent.iter().filter(|f| is_ipv4(f)).count(),
+                len,
+                "dropped: {:?}",
+                self.worker.counters()
+            );
+        }
+        measured
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    for services in SIZES {
+        let mut node = Node::new(services);
+        let mut g = c.benchmark_group("pipeline");
+        g.sample_size(10)
+            .warm_up_time(Duration::from_millis(500))
+            .measurement_time(Duration::from_secs(2))
+            .throughput(Throughput::Elements(1));
+        let mut cases = vec![("established", false, false), ("new_flow", true, false)];
+        if services == 1 {
+            cases.push(("established_with_io", false, true));
+            cases.push(("new_flow_with_io", true, true));
+        }
+        for (name, new, with_io) in cases {
+            g.bench_function(BenchmarkId::new(name, services), |b| {
+                b.iter_custom(|packets| node.run(packets, new, with_io))
+            });
+        }
+        g.finish();
+        let c = node.worker.counters();
+        eprintln!(
+            "{services} Services: {} new flows, {} tracked packets, conntrack holds {}",
+            c.nat_new,
+            c.nat_hits,
+            node.shared.conntrack.len()
+        );
+    }
+}
+
+criterion_group! {
+    name = benches;
+    // Fewer bootstrap resamples and no plots: the analysis otherwise takes longer than
+    // the measurements on this 2-core machine.
+    config = Criterion::default().nresamples(10_000).without_plots();
+    targets = bench
+}
+criterion_main!(benches);

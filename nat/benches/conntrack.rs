@@ -1,0 +1,162 @@
+//! Conntrack costs per operation at 1k, 100k and 1M live connections in a table of 2^20:
+//! a lookup that hits (what every packet of an established flow pays), a lookup that
+//! misses (what every new flow pays before the Service lookup), an insert and remove
+//! (a new flow's entry and its expiry), and lookups from two threads on one table (the
+//! workers share it).
+//!
+//! Keys are visited in a scattered order, so the larger tables measure cache misses
+//! rather than one hot entry. Settings keep the whole file under a minute on two cores:
+//! `cargo bench -p nat --bench conntrack` (add `-- --quick` for a faster, rougher run).
+
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use nat::conntrack::{Connection, Conntrack, FlowKey};
+
+/// The table's capacity: the dataplane's default (`Limits::conntrack_capacity`).
+const CAPACITY: usize = 1 << 20;
+/// Live connections the table holds while it is measured.
+const SIZES: [u32; 3] = [1_000, 100_000, 1_000_000];
+/// Expiry far beyond any benchmark, so nothing expires while it is measured.
+const TIMEOUT: u64 = u64::MAX / 4;
+/// The time every operation runs at.
+const NOW: u64 = 1;
+
+/// Connection `i` from client 10.0.0.0 + i to a ClusterIP, DNATed to a backend. `dport`
+/// tells the populations apart: the prefill uses 80, lookups that must miss 81, the
+/// insert-and-remove cycle 82.
+fn conn(i: u32, dport: u16) -> Connection {
+    let client = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
+    let original = FlowKey {
+        proto: 6,
+        src: client,
+        dst: IpAddr::V4(Ipv4Addr::new(172, 30, 0, 41)),
+        sport: 40000,
+        dport,
+    };
+    let reply = FlowKey {
+        proto: 6,
+        src: IpAddr::V4(Ipv4Addr::new(10, 244, 1, 5)),
+        dst: client,
+        sport: 8080,
+        dport: 40000,
+    };
+    Connection {
+        original,
+        reply,
+        service: 1,
+    }
+}
+
+/// A table holding `n` live connections, and the end of the range of `i` they were drawn
+/// from. Near a million entries some tuples are refused (`Full`: their index window is
+/// taken although the table has room); those are skipped, so a few lookups in the range
+/// miss.
+fn table(n: u32) -> (Conntrack, u32) {
+    let ct = Conntrack::new(CAPACITY);
+    let start = Instant::now();
+    let (mut i, mut refused) = (0u32, 0u32);
+    while ct.len() < n as usize {
+        if ct.insert(conn(i, 80), NOW, TIMEOUT).is_err() {
+            refused += 1;
+        }
+        i += 1;
+    }
+    eprintln!(
+        "prefill of {n} connections: {:.2?}, {refused} tuples refused as Full",
+        start.elapsed()
+    );
+    (ct, i)
+}
+
+/// Scattered indices in `0..n`: a 64-bit LCG (Knuth's MMIX constants), high bits kept.
+struct Scatter(u64);
+
+impl Scatter {
+    fn next(&mut self, n: u32) -> u32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        ((self.0 >> 32) % n as u64) as u32
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    for n in SIZES {
+        let (ct, range) = table(n);
+
+        let mut g = c.benchmark_group("conntrack");
+        g.sample_size(10)
+            .warm_up_time(Duration::from_millis(300))
+            .measurement_time(Duration::from_secs(1))
+            .throughput(Throughput::Elements(1));
+
+        g.bench_with_input(BenchmarkId::new("lookup_hit", n), &range, |b, &n| {
+            let mut s = Scatter(1);
+            b.iter(|| {
+                let c = conn(s.next(n), 80);
+                black_box(ct.lookup(black_box(&c.original), NOW, TIMEOUT))
+            })
+        });
+
+        g.bench_with_input(BenchmarkId::new("lookup_miss", n), &n, |b, &n| {
+            let mut s = Scatter(2);
+            b.iter(|| {
+                let c = conn(s.next(n), 81);
+                black_box(ct.lookup(black_box(&c.original), NOW, TIMEOUT))
+            })
+        });
+
+        // Tuples of their own, each inserted and removed again, so the table stays at `n`
+        // live connections.
+        g.bench_with_input(BenchmarkId::new("insert_remove", n), &n, |b, _| {
+            let mut i = 0u32;
+            b.iter(|| {
+                i = (i + 1) % 1_000_000;
+                let c = conn(i, 82);
+                black_box(ct.insert(black_box(c), NOW, TIMEOUT).ok());
+                black_box(ct.remove(&c))
+            })
+        });
+
+        // Two threads looking up at once; one iteration is one lookup on each, so the
+        // throughput is the pair's combined rate (compare with `lookup_hit`). Thread
+        // start-up is inside the measured time but amortised over each sample's batch.
+        g.throughput(Throughput::Elements(2));
+        g.bench_with_input(
+            BenchmarkId::new("lookup_hit_2threads", n),
+            &range,
+            |b, &n| {
+                b.iter_custom(|iters| {
+                    let start = Instant::now();
+                    std::thread::scope(|scope| {
+                        for seed in [3, 4] {
+                            let ct = &ct;
+                            scope.spawn(move || {
+                                let mut s = Scatter(seed);
+                                for _ in 0..iters {
+                                    let c = conn(s.next(n), 80);
+                                    black_box(ct.lookup(black_box(&c.original), NOW, TIMEOUT));
+                                }
+                            });
+                        }
+                    });
+                    start.elapsed()
+                })
+            },
+        );
+        g.finish();
+    }
+}
+
+criterion_group! {
+    name = benches;
+    // Fewer bootstrap resamples and no plots: the analysis otherwise takes longer than
+    // the measurements on this 2-core machine.
+    config = Criterion::default().nresamples(10_000).without_plots();
+    targets = bench
+}
+criterion_main!(benches);
