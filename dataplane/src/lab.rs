@@ -45,6 +45,10 @@ pub struct LabNode {
     /// The node's pod network; its first address is the pods' gateway.
     #[serde(rename = "podCIDR")]
     pub pod_cidr: Ipv4Net,
+    /// The node's IPv6 pod network, if pods are dual-stack; its first address is their
+    /// IPv6 gateway.
+    #[serde(rename = "podCIDR6", default)]
+    pub pod_cidr6: Option<ipnet::Ipv6Net>,
 }
 
 /// The outside host.
@@ -316,6 +320,25 @@ impl Lab {
                 "dev",
                 "eth0",
             ])?;
+            if let (Some(ip6), Some(net6)) = (pod.ip6, s.node.pod_cidr6) {
+                let gw6 = Ipv6Addr::from(u128::from(net6.network()) + 1);
+                let addr = format!("{ip6}/{}", net6.prefix_len());
+                ip(&[
+                    "-n", &pns, "-6", "addr", "add", &addr, "dev", "eth0", "nodad",
+                ])?;
+                ip(&[
+                    "-n",
+                    &pns,
+                    "-6",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &gw6.to_string(),
+                    "dev",
+                    "eth0",
+                ])?;
+            }
             // The dataplane rewrites packets without the kernel's help: the pod must send
             // complete checksums and no segments larger than the MTU.
             offload_off(&pns, "eth0")?;

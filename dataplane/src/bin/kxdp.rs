@@ -61,6 +61,9 @@ enum Cmd {
         /// Pause between connections, in milliseconds.
         #[arg(long, default_value_t = 0)]
         interval_ms: u64,
+        /// UDP: ask every time from the same socket (one flow) instead of a new one.
+        #[arg(long)]
+        reuse: bool,
     },
     /// Hold one TCP connection open and stream through it (echoed back) for a bounded
     /// time; prints one JSON line with who answered, bytes echoed and any error.
@@ -160,19 +163,29 @@ fn main() -> Result<()> {
             count,
             timeout_ms,
             interval_ms,
+            reuse,
         } => {
             let timeout = Duration::from_millis(timeout_ms);
+            let session = if reuse && proto == "udp" {
+                Some(udp_socket(to, timeout)?)
+            } else {
+                None
+            };
             for i in 0..count {
                 if i > 0 && interval_ms > 0 {
                     std::thread::sleep(Duration::from_millis(interval_ms));
                 }
-                let answer = match proto.as_str() {
-                    "tcp" => call_tcp(to, timeout),
-                    "udp" => call_udp(to, timeout),
-                    other => bail!("--proto {other}: use tcp or udp"),
+                let answer = match (proto.as_str(), &session) {
+                    ("udp", Some(s)) => ask_udp(s),
+                    ("tcp", _) => call_tcp(to, timeout),
+                    ("udp", None) => call_udp(to, timeout),
+                    (other, _) => bail!("--proto {other}: use tcp or udp"),
                 };
                 let line = match answer {
-                    Ok(a) => serde_json::json!({"i": i, "answer": a}),
+                    Ok(a) => {
+                        let (who, peer) = split_answer(&a);
+                        serde_json::json!({"i": i, "answer": who, "peer": peer})
+                    }
                     Err(e) => serde_json::json!({"i": i, "error": format!("{e:#}")}),
                 };
                 println!("{line}");
@@ -238,17 +251,25 @@ fn main() -> Result<()> {
     }
 }
 
+/// Binds `[::]:port` (which takes IPv4 too) or, without IPv6, `0.0.0.0:port`.
+fn bind_any<T>(port: u16, bind: impl Fn(SocketAddr) -> std::io::Result<T>) -> std::io::Result<T> {
+    bind(SocketAddr::from(([0u16; 8], port))).or_else(|_| bind(SocketAddr::from(([0u8; 4], port))))
+}
+
 fn echo(name: &str, ports: &[u16]) -> Result<()> {
     let mut threads = Vec::new();
     for &port in ports {
-        let tcp =
-            TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("bind tcp {port}"))?;
-        let answer = format!("{name}\n");
+        let tcp = bind_any(port, TcpListener::bind).with_context(|| format!("bind tcp {port}"))?;
+        let name_tcp = name.to_string();
         threads.push(std::thread::spawn(move || {
             for mut conn in tcp.incoming().flatten() {
-                let answer = answer.clone();
-                // Each connection: say who we are, then echo whatever comes until the
-                // client closes (a one-shot `call` closes at once, `hold` streams).
+                // Each connection: say who we are and who we see, then echo whatever comes
+                // until the client closes (a one-shot `call` closes at once, `hold` streams).
+                let peer = conn
+                    .peer_addr()
+                    .map(|a| a.ip().to_canonical().to_string())
+                    .unwrap_or_default();
+                let answer = format!("{name_tcp} {peer}\n");
                 std::thread::spawn(move || {
                     let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
                     let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
@@ -264,11 +285,12 @@ fn echo(name: &str, ports: &[u16]) -> Result<()> {
                 });
             }
         }));
-        let udp = UdpSocket::bind(("0.0.0.0", port)).with_context(|| format!("bind udp {port}"))?;
-        let answer = name.to_string();
+        let udp = bind_any(port, UdpSocket::bind).with_context(|| format!("bind udp {port}"))?;
+        let name_udp = name.to_string();
         threads.push(std::thread::spawn(move || {
             let mut buf = [0u8; 2048];
             while let Ok((_, from)) = udp.recv_from(&mut buf) {
+                let answer = format!("{name_udp} {}", from.ip().to_canonical());
                 let _ = udp.send_to(answer.as_bytes(), from);
             }
         }));
@@ -278,6 +300,14 @@ fn echo(name: &str, ports: &[u16]) -> Result<()> {
         let _ = t.join();
     }
     Ok(())
+}
+
+/// An echo server's answer: who answered and which source address it saw.
+fn split_answer(text: &str) -> (String, String) {
+    let mut parts = text.split_whitespace();
+    let who = parts.next().unwrap_or_default().to_string();
+    let peer = parts.next().unwrap_or_default().to_string();
+    (who, peer)
 }
 
 fn call_tcp(to: SocketAddr, timeout: Duration) -> Result<String> {
@@ -307,7 +337,7 @@ fn hold(
             s.read_exact(&mut b).context("read greeting")?;
             line.push(b[0]);
         }
-        who = String::from_utf8_lossy(&line).trim().to_string();
+        who = split_answer(&String::from_utf8_lossy(&line)).0;
         let deadline = Instant::now() + total;
         let mut seq = 0u64;
         while Instant::now() < deadline {
@@ -331,10 +361,24 @@ fn hold(
     }
 }
 
-fn call_udp(to: SocketAddr, timeout: Duration) -> Result<String> {
-    let s = UdpSocket::bind(("0.0.0.0", 0))?;
+fn udp_socket(to: SocketAddr, timeout: Duration) -> Result<UdpSocket> {
+    let local = if to.is_ipv6() {
+        SocketAddr::from(([0u16; 8], 0))
+    } else {
+        SocketAddr::from(([0u8; 4], 0))
+    };
+    let s = UdpSocket::bind(local)?;
     s.set_read_timeout(Some(timeout))?;
     s.connect(to)?;
+    Ok(s)
+}
+
+fn call_udp(to: SocketAddr, timeout: Duration) -> Result<String> {
+    ask_udp(&udp_socket(to, timeout)?)
+}
+
+/// One question on a connected UDP socket.
+fn ask_udp(s: &UdpSocket) -> Result<String> {
     let mut buf = [0u8; 2048];
     // A datagram can be lost (e.g. while the dataplane resolves a pod); ask up to 3 times.
     let mut last = None;
