@@ -48,7 +48,29 @@ pub struct Backend {
 pub struct BackendSet {
     /// The backends, in the order control sent them.
     pub backends: Vec<Backend>,
-    ring: Option<MaglevRing>,
+    ring: Option<std::sync::Arc<MaglevRing>>,
+}
+
+/// Maglev ring sizes: primes roughly doubling. A Service port gets the smallest one that
+/// holds at least [`SLOTS_PER_BACKEND`] slots per backend, up to the configured maximum.
+///
+/// One fixed size for every Service (Maglev's paper) would cost 100k Services × 32 KiB;
+/// this ladder keeps a 3-backend Service at 509 slots (1 KiB). Consistency holds as
+/// long as the size does not change, i.e. within a rung: adding or removing a backend
+/// moves only its own share of new flows unless the count crosses a rung, when new flows
+/// are spread afresh (established flows keep their backend through conntrack either way).
+pub const RING_LADDER: [u32; 9] = [251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521];
+/// Ring slots per backend at least (Maglev's paper keeps M ≥ 100 N for ≤ 1% imbalance).
+pub const SLOTS_PER_BACKEND: u32 = 100;
+
+/// The ring size for `backends` backends, at most `max`.
+pub fn ring_size_for(backends: usize, max: u32) -> u32 {
+    let want = (backends as u32).saturating_mul(SLOTS_PER_BACKEND);
+    RING_LADDER
+        .iter()
+        .copied()
+        .find(|&p| p >= want && p <= max)
+        .unwrap_or(max)
 }
 
 impl BackendSet {
@@ -66,7 +88,8 @@ impl BackendSet {
                 .iter()
                 .map(|b| format!("{}:{}", b.ip, b.port))
                 .collect();
-            MaglevRing::build(&keys, ring_size)
+            MaglevRing::build(&keys, ring_size_for(backends.len(), ring_size))
+                .map(std::sync::Arc::new)
         } else {
             None
         };
@@ -84,7 +107,7 @@ impl BackendSet {
 
     /// The Maglev ring, when there are two or more backends.
     pub fn ring(&self) -> Option<&MaglevRing> {
-        self.ring.as_ref()
+        self.ring.as_deref()
     }
 }
 
@@ -259,26 +282,27 @@ impl ServiceTable {
         };
         let origin = self.origin(src);
         // Which endpoint set, and whether the policy itself asks for masquerade.
-        let (set, policy_masq) = if f.kind.is_external() {
+        // (endpoints, whether they are the Local policy's, whether the policy masquerades)
+        let (set, local_set, policy_masq) = if f.kind.is_external() {
             if svc.external_local && origin == Origin::External {
                 // eTP Local: external clients only reach local endpoints, source kept.
-                (&svc.local, false)
+                (&svc.local, true, false)
             } else if svc.external_local {
                 // Pods short-circuit to the cluster endpoints; the node's own traffic does
                 // too but is masqueraded (iptables KUBE-EXT-* `--src-type LOCAL`).
-                (&svc.cluster, origin == Origin::Node)
+                (&svc.cluster, false, origin == Origin::Node)
             } else {
                 // eTP Cluster: every external-frontend connection is masqueraded.
-                (&svc.cluster, true)
+                (&svc.cluster, false, true)
             }
         } else if svc.internal_local {
-            (&svc.local, false)
+            (&svc.local, true, false)
         } else {
-            (&svc.cluster, false)
+            (&svc.cluster, false, false)
         };
         let remembered = match (affinity, svc.affinity_timeout_s) {
             (Some(table), Some(_)) => {
-                let key = svc.affinity_key ^ (std::ptr::eq(set, &svc.local) as u64) << 1;
+                let key = svc.affinity_key ^ (local_set as u64) << 1;
                 table.get(key, src, now).and_then(|(ip, port)| {
                     set.backends
                         .iter()
@@ -296,7 +320,7 @@ impl ServiceTable {
             };
         };
         if let (Some(table), Some(timeout)) = (affinity, svc.affinity_timeout_s) {
-            let key = svc.affinity_key ^ (std::ptr::eq(set, &svc.local) as u64) << 1;
+            let key = svc.affinity_key ^ (local_set as u64) << 1;
             let expires = now.saturating_add(timeout as u64 * 1_000_000_000);
             table.set(key, src, (backend.ip, backend.port), expires);
         }
@@ -328,11 +352,18 @@ fn placeholder() -> Service {
 }
 
 fn compile(s: &ServiceSpec, ring_size: u32) -> Service {
+    let cluster = BackendSet::build(&s.cluster_endpoints, ring_size);
+    // Often the same list (all endpoints local, or none): share the ring.
+    let local = if s.local_endpoints == s.cluster_endpoints {
+        cluster.clone()
+    } else {
+        BackendSet::build(&s.local_endpoints, ring_size)
+    };
     Service {
         name: s.name.clone(),
         protocol: s.protocol,
-        cluster: BackendSet::build(&s.cluster_endpoints, ring_size),
-        local: BackendSet::build(&s.local_endpoints, ring_size),
+        cluster,
+        local,
         internal_local: s.internal_local,
         external_local: s.external_local,
         affinity_timeout_s: s.affinity_timeout_s,
@@ -515,6 +546,15 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn ring_size_grows_with_backends_up_to_the_maximum() {
+        assert_eq!(ring_size_for(2, 16381), 251);
+        assert_eq!(ring_size_for(3, 16381), 509);
+        assert_eq!(ring_size_for(100, 16381), 16381);
+        assert_eq!(ring_size_for(1000, 16381), 16381);
+        assert_eq!(ring_size_for(3, 251), 251);
     }
 
     #[test]
