@@ -10,7 +10,9 @@
 //!   compares the key it read, so it can never take one connection for another.
 //! - **Index slots** hold `tag(32) | entry+1 (31) | direction (1)`; 0 is free. A key lives
 //!   in the first free slot of its window of [`WINDOW`] slots (four cache lines), found by
-//!   compare-and-swap. Lookups scan the window; nothing ever moves.
+//!   compare-and-swap; a full window marks itself spilled and the key goes to the next one
+//!   (up to four). Lookups scan the window, and the next ones only past spilled windows;
+//!   nothing ever moves.
 //! - **Inserting the same tuple twice at once** (two workers, or two flows picking the same
 //!   masquerade port) is settled after publishing: an entry is `PENDING` until it has
 //!   checked its window for a twin. A live twin wins; a pending twin with a lower index
@@ -116,6 +118,9 @@ pub enum InsertError {
 
 /// Index slots scanned for one key: four 64-byte cache lines.
 pub const WINDOW: usize = 32;
+/// Windows a key may spill into when its own is full (at full capacity a window holds 16
+/// keys on average, so a full one is rare but, over a million windows, does happen).
+const SPILL: usize = 4;
 /// Index slots per entry: two keys per entry at most two-thirds full.
 const SLOTS_PER_ENTRY: usize = 3;
 /// Rounds an insert waits for a pending twin to settle (spinning, then yielding the core in
@@ -248,6 +253,10 @@ pub struct Conntrack {
     entries: Box<[Entry]>,
     index: Box<[AtomicU64]>,
     mask: usize,
+    /// One bit per window: set once an insert found the window full and spilled into the
+    /// next one, so lookups of keys hashed there look on. Never cleared (a clear bit only
+    /// saves a window scan).
+    spilled: Box<[AtomicU64]>,
     /// Free list: `tag << 32 | (entry + 1)`, 0 when empty.
     free_head: AtomicU64,
     next_free: Box<[AtomicU32]>,
@@ -263,6 +272,9 @@ impl Conntrack {
             entries: (0..capacity).map(|_| Entry::new()).collect(),
             index: (0..slots).map(|_| AtomicU64::new(0)).collect(),
             mask: slots - 1,
+            spilled: (0..(slots / WINDOW).div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             free_head: AtomicU64::new(0),
             next_free: (0..capacity).map(|_| AtomicU32::new(0)).collect(),
             len: AtomicUsize::new(0),
@@ -378,6 +390,47 @@ impl Conntrack {
         (((h as usize) & self.mask) & !(WINDOW - 1), (h >> 32) as u32)
     }
 
+    fn window_no(&self, start: usize) -> usize {
+        (start & self.mask) / WINDOW
+    }
+
+    fn has_spilled(&self, start: usize) -> bool {
+        let w = self.window_no(start);
+        // SeqCst pairs with the SeqCst `fetch_or` in `claim`: a lookup that sees a slot
+        // claimed past a window also sees that window's bit.
+        self.spilled[w / 64].load(Ordering::SeqCst) & (1 << (w % 64)) != 0
+    }
+
+    /// The index positions a key's slot may be at: its window, then the next ones while
+    /// each window before has spilled.
+    fn positions(&self, start: usize) -> impl Iterator<Item = usize> + '_ {
+        let mut windows = 1;
+        while windows < SPILL && self.has_spilled(start + (windows - 1) * WINDOW) {
+            windows += 1;
+        }
+        (0..windows * WINDOW).map(move |i| (start + i) & self.mask)
+    }
+
+    /// Claims a free slot for `value` in the key's window or, marking the window as
+    /// spilled, in the next ones.
+    fn claim(&self, start: usize, value: u64) -> Option<usize> {
+        for w in 0..SPILL {
+            let base = start + w * WINDOW;
+            for i in 0..WINDOW {
+                let at = (base + i) & self.mask;
+                if self.index[at]
+                    .compare_exchange(0, value, Ordering::SeqCst, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    return Some(at);
+                }
+            }
+            let n = self.window_no(base);
+            self.spilled[n / 64].fetch_or(1 << (n % 64), Ordering::SeqCst);
+        }
+        None
+    }
+
     fn key_of(c: &Connection, dir: Direction) -> &FlowKey {
         match dir {
             Direction::Original => &c.original,
@@ -394,8 +447,8 @@ impl Conntrack {
         skip: Option<u32>,
     ) -> Option<(u32, Connection, Direction, u64)> {
         let (start, tag) = self.window(key);
-        for i in 0..WINDOW {
-            let v = self.index[(start + i) & self.mask].load(Ordering::SeqCst);
+        for at in self.positions(start) {
+            let v = self.index[at].load(Ordering::SeqCst);
             if v == 0 || (v >> 32) as u32 != tag {
                 continue;
             }
@@ -501,17 +554,7 @@ impl Conntrack {
         {
             let key = Self::key_of(&conn, dir);
             let (start, tag) = self.window(key);
-            let value = slot_value(tag, e, dir);
-            for i in 0..WINDOW {
-                let at = (start + i) & self.mask;
-                if self.index[at]
-                    .compare_exchange(0, value, Ordering::SeqCst, Ordering::Relaxed)
-                    .is_ok()
-                {
-                    claimed[n] = Some(at);
-                    break;
-                }
-            }
+            claimed[n] = self.claim(start, slot_value(tag, e, dir));
             if claimed[n].is_none() {
                 self.abandon(e, &claimed);
                 return Err(InsertError::Full);
@@ -586,8 +629,7 @@ impl Conntrack {
             let key = Self::key_of(conn, dir);
             let (start, tag) = self.window(key);
             let value = slot_value(tag, e, dir);
-            for i in 0..WINDOW {
-                let at = (start + i) & self.mask;
+            for at in self.positions(start) {
                 if self.index[at]
                     .compare_exchange(value, 0, Ordering::SeqCst, Ordering::Relaxed)
                     .is_ok()
@@ -727,6 +769,30 @@ mod tests {
         assert!(ct.is_empty());
         // An expired entry's tuple can be reused.
         ct.insert(conn(1), 200, 10).unwrap();
+    }
+
+    #[test]
+    fn fills_to_capacity_without_refusals() {
+        let cap = 1 << 16;
+        let ct = Conntrack::new(cap);
+        let mut refused = 0;
+        for i in 0..cap as u32 {
+            let mut c = conn((i & 0xffff) as u16);
+            c.original.src = IpAddr::from((0x0a00_0000 | (i >> 16)).to_be_bytes());
+            c.reply.dst = c.original.src;
+            if ct.insert(c, 0, 100).is_err() {
+                refused += 1;
+            }
+        }
+        assert_eq!(refused, 0, "refused before reaching capacity");
+        assert_eq!(ct.len(), cap);
+        // Everything is found again.
+        for i in (0..cap as u32).step_by(97) {
+            let mut c = conn((i & 0xffff) as u16);
+            c.original.src = IpAddr::from((0x0a00_0000 | (i >> 16)).to_be_bytes());
+            c.reply.dst = c.original.src;
+            assert!(ct.get(&c.reply, 1).is_some());
+        }
     }
 
     #[test]

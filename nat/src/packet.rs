@@ -396,7 +396,13 @@ pub fn parse_quoted(frame: &[u8], h: &Headers) -> Option<Quoted> {
         a.copy_from_slice(&ip[8..24]);
         let mut b = [0u8; 16];
         b.copy_from_slice(&ip[24..40]);
-        (l3 + 40, ip[6], IpAddr::V6(a.into()), IpAddr::V6(b.into()), true)
+        (
+            l3 + 40,
+            ip[6],
+            IpAddr::V6(a.into()),
+            IpAddr::V6(b.into()),
+            true,
+        )
     };
     let t = frame.get(l4..l4 + 8)?;
     let (sport, dport) = match proto {
