@@ -1,21 +1,28 @@
 //! kxdp's control side: Kubernetes objects in, dataplane tables out.
 //!
-//! Objects come from a directory of manifests ([`manifests`]) or, later, from the API server;
-//! both feed one pure function ([`tables::compute`]) that applies kube-proxy's semantics and
-//! yields a [`nat::spec::TableSpec`], which [`stream`] sends to `kxdp-dataplane`. Nothing
-//! here handles packets.
+//! Objects come from a directory of manifests ([`manifests`]) into a store that applies the
+//! API server's defaults ([`objects`], [`defaults`]); one pure function ([`tables::compute`])
+//! applies kube-proxy's semantics to them and yields a [`nat::spec::TableSpec`], which
+//! [`stream`] sends to `kxdp-dataplane` over its Unix socket. It deliberately handles no
+//! packets and keeps no dataplane state: the dataplane forwards with its last tables
+//! whether or not control is running. It does not watch an API server yet, and it does not
+//! validate objects the way the API server would: what cannot be used is skipped with a
+//! warning.
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
+pub mod defaults;
 pub mod manifests;
 pub mod objects;
 pub mod stream;
 pub mod tables;
 
 pub use k8s_openapi;
-pub use manifests::{load_dir, ManifestError};
-pub use objects::{apply_value, Objects};
-pub use tables::{compute, compute_with_warnings, TableError};
+pub use manifests::{fingerprint, load_dir, load_text, Fingerprint, Loaded, ManifestError};
+pub use objects::{apply_value, Applied, Kind, Object, ObjectError, Objects};
+pub use stream::{Stream, StreamError};
+pub use tables::{compute, compute_with_warnings, Computed, TableError, Warning};
 
 /// [`tables::compute`] under the name the case runner uses.
 pub fn compute_tables(

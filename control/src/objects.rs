@@ -1,177 +1,491 @@
-//! The Kubernetes objects control knows, keyed by kind, namespace and name, with the API
-//! server's defaults applied (objects arrive as users write them).
+//! The store of Kubernetes objects control knows, keyed by kind, namespace and name.
+//!
+//! Documents enter as parsed YAML or JSON ([`Objects::apply_document`]), are dispatched on
+//! `apiVersion` and `kind`, parsed into the k8s-openapi types with the path of a bad field
+//! kept, and given the API server's defaults ([`crate::defaults`]) before they are stored,
+//! so everything downstream sees objects as a watch on the API server would deliver them.
+//! Kinds control does not use are ignored with a log line: a manifest directory may hold a
+//! whole application, not only what the dataplane needs.
 
 use std::collections::BTreeMap;
+use std::fmt;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::de::DeserializeOwned;
+use serde_yaml::Value;
 
-/// Why an object could not be taken.
+use crate::defaults;
+
+/// The kinds control stores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// `v1` Node (cluster-scoped).
+    Node,
+    /// `v1` Namespace (cluster-scoped).
+    Namespace,
+    /// `v1` Pod.
+    Pod,
+    /// `v1` Service.
+    Service,
+    /// `discovery.k8s.io/v1` EndpointSlice.
+    EndpointSlice,
+    /// `networking.k8s.io/v1` NetworkPolicy.
+    NetworkPolicy,
+}
+
+impl Kind {
+    /// Every kind, in a fixed order.
+    pub const ALL: [Kind; 6] = [
+        Kind::Node,
+        Kind::Namespace,
+        Kind::Pod,
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::NetworkPolicy,
+    ];
+
+    /// The kind called `name` (as in a manifest's `kind:`), if control stores it.
+    pub fn from_name(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// The name written in `kind:`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Node => "Node",
+            Kind::Namespace => "Namespace",
+            Kind::Pod => "Pod",
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::NetworkPolicy => "NetworkPolicy",
+        }
+    }
+
+    /// The `apiVersion` this kind is served at.
+    pub fn api_version(self) -> &'static str {
+        match self {
+            Kind::Node | Kind::Namespace | Kind::Pod | Kind::Service => "v1",
+            Kind::EndpointSlice => "discovery.k8s.io/v1",
+            Kind::NetworkPolicy => "networking.k8s.io/v1",
+        }
+    }
+
+    /// Whether objects of this kind live in a namespace.
+    pub fn is_namespaced(self) -> bool {
+        !matches!(self, Kind::Node | Kind::Namespace)
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One typed object of a stored kind.
+// Moved once, from the parser into the store: boxing would buy nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug)]
+pub enum Object {
+    /// A Node.
+    Node(Node),
+    /// A Namespace.
+    Namespace(Namespace),
+    /// A Pod.
+    Pod(Pod),
+    /// A Service.
+    Service(Service),
+    /// An EndpointSlice.
+    EndpointSlice(EndpointSlice),
+    /// A NetworkPolicy.
+    NetworkPolicy(NetworkPolicy),
+}
+
+impl Object {
+    /// The object's kind.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Object::Node(_) => Kind::Node,
+            Object::Namespace(_) => Kind::Namespace,
+            Object::Pod(_) => Kind::Pod,
+            Object::Service(_) => Kind::Service,
+            Object::EndpointSlice(_) => Kind::EndpointSlice,
+            Object::NetworkPolicy(_) => Kind::NetworkPolicy,
+        }
+    }
+
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        match self {
+            Object::Node(o) => &mut o.metadata,
+            Object::Namespace(o) => &mut o.metadata,
+            Object::Pod(o) => &mut o.metadata,
+            Object::Service(o) => &mut o.metadata,
+            Object::EndpointSlice(o) => &mut o.metadata,
+            Object::NetworkPolicy(o) => &mut o.metadata,
+        }
+    }
+}
+
+/// Why a document could not be stored.
 #[derive(Debug, thiserror::Error)]
 pub enum ObjectError {
+    /// The document is a scalar or a sequence, not an object.
+    #[error("not a Kubernetes object but a {found}: a manifest document is a mapping with apiVersion, kind and metadata")]
+    NotAnObject {
+        /// What the document is.
+        found: &'static str,
+    },
+    /// The document has no `kind`.
+    #[error("no kind: every object needs apiVersion and kind (Service, EndpointSlice, ...)")]
+    MissingKind,
+    /// A stored kind without `apiVersion`.
+    #[error("{kind} without apiVersion: write apiVersion: {}", .kind.api_version())]
+    MissingApiVersion {
+        /// The kind.
+        kind: Kind,
+    },
+    /// A stored kind at an `apiVersion` the API server does not serve it at.
+    #[error("{kind} at apiVersion {got} is not served: write apiVersion: {}", .kind.api_version())]
+    WrongApiVersion {
+        /// The kind.
+        kind: Kind,
+        /// The `apiVersion` written.
+        got: String,
+    },
     /// A field has the wrong shape; `path` says which (`spec.ports[0].port`).
     #[error("{path}: {message}")]
     Field {
-        /// Where in the object.
+        /// The kind being parsed.
+        kind: Kind,
+        /// Where in the object (`spec.ports[0].port`).
         path: String,
-        /// What was wrong.
+        /// What was wrong, as the parser says it.
         message: String,
     },
-    /// The document has no `kind` or `metadata.name`.
-    #[error("{0}")]
-    Shape(String),
+    /// The object has no `metadata.name`.
+    #[error("{kind} without metadata.name: every object needs a name")]
+    MissingName {
+        /// The kind.
+        kind: Kind,
+    },
+    /// A YAML merge key (`<<:`) that does not merge a mapping.
+    #[error("YAML merge key: {0}")]
+    Merge(String),
+    /// A `List` whose `items` is not a sequence.
+    #[error("items: expected a sequence of objects, found a {found}")]
+    ListItems {
+        /// What `items` is.
+        found: &'static str,
+    },
+    /// An item of a `List` could not be stored.
+    #[error("{}", item_message(*.index, .error))]
+    Item {
+        /// Index in `items`, from 0.
+        index: usize,
+        /// What was wrong with it.
+        error: Box<ObjectError>,
+    },
+    /// Some items of a `List` could not be stored (the others were).
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    List(Vec<ObjectError>),
+}
+
+fn item_message(index: usize, error: &ObjectError) -> String {
+    match error {
+        ObjectError::Field { path, message, .. } => format!("items[{index}].{path}: {message}"),
+        other => format!("items[{index}]: {other}"),
+    }
+}
+
+impl ObjectError {
+    /// The errors this one stands for: each item's for a `List`, else itself.
+    pub fn flatten(self) -> Vec<ObjectError> {
+        match self {
+            ObjectError::List(errors) => errors,
+            other => vec![other],
+        }
+    }
+}
+
+/// What [`Objects::apply_document`] did with a document.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// Stored (created or replaced).
+    Stored {
+        /// The kind.
+        kind: Kind,
+        /// The namespace; empty for cluster-scoped kinds.
+        namespace: String,
+        /// The name.
+        name: String,
+    },
+    /// A kind control does not use; ignored.
+    Ignored {
+        /// The `apiVersion` written.
+        api_version: String,
+        /// The `kind` written.
+        kind: String,
+    },
 }
 
 /// `(namespace, name)`; the namespace is empty for cluster-scoped kinds.
-pub type Key = (String, String);
+type Key = (String, String);
 
-/// Every object control holds.
+/// Every object control holds, by kind, each kind ordered by namespace and name.
 #[derive(Clone, Debug, Default)]
 pub struct Objects {
-    /// Nodes by name.
-    pub nodes: BTreeMap<String, Node>,
-    /// Namespaces by name.
-    pub namespaces: BTreeMap<String, Namespace>,
-    /// Pods.
-    pub pods: BTreeMap<Key, Pod>,
-    /// Services.
-    pub services: BTreeMap<Key, Service>,
-    /// EndpointSlices.
-    pub endpoint_slices: BTreeMap<Key, EndpointSlice>,
-    /// NetworkPolicies.
-    pub network_policies: BTreeMap<Key, NetworkPolicy>,
+    nodes: BTreeMap<Key, Node>,
+    namespaces: BTreeMap<Key, Namespace>,
+    pods: BTreeMap<Key, Pod>,
+    services: BTreeMap<Key, Service>,
+    endpoint_slices: BTreeMap<Key, EndpointSlice>,
+    network_policies: BTreeMap<Key, NetworkPolicy>,
 }
 
-/// What [`Objects::apply`] did with a document.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Applied {
-    /// Stored under this kind and key.
-    Stored(String, Key),
-    /// A kind control does not use; ignored.
-    Ignored(String),
-}
-
-fn parse<T: DeserializeOwned>(value: serde_yaml::Value) -> Result<T, ObjectError> {
+fn parse<T: DeserializeOwned>(kind: Kind, value: Value) -> Result<T, ObjectError> {
     serde_path_to_error::deserialize(value).map_err(|e| ObjectError::Field {
+        kind,
         path: e.path().to_string(),
         message: e.inner().to_string(),
     })
 }
 
-fn namespaced(
-    md: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-) -> Result<Key, ObjectError> {
-    let name = md
-        .name
-        .clone()
-        .ok_or_else(|| ObjectError::Shape("metadata.name is missing".into()))?;
-    Ok((
-        md.namespace.clone().unwrap_or_else(|| "default".into()),
-        name,
-    ))
+fn shape(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Sequence(_) => "sequence",
+        Value::Mapping(_) => "mapping",
+        Value::Tagged(_) => "tagged value",
+    }
+}
+
+fn key(kind: Kind, namespace: &str, name: &str) -> Key {
+    let ns = match (kind.is_namespaced(), namespace) {
+        (false, _) => "",
+        (true, "") => "default",
+        (true, ns) => ns,
+    };
+    (ns.to_string(), name.to_string())
 }
 
 impl Objects {
-    /// Stores one object (a parsed YAML or JSON document), replacing one of the same kind
-    /// and key. `List` documents apply each item.
-    pub fn apply(&mut self, value: serde_yaml::Value) -> Result<Vec<Applied>, ObjectError> {
-        let kind = value
-            .get("kind")
-            .and_then(|k| k.as_str())
-            .ok_or_else(|| ObjectError::Shape("kind is missing".into()))?
-            .to_string();
-        let mut out = Vec::new();
-        match kind.as_str() {
-            "List" => {
-                let items = value
-                    .get("items")
-                    .and_then(|i| i.as_sequence())
-                    .cloned()
-                    .unwrap_or_default();
-                for (i, item) in items.into_iter().enumerate() {
-                    let applied = self.apply(item).map_err(|e| match e {
-                        ObjectError::Field { path, message } => ObjectError::Field {
-                            path: format!("items[{i}].{path}"),
-                            message,
-                        },
-                        ObjectError::Shape(m) => ObjectError::Shape(format!("items[{i}]: {m}")),
-                    })?;
-                    out.extend(applied);
-                }
-            }
-            "Node" => {
-                let n: Node = parse(value)?;
-                let name = n
-                    .metadata
-                    .name
-                    .clone()
-                    .ok_or_else(|| ObjectError::Shape("metadata.name is missing".into()))?;
-                self.nodes.insert(name.clone(), n);
-                out.push(Applied::Stored(kind, (String::new(), name)));
-            }
-            "Namespace" => {
-                let n: Namespace = parse(value)?;
-                let name = n
-                    .metadata
-                    .name
-                    .clone()
-                    .ok_or_else(|| ObjectError::Shape("metadata.name is missing".into()))?;
-                self.namespaces.insert(name.clone(), n);
-                out.push(Applied::Stored(kind, (String::new(), name)));
-            }
-            "Pod" => {
-                let p: Pod = parse(value)?;
-                let key = namespaced(&p.metadata)?;
-                self.pods.insert(key.clone(), p);
-                out.push(Applied::Stored(kind, key));
-            }
-            "Service" => {
-                let s: Service = parse(value)?;
-                let key = namespaced(&s.metadata)?;
-                self.services.insert(key.clone(), s);
-                out.push(Applied::Stored(kind, key));
-            }
-            "EndpointSlice" => {
-                let s: EndpointSlice = parse(value)?;
-                let key = namespaced(&s.metadata)?;
-                self.endpoint_slices.insert(key.clone(), s);
-                out.push(Applied::Stored(kind, key));
-            }
-            "NetworkPolicy" => {
-                let p: NetworkPolicy = parse(value)?;
-                let key = namespaced(&p.metadata)?;
-                self.network_policies.insert(key.clone(), p);
-                out.push(Applied::Stored(kind, key));
-            }
-            _ => out.push(Applied::Ignored(kind)),
-        }
-        Ok(out)
+    /// An empty store.
+    pub fn new() -> Objects {
+        Objects::default()
     }
 
-    /// Removes an object; returns whether it was there.
+    /// Stores one document (a parsed YAML or JSON value), replacing the object of the same
+    /// kind, namespace and name; a `List` stores each of its items. `origin` (a file and
+    /// document, a case name) only appears in the log line of an ignored kind: errors are
+    /// about the document, and the caller knows where it came from.
+    ///
+    /// A `List` with bad items stores every good item and returns [`ObjectError::List`].
+    pub fn apply_document(
+        &mut self,
+        mut value: Value,
+        origin: &str,
+    ) -> Result<Vec<Applied>, ObjectError> {
+        if !value.is_mapping() {
+            return Err(ObjectError::NotAnObject {
+                found: shape(&value),
+            });
+        }
+        value
+            .apply_merge()
+            .map_err(|e| ObjectError::Merge(e.to_string()))?;
+        let kind_name = match value.get("kind") {
+            Some(Value::String(k)) if !k.is_empty() => k.clone(),
+            _ => return Err(ObjectError::MissingKind),
+        };
+        let api_version = value
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        if kind_name == "List" || (kind_name.ends_with("List") && value.get("items").is_some()) {
+            return self.apply_list(value, origin);
+        }
+        let Some(kind) = Kind::from_name(&kind_name) else {
+            let name = value
+                .get("metadata")
+                .and_then(|m| m.get("name"))
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            log::info!(
+                "{origin}: ignoring {}/{kind_name} {name}: kxdp does not use this kind",
+                api_version.as_deref().unwrap_or("?"),
+            );
+            return Ok(vec![Applied::Ignored {
+                api_version: api_version.unwrap_or_default(),
+                kind: kind_name,
+            }]);
+        };
+        match api_version.as_deref() {
+            None | Some("") => return Err(ObjectError::MissingApiVersion { kind }),
+            Some(v) if v != kind.api_version() => {
+                return Err(ObjectError::WrongApiVersion {
+                    kind,
+                    got: v.to_string(),
+                })
+            }
+            Some(_) => {}
+        }
+        let object = match kind {
+            Kind::Node => Object::Node(parse(kind, value)?),
+            Kind::Namespace => Object::Namespace(parse(kind, value)?),
+            Kind::Pod => Object::Pod(parse(kind, value)?),
+            Kind::Service => Object::Service(parse(kind, value)?),
+            Kind::EndpointSlice => Object::EndpointSlice(parse(kind, value)?),
+            Kind::NetworkPolicy => Object::NetworkPolicy(parse(kind, value)?),
+        };
+        Ok(vec![self.insert(object)?])
+    }
+
+    fn apply_list(&mut self, value: Value, origin: &str) -> Result<Vec<Applied>, ObjectError> {
+        let items = match value.get("items") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Sequence(items)) => items.clone(),
+            Some(other) => {
+                return Err(ObjectError::ListItems {
+                    found: shape(other),
+                })
+            }
+        };
+        let mut applied = Vec::new();
+        let mut errors = Vec::new();
+        for (index, item) in items.into_iter().enumerate() {
+            match self.apply_document(item, &format!("{origin} items[{index}]")) {
+                Ok(a) => applied.extend(a),
+                Err(e) => errors.extend(e.flatten().into_iter().map(|error| ObjectError::Item {
+                    index,
+                    error: Box::new(error),
+                })),
+            }
+        }
+        if errors.is_empty() {
+            Ok(applied)
+        } else {
+            Err(ObjectError::List(errors))
+        }
+    }
+
+    /// Stores a typed object after applying the API server's defaults; a namespaced object
+    /// without a namespace goes to `default`, as `kubectl apply` puts it.
+    pub fn insert(&mut self, mut object: Object) -> Result<Applied, ObjectError> {
+        let kind = object.kind();
+        let md = object.metadata_mut();
+        let name = match md.name.as_deref() {
+            Some(n) if !n.is_empty() => n.to_string(),
+            _ => return Err(ObjectError::MissingName { kind }),
+        };
+        let (namespace, name) = key(kind, md.namespace.as_deref().unwrap_or(""), &name);
+        md.namespace = kind.is_namespaced().then(|| namespace.clone());
+        let k = (namespace.clone(), name.clone());
+        match object {
+            Object::Node(o) => {
+                self.nodes.insert(k, o);
+            }
+            Object::Namespace(mut o) => {
+                defaults::namespace(&mut o);
+                self.namespaces.insert(k, o);
+            }
+            Object::Pod(mut o) => {
+                defaults::pod(&mut o);
+                self.pods.insert(k, o);
+            }
+            Object::Service(mut o) => {
+                defaults::service(&mut o);
+                self.services.insert(k, o);
+            }
+            Object::EndpointSlice(mut o) => {
+                defaults::endpoint_slice(&mut o);
+                self.endpoint_slices.insert(k, o);
+            }
+            Object::NetworkPolicy(mut o) => {
+                defaults::network_policy(&mut o);
+                self.network_policies.insert(k, o);
+            }
+        }
+        Ok(Applied::Stored {
+            kind,
+            namespace,
+            name,
+        })
+    }
+
+    /// Removes an object; returns whether it was there. `kind` is written as in a manifest
+    /// (`Service`); an empty namespace of a namespaced kind means `default`, and the
+    /// namespace of a cluster-scoped kind is ignored.
     pub fn delete(&mut self, kind: &str, namespace: &str, name: &str) -> bool {
-        let key = (namespace.to_string(), name.to_string());
+        let Some(kind) = Kind::from_name(kind) else {
+            return false;
+        };
+        let k = key(kind, namespace, name);
         match kind {
-            "Node" => self.nodes.remove(name).is_some(),
-            "Namespace" => self.namespaces.remove(name).is_some(),
-            "Pod" => self.pods.remove(&key).is_some(),
-            "Service" => self.services.remove(&key).is_some(),
-            "EndpointSlice" => self.endpoint_slices.remove(&key).is_some(),
-            "NetworkPolicy" => self.network_policies.remove(&key).is_some(),
-            _ => false,
+            Kind::Node => self.nodes.remove(&k).is_some(),
+            Kind::Namespace => self.namespaces.remove(&k).is_some(),
+            Kind::Pod => self.pods.remove(&k).is_some(),
+            Kind::Service => self.services.remove(&k).is_some(),
+            Kind::EndpointSlice => self.endpoint_slices.remove(&k).is_some(),
+            Kind::NetworkPolicy => self.network_policies.remove(&k).is_some(),
+        }
+    }
+
+    /// The Node called `name`.
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.get(&key(Kind::Node, "", name))
+    }
+
+    /// Nodes, by name.
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.values()
+    }
+
+    /// Namespaces, by name.
+    pub fn namespaces(&self) -> impl Iterator<Item = &Namespace> {
+        self.namespaces.values()
+    }
+
+    /// Pods, by namespace and name.
+    pub fn pods(&self) -> impl Iterator<Item = &Pod> {
+        self.pods.values()
+    }
+
+    /// Services, by namespace and name.
+    pub fn services(&self) -> impl Iterator<Item = &Service> {
+        self.services.values()
+    }
+
+    /// EndpointSlices, by namespace and name.
+    pub fn endpoint_slices(&self) -> impl Iterator<Item = &EndpointSlice> {
+        self.endpoint_slices.values()
+    }
+
+    /// NetworkPolicies, by namespace and name.
+    pub fn network_policies(&self) -> impl Iterator<Item = &NetworkPolicy> {
+        self.network_policies.values()
+    }
+
+    /// Number of objects of `kind`.
+    pub fn count(&self, kind: Kind) -> usize {
+        match kind {
+            Kind::Node => self.nodes.len(),
+            Kind::Namespace => self.namespaces.len(),
+            Kind::Pod => self.pods.len(),
+            Kind::Service => self.services.len(),
+            Kind::EndpointSlice => self.endpoint_slices.len(),
+            Kind::NetworkPolicy => self.network_policies.len(),
         }
     }
 
     /// Number of objects held.
     pub fn len(&self) -> usize {
-        self.nodes.len()
-            + self.namespaces.len()
-            + self.pods.len()
-            + self.services.len()
-            + self.endpoint_slices.len()
-            + self.network_policies.len()
+        Kind::ALL.into_iter().map(|k| self.count(k)).sum()
     }
 
     /// Whether nothing is held.
@@ -180,17 +494,158 @@ impl Objects {
     }
 }
 
-/// Applies one YAML value; the error names `origin` (a file, a case).
+/// Stores one parsed document in `objects` (see [`Objects::apply_document`]).
 pub fn apply_value(
     objects: &mut Objects,
-    value: &serde_yaml::Value,
+    value: &Value,
     origin: &str,
-) -> Result<Vec<Applied>, crate::ManifestError> {
-    objects
-        .apply(value.clone())
-        .map_err(|e| crate::ManifestError {
-            file: origin.to_string(),
-            document: 0,
-            error: e,
-        })
+) -> Result<Vec<Applied>, ObjectError> {
+    objects.apply_document(value.clone(), origin)
+}
+
+/// The namespace and name of an object's metadata, `default` for a namespaced object
+/// without a namespace (stored objects always have theirs filled in).
+pub fn namespace_and_name(md: &ObjectMeta) -> (&str, &str) {
+    (
+        md.namespace.as_deref().unwrap_or("default"),
+        md.name.as_deref().unwrap_or(""),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(text: &str) -> Value {
+        serde_yaml::from_str(text).expect("test YAML")
+    }
+
+    #[test]
+    fn dispatches_on_kind_and_defaults_namespace() {
+        let mut o = Objects::new();
+        let a = o
+            .apply_document(
+                doc("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 172.30.0.1, ports: [{port: 80}]}"),
+                "t",
+            )
+            .expect("valid");
+        assert_eq!(
+            a,
+            [Applied::Stored {
+                kind: Kind::Service,
+                namespace: "default".into(),
+                name: "web".into()
+            }]
+        );
+        let svc = o.services().next().expect("stored");
+        assert_eq!(svc.metadata.namespace.as_deref(), Some("default"));
+        assert!(o.delete("Service", "", "web"));
+        assert!(o.is_empty());
+    }
+
+    #[test]
+    fn unknown_kinds_are_ignored() {
+        let mut o = Objects::new();
+        let a = o
+            .apply_document(
+                doc("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}"),
+                "t",
+            )
+            .expect("ignored, not an error");
+        assert!(matches!(&a[0], Applied::Ignored { kind, .. } if kind == "ConfigMap"));
+        assert!(o.is_empty());
+    }
+
+    #[test]
+    fn wrong_api_version_says_which_to_use() {
+        let mut o = Objects::new();
+        let e = o
+            .apply_document(
+                doc("apiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\nmetadata: {name: s}\naddressType: IPv4"),
+                "t",
+            )
+            .expect_err("v1beta1 is not served");
+        assert!(
+            e.to_string()
+                .contains("write apiVersion: discovery.k8s.io/v1"),
+            "{e}"
+        );
+        let e = o
+            .apply_document(doc("kind: Pod\nmetadata: {name: p}"), "t")
+            .expect_err("no apiVersion");
+        assert!(matches!(
+            e,
+            ObjectError::MissingApiVersion { kind: Kind::Pod }
+        ));
+    }
+
+    #[test]
+    fn bad_field_is_reported_by_path() {
+        let mut o = Objects::new();
+        let e = o
+            .apply_document(
+                doc("apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ports: [{port: eighty}]}"),
+                "t",
+            )
+            .expect_err("bad port");
+        assert_eq!(
+            e.to_string(),
+            "spec.ports[0].port: invalid type: string \"eighty\", expected i32"
+        );
+    }
+
+    #[test]
+    fn list_stores_good_items_and_reports_bad_ones() {
+        let mut o = Objects::new();
+        let e = o
+            .apply_document(
+                doc("apiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: Namespace, metadata: {name: a}}\n- {apiVersion: v1, kind: Service, metadata: {name: s}, spec: {ports: [{port: x}]}}\n- {apiVersion: v1, kind: Pod}"),
+                "t",
+            )
+            .expect_err("two bad items");
+        let errors: Vec<String> = e.flatten().iter().map(ToString::to_string).collect();
+        assert_eq!(errors.len(), 2);
+        assert!(
+            errors[0].starts_with("items[1].spec.ports[0].port:"),
+            "{errors:?}"
+        );
+        assert!(
+            errors[1].starts_with("items[2]: Pod without metadata.name"),
+            "{errors:?}"
+        );
+        assert_eq!(o.count(Kind::Namespace), 1);
+    }
+
+    #[test]
+    fn not_an_object_is_an_error_not_a_panic() {
+        let mut o = Objects::new();
+        for text in [
+            "[1, 2]",
+            "42",
+            "kind: 7",
+            "apiVersion: v1\nkind: Node\nmetadata: 5",
+        ] {
+            assert!(o.apply_document(doc(text), "t").is_err(), "{text}");
+        }
+        assert!(o.is_empty());
+    }
+
+    #[test]
+    fn merge_keys_are_applied() {
+        let mut o = Objects::new();
+        o.apply_document(
+            doc("apiVersion: v1\nkind: Node\nmetadata:\n  <<: {labels: {a: b}}\n  name: n"),
+            "t",
+        )
+        .expect("merge key");
+        let n = o.node("n").expect("stored");
+        assert_eq!(
+            n.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("a"))
+                .map(String::as_str),
+            Some("b")
+        );
+    }
 }

@@ -1,142 +1,213 @@
 //! The desired dataplane tables as a pure function of the objects, with kube-proxy's
-//! semantics (pkg/proxy: servicechangetracker.go, endpointslicecache.go, topology.go).
+//! semantics. Upstream files read (kubernetes/kubernetes, pkg/proxy): `servicechangetracker.go`
+//! and `serviceport.go` (what a Service port is), `util/utils.go` (`ShouldSkipService`,
+//! `GetClusterIPByFamily`), `endpointslicecache.go` (how slices join), `topology.go`
+//! (`CategorizeEndpoints`), `pkg/api/v1/service/util.go` (traffic policies).
 //!
-//! - One [`ServiceSpec`] per (Service, port, IP family), like kube-proxy's ServicePortName
-//!   per proxier family. Headless and ExternalName Services are not programmed.
+//! - One [`ServiceSpec`] per (Service, port, IP family), as kube-proxy keeps one
+//!   `ServicePortName` per proxier family. A Service is skipped when its `clusterIP` is
+//!   `None` (headless) or empty, or it is `ExternalName`; a family is programmed only when
+//!   the Service has a ClusterIP of that family, whose frontends are then that ClusterIP,
+//!   the externalIPs and the VIP-mode load-balancer ingress IPs of the family, and every
+//!   node address of the family with the port's `nodePort`.
 //! - EndpointSlices are authoritative: a Service's endpoints are those of the slices
 //!   labelled `kubernetes.io/service-name: <name>` in its namespace, of the family's address
-//!   type, whatever its selector says. A slice port matches a Service port by name (and
-//!   protocol); the slice port's number is the target port, which is how named target ports
-//!   resolve per pod. An address listed by several slices counts once, the ready listing
-//!   winning (endpointslicecache.go).
-//! - Endpoints are categorised as `CategorizeEndpoints` does (topology.go): for `Cluster`
-//!   policy the ready ones (filtered by topology hints when usable), else the serving and
-//!   terminating ones; for `Local` policy the local ready ones, else the local serving and
-//!   terminating ones.
+//!   type, whatever its selector says; an address of the other family inside a slice is
+//!   ignored too. A slice port joins a Service port by name and protocol; the slice port's
+//!   number is the target port, which is how named target ports resolve per pod. An
+//!   `ip:port` listed by several slices counts once: kube-proxy keeps the first one seen
+//!   unless a later one is local; its slice order is a Go map's, so here the local listing
+//!   wins, then the ready one, then the first in slice-name order.
+//! - `CategorizeEndpoints`: cluster endpoints are the ready ones, filtered by topology when
+//!   the hints allow it, else (no ready endpoint anywhere) the serving-and-terminating ones,
+//!   unfiltered. Local endpoints are the local ready ones, else the local serving-and-
+//!   terminating ones; topology never applies to them.
+//! - Topology follows the hints alone, as `topologyModeFromHints` does today: the Service's
+//!   `trafficDistribution` and `service.kubernetes.io/topology-mode` only tell the
+//!   EndpointSlice controller to write hints. If every ready endpoint has node hints and
+//!   one names this node, only endpoints hinted for this node are used (PreferSameNode);
+//!   else if every ready endpoint has zone hints and one names this node's zone
+//!   (`topology.kubernetes.io/zone`), only endpoints hinted for the zone are used; else
+//!   hints are ignored. Non-ready endpoints neither need hints nor count.
+//!
+//! Objects that cannot be used in part (a bad address, an unknown protocol) produce a
+//! [`Warning`] and are otherwise skipped; only a missing Node for this dataplane is an
+//! error. Everything is ordered by name and address, so equal objects give equal tables.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::{Node, Service, ServicePort};
-use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
+use k8s_openapi::api::core::v1::{Node, Pod, Service, ServicePort, ServiceSpec as K8sServiceSpec};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use nat::spec::{
     ClusterSpec, EndpointSpec, FrontendKind, FrontendSpec, NodeSpec, PodSpec, Protocol,
     RemoteNodeSpec, ServiceSpec, TableSpec,
 };
 
-use crate::objects::Objects;
+use crate::objects::{namespace_and_name, Objects};
 
 /// Label naming a slice's Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Node label of the zone.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
-/// Annotation that turns on topology-aware hints (older spelling of PreferClose).
-pub const TOPOLOGY_MODE_ANNOTATION: &str = "service.kubernetes.io/topology-mode";
-/// Flannel's public IP annotation.
+/// Flannel's public IP annotation: the node's VXLAN tunnel address.
 pub const FLANNEL_PUBLIC_IP: &str = "flannel.alpha.coreos.com/public-ip";
 /// Flannel's backend data annotation (`{"VNI":1,"VtepMAC":"..."}`).
 pub const FLANNEL_BACKEND_DATA: &str = "flannel.alpha.coreos.com/backend-data";
-/// Default `sessionAffinityConfig.clientIP.timeoutSeconds`.
-pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10800;
+/// The largest `sessionAffinityConfig.clientIP.timeoutSeconds` the API server accepts.
+pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86400;
 
-/// Something in the objects that could not be used, reported but not fatal.
+/// Part of an object that could not be used; the rest of the tables is still computed.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Warning(pub String);
+pub struct Warning {
+    /// Which object (`Service default/web`).
+    pub object: String,
+    /// What was skipped and why.
+    pub message: String,
+}
+
+impl fmt::Display for Warning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.object, self.message)
+    }
+}
 
 /// Why no table could be computed at all.
 #[derive(Debug, thiserror::Error)]
 pub enum TableError {
     /// There is no Node object for the node this dataplane serves.
-    #[error("no Node object named {0}: start kxdp-control with the node's name (--node) or add the Node manifest")]
+    #[error("no Node object named {0}: give kxdp-control the node's own name (--node) or add its Node manifest")]
     NoSuchNode(String),
 }
 
-/// Computes the tables for `node_name`, also returning what was skipped and why.
+/// The tables and what had to be skipped to compute them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Computed {
+    /// The tables.
+    pub tables: TableSpec,
+    /// Parts of objects that could not be used.
+    pub warnings: Vec<Warning>,
+}
+
+/// Computes the tables of the node `node_name`, returning the warnings too.
 pub fn compute_with_warnings(
     objects: &Objects,
     node_name: &str,
     cluster: &ClusterSpec,
-) -> Result<(TableSpec, Vec<Warning>), TableError> {
+) -> Result<Computed, TableError> {
     let node = objects
-        .nodes
-        .get(node_name)
+        .node(node_name)
         .ok_or_else(|| TableError::NoSuchNode(node_name.to_string()))?;
-    let mut warnings = Vec::new();
-    let me = node_spec(node_name, node);
-    let zone = me.zone.clone();
+    let mut w = Warnings::default();
+    let me = node_spec(node_name, node, &mut w);
+
+    // One pass over the slices, so the Services' joins cost no more than reading them.
+    let mut slices: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
+    for slice in objects.endpoint_slices() {
+        let (ns, _) = namespace_and_name(&slice.metadata);
+        let service = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL));
+        if let Some(service) = service.filter(|s| !s.is_empty()) {
+            slices
+                .entry((ns, service.as_str()))
+                .or_default()
+                .push(slice);
+        }
+    }
+
+    let here = Here {
+        node_name,
+        zone: me.zone.as_deref(),
+        node_addresses: &me.addresses,
+    };
     let mut services = Vec::new();
-    for ((ns, name), svc) in &objects.services {
-        services.extend(service_specs(
-            objects,
-            ns,
-            name,
-            svc,
-            node_name,
-            &me,
-            zone.as_deref(),
-            &mut warnings,
-        ));
+    for svc in objects.services() {
+        let (ns, name) = namespace_and_name(&svc.metadata);
+        let joined = slices.get(&(ns, name)).map_or(&[][..], Vec::as_slice);
+        services.extend(service_specs(svc, joined, &here, &mut w));
     }
-    let mut local_pods = Vec::new();
-    for ((ns, name), pod) in &objects.pods {
-        let Some(spec) = &pod.spec else { continue };
-        if spec.node_name.as_deref() != Some(node_name) || spec.host_network == Some(true) {
-            continue;
-        }
-        let ips = pod_ips(pod);
-        if ips.is_empty() {
-            continue;
-        }
-        local_pods.push(PodSpec {
-            name: format!("{ns}/{name}"),
-            ips,
-            labels: pod.metadata.labels.clone().unwrap_or_default(),
-        });
-    }
+
+    let local_pods = local_pods(objects, node_name, &mut w);
+
     let mut remote_nodes = Vec::new();
-    for (name, n) in &objects.nodes {
+    for n in objects.nodes() {
+        let name = n.metadata.name.as_deref().unwrap_or("");
         if name == node_name {
             continue;
         }
-        let spec = node_spec(name, n);
+        let spec = node_spec(name, n, &mut w);
         if spec.pod_cidrs.is_empty() {
             continue;
         }
         let Some(vtep_ip) = spec.vtep_ip else {
-            warnings.push(Warning(format!("node {name}: no public-ip annotation and no IPv4 InternalIP; its pods are unreachable")));
+            w.push(
+                format!("Node {name}"),
+                "no flannel public-ip annotation and no IPv4 InternalIP: its pods are unreachable through the overlay",
+            );
             continue;
         };
+        let vtep_mac = spec.vtep_mac.unwrap_or_else(|| {
+            w.push(
+                format!("Node {name}"),
+                "no VtepMAC in the flannel backend-data annotation: listed with MAC 00:00:00:00:00:00, which a flannel VXLAN device drops; start flannel on it or annotate it",
+            );
+            [0; 6]
+        });
         remote_nodes.push(RemoteNodeSpec {
-            name: name.clone(),
+            name: name.to_string(),
             pod_cidrs: spec.pod_cidrs,
             vtep_ip,
-            vtep_mac: spec.vtep_mac.unwrap_or([0; 6]),
+            vtep_mac,
         });
     }
-    Ok((
-        TableSpec {
+
+    Ok(Computed {
+        tables: TableSpec {
             node: me,
             cluster: cluster.clone(),
             services,
             local_pods,
             remote_nodes,
         },
-        warnings,
-    ))
+        warnings: w.0,
+    })
 }
 
-/// Computes the tables for `node_name` (warnings are logged).
+/// Computes the tables of the node `node_name`; warnings go to the log.
 pub fn compute(
     objects: &Objects,
     node_name: &str,
     cluster: &ClusterSpec,
 ) -> Result<TableSpec, TableError> {
-    let (spec, warnings) = compute_with_warnings(objects, node_name, cluster)?;
-    for w in warnings {
-        log::warn!("{}", w.0);
+    let computed = compute_with_warnings(objects, node_name, cluster)?;
+    for w in &computed.warnings {
+        log::warn!("{w}");
     }
-    Ok(spec)
+    Ok(computed.tables)
+}
+
+#[derive(Default)]
+struct Warnings(Vec<Warning>);
+
+impl Warnings {
+    fn push(&mut self, object: String, message: impl Into<String>) {
+        self.0.push(Warning {
+            object,
+            message: message.into(),
+        });
+    }
+}
+
+/// What the computation needs to know about the node it runs for.
+struct Here<'a> {
+    node_name: &'a str,
+    zone: Option<&'a str>,
+    node_addresses: &'a [IpAddr],
 }
 
 fn vtep_mac(data: &str) -> Option<[u8; 6]> {
@@ -150,28 +221,46 @@ fn vtep_mac(data: &str) -> Option<[u8; 6]> {
     bytes.try_into().ok()
 }
 
-fn node_spec(name: &str, node: &Node) -> NodeSpec {
+fn node_spec(name: &str, node: &Node, w: &mut Warnings) -> NodeSpec {
+    let object = || format!("Node {name}");
     let mut addresses = Vec::new();
-    if let Some(status) = &node.status {
-        for a in status.addresses.iter().flatten() {
-            if a.type_ == "InternalIP" || a.type_ == "ExternalIP" {
-                if let Ok(ip) = a.address.parse::<IpAddr>() {
-                    if !addresses.contains(&ip) {
-                        addresses.push(ip);
-                    }
+    let mut internal = Vec::new();
+    for a in node
+        .status
+        .iter()
+        .flat_map(|s| s.addresses.iter().flatten())
+    {
+        if a.type_ != "InternalIP" && a.type_ != "ExternalIP" {
+            continue;
+        }
+        match a.address.parse::<IpAddr>() {
+            Ok(ip) => {
+                if !addresses.contains(&ip) {
+                    addresses.push(ip);
+                }
+                if a.type_ == "InternalIP" {
+                    internal.push(ip);
                 }
             }
+            Err(_) => w.push(
+                object(),
+                format!("{} {:?} is not an IP address; ignored", a.type_, a.address),
+            ),
         }
     }
     let mut pod_cidrs: Vec<IpNet> = Vec::new();
     if let Some(spec) = &node.spec {
-        let list = spec.pod_cidrs.clone().unwrap_or_default();
-        let all = list.iter().chain(spec.pod_cidr.iter());
+        // podCIDRs[0] is podCIDR; an object written with only one of them still counts.
+        let all = spec.pod_cidrs.iter().flatten().chain(spec.pod_cidr.iter());
         for c in all {
-            if let Ok(net) = c.parse::<IpNet>() {
-                if !pod_cidrs.contains(&net) {
-                    pod_cidrs.push(net);
+            match c.parse::<IpNet>() {
+                Ok(net) => {
+                    let net = net.trunc();
+                    if !pod_cidrs.contains(&net) {
+                        pod_cidrs.push(net);
+                    }
                 }
+                Err(_) => w.push(object(), format!("pod CIDR {c:?} is not a CIDR; ignored")),
             }
         }
     }
@@ -182,12 +271,23 @@ fn node_spec(name: &str, node: &Node) -> NodeSpec {
         .and_then(|l| l.get(ZONE_LABEL))
         .filter(|z| !z.is_empty())
         .cloned();
-    let ann = node.metadata.annotations.clone().unwrap_or_default();
-    let vtep_ip = ann
-        .get(FLANNEL_PUBLIC_IP)
-        .and_then(|s| s.parse::<IpAddr>().ok())
-        .or_else(|| addresses.iter().copied().find(|a| a.is_ipv4()));
-    let vtep_mac = ann.get(FLANNEL_BACKEND_DATA).and_then(|d| vtep_mac(d));
+    let ann = node.metadata.annotations.as_ref();
+    let public_ip = ann.and_then(|a| a.get(FLANNEL_PUBLIC_IP));
+    let vtep_ip = public_ip
+        .and_then(|s| match s.parse::<IpAddr>() {
+            Ok(ip) => Some(ip),
+            Err(_) => {
+                w.push(
+                    object(),
+                    format!("{FLANNEL_PUBLIC_IP} {s:?} is not an IP address; using the InternalIP"),
+                );
+                None
+            }
+        })
+        .or_else(|| internal.iter().copied().find(IpAddr::is_ipv4));
+    let vtep_mac = ann
+        .and_then(|a| a.get(FLANNEL_BACKEND_DATA))
+        .and_then(|d| vtep_mac(d));
     NodeSpec {
         name: name.to_string(),
         addresses,
@@ -198,16 +298,18 @@ fn node_spec(name: &str, node: &Node) -> NodeSpec {
     }
 }
 
-fn pod_ips(pod: &k8s_openapi::api::core::v1::Pod) -> Vec<IpAddr> {
+fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
     let Some(status) = &pod.status else {
         return Vec::new();
     };
-    let mut ips: Vec<IpAddr> = status
-        .pod_ips
-        .iter()
-        .flatten()
-        .filter_map(|p| p.ip.parse().ok())
-        .collect();
+    let mut ips: Vec<IpAddr> = Vec::new();
+    for ip in status.pod_ips.iter().flatten().map(|p| &p.ip) {
+        if let Ok(ip) = ip.parse() {
+            if !ips.contains(&ip) {
+                ips.push(ip);
+            }
+        }
+    }
     if ips.is_empty() {
         ips.extend(
             status
@@ -219,8 +321,47 @@ fn pod_ips(pod: &k8s_openapi::api::core::v1::Pod) -> Vec<IpAddr> {
     ips
 }
 
+/// Pods with their network on this node: scheduled here, not host-network, not finished
+/// (a Succeeded or Failed pod's address is free for reuse), and with an address.
+fn local_pods(objects: &Objects, node_name: &str, w: &mut Warnings) -> Vec<PodSpec> {
+    let mut out: Vec<PodSpec> = Vec::new();
+    let mut owners: BTreeMap<IpAddr, String> = BTreeMap::new();
+    for pod in objects.pods() {
+        let Some(spec) = &pod.spec else { continue };
+        if spec.node_name.as_deref() != Some(node_name) || spec.host_network == Some(true) {
+            continue;
+        }
+        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        if matches!(phase, Some("Succeeded") | Some("Failed")) {
+            continue;
+        }
+        let ips = pod_ips(pod);
+        if ips.is_empty() {
+            continue;
+        }
+        let (ns, name) = namespace_and_name(&pod.metadata);
+        let name = format!("{ns}/{name}");
+        for ip in &ips {
+            if let Some(other) = owners.insert(*ip, name.clone()) {
+                w.push(
+                    format!("Pod {name}"),
+                    format!(
+                        "address {ip} is also Pod {other}'s: traffic to it reaches one of them"
+                    ),
+                );
+            }
+        }
+        out.push(PodSpec {
+            name,
+            ips,
+            labels: pod.metadata.labels.clone().unwrap_or_default(),
+        });
+    }
+    out
+}
+
 fn protocol(p: Option<&str>) -> Option<Protocol> {
-    match p.unwrap_or("TCP") {
+    match p.unwrap_or(crate::defaults::PROTOCOL) {
         "TCP" => Some(Protocol::Tcp),
         "UDP" => Some(Protocol::Udp),
         "SCTP" => Some(Protocol::Sctp),
@@ -228,172 +369,231 @@ fn protocol(p: Option<&str>) -> Option<Protocol> {
     }
 }
 
-/// One endpoint after defaulting, before categorisation.
-#[derive(Clone, Debug)]
-struct Ep {
-    spec: EndpointSpec,
-    zone_hints: Option<BTreeSet<String>>,
+fn family_name(v6: bool) -> &'static str {
+    if v6 {
+        "IPv6"
+    } else {
+        "IPv4"
+    }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// `GetClusterIPByFamily`: the Service's ClusterIP of one family, as written.
+fn cluster_ip_of_family(spec: &K8sServiceSpec, v6: bool) -> Option<&str> {
+    let families = spec.ip_families.as_deref().unwrap_or_default();
+    if families.is_empty() {
+        let ip = spec.cluster_ip.as_deref()?;
+        let is_v6 = ip.parse::<IpAddr>().ok()?.is_ipv6();
+        return (is_v6 == v6).then_some(ip);
+    }
+    let idx = families.iter().position(|f| f == family_name(v6))?;
+    spec.cluster_ips.as_deref()?.get(idx).map(String::as_str)
+}
+
+/// Addresses of a list, by family; a bad one is a warning.
+fn parse_ips<'a>(
+    list: impl Iterator<Item = &'a str>,
+    what: &str,
+    object: &str,
+    w: &mut Warnings,
+) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    for s in list {
+        match s.trim().parse::<IpAddr>() {
+            Ok(ip) if !out.contains(&ip) => out.push(ip),
+            Ok(_) => {}
+            Err(_) => w.push(
+                object.to_string(),
+                format!("{what} {s:?} is not an IP address; ignored"),
+            ),
+        }
+    }
+    out
+}
+
 fn service_specs(
-    objects: &Objects,
-    ns: &str,
-    name: &str,
     svc: &Service,
-    node_name: &str,
-    node: &NodeSpec,
-    zone: Option<&str>,
-    warnings: &mut Vec<Warning>,
+    slices: &[&EndpointSlice],
+    here: &Here<'_>,
+    w: &mut Warnings,
 ) -> Vec<ServiceSpec> {
+    let (ns, name) = namespace_and_name(&svc.metadata);
+    let object = format!("Service {ns}/{name}");
     let Some(spec) = &svc.spec else {
         return Vec::new();
     };
-    if spec.type_.as_deref() == Some("ExternalName") {
+    let ty = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if ty == "ExternalName" {
         return Vec::new();
     }
-    let mut cluster_ips: Vec<IpAddr> = Vec::new();
-    for s in spec
-        .cluster_ips
-        .iter()
-        .flatten()
-        .chain(spec.cluster_ip.iter())
-    {
-        if s == "None" {
-            // Headless: no virtual IP, nothing to program.
+    // ShouldSkipService: headless, or no ClusterIP at all.
+    match spec.cluster_ip.as_deref() {
+        Some("None") => return Vec::new(),
+        None | Some("") => {
+            w.push(
+                object,
+                "no clusterIP: the API server would allocate one; write it in the manifest (clusterIP: None for a headless Service)",
+            );
             return Vec::new();
         }
+        Some(_) => {}
+    }
+    let mut families: Vec<(bool, IpAddr)> = Vec::new();
+    let order = match spec.ip_families.as_deref() {
+        Some([first, ..]) if first == "IPv6" => [true, false],
+        _ => [false, true],
+    };
+    for v6 in order {
+        let Some(s) = cluster_ip_of_family(spec, v6) else {
+            continue;
+        };
         match s.parse::<IpAddr>() {
-            Ok(ip) if !cluster_ips.contains(&ip) => cluster_ips.push(ip),
-            Ok(_) => {}
-            Err(_) if s.is_empty() => {}
-            Err(_) => warnings.push(Warning(format!(
-                "service {ns}/{name}: clusterIP {s:?} is not an address"
-            ))),
+            Ok(ip) if ip.is_ipv6() == v6 => families.push((v6, ip)),
+            _ => w.push(
+                object.clone(),
+                format!(
+                    "clusterIP {s:?} is not an {} address; that family is not programmed",
+                    family_name(v6)
+                ),
+            ),
         }
     }
-    let external_ips: Vec<IpAddr> = spec
-        .external_ips
-        .iter()
-        .flatten()
-        .filter_map(|s| s.parse().ok())
-        .collect();
-    let lb_ips: Vec<IpAddr> = svc
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref())
-        .into_iter()
-        .flatten()
-        // ipMode Proxy: the load balancer delivers to the node, not to the VIP.
-        .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
-        .filter_map(|i| i.ip.as_ref()?.parse().ok())
-        .collect();
-    let node_ports = matches!(
-        spec.type_.as_deref(),
-        Some("NodePort") | Some("LoadBalancer")
+
+    let external_ips = parse_ips(
+        spec.external_ips.iter().flatten().map(String::as_str),
+        "externalIP",
+        &object,
+        w,
     );
-    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
-    let externally_accessible = node_ports || !external_ips.is_empty() || !lb_ips.is_empty();
+    // Only VIP-mode ingress is the node's to capture; in Proxy mode the load balancer
+    // delivers to the node itself (proxyutil.IsVIPMode).
+    let lb_ips = parse_ips(
+        svc.status
+            .iter()
+            .flat_map(|s| s.load_balancer.iter())
+            .flat_map(|lb| lb.ingress.iter().flatten())
+            .filter(|i| matches!(i.ip_mode.as_deref(), None | Some("VIP")))
+            .filter_map(|i| i.ip.as_deref()),
+        "load-balancer ingress ip",
+        &object,
+        w,
+    );
+    let node_ports = ty == "NodePort" || ty == "LoadBalancer";
+    // apiservice.ExternallyAccessible / ExternalPolicyLocal / InternalPolicyLocal.
+    let externally_accessible = node_ports
+        || (ty == "ClusterIP" && !spec.external_ips.as_deref().unwrap_or_default().is_empty());
     let external_local =
-        spec.external_traffic_policy.as_deref() == Some("Local") && externally_accessible;
+        externally_accessible && spec.external_traffic_policy.as_deref() == Some("Local");
+    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
     let affinity = if spec.session_affinity.as_deref() == Some("ClientIP") {
-        Some(
-            spec.session_affinity_config
-                .as_ref()
-                .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds)
-                .map(|t| t.clamp(1, 86400) as u32)
-                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT),
-        )
+        let t = spec
+            .session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .unwrap_or(crate::defaults::AFFINITY_TIMEOUT_S);
+        let clamped = t.clamp(1, MAX_AFFINITY_TIMEOUT_S as i32) as u32;
+        if clamped as i32 != t {
+            w.push(
+                object.clone(),
+                format!("sessionAffinity timeout {t}s is outside 1..={MAX_AFFINITY_TIMEOUT_S}; using {clamped}s"),
+            );
+        }
+        Some(clamped)
     } else {
         None
     };
-    let use_hints = spec.traffic_distribution.as_deref() == Some("PreferClose")
-        || svc
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(TOPOLOGY_MODE_ANNOTATION))
-            .is_some_and(|m| m == "Auto" || m == "auto");
-    let slices: Vec<&EndpointSlice> = objects
-        .endpoint_slices
-        .iter()
-        .filter(|((sns, _), s)| {
-            sns == ns
-                && s.metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                    .map(String::as_str)
-                    == Some(name)
-        })
-        .map(|(_, s)| s)
-        .collect();
+
     let mut out = Vec::new();
-    let families: Vec<bool> = {
-        let mut f: Vec<bool> = cluster_ips.iter().map(|ip| ip.is_ipv6()).collect();
-        f.dedup();
-        f
-    };
     for port in spec.ports.iter().flatten() {
+        let port_name = port.name.as_deref().unwrap_or("");
         let Some(proto) = protocol(port.protocol.as_deref()) else {
-            warnings.push(Warning(format!(
-                "service {ns}/{name}: protocol {:?} is not supported",
-                port.protocol
-            )));
+            w.push(
+                object.clone(),
+                format!(
+                    "port {port_name:?}: protocol {:?} is not TCP, UDP or SCTP; skipped",
+                    port.protocol.as_deref().unwrap_or("")
+                ),
+            );
             continue;
         };
-        let Ok(svc_port) = u16::try_from(port.port) else {
-            warnings.push(Warning(format!(
-                "service {ns}/{name}: port {} out of range",
-                port.port
-            )));
+        let Some(svc_port) = u16::try_from(port.port).ok().filter(|p| *p != 0) else {
+            w.push(
+                object.clone(),
+                format!(
+                    "port {port_name:?}: {} is not a port number; skipped",
+                    port.port
+                ),
+            );
             continue;
         };
-        for &v6 in &families {
-            let fam = |ip: &IpAddr| ip.is_ipv6() == v6;
-            let mut frontends = Vec::new();
-            for ip in cluster_ips.iter().filter(|i| fam(i)) {
-                frontends.push(FrontendSpec {
-                    kind: FrontendKind::ClusterIp,
-                    ip: *ip,
-                    port: svc_port,
-                });
+        let node_port = match port.node_port.unwrap_or(0) {
+            0 => {
+                if ty == "NodePort" {
+                    w.push(
+                        object.clone(),
+                        format!("port {port_name:?}: type NodePort without nodePort: the API server would allocate one; write it in the manifest"),
+                    );
+                }
+                None
             }
-            for ip in external_ips.iter().filter(|i| fam(i)) {
-                frontends.push(FrontendSpec {
-                    kind: FrontendKind::ExternalIp,
-                    ip: *ip,
-                    port: svc_port,
-                });
-            }
-            for ip in lb_ips.iter().filter(|i| fam(i)) {
-                frontends.push(FrontendSpec {
-                    kind: FrontendKind::LoadBalancer,
-                    ip: *ip,
-                    port: svc_port,
-                });
-            }
-            if node_ports {
-                if let Some(np) = port
-                    .node_port
-                    .and_then(|p| u16::try_from(p).ok())
-                    .filter(|p| *p != 0)
-                {
-                    for ip in node.addresses.iter().filter(|i| fam(i)) {
-                        frontends.push(FrontendSpec {
+            n => match u16::try_from(n) {
+                Ok(n) if node_ports => Some(n),
+                Ok(_) => {
+                    w.push(
+                        object.clone(),
+                        format!("port {port_name:?}: nodePort on a Service of type {ty} is ignored (only NodePort and LoadBalancer have one)"),
+                    );
+                    None
+                }
+                Err(_) => {
+                    w.push(
+                        object.clone(),
+                        format!("port {port_name:?}: nodePort {n} is not a port number; ignored"),
+                    );
+                    None
+                }
+            },
+        };
+        for &(v6, cluster_ip) in &families {
+            let fam = |ip: &&IpAddr| ip.is_ipv6() == v6;
+            let mut frontends = vec![FrontendSpec {
+                kind: FrontendKind::ClusterIp,
+                ip: cluster_ip,
+                port: svc_port,
+            }];
+            let at = |kind, ip: &IpAddr| FrontendSpec {
+                kind,
+                ip: *ip,
+                port: svc_port,
+            };
+            frontends.extend(
+                external_ips
+                    .iter()
+                    .filter(fam)
+                    .map(|ip| at(FrontendKind::ExternalIp, ip)),
+            );
+            frontends.extend(
+                lb_ips
+                    .iter()
+                    .filter(fam)
+                    .map(|ip| at(FrontendKind::LoadBalancer, ip)),
+            );
+            if let Some(np) = node_port {
+                frontends.extend(
+                    here.node_addresses
+                        .iter()
+                        .filter(fam)
+                        .map(|ip| FrontendSpec {
                             kind: FrontendKind::NodePort,
                             ip: *ip,
                             port: np,
-                        });
-                    }
-                }
+                        }),
+                );
             }
-            let eps = endpoints_for(&slices, port, proto, v6, node_name);
-            let (cluster, local) = categorize(&eps, use_hints, zone);
+            let eps = endpoints_for(slices, port, proto, v6, here.node_name, &object, w);
+            let (cluster, local) = categorize(&eps, here.node_name, here.zone);
             out.push(ServiceSpec {
-                name: format!("{ns}/{name}:{}", port.name.as_deref().unwrap_or("")),
+                name: format!("{ns}/{name}:{port_name}"),
                 protocol: proto,
                 frontends,
                 cluster_endpoints: cluster,
@@ -408,66 +608,97 @@ fn service_specs(
     out
 }
 
-fn condition(e: &Endpoint) -> (bool, bool, bool) {
-    let c = e.conditions.as_ref();
-    let ready = c.and_then(|c| c.ready).unwrap_or(true);
-    let serving = c.and_then(|c| c.serving).unwrap_or(ready);
-    let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
-    (ready, serving, terminating)
+/// One endpoint of a Service port after defaulting, before categorisation.
+#[derive(Clone, Debug)]
+struct Ep {
+    spec: EndpointSpec,
+    /// `hints.forZones`; empty means no hint.
+    zones: BTreeSet<String>,
+    /// `hints.forNodes`; empty means no hint.
+    nodes: BTreeSet<String>,
 }
 
-/// The endpoints of one Service port and family, merged over its slices.
+/// The endpoints of one Service port and family, joined over its slices
+/// (endpointslicecache.go `endpointInfoByServicePort` and `addEndpoints`).
 fn endpoints_for(
     slices: &[&EndpointSlice],
     port: &ServicePort,
     proto: Protocol,
     v6: bool,
     node_name: &str,
+    object: &str,
+    w: &mut Warnings,
 ) -> Vec<Ep> {
     let want_name = port.name.as_deref().unwrap_or("");
-    let address_type = if v6 { "IPv6" } else { "IPv4" };
     let mut by_addr: BTreeMap<(IpAddr, u16), Ep> = BTreeMap::new();
     for slice in slices {
-        if slice.address_type != address_type {
+        if slice.address_type != family_name(v6) {
             continue;
         }
-        let Some(target) = slice.ports.iter().flatten().find(|p| {
+        let slice_name = slice.metadata.name.as_deref().unwrap_or("");
+        for target in slice.ports.iter().flatten().filter(|p| {
             p.name.as_deref().unwrap_or("") == want_name
                 && protocol(p.protocol.as_deref()) == Some(proto)
-        }) else {
-            continue;
-        };
-        let Some(target_port) = target.port.and_then(|p| u16::try_from(p).ok()) else {
-            continue;
-        };
-        for e in slice.endpoints.iter().flatten() {
-            // kube-proxy uses an endpoint's first address.
-            let Some(ip) = e.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
+        }) {
+            let Some(target_port) = target
+                .port
+                .and_then(|p| u16::try_from(p).ok())
+                .filter(|p| *p != 0)
+            else {
+                w.push(
+                    object.to_string(),
+                    format!("EndpointSlice {slice_name} port {want_name:?} has no valid port number; its endpoints are not used for it"),
+                );
                 continue;
             };
-            let (ready, serving, terminating) = condition(e);
-            let zone_hints = e
-                .hints
-                .as_ref()
-                .and_then(|h| h.for_zones.as_ref())
-                .map(|z| z.iter().map(|z| z.name.clone()).collect::<BTreeSet<_>>());
-            let ep = Ep {
-                spec: EndpointSpec {
-                    ip,
-                    port: target_port,
-                    local: e.node_name.as_deref() == Some(node_name),
-                    ready,
-                    serving,
-                    terminating,
-                },
-                zone_hints,
-            };
-            let key = (ip, target_port);
-            // Listed twice: the ready listing wins (endpointslicecache.go).
-            match by_addr.get(&key) {
-                Some(existing) if existing.spec.ready && !ready => {}
-                _ => {
-                    by_addr.insert(key, ep);
+            for e in slice.endpoints.iter().flatten() {
+                // kube-proxy uses an endpoint's first address only.
+                let Some(first) = e.addresses.first() else {
+                    continue;
+                };
+                let ip = match first.parse::<IpAddr>() {
+                    Ok(ip) if ip.is_ipv6() == v6 => ip,
+                    _ => {
+                        w.push(
+                            object.to_string(),
+                            format!("EndpointSlice {slice_name}: {first:?} is not an {} address; endpoint ignored", family_name(v6)),
+                        );
+                        continue;
+                    }
+                };
+                let c = e.conditions.as_ref();
+                let ready = c.and_then(|c| c.ready).unwrap_or(true);
+                let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+                let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+                let hints = e.hints.as_ref();
+                let ep = Ep {
+                    spec: EndpointSpec {
+                        ip,
+                        port: target_port,
+                        local: !node_name.is_empty() && e.node_name.as_deref() == Some(node_name),
+                        ready,
+                        serving,
+                        terminating,
+                    },
+                    zones: hints
+                        .and_then(|h| h.for_zones.as_ref())
+                        .into_iter()
+                        .flatten()
+                        .map(|z| z.name.clone())
+                        .collect(),
+                    nodes: hints
+                        .and_then(|h| h.for_nodes.as_ref())
+                        .into_iter()
+                        .flatten()
+                        .map(|n| n.name.clone())
+                        .collect(),
+                };
+                let rank = |e: &Ep| (e.spec.local, e.spec.ready);
+                match by_addr.get(&(ip, target_port)) {
+                    Some(existing) if rank(existing) >= rank(&ep) => {}
+                    _ => {
+                        by_addr.insert((ip, target_port), ep);
+                    }
                 }
             }
         }
@@ -475,56 +706,64 @@ fn endpoints_for(
     by_addr.into_values().collect()
 }
 
-/// kube-proxy's CategorizeEndpoints: (cluster endpoints, local endpoints).
+/// The topology kube-proxy applies to cluster endpoints (`topologyModeFromHints`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Topology {
+    /// Hints ignored.
+    None,
+    /// Only endpoints hinted for this node.
+    SameNode,
+    /// Only endpoints hinted for this node's zone.
+    SameZone,
+}
+
+fn topology(eps: &[Ep], node_name: &str, zone: Option<&str>) -> Topology {
+    let ready: Vec<&Ep> = eps.iter().filter(|e| e.spec.ready).collect();
+    if ready.is_empty() {
+        return Topology::None;
+    }
+    if ready.iter().all(|e| !e.nodes.is_empty())
+        && ready.iter().any(|e| e.nodes.contains(node_name))
+    {
+        return Topology::SameNode;
+    }
+    let Some(zone) = zone else {
+        return Topology::None;
+    };
+    if ready.iter().all(|e| !e.zones.is_empty()) && ready.iter().any(|e| e.zones.contains(zone)) {
+        return Topology::SameZone;
+    }
+    Topology::None
+}
+
+/// kube-proxy's `CategorizeEndpoints`: (cluster endpoints, local endpoints).
 fn categorize(
     eps: &[Ep],
-    use_hints: bool,
+    node_name: &str,
     zone: Option<&str>,
 ) -> (Vec<EndpointSpec>, Vec<EndpointSpec>) {
-    let topology = use_hints && can_use_topology(eps, zone);
-    let mut cluster: Vec<EndpointSpec> = eps
-        .iter()
-        .filter(|e| e.spec.ready)
-        .filter(|e| {
-            !topology || zone.is_some_and(|z| e.zone_hints.as_ref().is_some_and(|h| h.contains(z)))
-        })
-        .map(|e| e.spec.clone())
-        .collect();
-    if cluster.is_empty() {
-        cluster = eps
-            .iter()
-            .filter(|e| e.spec.serving && e.spec.terminating)
-            .map(|e| e.spec.clone())
-            .collect();
-    }
-    let local_ready: Vec<EndpointSpec> = eps
-        .iter()
-        .filter(|e| e.spec.local && e.spec.ready)
-        .map(|e| e.spec.clone())
-        .collect();
-    let local = if !local_ready.is_empty() {
-        local_ready
-    } else {
+    let mode = topology(eps, node_name, zone);
+    let available = |e: &Ep| match mode {
+        Topology::None => true,
+        Topology::SameNode => e.nodes.contains(node_name),
+        Topology::SameZone => zone.is_some_and(|z| e.zones.contains(z)),
+    };
+    let pick = |f: &dyn Fn(&Ep) -> bool| -> Vec<EndpointSpec> {
         eps.iter()
-            .filter(|e| e.spec.local && e.spec.serving && e.spec.terminating)
+            .filter(|e| f(e))
             .map(|e| e.spec.clone())
             .collect()
     };
-    (cluster, local)
-}
-
-/// topology.go canUseTopology: hints are used only when this node has a zone, every ready
-/// endpoint carries zone hints, and at least one is hinted for this node's zone.
-fn can_use_topology(eps: &[Ep], zone: Option<&str>) -> bool {
-    let Some(zone) = zone else { return false };
-    let mut for_zone = false;
-    for e in eps.iter().filter(|e| e.spec.ready) {
-        match &e.zone_hints {
-            Some(h) if !h.is_empty() => for_zone |= h.contains(zone),
-            _ => return false,
-        }
+    let mut cluster = pick(&|e| e.spec.ready && available(e));
+    if cluster.is_empty() {
+        // No ready endpoint anywhere (topology only filters when one is ready for us).
+        cluster = pick(&|e| e.spec.serving && e.spec.terminating);
     }
-    for_zone
+    let mut local = pick(&|e| e.spec.local && e.spec.ready);
+    if local.is_empty() {
+        local = pick(&|e| e.spec.local && e.spec.serving && e.spec.terminating);
+    }
+    (cluster, local)
 }
 
 #[cfg(test)]

@@ -1,15 +1,20 @@
-//! Table-driven tests of the computation, in the spirit of kube-proxy's proxier tests: a
-//! handful of objects in, the expected frontends and endpoint lists out.
+//! Table-driven tests of the computation, in the manner of kube-proxy's proxier tests
+//! (pkg/proxy/iptables/proxier_test.go, pkg/proxy/topology_test.go): objects in, the
+//! categorised endpoint lists and frontends out.
 
 use super::*;
 use crate::manifests::load_text;
 
+/// node-a (zone-a, dual-stack) is the node under test; node-b (zone-b) announces flannel
+/// data; node-c (zone-a) announces none.
 const NODES: &str = r#"
 apiVersion: v1
 kind: Node
 metadata:
   name: node-a
   labels: {topology.kubernetes.io/zone: zone-a}
+  annotations:
+    flannel.alpha.coreos.com/backend-data: '{"VNI":1,"VtepMAC":"9a:3c:2e:00:00:02"}'
 spec: {podCIDR: 10.244.1.0/24, podCIDRs: [10.244.1.0/24, "fd00:10:244:1::/64"]}
 status:
   addresses:
@@ -21,308 +26,505 @@ apiVersion: v1
 kind: Node
 metadata:
   name: node-b
+  labels: {topology.kubernetes.io/zone: zone-b}
   annotations:
     flannel.alpha.coreos.com/backend-data: '{"VNI":1,"VtepMAC":"9a:3c:2e:11:22:33"}'
     flannel.alpha.coreos.com/public-ip: 192.168.0.3
 spec: {podCIDR: 10.244.2.0/24}
 status:
   addresses: [{type: InternalIP, address: 192.168.0.3}]
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: node-c
+  labels: {topology.kubernetes.io/zone: zone-a}
+spec: {podCIDRs: [10.244.3.0/24]}
+status:
+  addresses: [{type: ExternalIP, address: 198.51.100.4}, {type: InternalIP, address: 192.168.0.4}]
 "#;
 
-fn tables(extra: &str) -> TableSpec {
+fn computed(extra: &str) -> Computed {
     let mut objects = Objects::default();
     let mut errors = Vec::new();
     load_text(&mut objects, "nodes", NODES, &mut errors);
     load_text(&mut objects, "test", extra, &mut errors);
     assert!(errors.is_empty(), "{errors:?}");
-    compute(&objects, "node-a", &ClusterSpec::default()).unwrap()
+    compute_with_warnings(&objects, "node-a", &ClusterSpec::default()).expect("node-a exists")
 }
 
-fn svc<'a>(t: &'a TableSpec, name: &str) -> &'a ServiceSpec {
+/// The warnings about Services (the fixture's node-c always has one).
+fn service_warnings(c: &Computed) -> Vec<&Warning> {
+    c.warnings
+        .iter()
+        .filter(|w| w.object.starts_with("Service "))
+        .collect()
+}
+
+fn tables(extra: &str) -> TableSpec {
+    computed(extra).tables
+}
+
+fn entry<'a>(t: &'a TableSpec, name: &str, v6: bool) -> &'a ServiceSpec {
     t.services
         .iter()
-        .find(|s| s.name == name)
+        .find(|s| s.name == name && s.frontends.first().is_some_and(|f| f.ip.is_ipv6() == v6))
         .unwrap_or_else(|| {
             panic!(
-                "no {name} in {:?}",
+                "no {name} ({}) in {:?}",
+                family_name(v6),
                 t.services.iter().map(|s| &s.name).collect::<Vec<_>>()
             )
         })
 }
 
-fn ips(eps: &[EndpointSpec]) -> Vec<String> {
-    eps.iter().map(|e| format!("{}:{}", e.ip, e.port)).collect()
+fn addrs(eps: &[EndpointSpec]) -> Vec<String> {
+    eps.iter()
+        .map(|e| match e.ip {
+            IpAddr::V4(ip) => format!("{ip}:{}", e.port),
+            IpAddr::V6(ip) => format!("[{ip}]:{}", e.port),
+        })
+        .collect()
 }
 
+fn frontends(s: &ServiceSpec, kind: FrontendKind) -> Vec<String> {
+    s.frontends
+        .iter()
+        .filter(|f| f.kind == kind)
+        .map(|f| match f.ip {
+            IpAddr::V4(ip) => format!("{ip}:{}", f.port),
+            IpAddr::V6(ip) => format!("[{ip}]:{}", f.port),
+        })
+        .collect()
+}
+
+/// A Service in `default` with a spec written in YAML flow style.
 fn service(name: &str, spec: &str) -> String {
-    format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n{spec}\n---\n")
+    format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec: {spec}\n---\n")
 }
 
-fn slice(name: &str, svc: &str, family: &str, ports: &str, endpoints: &str) -> String {
+/// An EndpointSlice in `default` for `svc`; `endpoints` are YAML flow mappings.
+fn slice(name: &str, svc: &str, family: &str, ports: &str, endpoints: &[&str]) -> String {
+    let eps: String = endpoints.iter().map(|e| format!("- {e}\n")).collect();
     format!(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: default\n  labels: {{kubernetes.io/service-name: {svc}}}\naddressType: {family}\nports: {ports}\nendpoints:\n{endpoints}\n---\n"
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: default\n  labels: {{kubernetes.io/service-name: {svc}}}\naddressType: {family}\nports: {ports}\nendpoints:\n{eps}---\n"
     )
 }
 
-const WEB: &str = "  clusterIP: 172.30.0.41\n  ports: [{name: http, port: 80, targetPort: 8080}]";
+const WEB: &str = "{clusterIP: 172.30.0.41, ports: [{name: http, port: 80, targetPort: 8080}]}";
+const HTTP: &str = "[{name: http, port: 8080}]";
 
-#[test]
-fn ready_endpoints_only_and_defaults_applied() {
-    let t = tables(&(service("web", WEB)
-        + &slice(
-            "web-1",
-            "web",
-            "IPv4",
-            "[{name: http, port: 8080}]",
-            "  - {addresses: [10.244.1.5], nodeName: node-a}\n  - {addresses: [10.244.2.5], conditions: {ready: true}, nodeName: node-b}\n  - {addresses: [10.244.2.6], conditions: {ready: false}, nodeName: node-b}",
-        )));
-    let s = svc(&t, "default/web:http");
-    // protocol defaults to TCP on both the Service and the slice port.
-    assert_eq!(s.protocol, Protocol::Tcp);
-    assert_eq!(
-        ips(&s.cluster_endpoints),
-        ["10.244.1.5:8080", "10.244.2.5:8080"]
-    );
-    assert_eq!(ips(&s.local_endpoints), ["10.244.1.5:8080"]);
-    assert_eq!(s.all_endpoints.len(), 3);
-    assert_eq!(
-        s.frontends,
-        [FrontendSpec {
-            kind: FrontendKind::ClusterIp,
-            ip: "172.30.0.41".parse().unwrap(),
-            port: 80
-        }]
-    );
-    assert!(!s.internal_local && !s.external_local && s.affinity_timeout_s.is_none());
+/// One row: objects in, one Service port's endpoint lists out.
+struct Row {
+    name: &'static str,
+    objects: String,
+    /// `ServiceSpec::name` and family of the entry checked.
+    entry: (&'static str, bool),
+    cluster: &'static [&'static str],
+    local: &'static [&'static str],
+    all: usize,
+}
+
+fn rows() -> Vec<Row> {
+    let web = || service("web", WEB);
+    let hinted = |ip: &str, node: &str, zone: &str, hint: &str| {
+        format!("{{addresses: [{ip}], nodeName: {node}, zone: {zone}, hints: {{forZones: [{{name: {hint}}}]}}}}")
+    };
+    let topo = "{clusterIP: 172.30.0.41, trafficDistribution: PreferClose, ports: [{name: http, port: 80}]}";
+    vec![
+        Row {
+            name: "ready endpoints only; absent conditions mean ready",
+            objects: web()
+                + &slice("w", "web", "IPv4", HTTP, &[
+                    "{addresses: [10.244.1.5], nodeName: node-a}",
+                    "{addresses: [10.244.2.5], nodeName: node-b, conditions: {ready: true}}",
+                    "{addresses: [10.244.2.6], nodeName: node-b, conditions: {ready: false}}",
+                ]),
+            entry: ("default/web:http", false),
+            cluster: &["10.244.1.5:8080", "10.244.2.5:8080"],
+            local: &["10.244.1.5:8080"],
+            all: 3,
+        },
+        Row {
+            name: "no ready endpoint: the serving-and-terminating ones, not the non-serving",
+            objects: web()
+                + &slice("w", "web", "IPv4", HTTP, &[
+                    "{addresses: [10.244.1.5], nodeName: node-a, conditions: {ready: false, serving: true, terminating: true}}",
+                    "{addresses: [10.244.2.5], nodeName: node-b, conditions: {ready: false, serving: false, terminating: true}}",
+                    "{addresses: [10.244.2.6], nodeName: node-b, conditions: {ready: false}}",
+                ]),
+            entry: ("default/web:http", false),
+            cluster: &["10.244.1.5:8080"],
+            local: &["10.244.1.5:8080"],
+            all: 3,
+        },
+        Row {
+            name: "terminating endpoints unused while one is ready",
+            objects: web()
+                + &slice("w", "web", "IPv4", HTTP, &[
+                    "{addresses: [10.244.1.5], nodeName: node-a, conditions: {ready: false, serving: true, terminating: true}}",
+                    "{addresses: [10.244.2.7], nodeName: node-b}",
+                ]),
+            entry: ("default/web:http", false),
+            cluster: &["10.244.2.7:8080"],
+            // Local falls back on its own: no local ready endpoint, one local serving-terminating.
+            local: &["10.244.1.5:8080"],
+            all: 2,
+        },
+        Row {
+            name: "named target port differs per pod: the slice port is the target",
+            objects: service("web", "{clusterIP: 172.30.0.48, ports: [{name: http, port: 80, targetPort: http}]}")
+                + &slice("a", "web", "IPv4", "[{name: http, port: 8080}]", &["{addresses: [10.244.1.5]}"])
+                + &slice("b", "web", "IPv4", "[{name: http, port: 9090}]", &["{addresses: [10.244.2.5]}"]),
+            entry: ("default/web:http", false),
+            cluster: &["10.244.1.5:8080", "10.244.2.5:9090"],
+            local: &[],
+            all: 2,
+        },
+        Row {
+            name: "slices join by label, in the Service's namespace only",
+            objects: web()
+                + &slice("web-1", "web", "IPv4", HTTP, &["{addresses: [10.244.1.5]}"])
+                + &slice("web-2", "web", "IPv4", HTTP, &["{addresses: [10.244.2.5]}"])
+                + &slice("other", "other", "IPv4", HTTP, &["{addresses: [10.244.2.9]}"])
+                + "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: elsewhere, namespace: prod, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints: [{addresses: [10.244.2.8]}]\n---\n"
+                + "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: unlabelled, namespace: default}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints: [{addresses: [10.244.2.10]}]\n",
+            entry: ("default/web:http", false),
+            cluster: &["10.244.1.5:8080", "10.244.2.5:8080"],
+            local: &[],
+            all: 2,
+        },
+        Row {
+            name: "ports join by name and protocol (DNS on UDP and TCP)",
+            objects: service("dns", "{clusterIP: 172.30.0.10, ports: [{name: dns, port: 53, protocol: UDP}, {name: dns-tcp, port: 53}]}")
+                + &slice("d", "dns", "IPv4", "[{name: dns, port: 5353, protocol: UDP}, {name: dns-tcp, port: 5354}, {name: dns, port: 6000, protocol: SCTP}]", &["{addresses: [10.244.1.53]}"]),
+            entry: ("default/dns:dns", false),
+            cluster: &["10.244.1.53:5353"],
+            local: &[],
+            all: 1,
+        },
+        Row {
+            name: "an unnamed port joins the unnamed slice port",
+            objects: service("one", "{clusterIP: 172.30.0.11, ports: [{port: 80}]}")
+                + &slice("o", "one", "IPv4", "[{port: 8081}]", &["{addresses: [10.244.2.3]}"]),
+            entry: ("default/one:", false),
+            cluster: &["10.244.2.3:8081"],
+            local: &[],
+            all: 1,
+        },
+        Row {
+            name: "a slice port without a number is not used",
+            objects: web() + &slice("w", "web", "IPv4", "[{name: http}]", &["{addresses: [10.244.2.3]}"]),
+            entry: ("default/web:http", false),
+            cluster: &[],
+            local: &[],
+            all: 0,
+        },
+        Row {
+            name: "dual-stack: the IPv6 entry takes the IPv6 slice only",
+            objects: service("web", "{clusterIPs: [172.30.0.41, \"fd00:172:30::41\"], ipFamilies: [IPv4, IPv6], ports: [{name: http, port: 80}]}")
+                + &slice("v4", "web", "IPv4", HTTP, &["{addresses: [10.244.1.5], nodeName: node-a}"])
+                + &slice("v6", "web", "IPv6", HTTP, &["{addresses: [\"fd00:10:244:1::5\"], nodeName: node-a}", "{addresses: [10.244.1.9]}"])
+                + &slice("fqdn", "web", "FQDN", HTTP, &["{addresses: [web.example.com]}"]),
+            entry: ("default/web:http", true),
+            cluster: &["[fd00:10:244:1::5]:8080"],
+            local: &["[fd00:10:244:1::5]:8080"],
+            all: 1,
+        },
+        Row {
+            name: "an address in two slices counts once, the ready listing wins",
+            objects: web()
+                + &slice("a", "web", "IPv4", HTTP, &["{addresses: [10.244.2.5], conditions: {ready: false}}"])
+                + &slice("b", "web", "IPv4", HTTP, &["{addresses: [10.244.2.5]}"]),
+            entry: ("default/web:http", false),
+            cluster: &["10.244.2.5:8080"],
+            local: &[],
+            all: 1,
+        },
+        Row {
+            name: "an address in two slices counts once, the local listing wins",
+            objects: web()
+                + &slice("a", "web", "IPv4", HTTP, &["{addresses: [10.244.1.5], nodeName: node-b}"])
+                + &slice("b", "web", "IPv4", HTTP, &["{addresses: [10.244.1.5], nodeName: node-a, conditions: {ready: false}}"]),
+            entry: ("default/web:http", false),
+            cluster: &[],
+            local: &[],
+            all: 1,
+        },
+        Row {
+            name: "zone hints complete and one for our zone: only our zone's endpoints",
+            objects: service("web", topo)
+                + &slice("w", "web", "IPv4", "[{name: http, port: 80}]", &[
+                    &hinted("10.244.1.5", "node-a", "zone-a", "zone-a"),
+                    &hinted("10.244.3.5", "node-c", "zone-a", "zone-a"),
+                    &hinted("10.244.2.5", "node-b", "zone-b", "zone-b"),
+                    // Not ready: needs no hint and does not block topology.
+                    "{addresses: [10.244.2.6], nodeName: node-b, conditions: {ready: false}}",
+                ]),
+            entry: ("default/web:http", false),
+            cluster: &["10.244.1.5:80", "10.244.3.5:80"],
+            local: &["10.244.1.5:80"],
+            all: 4,
+        },
+        Row {
+            name: "zone hints incomplete: ignored",
+            objects: service("web", topo)
+                + &slice("w", "web", "IPv4", "[{name: http, port: 80}]", &[
+                    &hinted("10.244.1.5", "node-a", "zone-a", "zone-a"),
+                    "{addresses: [10.244.1.6], nodeName: node-a, zone: zone-a}",
+                    &hinted("10.244.2.5", "node-b", "zone-b", "zone-b"),
+                ]),
+            entry: ("default/web:http", false),
+            cluster: &["10.244.1.5:80", "10.244.1.6:80", "10.244.2.5:80"],
+            local: &["10.244.1.5:80", "10.244.1.6:80"],
+            all: 3,
+        },
+        Row {
+            name: "zone hints complete but none for our zone: ignored",
+            objects: service("web", topo)
+                + &slice("w", "web", "IPv4", "[{name: http, port: 80}]", &[
+                    &hinted("10.244.2.5", "node-b", "zone-b", "zone-b"),
+                    &hinted("10.244.2.6", "node-b", "zone-b", "zone-c"),
+                ]),
+            entry: ("default/web:http", false),
+            cluster: &["10.244.2.5:80", "10.244.2.6:80"],
+            local: &[],
+            all: 2,
+        },
+        Row {
+            name: "zone hints are followed without trafficDistribution (kube-proxy reads only hints)",
+            objects: service("web", "{clusterIP: 172.30.0.41, ports: [{name: http, port: 80}]}")
+                + &slice("w", "web", "IPv4", "[{name: http, port: 80}]", &[
+                    &hinted("10.244.1.5", "node-a", "zone-a", "zone-a"),
+                    &hinted("10.244.2.5", "node-b", "zone-b", "zone-b"),
+                ]),
+            entry: ("default/web:http", false),
+            cluster: &["10.244.1.5:80"],
+            local: &["10.244.1.5:80"],
+            all: 2,
+        },
+        Row {
+            name: "node hints complete and one for this node: PreferSameNode",
+            objects: service("web", topo)
+                + &slice("w", "web", "IPv4", "[{name: http, port: 80}]", &[
+                    "{addresses: [10.244.1.5], nodeName: node-a, hints: {forNodes: [{name: node-a}], forZones: [{name: zone-a}]}}",
+                    "{addresses: [10.244.3.5], nodeName: node-c, hints: {forNodes: [{name: node-c}], forZones: [{name: zone-a}]}}",
+                ]),
+            entry: ("default/web:http", false),
+            cluster: &["10.244.1.5:80"],
+            local: &["10.244.1.5:80"],
+            all: 2,
+        },
+        Row {
+            name: "topology does not apply to the terminating fallback",
+            objects: service("web", topo)
+                + &slice("w", "web", "IPv4", "[{name: http, port: 80}]", &[
+                    "{addresses: [10.244.2.5], nodeName: node-b, conditions: {ready: false, serving: true, terminating: true}, hints: {forZones: [{name: zone-b}]}}",
+                    "{addresses: [10.244.3.5], nodeName: node-c, conditions: {ready: false, serving: true, terminating: true}, hints: {forZones: [{name: zone-a}]}}",
+                ]),
+            entry: ("default/web:http", false),
+            cluster: &["10.244.2.5:80", "10.244.3.5:80"],
+            local: &[],
+            all: 2,
+        },
+    ]
 }
 
 #[test]
-fn terminating_endpoints_only_when_none_is_ready() {
-    let eps = "  - {addresses: [10.244.1.5], conditions: {ready: false, serving: true, terminating: true}, nodeName: node-a}\n  - {addresses: [10.244.2.5], conditions: {ready: false, serving: false, terminating: true}, nodeName: node-b}";
-    let t = tables(
-        &(service("web", WEB) + &slice("w", "web", "IPv4", "[{name: http, port: 8080}]", eps)),
-    );
-    assert_eq!(
-        ips(&svc(&t, "default/web:http").cluster_endpoints),
-        ["10.244.1.5:8080"]
-    );
-    let eps2 = format!("{eps}\n  - {{addresses: [10.244.2.7], nodeName: node-b}}");
-    let t = tables(
-        &(service("web", WEB) + &slice("w", "web", "IPv4", "[{name: http, port: 8080}]", &eps2)),
-    );
-    assert_eq!(
-        ips(&svc(&t, "default/web:http").cluster_endpoints),
-        ["10.244.2.7:8080"]
-    );
-}
-
-#[test]
-fn nodeport_with_local_policy() {
-    let spec = "  type: NodePort\n  clusterIP: 172.30.0.41\n  externalTrafficPolicy: Local\n  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]";
-    let eps = "  - {addresses: [10.244.1.5], nodeName: node-a}\n  - {addresses: [10.244.2.5], nodeName: node-b}";
-    let t = tables(
-        &(service("web", spec) + &slice("w", "web", "IPv4", "[{name: http, port: 8080}]", eps)),
-    );
-    let s = svc(&t, "default/web:http");
-    assert!(s.external_local);
-    assert_eq!(ips(&s.local_endpoints), ["10.244.1.5:8080"]);
-    assert_eq!(
-        ips(&s.cluster_endpoints),
-        ["10.244.1.5:8080", "10.244.2.5:8080"]
-    );
-    let np: Vec<String> = s
-        .frontends
-        .iter()
-        .filter(|f| f.kind == FrontendKind::NodePort)
-        .map(|f| format!("{}:{}", f.ip, f.port))
-        .collect();
-    // Only the node addresses of the Service's family.
-    assert_eq!(np, ["192.168.0.2:30080"]);
-}
-
-#[test]
-fn named_target_ports_resolve_per_slice() {
-    let spec = "  clusterIP: 172.30.0.48\n  ports: [{name: http, port: 80, targetPort: http}]";
-    let t = tables(
-        &(service("web", spec)
-            + &slice(
-                "a",
-                "web",
-                "IPv4",
-                "[{name: http, port: 8080}]",
-                "  - {addresses: [10.244.1.5]}",
-            )
-            + &slice(
-                "b",
-                "web",
-                "IPv4",
-                "[{name: http, port: 9090}]",
-                "  - {addresses: [10.244.2.5]}",
-            )
-            + &slice(
-                "c",
-                "other",
-                "IPv4",
-                "[{name: http, port: 7070}]",
-                "  - {addresses: [10.244.2.9]}",
-            )),
-    );
-    assert_eq!(
-        ips(&svc(&t, "default/web:http").cluster_endpoints),
-        ["10.244.1.5:8080", "10.244.2.5:9090"]
-    );
-}
-
-#[test]
-fn multiport_matches_slice_ports_by_name_and_protocol() {
-    let spec = "  clusterIP: 172.30.0.10\n  ports:\n  - {name: dns, port: 53, protocol: UDP, targetPort: 5353}\n  - {name: dns-tcp, port: 53, protocol: TCP, targetPort: 5353}";
-    let t = tables(&(service("dns", spec)
-        + &slice("d", "dns", "IPv4", "[{name: dns, port: 5353, protocol: UDP}, {name: dns-tcp, port: 5354, protocol: TCP}]", "  - {addresses: [10.244.1.53]}")));
-    assert_eq!(svc(&t, "default/dns:dns").protocol, Protocol::Udp);
-    assert_eq!(
-        ips(&svc(&t, "default/dns:dns").cluster_endpoints),
-        ["10.244.1.53:5353"]
-    );
-    assert_eq!(
-        ips(&svc(&t, "default/dns:dns-tcp").cluster_endpoints),
-        ["10.244.1.53:5354"]
-    );
-}
-
-#[test]
-fn dual_stack_gives_one_entry_per_family() {
-    let spec = "  clusterIP: 172.30.0.41\n  clusterIPs: [172.30.0.41, \"fd00:172:30::41\"]\n  ipFamilies: [IPv4, IPv6]\n  ports: [{name: http, port: 80, targetPort: 8080}]";
-    let t = tables(
-        &(service("web", spec)
-            + &slice(
-                "v4",
-                "web",
-                "IPv4",
-                "[{name: http, port: 8080}]",
-                "  - {addresses: [10.244.1.5]}",
-            )
-            + &slice(
-                "v6",
-                "web",
-                "IPv6",
-                "[{name: http, port: 8080}]",
-                "  - {addresses: [\"fd00:10:244:1::5\"]}",
-            )),
-    );
-    let both: Vec<&ServiceSpec> = t
-        .services
-        .iter()
-        .filter(|s| s.name == "default/web:http")
-        .collect();
-    assert_eq!(both.len(), 2);
-    for s in both {
-        let v6 = s.frontends[0].ip.is_ipv6();
-        assert!(s.cluster_endpoints.iter().all(|e| e.ip.is_ipv6() == v6));
-        assert_eq!(s.cluster_endpoints.len(), 1);
+fn endpoint_categorisation() {
+    for row in rows() {
+        let t = tables(&row.objects);
+        let s = entry(&t, row.entry.0, row.entry.1);
+        assert_eq!(
+            addrs(&s.cluster_endpoints),
+            row.cluster,
+            "{}: cluster endpoints",
+            row.name
+        );
+        assert_eq!(
+            addrs(&s.local_endpoints),
+            row.local,
+            "{}: local endpoints",
+            row.name
+        );
+        assert_eq!(
+            s.all_endpoints.len(),
+            row.all,
+            "{}: all endpoints",
+            row.name
+        );
     }
 }
 
 #[test]
-fn topology_hints_used_only_when_complete() {
-    let spec = "  clusterIP: 172.30.0.41\n  trafficDistribution: PreferClose\n  ports: [{name: http, port: 80, targetPort: 8080}]";
-    let complete = "  - {addresses: [10.244.1.5], zone: zone-a, hints: {forZones: [{name: zone-a}]}}\n  - {addresses: [10.244.2.5], zone: zone-b, hints: {forZones: [{name: zone-b}]}}";
+fn defaults_applied_before_computing() {
+    // No protocol anywhere, no conditions, no affinity timeout, no traffic policies.
     let t = tables(
-        &(service("web", spec)
-            + &slice("w", "web", "IPv4", "[{name: http, port: 8080}]", complete)),
+        &(service(
+            "web",
+            "{clusterIP: 172.30.0.41, sessionAffinity: ClientIP, ports: [{name: http, port: 80}]}",
+        ) + &slice("w", "web", "IPv4", HTTP, &["{addresses: [10.244.2.5]}"])),
     );
-    assert_eq!(
-        ips(&svc(&t, "default/web:http").cluster_endpoints),
-        ["10.244.1.5:8080"]
-    );
-    let incomplete = "  - {addresses: [10.244.1.5], zone: zone-a, hints: {forZones: [{name: zone-a}]}}\n  - {addresses: [10.244.2.5], zone: zone-b}";
-    let t = tables(
-        &(service("web", spec)
-            + &slice("w", "web", "IPv4", "[{name: http, port: 8080}]", incomplete)),
-    );
-    assert_eq!(svc(&t, "default/web:http").cluster_endpoints.len(), 2);
-    // Without PreferClose the hints are ignored.
-    let t = tables(
-        &(service("web", WEB) + &slice("w", "web", "IPv4", "[{name: http, port: 8080}]", complete)),
-    );
-    assert_eq!(svc(&t, "default/web:http").cluster_endpoints.len(), 2);
+    let s = entry(&t, "default/web:http", false);
+    assert_eq!(s.protocol, Protocol::Tcp);
+    assert_eq!(addrs(&s.cluster_endpoints), ["10.244.2.5:8080"]);
+    let e = &s.cluster_endpoints[0];
+    assert!(e.ready && e.serving && !e.terminating && !e.local);
+    assert_eq!(s.affinity_timeout_s, Some(10800));
+    assert!(!s.internal_local && !s.external_local);
+    let t = tables(&service("web", "{clusterIP: 172.30.0.41, sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 30}}, ports: [{port: 80}]}"));
+    assert_eq!(t.services[0].affinity_timeout_s, Some(30));
 }
 
 #[test]
-fn headless_and_external_name_are_not_programmed() {
-    let t = tables(
-        &(service("h", "  clusterIP: None\n  ports: [{port: 80}]")
-            + &service("e", "  type: ExternalName\n  externalName: example.com")),
-    );
-    assert!(t.services.is_empty());
+fn traffic_policies() {
+    let ep = &[
+        "{addresses: [10.244.1.5], nodeName: node-a}",
+        "{addresses: [10.244.2.5], nodeName: node-b}",
+    ];
+    let cases = [
+        // (type and policies, internal_local, external_local)
+        ("type: NodePort, externalTrafficPolicy: Local", false, true),
+        (
+            "type: LoadBalancer, externalTrafficPolicy: Local, internalTrafficPolicy: Local",
+            true,
+            true,
+        ),
+        ("internalTrafficPolicy: Local", true, false),
+        // eTP Local means nothing on a Service no external traffic reaches.
+        ("externalTrafficPolicy: Local", false, false),
+        (
+            "externalTrafficPolicy: Local, externalIPs: [192.168.99.11]",
+            false,
+            true,
+        ),
+    ];
+    for (spec, internal, external) in cases {
+        let t = tables(
+            &(service("web", &format!("{{clusterIP: 172.30.0.41, {spec}, ports: [{{name: http, port: 80, nodePort: 30080}}]}}"))
+                + &slice("w", "web", "IPv4", HTTP, ep)),
+        );
+        let s = entry(&t, "default/web:http", false);
+        assert_eq!(
+            (s.internal_local, s.external_local),
+            (internal, external),
+            "{spec}"
+        );
+        // Both lists are always there; the dataplane picks by frontend kind and policy.
+        assert_eq!(addrs(&s.local_endpoints), ["10.244.1.5:8080"], "{spec}");
+        assert_eq!(s.cluster_endpoints.len(), 2, "{spec}");
+    }
 }
 
 #[test]
-fn external_ips_load_balancer_and_affinity() {
+fn frontends_by_kind_and_family() {
     let lb = r#"apiVersion: v1
 kind: Service
 metadata: {name: lb, namespace: default}
 spec:
   type: LoadBalancer
-  clusterIP: 172.30.0.50
-  externalIPs: [192.168.99.11]
-  sessionAffinity: ClientIP
-  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30081}]
+  clusterIPs: [172.30.0.50, "fd00:172:30::50"]
+  ipFamilies: [IPv4, IPv6]
+  externalIPs: [192.168.99.11, "2001:db8::11"]
+  ports: [{name: http, port: 80, nodePort: 30081}]
 status:
   loadBalancer:
-    ingress: [{ip: 1.2.3.4}, {ip: 1.2.3.5, ipMode: Proxy}]
+    ingress: [{ip: 1.2.3.4}, {ip: 1.2.3.5, ipMode: Proxy}, {hostname: lb.example.com}, {ip: 1.2.3.6, ipMode: VIP}]
 "#;
     let t = tables(lb);
-    let s = svc(&t, "default/lb:http");
-    let kinds: Vec<(FrontendKind, String)> = s
-        .frontends
-        .iter()
-        .map(|f| (f.kind, format!("{}:{}", f.ip, f.port)))
-        .collect();
+    let v4 = entry(&t, "default/lb:http", false);
+    assert_eq!(frontends(v4, FrontendKind::ClusterIp), ["172.30.0.50:80"]);
     assert_eq!(
-        kinds,
-        [
-            (FrontendKind::ClusterIp, "172.30.0.50:80".to_string()),
-            (FrontendKind::ExternalIp, "192.168.99.11:80".to_string()),
-            (FrontendKind::LoadBalancer, "1.2.3.4:80".to_string()),
-            (FrontendKind::NodePort, "192.168.0.2:30081".to_string()),
-        ]
+        frontends(v4, FrontendKind::ExternalIp),
+        ["192.168.99.11:80"]
     );
-    assert_eq!(s.affinity_timeout_s, Some(DEFAULT_AFFINITY_TIMEOUT));
+    assert_eq!(
+        frontends(v4, FrontendKind::LoadBalancer),
+        ["1.2.3.4:80", "1.2.3.6:80"]
+    );
+    assert_eq!(frontends(v4, FrontendKind::NodePort), ["192.168.0.2:30081"]);
+    let v6 = entry(&t, "default/lb:http", true);
+    assert_eq!(
+        frontends(v6, FrontendKind::ClusterIp),
+        ["[fd00:172:30::50]:80"]
+    );
+    assert_eq!(
+        frontends(v6, FrontendKind::ExternalIp),
+        ["[2001:db8::11]:80"]
+    );
+    assert!(frontends(v6, FrontendKind::LoadBalancer).is_empty());
+    assert_eq!(
+        frontends(v6, FrontendKind::NodePort),
+        ["[fd00:192:168::2]:30081"]
+    );
     // No endpoints at all: empty lists, so the dataplane rejects.
-    assert!(s.cluster_endpoints.is_empty());
+    assert!(v4.cluster_endpoints.is_empty() && v4.all_endpoints.is_empty());
 }
 
 #[test]
-fn an_address_in_two_slices_counts_once_ready_wins() {
-    let t = tables(
-        &(service("web", WEB)
-            + &slice(
-                "a",
-                "web",
-                "IPv4",
-                "[{name: http, port: 8080}]",
-                "  - {addresses: [10.244.1.5], conditions: {ready: false}}",
-            )
-            + &slice(
-                "b",
-                "web",
-                "IPv4",
-                "[{name: http, port: 8080}]",
-                "  - {addresses: [10.244.1.5], conditions: {ready: true}}",
+fn nodeport_needs_its_number_and_type() {
+    let c = computed(
+        &(service(
+            "np",
+            "{type: NodePort, clusterIP: 172.30.0.60, ports: [{name: a, port: 80}]}",
+        ) + &service(
+            "cip",
+            "{clusterIP: 172.30.0.61, ports: [{name: a, port: 80, nodePort: 30000}]}",
+        )),
+    );
+    for s in &c.tables.services {
+        assert!(
+            frontends(s, FrontendKind::NodePort).is_empty(),
+            "{}",
+            s.name
+        );
+    }
+    let w = service_warnings(&c);
+    assert_eq!(w.len(), 2, "{w:?}");
+    assert!(
+        w[0].message
+            .contains("nodePort on a Service of type ClusterIP"),
+        "{}",
+        w[0]
+    );
+    assert!(w[1].message.contains("without nodePort"), "{}", w[1]);
+}
+
+#[test]
+fn services_that_are_not_programmed() {
+    let c = computed(
+        &(service("headless", "{clusterIP: None, ports: [{port: 80}]}")
+            + &service("ext", "{type: ExternalName, externalName: example.com}")
+            + &service("unallocated", "{ports: [{port: 80}]}")
+            + &service(
+                "badproto",
+                "{clusterIP: 172.30.0.70, ports: [{port: 80, protocol: HTTP}]}",
             )),
     );
-    let s = svc(&t, "default/web:http");
-    assert_eq!(s.all_endpoints.len(), 1);
-    assert_eq!(ips(&s.cluster_endpoints), ["10.244.1.5:8080"]);
+    assert!(c.tables.services.is_empty(), "{:?}", c.tables.services);
+    let objects: Vec<&str> = service_warnings(&c)
+        .iter()
+        .map(|w| w.object.as_str())
+        .collect();
+    assert_eq!(
+        objects,
+        ["Service default/badproto", "Service default/unallocated"]
+    );
 }
 
 #[test]
-fn node_pods_and_remote_nodes() {
+fn node_local_pods_and_remote_nodes() {
     let pods = r#"apiVersion: v1
 kind: Pod
 metadata: {name: client, namespace: default, labels: {app: c}}
 spec: {nodeName: node-a, containers: [{name: m, image: i}]}
 status: {podIP: 10.244.1.2, podIPs: [{ip: 10.244.1.2}, {ip: "fd00:10:244:1::2"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: old-style}
+spec: {nodeName: node-a, containers: [{name: m, image: i}]}
+status: {podIP: 10.244.1.3}
 ---
 apiVersion: v1
 kind: Pod
@@ -332,28 +534,127 @@ status: {podIP: 192.168.0.2}
 ---
 apiVersion: v1
 kind: Pod
+metadata: {name: done, namespace: default}
+spec: {nodeName: node-a, containers: [{name: m, image: i}]}
+status: {phase: Succeeded, podIP: 10.244.1.4}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: pending, namespace: default}
+spec: {nodeName: node-a, containers: [{name: m, image: i}]}
+---
+apiVersion: v1
+kind: Pod
 metadata: {name: far, namespace: default}
 spec: {nodeName: node-b, containers: [{name: m, image: i}]}
 status: {podIP: 10.244.2.9}
 "#;
-    let t = tables(pods);
+    let c = computed(pods);
+    let t = &c.tables;
+    assert_eq!(t.node.name, "node-a");
     assert_eq!(t.node.addresses.len(), 2);
+    assert_eq!(t.node.pod_cidrs.len(), 2);
     assert_eq!(t.node.zone.as_deref(), Some("zone-a"));
-    assert_eq!(t.local_pods.len(), 1);
-    assert_eq!(t.local_pods[0].name, "default/client");
-    assert_eq!(t.local_pods[0].ips.len(), 2);
-    assert_eq!(t.remote_nodes.len(), 1);
-    let b = &t.remote_nodes[0];
     assert_eq!(
-        (b.name.as_str(), b.vtep_ip.to_string()),
-        ("node-b", "192.168.0.3".to_string())
+        t.node.vtep_ip,
+        Some("192.168.0.2".parse().expect("literal"))
     );
-    assert_eq!(b.vtep_mac, [0x9a, 0x3c, 0x2e, 0x11, 0x22, 0x33]);
+    assert_eq!(t.node.vtep_mac, Some([0x9a, 0x3c, 0x2e, 0, 0, 2]));
+    let pods: Vec<(&str, usize)> = t
+        .local_pods
+        .iter()
+        .map(|p| (p.name.as_str(), p.ips.len()))
+        .collect();
+    assert_eq!(pods, [("default/client", 2), ("default/old-style", 1)]);
+    assert_eq!(
+        t.local_pods[0].labels.get("app").map(String::as_str),
+        Some("c")
+    );
+
+    let remote: Vec<(&str, String, [u8; 6])> = t
+        .remote_nodes
+        .iter()
+        .map(|n| (n.name.as_str(), n.vtep_ip.to_string(), n.vtep_mac))
+        .collect();
+    assert_eq!(
+        remote,
+        [
+            (
+                "node-b",
+                "192.168.0.3".to_string(),
+                [0x9a, 0x3c, 0x2e, 0x11, 0x22, 0x33]
+            ),
+            // No public-ip: the InternalIP, not the ExternalIP listed first; no MAC: zeros.
+            ("node-c", "192.168.0.4".to_string(), [0; 6]),
+        ]
+    );
+    assert!(c
+        .warnings
+        .iter()
+        .any(|w| w.object == "Node node-c" && w.message.contains("VtepMAC")));
+}
+
+#[test]
+fn equal_objects_in_any_order_give_equal_tables() {
+    let docs = [
+        service("web", WEB),
+        service(
+            "dns",
+            "{clusterIP: 172.30.0.10, ports: [{name: dns, port: 53, protocol: UDP}]}",
+        ),
+        slice(
+            "w2",
+            "web",
+            "IPv4",
+            HTTP,
+            &[
+                "{addresses: [10.244.2.5]}",
+                "{addresses: [10.244.1.5], nodeName: node-a}",
+            ],
+        ),
+        slice("w1", "web", "IPv4", HTTP, &["{addresses: [10.244.3.5]}"]),
+        slice(
+            "d",
+            "dns",
+            "IPv4",
+            "[{name: dns, port: 53, protocol: UDP}]",
+            &["{addresses: [10.244.1.53]}"],
+        ),
+    ];
+    let forward = tables(&docs.concat());
+    let mut reversed = docs.clone();
+    reversed.reverse();
+    assert_eq!(forward, tables(&reversed.concat()));
+    let names: Vec<&str> = forward.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["default/dns:dns", "default/web:http"]);
+    assert_eq!(
+        addrs(&entry(&forward, "default/web:http", false).cluster_endpoints),
+        ["10.244.1.5:8080", "10.244.2.5:8080", "10.244.3.5:8080"]
+    );
+}
+
+#[test]
+fn bad_addresses_are_warnings_not_failures() {
+    let c = computed(
+        &(service(
+            "web",
+            "{clusterIP: 172.30.0.41, externalIPs: [not-an-ip], ports: [{name: http, port: 80}]}",
+        ) + &slice(
+            "w",
+            "web",
+            "IPv4",
+            HTTP,
+            &["{addresses: [10.244.999.1]}", "{addresses: [10.244.2.5]}"],
+        )),
+    );
+    let s = entry(&c.tables, "default/web:http", false);
+    assert_eq!(addrs(&s.cluster_endpoints), ["10.244.2.5:8080"]);
+    assert_eq!(service_warnings(&c).len(), 2, "{:?}", c.warnings);
 }
 
 #[test]
 fn unknown_node_is_an_error() {
     let objects = Objects::default();
-    let err = compute(&objects, "nope", &ClusterSpec::default()).unwrap_err();
+    let err = compute(&objects, "nope", &ClusterSpec::default()).expect_err("no node");
     assert!(err.to_string().contains("no Node object named nope"));
 }
