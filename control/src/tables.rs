@@ -120,10 +120,20 @@ pub fn compute_with_warnings(
         }
     }
 
+    // kube-proxy's --nodeport-addresses: NodePorts only on the node addresses it names.
+    let nodeport_addresses: Vec<IpAddr> = me
+        .addresses
+        .iter()
+        .copied()
+        .filter(|a| {
+            cluster.nodeport_addresses.is_empty()
+                || cluster.nodeport_addresses.iter().any(|n| n.contains(a))
+        })
+        .collect();
     let here = Here {
         node_name,
         zone: me.zone.as_deref(),
-        node_addresses: &me.addresses,
+        node_addresses: &nodeport_addresses,
     };
     let mut services = Vec::new();
     for svc in objects.services() {

@@ -119,6 +119,28 @@ fn node() -> Worker<MemDevice> {
                 Protocol::Tcp,
                 vec![ep("fd00:10:244:1::5", 8080)],
             ),
+            {
+                let mut np = service(
+                    "default/np:http",
+                    "172.30.0.50",
+                    80,
+                    Protocol::Tcp,
+                    vec![ep("10.244.1.5", 8080)],
+                );
+                np.frontends.push(FrontendSpec {
+                    kind: FrontendKind::NodePort,
+                    ip: "192.168.0.2".parse().unwrap(),
+                    port: 30080,
+                });
+                np
+            },
+            service(
+                "default/sctp:s",
+                "172.30.0.43",
+                9999,
+                Protocol::Sctp,
+                vec![ep("10.244.1.5", 8080)],
+            ),
         ],
         local_pods: vec![
             PodSpec {
@@ -696,4 +718,92 @@ fn a_held_packet_is_dropped_and_counted_when_nobody_answers() {
         64,
         "the held frame went back to the pool"
     );
+}
+
+#[test]
+fn nodeport_from_outside_is_dnatted_and_masqueraded_and_the_reply_goes_back_to_the_router() {
+    let mut w = node();
+    resolve_web(&mut w);
+    let router = [2, 0, 0, 0, 0xff, 1];
+    w.dev.inject(
+        0,
+        &tcp(
+            (UPLINK, router),
+            [203, 0, 113, 2],
+            50000,
+            [192, 168, 0, 2],
+            30080,
+            64,
+            true,
+        ),
+    );
+    let out = step(&mut w, 3 * SECOND);
+    assert_eq!(out[2].len(), 1, "forwarded to web");
+    let p = SlicedPacket::from_ethernet(&out[2][0]).unwrap();
+    let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
+        panic!()
+    };
+    // eTP Cluster: source masqueraded to the node's pod-network address.
+    assert_eq!(ip.header().source(), [10, 244, 1, 1]);
+    assert_eq!(ip.header().destination(), [10, 244, 1, 5]);
+    let Some(TransportSlice::Tcp(t)) = &p.transport else {
+        panic!()
+    };
+    assert_eq!(t.destination_port(), 8080);
+    let h = ip.header().to_header();
+    assert_eq!(
+        t.checksum(),
+        t.to_header().calc_checksum_ipv4(&h, t.payload()).unwrap()
+    );
+    let snat_port = t.source_port();
+    // web's reply goes back out of the uplink to the router, from the NodePort.
+    w.dev.inject(
+        2,
+        &tcp(
+            (GW2, POD2),
+            [10, 244, 1, 5],
+            8080,
+            [10, 244, 1, 1],
+            snat_port,
+            64,
+            false,
+        ),
+    );
+    let out = step(&mut w, 4 * SECOND);
+    let want = tcp(
+        (router, UPLINK),
+        [192, 168, 0, 2],
+        30080,
+        [203, 0, 113, 2],
+        50000,
+        63,
+        false,
+    );
+    assert_eq!(out[0], vec![want]);
+}
+
+#[test]
+fn sctp_clusterip_dnat_keeps_the_crc32c_valid() {
+    let mut w = node();
+    resolve_web(&mut w);
+    let mut sctp = vec![0x9c, 0x40, 0x27, 0x0f, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 20];
+    sctp.extend_from_slice(&[0xde, 0xad, 0xbe, 0xef, 0, 1, 0, 0, 0, 10, 0, 10, 0, 0, 0, 1]);
+    nat::packet::sctp_fix_crc(&mut sctp);
+    let mut f = Vec::new();
+    PacketBuilder::ethernet2(POD1, GW1)
+        .ipv4([10, 244, 1, 2], [172, 30, 0, 43], 64)
+        .write(&mut f, etherparse::IpNumber(132), &sctp)
+        .unwrap();
+    w.dev.inject(1, &f);
+    let out = step(&mut w, 3 * SECOND);
+    assert_eq!(out[2].len(), 1);
+    let got = &out[2][0];
+    // Destination 10.244.1.5:8080, and the CRC32c verifies over the rewritten packet.
+    assert_eq!(&got[30..34], &[10, 244, 1, 5]);
+    let l4 = &got[34..];
+    assert_eq!(&l4[2..4], &8080u16.to_be_bytes());
+    let mut check = l4.to_vec();
+    let want = u32::from_le_bytes([check[8], check[9], check[10], check[11]]);
+    check[8..12].copy_from_slice(&[0; 4]);
+    assert_eq!(nat::packet::crc32c(&check), want);
 }

@@ -100,6 +100,10 @@ pub struct ClusterSpec {
     /// Masquerade pod traffic leaving the cluster networks (flannel `--ip-masq`).
     #[serde(default = "yes")]
     pub ip_masq: bool,
+    /// kube-proxy's `--nodeport-addresses`: NodePorts answer only on node addresses inside
+    /// these networks; empty means every node address.
+    #[serde(default)]
+    pub nodeport_addresses: Vec<IpNet>,
     /// VXLAN network identifier of the overlay.
     #[serde(default = "default_vni")]
     pub vxlan_vni: u32,
@@ -131,6 +135,7 @@ impl Default for ClusterSpec {
             ],
             masquerade_all: false,
             ip_masq: true,
+            nodeport_addresses: Vec::new(),
             vxlan_vni: default_vni(),
             vxlan_port: default_vxlan_port(),
         }

@@ -37,6 +37,10 @@ struct Args {
     /// Masquerade every Service connection (kube-proxy --masquerade-all).
     #[arg(long)]
     masquerade_all: bool,
+    /// NodePorts answer only on node addresses in these networks (kube-proxy
+    /// --nodeport-addresses; repeatable). Default: every node address.
+    #[arg(long = "nodeport-address")]
+    nodeport_addresses: Vec<IpNet>,
     /// Masquerade pod traffic leaving the cluster networks (flannel --ip-masq).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     ip_masq: bool,
@@ -65,6 +69,7 @@ fn cluster_spec(args: &Args) -> ClusterSpec {
     }
     cluster.masquerade_all = args.masquerade_all;
     cluster.ip_masq = args.ip_masq;
+    cluster.nodeport_addresses = args.nodeport_addresses.clone();
     cluster
 }
 

@@ -658,3 +658,41 @@ fn unknown_node_is_an_error() {
     let err = compute(&objects, "nope", &ClusterSpec::default()).expect_err("no node");
     assert!(err.to_string().contains("no Node object named nope"));
 }
+
+#[test]
+fn nodeport_addresses_limit_where_node_ports_answer() {
+    let text = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: node-a}
+spec: {podCIDR: 10.244.1.0/24}
+status:
+  addresses:
+  - {type: InternalIP, address: 192.168.0.2}
+  - {type: ExternalIP, address: 203.0.113.9}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: np, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 172.30.0.60
+  ports: [{port: 80, nodePort: 30060}]
+"#;
+    let mut objects = Objects::default();
+    let mut errors = Vec::new();
+    crate::manifests::load_text(&mut objects, "np.yaml", text, &mut errors);
+    let node_ports = |cluster: &ClusterSpec| -> Vec<String> {
+        let t = compute(&objects, "node-a", cluster).unwrap();
+        t.services[0]
+            .frontends
+            .iter()
+            .filter(|f| f.kind == FrontendKind::NodePort)
+            .map(|f| f.ip.to_string())
+            .collect()
+    };
+    let mut cluster = ClusterSpec::default();
+    assert_eq!(node_ports(&cluster), ["192.168.0.2", "203.0.113.9"]);
+    cluster.nodeport_addresses = vec!["192.168.0.0/24".parse().unwrap()];
+    assert_eq!(node_ports(&cluster), ["192.168.0.2"]);
+}
