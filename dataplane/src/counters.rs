@@ -56,6 +56,9 @@ drop_reasons! {
     ConntrackFull => "conntrack_full",
     /// No free source port for masquerade.
     SnatExhausted => "snat_exhausted",
+    /// A new connection's reply tuple is already another live connection's (a client
+    /// reusing a port towards a backend it also reaches directly).
+    TupleTaken => "tuple_taken",
     /// No route to the destination.
     NoRoute => "no_route",
     /// The next hop did not answer ARP / neighbour solicitation within the hold time, or

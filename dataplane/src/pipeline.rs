@@ -544,7 +544,18 @@ impl Pipeline<'_> {
             {
                 Ok(_) => return Ok(conn),
                 Err(InsertError::Full) => return Err(DropReason::ConntrackFull),
-                Err(InsertError::Exists) => continue,
+                Err(InsertError::Exists) => {
+                    // Another worker tracked this very connection first: use its choice.
+                    if let Some(hit) = self.shared.conntrack.get(&key, self.now) {
+                        if hit.dir == Direction::Original {
+                            return Ok(hit.conn);
+                        }
+                    }
+                    // Else the reply tuple is taken: try another masquerade port.
+                    if snat.is_none() {
+                        return Err(DropReason::TupleTaken);
+                    }
+                }
             }
         }
         Err(DropReason::SnatExhausted)

@@ -326,6 +326,12 @@ impl Default for Limits {
     }
 }
 
+/// A per-process secret from the standard library's randomly keyed hasher.
+fn random_seed() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(0x6b78_6470u64)
+}
+
 /// Everything the workers of one dataplane share.
 pub struct Shared {
     /// The current tables.
@@ -357,7 +363,7 @@ impl Shared {
             uplink,
             uplink_next_hop: std::sync::atomic::AtomicU64::new(0),
             tables: ArcSwap::from_pointee(Tables::empty()),
-            conntrack: Conntrack::new(limits.conntrack_capacity),
+            conntrack: Conntrack::with_seed(limits.conntrack_capacity, random_seed()),
             neighbors: Neighbors::default(),
             affinity: nat::affinity::AffinityTable::new(limits.affinity_capacity),
             ports,
@@ -376,8 +382,10 @@ impl Shared {
         self.retire_stale_flows(now);
     }
 
-    /// Removes UDP (and SCTP) connections whose backend is no longer an endpoint of their
-    /// Service; TCP connections keep their backend while it exists in any state.
+    /// Removes UDP (and SCTP) connections whose backend is no longer a serving endpoint of
+    /// their Service (gone, or not serving any more), so the next datagram picks a live
+    /// endpoint instead of vanishing into a dead one (kubernetes issues 48370, 59368). TCP
+    /// connections keep their backend: a closing endpoint finishes its connections.
     pub fn retire_stale_flows(&self, now: u64) -> usize {
         let tables = self.tables.load();
         self.conntrack.sweep(now, |c| {
@@ -399,7 +407,7 @@ impl Shared {
                 .and_then(|f| tables.services.service(f.service))
             {
                 Some(svc) => !svc
-                    .all_endpoints
+                    .serving_endpoints
                     .iter()
                     .any(|b| b.ip == c.reply.src && b.port == c.reply.sport),
                 None => true,

@@ -123,10 +123,6 @@ pub const WINDOW: usize = 32;
 const SPILL: usize = 4;
 /// Index slots per entry: two keys per entry at most two-thirds full.
 const SLOTS_PER_ENTRY: usize = 3;
-/// Rounds an insert waits for a pending twin to settle (spinning, then yielding the core in
-/// case the twin's thread was preempted). Reached only when two inserts of one tuple race.
-const PENDING_WAIT: usize = 1 << 14;
-
 fn backoff(round: usize) {
     if round < 64 {
         std::hint::spin_loop();
@@ -258,6 +254,8 @@ pub struct Conntrack {
     /// next one, so lookups of keys hashed there look on. Never cleared (a clear bit only
     /// saves a window scan).
     spilled: Box<[AtomicU64]>,
+    /// Mixed into the index hash.
+    seed: u64,
     /// Free list: `tag << 32 | (entry + 1)`, 0 when empty.
     free_head: AtomicU64,
     next_free: Box<[AtomicU32]>,
@@ -267,6 +265,12 @@ pub struct Conntrack {
 impl Conntrack {
     /// A table for at most `capacity` connections (at least 1, at most 2^31 - 1).
     pub fn new(capacity: usize) -> Conntrack {
+        Conntrack::with_seed(capacity, 0)
+    }
+
+    /// [`Conntrack::new`] with a secret `seed` mixed into the index hash, so that outside
+    /// clients cannot aim crafted tuples at one window (the dataplane seeds it randomly).
+    pub fn with_seed(capacity: usize, seed: u64) -> Conntrack {
         let capacity = capacity.clamp(1, (u32::MAX >> 1) as usize - 1);
         let slots = (capacity * SLOTS_PER_ENTRY).div_ceil(WINDOW).max(SPILL) * WINDOW;
         let ct = Conntrack {
@@ -276,6 +280,7 @@ impl Conntrack {
             spilled: (0..(slots / WINDOW).div_ceil(64))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
+            seed,
             free_head: AtomicU64::new(0),
             next_free: (0..capacity).map(|_| AtomicU32::new(0)).collect(),
             len: AtomicUsize::new(0),
@@ -389,7 +394,9 @@ impl Conntrack {
     }
 
     fn window(&self, key: &FlowKey) -> (usize, u32) {
-        let h = key.flow_hash();
+        let h = key.flow_hash() ^ self.seed;
+        let h = (h ^ (h >> 33)).wrapping_mul(0xff51_afd7_ed55_8ccd);
+        let h = h ^ (h >> 33);
         // Lemire's multiply-shift reduction picks a window without a power-of-two size.
         let windows = (self.slots / WINDOW) as u128;
         let w = ((h as u32 as u128 * windows) >> 32) as usize;
@@ -460,7 +467,7 @@ impl Conntrack {
     fn find(
         &self,
         key: &FlowKey,
-        want: impl Fn(u8) -> bool,
+        want: impl Fn(u8, u32) -> bool,
         skip: Option<u32>,
     ) -> Option<(u32, Connection, Direction, u64)> {
         let (start, tag) = self.window(key);
@@ -476,7 +483,7 @@ impl Conntrack {
                 continue;
             }
             let st = self.entries[e as usize].state.load(Ordering::Acquire);
-            if !want(st as u8) {
+            if !want(st as u8, e) {
                 continue;
             }
             let Some(w) = self.read_entry(e) else {
@@ -499,7 +506,7 @@ impl Conntrack {
 
     /// Looks a tuple up without refreshing it.
     pub fn get(&self, key: &FlowKey, now: u64) -> Option<Hit> {
-        let (e, conn, dir, st) = self.find(key, |s| s == LIVE, None)?;
+        let (e, conn, dir, st) = self.find(key, |s, _| s == LIVE, None)?;
         if self.entries[e as usize].expires.load(Ordering::Relaxed) <= now {
             return None;
         }
@@ -554,69 +561,86 @@ impl Conntrack {
         now: u64,
         timeout: u64,
     ) -> Result<u32, InsertError> {
-        if self.contains(&conn.original, now) || self.contains(&conn.reply, now) {
-            return Err(InsertError::Exists);
-        }
-        let e = self.pop_free().ok_or(InsertError::Full)?;
-        let entry = &self.entries[e as usize];
-        self.write_entry(e, &encode(&conn));
-        entry.expires.store(now + timeout, Ordering::Relaxed);
-        entry
-            .state
-            .store(PENDING as u64 | (state as u64) << 8, Ordering::SeqCst);
-        let mut claimed: [Option<usize>; 2] = [None, None];
-        for (n, dir) in [Direction::Original, Direction::Reply]
-            .into_iter()
-            .enumerate()
-        {
-            let key = Self::key_of(&conn, dir);
-            let (start, tag) = self.window(key);
-            claimed[n] = self.claim(start, slot_value(tag, e, dir));
-            if claimed[n].is_none() {
-                self.abandon(e, &claimed);
-                return Err(InsertError::Full);
-            }
-        }
-        // Settle a race with a twin inserted at the same time (see the module comment).
-        for dir in [Direction::Original, Direction::Reply] {
-            let key = Self::key_of(&conn, dir);
-            let mut waited = 0usize;
-            while let Some((other, _, _, st)) =
-                self.find(key, |s| s == LIVE || s == PENDING, Some(e))
-            {
-                let twin = &self.entries[other as usize];
-                let loses = if st as u8 == LIVE {
-                    twin.expires.load(Ordering::Relaxed) > now
-                } else if other < e {
-                    true
-                } else if waited < PENDING_WAIT {
-                    // A higher twin never waits on us: it goes live (it did not see us,
-                    // and we lose) or gives up (it saw us). Wait for that, then look again.
-                    waited += 1;
-                    backoff(waited);
-                    continue;
-                } else {
-                    true
-                };
-                if !loses {
-                    break;
-                }
-                self.abandon(e, &claimed);
-                // The twin is a few stores from live; wait for it (bounded) so that the
-                // caller's lookup after `Exists` finds the connection.
-                for i in 0..PENDING_WAIT {
-                    if twin.state.load(Ordering::Acquire) as u8 != PENDING {
-                        break;
-                    }
-                    backoff(i);
-                }
+        loop {
+            if self.contains(&conn.original, now) || self.contains(&conn.reply, now) {
                 return Err(InsertError::Exists);
             }
+            let e = self.pop_free().ok_or(InsertError::Full)?;
+            let entry = &self.entries[e as usize];
+            self.write_entry(e, &encode(&conn));
+            entry.expires.store(now + timeout, Ordering::Relaxed);
+            entry
+                .state
+                .store(PENDING as u64 | (state as u64) << 8, Ordering::SeqCst);
+            let mut claimed: [Option<usize>; 2] = [None, None];
+            for (n, dir) in [Direction::Original, Direction::Reply]
+                .into_iter()
+                .enumerate()
+            {
+                let key = Self::key_of(&conn, dir);
+                let (start, tag) = self.window(key);
+                claimed[n] = self.claim(start, slot_value(tag, e, dir));
+                if claimed[n].is_none() {
+                    self.abandon(e, &claimed);
+                    return Err(InsertError::Full);
+                }
+            }
+            match self.settle(e, &conn, now) {
+                None => {
+                    entry
+                        .state
+                        .store(LIVE as u64 | (state as u64) << 8, Ordering::SeqCst);
+                    return Ok(e);
+                }
+                Some(twin) => {
+                    self.abandon(e, &claimed);
+                    // Wait for the twin to settle too. If it went live, the tuple is
+                    // tracked (the caller's lookup finds it); if it lost to yet another
+                    // racer that then gave up, try again.
+                    self.wait_while_pending(twin);
+                    if self.contains(&conn.original, now) || self.contains(&conn.reply, now) {
+                        return Err(InsertError::Exists);
+                    }
+                }
+            }
         }
-        entry
-            .state
-            .store(LIVE as u64 | (state as u64) << 8, Ordering::SeqCst);
-        Ok(e)
+    }
+
+    /// Settles a race with twins of pending entry `e` (see the module comment): `None`
+    /// when `e` wins, else the twin it defers to. A higher pending twin is waited for: it
+    /// never waits on a lower one, so it soon goes live (it did not see us, we lose) or
+    /// gives up (it saw us).
+    fn settle(&self, e: u32, conn: &Connection, now: u64) -> Option<u32> {
+        for dir in [Direction::Original, Direction::Reply] {
+            let key = Self::key_of(conn, dir);
+            loop {
+                let live_or_pending = |st: u8, other: u32| {
+                    st == PENDING
+                        || (st == LIVE
+                            && self.entries[other as usize].expires.load(Ordering::Relaxed) > now)
+                };
+                let Some((other, _, _, st)) = self.find(key, live_or_pending, Some(e)) else {
+                    break;
+                };
+                if st as u8 == LIVE || other < e {
+                    return Some(other);
+                }
+                self.wait_while_pending(other);
+            }
+        }
+        None
+    }
+
+    /// Waits (spinning, then yielding the core in case the other thread was preempted)
+    /// until entry `e` is no longer pending. Only racing inserts of one tuple get here, and
+    /// a pending entry settles in a bounded number of its own steps.
+    fn wait_while_pending(&self, e: u32) {
+        let state = &self.entries[e as usize].state;
+        let mut round = 0usize;
+        while state.load(Ordering::Acquire) as u8 == PENDING {
+            round += 1;
+            backoff(round);
+        }
     }
 
     fn abandon(&self, e: u32, claimed: &[Option<usize>; 2]) {
@@ -663,7 +687,7 @@ impl Conntrack {
 
     /// Removes a connection (both tuples), if tracked.
     pub fn remove(&self, conn: &Connection) -> bool {
-        match self.find(&conn.original, |s| s == LIVE, None) {
+        match self.find(&conn.original, |s, _| s == LIVE, None) {
             Some((e, c, _, _)) if c == *conn => self.kill(e, &c),
             _ => false,
         }
@@ -835,7 +859,9 @@ mod tests {
                 let ct = ct.clone();
                 let b = barrier.clone();
                 std::thread::spawn(move || {
-                    let mut won = 0;
+                    // No assertion in here: a panicking thread would leave the others
+                    // waiting at the barrier forever. Count, and assert after the join.
+                    let (mut won, mut missing) = (0usize, 0usize);
                     for round in 0..rounds {
                         let now = round * 1000;
                         b.wait();
@@ -844,18 +870,24 @@ mod tests {
                                 won += 1;
                             }
                             // Whoever won, the tuple is tracked now, in both directions.
-                            assert!(ct.lookup(&conn(s).reply, now, 500).is_some());
-                            assert!(ct.get(&conn(s).original, now).is_some());
+                            if ct.lookup(&conn(s).reply, now, 500).is_none()
+                                || ct.get(&conn(s).original, now).is_none()
+                            {
+                                missing += 1;
+                            }
                         }
                         b.wait();
                         // Everyone expires the round's flows at once; each is freed once.
                         ct.sweep(now + 600, |_| false);
                     }
-                    won
+                    (won, missing)
                 })
             })
             .collect();
-        let won: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        let results: Vec<(usize, usize)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        let won: usize = results.iter().map(|r| r.0).sum();
+        let missing: usize = results.iter().map(|r| r.1).sum();
+        assert_eq!(missing, 0, "a tuple was not found right after its insert");
         assert_eq!(
             won,
             64 * rounds as usize,

@@ -25,6 +25,9 @@ impl MaglevRing {
         if n == 0 {
             return None;
         }
+        // Maglev needs a prime size: with a composite one, a backend's permutation can miss
+        // slots and the fill below would never end.
+        let size = next_prime(size.max(2));
         let m = size as u64;
         let perms: Vec<(u64, u64)> = keys[..n]
             .iter()
@@ -85,6 +88,29 @@ impl MaglevRing {
     }
 }
 
+/// Whether `n` is prime (trial division; sizes are small).
+pub fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let mut d = 2u32;
+    while d.saturating_mul(d) <= n {
+        if n % d == 0 {
+            return false;
+        }
+        d += 1;
+    }
+    true
+}
+
+/// The smallest prime at least `n`.
+pub fn next_prime(mut n: u32) -> u32 {
+    while !is_prime(n) {
+        n += 1;
+    }
+    n
+}
+
 /// FNV-1a with a chosen basis; stable across builds and machines, which Maglev needs.
 fn fnv1a(data: &[u8], basis: u64) -> u64 {
     let mut h = basis;
@@ -142,6 +168,13 @@ mod tests {
         }
         // Flows on surviving backends stay put, up to a few percent of disturbance.
         assert!(moved < DEFAULT_RING_SIZE as usize / 20, "moved {moved}");
+    }
+
+    #[test]
+    fn composite_and_tiny_sizes_are_made_prime() {
+        assert!(is_prime(16381) && !is_prime(16383) && !is_prime(1));
+        assert_eq!(MaglevRing::build(&keys(3), 1).unwrap().len(), 2);
+        assert_eq!(MaglevRing::build(&keys(3), 1000).unwrap().len(), 1009);
     }
 
     #[test]

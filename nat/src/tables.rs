@@ -130,6 +130,9 @@ pub struct Service {
     pub affinity_timeout_s: Option<u32>,
     /// Every endpoint the slices list, whatever their state.
     pub all_endpoints: Vec<Backend>,
+    /// The endpoints that are serving (ready, or terminating but still serving): UDP
+    /// flows to any other are retired so their next datagram picks a live endpoint.
+    pub serving_endpoints: Vec<Backend>,
     /// Stable key of this Service port in the affinity table.
     pub affinity_key: u64,
 }
@@ -347,7 +350,16 @@ fn placeholder() -> Service {
         external_local: false,
         affinity_timeout_s: None,
         all_endpoints: Vec::new(),
+        serving_endpoints: Vec::new(),
         affinity_key: 0,
+    }
+}
+
+fn backend_of(e: &EndpointSpec) -> Backend {
+    Backend {
+        ip: e.ip,
+        port: e.port,
+        local: e.local,
     }
 }
 
@@ -367,14 +379,12 @@ fn compile(s: &ServiceSpec, ring_size: u32) -> Service {
         internal_local: s.internal_local,
         external_local: s.external_local,
         affinity_timeout_s: s.affinity_timeout_s,
-        all_endpoints: s
+        all_endpoints: s.all_endpoints.iter().map(backend_of).collect(),
+        serving_endpoints: s
             .all_endpoints
             .iter()
-            .map(|e| Backend {
-                ip: e.ip,
-                port: e.port,
-                local: e.local,
-            })
+            .filter(|e| e.serving)
+            .map(backend_of)
             .collect(),
         affinity_key: crate::affinity::service_key(
             &s.name,

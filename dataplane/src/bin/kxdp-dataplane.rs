@@ -106,6 +106,12 @@ fn main() -> Result<()> {
     if ports.is_empty() {
         bail!("no interfaces: give --uplink and/or --pods");
     }
+    if !nat::maglev::is_prime(args.ring_size) || args.ring_size < 251 {
+        bail!(
+            "--ring-size {}: Maglev needs a prime of at least 251 (e.g. 16381, 65521)",
+            args.ring_size
+        );
+    }
     let workers = args.workers.max(1);
     let limits = Limits {
         ring_size: args.ring_size,
