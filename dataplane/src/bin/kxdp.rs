@@ -549,6 +549,7 @@ fn demo(
         "{:<8} {:<18} {:<5} {:<18} {:>8}",
         "service", "clusterIP:port", "proto", "answered by", "count"
     );
+    let mut failed = 0u32;
     for (svc, to, proto) in targets {
         let out = run_output(Lab::exec(&lab.pod_ns(client), &me.to_string_lossy()).args([
             "call",
@@ -561,6 +562,7 @@ fn demo(
         ]))?;
         let mut tally: BTreeMap<String, u32> = BTreeMap::new();
         for line in out.lines() {
+            // (each line is one connection's outcome)
             let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
             let who = v
                 .get("answer")
@@ -572,6 +574,9 @@ fn demo(
                         v.get("error").and_then(|e| e.as_str()).unwrap_or("?")
                     )
                 });
+            if who.starts_with("error") {
+                failed += 1;
+            }
             *tally.entry(who).or_default() += 1;
         }
         for (who, n) in tally {
@@ -600,6 +605,9 @@ fn demo(
             after - before,
             (after - before) as f64 / elapsed
         );
+    }
+    if failed > 0 {
+        bail!("{failed} connections failed (see the table above)");
     }
     Ok(())
 }
