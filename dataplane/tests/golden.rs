@@ -134,6 +134,22 @@ fn node() -> Worker<MemDevice> {
                 });
                 np
             },
+            {
+                let mut lb = service(
+                    "default/lbl:http",
+                    "172.30.0.52",
+                    80,
+                    Protocol::Tcp,
+                    vec![ep("10.244.1.5", 8080)],
+                );
+                lb.frontends.push(FrontendSpec {
+                    kind: FrontendKind::LoadBalancer,
+                    ip: "1.2.3.4".parse().unwrap(),
+                    port: 80,
+                });
+                lb.external_local = true;
+                lb
+            },
             service(
                 "default/sctp:s",
                 "172.30.0.43",
@@ -806,4 +822,143 @@ fn sctp_clusterip_dnat_keeps_the_crc32c_valid() {
     let want = u32::from_le_bytes([check[8], check[9], check[10], check[11]]);
     check[8..12].copy_from_slice(&[0; 4]);
     assert_eq!(nat::packet::crc32c(&check), want);
+}
+
+/// The frame web receives for a connection, and the source it sees.
+fn delivered_to_web(out: &[Vec<Vec<u8>>]) -> ([u8; 4], [u8; 4], u16) {
+    assert_eq!(out[2].len(), 1, "one frame to web: {out:02x?}");
+    let p = SlicedPacket::from_ethernet(&out[2][0]).unwrap();
+    let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
+        panic!()
+    };
+    let h = ip.header().to_header();
+    assert_eq!(h.header_checksum, h.calc_header_checksum());
+    let Some(TransportSlice::Tcp(t)) = &p.transport else {
+        panic!()
+    };
+    assert_eq!(
+        t.checksum(),
+        t.to_header().calc_checksum_ipv4(&h, t.payload()).unwrap()
+    );
+    (
+        ip.header().source(),
+        ip.header().destination(),
+        t.destination_port(),
+    )
+}
+
+#[test]
+fn load_balancer_ip_with_local_policy_keeps_the_client_source() {
+    let mut w = node();
+    resolve_web(&mut w);
+    let router = [2, 0, 0, 0, 0xff, 1];
+    w.dev.inject(
+        0,
+        &tcp(
+            (UPLINK, router),
+            [203, 0, 113, 2],
+            50001,
+            [1, 2, 3, 4],
+            80,
+            64,
+            true,
+        ),
+    );
+    let out = step(&mut w, 3 * SECOND);
+    assert_eq!(
+        delivered_to_web(&out),
+        ([203, 0, 113, 2], [10, 244, 1, 5], 8080)
+    );
+    w.dev.inject(
+        2,
+        &tcp(
+            (GW2, POD2),
+            [10, 244, 1, 5],
+            8080,
+            [203, 0, 113, 2],
+            50001,
+            64,
+            false,
+        ),
+    );
+    let out = step(&mut w, 4 * SECOND);
+    let want = tcp(
+        (router, UPLINK),
+        [1, 2, 3, 4],
+        80,
+        [203, 0, 113, 2],
+        50001,
+        63,
+        false,
+    );
+    assert_eq!(out[0], vec![want]);
+}
+
+#[test]
+fn clusterip_from_outside_the_cluster_is_masqueraded() {
+    let mut w = node();
+    resolve_web(&mut w);
+    let router = [2, 0, 0, 0, 0xff, 1];
+    w.dev.inject(
+        0,
+        &tcp(
+            (UPLINK, router),
+            [203, 0, 113, 2],
+            50002,
+            [172, 30, 0, 41],
+            80,
+            64,
+            true,
+        ),
+    );
+    let out = step(&mut w, 3 * SECOND);
+    assert_eq!(
+        delivered_to_web(&out),
+        ([10, 244, 1, 1], [10, 244, 1, 5], 8080)
+    );
+}
+
+#[test]
+fn icmp_time_exceeded_about_a_translated_packet_is_un_natted() {
+    use etherparse::{Icmpv4Type, Ipv4HeaderSlice};
+    let mut w = node();
+    resolve_web(&mut w);
+    w.dev.inject(
+        1,
+        &tcp(
+            (GW1, POD1),
+            [10, 244, 1, 2],
+            40003,
+            [172, 30, 0, 41],
+            80,
+            64,
+            true,
+        ),
+    );
+    let out = step(&mut w, 3 * SECOND);
+    let forwarded = out[2][0].clone();
+    let mut err = Vec::new();
+    PacketBuilder::ethernet2(POD2, GW2)
+        .ipv4([10, 244, 1, 5], [10, 244, 1, 2], 64)
+        .icmpv4(Icmpv4Type::TimeExceeded(
+            etherparse::icmpv4::TimeExceededCode::TtlExceededInTransit,
+        ))
+        .write(&mut err, &forwarded[14..14 + 28])
+        .unwrap();
+    w.dev.inject(2, &err);
+    let out = step(&mut w, 4 * SECOND);
+    assert_eq!(out[1].len(), 1);
+    let p = SlicedPacket::from_ethernet(&out[1][0]).unwrap();
+    let Some(TransportSlice::Icmpv4(icmp)) = &p.transport else {
+        panic!()
+    };
+    assert_eq!(
+        icmp.header().checksum,
+        icmp.header().icmp_type.calc_checksum(icmp.payload())
+    );
+    let q = Ipv4HeaderSlice::from_slice(icmp.payload()).unwrap();
+    assert_eq!(
+        (q.source(), q.destination()),
+        ([10, 244, 1, 2], [172, 30, 0, 41])
+    );
 }
