@@ -220,28 +220,7 @@ impl Lab {
         }
         // Uplink: node kxup0 <-> outside eth0.
         let out = self.outside_ns();
-        ip(&[
-            "-n",
-            &node,
-            "link",
-            "add",
-            self.uplink_if(),
-            "numtxqueues",
-            &q,
-            "numrxqueues",
-            &q,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &out,
-            "numtxqueues",
-            &q,
-            "numrxqueues",
-            &q,
-        ])?;
+        veth(&node, self.uplink_if(), &out, &q)?;
         ip(&[
             "-n",
             &node,
@@ -276,28 +255,7 @@ impl Lab {
         for (i, pod) in s.pods.iter().enumerate() {
             let pns = self.pod_ns(i);
             let host_if = self.pod_if(i);
-            ip(&[
-                "-n",
-                &node,
-                "link",
-                "add",
-                &host_if,
-                "numtxqueues",
-                &q,
-                "numrxqueues",
-                &q,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                &pns,
-                "numtxqueues",
-                &q,
-                "numrxqueues",
-                &q,
-            ])?;
+            veth(&node, &host_if, &pns, &q)?;
             ip(&["-n", &node, "link", "set", &host_if, "up"])?;
             ip(&[
                 "-n",
@@ -403,10 +361,57 @@ impl Lab {
         out
     }
 
+    /// The command that runs `kxdp-dataplane` (at `binary`) on this lab's node: the uplink
+    /// and every pod interface, `workers` workers, its control socket at `socket`.
+    pub fn dataplane_command(&self, binary: &Path, workers: u32, socket: &Path) -> Command {
+        let mut c = Lab::exec(&self.node_ns(), &binary.to_string_lossy());
+        c.args([
+            "--uplink",
+            self.uplink_if(),
+            "--pods",
+            &self.pod_interfaces().join(","),
+        ])
+        .args([
+            "--workers",
+            &workers.to_string(),
+            "--socket",
+            &socket.to_string_lossy(),
+        ]);
+        c
+    }
+
     /// The pod interfaces on the node, in pod order.
     pub fn pod_interfaces(&self) -> Vec<String> {
         (0..self.spec.pods.len()).map(|i| self.pod_if(i)).collect()
     }
+}
+
+/// Creates a veth pair with `queues` queues each way: `host_if` in namespace `node`, its
+/// peer `eth0` in namespace `peer_ns` (both ends inside the lab's namespaces).
+fn veth(node: &str, host_if: &str, peer_ns: &str, queues: &str) -> Result<(), LabError> {
+    ip(&[
+        "-n",
+        node,
+        "link",
+        "add",
+        host_if,
+        "numtxqueues",
+        queues,
+        "numrxqueues",
+        queues,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        peer_ns,
+        "numtxqueues",
+        queues,
+        "numrxqueues",
+        queues,
+    ])
+    .map(|_| ())
 }
 
 /// Turns off checksum offload and segmentation on an interface inside `ns`.

@@ -478,27 +478,13 @@ fn demo(
     let _down = Down(&lab);
     let socket = lab.state_dir().join("dataplane.sock");
     let dp_log = std::fs::File::create(lab.state_dir().join("dataplane.log"))?;
-    let dataplane = Lab::exec(
-        &lab.node_ns(),
-        &sibling("kxdp-dataplane")?.to_string_lossy(),
-    )
-    .args([
-        "--uplink",
-        lab.uplink_if(),
-        "--pods",
-        &lab.pod_interfaces().join(","),
-    ])
-    .args([
-        "--workers",
-        &workers.to_string(),
-        "--socket",
-        &socket.to_string_lossy(),
-    ])
-    .stdin(Stdio::null())
-    .stdout(dp_log.try_clone()?)
-    .stderr(dp_log)
-    .spawn()
-    .context("start kxdp-dataplane")?;
+    let dataplane = lab
+        .dataplane_command(&sibling("kxdp-dataplane")?, workers, &socket)
+        .stdin(Stdio::null())
+        .stdout(dp_log.try_clone()?)
+        .stderr(dp_log)
+        .spawn()
+        .context("start kxdp-dataplane")?;
     let _dataplane = Guarded(dataplane);
     wait_for(&socket, Duration::from_secs(10))
         .context("kxdp-dataplane did not open its socket (see its log)")?;

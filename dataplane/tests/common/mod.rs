@@ -104,19 +104,7 @@ impl Running {
         let socket = lab.state_dir().join("dataplane.sock");
         let dp_log = std::fs::File::create(lab.state_dir().join("dataplane.log")).unwrap();
         let dataplane = Proc(
-            Lab::exec(&lab.node_ns(), &bin("kxdp-dataplane").to_string_lossy())
-                .args([
-                    "--uplink",
-                    lab.uplink_if(),
-                    "--pods",
-                    &lab.pod_interfaces().join(","),
-                ])
-                .args([
-                    "--workers",
-                    &workers.to_string(),
-                    "--socket",
-                    &socket.to_string_lossy(),
-                ])
+            lab.dataplane_command(&bin("kxdp-dataplane"), workers, &socket)
                 .stdin(Stdio::null())
                 .stdout(dp_log.try_clone().unwrap())
                 .stderr(dp_log)
