@@ -145,10 +145,10 @@ impl Tables {
     pub fn compile(
         generation: u64,
         spec: TableSpec,
-        ring_size: u32,
+        ring_size: (u32, bool),
         uplink_mac: Option<[u8; 6]>,
     ) -> Tables {
-        let services = ServiceTable::build(&spec, ring_size);
+        let services = ServiceTable::build_with(&spec, ring_size.0, ring_size.1);
         let mut local_pods = HashMap::with_hasher(BuildFastHasher);
         for p in &spec.local_pods {
             let name: Arc<str> = Arc::from(p.name.as_str());
@@ -193,7 +193,7 @@ impl Tables {
 
     /// Empty tables: before control speaks, nothing is translated.
     pub fn empty() -> Tables {
-        Tables::compile(0, TableSpec::default(), 13, None)
+        Tables::compile(0, TableSpec::default(), (13, false), None)
     }
 
     /// Whether `ip` is one of the addresses the dataplane itself owns (gateways).
@@ -310,6 +310,9 @@ impl Neighbors {
 pub struct Limits {
     /// Maglev ring size (a prime).
     pub ring_size: u32,
+    /// Size each ring by its backend count (at most `ring_size`) instead of using
+    /// `ring_size` for every Service (see `nat::tables::RING_LADDER`).
+    pub ring_scaled: bool,
     /// Conntrack capacity.
     pub conntrack_capacity: usize,
     /// Session-affinity records (clients remembered across all Services).
@@ -320,6 +323,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             ring_size: nat::maglev::DEFAULT_RING_SIZE,
+            ring_scaled: false,
             conntrack_capacity: 1 << 20,
             affinity_capacity: 1 << 16,
         }
@@ -377,7 +381,8 @@ impl Shared {
     /// one). Workers are never stopped.
     pub fn install(&self, generation: u64, spec: TableSpec, now: u64) {
         let uplink_mac = self.uplink.and_then(|u| self.ports.get(u)).map(|p| p.mac);
-        let tables = Tables::compile(generation, spec, self.limits.ring_size, uplink_mac);
+        let ring = (self.limits.ring_size, self.limits.ring_scaled);
+        let tables = Tables::compile(generation, spec, ring, uplink_mac);
         self.tables.store(Arc::new(tables));
         self.retire_stale_flows(now);
     }

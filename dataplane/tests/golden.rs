@@ -83,6 +83,7 @@ fn node() -> Worker<MemDevice> {
             ring_size: 251,
             conntrack_capacity: 1024,
             affinity_capacity: 64,
+            ring_scaled: false,
         },
     ));
     let spec = TableSpec {

@@ -51,14 +51,16 @@ pub struct BackendSet {
     ring: Option<std::sync::Arc<MaglevRing>>,
 }
 
-/// Maglev ring sizes: primes roughly doubling. A Service port gets the smallest one that
-/// holds at least [`SLOTS_PER_BACKEND`] slots per backend, up to the configured maximum.
+/// Maglev ring sizes for the scaled mode: primes roughly doubling. A Service port gets the
+/// smallest one that holds at least [`SLOTS_PER_BACKEND`] slots per backend, up to the
+/// configured maximum.
 ///
-/// One fixed size for every Service (Maglev's paper) would cost 100k Services × 32 KiB;
-/// this ladder keeps a 3-backend Service at 509 slots (1 KiB). Consistency holds as
-/// long as the size does not change, i.e. within a rung: adding or removing a backend
-/// moves only its own share of new flows unless the count crosses a rung, when new flows
-/// are spread afresh (established flows keep their backend through conntrack either way).
+/// The default is one fixed size for every Service (Maglev's paper), which costs 32 KiB
+/// per Service port at 16381 slots: 3.2 GiB for 100k. The scaled mode keeps a 3-backend
+/// Service at 509 slots (1 KiB). Its consistency holds within a rung: adding or removing
+/// a backend moves only its own share of new flows unless the count crosses a rung, when
+/// new flows are spread afresh (established flows keep their backend through conntrack
+/// either way).
 pub const RING_LADDER: [u32; 9] = [251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521];
 /// Ring slots per backend at least (Maglev's paper keeps M ≥ 100 N for ≤ 1% imbalance).
 pub const SLOTS_PER_BACKEND: u32 = 100;
@@ -74,7 +76,7 @@ pub fn ring_size_for(backends: usize, max: u32) -> u32 {
 }
 
 impl BackendSet {
-    fn build(endpoints: &[EndpointSpec], ring_size: u32) -> BackendSet {
+    fn build(endpoints: &[EndpointSpec], ring_size: u32, scaled: bool) -> BackendSet {
         let backends: Vec<Backend> = endpoints
             .iter()
             .map(|e| Backend {
@@ -88,8 +90,12 @@ impl BackendSet {
                 .iter()
                 .map(|b| format!("{}:{}", b.ip, b.port))
                 .collect();
-            MaglevRing::build(&keys, ring_size_for(backends.len(), ring_size))
-                .map(std::sync::Arc::new)
+            let size = if scaled {
+                ring_size_for(backends.len(), ring_size)
+            } else {
+                ring_size
+            };
+            MaglevRing::build(&keys, size).map(std::sync::Arc::new)
         } else {
             None
         };
@@ -181,8 +187,15 @@ pub struct ServiceTable {
 }
 
 impl ServiceTable {
-    /// Compiles `spec` with Maglev rings of `ring_size` slots.
+    /// Compiles `spec` with Maglev rings of `ring_size` slots for every Service port (the
+    /// paper's Maglev: a backend change moves only its own share of flows).
     pub fn build(spec: &TableSpec, ring_size: u32) -> ServiceTable {
+        ServiceTable::build_with(spec, ring_size, false)
+    }
+
+    /// Compiles `spec`; with `scaled`, each ring is sized from [`RING_LADDER`] by its
+    /// backend count, at most `ring_size` (for very many Services; see [`ring_size_for`]).
+    pub fn build_with(spec: &TableSpec, ring_size: u32, scaled: bool) -> ServiceTable {
         let mut t = ServiceTable {
             frontends: HashMap::with_hasher(BuildFastHasher),
             frontend_ips: Default::default(),
@@ -195,7 +208,7 @@ impl ServiceTable {
         };
         for s in &spec.services {
             let id = t.services.len() as u32;
-            t.services.push(compile(s, ring_size));
+            t.services.push(compile(s, ring_size, scaled));
             for f in &s.frontends {
                 if f.kind.is_external() {
                     t.frontend_ips.insert(f.ip);
@@ -363,13 +376,13 @@ fn backend_of(e: &EndpointSpec) -> Backend {
     }
 }
 
-fn compile(s: &ServiceSpec, ring_size: u32) -> Service {
-    let cluster = BackendSet::build(&s.cluster_endpoints, ring_size);
+fn compile(s: &ServiceSpec, ring_size: u32, scaled: bool) -> Service {
+    let cluster = BackendSet::build(&s.cluster_endpoints, ring_size, scaled);
     // Often the same list (all endpoints local, or none): share the ring.
     let local = if s.local_endpoints == s.cluster_endpoints {
         cluster.clone()
     } else {
-        BackendSet::build(&s.local_endpoints, ring_size)
+        BackendSet::build(&s.local_endpoints, ring_size, scaled)
     };
     Service {
         name: s.name.clone(),

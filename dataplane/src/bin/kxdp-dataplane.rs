@@ -40,6 +40,11 @@ struct Args {
     /// affinity); a full bucket forgets the record that expires first.
     #[arg(long, default_value_t = 1 << 16)]
     affinity_capacity: usize,
+    /// Size each Maglev ring by its backend count (≥ 100 slots per backend, at most
+    /// --ring-size) instead of --ring-size for every Service: for very many Services, at
+    /// the cost of Maglev's minimal disruption when a backend count crosses a size step.
+    #[arg(long)]
+    scaled_rings: bool,
     /// Maglev ring size (a prime).
     #[arg(long, default_value_t = nat::maglev::DEFAULT_RING_SIZE)]
     ring_size: u32,
@@ -117,6 +122,7 @@ fn main() -> Result<()> {
         ring_size: args.ring_size,
         conntrack_capacity: args.conntrack_capacity,
         affinity_capacity: args.affinity_capacity,
+        ring_scaled: args.scaled_rings,
     };
     let shared = Arc::new(Shared::new(ports.clone(), workers as usize, limits));
     // One XDP program per interface, steering queue i to worker i's socket.

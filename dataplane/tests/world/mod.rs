@@ -292,6 +292,7 @@ impl World {
             ring_size: 1021,
             conntrack_capacity: 1 << 16,
             affinity_capacity: 1 << 12,
+            ring_scaled: false,
         };
         let shared = Arc::new(Shared::new(ports, 1, limits));
         let worker = Worker::new(0, MemDevice::new(nports, 512), shared.clone());
