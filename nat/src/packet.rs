@@ -162,7 +162,11 @@ pub fn parse_v6(frame: &[u8], l3: usize) -> Result<Headers, Malformed> {
         icmp_type: 0,
     };
     if h.proto == 44 {
-        let fh = frame.get(h.l4..h.l4 + 8).ok_or(Malformed::Truncated)?;
+        // The fragment header must lie inside the packet, not in Ethernet padding.
+        let fh = frame
+            .get(h.l4..h.l4 + 8)
+            .filter(|_| h.l4 + 8 <= h.end)
+            .ok_or(Malformed::Truncated)?;
         let off = u16::from_be_bytes([fh[2], fh[3]]);
         h.proto = fh[0];
         h.later_fragment = off >> 3 != 0;
@@ -660,6 +664,17 @@ mod tests {
         let mut bad = f.clone();
         bad[ETH_LEN + 10] ^= 0xff;
         assert_eq!(parse(&bad), Err(Malformed::BadIpChecksum));
+    }
+
+    #[test]
+    fn ipv6_fragment_header_past_the_payload_is_truncated() {
+        // IPv6 header saying "fragment header follows" with a 4-byte payload, then padding.
+        let mut f = vec![0u8; ETH_LEN + 40 + 16];
+        f[12..14].copy_from_slice(&ETH_IPV6.to_be_bytes());
+        f[ETH_LEN] = 0x60;
+        f[ETH_LEN + 5] = 4; // payload length
+        f[ETH_LEN + 6] = 44; // next header: fragment
+        assert_eq!(parse(&f), Err(Malformed::Truncated));
     }
 
     #[test]
