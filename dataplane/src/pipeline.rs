@@ -635,7 +635,9 @@ impl Pipeline<'_> {
             return Outcome::Resolve(DropReason::NeighborUnresolved, vtep);
         };
         let ip_len = h.end - h.l3;
-        let inner_mtu = (upcfg.mtu as usize).saturating_sub(crate::vxlan::VXLAN_OVERHEAD - ETH_LEN);
+        // The outer IP packet carries 50 bytes more than the inner one: outer IPv4 20, UDP 8,
+        // VXLAN 8 and the inner Ethernet header 14.
+        let inner_mtu = (upcfg.mtu as usize).saturating_sub(crate::vxlan::VXLAN_OVERHEAD);
         if ip_len > inner_mtu {
             let df = h.v6 || chunk.get(off + h.l3 + 6).is_some_and(|b| b & 0x40 != 0);
             if !df {

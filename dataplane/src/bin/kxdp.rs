@@ -77,6 +77,9 @@ enum Cmd {
         /// Pause between writes, in milliseconds.
         #[arg(long, default_value_t = 10)]
         interval_ms: u64,
+        /// Bytes per message (large ones exercise segmentation and path MTU).
+        #[arg(long, default_value_t = 64)]
+        size: usize,
     },
     /// Send UDP datagrams to an address as fast as one socket can, for a bounded time.
     Blast {
@@ -196,11 +199,13 @@ fn main() -> Result<()> {
             to,
             millis,
             interval_ms,
+            size,
         } => {
             let line = match hold(
                 to,
                 Duration::from_millis(millis),
                 Duration::from_millis(interval_ms),
+                size.clamp(8, 1 << 20),
             ) {
                 Ok((who, bytes)) => serde_json::json!({"answer": who, "bytes": bytes}),
                 Err((who, bytes, e)) => {
@@ -319,12 +324,13 @@ fn call_tcp(to: SocketAddr, timeout: Duration) -> Result<String> {
     Ok(out.trim().to_string())
 }
 
-/// Streams 64-byte messages through one connection, checking each echo; returns who
+/// Streams `size`-byte messages through one connection, checking each echo; returns who
 /// answered and the bytes echoed, or the error with what was done before it.
 fn hold(
     to: SocketAddr,
     total: Duration,
     interval: Duration,
+    size: usize,
 ) -> std::result::Result<(String, u64), (String, u64, anyhow::Error)> {
     let mut who = String::new();
     let mut bytes = 0u64;
@@ -341,15 +347,15 @@ fn hold(
         let deadline = Instant::now() + total;
         let mut seq = 0u64;
         while Instant::now() < deadline {
-            let mut msg = [0u8; 64];
+            let mut msg = vec![0x5au8; size];
             msg[..8].copy_from_slice(&seq.to_be_bytes());
             s.write_all(&msg).context("write")?;
-            let mut back = [0u8; 64];
+            let mut back = vec![0u8; size];
             s.read_exact(&mut back).context("read echo")?;
             if back != msg {
                 bail!("echo {seq} came back changed");
             }
-            bytes += 64;
+            bytes += size as u64;
             seq += 1;
             std::thread::sleep(interval);
         }
