@@ -24,31 +24,15 @@ fn clusterip_over_af_xdp_and_control_restart() {
     )
     .unwrap();
     let client = node.ns("default/client");
-    let call = |node: &Running, to: &str, proto: &str, count: &str| {
-        node.kxdp_in(
-            &client,
-            &[
-                "call",
-                "--to",
-                to,
-                "--proto",
-                proto,
-                "--count",
-                count,
-                "--timeout-ms",
-                "2000",
-            ],
-        )
-    };
 
     // Every ready endpoint answers over 30 connections; the not-ready one never does.
-    let web = call(&node, "172.30.0.41:80", "tcp", "30");
+    let web = node.call(&client, "172.30.0.41:80", "tcp", "30");
     if who(&web) != WEB {
         node.dump_logs();
     }
     assert_eq!(who(&web), WEB, "web over TCP: {web:?}");
     for proto in ["udp", "tcp"] {
-        let dns = call(&node, "172.30.0.10:53", proto, "30");
+        let dns = node.call(&client, "172.30.0.10:53", proto, "30");
         assert_eq!(
             who(&dns),
             ["default/dns-1", "default/dns-2", "default/dns-3"],
@@ -109,7 +93,7 @@ fn clusterip_over_af_xdp_and_control_restart() {
         held["bytes"].as_u64().unwrap_or(0) >= 64 * 50,
         "the long connection streamed: {held}"
     );
-    let after = call(&node, "172.30.0.41:80", "tcp", "30");
+    let after = node.call(&client, "172.30.0.41:80", "tcp", "30");
     assert_eq!(who(&after), WEB, "after restart: {after:?}");
     let log = std::fs::read_to_string(node.lab().state_dir().join("control.log")).unwrap();
     assert!(
@@ -130,7 +114,7 @@ fn clusterip_over_af_xdp_and_control_restart() {
     let before = generation(&node.socket).unwrap();
     std::fs::write(&web, edited).unwrap();
     node.wait_generation_after(before);
-    let edited = call(&node, "172.30.0.41:80", "tcp", "30");
+    let edited = node.call(&client, "172.30.0.41:80", "tcp", "30");
     assert_eq!(
         who(&edited),
         ["default/web-1", "default/web-2"],

@@ -212,22 +212,6 @@ ports:
     node.wait_generation_after(before);
 
     let client = node.ns("default/client");
-    let call = |ns: &str, to: &str, proto: &str| {
-        node.kxdp_in(
-            ns,
-            &[
-                "call",
-                "--to",
-                to,
-                "--proto",
-                proto,
-                "--count",
-                "10",
-                "--timeout-ms",
-                "2000",
-            ],
-        )
-    };
     // A → B, pod to pod and through a ClusterIP on A; B sees A's pod address.
     for (proto, to) in [
         ("tcp", "10.244.2.5:8080"),
@@ -235,7 +219,7 @@ ports:
         ("tcp", "172.30.0.70:80"),
     ] {
         {
-            let got = call(&client, to, proto);
+            let got = node.call(&client, to, proto, "10");
             for (who, peer) in answers(&got) {
                 if who != "default/web-b" {
                     node.dump_logs();
@@ -247,7 +231,7 @@ ports:
     }
     // B → A, pod to pod.
     for proto in ["tcp", "udp"] {
-        let got = call(&bpod, "10.244.1.5:8080", proto);
+        let got = node.call(&bpod, "10.244.1.5:8080", proto, "10");
         for (who, peer) in answers(&got) {
             assert_eq!(who, "default/web-1", "{proto} from B: {got:?}");
             assert_eq!(peer, "10.244.2.5");

@@ -17,25 +17,9 @@ fn services_through_af_xdp() {
     };
     let outside = node.ns("outside");
     let client = node.ns("default/client");
-    let call = |ns: &str, to: &str, proto: &str, count: &str| {
-        node.kxdp_in(
-            ns,
-            &[
-                "call",
-                "--to",
-                to,
-                "--proto",
-                proto,
-                "--count",
-                count,
-                "--timeout-ms",
-                "2000",
-            ],
-        )
-    };
 
     // NodePort, externalTrafficPolicy Cluster: every endpoint, source masqueraded to the node.
-    let np = call(&outside, "192.168.0.2:30080", "tcp", "30");
+    let np = node.call(&outside, "192.168.0.2:30080", "tcp", "30");
     assert_eq!(who(&np), WEB, "NodePort eTP Cluster: {np:?}");
     for (w, peer) in answers(&np) {
         assert_ne!(
@@ -44,7 +28,7 @@ fn services_through_af_xdp() {
         );
     }
     // NodePort, externalTrafficPolicy Local: the backend sees the client's address.
-    let np = call(&outside, "192.168.0.2:30081", "tcp", "30");
+    let np = node.call(&outside, "192.168.0.2:30081", "tcp", "30");
     assert_eq!(who(&np), WEB, "NodePort eTP Local: {np:?}");
     for (w, peer) in answers(&np) {
         assert_eq!(
@@ -54,7 +38,7 @@ fn services_through_af_xdp() {
     }
 
     // Hairpin: web-1 reaching itself through its Service sees the node, not itself.
-    let hp = call(&node.ns("default/web-1"), "172.30.0.45:80", "tcp", "5");
+    let hp = node.call(&node.ns("default/web-1"), "172.30.0.45:80", "tcp", "5");
     for (w, peer) in answers(&hp) {
         assert_eq!(w, "default/web-1");
         assert_eq!(peer, "10.244.1.1", "hairpin connection not masqueraded");
@@ -62,14 +46,14 @@ fn services_through_af_xdp() {
 
     // No endpoints: refused at once, TCP and UDP (ICMP port unreachable).
     let started = Instant::now();
-    let rej = call(&client, "172.30.0.99:80", "tcp", "3");
+    let rej = node.call(&client, "172.30.0.99:80", "tcp", "3");
     for (w, _) in answers(&rej) {
         assert!(
             w.contains("refused"),
             "TCP to a Service without endpoints: {w}"
         );
     }
-    let rej = call(&client, "172.30.0.99:53", "udp", "3");
+    let rej = node.call(&client, "172.30.0.99:53", "udp", "3");
     for (w, _) in answers(&rej) {
         assert!(
             w.contains("refused"),
@@ -82,7 +66,7 @@ fn services_through_af_xdp() {
     );
 
     // IPv6 ClusterIP, source kept.
-    let v6 = call(&client, "[fd00:172:30::41]:80", "tcp", "30");
+    let v6 = node.call(&client, "[fd00:172:30::41]:80", "tcp", "30");
     assert_eq!(who(&v6), WEB, "IPv6 ClusterIP: {v6:?}");
     for (_, peer) in answers(&v6) {
         assert_eq!(peer, "fd00:10:244:1::2");

@@ -199,6 +199,25 @@ impl Running {
             .collect()
     }
 
+    /// `kxdp call` from namespace `ns`: `count` connections to `to` over `proto`, each
+    /// given two seconds.
+    pub fn call(&self, ns: &str, to: &str, proto: &str, count: &str) -> Vec<serde_json::Value> {
+        self.kxdp_in(
+            ns,
+            &[
+                "call",
+                "--to",
+                to,
+                "--proto",
+                proto,
+                "--count",
+                count,
+                "--timeout-ms",
+                "2000",
+            ],
+        )
+    }
+
     /// Waits until the dataplane runs a newer table generation than `before`.
     pub fn wait_generation_after(&self, before: u64) {
         let deadline = Instant::now() + Duration::from_secs(10);
