@@ -183,6 +183,7 @@ pub fn compute_with_warnings(
             services,
             local_pods,
             remote_nodes,
+            policy: Default::default(),
         },
         warnings: w.0,
     })

@@ -139,6 +139,7 @@ fn spec(services: u32) -> TableSpec {
             .collect(),
         local_pods,
         remote_nodes: vec![],
+        policy: Default::default(),
     }
 }
 

@@ -178,6 +178,7 @@ fn node() -> Worker<MemDevice> {
             },
         ],
         remote_nodes: vec![],
+        policy: Default::default(),
     };
     shared.install(1, spec, SECOND);
     Worker::new(0, MemDevice::new(3, 64), shared)

@@ -1,7 +1,8 @@
 //! Service translation for kxdp: the desired-state format control sends ([`spec`]), its
 //! framing on the control stream ([`wire`]), the compiled service tables ([`tables`]),
-//! Maglev backend selection ([`maglev`]), connection tracking ([`conntrack`]) and in-place
-//! header rewrites with incremental checksums ([`packet`], [`checksum`]).
+//! Maglev backend selection ([`maglev`]), connection tracking ([`conntrack`]), NetworkPolicy
+//! verdicts for new connections ([`policy`]) and in-place header rewrites with incremental
+//! checksums ([`packet`], [`checksum`]).
 //!
 //! Pure by design: no sockets, threads, clocks or files. Time and bytes come in as
 //! arguments, decisions go out as values, so every behaviour is testable in memory.
@@ -13,6 +14,7 @@ pub mod checksum;
 pub mod conntrack;
 pub mod maglev;
 pub mod packet;
+pub mod policy;
 pub mod spec;
 pub mod tables;
 pub mod timeouts;
