@@ -5,14 +5,15 @@
 //! applies kube-proxy's semantics to them and yields a [`nat::spec::TableSpec`], which
 //! [`stream`] sends to `kxdp-dataplane` over its Unix socket. It deliberately handles no
 //! packets and keeps no dataplane state: the dataplane forwards with its last tables
-//! whether or not control is running. It does not watch an API server yet, and it does not
-//! validate objects the way the API server would: what cannot be used is skipped with a
-//! warning.
+//! whether or not control is running. Objects can also come from a live API server
+//! ([`kube_source`], kube-rs watchers that keep the same store). It does not validate
+//! objects the way the API server would: what cannot be used is skipped with a warning.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod defaults;
+pub mod kube_source;
 pub mod manifests;
 pub mod objects;
 pub mod stream;
