@@ -1,30 +1,42 @@
-//! `kxdp-control`: reads Kubernetes manifests from a directory, computes this node's tables
-//! and streams them to `kxdp-dataplane`; re-sends when the directory changes or the
-//! dataplane restarts.
+//! `kxdp-control`: reads Kubernetes objects from a directory of manifests (`--manifests`) or
+//! watches them on the API server (otherwise), computes this node's tables and streams them
+//! to `kxdp-dataplane`; re-sends when the objects change or the dataplane restarts.
 
 #![forbid(unsafe_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Parser;
+use control::kube_source::{Connection, KubeSource};
 use control::stream::{Progress, Stream, StreamError};
+use control::{Objects, Warning};
 use ipnet::IpNet;
 use nat::spec::{ClusterSpec, TableSpec};
 
 #[derive(Parser)]
 #[command(
     name = "kxdp-control",
-    about = "kxdp's control process: Kubernetes manifests to dataplane tables"
+    about = "kxdp's control process: Kubernetes objects (manifests or the API server) to dataplane tables"
 )]
 struct Args {
     /// Directory of Kubernetes manifests (*.yaml, *.yml, *.json; multi-document YAML).
+    /// Without it, kxdp-control watches the API server.
+    #[arg(long, requires = "node", conflicts_with_all = ["kubeconfig", "master"])]
+    manifests: Option<PathBuf>,
+    /// The Node this dataplane serves (its metadata.name). Required with --manifests; when
+    /// watching the API server the default is $NODE_NAME (set it from the downward API's
+    /// spec.nodeName), else the hostname.
+    #[arg(long, visible_alias = "hostname-override")]
+    node: Option<String>,
+    /// Kubeconfig file to reach the API server with (its current context). Default: the
+    /// in-cluster service account.
     #[arg(long)]
-    manifests: PathBuf,
-    /// The Node this dataplane serves (its metadata.name).
+    kubeconfig: Option<PathBuf>,
+    /// The API server's URL; overrides the kubeconfig's server.
     #[arg(long)]
-    node: String,
+    master: Option<String>,
     /// The dataplane's control socket.
     #[arg(long, default_value = "/run/kxdp/dataplane.sock")]
     socket: PathBuf,
@@ -47,7 +59,7 @@ struct Args {
     /// Send one snapshot, exit once the dataplane applied it.
     #[arg(long)]
     once: bool,
-    /// How often to look at the directory, in milliseconds.
+    /// How often to look at the directory and at the dataplane connection, in milliseconds.
     #[arg(long, default_value_t = 200)]
     poll_ms: u64,
 }
@@ -73,78 +85,131 @@ fn cluster_spec(args: &Args) -> ClusterSpec {
     cluster
 }
 
-/// Reads the directory and computes the tables; `None` when nothing can be sent (the
-/// directory or this node's Node object is missing): the dataplane keeps what it has.
-fn compute(args: &Args, cluster: &ClusterSpec) -> Option<(TableSpec, Duration)> {
-    let started = Instant::now();
-    let loaded = match control::load_dir(&args.manifests) {
-        Ok(l) => l,
-        Err(e) => {
-            log::error!("{e}");
-            return None;
-        }
-    };
-    for e in &loaded.errors {
-        eprintln!("kxdp-control: skipped {e}");
-    }
-    match control::compute_with_warnings(&loaded.objects, &args.node, cluster) {
-        Ok(computed) => {
-            for w in &computed.warnings {
-                log::warn!("{w}");
+/// Objects changed → tables computed → the latest snapshot published → the dataplane
+/// brought to it: what both sources do with their objects.
+struct Publisher {
+    node: String,
+    cluster: ClusterSpec,
+    stream: Stream,
+    latest: Option<Sync>,
+    once: bool,
+    /// Log a warning or error only when it was not in the previous computation's: the API
+    /// source recomputes on every Pod event, the manifest source only on an edit.
+    quiet_repeats: bool,
+    warnings: Vec<Warning>,
+    error: Option<String>,
+}
+
+impl Publisher {
+    /// Computes the tables of `objects` (read since `started`) and publishes them if they
+    /// differ from the last ones. `false` when none can be computed (this node's Node is
+    /// missing): the dataplane keeps what it has.
+    fn objects_changed(&mut self, objects: &Objects, started: Instant) -> bool {
+        match control::compute_with_warnings(objects, &self.node, &self.cluster) {
+            Ok(computed) => {
+                for w in &computed.warnings {
+                    if !self.quiet_repeats || !self.warnings.contains(w) {
+                        log::warn!("{w}");
+                    }
+                }
+                self.warnings = computed.warnings;
+                self.error = None;
+                let tables = computed.tables;
+                if self.latest.as_ref().is_some_and(|l| l.tables == tables) {
+                    return true;
+                }
+                let generation = self.latest.as_ref().map_or(1, |l| l.generation + 1);
+                self.stream.publish(generation, &tables);
+                self.latest = Some(Sync {
+                    generation,
+                    tables,
+                    computed_in: started.elapsed(),
+                });
+                true
             }
-            log::debug!(
-                "{} files, {} documents, {} objects, {} rejected",
-                loaded.files,
-                loaded.documents,
-                loaded.objects.len(),
-                loaded.errors.len()
-            );
-            Some((computed.tables, started.elapsed()))
+            Err(e) => {
+                let msg = e.to_string();
+                if !self.quiet_repeats || self.error.as_ref() != Some(&msg) {
+                    log::error!("{msg}");
+                }
+                self.error = Some(msg);
+                false
+            }
         }
-        Err(e) => {
-            log::error!("{e}");
-            None
+    }
+
+    /// Brings the dataplane to the latest snapshot if it is not there; `true` when `--once`
+    /// is done.
+    fn sync(&mut self) -> Result<bool> {
+        match self.stream.sync() {
+            Ok(Progress::Applied(g)) => {
+                if let Some(l) = self.latest.as_ref().filter(|l| l.generation == g) {
+                    log::info!(
+                        "generation {g} applied: {} service ports, {} local pods, {} remote nodes; computed in {:?}, applied in {:?}",
+                        l.tables.services.len(),
+                        l.tables.local_pods.len(),
+                        l.tables.remote_nodes.len(),
+                        l.computed_in,
+                        self.stream.last_round_trip().unwrap_or_default(),
+                    );
+                }
+                Ok(self.once)
+            }
+            Ok(_) => Ok(false),
+            Err(e @ StreamError::Refused { .. }) => {
+                log::error!("{e}");
+                if self.once {
+                    bail!("{e}");
+                }
+                Ok(false)
+            }
+            Err(e) => {
+                log::warn!("{e}");
+                Ok(false)
+            }
         }
     }
 }
 
-fn main() -> Result<()> {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let args = Args::parse();
-    let cluster = cluster_spec(&args);
-    let poll = Duration::from_millis(args.poll_ms.max(1));
-    let mut stream = Stream::new(&args.socket);
+/// Polls the directory; reloads and recomputes when its fingerprint changes.
+fn run_manifests(dir: &Path, publisher: &mut Publisher, poll: Duration) -> Result<()> {
     let mut seen = None;
     let mut dir_error = None;
-    let mut latest: Option<Sync> = None;
     loop {
-        match control::fingerprint(&args.manifests) {
+        match control::fingerprint(dir) {
             Ok(print) => {
                 dir_error = None;
                 if seen.as_ref() != Some(&print) {
                     seen = Some(print);
-                    match compute(&args, &cluster) {
-                        Some((tables, computed_in)) => {
-                            let same = latest.as_ref().is_some_and(|l| l.tables == tables);
-                            if !same {
-                                let generation = latest.as_ref().map_or(1, |l| l.generation + 1);
-                                stream.publish(generation, &tables);
-                                latest = Some(Sync {
-                                    generation,
-                                    tables,
-                                    computed_in,
-                                });
+                    let started = Instant::now();
+                    let published = match control::load_dir(dir) {
+                        Ok(loaded) => {
+                            for e in &loaded.errors {
+                                eprintln!("kxdp-control: skipped {e}");
                             }
+                            log::debug!(
+                                "{} files, {} documents, {} objects, {} rejected",
+                                loaded.files,
+                                loaded.documents,
+                                loaded.objects.len(),
+                                loaded.errors.len()
+                            );
+                            publisher.objects_changed(&loaded.objects, started)
                         }
-                        None if args.once => bail!("--once: no table to send (see above)"),
-                        None => {}
+                        Err(e) => {
+                            log::error!("{e}");
+                            false
+                        }
+                    };
+                    if !published && publisher.once {
+                        bail!("--once: no table to send (see above)");
                     }
                 }
             }
             Err(e) => {
                 // Said once, not every poll; the directory may appear later.
                 let msg = e.to_string();
-                if args.once {
+                if publisher.once {
                     bail!("{msg}");
                 }
                 if dir_error.as_ref() != Some(&msg) {
@@ -154,31 +219,130 @@ fn main() -> Result<()> {
                 seen = None;
             }
         }
-        match stream.sync() {
-            Ok(Progress::Applied(g)) => {
-                if let Some(l) = latest.as_ref().filter(|l| l.generation == g) {
-                    log::info!(
-                        "generation {g} applied: {} service ports, {} local pods, {} remote nodes; computed in {:?}, applied in {:?}",
-                        l.tables.services.len(),
-                        l.tables.local_pods.len(),
-                        l.tables.remote_nodes.len(),
-                        l.computed_in,
-                        stream.last_round_trip().unwrap_or_default(),
-                    );
-                }
-                if args.once {
-                    return Ok(());
-                }
-            }
-            Ok(_) => {}
-            Err(e @ StreamError::Refused { .. }) => {
-                log::error!("{e}");
-                if args.once {
-                    bail!("{e}");
-                }
-            }
-            Err(e) => log::warn!("{e}"),
+        if publisher.sync()? {
+            return Ok(());
         }
         std::thread::sleep(poll);
+    }
+}
+
+/// What one look at the API source found.
+enum Look {
+    /// Nothing applied since the last look.
+    Unchanged,
+    /// Some kinds have not been listed yet: no tables from a partial view.
+    NotSynced,
+    /// Tables computed (and published if new).
+    Published,
+    /// No tables could be computed (logged).
+    Failed,
+}
+
+/// Watches the API server; recomputes whenever a batch of changes was applied.
+fn run_kube(connection: &Connection, publisher: &mut Publisher, poll: Duration) -> Result<()> {
+    // The watchers wait on sockets; one worker is plenty, and the computation runs on this
+    // thread meanwhile.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("kxdp-watch")
+        .enable_all()
+        .build()
+        .context("start the tokio runtime")?;
+    let mut source = runtime.block_on(KubeSource::connect(connection))?;
+    log::info!(
+        "watching the API server for node {}'s tables",
+        publisher.node
+    );
+    let mut waiting_said = false;
+    loop {
+        let started = Instant::now();
+        let look = source.take(|objects, change| {
+            if change.batches == 0 {
+                return Look::Unchanged;
+            }
+            if !change.synced {
+                return Look::NotSynced;
+            }
+            log::debug!(
+                "{} batches ({:?}, listed {:?}), {} objects, {} EndpointSlice trigger times",
+                change.batches,
+                change.kinds,
+                change.listed,
+                objects.len(),
+                change.endpoint_slice_triggers.len()
+            );
+            if publisher.objects_changed(objects, started) {
+                Look::Published
+            } else {
+                Look::Failed
+            }
+        });
+        match look {
+            Look::NotSynced if !waiting_said => {
+                log::info!("waiting for the first list of {:?}", source.unsynced());
+                waiting_said = true;
+            }
+            Look::Failed if publisher.once => bail!("--once: no table to send (see above)"),
+            Look::Unchanged | Look::NotSynced | Look::Published | Look::Failed => {}
+        }
+        if publisher.sync()? {
+            return Ok(());
+        }
+        let alive = runtime.block_on(async {
+            tokio::time::timeout(poll, source.changed())
+                .await
+                .unwrap_or(true)
+        });
+        if !alive {
+            bail!("the API watchers stopped");
+        }
+    }
+}
+
+/// The node name when watching the API server, as kube-proxy finds it: the flag, else
+/// `$NODE_NAME`, else the hostname; trimmed and lower-cased.
+fn node_name(flag: Option<&str>) -> Result<String> {
+    let name = match flag {
+        Some(n) => n.to_string(),
+        None => match std::env::var("NODE_NAME") {
+            Ok(n) if !n.trim().is_empty() => n,
+            _ => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .context("no --hostname-override or NODE_NAME, and the hostname cannot be read")?,
+        },
+    };
+    let name = name.trim().to_lowercase();
+    if name.is_empty() {
+        bail!("the node name is empty: give --hostname-override NAME");
+    }
+    Ok(name)
+}
+
+fn main() -> Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let args = Args::parse();
+    let poll = Duration::from_millis(args.poll_ms.max(1));
+    let node = match (&args.manifests, &args.node) {
+        (Some(_), Some(node)) => node.clone(),
+        _ => node_name(args.node.as_deref())?,
+    };
+    let mut publisher = Publisher {
+        node,
+        cluster: cluster_spec(&args),
+        stream: Stream::new(&args.socket),
+        latest: None,
+        once: args.once,
+        quiet_repeats: args.manifests.is_none(),
+        warnings: Vec::new(),
+        error: None,
+    };
+    match &args.manifests {
+        Some(dir) => run_manifests(dir, &mut publisher, poll),
+        None => {
+            let connection = Connection {
+                kubeconfig: args.kubeconfig.clone(),
+                master: args.master.clone(),
+            };
+            run_kube(&connection, &mut publisher, poll)
+        }
     }
 }
