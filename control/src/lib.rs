@@ -16,6 +16,7 @@ pub mod defaults;
 pub mod kube_source;
 pub mod manifests;
 pub mod objects;
+pub mod policy;
 pub mod stream;
 pub mod tables;
 

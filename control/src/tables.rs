@@ -176,6 +176,8 @@ pub fn compute_with_warnings(
         });
     }
 
+    let policy = crate::policy::compile(objects, node_name, &mut w.0);
+
     Ok(Computed {
         tables: TableSpec {
             node: me,
@@ -183,7 +185,7 @@ pub fn compute_with_warnings(
             services,
             local_pods,
             remote_nodes,
-            policy: Default::default(),
+            policy,
         },
         warnings: w.0,
     })
