@@ -612,7 +612,10 @@ mod tests {
             master: Some("not a url".into()),
         };
         let e = bad.config().await.expect_err("bad URL");
-        assert!(e.to_string().starts_with("--master not a url: not a URL"), "{e}");
+        assert!(
+            e.to_string().starts_with("--master not a url: not a URL"),
+            "{e}"
+        );
         let missing = Connection {
             kubeconfig: Some(dir.join("absent")),
             master: None,
