@@ -10,20 +10,21 @@
 //! # Layout and cost
 //!
 //! Every (pod, direction, address family) is a *rule set*. At build time each rule's peer
-//! prefixes are spread into one hash map keyed by (rule set, prefix length, masked
-//! address); a rule without peers goes in the /0 entry. The value is the port table of that
-//! prefix: the union of every rule's port ranges flattened into disjoint ranges, sorted by
-//! (protocol, first port), each carrying the lowest policy that allows it, and the lowest
-//! policy whose rule has no ports at all. Each rule set lists the distinct prefix lengths it
-//! uses, longest first.
+//! prefixes are spread into one hash map per family, keyed by (pod and direction, prefix
+//! length, masked address); a rule without peers goes in the /0 entry. The value is the
+//! port table of that prefix: the union of every rule's port ranges flattened into disjoint
+//! ranges sorted by (protocol, first port), each carrying the lowest policy that allows
+//! it, and the lowest policy whose rule has no ports at all. Each rule set lists the
+//! distinct prefix lengths it uses, longest first.
 //!
 //! A decision costs one hash lookup for the pod address, then one hash lookup per distinct
 //! prefix length of that rule set (every matching prefix counts, not only the longest, so
-//! all lengths are probed; in practice 1 to 3: /32 or /128 pod peers, an ipBlock length,
-//! /0), and a binary search of the port table of each hit: `O(L · log R)` with `L` ≤ 33
-//! (IPv4) or 129 (IPv6) distinct lengths and `R` port ranges at that prefix. The number of
-//! policies and rules does not enter except through `log R`. The search stops early once
-//! it has found the lowest policy the rule set can answer. Nothing allocates.
+//! all lengths are probed; in practice a handful: /32 or /128 pod peers, the lengths an
+//! ipBlock splits into, /0), and a binary search of the port table of each hit:
+//! `O(L · log R)` with `L` ≤ 33 (IPv4) or 129 (IPv6) distinct lengths and `R` port ranges
+//! at that prefix. The number of policies and rules does not enter except through `log R`
+//! and through the size of the maps (cache misses). The search stops early once it has
+//! found the lowest policy the rule set can answer. Nothing allocates.
 //!
 //! Memory is per pod: a policy selecting many pods of the node is stored once per pod.
 
@@ -104,30 +105,76 @@ struct PortRange {
     policy: u32,
 }
 
-/// Key of [`PolicyTable::prefixes`].
+/// An address as a prefix key holds it: `u32` for IPv4 (a 12-byte key, so the large IPv4
+/// map stays compact), `u128` for IPv6.
+trait Bits: Copy + Eq + std::fmt::Debug {
+    /// Address length in bits.
+    const LEN: u8;
+    /// The first `len` bits, the rest zero.
+    fn mask(self, len: u8) -> Self;
+    /// 64 bits for hashing.
+    fn fold(self) -> u64;
+}
+
+impl Bits for u32 {
+    const LEN: u8 = 32;
+    #[inline]
+    fn mask(self, len: u8) -> u32 {
+        match Self::LEN.checked_sub(len) {
+            Some(host) if host < Self::LEN => self >> host << host,
+            _ => 0,
+        }
+    }
+    #[inline]
+    fn fold(self) -> u64 {
+        self as u64
+    }
+}
+
+impl Bits for u128 {
+    const LEN: u8 = 128;
+    #[inline]
+    fn mask(self, len: u8) -> u128 {
+        match Self::LEN.checked_sub(len) {
+            Some(host) if host < Self::LEN => self >> host << host,
+            _ => 0,
+        }
+    }
+    #[inline]
+    fn fold(self) -> u64 {
+        self as u64 ^ ((self >> 64) as u64).rotate_left(29)
+    }
+}
+
+/// Key of the prefix maps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct PrefixKey {
-    /// Rule set id: `(pod * 2 + direction) * 2 + family`.
+struct PrefixKey<A> {
+    /// Rule set id: `pod * 2 + direction`.
     set: u32,
     /// Prefix length.
     len: u8,
-    /// The address masked to `len` bits (an IPv4 address in the low 32 bits).
-    addr: u128,
+    /// The address masked to `len` bits.
+    addr: A,
 }
 
-impl Hash for PrefixKey {
+impl<A: Bits> Hash for PrefixKey<A> {
     #[inline]
     fn hash<H: Hasher>(&self, state: &mut H) {
-        // Two words instead of three fields: the address varies most, so it goes last
-        // where the multiply spreads it into the bucket bits.
-        state.write_u64(((self.set as u64) << 8 | self.len as u64) ^ (self.addr >> 64) as u64);
-        state.write_u64(self.addr as u64);
+        // One mixed word: the map's multiply-only hasher keeps the low zero bits of short
+        // prefixes in the bucket bits, which would pile /16s into a few buckets.
+        let x = self.addr.fold() ^ ((self.set as u64) << 40 | (self.len as u64) << 32);
+        let x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        let x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        state.write_u64(x ^ (x >> 31));
     }
 }
+
+type PrefixMap<A> = HashMap<PrefixKey<A>, PeerEntry, BuildFastHasher>;
 
 /// The rules of one pod, direction and address family.
 #[derive(Clone, Copy, Debug, Default)]
 struct RuleSet {
+    /// `pod * 2 + direction`, the set part of its prefix keys.
     id: u32,
     /// Distinct prefix lengths in [`PolicyTable::lengths`], longest first.
     first_len: u32,
@@ -159,7 +206,8 @@ pub struct PolicyTable {
     pod_by_ip: HashMap<IpAddr, u32, BuildFastHasher>,
     pods: Vec<Pod>,
     lengths: Vec<u8>,
-    prefixes: HashMap<PrefixKey, PeerEntry, BuildFastHasher>,
+    prefixes_v4: PrefixMap<u32>,
+    prefixes_v6: PrefixMap<u128>,
     ranges: Vec<PortRange>,
 }
 
@@ -210,7 +258,7 @@ impl PolicyTable {
         let mut sets = [RuleSet::default(); 2];
         for (family, set) in sets.iter_mut().enumerate() {
             let v6 = family == 1;
-            set.id = direction_id * 2 + family as u32;
+            set.id = direction_id;
             set.min_policy = NONE;
             let mut lengths: Vec<u8> = Vec::new();
             for (&(_, len, addr), g) in gathered.range((v6, 0, 0)..=(v6, u8::MAX, u128::MAX)) {
@@ -227,14 +275,21 @@ impl PolicyTable {
                     .min()
                     .unwrap_or(NONE);
                 set.min_policy = set.min_policy.min(g.any_port).min(ranges_min);
-                self.prefixes.insert(
-                    PrefixKey {
+                if v6 {
+                    let key = PrefixKey {
                         set: set.id,
                         len,
                         addr,
-                    },
-                    entry,
-                );
+                    };
+                    self.prefixes_v6.insert(key, entry);
+                } else {
+                    let key = PrefixKey {
+                        set: set.id,
+                        len,
+                        addr: addr as u32,
+                    };
+                    self.prefixes_v4.insert(key, entry);
+                }
                 if !lengths.contains(&len) {
                     lengths.push(len);
                 }
@@ -283,10 +338,27 @@ impl PolicyTable {
         let Some(iso) = self.isolation(ty, pod_ip) else {
             return Verdict::NotIsolated;
         };
-        let (set, addr, bits) = match peer {
-            IpAddr::V4(a) => (&iso.v4, u32::from(a) as u128, 32),
-            IpAddr::V6(a) => (&iso.v6, u128::from(a), 128),
+        let best = match peer {
+            IpAddr::V4(a) => self.best(&self.prefixes_v4, &iso.v4, u32::from(a), l4),
+            IpAddr::V6(a) => self.best(&self.prefixes_v6, &iso.v6, u128::from(a), l4),
         };
+        if best == NONE {
+            Verdict::Denied
+        } else {
+            Verdict::Allowed { policy: best }
+        }
+    }
+
+    /// The lowest policy of `set` allowing `addr` and `l4`, or [`NONE`]: every prefix
+    /// length of the set probed, every hit's port table searched.
+    #[inline]
+    fn best<A: Bits>(
+        &self,
+        map: &PrefixMap<A>,
+        set: &RuleSet,
+        addr: A,
+        l4: Option<(Protocol, u16)>,
+    ) -> u32 {
         let lengths = self
             .lengths
             .get(set.first_len as usize..set.end_len as usize)
@@ -296,9 +368,9 @@ impl PolicyTable {
             let key = PrefixKey {
                 set: set.id,
                 len,
-                addr: mask(addr, len, bits),
+                addr: addr.mask(len),
             };
-            let Some(entry) = self.prefixes.get(&key) else {
+            let Some(entry) = map.get(&key) else {
                 continue;
             };
             best = best.min(entry.any_port);
@@ -309,11 +381,7 @@ impl PolicyTable {
                 break;
             }
         }
-        if best == NONE {
-            Verdict::Denied
-        } else {
-            Verdict::Allowed { policy: best }
-        }
+        best
     }
 
     #[inline]
@@ -378,18 +446,6 @@ impl PolicyTable {
         self.pods
             .iter()
             .all(|p| p.ingress.is_none() && p.egress.is_none())
-    }
-}
-
-/// `addr` (an IPv4 address in the low 32 bits when `bits` is 32) masked to its first `len`
-/// bits.
-#[inline]
-fn mask(addr: u128, len: u8, bits: u8) -> u128 {
-    let host = bits.saturating_sub(len);
-    if host >= bits {
-        0
-    } else {
-        addr >> host << host
     }
 }
 
@@ -853,11 +909,11 @@ mod tests {
 
     #[test]
     fn mask_keeps_the_prefix_bits() {
-        assert_eq!(mask(0x0a01_0203, 8, 32), 0x0a00_0000);
-        assert_eq!(mask(0x0a01_0203, 32, 32), 0x0a01_0203);
-        assert_eq!(mask(0x0a01_0203, 0, 32), 0);
-        assert_eq!(mask(u128::MAX, 0, 128), 0);
-        assert_eq!(mask(u128::MAX, 128, 128), u128::MAX);
-        assert_eq!(mask(u128::MAX, 1, 128), 1 << 127);
+        assert_eq!(0x0a01_0203u32.mask(8), 0x0a00_0000);
+        assert_eq!(0x0a01_0203u32.mask(32), 0x0a01_0203);
+        assert_eq!(0x0a01_0203u32.mask(0), 0);
+        assert_eq!(u128::MAX.mask(0), 0);
+        assert_eq!(u128::MAX.mask(128), u128::MAX);
+        assert_eq!(u128::MAX.mask(1), 1 << 127);
     }
 }
