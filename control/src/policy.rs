@@ -45,6 +45,9 @@ use crate::defaults::NAMESPACE_NAME_LABEL;
 use crate::objects::{namespace_and_name, Objects};
 use crate::tables::Warning;
 
+/// How a warning about a peer ends.
+const NOTHING: &str = "the peer matches nothing";
+
 /// Compiles the NetworkPolicies that select pods of `node_name` into the dataplane's
 /// [`PolicySpec`], pushing a [`Warning`] for every part that cannot be used.
 pub fn compile(objects: &Objects, node_name: &str, warnings: &mut Vec<Warning>) -> PolicySpec {
@@ -72,14 +75,21 @@ pub fn compile(objects: &Objects, node_name: &str, warnings: &mut Vec<Warning>) 
             None => Selector::everything(),
             Some(Ok(s)) => s,
             Some(Err(e)) => {
-                w.push(&object, format!("podSelector: {e}; the policy selects every pod of namespace {ns} instead, so it isolates rather than opens"));
+                let instead = "so it isolates rather than opens";
+                let message = format!(
+                    "podSelector: {e}; the policy selects every pod of namespace {ns}, {instead}"
+                );
+                w.push(&object, message);
                 Selector::everything()
             }
         };
         let selected: Vec<usize> = local
             .iter()
             .copied()
-            .filter(|&i| cluster.pods[i].namespace == ns && selects.matches(cluster.pods[i].labels))
+            .filter(|&i| {
+                let pod = &cluster.pods[i];
+                pod.namespace == ns && selects.matches(pod.labels)
+            })
             .collect();
         if selected.is_empty() {
             continue;
@@ -301,10 +311,11 @@ impl Selector {
                 "Exists" => Requirement::Exists(key),
                 "DoesNotExist" => Requirement::DoesNotExist(key),
                 other => {
+                    let known = "In, NotIn, Exists, DoesNotExist";
                     return Err(format!(
-                        "matchExpressions {:?}: unknown operator {other:?} (In, NotIn, Exists, DoesNotExist)",
+                        "matchExpressions {:?}: unknown operator {other:?} ({known})",
                         r.key
-                    ))
+                    ));
                 }
             };
             requirements.push(req);
@@ -371,18 +382,19 @@ impl Rules<'_, '_> {
                 (Some(b), None, None) => blocks.extend(self.ip_block(b, w)),
                 (Some(_), _, _) => w.push(
                     self.object,
-                    format!("peer {i}: ipBlock together with a selector; the peer matches nothing"),
+                    format!("peer {i}: ipBlock together with a selector; {NOTHING}"),
                 ),
                 (None, None, None) => w.push(
                     self.object,
-                    format!("peer {i}: no podSelector, namespaceSelector or ipBlock; the peer matches nothing"),
+                    format!("peer {i}: no podSelector, namespaceSelector or ipBlock; {NOTHING}"),
                 ),
                 (None, pod_sel, ns_sel) => {
-                    let parse = |s: &Option<LabelSelector>| s.as_ref().map(Selector::new).transpose();
+                    let parse =
+                        |s: &Option<LabelSelector>| s.as_ref().map(Selector::new).transpose();
                     let (pod_sel, ns_sel) = match (parse(pod_sel), parse(ns_sel)) {
                         (Ok(p), Ok(n)) => (p, n),
                         (Err(e), _) | (_, Err(e)) => {
-                            w.push(self.object, format!("peer {i}: {e}; the peer matches nothing"));
+                            w.push(self.object, format!("peer {i}: {e}; {NOTHING}"));
                             continue;
                         }
                     };
@@ -425,10 +437,7 @@ impl Rules<'_, '_> {
         let Ok(cidr) = b.cidr.trim().parse::<IpNet>() else {
             w.push(
                 self.object,
-                format!(
-                    "ipBlock cidr {:?} is not a CIDR; the peer matches nothing",
-                    b.cidr
-                ),
+                format!("ipBlock cidr {:?} is not a CIDR; {NOTHING}", b.cidr),
             );
             return Vec::new();
         };
@@ -439,10 +448,7 @@ impl Rules<'_, '_> {
                 Err(_) => {
                     w.push(
                         self.object,
-                        format!(
-                            "ipBlock {}: except {e:?} is not a CIDR; the peer matches nothing",
-                            b.cidr
-                        ),
+                        format!("ipBlock {}: except {e:?} is not a CIDR; {NOTHING}", b.cidr),
                     );
                     return Vec::new();
                 }
@@ -469,7 +475,8 @@ impl Rules<'_, '_> {
         let object = self.object;
         let proto_name = p.protocol.as_deref().unwrap_or(crate::defaults::PROTOCOL);
         let Some(protocol) = protocol(proto_name) else {
-            w.push(object, format!("port protocol {proto_name:?} is not TCP, UDP or SCTP; the port matches nothing"));
+            let message = format!("port protocol {proto_name:?} is not TCP, UDP or SCTP");
+            w.push(object, format!("{message}; the port matches nothing"));
             return None;
         };
         let number = |n: i32, what: &str, w: &mut Warn<'_>| match u16::try_from(n) {
