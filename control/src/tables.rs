@@ -56,6 +56,11 @@ pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 pub const FLANNEL_PUBLIC_IP: &str = "flannel.alpha.coreos.com/public-ip";
 /// Flannel's backend data annotation (`{"VNI":1,"VtepMAC":"..."}`).
 pub const FLANNEL_BACKEND_DATA: &str = "flannel.alpha.coreos.com/backend-data";
+/// kxdp's own annotation of a kxdp node's VTEP MAC (`aa:bb:cc:dd:ee:ff`); it wins over
+/// flannel's `VtepMAC` when both are present.
+pub const KXDP_VTEP_MAC: &str = "kxdp.io/vtep-mac";
+/// kxdp's own annotation of a kxdp node's VTEP address; it wins over flannel's `public-ip`.
+pub const KXDP_VTEP_IP: &str = "kxdp.io/vtep-ip";
 /// The largest `sessionAffinityConfig.clientIP.timeoutSeconds` the API server accepts.
 pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86400;
 
@@ -225,7 +230,11 @@ struct Here<'a> {
 
 fn vtep_mac(data: &str) -> Option<[u8; 6]> {
     let v: serde_json::Value = serde_json::from_str(data).ok()?;
-    let s = v.get("VtepMAC")?.as_str()?;
+    parse_mac(v.get("VtepMAC")?.as_str()?)
+}
+
+/// `aa:bb:cc:dd:ee:ff` as bytes.
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let bytes: Vec<u8> = s
         .split(':')
         .map(|b| u8::from_str_radix(b, 16))
@@ -285,22 +294,36 @@ fn node_spec(name: &str, node: &Node, w: &mut Warnings) -> NodeSpec {
         .filter(|z| !z.is_empty())
         .cloned();
     let ann = node.metadata.annotations.as_ref();
-    let public_ip = ann.and_then(|a| a.get(FLANNEL_PUBLIC_IP));
-    let vtep_ip = public_ip
-        .and_then(|s| match s.parse::<IpAddr>() {
+    let mut annotated_ip = |key: &str| {
+        let s = ann.and_then(|a| a.get(key))?;
+        match s.parse::<IpAddr>() {
             Ok(ip) => Some(ip),
             Err(_) => {
                 w.push(
                     object(),
-                    format!("{FLANNEL_PUBLIC_IP} {s:?} is not an IP address; using the InternalIP"),
+                    format!("{key} {s:?} is not an IP address; ignored"),
                 );
                 None
             }
-        })
+        }
+    };
+    let vtep_ip = annotated_ip(KXDP_VTEP_IP)
+        .or_else(|| annotated_ip(FLANNEL_PUBLIC_IP))
         .or_else(|| internal.iter().copied().find(IpAddr::is_ipv4));
-    let vtep_mac = ann
-        .and_then(|a| a.get(FLANNEL_BACKEND_DATA))
-        .and_then(|d| vtep_mac(d));
+    let kxdp_mac = ann.and_then(|a| a.get(KXDP_VTEP_MAC)).and_then(|s| {
+        let mac = parse_mac(s);
+        if mac.is_none() {
+            w.push(
+                object(),
+                format!("{KXDP_VTEP_MAC} {s:?} is not a MAC address; ignored"),
+            );
+        }
+        mac
+    });
+    let vtep_mac = kxdp_mac.or_else(|| {
+        ann.and_then(|a| a.get(FLANNEL_BACKEND_DATA))
+            .and_then(|d| vtep_mac(d))
+    });
     NodeSpec {
         name: name.to_string(),
         addresses,

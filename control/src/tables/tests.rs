@@ -696,3 +696,53 @@ spec:
     cluster.nodeport_addresses = vec!["192.168.0.0/24".parse().unwrap()];
     assert_eq!(node_ports(&cluster), ["192.168.0.2"]);
 }
+
+#[test]
+fn kxdp_vtep_annotations_win_over_flannels() {
+    let extra = r#"
+apiVersion: v1
+kind: Node
+metadata:
+  name: node-d
+  annotations:
+    kxdp.io/vtep-mac: "02:6b:78:00:00:04"
+    kxdp.io/vtep-ip: 192.168.0.40
+    flannel.alpha.coreos.com/backend-data: '{"VNI":1,"VtepMAC":"9a:3c:2e:00:00:04"}'
+    flannel.alpha.coreos.com/public-ip: 192.168.0.4
+spec: {podCIDR: 10.244.4.0/24}
+status:
+  addresses: [{type: InternalIP, address: 192.168.0.41}]
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: node-e
+  annotations:
+    kxdp.io/vtep-mac: "not-a-mac"
+    flannel.alpha.coreos.com/backend-data: '{"VNI":1,"VtepMAC":"9a:3c:2e:00:00:05"}'
+spec: {podCIDR: 10.244.5.0/24}
+status:
+  addresses: [{type: InternalIP, address: 192.168.0.5}]
+"#;
+    let c = computed(extra);
+    let find = |name: &str| {
+        c.tables
+            .remote_nodes
+            .iter()
+            .find(|n| n.name == name)
+            .map(|n| (n.vtep_ip.to_string(), n.vtep_mac))
+    };
+    assert_eq!(
+        find("node-d"),
+        Some(("192.168.0.40".to_string(), [2, 0x6b, 0x78, 0, 0, 4]))
+    );
+    // A bad kxdp annotation is reported and flannel's value is used.
+    assert_eq!(
+        find("node-e"),
+        Some(("192.168.0.5".to_string(), [0x9a, 0x3c, 0x2e, 0, 0, 5]))
+    );
+    assert!(c
+        .warnings
+        .iter()
+        .any(|w| w.object == "Node node-e" && w.message.contains("kxdp.io/vtep-mac")));
+}
