@@ -77,7 +77,7 @@ pub fn ring_size_for(backends: usize, max: u32) -> u32 {
 
 impl BackendSet {
     fn build(endpoints: &[EndpointSpec], ring_size: u32, scaled: bool) -> BackendSet {
-        let backends: Vec<Backend> = endpoints
+        let mut backends: Vec<Backend> = endpoints
             .iter()
             .map(|e| Backend {
                 ip: e.ip,
@@ -85,6 +85,9 @@ impl BackendSet {
                 local: e.local,
             })
             .collect();
+        // Maglev's fill is order-dependent: sort so that every node (two gateways behind
+        // ECMP) builds the same ring from the same set, whatever order it was listed in.
+        backends.sort_by_key(|b| (b.ip, b.port));
         let ring = if backends.len() > 1 {
             let keys: Vec<String> = backends
                 .iter()
@@ -591,6 +594,39 @@ mod tests {
             t.decide(np, "203.0.113.2".parse().unwrap(), 3),
             Decision::Reject
         );
+    }
+
+    #[test]
+    fn two_gateways_choose_the_same_backend_for_every_flow() {
+        let eps = vec![
+            ep("10.244.1.5", true),
+            ep("10.244.1.6", true),
+            ep("10.244.2.5", false),
+            ep("10.244.3.9", false),
+        ];
+        let mut listed_otherwise = eps.clone();
+        listed_otherwise.reverse();
+        let (a, cip_a, _) = table(eps, false);
+        let (b, cip_b, _) = table(listed_otherwise, false);
+        let mut chosen = std::collections::HashSet::new();
+        for port in 0..2000u16 {
+            let flow = crate::conntrack::FlowKey {
+                proto: 6,
+                src: "203.0.113.2".parse().unwrap(),
+                dst: "172.30.0.41".parse().unwrap(),
+                sport: 10000 + port,
+                dport: 80,
+            };
+            let src = flow.src;
+            let pick = |t: &ServiceTable, f| match t.decide(f, src, flow.flow_hash()) {
+                Decision::Translate { backend, .. } => backend,
+                other => panic!("{other:?}"),
+            };
+            let on_a = pick(&a, cip_a);
+            assert_eq!(on_a, pick(&b, cip_b), "flow from port {}", flow.sport);
+            chosen.insert(on_a.ip);
+        }
+        assert_eq!(chosen.len(), 4, "the flows spread over every backend");
     }
 
     #[test]
