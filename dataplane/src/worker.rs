@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use pktio::{Device, Frame};
 
@@ -18,6 +18,9 @@ pub const BURST: usize = 64;
 
 /// How often worker 0 solicits unresolved local pods (and publishes housekeeping).
 const HOUSEKEEPING: u64 = SECOND / 10;
+
+/// Empty polls in a row after which a worker with an idle sleep starts sleeping.
+pub const IDLE_POLLS: u32 = 1024;
 
 /// A worker: its device, its counters, and a handle on the shared state.
 pub struct Worker<D: Device> {
@@ -93,11 +96,24 @@ impl<D: Device> Worker<D> {
 
     /// Busy-polls until `stop` is set, with the time taken from a monotonic clock started
     /// at `epoch` (all workers share one epoch, so conntrack times agree).
-    pub fn run(mut self, stop: &AtomicBool, epoch: Instant) -> Worker<D> {
+    ///
+    /// With a non-zero `idle_sleep`, a worker that found nothing in [`IDLE_POLLS`] polls in
+    /// a row sleeps that long between polls until traffic returns: it gives the core back
+    /// (labs, shared machines) at the price of up to `idle_sleep` plus timer slack on the
+    /// first packet after a quiet spell. Zero keeps the pure busy poll.
+    pub fn run(mut self, stop: &AtomicBool, epoch: Instant, idle_sleep: Duration) -> Worker<D> {
+        let mut empty = 0u32;
         while !stop.load(Ordering::Relaxed) {
             let now = epoch.elapsed().as_nanos() as u64;
             if self.poll(now) == 0 {
-                std::hint::spin_loop();
+                empty = empty.saturating_add(1);
+                if !idle_sleep.is_zero() && empty >= IDLE_POLLS {
+                    std::thread::sleep(idle_sleep);
+                } else {
+                    std::hint::spin_loop();
+                }
+            } else {
+                empty = 0;
             }
         }
         self

@@ -51,6 +51,10 @@ struct Args {
     /// UMEM frames per worker.
     #[arg(long, default_value_t = 4096)]
     frames: u32,
+    /// Microseconds an idle worker sleeps between polls once it has found nothing for a
+    /// while; 0 (the default) busy-polls always. For labs and shared machines.
+    #[arg(long, default_value_t = 0)]
+    idle_sleep_us: u64,
     /// Pin workers to cores (worker i on core i modulo the core count).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pin: bool,
@@ -108,6 +112,21 @@ fn main() -> Result<()> {
             mtu: mtu_of(p)?,
         });
     }
+    if let Some(up) = ports.iter().find(|p| p.role == PortRole::Uplink) {
+        let m = up.mac;
+        log::info!(
+            "uplink {} is this node's VTEP; unless its Node names another MAC, announce \
+             kxdp.io/vtep-mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} (and flannel's VtepMAC \
+             if flannel nodes must reach it)",
+            up.name,
+            m[0],
+            m[1],
+            m[2],
+            m[3],
+            m[4],
+            m[5]
+        );
+    }
     if ports.is_empty() {
         bail!("no interfaces: give --uplink and/or --pods");
     }
@@ -160,6 +179,7 @@ fn main() -> Result<()> {
     }
     dataplane::server::serve(&args.socket, shared.clone(), epoch)?;
     let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let idle_sleep = Duration::from_micros(args.idle_sleep_us);
     let mut handles = Vec::new();
     for (w, dev) in devices.into_iter().enumerate() {
         let shared = shared.clone();
@@ -179,7 +199,7 @@ fn main() -> Result<()> {
                         }
                     }
                     log::info!("worker {w} polling {} ports", dev_ports(&dev));
-                    Worker::new(w, dev, shared).run(&stop, epoch);
+                    Worker::new(w, dev, shared).run(&stop, epoch, idle_sleep);
                 })?,
         );
     }
