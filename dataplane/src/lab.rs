@@ -365,19 +365,42 @@ impl Lab {
     /// and every pod interface, `workers` workers, its control socket at `socket`.
     pub fn dataplane_command(&self, binary: &Path, workers: u32, socket: &Path) -> Command {
         let mut c = Lab::exec(&self.node_ns(), &binary.to_string_lossy());
+        c.args(["--uplink", self.uplink_if()]);
+        if !self.spec.pods.is_empty() {
+            c.args(["--pods", &self.pod_interfaces().join(",")]);
+        }
         c.args([
-            "--uplink",
-            self.uplink_if(),
-            "--pods",
-            &self.pod_interfaces().join(","),
-        ])
-        .args([
             "--workers",
             &workers.to_string(),
             "--socket",
             &socket.to_string_lossy(),
         ]);
         c
+    }
+
+    /// Puts the uplinks of `others` on one Ethernet segment with this lab's, as nodes of a
+    /// cluster share a network: a bridge `br0` in this lab's outside namespace takes this
+    /// lab's outside end (its address moves to the bridge) and each other lab's outside
+    /// end, moved here as `kxj<i>`. The other labs' outside namespaces are left empty and
+    /// everything still goes away with the labs' `down`.
+    pub fn join_uplinks(&self, others: &[&Lab]) -> Result<(), LabError> {
+        let out = self.outside_ns();
+        let addr = self.spec.outside.address.to_string();
+        ip(&["-n", &out, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &out, "addr", "del", &addr, "dev", "eth0"])?;
+        ip(&["-n", &out, "link", "set", "eth0", "master", "br0"])?;
+        ip(&["-n", &out, "addr", "add", &addr, "dev", "br0"])?;
+        ip(&["-n", &out, "link", "set", "br0", "up"])?;
+        for (i, other) in others.iter().enumerate() {
+            let theirs = other.outside_ns();
+            let name = format!("kxj{i}");
+            ip(&["-n", &theirs, "link", "set", "eth0", "down"])?;
+            ip(&["-n", &theirs, "link", "set", "eth0", "name", &name])?;
+            ip(&["-n", &theirs, "link", "set", &name, "netns", &out])?;
+            ip(&["-n", &out, "link", "set", &name, "master", "br0"])?;
+            ip(&["-n", &out, "link", "set", &name, "up"])?;
+        }
+        Ok(())
     }
 
     /// The pod interfaces on the node, in pod order.

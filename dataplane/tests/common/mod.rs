@@ -77,6 +77,8 @@ pub struct Running {
     pub dataplane: Proc,
     /// The dataplane's control socket.
     pub socket: PathBuf,
+    /// The Kubernetes Node this lab node is.
+    pub node_name: String,
     /// The lab (deleted on drop).
     pub guard: LabGuard,
 }
@@ -93,11 +95,30 @@ impl Running {
         let mut spec = LabSpec::load(&repo().join("lab/lab.yaml")).unwrap();
         spec.name = format!("{prefix}{}", std::process::id());
         spec.queues = workers;
+        Some(Running::start_node(
+            spec,
+            &repo().join("lab/manifests"),
+            workers,
+            &[],
+        ))
+    }
+
+    /// Brings up the lab `spec` (its node named `spec.node.name` in the manifests), with
+    /// control reading a copy of the manifests in `manifests_from` and the dataplane run
+    /// with `extra` arguments, and waits until the dataplane is programmed. The caller
+    /// checks for root.
+    pub fn start_node(
+        spec: LabSpec,
+        manifests_from: &Path,
+        workers: u32,
+        extra: &[&str],
+    ) -> Running {
+        let node_name = spec.node.name.clone();
         let guard = LabGuard(Lab::new(spec));
         let lab = &guard.0;
         lab.up(&bin("kxdp")).expect("lab up");
         std::fs::create_dir_all(manifests(lab)).unwrap();
-        for f in std::fs::read_dir(repo().join("lab/manifests")).unwrap() {
+        for f in std::fs::read_dir(manifests_from).unwrap() {
             let f = f.unwrap().path();
             std::fs::copy(&f, manifests(lab).join(f.file_name().unwrap())).unwrap();
         }
@@ -105,6 +126,7 @@ impl Running {
         let dp_log = std::fs::File::create(lab.state_dir().join("dataplane.log")).unwrap();
         let dataplane = Proc(
             lab.dataplane_command(&bin("kxdp-dataplane"), workers, &socket)
+                .args(extra)
                 .stdin(Stdio::null())
                 .stdout(dp_log.try_clone().unwrap())
                 .stderr(dp_log)
@@ -115,6 +137,7 @@ impl Running {
             control: None,
             dataplane,
             socket,
+            node_name,
             guard,
         };
         running.start_control();
@@ -126,7 +149,7 @@ impl Running {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Some(running)
+        running
     }
 
     /// The lab.
@@ -148,7 +171,7 @@ impl Running {
                 "--manifests",
                 &manifests(lab).to_string_lossy(),
                 "--node",
-                "node-a",
+                &self.node_name,
             ])
             .args(["--socket", &self.socket.to_string_lossy()])
             .stdin(Stdio::null())
@@ -161,11 +184,18 @@ impl Running {
 
     /// Prints the dataplane's and control's logs (for a failing test).
     pub fn dump_logs(&self) {
+        eprintln!("=== node {}", self.node_name);
         for f in ["dataplane.log", "control.log"] {
             eprintln!(
                 "--- {f}\n{}",
                 std::fs::read_to_string(self.lab().state_dir().join(f)).unwrap_or_default()
             );
+        }
+        let stats = Command::new(bin("kxdp"))
+            .args(["stats", "--socket", &self.socket.to_string_lossy()])
+            .output();
+        if let Ok(out) = stats {
+            eprintln!("--- kxdp stats\n{}", String::from_utf8_lossy(&out.stdout));
         }
     }
 
