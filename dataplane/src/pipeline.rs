@@ -17,8 +17,8 @@ use pktio::{Device, Frame, PortId};
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
     ArpOperation, ArpPacket, ArpRepr, EthernetAddress, Icmpv4DstUnreachable, Icmpv4Packet,
-    Icmpv4Repr, Icmpv6DstUnreachable, Icmpv6Packet, Icmpv6Repr, IpProtocol, Ipv4Packet, Ipv4Repr,
-    Ipv6Packet, Ipv6Repr, NdiscNeighborFlags, NdiscRepr, RawHardwareAddress,
+    Icmpv4Repr, Icmpv6Packet, Icmpv6Repr, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr,
+    NdiscNeighborFlags, NdiscRepr, RawHardwareAddress,
 };
 
 use crate::counters::{Counters, DropReason};
@@ -717,6 +717,13 @@ impl Pipeline<'_> {
         let n = (h.end - h.l4).min(8);
         quoted[..n].copy_from_slice(&pkt[h.l4..h.l4 + n]);
         let caps = ChecksumCapabilities::default();
+        // Errors sent back on the port they came from leave with the kernel's default TTL
+        // (64); the others are routed below like any packet, which takes one hop off.
+        let ttl = if kind == IcmpKind::PortUnreachable {
+            64
+        } else {
+            65
+        };
         let total = match (h.src, h.dst, from) {
             (IpAddr::V4(src), IpAddr::V4(dst), IpAddr::V4(from)) => {
                 let original = Ipv4Repr {
@@ -744,7 +751,7 @@ impl Pipeline<'_> {
                     dst_addr: src,
                     next_header: IpProtocol::Icmp,
                     payload_len: icmp.buffer_len(),
-                    hop_limit: 64,
+                    hop_limit: ttl,
                 };
                 let total = ETH_LEN + ip.buffer_len() + icmp.buffer_len();
                 if pkt.len() < total {
@@ -766,47 +773,43 @@ impl Pipeline<'_> {
                 pkt[12..14].copy_from_slice(&ETH_IPV4.to_be_bytes());
                 total
             }
-            (IpAddr::V6(src), IpAddr::V6(dst), IpAddr::V6(from)) => {
-                let original = Ipv6Repr {
-                    src_addr: src,
-                    dst_addr: dst,
-                    next_header: IpProtocol::from(h.proto),
-                    payload_len: h.end - h.l4,
-                    hop_limit: h.ttl,
-                };
-                let data = &quoted[..n];
-                let icmp = match kind {
-                    IcmpKind::PortUnreachable => Icmpv6Repr::DstUnreachable {
-                        reason: Icmpv6DstUnreachable::PortUnreachable,
-                        header: original,
-                        data,
-                    },
-                    IcmpKind::TooBig(mtu) => Icmpv6Repr::PktTooBig {
-                        mtu: mtu as u32,
-                        header: original,
-                        data,
-                    },
+            (IpAddr::V6(src), IpAddr::V6(_), IpAddr::V6(from)) => {
+                // RFC 4443 2.4 (c): an ICMPv6 error carries as much of the offending packet
+                // as fits in the minimum MTU (1280). It is moved up in place, behind the new
+                // IPv6 and ICMPv6 headers.
+                const IPV6_MIN_MTU: usize = 1280;
+                const IPV6_LEN: usize = 40;
+                let at = ETH_LEN + IPV6_LEN;
+                let quoted_len = (h.end - h.l3).min(IPV6_MIN_MTU - IPV6_LEN - 8);
+                let total = at + 8 + quoted_len;
+                if pkt.len() < total {
+                    return Outcome::Drop(DropReason::NoFrame);
+                }
+                pkt.copy_within(h.l3..h.l3 + quoted_len, at + 8);
+                let (icmp_type, code, word) = match kind {
+                    IcmpKind::PortUnreachable => (1u8, 4u8, 0u32),
+                    IcmpKind::TooBig(mtu) => (2, 0, mtu as u32),
                 };
                 let ip = Ipv6Repr {
                     src_addr: from,
                     dst_addr: src,
                     next_header: IpProtocol::Icmpv6,
-                    payload_len: icmp.buffer_len(),
-                    hop_limit: 64,
+                    payload_len: 8 + quoted_len,
+                    hop_limit: ttl,
                 };
-                let total = ETH_LEN + ip.buffer_len() + icmp.buffer_len();
-                if pkt.len() < total {
-                    return Outcome::Drop(DropReason::NoFrame);
-                }
-                let l3 = &mut pkt[ETH_LEN..total];
-                l3.fill(0);
-                ip.emit(&mut Ipv6Packet::new_unchecked(&mut *l3));
-                icmp.emit(
-                    &from,
-                    &src,
-                    &mut Icmpv6Packet::new_unchecked(&mut l3[ip.buffer_len()..]),
-                    &caps,
+                ip.emit(&mut Ipv6Packet::new_unchecked(&mut pkt[ETH_LEN..at]));
+                pkt[at] = icmp_type;
+                pkt[at + 1] = code;
+                pkt[at + 2..at + 4].copy_from_slice(&[0, 0]);
+                pkt[at + 4..at + 8].copy_from_slice(&word.to_be_bytes());
+                let pseudo = nat::checksum::pseudo_v6(
+                    from.octets(),
+                    src.octets(),
+                    packet::PROTO_ICMPV6,
+                    (8 + quoted_len) as u32,
                 );
+                let check = !(nat::checksum::sum(&pkt[at..total], pseudo) as u16);
+                pkt[at + 2..at + 4].copy_from_slice(&check.to_be_bytes());
                 pkt[12..14].copy_from_slice(&ETH_IPV6.to_be_bytes());
                 total
             }

@@ -56,6 +56,11 @@ fn service(
 
 /// Node 192.168.0.2 with pods client (10.244.1.2, port 1) and web (10.244.1.5, port 2).
 fn node() -> Worker<MemDevice> {
+    worker(shared(), spec())
+}
+
+/// The ports and limits of [`node`].
+fn shared() -> Arc<Shared> {
     let ports = vec![
         PortConfig {
             name: "uplink".into(),
@@ -76,7 +81,7 @@ fn node() -> Worker<MemDevice> {
             mtu: 1500,
         },
     ];
-    let shared = Arc::new(Shared::new(
+    Arc::new(Shared::new(
         ports,
         1,
         Limits {
@@ -85,8 +90,18 @@ fn node() -> Worker<MemDevice> {
             affinity_capacity: 64,
             ring_scaled: false,
         },
-    ));
-    let spec = TableSpec {
+    ))
+}
+
+/// Installs `spec` and returns the worker.
+fn worker(shared: Arc<Shared>, spec: TableSpec) -> Worker<MemDevice> {
+    shared.install(1, spec, SECOND);
+    Worker::new(0, MemDevice::new(3, 64), shared)
+}
+
+/// The tables of [`node`].
+fn spec() -> TableSpec {
+    TableSpec {
         node: NodeSpec {
             name: "node-a".into(),
             addresses: vec!["192.168.0.2".parse().unwrap()],
@@ -179,9 +194,7 @@ fn node() -> Worker<MemDevice> {
         ],
         remote_nodes: vec![],
         policy: Default::default(),
-    };
-    shared.install(1, spec, SECOND);
-    Worker::new(0, MemDevice::new(3, 64), shared)
+    }
 }
 
 fn arp(
@@ -931,4 +944,130 @@ fn icmp_time_exceeded_about_a_translated_packet_is_un_natted() {
         (q.source(), q.destination()),
         ([10, 244, 1, 2], [172, 30, 0, 41])
     );
+}
+
+/// The MAC of node-b's uplink, node-a's next hop to node-b's VTEP.
+const NODE_B: [u8; 6] = [2, 0, 0, 0, 0, 3];
+
+/// [`node`] with node-b (10.244.2.0/24, fd00:10:244:2::/64) behind the overlay at
+/// 192.168.0.3, every neighbour resolved. The uplink's MTU is 1500, so the overlay's is 1450.
+fn overlay_node() -> Worker<MemDevice> {
+    let mut spec = spec();
+    spec.node.vtep_ip = Some("192.168.0.2".parse().unwrap());
+    spec.remote_nodes = vec![RemoteNodeSpec {
+        name: "node-b".into(),
+        pod_cidrs: vec![
+            "10.244.2.0/24".parse().unwrap(),
+            "fd00:10:244:2::/64".parse().unwrap(),
+        ],
+        vtep_ip: "192.168.0.3".parse().unwrap(),
+        vtep_mac: [0x9a, 0x3c, 0x2e, 0x11, 0x22, 0x33],
+    }];
+    let mut w = worker(shared(), spec);
+    resolve_web(&mut w);
+    w.dev.inject(
+        0,
+        &arp(
+            2,
+            NODE_B,
+            [192, 168, 0, 3],
+            UPLINK,
+            [192, 168, 0, 2],
+            UPLINK,
+        ),
+    );
+    step(&mut w, 2 * SECOND);
+    w
+}
+
+/// A TCP segment from the client pod with DF set and `ip_len` bytes of IPv4 packet.
+fn big_v4(dst: [u8; 4], ip_len: usize) -> Vec<u8> {
+    use etherparse::{IpHeaders, IpNumber, Ipv4Header};
+    let mut h = Ipv4Header::new(0, 64, IpNumber::TCP, [10, 244, 1, 2], dst).unwrap();
+    h.dont_fragment = true;
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(POD1, GW1)
+        .ip(IpHeaders::Ipv4(h, Default::default()))
+        .tcp(40000, 8080, 7, 1000)
+        .ack(9)
+        .write(&mut out, &vec![0xab; ip_len - 40])
+        .unwrap();
+    out
+}
+
+#[test]
+fn too_big_for_the_overlay_with_df_is_answered_with_frag_needed() {
+    use etherparse::icmpv4::DestUnreachableHeader;
+    use etherparse::{Icmpv4Type, IpHeaders, IpNumber, Ipv4Header};
+    let mut w = overlay_node();
+    // 1450 bytes fit the overlay: encapsulated to node-b, 1450 + 50 on the wire.
+    w.dev.inject(1, &big_v4([10, 244, 2, 5], 1450));
+    let out = step(&mut w, 3 * SECOND);
+    assert_eq!(out[0].len(), 1, "encapsulated");
+    assert_eq!(out[0][0].len(), 14 + 1450 + 50);
+    assert!(out[1].is_empty());
+
+    // 1451 bytes do not: the client gets "fragmentation needed, next-hop MTU 1450" from its
+    // gateway, quoting its IP header and 8 bytes of TCP (RFC 792, RFC 1191).
+    let original = big_v4([10, 244, 2, 5], 1451);
+    w.dev.inject(1, &original);
+    let out = step(&mut w, 3 * SECOND);
+    assert!(out[0].is_empty(), "nothing goes to the overlay");
+    assert_eq!(out[1].len(), 1);
+    let mut ip = Ipv4Header::new(0, 64, IpNumber::ICMP, [10, 244, 1, 1], [10, 244, 1, 2]).unwrap();
+    ip.dont_fragment = true;
+    let mut expected = Vec::new();
+    PacketBuilder::ethernet2(GW1, POD1)
+        .ip(IpHeaders::Ipv4(ip, Default::default()))
+        .icmpv4(Icmpv4Type::DestinationUnreachable(
+            DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1450 },
+        ))
+        .write(&mut expected, &original[14..14 + 28])
+        .unwrap();
+    assert_eq!(out[1][0], expected);
+    assert_eq!(w.counters().too_big, 1);
+
+    // Without DF the packet cannot be sent whole either; it is dropped and counted.
+    let mut no_df = big_v4([10, 244, 2, 5], 1451);
+    no_df[14 + 6] &= !0x40;
+    let check = etherparse::Ipv4HeaderSlice::from_slice(&no_df[14..])
+        .unwrap()
+        .to_header()
+        .calc_header_checksum();
+    no_df[14 + 10..14 + 12].copy_from_slice(&check.to_be_bytes());
+    w.dev.inject(1, &no_df);
+    let out = step(&mut w, 3 * SECOND);
+    assert!(out.iter().all(|p| p.is_empty()));
+    assert_eq!(w.counters().drops[DropReason::TooBig as usize], 1);
+}
+
+#[test]
+fn too_big_for_the_overlay_over_ipv6_is_answered_with_packet_too_big() {
+    use etherparse::Icmpv6Type;
+    let client6: std::net::Ipv6Addr = "fd00:10:244:1::2".parse().unwrap();
+    let gw6: std::net::Ipv6Addr = "fd00:10:244:1::1".parse().unwrap();
+    let b6: std::net::Ipv6Addr = "fd00:10:244:2::5".parse().unwrap();
+    let mut w = overlay_node();
+    // Teach the dataplane the client's IPv6 MAC (a neighbour advertisement is how a pod
+    // would answer; a packet from it is enough here).
+    let mut original = Vec::new();
+    PacketBuilder::ethernet2(POD1, GW1)
+        .ipv6(client6.octets(), b6.octets(), 64)
+        .tcp(40000, 8080, 7, 1000)
+        .ack(9)
+        .write(&mut original, &[0xab; 1500 - 60])
+        .unwrap();
+    w.dev.inject(1, &original);
+    let out = step(&mut w, 3 * SECOND);
+    assert!(out[0].is_empty(), "nothing goes to the overlay");
+    assert_eq!(out[1].len(), 1, "{out:?}");
+    // RFC 4443: as much of the packet as fits in 1280 bytes, from the pods' gateway.
+    let mut expected = Vec::new();
+    PacketBuilder::ethernet2(GW1, POD1)
+        .ipv6(gw6.octets(), client6.octets(), 64)
+        .icmpv6(Icmpv6Type::PacketTooBig { mtu: 1450 })
+        .write(&mut expected, &original[14..14 + 1280 - 48])
+        .unwrap();
+    assert_eq!(out[1][0].len(), 14 + 1280);
+    assert_eq!(out[1][0], expected);
 }
