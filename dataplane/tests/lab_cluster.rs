@@ -246,6 +246,30 @@ ports:
     );
     assert_eq!(who(&got), web, "every ready web endpoint on A answers B");
 
+    // Node B removed from A's view: A has no route to its pods at once; added back, it has.
+    let a_manifests = common::manifests(a.lab());
+    let node_b = a_manifests.join("60-cluster.yaml");
+    let saved = std::fs::read_to_string(&node_b).unwrap();
+    let before = common::generation(&a.socket).unwrap();
+    std::fs::remove_file(&node_b).unwrap();
+    a.wait_generation_after(before);
+    let got = a.call(&client_a, "10.244.2.5:8080", "tcp", "1");
+    assert!(
+        answers(&got)[0].0.starts_with("error"),
+        "node-b removed, yet: {got:?}"
+    );
+    let before = common::generation(&a.socket).unwrap();
+    std::fs::write(&node_b, saved).unwrap();
+    a.wait_generation_after(before);
+    let got = a.call(&client_a, "10.244.2.5:8080", "tcp", "3");
+    assert_answers(
+        "node-b back",
+        &got,
+        &["default/web-b"],
+        Some("10.244.1.2"),
+        &nodes,
+    );
+
     // A large transfer each way across the 1450-byte overlay (both ends kxdp).
     for (node, client, to) in [
         (&a, &client_a, "10.244.2.5:8080"),
