@@ -59,6 +59,8 @@ drop_reasons! {
     /// A new connection's reply tuple is already another live connection's (a client
     /// reusing a port towards a backend it also reaches directly).
     TupleTaken => "tuple_taken",
+    /// A new connection NetworkPolicy does not allow (counted per pod and policy too).
+    PolicyDenied => "policy_denied",
     /// No route to the destination.
     NoRoute => "no_route",
     /// The next hop did not answer ARP / neighbour solicitation within the hold time, or
@@ -104,6 +106,11 @@ pub struct Counters {
     pub decapsulated: u64,
     /// ICMP fragmentation-needed / packet-too-big sent.
     pub too_big: u64,
+    /// New untranslated connections of local pods tracked (with their policy verdict).
+    pub tracked_new: u64,
+    /// New connections of local pods, isolated by no policy, forwarded untracked because
+    /// the connection table refused them (full, or their reply tuple taken).
+    pub untracked: u64,
     /// Drops, indexed by [`DropReason`].
     pub drops: [u64; DropReason::COUNT],
     /// The device's own counters (TX ring full, pool empty, the kernel's XDP statistics),
@@ -125,6 +132,8 @@ impl Default for Counters {
             encapsulated: 0,
             decapsulated: 0,
             too_big: 0,
+            tracked_new: 0,
+            untracked: 0,
             drops: [0; DropReason::COUNT],
             device: pktio::DeviceStats::default(),
         }
@@ -157,6 +166,8 @@ impl Counters {
             ("encapsulated".to_string(), self.encapsulated),
             ("decapsulated".to_string(), self.decapsulated),
             ("too_big".to_string(), self.too_big),
+            ("tracked_new".to_string(), self.tracked_new),
+            ("untracked".to_string(), self.untracked),
         ];
         for r in DropReason::ALL {
             out.push((format!("drop_{}", r.label()), self.drops[*r as usize]));
@@ -176,7 +187,7 @@ impl Counters {
     }
 }
 
-const FIXED: usize = 11;
+const FIXED: usize = 13;
 const DEVICE: usize = 8;
 
 /// Where a worker publishes its counters for readers on other threads.
@@ -207,6 +218,8 @@ impl Published {
             c.encapsulated,
             c.decapsulated,
             c.too_big,
+            c.tracked_new,
+            c.untracked,
         ];
         let d = &c.device;
         let device = [
@@ -244,6 +257,8 @@ impl Published {
             encapsulated: v[8],
             decapsulated: v[9],
             too_big: v[10],
+            tracked_new: v[11],
+            untracked: v[12],
             ..Counters::default()
         };
         c.drops

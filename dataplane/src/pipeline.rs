@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 
 use nat::conntrack::{Connection, Direction, FlowKey, InsertError};
 use nat::packet::{self, End, Headers, Malformed, ETH_ARP, ETH_IPV4, ETH_IPV6, ETH_LEN};
+use nat::policy::{PolicyType, Verdict};
 use nat::tables::{Decision, FrontendKey};
 use nat::timeouts::{self, State};
 use pktio::{Device, Frame, PortId};
@@ -34,6 +35,15 @@ pub const SNAT_PORT_MAX: u16 = 60999;
 /// Ports tried before a masqueraded connection is refused; bounded so a crowded range
 /// costs a new flow at most this many conntrack probes.
 const SNAT_TRIES: u64 = 64;
+
+/// A new connection's NetworkPolicy admission.
+#[derive(Clone, Copy, Debug, Default)]
+struct Admitted {
+    /// Whether a policy isolated either end (the verdict must then be kept in conntrack).
+    isolated: bool,
+    /// [`Connection::policy`]: 1 + the allowing policy, 0 when none isolated.
+    tag: u32,
+}
 
 /// Which ICMP error the dataplane builds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -426,8 +436,16 @@ impl Pipeline<'_> {
                             } else {
                                 None
                             };
+                            let peer = snat.unwrap_or(h.src);
+                            let policy =
+                                match self.judge(h.proto, h.src, backend.ip, backend.port, peer) {
+                                    Ok(policy) => policy,
+                                    Err(reason) => return Outcome::Drop(reason),
+                                };
                             let state = timeouts::initial(h.proto, flags);
-                            let conn = match self.track(key, &mut reply, snat, f.service, state) {
+                            let conn = match self
+                                .track(key, &mut reply, snat, f.service, state, policy.tag)
+                            {
                                 Ok(conn) => conn,
                                 Err(reason) => return Outcome::Drop(reason),
                             };
@@ -459,6 +477,39 @@ impl Pipeline<'_> {
         }
         if self.tables.is_gateway(h.dst) || self.tables.node_addresses.contains(&h.dst) {
             return Outcome::Drop(DropReason::ToHost);
+        }
+        if tracked
+            && (self.tables.local_pods.contains_key(&h.src)
+                || self.tables.local_pods.contains_key(&h.dst))
+        {
+            // Untranslated connections of local pods are tracked too, with their policy
+            // verdict, so that replies of an allowed connection pass whatever policy says
+            // about their direction, and a connection keeps its verdict until it ends.
+            let policy = match self.judge(h.proto, h.src, h.dst, h.dport, h.src) {
+                Ok(policy) => policy,
+                Err(reason) => return Outcome::Drop(reason),
+            };
+            let key = FlowKey {
+                proto: h.proto,
+                src: h.src,
+                dst: h.dst,
+                sport: h.sport,
+                dport: h.dport,
+            };
+            let flags = if h.proto == packet::PROTO_TCP {
+                pkt.get(h.l4 + 13).copied().unwrap_or(0)
+            } else {
+                0
+            };
+            let mut reply = key.reversed();
+            let state = timeouts::initial(h.proto, flags);
+            match self.track(key, &mut reply, None, 0, state, policy.tag) {
+                Ok(_) => c.tracked_new += 1,
+                // Without isolation a connection needs no entry: it goes on untracked
+                // rather than being refused for the table's sake.
+                Err(_) if !policy.isolated => c.untracked += 1,
+                Err(reason) => return Outcome::Drop(reason),
+            }
         }
         c.routed += 1;
         self.route(chunk, off, &mut h, frame, port, from_outside, c)
@@ -510,6 +561,59 @@ impl Pipeline<'_> {
         true
     }
 
+    /// NetworkPolicy for a new connection from `src` to `dst`:`dport` (after Service
+    /// translation): the source pod's egress towards `dst`, and the destination pod's
+    /// ingress from `peer` (the source as the pod will see it, after masquerade). Traffic
+    /// from the node itself (its addresses, the pods' gateway, which masquerade uses) is
+    /// always allowed into a pod. A refusal is counted on the pod and its policies.
+    fn judge(
+        &self,
+        proto: u8,
+        src: IpAddr,
+        dst: IpAddr,
+        dport: u16,
+        peer: IpAddr,
+    ) -> Result<Admitted, DropReason> {
+        let mut out = Admitted::default();
+        if !self.tables.policy_active {
+            return Ok(out);
+        }
+        let table = &self.tables.policy;
+        // ICMP and other protocols have no port: only rules without ports allow them.
+        let l4 = nat::spec::Protocol::from_number(proto).map(|p| (p, dport));
+        match table.verdict(PolicyType::Egress, src, dst, l4) {
+            Verdict::Denied => {
+                self.tables
+                    .policy_drops
+                    .count(table, PolicyType::Egress, src);
+                return Err(DropReason::PolicyDenied);
+            }
+            Verdict::Allowed { policy } => {
+                out.isolated = true;
+                out.tag = policy.saturating_add(1);
+            }
+            Verdict::NotIsolated => {}
+        }
+        let from_node = self.tables.is_gateway(peer) || self.tables.node_addresses.contains(&peer);
+        if from_node {
+            return Ok(out);
+        }
+        match table.verdict(PolicyType::Ingress, dst, peer, l4) {
+            Verdict::Denied => {
+                self.tables
+                    .policy_drops
+                    .count(table, PolicyType::Ingress, dst);
+                Err(DropReason::PolicyDenied)
+            }
+            Verdict::Allowed { policy } => {
+                out.isolated = true;
+                out.tag = policy.saturating_add(1);
+                Ok(out)
+            }
+            Verdict::NotIsolated => Ok(out),
+        }
+    }
+
     /// Inserts a new connection, choosing a masquerade port that no live flow uses.
     fn track(
         &self,
@@ -518,6 +622,7 @@ impl Pipeline<'_> {
         snat: Option<IpAddr>,
         service: u32,
         state: State,
+        policy: u32,
     ) -> Result<Connection, DropReason> {
         let timeout = timeouts::timeout(key.proto, state);
         let tries = if snat.is_some() { SNAT_TRIES } else { 1 };
@@ -536,6 +641,7 @@ impl Pipeline<'_> {
                 original: key,
                 reply: *reply,
                 service,
+                policy,
             };
             match self
                 .shared

@@ -89,6 +89,15 @@ pub fn handle(msg: Message, shared: &Shared, epoch: Instant) -> Message {
             conntrack: shared.conntrack.len(),
             conntrack_capacity: shared.conntrack.capacity(),
             workers: shared.counters.iter().map(|p| p.read().named()).collect(),
+            policy_drops: shared.policy_drop_counts(),
+        },
+        Message::ExplainPolicy {
+            src,
+            dst,
+            protocol,
+            port,
+        } => Message::PolicyExplained {
+            paths: crate::inspect::explain_policy(&shared.tables.load(), src, dst, protocol, port),
         },
         other => Message::Refused {
             reason: format!("unexpected message {other:?}"),

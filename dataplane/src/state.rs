@@ -1,13 +1,15 @@
 //! The state workers share: the current tables (swapped whole, read without locks), the
 //! connection table and the neighbour table.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use ipnet::IpNet;
 use nat::conntrack::Conntrack;
+use nat::policy::{PolicyTable, PolicyType};
 use nat::spec::TableSpec;
 use nat::tables::{BuildFastHasher, ServiceTable};
 
@@ -56,8 +58,67 @@ pub struct Tables {
     pub remote: RemoteRoutes,
     /// The overlay's settings, when the node has an IPv4 VTEP address.
     pub overlay: Option<crate::vxlan::Overlay>,
+    /// NetworkPolicy of this node's pods, as control compiled it.
+    pub policy: PolicyTable,
+    /// Whether any pod is isolated (else new connections skip the policy lookup).
+    pub policy_active: bool,
+    /// Drop counters of the pods and policies in [`Tables::policy`].
+    pub policy_drops: PolicyDrops,
     /// The spec these tables were compiled from (for inspection and diffs).
     pub spec: TableSpec,
+}
+
+/// Connections refused by NetworkPolicy, counted per pod and direction and per policy
+/// isolating the pod. The counters live in [`Shared`] by name, so they keep counting across
+/// table generations; a generation holds them by index for the packet path.
+#[derive(Default)]
+pub struct PolicyDrops {
+    /// By pod index of [`Tables::policy`]: ingress, egress.
+    pods: Vec<[Arc<AtomicU64>; 2]>,
+    /// By policy index.
+    policies: Vec<Arc<AtomicU64>>,
+}
+
+impl PolicyDrops {
+    fn build(policy: &PolicyTable, registry: &Mutex<BTreeMap<String, Arc<AtomicU64>>>) -> Self {
+        let mut reg = registry.lock().unwrap_or_else(|e| e.into_inner());
+        let mut counter = |name: String| reg.entry(name).or_default().clone();
+        let pods = (0..policy.pod_count() as u32)
+            .map(|i| {
+                let pod = policy.pod_name(i);
+                [
+                    counter(format!("pod {pod} ingress")),
+                    counter(format!("pod {pod} egress")),
+                ]
+            })
+            .collect();
+        let policies = policy
+            .policies()
+            .iter()
+            .map(|p| counter(format!("policy {p}")))
+            .collect();
+        PolicyDrops { pods, policies }
+    }
+
+    /// Counts a connection to (ingress) or from (egress) the pod at `pod_ip` refused: on
+    /// the pod and on every policy isolating it in that direction.
+    pub fn count(&self, policy: &PolicyTable, ty: PolicyType, pod_ip: IpAddr) {
+        let Some(i) = policy.pod_index(pod_ip) else {
+            return;
+        };
+        let dir = match ty {
+            PolicyType::Ingress => 0,
+            PolicyType::Egress => 1,
+        };
+        if let Some(c) = self.pods.get(i as usize) {
+            c[dir].fetch_add(1, Ordering::Relaxed);
+        }
+        for &p in policy.isolating(ty, i) {
+            if let Some(c) = self.policies.get(p as usize) {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 /// A route to another node's pod network.
@@ -177,8 +238,12 @@ impl Tables {
             }),
             _ => None,
         };
+        let policy = PolicyTable::build(&spec.policy);
         Tables {
             generation,
+            policy_active: !policy.is_empty(),
+            policy,
+            policy_drops: PolicyDrops::default(),
             remote: RemoteRoutes::build(&spec.remote_nodes),
             overlay,
             services,
@@ -357,6 +422,8 @@ pub struct Shared {
     pub uplink_next_hop: std::sync::atomic::AtomicU64,
     /// The uplink's port index, if there is one.
     pub uplink: Option<usize>,
+    /// NetworkPolicy drop counters by name (`pod ns/name ingress`, `policy ns/name`).
+    pub policy_drops: Mutex<BTreeMap<String, Arc<AtomicU64>>>,
 }
 
 impl Shared {
@@ -373,6 +440,7 @@ impl Shared {
             ports,
             counters: (0..workers).map(|_| Published::default()).collect(),
             limits,
+            policy_drops: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -382,9 +450,19 @@ impl Shared {
     pub fn install(&self, generation: u64, spec: TableSpec, now: u64) {
         let uplink_mac = self.uplink.and_then(|u| self.ports.get(u)).map(|p| p.mac);
         let ring = (self.limits.ring_size, self.limits.ring_scaled);
-        let tables = Tables::compile(generation, spec, ring, uplink_mac);
+        let mut tables = Tables::compile(generation, spec, ring, uplink_mac);
+        tables.policy_drops = PolicyDrops::build(&tables.policy, &self.policy_drops);
         self.tables.store(Arc::new(tables));
         self.retire_stale_flows(now);
+    }
+
+    /// The NetworkPolicy drop counters that are not zero, by name.
+    pub fn policy_drop_counts(&self) -> Vec<(String, u64)> {
+        let reg = self.policy_drops.lock().unwrap_or_else(|e| e.into_inner());
+        reg.iter()
+            .map(|(k, v)| (k.clone(), v.load(Ordering::Relaxed)))
+            .filter(|(_, v)| *v > 0)
+            .collect()
     }
 
     /// Removes UDP (and SCTP) connections whose backend is no longer a serving endpoint of

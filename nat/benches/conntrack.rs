@@ -47,6 +47,7 @@ fn conn(i: u32, dport: u16) -> Connection {
         original,
         reply,
         service: 1,
+        policy: 0,
     }
 }
 

@@ -82,7 +82,16 @@ pub struct Connection {
     pub reply: FlowKey,
     /// Dense id of the Service, 0 when the connection is not a Service's.
     pub service: u32,
+    /// The NetworkPolicy verdict the connection was admitted with: 0 when no policy
+    /// isolated either end, else 1 + the index of the policy that allowed it (the
+    /// destination's ingress policy when it was isolated, else the source's egress one),
+    /// saturating at [`POLICY_MAX`].
+    pub policy: u32,
 }
+
+/// The largest [`Connection::policy`] an entry stores (23 bits); larger values are kept as
+/// this one, which inspection shows as "a policy beyond the table's range".
+pub const POLICY_MAX: u32 = (1 << 23) - 1;
 
 /// Which direction of a connection a packet belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,7 +147,8 @@ const PENDING: u8 = 1;
 const LIVE: u8 = 2;
 const DEAD: u8 = 3;
 
-/// Words of an entry's connection: four addresses (2 words each), ports, proto+service.
+/// Words of an entry's connection: four addresses (2 words each), ports, proto + policy +
+/// service.
 const KEY_WORDS: usize = 10;
 
 /// One connection. Word layout of `key`: original src, original dst, reply src, reply dst
@@ -199,8 +209,10 @@ fn encode(c: &Connection) -> [u64; KEY_WORDS] {
         | (c.original.dport as u64) << 16
         | (c.reply.sport as u64) << 32
         | (c.reply.dport as u64) << 48;
-    w[9] =
-        c.original.proto as u64 | (c.original.src.is_ipv6() as u64) << 8 | (c.service as u64) << 32;
+    w[9] = c.original.proto as u64
+        | (c.original.src.is_ipv6() as u64) << 8
+        | (c.policy.min(POLICY_MAX) as u64) << 9
+        | (c.service as u64) << 32;
     w
 }
 
@@ -224,6 +236,7 @@ fn decode(w: &[u64; KEY_WORDS]) -> Connection {
             dport: (w[8] >> 48) as u16,
         },
         service: (w[9] >> 32) as u32,
+        policy: ((w[9] >> 9) as u32) & POLICY_MAX,
     }
 }
 
@@ -758,19 +771,27 @@ mod tests {
             original,
             reply,
             service: 1,
+            policy: 0,
         }
     }
 
     #[test]
     fn encode_round_trips_v4_and_v6() {
-        let c = conn(40000);
+        let mut c = conn(40000);
         assert_eq!(decode(&encode(&c)), c);
+        c.policy = 7;
+        assert_eq!(decode(&encode(&c)), c);
+        c.policy = POLICY_MAX + 5;
+        assert_eq!(decode(&encode(&c)).policy, POLICY_MAX, "saturates");
+        c.policy = POLICY_MAX;
         let mut c6 = c;
         c6.original.src = "fd00:10:244:1::2".parse().unwrap();
         c6.original.dst = "fd00:172:30::41".parse().unwrap();
         c6.reply.src = "fd00:10:244:1::5".parse().unwrap();
         c6.reply.dst = "fd00:10:244:1::2".parse().unwrap();
         c6.service = u32::MAX;
+        assert_eq!(decode(&encode(&c6)), c6);
+        c6.policy = 0;
         assert_eq!(decode(&encode(&c6)), c6);
     }
 

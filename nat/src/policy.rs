@@ -440,6 +440,33 @@ impl PolicyTable {
         &self.policies
     }
 
+    /// The index of the pod holding `ip` (for per-pod counters), if it is isolated at all.
+    #[inline]
+    pub fn pod_index(&self, ip: IpAddr) -> Option<u32> {
+        self.pod_by_ip.get(&ip).copied()
+    }
+
+    /// The `namespace/name` of pod `index`; empty for an index the table does not have.
+    pub fn pod_name(&self, index: u32) -> &str {
+        self.pods
+            .get(index as usize)
+            .map_or("", |p| p.name.as_str())
+    }
+
+    /// How many pods are isolated in some direction.
+    pub fn pod_count(&self) -> usize {
+        self.pods.len()
+    }
+
+    /// The policies isolating pod `index` for `ty`, ascending (empty when none does).
+    pub fn isolating(&self, ty: PolicyType, index: u32) -> &[u32] {
+        let iso = self.pods.get(index as usize).and_then(|p| match ty {
+            PolicyType::Ingress => p.ingress.as_ref(),
+            PolicyType::Egress => p.egress.as_ref(),
+        });
+        iso.map_or(&[][..], |i| &i.policies)
+    }
+
     /// Whether no pod is isolated in any direction, so every verdict is
     /// [`Verdict::NotIsolated`] and the dataplane may skip asking.
     pub fn is_empty(&self) -> bool {

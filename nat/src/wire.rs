@@ -44,6 +44,28 @@ pub enum Message {
         conntrack_capacity: usize,
         /// Per worker: named counters.
         workers: Vec<Vec<(String, u64)>>,
+        /// Connections refused by NetworkPolicy, by `pod ns/name ingress|egress` and by
+        /// `policy ns/name` (each policy isolating the pod); zeros left out.
+        #[serde(default)]
+        policy_drops: Vec<(String, u64)>,
+    },
+    /// inspection → dataplane: which NetworkPolicy decides a new connection from `src` to
+    /// `dst`:`port`, as the dataplane would judge it now. A Service frontend is explained
+    /// for each of its serving endpoints.
+    ExplainPolicy {
+        /// The client.
+        src: std::net::IpAddr,
+        /// The destination as the client addresses it (a pod, a Service frontend, any IP).
+        dst: std::net::IpAddr,
+        /// Transport protocol; `None` for ICMP (which only rules without ports allow).
+        protocol: Option<crate::spec::Protocol>,
+        /// Destination port.
+        port: u16,
+    },
+    /// dataplane → inspection: the answer to [`Message::ExplainPolicy`].
+    PolicyExplained {
+        /// One path per destination after translation.
+        paths: Vec<ExplainedPath>,
     },
     /// Either side: the last frame was refused, and why.
     Refused {
@@ -53,6 +75,38 @@ pub enum Message {
 }
 
 /// Why a frame could not be decoded.
+/// One destination of an explained connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExplainedPath {
+    /// The Service port the destination was reached through, if any.
+    pub service: Option<String>,
+    /// The destination after translation.
+    pub dst: std::net::IpAddr,
+    /// Its port.
+    pub port: u16,
+    /// The source the destination sees (the client, or the masquerade address).
+    pub peer: std::net::IpAddr,
+    /// The source pod's egress.
+    pub egress: ExplainedVerdict,
+    /// The destination pod's ingress.
+    pub ingress: ExplainedVerdict,
+    /// Whether the connection would be admitted.
+    pub allowed: bool,
+}
+
+/// One direction's verdict, explained.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExplainedVerdict {
+    /// The pod judged (`namespace/name`), when the address is an isolated pod of this node.
+    pub pod: Option<String>,
+    /// The policies isolating it in this direction.
+    pub isolating: Vec<String>,
+    /// `not isolated`, `allowed`, `denied` or `node traffic` (always allowed in).
+    pub verdict: String,
+    /// The first policy allowing the connection, when one does.
+    pub allowed_by: Option<String>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
     /// The first bytes are not `KXDP`: the peer is not a kxdp control stream.

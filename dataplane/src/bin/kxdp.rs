@@ -102,6 +102,11 @@ enum Cmd {
         #[arg(long, default_value = "/run/kxdp/dataplane.sock")]
         socket: PathBuf,
     },
+    /// NetworkPolicy: explain which policy decides a connection.
+    Policy {
+        #[command(subcommand)]
+        action: PolicyAction,
+    },
     /// The demo: lab up, dataplane and control on the bundled manifests, TCP and UDP calls
     /// to the ClusterIPs from a pod, a table of who answered and the counters, lab down.
     Demo {
@@ -120,6 +125,29 @@ enum Cmd {
         /// Seconds of UDP load for a packet-rate figure (0: skip).
         #[arg(long, default_value_t = 5)]
         rate_seconds: u64,
+    },
+}
+
+#[derive(clap::Subcommand)]
+enum PolicyAction {
+    /// Which policy allows a new connection from SRC to DST:PORT, or that none does, as the
+    /// dataplane would judge it now (after Service translation, for every endpoint).
+    Explain {
+        /// The client's address.
+        src: std::net::IpAddr,
+        /// The destination as the client addresses it (pod, Service frontend, any IP).
+        dst: std::net::IpAddr,
+        /// The destination port (ignored for ICMP).
+        port: u16,
+        /// tcp, udp, sctp or icmp.
+        #[arg(long, default_value = "tcp")]
+        proto: String,
+        /// The dataplane's control socket.
+        #[arg(long, default_value = "/run/kxdp/dataplane.sock")]
+        socket: PathBuf,
+        /// Output: `table` or `json`.
+        #[arg(short = 'o', long, default_value = "table")]
+        output: String,
     },
 }
 
@@ -246,6 +274,17 @@ fn main() -> Result<()> {
             print_stats(&stats(&socket)?);
             Ok(())
         }
+        Cmd::Policy {
+            action:
+                PolicyAction::Explain {
+                    src,
+                    dst,
+                    port,
+                    proto,
+                    socket,
+                    output,
+                },
+        } => policy_explain(&socket, src, dst, port, &proto, &output),
         Cmd::Demo {
             lab,
             manifests,
@@ -400,16 +439,87 @@ fn ask_udp(s: &UdpSocket) -> Result<String> {
         .unwrap_or_else(|| anyhow::anyhow!("no answer")))
 }
 
-/// Asks the dataplane for its counters.
-fn stats(socket: &Path) -> Result<Message> {
+/// Sends one request to the dataplane and returns its answer.
+fn ask(socket: &Path, msg: &Message) -> Result<Message> {
     let mut s = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
         format!(
             "connect to {} (is kxdp-dataplane running?)",
             socket.display()
         )
     })?;
-    wire::write_message(&mut s, &Message::GetStats)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    wire::write_message(&mut s, msg)?;
     Ok(wire::read_message(&mut s)?)
+}
+
+fn policy_explain(
+    socket: &Path,
+    src: std::net::IpAddr,
+    dst: std::net::IpAddr,
+    port: u16,
+    proto: &str,
+    output: &str,
+) -> Result<()> {
+    use nat::spec::Protocol;
+    let protocol = match proto.to_ascii_lowercase().as_str() {
+        "tcp" => Some(Protocol::Tcp),
+        "udp" => Some(Protocol::Udp),
+        "sctp" => Some(Protocol::Sctp),
+        "icmp" => None,
+        other => bail!("--proto {other}: use tcp, udp, sctp or icmp"),
+    };
+    let answer = ask(
+        socket,
+        &Message::ExplainPolicy {
+            src,
+            dst,
+            protocol,
+            port,
+        },
+    )?;
+    let Message::PolicyExplained { paths } = answer else {
+        bail!("unexpected answer: {answer:?}");
+    };
+    match output {
+        "json" => println!("{}", serde_json::to_string_pretty(&paths)?),
+        "table" => {
+            for p in &paths {
+                let via = p
+                    .service
+                    .as_deref()
+                    .map(|s| format!(" via {s}"))
+                    .unwrap_or_default();
+                println!(
+                    "{src} -> {}:{}{via} (seen from {}): {}",
+                    p.dst,
+                    p.port,
+                    p.peer,
+                    if p.allowed { "ALLOWED" } else { "DENIED" }
+                );
+                for (dir, v) in [("egress ", &p.egress), ("ingress", &p.ingress)] {
+                    let pod = v.pod.as_deref().unwrap_or("-");
+                    let by = match (&v.allowed_by, v.verdict.as_str()) {
+                        (Some(by), _) => format!(" by {by}"),
+                        (None, "denied") => " (no policy allows it)".to_string(),
+                        _ => String::new(),
+                    };
+                    let iso = if v.isolating.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; isolated by {}", v.isolating.join(", "))
+                    };
+                    println!("  {dir} {pod:<24} {}{by}{iso}", v.verdict);
+                }
+            }
+        }
+        other => bail!("-o {other}: use table or json"),
+    }
+    Ok(())
+}
+
+/// Asks the dataplane for its counters.
+fn stats(socket: &Path) -> Result<Message> {
+    ask(socket, &Message::GetStats)
 }
 
 fn print_stats(m: &Message) {
@@ -418,6 +528,7 @@ fn print_stats(m: &Message) {
         conntrack,
         conntrack_capacity,
         workers,
+        policy_drops,
     } = m
     else {
         println!("unexpected answer: {m:?}");
@@ -443,6 +554,12 @@ fn print_stats(m: &Message) {
                 print!("{v:>14}");
             }
             println!();
+        }
+    }
+    if !policy_drops.is_empty() {
+        println!("connections refused by NetworkPolicy");
+        for (name, v) in policy_drops {
+            println!("  {name:<40}{v:>14}");
         }
     }
 }
