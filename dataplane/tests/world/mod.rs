@@ -1040,3 +1040,40 @@ fn parse_duration(s: &str) -> Option<u64> {
     }
     Some(total)
 }
+
+impl World {
+    /// One new connection from the pod `from` (`namespace/name`) to `ip`:`port` over
+    /// `protocol` (`TCP`, `UDP` or `SCTP`), for tests that compute their own expectations
+    /// rather than writing a case: `Some(dest)` when it reached `dest` (after translation)
+    /// and the reply came back, `None` when nothing reached anyone (dropped), `Err` when the
+    /// client was rejected or the world saw something wrong.
+    #[allow(dead_code)] // used by tests/netpol_matrix.rs, not by the case runner
+    pub fn connect_from_pod(
+        &mut self,
+        from: &str,
+        ip: IpAddr,
+        port: u16,
+        protocol: &str,
+    ) -> Result<Option<SocketAddr>, String> {
+        let protocol = match protocol {
+            "TCP" => Proto::Tcp,
+            "UDP" => Proto::Udp,
+            "SCTP" => Proto::Sctp,
+            other => return Err(format!("unknown protocol `{other}`")),
+        };
+        let origin = Origin {
+            pod: Some(from.to_string()),
+            ip: None,
+            node: None,
+        };
+        let to = Target { ip, port, protocol };
+        let src = self.source_ip(&origin, ip)?;
+        self.next_sport = self.next_sport.wrapping_add(1).max(1024);
+        let sport = self.next_sport;
+        match self.connect(&origin, src, sport, to, true)? {
+            Outcome::Delivered { dest, .. } => Ok(Some(dest)),
+            Outcome::Dropped => Ok(None),
+            Outcome::Rejected => Err(format!("{from} -> {ip}:{port} was rejected")),
+        }
+    }
+}
