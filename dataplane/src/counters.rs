@@ -106,6 +106,12 @@ pub struct Counters {
     pub decapsulated: u64,
     /// ICMP fragmentation-needed / packet-too-big sent.
     pub too_big: u64,
+    /// ICMP time exceeded sent (a TTL ran out here).
+    pub time_exceeded: u64,
+    /// Echo requests to the pods' gateway answered.
+    pub echo_replies: u64,
+    /// New pod connections masqueraded out of the cluster (ipMasq).
+    pub masqueraded_out: u64,
     /// New untranslated connections of local pods tracked (with their policy verdict).
     pub tracked_new: u64,
     /// New connections of local pods, isolated by no policy, forwarded untracked because
@@ -132,6 +138,9 @@ impl Default for Counters {
             encapsulated: 0,
             decapsulated: 0,
             too_big: 0,
+            time_exceeded: 0,
+            echo_replies: 0,
+            masqueraded_out: 0,
             tracked_new: 0,
             untracked: 0,
             drops: [0; DropReason::COUNT],
@@ -166,6 +175,9 @@ impl Counters {
             ("encapsulated".to_string(), self.encapsulated),
             ("decapsulated".to_string(), self.decapsulated),
             ("too_big".to_string(), self.too_big),
+            ("time_exceeded".to_string(), self.time_exceeded),
+            ("echo_replies".to_string(), self.echo_replies),
+            ("masqueraded_out".to_string(), self.masqueraded_out),
             ("tracked_new".to_string(), self.tracked_new),
             ("untracked".to_string(), self.untracked),
         ];
@@ -187,7 +199,7 @@ impl Counters {
     }
 }
 
-const FIXED: usize = 13;
+const FIXED: usize = 16;
 const DEVICE: usize = 8;
 
 /// Where a worker publishes its counters for readers on other threads.
@@ -220,6 +232,9 @@ impl Published {
             c.too_big,
             c.tracked_new,
             c.untracked,
+            c.time_exceeded,
+            c.echo_replies,
+            c.masqueraded_out,
         ];
         let d = &c.device;
         let device = [
@@ -259,6 +274,9 @@ impl Published {
             too_big: v[10],
             tracked_new: v[11],
             untracked: v[12],
+            time_exceeded: v[13],
+            echo_replies: v[14],
+            masqueraded_out: v[15],
             ..Counters::default()
         };
         c.drops

@@ -18,8 +18,8 @@ use pktio::{Device, Frame, PortId};
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
     ArpOperation, ArpPacket, ArpRepr, EthernetAddress, Icmpv4DstUnreachable, Icmpv4Packet,
-    Icmpv4Repr, Icmpv6Packet, Icmpv6Repr, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr,
-    NdiscNeighborFlags, NdiscRepr, RawHardwareAddress,
+    Icmpv4Repr, Icmpv4TimeExceeded, Icmpv6Packet, Icmpv6Repr, IpProtocol, Ipv4Packet, Ipv4Repr,
+    Ipv6Packet, Ipv6Repr, NdiscNeighborFlags, NdiscRepr, RawHardwareAddress,
 };
 
 use crate::counters::{Counters, DropReason};
@@ -52,6 +52,8 @@ enum IcmpKind {
     PortUnreachable,
     /// Fragmentation needed (IPv4) / packet too big (IPv6), with the MTU that fits.
     TooBig(u16),
+    /// Time exceeded in transit: the TTL / hop limit ran out here.
+    TimeExceeded,
 }
 
 /// How a frame reached the pipeline.
@@ -69,8 +71,10 @@ enum Outcome {
     Send(PortId, Frame),
     /// Drop and count.
     Drop(DropReason),
-    /// Drop and count, and ask for the MAC of this address on the pod ports.
-    Resolve(DropReason, IpAddr),
+    /// Hold the frame given (the packet to send, which for a decapsulated packet lies
+    /// inside the frame received) until this address is resolved, and ask for its MAC;
+    /// when it cannot be held, drop and count.
+    Resolve(DropReason, IpAddr, Frame),
 }
 
 /// Frames a worker holds while their next hop is being resolved, like the kernel's
@@ -172,10 +176,10 @@ impl Pipeline<'_> {
                 c.drop(reason);
                 dev.free(frame);
             }
-            Outcome::Resolve(reason, ip) => {
-                if !limiter.hold(frame, ip, self.now + HOLD_TIME) {
+            Outcome::Resolve(reason, ip, held) => {
+                if !limiter.hold(held, ip, self.now + HOLD_TIME) {
                     c.drop(reason);
-                    dev.free(frame);
+                    dev.free(held);
                 }
                 if limiter.allow(ip, self.now) {
                     self.solicit(dev, ip, c);
@@ -475,8 +479,63 @@ impl Pipeline<'_> {
         if self.tables.services.in_service_range(h.dst) {
             return Outcome::Drop(DropReason::NoService);
         }
-        if self.tables.is_gateway(h.dst) || self.tables.node_addresses.contains(&h.dst) {
+        if self.tables.is_gateway(h.dst) {
+            let echo_request = matches!(h.proto, packet::PROTO_ICMP | packet::PROTO_ICMPV6)
+                && h.icmp_type == if h.v6 { 128 } else { 8 };
+            if echo_request && !h.later_fragment && !h.first_fragment {
+                c.echo_replies += 1;
+                return self.echo_reply(pkt, &h, port, frame);
+            }
             return Outcome::Drop(DropReason::ToHost);
+        }
+        if self.tables.node_addresses.contains(&h.dst) {
+            return Outcome::Drop(DropReason::ToHost);
+        }
+        if tracked
+            && self.tables.spec.cluster.ip_masq
+            && self.tables.local_pods.contains_key(&h.src)
+            && !self.tables.in_cluster_network(h.dst)
+            && !is_multicast(h.dst)
+        {
+            // A pod reaching outside the cluster's pod networks: masqueraded to the node's
+            // address (flannel's ipMasq), from a port range the node's own connections do
+            // not use, so replies come back to us and never collide with the host's.
+            if let Some(node_ip) = self.tables.egress_source(h.v6) {
+                let policy = match self.judge(h.proto, h.src, h.dst, h.dport, h.src) {
+                    Ok(policy) => policy,
+                    Err(reason) => return Outcome::Drop(reason),
+                };
+                let key = FlowKey {
+                    proto: h.proto,
+                    src: h.src,
+                    dst: h.dst,
+                    sport: h.sport,
+                    dport: h.dport,
+                };
+                let flags = if h.proto == packet::PROTO_TCP {
+                    pkt.get(h.l4 + 13).copied().unwrap_or(0)
+                } else {
+                    0
+                };
+                let mut reply = key.reversed();
+                let state = timeouts::initial(h.proto, flags);
+                let ports = self.shared.limits.egress_masquerade_ports;
+                let conn = match self.track_in(
+                    key,
+                    &mut reply,
+                    Some(node_ip),
+                    ports,
+                    0,
+                    state,
+                    policy.tag,
+                ) {
+                    Ok(conn) => conn,
+                    Err(reason) => return Outcome::Drop(reason),
+                };
+                translate(pkt, &mut h, &conn, Direction::Original);
+                c.masqueraded_out += 1;
+                return self.route(chunk, off, &mut h, frame, port, true, c);
+            }
         }
         if tracked
             && (self.tables.local_pods.contains_key(&h.src)
@@ -561,6 +620,74 @@ impl Pipeline<'_> {
         true
     }
 
+    /// A packet whose TTL (hop limit) runs out here: answered with ICMP time exceeded from
+    /// this node's address on the side it came from (the pods' gateway, or the node's
+    /// address on the uplink), so traceroute through the node works. Never about an ICMP
+    /// error or a later fragment (RFC 1122 3.2.2, RFC 4443 2.4).
+    fn time_exceeded(
+        &self,
+        chunk: &mut [u8],
+        off: usize,
+        h: &Headers,
+        frame: Frame,
+        in_port: PortId,
+        c: &mut Counters,
+    ) -> Outcome {
+        if h.later_fragment || packet::is_icmp_error(h) || is_multicast(h.dst) {
+            return Outcome::Drop(DropReason::TtlExceeded);
+        }
+        let from = if Some(in_port) == self.shared.uplink {
+            self.tables
+                .node_addresses
+                .iter()
+                .copied()
+                .find(|a| a.is_ipv6() == h.v6)
+                .or_else(|| self.tables.masquerade_source(h.v6))
+        } else {
+            self.tables.masquerade_source(h.v6)
+        };
+        let Some(from) = from else {
+            return Outcome::Drop(DropReason::TtlExceeded);
+        };
+        c.time_exceeded += 1;
+        let h = *h;
+        self.icmp_reply(
+            chunk,
+            off,
+            frame,
+            in_port,
+            &h,
+            IcmpKind::TimeExceeded,
+            from,
+            c,
+        )
+    }
+
+    /// Answers an echo request to the pods' gateway address in place: addresses swapped,
+    /// type turned into a reply, TTL 64, checksums fixed, back out of the port it came in.
+    fn echo_reply(&self, pkt: &mut [u8], h: &Headers, port: PortId, frame: Frame) -> Outcome {
+        let Some(cfg) = self.shared.ports.get(port) else {
+            return Outcome::Drop(DropReason::NoRoute);
+        };
+        let mut peer = [0u8; 6];
+        peer.copy_from_slice(&pkt[6..12]);
+        set_macs(pkt, peer, cfg.mac);
+        let (src, dst) = (h.src, h.dst);
+        let mut h = *h;
+        packet::set_addresses(pkt, &mut h, dst, src);
+        pkt[h.l4] = if h.v6 { 129 } else { 0 };
+        if h.v6 {
+            pkt[h.l3 + 7] = 64;
+        } else {
+            pkt[h.l3 + 8] = 64;
+            pkt[h.l3 + 10..h.l3 + 12].copy_from_slice(&[0, 0]);
+            let check = nat::checksum::checksum(&pkt[h.l3..h.l4]);
+            pkt[h.l3 + 10..h.l3 + 12].copy_from_slice(&check.to_be_bytes());
+        }
+        packet::fix_icmp_checksum(pkt, &h);
+        Outcome::Send(port, frame)
+    }
+
     /// NetworkPolicy for a new connection from `src` to `dst`:`dport` (after Service
     /// translation): the source pod's egress towards `dst`, and the destination pod's
     /// ingress from `peer` (the source as the pod will see it, after masquerade). Traffic
@@ -624,18 +751,41 @@ impl Pipeline<'_> {
         state: State,
         policy: u32,
     ) -> Result<Connection, DropReason> {
+        let ports = (SNAT_PORT_MIN, SNAT_PORT_MAX);
+        self.track_in(key, reply, snat, ports, service, state, policy)
+    }
+
+    /// [`Pipeline::track`] with masquerade ports from `ports` (inclusive). The client's own
+    /// port is kept when it is in the range; an ICMP echo's identifier is both its "ports".
+    #[allow(clippy::too_many_arguments)]
+    fn track_in(
+        &self,
+        key: FlowKey,
+        reply: &mut FlowKey,
+        snat: Option<IpAddr>,
+        ports: (u16, u16),
+        service: u32,
+        state: State,
+        policy: u32,
+    ) -> Result<Connection, DropReason> {
         let timeout = timeouts::timeout(key.proto, state);
-        let tries = if snat.is_some() { SNAT_TRIES } else { 1 };
-        let span = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u64 + 1;
+        let mut snat = snat;
+        let mut evicted = false;
+        let (first, last) = (ports.0.min(ports.1), ports.0.max(ports.1));
+        let span = (last - first) as u64 + 1;
         let seed = key.flow_hash();
-        for i in 0..tries {
+        let echo = matches!(key.proto, packet::PROTO_ICMP | packet::PROTO_ICMPV6);
+        for i in 0..SNAT_TRIES {
             if let Some(ip) = snat {
                 reply.dst = ip;
-                reply.dport = if i == 0 && key.sport >= SNAT_PORT_MIN {
+                reply.dport = if i == 0 && (first..=last).contains(&key.sport) {
                     key.sport
                 } else {
-                    SNAT_PORT_MIN + ((seed.wrapping_add(i.wrapping_mul(0x9e37_79b9))) % span) as u16
+                    first + ((seed.wrapping_add(i.wrapping_mul(0x9e37_79b9))) % span) as u16
                 };
+                if echo {
+                    reply.sport = reply.dport;
+                }
             }
             let conn = Connection {
                 original: key,
@@ -657,9 +807,25 @@ impl Pipeline<'_> {
                             return Ok(hit.conn);
                         }
                     }
-                    // Else the reply tuple is taken: try another masquerade port.
+                    // Else the reply tuple is another connection's: the client reuses a
+                    // source port towards a backend it also reached directly. A closed TCP
+                    // connection's entry gives way (as the kernel's conntrack restarts a
+                    // TIME_WAIT tuple on a new SYN); else the source port is remapped, as
+                    // the kernel's NAT does on a clash (the backend sees another port).
+                    let taken = self.shared.conntrack.get(reply, self.now);
+                    if let Some(old) = taken.filter(|_| !evicted) {
+                        let closed = old.conn.original.proto == packet::PROTO_TCP
+                            && matches!(State::from_u8(old.state), State::Closing | State::Reset);
+                        if closed && self.shared.conntrack.remove(&old.conn) {
+                            evicted = true;
+                            continue;
+                        }
+                    }
                     if snat.is_none() {
-                        return Err(DropReason::TupleTaken);
+                        if key.proto == packet::PROTO_ICMP || key.proto == packet::PROTO_ICMPV6 {
+                            return Err(DropReason::TupleTaken);
+                        }
+                        snat = Some(key.src);
                     }
                 }
             }
@@ -685,7 +851,7 @@ impl Pipeline<'_> {
         c: &mut Counters,
     ) -> Outcome {
         if h.ttl <= 1 {
-            return Outcome::Drop(DropReason::TtlExceeded);
+            return self.time_exceeded(chunk, off, h, frame, in_port, c);
         }
         let len = frame.len as usize;
         let local =
@@ -697,16 +863,29 @@ impl Pipeline<'_> {
         }
         let (port, mac) = if local {
             let Some(n) = self.shared.neighbors.get(&h.dst) else {
-                return Outcome::Resolve(DropReason::NeighborUnresolved, h.dst);
+                return Outcome::Resolve(DropReason::NeighborUnresolved, h.dst, frame);
             };
             (n.port, n.mac)
         } else if self.tables.in_cluster_network(h.dst) || !may_leave {
             return Outcome::Drop(DropReason::NoRoute);
         } else {
-            let next_hop = self.shared.uplink_next_hop.load(Ordering::Relaxed);
-            match self.shared.uplink {
-                Some(up) if next_hop != 0 => (up, u64_mac(next_hop)),
-                _ => return Outcome::Drop(DropReason::NoRoute),
+            let Some(up) = self.shared.uplink else {
+                return Outcome::Drop(DropReason::NoRoute);
+            };
+            // The node's own route (a connected network or its gateway), resolved by ARP;
+            // without one, the router outside traffic last came from.
+            match self.shared.uplink_routes.load().next_hop(h.dst) {
+                Some(hop) => match self.shared.neighbors.get(&hop).filter(|n| n.port == up) {
+                    Some(n) => (up, n.mac),
+                    None => return Outcome::Resolve(DropReason::NeighborUnresolved, hop, frame),
+                },
+                None => {
+                    let next_hop = self.shared.uplink_next_hop.load(Ordering::Relaxed);
+                    if next_hop == 0 {
+                        return Outcome::Drop(DropReason::NoRoute);
+                    }
+                    (up, u64_mac(next_hop))
+                }
             }
         };
         let Some(out) = self.shared.ports.get(port) else {
@@ -738,7 +917,7 @@ impl Pipeline<'_> {
         };
         let vtep = IpAddr::V4(r.vtep);
         let Some(next) = self.shared.neighbors.get(&vtep).filter(|n| n.port == up) else {
-            return Outcome::Resolve(DropReason::NeighborUnresolved, vtep);
+            return Outcome::Resolve(DropReason::NeighborUnresolved, vtep, frame);
         };
         let ip_len = h.end - h.l3;
         // The outer IP packet carries 50 bytes more than the inner one: outer IPv4 20, UDP 8,
@@ -851,6 +1030,11 @@ impl Pipeline<'_> {
                         header: original,
                         data,
                     },
+                    IcmpKind::TimeExceeded => Icmpv4Repr::TimeExceeded {
+                        reason: Icmpv4TimeExceeded::TtlExpired,
+                        header: original,
+                        data,
+                    },
                 };
                 let ip = Ipv4Repr {
                     src_addr: from,
@@ -895,6 +1079,7 @@ impl Pipeline<'_> {
                 let (icmp_type, code, word) = match kind {
                     IcmpKind::PortUnreachable => (1u8, 4u8, 0u32),
                     IcmpKind::TooBig(mtu) => (2, 0, mtu as u32),
+                    IcmpKind::TimeExceeded => (3, 0, 0),
                 };
                 let ip = Ipv6Repr {
                     src_addr: from,
@@ -1138,7 +1323,7 @@ impl Pipeline<'_> {
                         c.tx += 1;
                     }
                 }
-                Outcome::Drop(reason) | Outcome::Resolve(reason, _) => {
+                Outcome::Drop(reason) | Outcome::Resolve(reason, _, _) => {
                     c.drop(reason);
                     dev.free(frame);
                 }
@@ -1272,6 +1457,15 @@ fn write_neighbor_solicit(pkt: &mut [u8], mac: [u8; 6], gw: Ipv6Addr, target: Ip
         &ChecksumCapabilities::default(),
     );
     total
+}
+
+/// Multicast (and IPv4 limited broadcast) destinations: never masqueraded, never answered
+/// with ICMP errors.
+fn is_multicast(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => a.is_multicast() || a.is_broadcast(),
+        IpAddr::V6(a) => a.is_multicast(),
+    }
 }
 
 fn set_macs(pkt: &mut [u8], dst: [u8; 6], src: [u8; 6]) {

@@ -121,6 +121,72 @@ impl PolicyDrops {
     }
 }
 
+/// The node's IPv4 routes out of the uplink (connected networks and gateways), as the
+/// kernel of the node's namespace has them at start: where traffic leaving the cluster
+/// goes next. Longest prefix first.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UplinkRoutes {
+    routes: Vec<(ipnet::Ipv4Net, Option<Ipv4Addr>)>,
+}
+
+impl UplinkRoutes {
+    /// Routes from (network, gateway) pairs; no gateway means on-link.
+    pub fn new(mut routes: Vec<(ipnet::Ipv4Net, Option<Ipv4Addr>)>) -> UplinkRoutes {
+        routes.sort_by_key(|r| std::cmp::Reverse(r.0.prefix_len()));
+        UplinkRoutes { routes }
+    }
+
+    /// Reads the routes through `ifname` from `/proc/net/route` (this network namespace's
+    /// main IPv4 table); a file that cannot be read gives no routes.
+    pub fn from_kernel(ifname: &str) -> UplinkRoutes {
+        let text = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
+        UplinkRoutes::parse(&text, ifname)
+    }
+
+    /// Parses `/proc/net/route` text (addresses in host-order hex of the kernel's
+    /// little-endian layout).
+    pub fn parse(text: &str, ifname: &str) -> UplinkRoutes {
+        let hex = |s: &str| {
+            u32::from_str_radix(s, 16)
+                .ok()
+                .map(|v| Ipv4Addr::from(v.swap_bytes()))
+        };
+        let mut routes = Vec::new();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 8 || f[0] != ifname {
+                continue;
+            }
+            let (Some(dst), Some(gw), Some(mask)) = (hex(f[1]), hex(f[2]), hex(f[7])) else {
+                continue;
+            };
+            let Ok(net) = ipnet::Ipv4Net::with_netmask(dst, mask) else {
+                continue;
+            };
+            let gw = (!gw.is_unspecified()).then_some(gw);
+            routes.push((net.trunc(), gw));
+        }
+        UplinkRoutes::new(routes)
+    }
+
+    /// The address to resolve for a packet to `dst`: `dst` itself on a connected network,
+    /// a gateway otherwise; `None` without a route (or for IPv6, not read yet).
+    pub fn next_hop(&self, dst: IpAddr) -> Option<IpAddr> {
+        let IpAddr::V4(d) = dst else {
+            return None;
+        };
+        self.routes
+            .iter()
+            .find(|(net, _)| net.contains(&d))
+            .map(|(_, gw)| IpAddr::V4(gw.unwrap_or(d)))
+    }
+
+    /// Whether there is no route.
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+}
+
 /// A route to another node's pod network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RemoteRoute {
@@ -269,6 +335,15 @@ impl Tables {
         }
     }
 
+    /// The source of pod traffic masqueraded out of the cluster: the node's first address of
+    /// the family (its InternalIP, as flannel's ipMasq uses).
+    pub fn egress_source(&self, family_v6: bool) -> Option<IpAddr> {
+        self.node_addresses
+            .iter()
+            .copied()
+            .find(|a| a.is_ipv6() == family_v6)
+    }
+
     /// Whether `ip` is in this node's pod networks.
     pub fn in_local_pod_network(&self, ip: IpAddr) -> bool {
         self.pod_cidrs.iter().any(|n| n.contains(&ip))
@@ -382,6 +457,10 @@ pub struct Limits {
     pub conntrack_capacity: usize,
     /// Session-affinity records (clients remembered across all Services).
     pub affinity_capacity: usize,
+    /// Source ports (inclusive) for pod traffic masqueraded to the node's address on its
+    /// way out of the cluster: outside the kernel's ephemeral range (`ip_local_port_range`,
+    /// 32768–60999 by default), so they never collide with the node's own connections.
+    pub egress_masquerade_ports: (u16, u16),
 }
 
 impl Default for Limits {
@@ -391,9 +470,13 @@ impl Default for Limits {
             ring_scaled: false,
             conntrack_capacity: 1 << 20,
             affinity_capacity: 1 << 16,
+            egress_masquerade_ports: DEFAULT_EGRESS_MASQUERADE_PORTS,
         }
     }
 }
+
+/// The default of [`Limits::egress_masquerade_ports`]: above the kernel's ephemeral range.
+pub const DEFAULT_EGRESS_MASQUERADE_PORTS: (u16, u16) = (61000, 65535);
 
 /// A per-process secret from the standard library's randomly keyed hasher.
 fn random_seed() -> u64 {
@@ -422,6 +505,8 @@ pub struct Shared {
     pub uplink_next_hop: std::sync::atomic::AtomicU64,
     /// The uplink's port index, if there is one.
     pub uplink: Option<usize>,
+    /// The node's routes out of the uplink, for traffic leaving the cluster.
+    pub uplink_routes: ArcSwap<UplinkRoutes>,
     /// NetworkPolicy drop counters by name (`pod ns/name ingress`, `policy ns/name`).
     pub policy_drops: Mutex<BTreeMap<String, Arc<AtomicU64>>>,
 }
@@ -441,6 +526,7 @@ impl Shared {
             counters: (0..workers).map(|_| Published::default()).collect(),
             limits,
             policy_drops: Mutex::new(BTreeMap::new()),
+            uplink_routes: ArcSwap::from_pointee(UplinkRoutes::default()),
         }
     }
 

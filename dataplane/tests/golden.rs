@@ -89,6 +89,7 @@ fn shared() -> Arc<Shared> {
             conntrack_capacity: 1024,
             affinity_capacity: 64,
             ring_scaled: false,
+            ..Limits::default()
         },
     ))
 }
@@ -1070,4 +1071,233 @@ fn too_big_for_the_overlay_over_ipv6_is_answered_with_packet_too_big() {
         .unwrap();
     assert_eq!(out[1][0].len(), 14 + 1280);
     assert_eq!(out[1][0], expected);
+}
+
+/// The router in front of the uplink, the node's default gateway.
+const ROUTER: [u8; 6] = [2, 0, 0, 0, 0xff, 1];
+
+/// [`node`] with a default route through 192.168.0.1 on the uplink (resolved), and the
+/// pods resolved.
+fn routed_node() -> Worker<MemDevice> {
+    let shared = shared();
+    shared
+        .uplink_routes
+        .store(Arc::new(dataplane::state::UplinkRoutes::new(vec![(
+            "0.0.0.0/0".parse().unwrap(),
+            Some("192.168.0.1".parse().unwrap()),
+        )])));
+    let mut w = worker(shared, spec());
+    resolve_web(&mut w);
+    w.dev.inject(
+        0,
+        &arp(
+            2,
+            ROUTER,
+            [192, 168, 0, 1],
+            UPLINK,
+            [192, 168, 0, 2],
+            UPLINK,
+        ),
+    );
+    step(&mut w, 2 * SECOND);
+    w
+}
+
+#[test]
+fn pod_traffic_leaving_the_cluster_is_masqueraded_to_the_node_and_back() {
+    let mut w = routed_node();
+    w.dev.inject(
+        1,
+        &tcp(
+            (GW1, POD1),
+            [10, 244, 1, 2],
+            40000,
+            [203, 0, 113, 50],
+            443,
+            64,
+            true,
+        ),
+    );
+    let out = step(&mut w, 3 * SECOND);
+    assert_eq!(out[0].len(), 1, "out of the uplink: {out:?}");
+    let f = &out[0][0];
+    assert_eq!((&f[0..6], &f[6..12]), (&ROUTER[..], &UPLINK[..]));
+    let p = SlicedPacket::from_ethernet(f).unwrap();
+    let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
+        panic!()
+    };
+    assert_eq!(ip.header().source(), [192, 168, 0, 2], "the node's address");
+    assert_eq!(ip.header().destination(), [203, 0, 113, 50]);
+    assert_eq!(ip.header().ttl(), 63);
+    let h = ip.header().to_header();
+    assert_eq!(h.header_checksum, h.calc_header_checksum());
+    let Some(TransportSlice::Tcp(t)) = &p.transport else {
+        panic!()
+    };
+    let port = t.source_port();
+    assert!(
+        port >= 61000,
+        "a port above the kernel's ephemeral range: {port}"
+    );
+    let check = t.to_header().calc_checksum_ipv4(&h, t.payload()).unwrap();
+    assert_eq!(t.checksum(), check);
+    assert_eq!(w.counters().masqueraded_out, 1);
+
+    // The reply comes back to the node's address and port, and reaches the pod as the
+    // reply of its own connection.
+    let mut reply = Vec::new();
+    PacketBuilder::ethernet2(ROUTER, UPLINK)
+        .ipv4([203, 0, 113, 50], [192, 168, 0, 2], 60)
+        .tcp(443, port, 77, 1000)
+        .syn()
+        .ack(8)
+        .write(&mut reply, b"")
+        .unwrap();
+    w.dev.inject(0, &reply);
+    let out = step(&mut w, 3 * SECOND);
+    assert_eq!(out[1].len(), 1, "{out:?}");
+    let mut expected = Vec::new();
+    PacketBuilder::ethernet2(GW1, POD1)
+        .ipv4([203, 0, 113, 50], [10, 244, 1, 2], 59)
+        .tcp(443, 40000, 77, 1000)
+        .syn()
+        .ack(8)
+        .write(&mut expected, b"")
+        .unwrap();
+    // etherparse leaves the IP identification 0 and DF clear, as our reply was built.
+    assert_eq!(out[1][0], expected);
+}
+
+#[test]
+fn echo_to_the_gateway_is_answered_and_ttl_runs_out_with_time_exceeded() {
+    use etherparse::{IcmpEchoHeader, Icmpv4Type};
+    let mut w = routed_node();
+    // ping 10.244.1.1 from the client pod.
+    let mut ping = Vec::new();
+    PacketBuilder::ethernet2(POD1, GW1)
+        .ipv4([10, 244, 1, 2], [10, 244, 1, 1], 64)
+        .icmpv4_echo_request(0x1234, 7)
+        .write(&mut ping, b"abcdefgh")
+        .unwrap();
+    w.dev.inject(1, &ping);
+    let out = step(&mut w, 3 * SECOND);
+    assert_eq!(out[1].len(), 1, "{out:?}");
+    let mut expected = Vec::new();
+    PacketBuilder::ethernet2(GW1, POD1)
+        .ipv4([10, 244, 1, 1], [10, 244, 1, 2], 64)
+        .icmpv4(Icmpv4Type::EchoReply(IcmpEchoHeader { id: 0x1234, seq: 7 }))
+        .write(&mut expected, b"abcdefgh")
+        .unwrap();
+    assert_eq!(out[1][0], expected);
+
+    // A UDP probe with TTL 1 towards the outside: time exceeded from the gateway, quoting
+    // the probe as the pod sent it (traceroute's first hop).
+    let mut probe = Vec::new();
+    PacketBuilder::ethernet2(POD1, GW1)
+        .ipv4([10, 244, 1, 2], [203, 0, 113, 50], 1)
+        .udp(40000, 33434)
+        .write(&mut probe, b"probe")
+        .unwrap();
+    w.dev.inject(1, &probe);
+    let out = step(&mut w, 3 * SECOND);
+    assert!(out[0].is_empty(), "nothing leaves with TTL 0");
+    assert_eq!(out[1].len(), 1, "{out:?}");
+    let mut ip = etherparse::Ipv4Header::new(
+        0,
+        64,
+        etherparse::IpNumber::ICMP,
+        [10, 244, 1, 1],
+        [10, 244, 1, 2],
+    )
+    .unwrap();
+    ip.dont_fragment = true;
+    let mut expected = Vec::new();
+    PacketBuilder::ethernet2(GW1, POD1)
+        .ip(etherparse::IpHeaders::Ipv4(ip, Default::default()))
+        .icmpv4(Icmpv4Type::TimeExceeded(
+            etherparse::icmpv4::TimeExceededCode::TtlExceededInTransit,
+        ))
+        .write(&mut expected, &probe[14..14 + 28])
+        .unwrap();
+    assert_eq!(out[1][0], expected);
+    assert_eq!(w.counters().time_exceeded, 1);
+
+    // TTL 2 passes this hop (masqueraded, TTL 1 on the wire).
+    probe[14 + 8] = 2;
+    let check = etherparse::Ipv4HeaderSlice::from_slice(&probe[14..])
+        .unwrap()
+        .to_header()
+        .calc_header_checksum();
+    probe[14 + 10..14 + 12].copy_from_slice(&check.to_be_bytes());
+    w.dev.inject(1, &probe);
+    let out = step(&mut w, 3 * SECOND);
+    assert_eq!(out[0].len(), 1, "{out:?}");
+    assert_eq!(out[0][0][14 + 8], 1);
+}
+
+#[test]
+fn a_service_connection_whose_reply_tuple_is_taken_gets_another_source_port() {
+    let mut w = node();
+    resolve_web(&mut w);
+    // The client talks to web directly from port 40010 (tracked, still open) ...
+    w.dev.inject(
+        1,
+        &tcp(
+            (GW1, POD1),
+            [10, 244, 1, 2],
+            40010,
+            [10, 244, 1, 5],
+            8080,
+            64,
+            true,
+        ),
+    );
+    let out = step(&mut w, 3 * SECOND);
+    assert_eq!(
+        delivered_to_web(&out),
+        ([10, 244, 1, 2], [10, 244, 1, 5], 40010, 8080)
+    );
+    // ... and then, from the same port, to web's ClusterIP: the backend side of both would
+    // be web:8080 ↔ client:40010, so the second gets another source port.
+    w.dev.inject(
+        1,
+        &tcp(
+            (GW1, POD1),
+            [10, 244, 1, 2],
+            40010,
+            [172, 30, 0, 41],
+            80,
+            64,
+            true,
+        ),
+    );
+    let out = step(&mut w, 3 * SECOND);
+    let (src, dst, sport, dport) = delivered_to_web(&out);
+    assert_eq!((src, dst, dport), ([10, 244, 1, 2], [10, 244, 1, 5], 8080));
+    assert_ne!(sport, 40010, "the clash is resolved by remapping the port");
+    assert_eq!(w.counters().drops[DropReason::TupleTaken as usize], 0);
+    // web's answer to that port reaches the client as from the ClusterIP, on port 40010.
+    w.dev.inject(
+        2,
+        &tcp(
+            (GW2, POD2),
+            [10, 244, 1, 5],
+            8080,
+            [10, 244, 1, 2],
+            sport,
+            64,
+            false,
+        ),
+    );
+    let out = step(&mut w, 3 * SECOND);
+    assert_eq!(out[1].len(), 1, "{out:?}");
+    let p = SlicedPacket::from_ethernet(&out[1][0]).unwrap();
+    let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
+        panic!()
+    };
+    assert_eq!(ip.header().source(), [172, 30, 0, 41]);
+    let Some(TransportSlice::Tcp(t)) = &p.transport else {
+        panic!()
+    };
+    assert_eq!((t.source_port(), t.destination_port()), (80, 40010));
 }

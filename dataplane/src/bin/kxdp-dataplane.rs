@@ -51,6 +51,11 @@ struct Args {
     /// UMEM frames per worker.
     #[arg(long, default_value_t = 4096)]
     frames: u32,
+    /// Source ports for pods' traffic masqueraded out of the cluster to the node's address,
+    /// `FIRST-LAST`; keep it outside the kernel's `net.ipv4.ip_local_port_range` so the
+    /// node's own connections never collide with them.
+    #[arg(long, default_value = "61000-65535", value_parser = port_range)]
+    masquerade_ports: (u16, u16),
     /// Microseconds an idle worker sleeps between polls once it has found nothing for a
     /// while; 0 (the default) busy-polls always. For labs and shared machines.
     #[arg(long, default_value_t = 0)]
@@ -58,6 +63,22 @@ struct Args {
     /// Pin workers to cores (worker i on core i modulo the core count).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pin: bool,
+}
+
+fn port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?}: write FIRST-LAST, e.g. 61000-65535"))?;
+    let parse = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .map_err(|_| format!("{p:?} is not a port number"))
+    };
+    let (a, b) = (parse(a)?, parse(b)?);
+    if a == 0 || a > b {
+        return Err(format!("{s:?}: need 0 < FIRST <= LAST"));
+    }
+    Ok((a, b))
 }
 
 fn mac_of(ifname: &str) -> Result<[u8; 6]> {
@@ -142,8 +163,16 @@ fn main() -> Result<()> {
         conntrack_capacity: args.conntrack_capacity,
         affinity_capacity: args.affinity_capacity,
         ring_scaled: args.scaled_rings,
+        egress_masquerade_ports: args.masquerade_ports,
     };
     let shared = Arc::new(Shared::new(ports.clone(), workers as usize, limits));
+    if let Some(up) = &args.uplink {
+        let routes = dataplane::state::UplinkRoutes::from_kernel(up);
+        if routes.is_empty() {
+            log::warn!("no IPv4 route through {up} in this namespace: traffic leaving the cluster goes to the router outside traffic last came from");
+        }
+        shared.uplink_routes.store(Arc::new(routes));
+    }
     // One XDP program per interface, steering queue i to worker i's socket.
     let mut programs = Vec::new();
     let mut ifindexes = Vec::new();

@@ -134,6 +134,8 @@ struct DeliverSpec {
 const UPLINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 /// MAC of the router in front of the uplink (where outside hosts' frames come from).
 const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xff, 0x01];
+/// The router's address: the node's default gateway on the uplink.
+const ROUTER_IP: [u8; 4] = [192, 168, 0, 1];
 /// The overlay's VXLAN port (flannel's default; cases use it).
 const VXLAN_PORT: u16 = 8472;
 
@@ -293,8 +295,16 @@ impl World {
             conntrack_capacity: 1 << 16,
             affinity_capacity: 1 << 12,
             ring_scaled: false,
+            ..Limits::default()
         };
         let shared = Arc::new(Shared::new(ports, 1, limits));
+        // The node's default route, as kxdp-dataplane reads it from the kernel.
+        shared
+            .uplink_routes
+            .store(Arc::new(dataplane::state::UplinkRoutes::new(vec![(
+                "0.0.0.0/0".parse().expect("literal"),
+                Some(ROUTER_IP.into()),
+            )])));
         let worker = Worker::new(0, MemDevice::new(nports, 512), shared.clone());
         let mut w = World {
             node: case.node.clone(),
@@ -705,7 +715,13 @@ impl World {
                     any = true;
                     if packet::ethertype(&frame) == Some(packet::ETH_ARP) {
                         if port == 0 {
-                            // Other nodes answer for their addresses on the uplink.
+                            // The router and the other nodes answer for their addresses on
+                            // the uplink.
+                            if let Some(reply) =
+                                arp_answer(&frame, &[IpAddr::from(ROUTER_IP)], ROUTER_MAC)
+                            {
+                                self.worker.dev.inject(0, &reply);
+                            }
                             let nodes = self.nodes();
                             for (i, n) in nodes.values().enumerate() {
                                 if let Some(reply) = arp_answer(&frame, &n.addresses, node_mac(i)) {
