@@ -1,12 +1,24 @@
 #!/usr/bin/env bash
 # Installs what kxdp's demo and tests need on a fresh Debian machine: iproute2 (ip netns,
 # veth, bridge), ethtool (the lab turns pod offloads off) and procps (sysctl, for the
-# overlay test's kernel node). Rust crates come through cargo.
+# overlay test's kernel node). pktio's XDP program is C built at compile time by clang
+# (with libbpf-dev's and linux-libc-dev's headers) and loaded by libbpf-rs, which builds
+# libbpf from source (make) against libelf and zlib (found with pkg-config); bpftool is
+# how an operator removes a BPF-link attachment by hand (README) and what the XDP filter
+# test checks that with. Rust crates come through cargo.
 set -euo pipefail
 need=()
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v ethtool >/dev/null 2>&1 || need+=(ethtool)
 command -v sysctl >/dev/null 2>&1 || need+=(procps)
+command -v clang >/dev/null 2>&1 || need+=(clang)
+[ -e /usr/include/bpf/bpf_helpers.h ] || need+=(libbpf-dev)
+[ -e /usr/include/linux/bpf.h ] || need+=(linux-libc-dev)
+[ -e /usr/include/gelf.h ] || need+=(libelf-dev)
+[ -e /usr/include/zlib.h ] || need+=(zlib1g-dev)
+command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+command -v make >/dev/null 2>&1 || need+=(make)
+command -v bpftool >/dev/null 2>&1 || need+=(bpftool)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "kxdp: missing ${need[*]} and not root: install them with apt-get" >&2

@@ -1,54 +1,45 @@
-//! The XDP program that steers each receive queue into its AF_XDP socket, built without
-//! libbpf: an XSKMAP made with `bpf(BPF_MAP_CREATE)`, five hand-assembled instructions loaded
-//! with `bpf(BPF_PROG_LOAD)`, attached with `bpf(BPF_LINK_CREATE)`.
+//! kxdp's XDP program on one interface: `bpf/kxdp_filter.bpf.c`, compiled with clang by
+//! `build.rs`, embedded in the binary, loaded with libbpf-rs, attached with a BPF link.
 //!
-//! The program is
-//!
-//! ```text
-//! r2 = *(u32 *)(r1 + 16)     ; xdp_md.rx_queue_index
-//! r1 = map[xskmap]           ; ld_imm64, BPF_PSEUDO_MAP_FD
-//! r3 = XDP_PASS              ; bpf_redirect_map's fallback when the slot is empty
-//! call bpf_redirect_map      ; helper 51
-//! exit
-//! ```
-//!
-//! so a queue with no socket keeps going to the kernel stack.
+//! libbpf does what is hard to get right by hand: reading the ELF, creating the BTF-defined
+//! maps, patching their descriptors into the program, and fetching the verifier's log when
+//! the kernel refuses it. The rest stays on plain `bpf(2)` calls, as before: the link is made
+//! with `BPF_LINK_CREATE` because libbpf's `bpf_program__attach_xdp` cannot ask for native
+//! or generic mode, and map elements are written with `BPF_MAP_UPDATE_ELEM` so that a failure
+//! keeps its errno (libbpf-rs's errors carry only a message).
 //!
 //! The attachment is a BPF link held by a file descriptor: it detaches when the descriptor
-//! closes, whether by drop, process exit or crash. Nothing is pinned, so nothing is left
-//! behind on the interface.
+//! closes, whether by drop, process exit or crash, and the interface's traffic goes back to
+//! the kernel. Nothing is pinned, so nothing is left behind on the interface and no bpffs is
+//! needed.
 
-use std::ffi::CStr;
+use std::cell::RefCell;
 use std::io;
 use std::mem::size_of;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Mutex;
 
+use libbpf_rs::{MapCore, ObjectBuilder, PrintLevel};
+
+use super::filter::{Installed, Steering};
 use super::iface::ifname;
-use super::{XskError, ATTACH, CREATE_MAP, UPDATE_MAP};
+use super::{XskError, ATTACH, LOAD, UPDATE_MAP};
 
-// Commands, types and flags from include/uapi/linux/bpf.h (enum bpf_cmd, bpf_map_type,
-// bpf_prog_type, bpf_attach_type) and include/uapi/linux/if_link.h (XDP_FLAGS_*).
-const BPF_MAP_CREATE: libc::c_int = 0;
+/// The compiled program (`build.rs` writes it to `OUT_DIR`).
+static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kxdp_filter.bpf.o"));
+/// The program's function name in the object.
+const PROGRAM: &str = "kxdp_filter";
+
+// Commands, types and flags from include/uapi/linux/bpf.h (enum bpf_cmd, bpf_attach_type)
+// and include/uapi/linux/if_link.h (XDP_FLAGS_*).
+const BPF_MAP_LOOKUP_ELEM: libc::c_int = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_int = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_int = 3;
-const BPF_PROG_LOAD: libc::c_int = 5;
 const BPF_LINK_CREATE: libc::c_int = 28;
-const BPF_MAP_TYPE_XSKMAP: u32 = 17;
-const BPF_PROG_TYPE_XDP: u32 = 6;
 const BPF_XDP: u32 = 37;
 const BPF_ANY: u64 = 0;
-const BPF_PSEUDO_MAP_FD: u8 = 1;
 const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
 const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
-/// `enum xdp_action` XDP_PASS (include/uapi/linux/bpf.h).
-const XDP_PASS: i32 = 2;
-/// `BPF_FUNC_redirect_map` (include/uapi/linux/bpf.h, `___BPF_FUNC_MAPPER`).
-const BPF_FUNC_REDIRECT_MAP: i32 = 51;
-/// Offset of `rx_queue_index` in `struct xdp_md` (include/uapi/linux/bpf.h).
-const XDP_MD_RX_QUEUE_INDEX: i16 = 16;
-/// Verifier log buffer: the five-instruction program's log is a few hundred bytes; this leaves
-/// room for a kernel that explains more.
-const LOG_SIZE: usize = 64 * 1024;
 
 /// How the XDP program is attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,55 +52,7 @@ pub enum XdpMode {
     Generic,
 }
 
-/// One instruction (`struct bpf_insn`).
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Insn {
-    code: u8,
-    /// dst_reg in the low nibble, src_reg in the high one (little-endian bitfields).
-    regs: u8,
-    off: i16,
-    imm: i32,
-}
-
-const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
-    Insn {
-        code,
-        regs: dst | (src << 4),
-        off,
-        imm,
-    }
-}
-
-/// The steering program for XSKMAP `map_fd`.
-fn program(map_fd: RawFd) -> [Insn; 6] {
-    // Opcodes: BPF_LDX|BPF_MEM|BPF_W, BPF_LD|BPF_DW|BPF_IMM, BPF_ALU64|BPF_MOV|BPF_K,
-    // BPF_JMP|BPF_CALL, BPF_JMP|BPF_EXIT (include/uapi/linux/bpf_common.h, bpf.h).
-    [
-        insn(0x61, 2, 1, XDP_MD_RX_QUEUE_INDEX, 0),
-        insn(0x18, 1, BPF_PSEUDO_MAP_FD, 0, map_fd),
-        insn(0, 0, 0, 0, 0), // upper half of the 64-bit immediate
-        insn(0xb7, 3, 0, 0, XDP_PASS),
-        insn(0x85, 0, 0, 0, BPF_FUNC_REDIRECT_MAP),
-        insn(0x95, 0, 0, 0, 0),
-    ]
-}
-
-/// `union bpf_attr` for BPF_MAP_CREATE (leading fields; the kernel zero-extends).
-#[repr(C)]
-#[derive(Default)]
-struct MapCreateAttr {
-    map_type: u32,
-    key_size: u32,
-    value_size: u32,
-    max_entries: u32,
-    map_flags: u32,
-    inner_map_fd: u32,
-    numa_node: u32,
-    map_name: [u8; 16],
-}
-
-/// `union bpf_attr` for BPF_MAP_UPDATE_ELEM / BPF_MAP_DELETE_ELEM.
+/// `union bpf_attr` for BPF_MAP_LOOKUP_ELEM / UPDATE_ELEM / DELETE_ELEM.
 #[repr(C)]
 #[derive(Default)]
 struct MapElemAttr {
@@ -118,24 +61,6 @@ struct MapElemAttr {
     key: u64,
     value: u64,
     flags: u64,
-}
-
-/// `union bpf_attr` for BPF_PROG_LOAD, up to `expected_attach_type`.
-#[repr(C)]
-#[derive(Default)]
-struct ProgLoadAttr {
-    prog_type: u32,
-    insn_cnt: u32,
-    insns: u64,
-    license: u64,
-    log_level: u32,
-    log_size: u32,
-    log_buf: u64,
-    kern_version: u32,
-    prog_flags: u32,
-    prog_name: [u8; 16],
-    prog_ifindex: u32,
-    expected_attach_type: u32,
 }
 
 /// `union bpf_attr` for BPF_LINK_CREATE (XDP needs no more than these).
@@ -174,44 +99,133 @@ fn owned(fd: libc::c_long) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd as RawFd) }
 }
 
-/// The steering program attached to one interface, with its XSKMAP.
+/// One map of the program, by descriptor, with its sizes for checking keys and values.
+pub(super) struct BpfMap {
+    fd: OwnedFd,
+    key_size: usize,
+    value_size: usize,
+}
+
+impl BpfMap {
+    /// Writes `value` at `key` (BPF_ANY: create or replace).
+    pub(super) fn update(&self, key: &[u8], value: &[u8]) -> io::Result<()> {
+        assert_eq!(
+            (key.len(), value.len()),
+            (self.key_size, self.value_size),
+            "key and value sizes of the map"
+        );
+        let mut attr = MapElemAttr {
+            map_fd: self.fd.as_raw_fd() as u32,
+            key: key.as_ptr() as u64,
+            value: value.as_ptr() as u64,
+            flags: BPF_ANY,
+            ..MapElemAttr::default()
+        };
+        // SAFETY: MapElemAttr is the BPF_MAP_UPDATE_ELEM layout; `key` and `value` are live
+        // for the call and have the map's key and value sizes (checked above).
+        unsafe { bpf(BPF_MAP_UPDATE_ELEM, &mut attr) }.map(drop)
+    }
+
+    /// Deletes `key`; an absent key is not an error.
+    pub(super) fn delete(&self, key: &[u8]) -> io::Result<()> {
+        assert_eq!(key.len(), self.key_size, "key size of the map");
+        let mut attr = MapElemAttr {
+            map_fd: self.fd.as_raw_fd() as u32,
+            key: key.as_ptr() as u64,
+            ..MapElemAttr::default()
+        };
+        // SAFETY: MapElemAttr is the BPF_MAP_DELETE_ELEM layout; `key` is live for the call
+        // and has the map's key size (checked above).
+        match unsafe { bpf(BPF_MAP_DELETE_ELEM, &mut attr) } {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            other => other.map(drop),
+        }
+    }
+
+    /// Reads `key` into `value`, which holds one value, or one per possible CPU for a per-CPU
+    /// map (each rounded up to 8 bytes).
+    pub(super) fn lookup(&self, key: &[u8], value: &mut [u8]) -> io::Result<()> {
+        assert_eq!(key.len(), self.key_size, "key size of the map");
+        assert!(value.len() >= self.value_size, "value buffer too small");
+        let mut attr = MapElemAttr {
+            map_fd: self.fd.as_raw_fd() as u32,
+            key: key.as_ptr() as u64,
+            value: value.as_mut_ptr() as u64,
+            ..MapElemAttr::default()
+        };
+        // SAFETY: MapElemAttr is the BPF_MAP_LOOKUP_ELEM layout; `key` has the key size and
+        // `value` is writable for the whole value the kernel copies out (the caller sizes it
+        // for per-CPU maps).
+        unsafe { bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) }.map(drop)
+    }
+}
+
+/// The program's maps (names as in `kxdp_filter.bpf.c`).
+pub(super) struct Maps {
+    pub(super) xsks: BpfMap,
+    pub(super) config: BpfMap,
+    pub(super) prefix4: BpfMap,
+    pub(super) prefix6: BpfMap,
+    pub(super) ports: BpfMap,
+    pub(super) ranges: BpfMap,
+    pub(super) owned: BpfMap,
+    pub(super) nodes: BpfMap,
+    pub(super) stats: BpfMap,
+}
+
+/// kxdp's XDP program attached to one interface, with its maps.
 ///
-/// Dropping it closes the link (the program detaches), the program and the map.
+/// It starts either redirecting every frame ([`XdpProgram::attach`], for pod-facing ports) or
+/// filtering ([`XdpProgram::attach_filter`], for the uplink: only what the filter tables name
+/// goes to AF_XDP, everything else to the kernel). The filter tables are set with the
+/// methods in `filter.rs` (`allow_prefix`, `allow_port`, ...). Until [`XdpProgram::insert`]
+/// fills a queue's slot, that queue's traffic goes to the kernel whatever the tables say.
+///
+/// Dropping it closes the link (the program detaches), the program and the maps.
 pub struct XdpProgram {
     /// Declared first so the program detaches before the rest closes.
     _link: OwnedFd,
     _prog: OwnedFd,
-    map: OwnedFd,
+    pub(super) maps: Maps,
+    /// What the filter tables hold, kept to compute differences and to write the config
+    /// array whole; the lock also serialises updates.
+    pub(super) installed: Mutex<Installed>,
     queues: u32,
     mode: XdpMode,
     /// Interface name, for messages.
-    target: String,
+    pub(super) target: String,
 }
 
 impl XdpProgram {
-    /// Creates an XSKMAP of `queues` slots, loads the steering program and attaches it to
-    /// interface `ifindex` (of the calling thread's network namespace) in `mode`. `Auto`
-    /// tries native first and falls back to generic when the driver refuses; the mode chosen
-    /// is logged and returned by [`XdpProgram::mode`].
+    /// Loads the program with an XSKMAP of `queues` slots, redirecting every frame of queue i
+    /// to slot i, and attaches it to interface `ifindex` (of the calling thread's network
+    /// namespace) in `mode`. `Auto` tries native first and falls back to generic when the
+    /// driver refuses; the mode chosen is logged and returned by [`XdpProgram::mode`].
     pub fn attach(ifindex: u32, queues: u32, mode: XdpMode) -> Result<XdpProgram, XskError> {
+        XdpProgram::attach_steering(ifindex, queues, mode, Steering::RedirectAll)
+    }
+
+    /// As [`XdpProgram::attach`], but filtering, with empty tables: every frame goes to the
+    /// kernel until entries are added. Attach this to the uplink, then fill the tables.
+    pub fn attach_filter(ifindex: u32, queues: u32, mode: XdpMode) -> Result<XdpProgram, XskError> {
+        XdpProgram::attach_steering(ifindex, queues, mode, Steering::Filter)
+    }
+
+    /// As [`XdpProgram::attach`], starting with `steering`. The steering is written before
+    /// the program is attached, so no frame ever sees another.
+    pub fn attach_steering(
+        ifindex: u32,
+        queues: u32,
+        mode: XdpMode,
+        steering: Steering,
+    ) -> Result<XdpProgram, XskError> {
         let target = ifname(ifindex);
         let queues = queues.max(1);
-        let mut name = [0u8; 16];
-        name[..8].copy_from_slice(b"kxdp_xsk");
-        let mut attr = MapCreateAttr {
-            map_type: BPF_MAP_TYPE_XSKMAP,
-            key_size: 4,
-            value_size: 4,
-            max_entries: queues,
-            map_name: name,
-            ..MapCreateAttr::default()
-        };
-        // SAFETY: MapCreateAttr is the BPF_MAP_CREATE layout and holds no pointers.
-        let map = owned(
-            unsafe { bpf(BPF_MAP_CREATE, &mut attr) }
-                .map_err(|e| XskError::os(CREATE_MAP, target.clone(), e))?,
-        );
-        let prog = load(map.as_raw_fd(), &target)?;
+        let (prog, maps) = load(queues, &target)?;
+        let installed = Installed::new(steering);
+        maps.config
+            .update(&[0u8; 4], &installed.config_value())
+            .map_err(|e| XskError::os(UPDATE_MAP, target.clone(), e))?;
         let tries: &[(XdpMode, u32)] = match mode {
             XdpMode::Auto => &[
                 (XdpMode::Native, XDP_FLAGS_DRV_MODE),
@@ -231,11 +245,12 @@ impl XdpProgram {
             // SAFETY: LinkCreateAttr is the BPF_LINK_CREATE layout and holds no pointers.
             match unsafe { bpf(BPF_LINK_CREATE, &mut attr) } {
                 Ok(fd) => {
-                    log::info!("{target}: XDP steering program attached in {m:?} mode");
+                    log::info!("{target}: kxdp XDP program attached in {m:?} mode, {steering:?}");
                     return Ok(XdpProgram {
                         _link: owned(fd),
                         _prog: prog,
-                        map,
+                        maps,
+                        installed: Mutex::new(installed),
                         queues,
                         mode: m,
                         target,
@@ -261,74 +276,131 @@ impl XdpProgram {
     /// Steers receive queue `queue` into AF_XDP socket `socket_fd` (bound to that queue of
     /// this interface, with an RX ring).
     pub fn insert(&self, queue: u32, socket_fd: RawFd) -> Result<(), XskError> {
-        let value = socket_fd as u32;
-        self.update(BPF_MAP_UPDATE_ELEM, queue, Some(&value))
+        self.check_queue(queue)?;
+        let value = (socket_fd as u32).to_ne_bytes();
+        self.maps
+            .xsks
+            .update(&queue.to_ne_bytes(), &value)
+            .map_err(|e| XskError::os(UPDATE_MAP, format!("{} queue {queue}", self.target), e))
     }
 
     /// Stops steering `queue`: its traffic goes to the kernel stack again.
     pub fn remove(&self, queue: u32) -> Result<(), XskError> {
-        self.update(BPF_MAP_DELETE_ELEM, queue, None)
+        self.check_queue(queue)?;
+        self.maps
+            .xsks
+            .delete(&queue.to_ne_bytes())
+            .map_err(|e| XskError::os(UPDATE_MAP, format!("{} queue {queue}", self.target), e))
     }
 
-    fn update(&self, cmd: libc::c_int, queue: u32, value: Option<&u32>) -> Result<(), XskError> {
-        let target = format!("{} queue {queue}", self.target);
+    fn check_queue(&self, queue: u32) -> Result<(), XskError> {
         if queue >= self.queues {
             return Err(XskError::os(
                 UPDATE_MAP,
-                target,
+                format!("{} queue {queue}", self.target),
                 io::Error::from_raw_os_error(libc::E2BIG),
             ));
         }
-        let mut attr = MapElemAttr {
-            map_fd: self.map.as_raw_fd() as u32,
-            key: &queue as *const u32 as u64,
-            value: value.map_or(0, |v| v as *const u32 as u64),
-            flags: BPF_ANY,
-            ..MapElemAttr::default()
-        };
-        // SAFETY: MapElemAttr is the layout of both element commands; `key` (and `value` for
-        // an update) point at live u32s, the map's key and value sizes.
-        unsafe { bpf(cmd, &mut attr) }.map_err(|e| XskError::os(UPDATE_MAP, target, e))?;
         Ok(())
     }
 }
 
-/// Loads the steering program for `map_fd`; on refusal, loads again with a log to report
-/// what the verifier said.
-fn load(map_fd: RawFd, target: &str) -> Result<OwnedFd, XskError> {
-    let insns = program(map_fd);
-    let license: &CStr = c"Dual BSD/GPL";
-    let mut name = [0u8; 16];
-    name[..8].copy_from_slice(b"kxdp_xsk");
-    let mut log = vec![0u8; LOG_SIZE];
-    let mut attr = ProgLoadAttr {
-        prog_type: BPF_PROG_TYPE_XDP,
-        insn_cnt: insns.len() as u32,
-        insns: insns.as_ptr() as u64,
-        license: license.as_ptr() as u64,
-        prog_name: name,
-        expected_attach_type: BPF_XDP,
-        ..ProgLoadAttr::default()
-    };
-    // SAFETY: ProgLoadAttr is the BPF_PROG_LOAD layout; `insns` and `license` outlive the call.
-    if let Ok(fd) = unsafe { bpf(BPF_PROG_LOAD, &mut attr) } {
-        return Ok(owned(fd));
+thread_local! {
+    /// libbpf's messages while this thread loads a program, for the error if loading fails.
+    static LIBBPF_LOG: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// libbpf's print callback: kept for the load error when this thread is loading, and passed
+/// to `log` (libbpf's warnings as debug lines then, since the error carries them).
+fn libbpf_print(level: PrintLevel, msg: String) {
+    let kept = LIBBPF_LOG.with(|l| match l.borrow_mut().as_mut() {
+        Some(buf) => {
+            buf.push_str(&msg);
+            true
+        }
+        None => false,
+    });
+    let msg = msg.trim_end();
+    match level {
+        PrintLevel::Warn if !kept => log::warn!("{msg}"),
+        PrintLevel::Debug => log::trace!("{msg}"),
+        _ => log::debug!("{msg}"),
     }
-    attr.log_level = 1;
-    attr.log_size = log.len() as u32;
-    attr.log_buf = log.as_mut_ptr() as u64;
-    // SAFETY: as above, and `log` is writable for `log_size` bytes for the call.
-    match unsafe { bpf(BPF_PROG_LOAD, &mut attr) } {
-        Ok(fd) => Ok(owned(fd)),
-        Err(err) => {
-            let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
-            Err(XskError::Verifier {
+}
+
+/// Opens the embedded object, sizes its XSKMAP to `queues` and loads it; returns the
+/// program's and maps' descriptors (libbpf's object is closed, the duplicates keep them).
+fn load(queues: u32, target: &str) -> Result<(OwnedFd, Maps), XskError> {
+    libbpf_rs::set_print(Some((PrintLevel::Info, libbpf_print)));
+    LIBBPF_LOG.with(|l| *l.borrow_mut() = Some(String::new()));
+    let loaded = open_and_load(queues);
+    let log = LIBBPF_LOG
+        .with(|l| l.borrow_mut().take())
+        .unwrap_or_default();
+    let obj = loaded.map_err(|e| {
+        if e.kind() == libbpf_rs::ErrorKind::PermissionDenied {
+            XskError::os(LOAD, target, io::Error::from_raw_os_error(libc::EPERM))
+        } else {
+            XskError::Verifier {
                 target: target.to_string(),
-                err,
-                log: String::from_utf8_lossy(&log[..end]).trim().to_string(),
-            })
+                err: io::Error::other(e.to_string()),
+                log: log.trim().to_string(),
+            }
+        }
+    })?;
+    let dup = |fd: std::os::fd::BorrowedFd<'_>| {
+        fd.try_clone_to_owned()
+            .map_err(|e| XskError::os(LOAD, target, e))
+    };
+    let mut prog = None;
+    for p in obj.progs() {
+        if p.name() == PROGRAM {
+            prog = Some(dup(p.as_fd())?);
         }
     }
+    let map = |name: &str| -> Result<BpfMap, XskError> {
+        let m = obj.maps().find(|m| m.name() == name).ok_or_else(|| {
+            XskError::os(
+                LOAD,
+                target,
+                io::Error::other(format!("the embedded object has no map {name}")),
+            )
+        })?;
+        Ok(BpfMap {
+            fd: dup(m.as_fd())?,
+            key_size: m.key_size() as usize,
+            value_size: m.value_size() as usize,
+        })
+    };
+    let maps = Maps {
+        xsks: map("kxdp_xsks")?,
+        config: map("kxdp_config")?,
+        prefix4: map("kxdp_prefix4")?,
+        prefix6: map("kxdp_prefix6")?,
+        ports: map("kxdp_ports")?,
+        ranges: map("kxdp_ranges")?,
+        owned: map("kxdp_owned")?,
+        nodes: map("kxdp_nodes")?,
+        stats: map("kxdp_stats")?,
+    };
+    let prog = prog.ok_or_else(|| {
+        XskError::os(
+            LOAD,
+            target,
+            io::Error::other(format!("the embedded object has no program {PROGRAM}")),
+        )
+    })?;
+    Ok((prog, maps))
+}
+
+fn open_and_load(queues: u32) -> libbpf_rs::Result<libbpf_rs::Object> {
+    let mut open = ObjectBuilder::default().name("kxdp")?.open_memory(OBJECT)?;
+    for mut m in open.maps_mut() {
+        if m.name() == "kxdp_xsks" {
+            m.set_max_entries(queues)?;
+        }
+    }
+    open.load()
 }
 
 #[cfg(test)]
@@ -336,25 +408,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn program_encodes_as_the_kernel_expects() {
-        let p = program(7);
-        assert_eq!(size_of::<Insn>(), 8);
-        // r2 = *(u32 *)(r1 + 16): dst 2, src 1.
-        assert_eq!((p[0].code, p[0].regs, p[0].off), (0x61, 0x12, 16));
-        // ld_imm64 r1 with the map fd, src = BPF_PSEUDO_MAP_FD.
-        assert_eq!((p[1].code, p[1].regs, p[1].imm), (0x18, 0x11, 7));
-        assert_eq!((p[3].regs, p[3].imm), (3, XDP_PASS));
-        assert_eq!((p[4].code, p[4].imm), (0x85, 51));
-        assert_eq!(p[5].code, 0x95);
-    }
-
-    #[test]
     fn attr_layouts_match_the_uapi_offsets() {
         assert_eq!(size_of::<MapElemAttr>(), 32);
         assert_eq!(size_of::<LinkCreateAttr>(), 16);
-        assert_eq!(std::mem::offset_of!(ProgLoadAttr, log_buf), 32);
-        assert_eq!(std::mem::offset_of!(ProgLoadAttr, prog_name), 48);
-        assert_eq!(std::mem::offset_of!(ProgLoadAttr, expected_attach_type), 68);
-        assert_eq!(std::mem::offset_of!(MapCreateAttr, map_name), 28);
+    }
+
+    #[test]
+    fn the_embedded_object_is_a_bpf_elf() {
+        // ELF magic, 64-bit, and e_machine EM_BPF (247).
+        assert_eq!(&OBJECT[..4], b"\x7fELF");
+        assert_eq!(OBJECT[4], 2);
+        assert_eq!(u16::from_le_bytes([OBJECT[18], OBJECT[19]]), 247);
     }
 }

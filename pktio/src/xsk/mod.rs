@@ -1,17 +1,22 @@
-//! AF_XDP in pure Rust on `libc`: the UMEM, the four rings, sockets bound to (interface, queue)
+//! AF_XDP in Rust on `libc`: the UMEM, the four rings, sockets bound to (interface, queue)
 //! pairs, the [`XskDevice`] that gives a worker all its ports over one shared UMEM, and the
-//! [`XdpProgram`] that steers each queue's traffic into its socket.
+//! [`XdpProgram`] that steers each queue's traffic into its socket: all of it on a pod-facing
+//! port, only what kxdp serves on the uplink (its filter tables), the rest to the kernel.
 //!
-//! No libbpf, libxdp or xsk-rs: nothing to build in C, no bpffs needed under
-//! `ip netns exec`, and the hot-path rings and need-wakeup handling stay in view
-//! (`ring.rs`). Everything here works on the calling thread's network namespace: interface
-//! names and indexes, socket binds and XDP attachments are all resolved in it.
+//! The rings, UMEM and sockets are plain system calls, so the hot path and need-wakeup
+//! handling stay in view (`ring.rs`). The XDP program is C (`bpf/kxdp_filter.bpf.c`), built
+//! by clang at compile time and loaded with libbpf-rs; it is attached with a BPF link, so it
+//! detaches when kxdp exits or dies. No bpffs is needed. Everything here works on the calling
+//! thread's network namespace: interface names and indexes, socket binds and XDP attachments
+//! are all resolved in it.
 //!
-//! Set-up order: [`XdpProgram::attach`] per interface, [`XskDevice::new`] per worker, then
-//! [`XdpProgram::insert`] each device socket ([`XskDevice::socket_fd`]) at its queue.
+//! Set-up order: [`XdpProgram::attach`] (or [`XdpProgram::attach_filter`] and its tables) per
+//! interface, [`XskDevice::new`] per worker, then [`XdpProgram::insert`] each device socket
+//! ([`XskDevice::socket_fd`]) at its queue.
 
 mod bpf;
 mod device;
+mod filter;
 mod iface;
 mod ring;
 mod socket;
@@ -22,6 +27,7 @@ use std::io;
 
 pub use bpf::{XdpMode, XdpProgram};
 pub use device::XskDevice;
+pub use filter::{FilterStats, FilterTables, Protocol, Steering};
 pub use iface::{ifindex, ifname, queue_count};
 pub use sys::XDP_PACKET_HEADROOM;
 
@@ -156,9 +162,10 @@ pub(crate) const SIZE_RINGS: &str = "size the rings of the AF_XDP socket of";
 pub(crate) const MAP_RINGS: &str = "map the rings of the AF_XDP socket of";
 pub(crate) const MAP_UMEM: &str = "map the UMEM for";
 pub(crate) const BIND: &str = "bind AF_XDP socket to";
-pub(crate) const CREATE_MAP: &str = "create the XSKMAP for";
+pub(crate) const LOAD: &str = "load the XDP program for";
 pub(crate) const ATTACH: &str = "attach XDP program to";
 pub(crate) const UPDATE_MAP: &str = "update the XSKMAP of";
+pub(crate) const UPDATE_FILTER: &str = "update the XDP filter tables of";
 
 fn hint(what: &str, errno: i32) -> &'static str {
     match (what, errno) {
@@ -179,14 +186,19 @@ fn hint(what: &str, errno: i32) -> &'static str {
         }
         (BIND, libc::EOPNOTSUPP) => "the driver has no zero-copy AF_XDP; set zero_copy = false",
         (BIND, libc::ENODEV) => "the interface is gone or lives in another network namespace",
-        (CREATE_MAP, _) => "is BPF enabled (CONFIG_BPF_SYSCALL, CONFIG_XDP_SOCKETS)?",
+        (LOAD, _) => "is BPF enabled (CONFIG_BPF_SYSCALL, CONFIG_XDP_SOCKETS)?",
         (ATTACH, libc::EBUSY | libc::EEXIST) => {
-            "another XDP program is attached; detach it (ip link set dev IFACE xdp off)"
+            "another XDP program is attached: `ip link set dev IFACE xdp off` removes one \
+             attached by netlink, `bpftool link detach id ID` one held by a BPF link \
+             (`bpftool link show` lists them)"
         }
         (ATTACH, libc::EOPNOTSUPP) => "the driver has no native XDP; use generic mode",
         (ATTACH, libc::ERANGE) => "the MTU is too large for XDP on this driver; lower it",
         (UPDATE_MAP, libc::EOPNOTSUPP) => "the socket is not bound with an RX ring",
         (UPDATE_MAP, libc::E2BIG) => "queue beyond the XSKMAP's size: attach with more queues",
+        (UPDATE_FILTER, libc::E2BIG | libc::ENOSPC | libc::ENOMEM) => {
+            "the table is full: its capacity is in pktio/bpf/kxdp_filter.bpf.c (*_MAX)"
+        }
         _ => "see the error above",
     }
 }
