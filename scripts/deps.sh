@@ -5,7 +5,9 @@
 # (with libbpf-dev's and linux-libc-dev's headers) and loaded by libbpf-rs, which builds
 # libbpf from source (make) against libelf and zlib (found with pkg-config); bpftool is
 # how an operator removes a BPF-link attachment by hand (README) and what the XDP filter
-# test checks that with. Rust crates come through cargo.
+# test checks that with. iputils-ping and
+# traceroute run through a kxdp node in issue 9's namespace test. Rust crates come through
+# cargo.
 set -euo pipefail
 need=()
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
@@ -19,6 +21,9 @@ command -v clang >/dev/null 2>&1 || need+=(clang)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 command -v make >/dev/null 2>&1 || need+=(make)
 command -v bpftool >/dev/null 2>&1 || need+=(bpftool)
+# ping and traceroute through a kxdp node (issue 9's namespace test).
+command -v ping >/dev/null 2>&1 || need+=(iputils-ping)
+command -v traceroute >/dev/null 2>&1 || need+=(traceroute)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "kxdp: missing ${need[*]} and not root: install them with apt-get" >&2

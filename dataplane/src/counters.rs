@@ -112,6 +112,8 @@ pub struct Counters {
     pub echo_replies: u64,
     /// New pod connections masqueraded out of the cluster (ipMasq).
     pub masqueraded_out: u64,
+    /// Packets for the node's own addresses handed to its kernel (host port).
+    pub to_host: u64,
     /// New untranslated connections of local pods tracked (with their policy verdict).
     pub tracked_new: u64,
     /// New connections of local pods, isolated by no policy, forwarded untracked because
@@ -141,6 +143,7 @@ impl Default for Counters {
             time_exceeded: 0,
             echo_replies: 0,
             masqueraded_out: 0,
+            to_host: 0,
             tracked_new: 0,
             untracked: 0,
             drops: [0; DropReason::COUNT],
@@ -178,6 +181,7 @@ impl Counters {
             ("time_exceeded".to_string(), self.time_exceeded),
             ("echo_replies".to_string(), self.echo_replies),
             ("masqueraded_out".to_string(), self.masqueraded_out),
+            ("to_host".to_string(), self.to_host),
             ("tracked_new".to_string(), self.tracked_new),
             ("untracked".to_string(), self.untracked),
         ];
@@ -199,7 +203,7 @@ impl Counters {
     }
 }
 
-const FIXED: usize = 16;
+const FIXED: usize = 17;
 const DEVICE: usize = 8;
 
 /// Where a worker publishes its counters for readers on other threads.
@@ -235,6 +239,7 @@ impl Published {
             c.time_exceeded,
             c.echo_replies,
             c.masqueraded_out,
+            c.to_host,
         ];
         let d = &c.device;
         let device = [
@@ -277,6 +282,7 @@ impl Published {
             time_exceeded: v[13],
             echo_replies: v[14],
             masqueraded_out: v[15],
+            to_host: v[16],
             ..Counters::default()
         };
         c.drops

@@ -29,6 +29,17 @@ pub struct LabSpec {
     /// Queues per veth (one per worker); default 1.
     #[serde(default = "one")]
     pub queues: u32,
+    /// The cluster's pod networks and Service range: the node's kernel routes them to
+    /// kxdp through the host veth pair.
+    #[serde(default = "default_host_routes", rename = "hostRoutes")]
+    pub host_routes: Vec<Ipv4Net>,
+}
+
+fn default_host_routes() -> Vec<Ipv4Net> {
+    vec![
+        "10.244.0.0/16".parse().expect("literal"),
+        "172.30.0.0/16".parse().expect("literal"),
+    ]
 }
 
 fn one() -> u32 {
@@ -172,6 +183,16 @@ impl Lab {
         "kxup0"
     }
 
+    /// The node kernel's end of the host veth pair.
+    pub fn host_kernel_if(&self) -> &'static str {
+        "kxhost"
+    }
+
+    /// kxdp's end of the host veth pair.
+    pub fn host_if(&self) -> &'static str {
+        "kxhp"
+    }
+
     /// The index of a pod by `namespace/name` (or bare name).
     pub fn pod_index(&self, name: &str) -> Option<usize> {
         self.spec
@@ -242,6 +263,51 @@ impl Lab {
         ])?;
         ip(&["-n", &out, "link", "set", "eth0", "up"])?;
         offload_off(&out, "eth0")?;
+        // The node's kernel reaches the pod networks and Services through kxdp.
+        ip(&[
+            "-n",
+            &node,
+            "link",
+            "add",
+            self.host_kernel_if(),
+            "numtxqueues",
+            &q,
+            "numrxqueues",
+            &q,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            self.host_if(),
+            "numtxqueues",
+            &q,
+            "numrxqueues",
+            &q,
+        ])?;
+        for dev in [self.host_kernel_if(), self.host_if()] {
+            ip(&["-n", &node, "link", "set", dev, "up"])?;
+            offload_off(&node, dev)?;
+        }
+        let node_ip = s.node.address.addr().to_string();
+        for net in &s.host_routes {
+            ip(&[
+                "-n",
+                &node,
+                "route",
+                "add",
+                &net.to_string(),
+                "dev",
+                self.host_kernel_if(),
+                "src",
+                &node_ip,
+            ])?;
+        }
+        // Packets for the node that kxdp hands over arrive on kxhost while the kernel's
+        // route back may be the uplink: loose reverse-path filtering (RFC 3704) for them.
+        run(Lab::exec(&node, "sysctl").args([
+            "-qw",
+            &format!("net.ipv4.conf.{}.rp_filter=2", self.host_kernel_if()),
+        ]))?;
         let gw = s
             .node
             .pod_cidr
@@ -365,7 +431,7 @@ impl Lab {
     /// and every pod interface, `workers` workers, its control socket at `socket`.
     pub fn dataplane_command(&self, binary: &Path, workers: u32, socket: &Path) -> Command {
         let mut c = Lab::exec(&self.node_ns(), &binary.to_string_lossy());
-        c.args(["--uplink", self.uplink_if()]);
+        c.args(["--uplink", self.uplink_if(), "--host", self.host_if()]);
         if !self.spec.pods.is_empty() {
             c.args(["--pods", &self.pod_interfaces().join(",")]);
         }

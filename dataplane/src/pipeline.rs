@@ -282,7 +282,8 @@ impl Pipeline<'_> {
         let learn = match cfg.role {
             PortRole::Pod => self.tables.in_local_pod_network(sender),
             // On the uplink, everyone who speaks ARP is a neighbour (other nodes' VTEPs).
-            PortRole::Uplink => !source_protocol_addr.is_unspecified(),
+            // On the host port, the node's kernel speaks for the node's addresses.
+            PortRole::Uplink | PortRole::Host => !source_protocol_addr.is_unspecified(),
         };
         if learn {
             self.shared.neighbors.learn(
@@ -300,6 +301,8 @@ impl Pipeline<'_> {
         let target = IpAddr::V4(target_protocol_addr);
         let answer = match cfg.role {
             PortRole::Pod => true,
+            // The kernel's routes for the pod networks and the Service range point at us.
+            PortRole::Host => !self.tables.node_addresses.contains(&target),
             PortRole::Uplink => {
                 self.tables.node_addresses.contains(&target)
                     || self.tables.services.is_frontend_ip(target)
@@ -489,7 +492,7 @@ impl Pipeline<'_> {
             return Outcome::Drop(DropReason::ToHost);
         }
         if self.tables.node_addresses.contains(&h.dst) {
-            return Outcome::Drop(DropReason::ToHost);
+            return self.to_host(chunk, off, &h, frame, port, tracked, c);
         }
         if tracked
             && self.tables.spec.cluster.ip_masq
@@ -618,6 +621,79 @@ impl Pipeline<'_> {
         packet::fix_icmp_checksum(pkt, h);
         c.nat_hits += 1;
         true
+    }
+
+    /// A packet for one of the node's own addresses: handed to the node's kernel through the
+    /// host port, as it is (no TTL taken off: it is not routed, it arrives). A pod's
+    /// connection is tracked (and judged by its egress policy) on the way.
+    #[allow(clippy::too_many_arguments)]
+    fn to_host(
+        &self,
+        chunk: &mut [u8],
+        off: usize,
+        h: &Headers,
+        frame: Frame,
+        in_port: PortId,
+        tracked: bool,
+        c: &mut Counters,
+    ) -> Outcome {
+        let Some(host) = self.shared.host.filter(|&p| p != in_port) else {
+            return Outcome::Drop(DropReason::ToHost);
+        };
+        if tracked && self.tables.local_pods.contains_key(&h.src) {
+            let policy = match self.judge(h.proto, h.src, h.dst, h.dport, h.src) {
+                Ok(policy) => policy,
+                Err(reason) => return Outcome::Drop(reason),
+            };
+            let key = FlowKey {
+                proto: h.proto,
+                src: h.src,
+                dst: h.dst,
+                sport: h.sport,
+                dport: h.dport,
+            };
+            let flags = if h.proto == packet::PROTO_TCP {
+                chunk.get(off + h.l4 + 13).copied().unwrap_or(0)
+            } else {
+                0
+            };
+            let mut reply = key.reversed();
+            match self.track(
+                key,
+                &mut reply,
+                None,
+                0,
+                timeouts::initial(h.proto, flags),
+                policy.tag,
+            ) {
+                Ok(_) => c.tracked_new += 1,
+                Err(_) if !policy.isolated => c.untracked += 1,
+                Err(reason) => return Outcome::Drop(reason),
+            }
+        }
+        self.deliver_to_host(chunk, off, h, frame, host, c)
+    }
+
+    /// Sends a packet for one of the node's addresses out of the host port (no TTL taken
+    /// off), once the kernel's end is resolved.
+    fn deliver_to_host(
+        &self,
+        chunk: &mut [u8],
+        off: usize,
+        h: &Headers,
+        frame: Frame,
+        host: PortId,
+        c: &mut Counters,
+    ) -> Outcome {
+        let Some(n) = self.shared.neighbors.get(&h.dst).filter(|n| n.port == host) else {
+            return Outcome::Resolve(DropReason::NeighborUnresolved, h.dst, frame);
+        };
+        let Some(cfg) = self.shared.ports.get(host) else {
+            return Outcome::Drop(DropReason::NoRoute);
+        };
+        set_macs(&mut chunk[off..], n.mac, cfg.mac);
+        c.to_host += 1;
+        Outcome::Send(host, frame)
     }
 
     /// A packet whose TTL (hop limit) runs out here: answered with ICMP time exceeded from
@@ -850,6 +926,11 @@ impl Pipeline<'_> {
         may_leave: bool,
         c: &mut Counters,
     ) -> Outcome {
+        if let Some(host) = self.shared.host {
+            if host != in_port && self.tables.node_addresses.contains(&h.dst) {
+                return self.deliver_to_host(chunk, off, h, frame, host, c);
+            }
+        }
         if h.ttl <= 1 {
             return self.time_exceeded(chunk, off, h, frame, in_port, c);
         }
@@ -1129,6 +1210,7 @@ impl Pipeline<'_> {
         // Pods are asked on every pod port, from the gateway; anything else (other nodes'
         // VTEPs) on the uplink, from the node's own address.
         let on_pods = self.tables.in_local_pod_network(ip);
+        let on_host = self.tables.node_addresses.contains(&ip);
         let node_v4 = self.tables.node_addresses.iter().find_map(|a| match a {
             IpAddr::V4(v) => Some(*v),
             IpAddr::V6(_) => None,
@@ -1140,12 +1222,13 @@ impl Pipeline<'_> {
         for (port, cfg) in self.shared.ports.iter().enumerate() {
             let wanted = match cfg.role {
                 PortRole::Pod => on_pods,
-                PortRole::Uplink => !on_pods,
+                PortRole::Host => on_host,
+                PortRole::Uplink => !(on_pods || on_host && self.shared.host.is_some()),
             };
             if !wanted {
                 continue;
             }
-            let (src4, src6) = if on_pods {
+            let (src4, src6) = if on_pods || cfg.role == PortRole::Host {
                 (self.tables.gateway_v4, self.tables.gateway_v6)
             } else {
                 (node_v4, node_v6)
@@ -1210,7 +1293,12 @@ impl Pipeline<'_> {
         };
         let learn = |ip: Ipv6Addr, mac: [u8; 6]| {
             let ip = IpAddr::V6(ip);
-            if cfg.role == PortRole::Pod && self.tables.in_local_pod_network(ip) {
+            let ours = match cfg.role {
+                PortRole::Pod => self.tables.in_local_pod_network(ip),
+                PortRole::Host => true,
+                PortRole::Uplink => false,
+            };
+            if ours {
                 self.shared
                     .neighbors
                     .learn(ip, Neighbor { port, mac }, self.now);
@@ -1235,6 +1323,7 @@ impl Pipeline<'_> {
                 let target = IpAddr::V6(target_addr);
                 let answer = match cfg.role {
                     PortRole::Pod => target_addr != src,
+                    PortRole::Host => !self.tables.node_addresses.contains(&target),
                     PortRole::Uplink => {
                         self.tables.node_addresses.contains(&target)
                             || self.tables.services.is_frontend_ip(target)

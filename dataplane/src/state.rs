@@ -22,6 +22,10 @@ pub enum PortRole {
     Uplink,
     /// The host side of a pod's veth.
     Pod,
+    /// kxdp's end of the veth pair to the node's own kernel (the host network): host
+    /// processes reach pods and Services through it, and the node's addresses are reached
+    /// through it.
+    Host,
 }
 
 /// A port of the dataplane, the same on every worker (each worker has its own queue on it).
@@ -505,6 +509,8 @@ pub struct Shared {
     pub uplink_next_hop: std::sync::atomic::AtomicU64,
     /// The uplink's port index, if there is one.
     pub uplink: Option<usize>,
+    /// The host port's index, if there is one.
+    pub host: Option<usize>,
     /// The node's routes out of the uplink, for traffic leaving the cluster.
     pub uplink_routes: ArcSwap<UplinkRoutes>,
     /// NetworkPolicy drop counters by name (`pod ns/name ingress`, `policy ns/name`).
@@ -515,8 +521,10 @@ impl Shared {
     /// State for `workers` workers on `ports`.
     pub fn new(ports: Vec<PortConfig>, workers: usize, limits: Limits) -> Shared {
         let uplink = ports.iter().position(|p| p.role == PortRole::Uplink);
+        let host = ports.iter().position(|p| p.role == PortRole::Host);
         Shared {
             uplink,
+            host,
             uplink_next_hop: std::sync::atomic::AtomicU64::new(0),
             tables: ArcSwap::from_pointee(Tables::empty()),
             conntrack: Conntrack::with_seed(limits.conntrack_capacity, random_seed()),

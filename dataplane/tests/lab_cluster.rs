@@ -56,6 +56,10 @@ fn node_spec(
             })
             .collect(),
         queues: 1,
+        host_routes: vec![
+            "10.244.0.0/16".parse().unwrap(),
+            "172.30.0.0/16".parse().unwrap(),
+        ],
     }
 }
 

@@ -24,6 +24,11 @@ struct Args {
     /// Pod interfaces (host side of each pod's veth), comma-separated.
     #[arg(long, value_delimiter = ',')]
     pods: Vec<String>,
+    /// kxdp's end of the veth pair to the node's own kernel: host processes reach pods and
+    /// Services through it (route the pod networks and the Service range to its peer), and
+    /// packets for the node's addresses are handed to the kernel through it.
+    #[arg(long)]
+    host: Option<String>,
     /// Worker threads; worker i serves queue i of every interface.
     #[arg(long, default_value_t = 1)]
     workers: u32,
@@ -131,6 +136,14 @@ fn main() -> Result<()> {
             role: PortRole::Pod,
             mac: mac_of(p)?,
             mtu: mtu_of(p)?,
+        });
+    }
+    if let Some(h) = &args.host {
+        ports.push(PortConfig {
+            name: h.clone(),
+            role: PortRole::Host,
+            mac: mac_of(h)?,
+            mtu: mtu_of(h)?,
         });
     }
     if let Some(up) = ports.iter().find(|p| p.role == PortRole::Uplink) {

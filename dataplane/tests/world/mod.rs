@@ -145,6 +145,11 @@ fn port_mac(i: usize) -> [u8; 6] {
 fn node_mac(i: usize) -> [u8; 6] {
     [0x02, 0, 0, 2, (i >> 8) as u8, i as u8]
 }
+/// MAC of the dataplane's host port.
+const HOST_PORT_MAC: [u8; 6] = [0x02, 0, 0, 3, 0, 1];
+/// MAC of the node kernel's end of the host veth pair.
+const HOST_KERNEL_MAC: [u8; 6] = [0x02, 0, 0, 3, 0, 2];
+
 fn pod_mac(i: usize) -> [u8; 6] {
     [0x0a, 0x58, 0, 1, (i >> 8) as u8, i as u8]
 }
@@ -158,6 +163,8 @@ enum Place {
     RemotePod(String),
     /// A host outside the cluster, behind the uplink.
     Outside,
+    /// The node's own kernel (host-network processes), behind the host port.
+    Host,
 }
 
 /// A simulated host's view of a pod.
@@ -205,6 +212,8 @@ pub struct World {
     now: u64,
     generation: u64,
     local_ports: BTreeMap<String, usize>,
+    /// The host port: the node's kernel.
+    host_port: usize,
     flows: HashMap<String, (Origin, IpAddr, u16, Outcome)>,
     next_sport: u16,
     /// Drop counters when the last connection was dropped, for error messages.
@@ -289,6 +298,13 @@ impl World {
                 mtu: 1450,
             });
         }
+        let host_port = ports.len();
+        ports.push(PortConfig {
+            name: "host".into(),
+            role: PortRole::Host,
+            mac: HOST_PORT_MAC,
+            mtu: 1500,
+        });
         let nports = ports.len();
         let limits = Limits {
             ring_size: 1021,
@@ -316,6 +332,7 @@ impl World {
             now: 1000 * SECOND,
             generation: 0,
             local_ports,
+            host_port,
             flows: HashMap::new(),
             next_sport: 40000,
             last_drops: Vec::new(),
@@ -631,7 +648,16 @@ impl World {
             }
             return Ok(Place::RemotePod(info.node.clone()));
         }
-        Err("host-network origins ({node: ...}) need the host interface (issue 9)".into())
+        if let Some(node) = &from.node {
+            // This node's own processes are behind the host port; another node's reach
+            // this one over the network, through the uplink.
+            return Ok(if *node == self.node {
+                Place::Host
+            } else {
+                Place::Outside
+            });
+        }
+        Err("probe `from` names no pod, ip or node".into())
     }
 
     /// Where a packet to `ip` would be delivered by the world, if it is a pod.
@@ -645,6 +671,13 @@ impl World {
                 }
                 return Place::RemotePod(info.node);
             }
+        }
+        let me = self
+            .nodes()
+            .get(&self.node)
+            .map(|n| n.addresses.contains(&ip));
+        if me == Some(true) {
+            return Place::Host;
         }
         Place::Outside
     }
@@ -661,6 +694,11 @@ impl World {
                 frame[0..6].copy_from_slice(&UPLINK_MAC);
                 frame[6..12].copy_from_slice(&ROUTER_MAC);
                 self.worker.dev.inject(0, &frame);
+            }
+            Place::Host => {
+                frame[0..6].copy_from_slice(&HOST_PORT_MAC);
+                frame[6..12].copy_from_slice(&HOST_KERNEL_MAC);
+                self.worker.dev.inject(self.host_port, &frame);
             }
             Place::RemotePod(node) => {
                 let nodes = self.nodes();
@@ -728,6 +766,16 @@ impl World {
                                     self.worker.dev.inject(0, &reply);
                                 }
                             }
+                        } else if port == self.host_port {
+                            // The node's kernel answers for the node's addresses.
+                            let mine = self
+                                .nodes()
+                                .get(&self.node)
+                                .map(|n| n.addresses.clone())
+                                .unwrap_or_default();
+                            if let Some(reply) = arp_answer(&frame, &mine, HOST_KERNEL_MAC) {
+                                self.worker.dev.inject(port, &reply);
+                            }
                         } else {
                             if let Some(reply) = arp_answer(
                                 &frame,
@@ -771,6 +819,8 @@ impl World {
                     }
                     let place = if port == 0 {
                         Place::Outside
+                    } else if port == self.host_port {
+                        Place::Host
                     } else {
                         Place::LocalPod(port)
                     };
