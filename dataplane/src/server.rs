@@ -99,6 +99,35 @@ pub fn handle(msg: Message, shared: &Shared, epoch: Instant) -> Message {
         } => Message::PolicyExplained {
             paths: crate::inspect::explain_policy(&shared.tables.load(), src, dst, protocol, port),
         },
+        Message::GetServices => {
+            let tables = shared.tables.load();
+            Message::Services {
+                generation: tables.generation,
+                services: crate::inspect::services(&tables),
+            }
+        }
+        Message::GetConntrack {
+            addr,
+            port,
+            protocol,
+            limit,
+        } => {
+            let now = epoch.elapsed().as_nanos() as u64;
+            let (total, matched, entries) = crate::inspect::conntrack(
+                &shared.tables.load(),
+                &shared.conntrack,
+                now,
+                addr,
+                port,
+                protocol,
+                limit,
+            );
+            Message::Conntrack {
+                total,
+                matched,
+                entries,
+            }
+        }
         other => Message::Refused {
             reason: format!("unexpected message {other:?}"),
         },

@@ -728,6 +728,25 @@ impl Conntrack {
         removed
     }
 
+    /// Every live connection with its protocol state and expiry time (ns), for inspection:
+    /// one pass over the entries, off the packet path; a connection rewritten meanwhile
+    /// may be missed.
+    pub fn entries(&self, now: u64) -> Vec<(Connection, u8, u64)> {
+        let mut out = Vec::new();
+        for e in 0..self.entries.len() as u32 {
+            let entry = &self.entries[e as usize];
+            let st = entry.state.load(Ordering::Acquire);
+            let expires = entry.expires.load(Ordering::Relaxed);
+            if st as u8 != LIVE || expires <= now {
+                continue;
+            }
+            if let Some(w) = self.read_entry(e) {
+                out.push((decode(&w), (st >> 8) as u8, expires));
+            }
+        }
+        out
+    }
+
     /// Every live connection with its expiry (for inspection).
     pub fn snapshot(&self, now: u64) -> Vec<Connection> {
         let mut out = Vec::new();

@@ -67,6 +67,35 @@ pub enum Message {
         /// One path per destination after translation.
         paths: Vec<ExplainedPath>,
     },
+    /// inspection → dataplane: every Service port as the workers see it.
+    GetServices,
+    /// dataplane → inspection: the answer to [`Message::GetServices`].
+    Services {
+        /// Generation of the tables in use.
+        generation: u64,
+        /// One per (Service, port, IP family).
+        services: Vec<ServiceView>,
+    },
+    /// inspection → dataplane: tracked connections matching a filter.
+    GetConntrack {
+        /// Keep connections with this address in either tuple.
+        addr: Option<std::net::IpAddr>,
+        /// Keep connections with this port in either tuple.
+        port: Option<u16>,
+        /// Keep connections of this IP protocol number.
+        protocol: Option<u8>,
+        /// At most this many entries (the counts cover all).
+        limit: usize,
+    },
+    /// dataplane → inspection: the answer to [`Message::GetConntrack`].
+    Conntrack {
+        /// Live connections in the table.
+        total: usize,
+        /// Of which match the filter.
+        matched: usize,
+        /// The first `limit` matching, ordered by original tuple.
+        entries: Vec<ConnView>,
+    },
     /// Either side: the last frame was refused, and why.
     Refused {
         /// What was wrong.
@@ -75,6 +104,65 @@ pub enum Message {
 }
 
 /// Why a frame could not be decoded.
+/// One Service port, as inspected.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServiceView {
+    /// `namespace/name:port`.
+    pub name: String,
+    /// `TCP`, `UDP` or `SCTP`.
+    pub protocol: String,
+    /// `kind ip:port` of every frontend (`ClusterIp`, `NodePort`, `LoadBalancer`,
+    /// `ExternalIp`).
+    pub frontends: Vec<String>,
+    /// `internalTrafficPolicy: Local`.
+    pub internal_local: bool,
+    /// `externalTrafficPolicy: Local`.
+    pub external_local: bool,
+    /// Session affinity timeout, if ClientIP affinity is on.
+    pub affinity_timeout_s: Option<u32>,
+    /// Every endpoint the slices list, with its state and Maglev share.
+    pub backends: Vec<BackendView>,
+}
+
+/// One endpoint of a Service port, as inspected.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackendView {
+    /// `ip:port`.
+    pub endpoint: String,
+    /// On this node.
+    pub local: bool,
+    /// `serving` (new connections go there), `terminating` (serving but terminating,
+    /// used only when nothing is ready), or `not serving`.
+    pub state: String,
+    /// Maglev weight (all endpoints weigh 1, as kube-proxy's).
+    pub weight: u32,
+    /// Share of the Cluster-policy Maglev ring's slots (0..1); 1 for a lone backend.
+    pub cluster_share: f64,
+    /// Share of the Local-policy ring's slots.
+    pub local_share: f64,
+}
+
+/// One tracked connection, as inspected.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnView {
+    /// `tcp`, `udp`, `sctp`, `icmp`, `icmpv6`.
+    pub protocol: String,
+    /// The tuple the client sent, `src:port -> dst:port`.
+    pub original: String,
+    /// The tuple the other end replies with.
+    pub reply: String,
+    /// What translation does: `dnat`, `snat`, `dnat+snat` or `none`.
+    pub nat: String,
+    /// Protocol state (`SynSent`, `Established`, …).
+    pub state: String,
+    /// Seconds until it expires without traffic.
+    pub expires_in_s: u64,
+    /// The Service, for a translated Service connection.
+    pub service: Option<String>,
+    /// The NetworkPolicy verdict: `not isolated`, or `allowed by ns/name`.
+    pub policy: String,
+}
+
 /// One destination of an explained connection.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExplainedPath {

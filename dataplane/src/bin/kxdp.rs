@@ -96,11 +96,47 @@ enum Cmd {
         #[arg(long, default_value_t = 16)]
         flows: u16,
     },
-    /// Print the dataplane's per-worker counters.
+    /// Print the dataplane's per-worker counters, table occupancy and policy drops.
     Stats {
         /// The dataplane's control socket.
         #[arg(long, default_value = "/run/kxdp/dataplane.sock")]
         socket: PathBuf,
+        /// Output: `table` or `json`.
+        #[arg(short = 'o', long, default_value = "table")]
+        output: String,
+    },
+    /// Every Service port: frontends, endpoints with their state, weight and Maglev share.
+    Services {
+        /// The dataplane's control socket.
+        #[arg(long, default_value = "/run/kxdp/dataplane.sock")]
+        socket: PathBuf,
+        /// Output: `table` or `json`.
+        #[arg(short = 'o', long, default_value = "table")]
+        output: String,
+    },
+    /// Tracked connections: tuples, translation, state, expiry, Service and policy verdict.
+    Conntrack {
+        /// Only connections with this address in either tuple.
+        #[arg(long)]
+        addr: Option<std::net::IpAddr>,
+        /// Only connections with this port in either tuple.
+        #[arg(long)]
+        port: Option<u16>,
+        /// Only this protocol: tcp, udp, sctp, icmp, icmpv6.
+        #[arg(long)]
+        proto: Option<String>,
+        /// Show at most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Print only the counts.
+        #[arg(long)]
+        count: bool,
+        /// The dataplane's control socket.
+        #[arg(long, default_value = "/run/kxdp/dataplane.sock")]
+        socket: PathBuf,
+        /// Output: `table` or `json`.
+        #[arg(short = 'o', long, default_value = "table")]
+        output: String,
     },
     /// NetworkPolicy: explain which policy decides a connection.
     Policy {
@@ -270,8 +306,149 @@ fn main() -> Result<()> {
             println!("{}", serde_json::json!({"sent": sent, "seconds": seconds}));
             Ok(())
         }
-        Cmd::Stats { socket } => {
-            print_stats(&stats(&socket)?);
+        Cmd::Stats { socket, output } => {
+            let m = stats(&socket)?;
+            match output.as_str() {
+                "json" => {
+                    let Message::Stats {
+                        generation,
+                        conntrack,
+                        conntrack_capacity,
+                        workers,
+                        policy_drops,
+                    } = &m
+                    else {
+                        bail!("unexpected answer: {m:?}");
+                    };
+                    let workers: Vec<BTreeMap<&str, u64>> = workers
+                        .iter()
+                        .map(|w| w.iter().map(|(k, v)| (k.as_str(), *v)).collect())
+                        .collect();
+                    let drops: BTreeMap<&str, u64> =
+                        policy_drops.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&serde_json::json!({
+                            "generation": generation,
+                            "conntrack": {"entries": conntrack, "capacity": conntrack_capacity},
+                            "workers": workers,
+                            "policy_drops": drops,
+                        }))?
+                    );
+                }
+                "table" => print_stats(&m),
+                other => bail!("-o {other}: use table or json"),
+            }
+            Ok(())
+        }
+        Cmd::Services { socket, output } => {
+            let m = ask(&socket, &Message::GetServices)?;
+            let Message::Services {
+                generation,
+                services,
+            } = m
+            else {
+                bail!("unexpected answer: {m:?}");
+            };
+            match output.as_str() {
+                "json" => println!("{}", serde_json::to_string_pretty(&services)?),
+                "table" => {
+                    println!(
+                        "tables generation {generation}, {} service ports",
+                        services.len()
+                    );
+                    for s in &services {
+                        let mut flags = Vec::new();
+                        if s.internal_local {
+                            flags.push("iTP=Local".to_string());
+                        }
+                        if s.external_local {
+                            flags.push("eTP=Local".to_string());
+                        }
+                        if let Some(t) = s.affinity_timeout_s {
+                            flags.push(format!("affinity {t}s"));
+                        }
+                        println!("{} {} {}", s.name, s.protocol, flags.join(" "));
+                        for f in &s.frontends {
+                            println!("  -> {f}");
+                        }
+                        for b in &s.backends {
+                            println!(
+                                "     {:<28} {:<12} {:<6} weight {} share cluster {:>5.1}% local {:>5.1}%",
+                                b.endpoint,
+                                b.state,
+                                if b.local { "local" } else { "remote" },
+                                b.weight,
+                                b.cluster_share * 100.0,
+                                b.local_share * 100.0
+                            );
+                        }
+                    }
+                }
+                other => bail!("-o {other}: use table or json"),
+            }
+            Ok(())
+        }
+        Cmd::Conntrack {
+            addr,
+            port,
+            proto,
+            limit,
+            count,
+            socket,
+            output,
+        } => {
+            let protocol = match proto.as_deref().map(str::to_ascii_lowercase).as_deref() {
+                None => None,
+                Some("tcp") => Some(6),
+                Some("udp") => Some(17),
+                Some("sctp") => Some(132),
+                Some("icmp") => Some(1),
+                Some("icmpv6") => Some(58),
+                Some(other) => bail!("--proto {other}: use tcp, udp, sctp, icmp or icmpv6"),
+            };
+            let m = ask(
+                &socket,
+                &Message::GetConntrack {
+                    addr,
+                    port,
+                    protocol,
+                    limit: if count { 0 } else { limit },
+                },
+            )?;
+            let Message::Conntrack {
+                total,
+                matched,
+                entries,
+            } = m
+            else {
+                bail!("unexpected answer: {m:?}");
+            };
+            match output.as_str() {
+                "json" => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "total": total, "matched": matched, "entries": entries,
+                    }))?
+                ),
+                "table" => {
+                    println!("{matched} of {total} connections match");
+                    for e in &entries {
+                        println!(
+                            "{:<6} {:<48} reply {:<48} {:<9} {:<12} {:>6}s {} [{}]",
+                            e.protocol,
+                            e.original,
+                            e.reply,
+                            e.nat,
+                            e.state,
+                            e.expires_in_s,
+                            e.service.as_deref().unwrap_or("-"),
+                            e.policy
+                        );
+                    }
+                }
+                other => bail!("-o {other}: use table or json"),
+            }
             Ok(())
         }
         Cmd::Policy {
