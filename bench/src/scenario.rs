@@ -1,0 +1,179 @@
+//! Service sets for benchmarks and tests: N Services with M endpoints each, written as the
+//! Kubernetes objects an API server would hold and turned into a [`TableSpec`] by control's
+//! own table computation, so kxdp and the kernel baselines get the same input the real
+//! control path would produce.
+
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+
+use nat::spec::{ClusterSpec, TableSpec};
+
+/// Node name used by every scenario.
+pub const NODE: &str = "bench-node";
+
+/// A set of ClusterIP Services.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSet {
+    /// How many Services (each with one port).
+    pub services: u32,
+    /// Ready endpoints per Service.
+    pub endpoints: u32,
+    /// Protocol of every Service port: `TCP` or `UDP`.
+    pub protocol: &'static str,
+    /// Service port.
+    pub port: u16,
+    /// Endpoint (target) port.
+    pub target_port: u16,
+    /// ClusterIP of Service 0; Service i has the i-th address after it.
+    pub first_cluster_ip: Ipv4Addr,
+    /// Address of endpoint 0 of Service 0; endpoints are numbered consecutively across
+    /// Services (Service i, endpoint j is address `first + i * endpoints + j`).
+    pub first_endpoint: Ipv4Addr,
+}
+
+impl Default for ServiceSet {
+    fn default() -> Self {
+        ServiceSet {
+            services: 1,
+            endpoints: 10,
+            protocol: "UDP",
+            port: 80,
+            target_port: 8080,
+            first_cluster_ip: Ipv4Addr::new(172, 30, 0, 10),
+            first_endpoint: Ipv4Addr::new(10, 244, 1, 10),
+        }
+    }
+}
+
+/// Why a scenario could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    /// An address ran past the end of IPv4.
+    #[error("{what}: {count} addresses from {first} run past 255.255.255.255; start lower or ask for fewer")]
+    AddressSpace {
+        /// Which addresses.
+        what: &'static str,
+        /// The first one.
+        first: Ipv4Addr,
+        /// How many were needed.
+        count: u64,
+    },
+    /// The generated manifests did not load (a bug in this module).
+    #[error("generated manifests did not load: {0}")]
+    Manifests(String),
+    /// Control refused to compute tables.
+    #[error("control could not compute tables: {0}")]
+    Tables(#[from] control::TableError),
+}
+
+fn nth(first: Ipv4Addr, n: u64, what: &'static str, count: u64) -> Result<Ipv4Addr, ScenarioError> {
+    u32::from(first)
+        .checked_add(u32::try_from(n).unwrap_or(u32::MAX))
+        .map(Ipv4Addr::from)
+        .ok_or(ScenarioError::AddressSpace { what, first, count })
+}
+
+impl ServiceSet {
+    /// ClusterIP of Service `i`.
+    pub fn cluster_ip(&self, i: u32) -> Result<Ipv4Addr, ScenarioError> {
+        nth(
+            self.first_cluster_ip,
+            u64::from(i),
+            "ClusterIPs",
+            u64::from(self.services),
+        )
+    }
+
+    /// Address of endpoint `j` of Service `i`.
+    pub fn endpoint(&self, i: u32, j: u32) -> Result<Ipv4Addr, ScenarioError> {
+        let count = u64::from(self.services) * u64::from(self.endpoints);
+        nth(
+            self.first_endpoint,
+            u64::from(i) * u64::from(self.endpoints) + u64::from(j),
+            "endpoint addresses",
+            count,
+        )
+    }
+
+    /// Name of Service `i`.
+    pub fn service_name(i: u32) -> String {
+        format!("svc-{i}")
+    }
+
+    /// The Node, Namespace, Services and EndpointSlices as one multi-document YAML text.
+    pub fn manifests(&self) -> Result<String, ScenarioError> {
+        let mut y =
+            String::with_capacity(self.services as usize * (400 + 90 * self.endpoints as usize));
+        let _ = write!(
+            y,
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE}}}\nspec: {{podCIDR: 10.244.0.0/16}}\nstatus:\n  addresses:\n  - {{type: InternalIP, address: 192.168.0.2}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: bench}}\n"
+        );
+        for i in 0..self.services {
+            let name = Self::service_name(i);
+            let cip = self.cluster_ip(i)?;
+            let _ = write!(
+                y,
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: bench}}\nspec:\n  type: ClusterIP\n  clusterIP: {cip}\n  clusterIPs: [{cip}]\n  ports:\n  - {{name: p, port: {}, targetPort: {}, protocol: {}}}\n",
+                self.port, self.target_port, self.protocol
+            );
+            let _ = write!(
+                y,
+                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: bench\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nendpoints:\n"
+            );
+            for j in 0..self.endpoints {
+                let _ = writeln!(
+                    y,
+                    "- {{addresses: [{}], conditions: {{ready: true}}, nodeName: {NODE}}}",
+                    self.endpoint(i, j)?
+                );
+            }
+            let _ = write!(
+                y,
+                "ports:\n- {{name: p, port: {}, protocol: {}}}\n",
+                self.target_port, self.protocol
+            );
+        }
+        Ok(y)
+    }
+
+    /// The tables control computes from [`ServiceSet::manifests`].
+    pub fn table_spec(&self) -> Result<TableSpec, ScenarioError> {
+        let text = self.manifests()?;
+        let mut objects = control::Objects::new();
+        let mut errors = Vec::new();
+        control::load_text(&mut objects, "bench-scenario.yaml", &text, &mut errors);
+        if let Some(e) = errors.first() {
+            return Err(ScenarioError::Manifests(e.to_string()));
+        }
+        Ok(control::compute_tables(
+            &objects,
+            NODE,
+            &ClusterSpec::default(),
+        )?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_sees_every_service_and_endpoint() {
+        let set = ServiceSet {
+            services: 3,
+            endpoints: 4,
+            ..ServiceSet::default()
+        };
+        let spec = set.table_spec().unwrap();
+        let v4: Vec<_> = spec
+            .services
+            .iter()
+            .filter(|s| s.frontends.iter().all(|f| f.ip.is_ipv4()))
+            .collect();
+        assert_eq!(v4.len(), 3);
+        for s in v4 {
+            assert_eq!(s.cluster_endpoints.len(), 4, "{}", s.name);
+        }
+        assert_eq!(set.endpoint(2, 3).unwrap(), Ipv4Addr::new(10, 244, 1, 21));
+    }
+}
