@@ -10,6 +10,7 @@
 pub mod counters;
 pub mod inspect;
 pub mod lab;
+pub mod monitor;
 pub mod pipeline;
 pub mod server;
 pub mod state;

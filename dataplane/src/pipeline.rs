@@ -23,6 +23,7 @@ use smoltcp::wire::{
 };
 
 use crate::counters::{Counters, DropReason};
+use crate::monitor::{EventKind, FlowEvent};
 use crate::state::{Neighbor, PortRole, Shared, Tables};
 
 /// One second in the pipeline's clock unit (nanoseconds).
@@ -149,6 +150,8 @@ pub struct Pipeline<'a> {
     pub tables: &'a Tables,
     /// The time, in nanoseconds of the dataplane's clock.
     pub now: u64,
+    /// The worker running it (its flow monitor ring).
+    pub worker: usize,
 }
 
 impl Pipeline<'_> {
@@ -174,6 +177,17 @@ impl Pipeline<'_> {
             }
             Outcome::Drop(reason) => {
                 c.drop(reason);
+                if self.shared.monitor.active() {
+                    let (chunk, off) = dev.chunk_mut(frame);
+                    if let Ok(h) = packet::parse(&chunk[off..off + frame.len as usize]) {
+                        let kind = if reason == DropReason::PolicyDenied {
+                            EventKind::PolicyDenied
+                        } else {
+                            EventKind::Drop
+                        };
+                        self.event(kind, &h, None, None, 0, Some(reason));
+                    }
+                }
                 dev.free(frame);
             }
             Outcome::Resolve(reason, ip, held) => {
@@ -456,6 +470,11 @@ impl Pipeline<'_> {
                                 Ok(conn) => conn,
                                 Err(reason) => return Outcome::Drop(reason),
                             };
+                            if self.shared.monitor.active() {
+                                let to = Some((conn.reply.src, conn.reply.sport));
+                                let masq = snat.map(|ip| (ip, conn.reply.dport));
+                                self.event(EventKind::Translated, &h, to, masq, conn.policy, None);
+                            }
                             translate(pkt, &mut h, &conn, Direction::Original);
                             c.nat_new += 1;
                             self.route(chunk, off, &mut h, frame, port, true, c)
@@ -535,6 +554,10 @@ impl Pipeline<'_> {
                     Ok(conn) => conn,
                     Err(reason) => return Outcome::Drop(reason),
                 };
+                if self.shared.monitor.active() {
+                    let masq = Some((conn.reply.dst, conn.reply.dport));
+                    self.event(EventKind::Masqueraded, &h, None, masq, conn.policy, None);
+                }
                 translate(pkt, &mut h, &conn, Direction::Original);
                 c.masqueraded_out += 1;
                 return self.route(chunk, off, &mut h, frame, port, true, c);
@@ -566,7 +589,12 @@ impl Pipeline<'_> {
             let mut reply = key.reversed();
             let state = timeouts::initial(h.proto, flags);
             match self.track(key, &mut reply, None, 0, state, policy.tag) {
-                Ok(_) => c.tracked_new += 1,
+                Ok(_) => {
+                    c.tracked_new += 1;
+                    if self.shared.monitor.active() {
+                        self.event(EventKind::Tracked, &h, None, None, policy.tag, None);
+                    }
+                }
                 // Without isolation a connection needs no entry: it goes on untracked
                 // rather than being refused for the table's sake.
                 Err(_) if !policy.isolated => c.untracked += 1,
@@ -694,6 +722,37 @@ impl Pipeline<'_> {
         set_macs(&mut chunk[off..], n.mac, cfg.mac);
         c.to_host += 1;
         Outcome::Send(host, frame)
+    }
+
+    /// Records a flow event for the monitor (call only when it is active).
+    #[cold]
+    fn event(
+        &self,
+        kind: EventKind,
+        h: &Headers,
+        to: Option<(IpAddr, u16)>,
+        masquerade: Option<(IpAddr, u16)>,
+        policy: u32,
+        reason: Option<DropReason>,
+    ) {
+        let policy = policy
+            .checked_sub(1)
+            .map(|p| self.tables.policy.policy_name(p).to_string());
+        self.shared.monitor.record(
+            self.worker,
+            FlowEvent {
+                at: self.now,
+                worker: self.worker as u16,
+                kind,
+                protocol: h.proto,
+                src: (h.src, h.sport),
+                dst: (h.dst, h.dport),
+                to,
+                masquerade,
+                policy,
+                reason: reason.map(|r| r.label().to_string()),
+            },
+        );
     }
 
     /// A packet whose TTL (hop limit) runs out here: answered with ICMP time exceeded from

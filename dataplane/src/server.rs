@@ -66,8 +66,59 @@ fn connection(mut stream: UnixStream, shared: &Shared, epoch: Instant) -> io::Re
                 return Err(e);
             }
         };
+        if let Message::Monitor {
+            addr,
+            port,
+            drops_only,
+        } = msg
+        {
+            return monitor(stream, shared, addr, port, drops_only);
+        }
         let answer = handle(msg, shared, epoch);
         wire::write_message(&mut stream, &answer)?;
+    }
+}
+
+/// Streams flow events to a `kxdp monitor` every 50 ms until it hangs up (a write fails).
+fn monitor(
+    mut stream: UnixStream,
+    shared: &Shared,
+    addr: Option<std::net::IpAddr>,
+    port: Option<u16>,
+    drops_only: bool,
+) -> io::Result<()> {
+    if !shared.monitor.subscribe() {
+        return wire::write_message(
+            &mut stream,
+            &Message::Refused {
+                reason: "another kxdp monitor is watching; one at a time".into(),
+            },
+        );
+    }
+    struct Unsubscribe<'a>(&'a Shared);
+    impl Drop for Unsubscribe<'_> {
+        fn drop(&mut self) {
+            self.0.monitor.unsubscribe();
+        }
+    }
+    let _watching = Unsubscribe(shared);
+    let keep = |e: &nat::wire::FlowEvent| {
+        let ends = [Some(e.src), Some(e.dst), e.to, e.masquerade];
+        let by_addr = addr.is_none_or(|a| ends.iter().flatten().any(|x| x.0 == a));
+        let by_port = port.is_none_or(|p| ends.iter().flatten().any(|x| x.1 == p));
+        let kind = !drops_only
+            || matches!(
+                e.kind,
+                nat::wire::EventKind::Drop | nat::wire::EventKind::PolicyDenied
+            );
+        by_addr && by_port && kind
+    };
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let (events, lost) = shared.monitor.drain(crate::monitor::RING * 4);
+        let events: Vec<_> = events.into_iter().filter(keep).collect();
+        // An empty batch too: it is how a reader that went away is noticed.
+        wire::write_message(&mut stream, &Message::FlowEvents { events, lost })?;
     }
 }
 

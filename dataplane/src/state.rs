@@ -515,6 +515,8 @@ pub struct Shared {
     pub uplink_routes: ArcSwap<UplinkRoutes>,
     /// NetworkPolicy drop counters by name (`pod ns/name ingress`, `policy ns/name`).
     pub policy_drops: Mutex<BTreeMap<String, Arc<AtomicU64>>>,
+    /// The flow monitor's rings.
+    pub monitor: crate::monitor::Monitor,
 }
 
 impl Shared {
@@ -535,6 +537,7 @@ impl Shared {
             limits,
             policy_drops: Mutex::new(BTreeMap::new()),
             uplink_routes: ArcSwap::from_pointee(UplinkRoutes::default()),
+            monitor: crate::monitor::Monitor::new(workers),
         }
     }
 

@@ -57,6 +57,7 @@ impl<D: Device> Worker<D> {
             shared: &self.shared,
             tables: &tables,
             now,
+            worker: self.id,
         };
         let mut handled = 0;
         for port in 0..self.dev.port_count() {

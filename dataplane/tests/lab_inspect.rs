@@ -133,6 +133,56 @@ fn inspection_commands_against_a_running_lab() {
     assert!(stats["workers"][0]["rx"].as_u64().unwrap() > 0, "{stats}");
     assert!(stats["generation"].as_u64().unwrap() >= 1);
 
+    // monitor: new translated connections and drops, as JSON lines, from a reader that
+    // watches while traffic flows; a second reader meanwhile is refused.
+    let watcher = Command::new(common::bin("kxdp"))
+        .args(["monitor", "-o", "json", "--seconds", "3"])
+        .args(["--socket", &node.socket.to_string_lossy()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let second = Command::new(common::bin("kxdp"))
+        .args(["monitor", "--seconds", "1"])
+        .args(["--socket", &node.socket.to_string_lossy()])
+        .output()
+        .unwrap();
+    assert!(!second.status.success(), "a second monitor is refused");
+    assert!(String::from_utf8_lossy(&second.stderr).contains("one at a time"));
+    node.call(&client, "172.30.0.41:80", "tcp", "3");
+    let _ = node.call(&client, "172.30.0.200:80", "tcp", "1");
+    let out = watcher.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let translated: Vec<_> = events
+        .iter()
+        .filter(|e| e["kind"] == "Translated" && e["dst"][0] == "172.30.0.41")
+        .collect();
+    assert_eq!(translated.len(), 3, "{events:?}");
+    for e in &translated {
+        let to = e["to"][0].as_str().unwrap();
+        assert!(
+            ["10.244.1.5", "10.244.1.6", "10.244.1.7"].contains(&to),
+            "{e}"
+        );
+        assert_eq!(e["to"][1], 8080);
+        assert_eq!(e["src"][0], "10.244.1.2");
+    }
+    assert!(
+        events.iter().any(|e| e["kind"] == "Drop"
+            && e["reason"] == "no_service"
+            && e["dst"][0] == "172.30.0.200"),
+        "the drop to an address no Service holds: {events:?}"
+    );
+
     let held = held.join().unwrap();
     let line = String::from_utf8_lossy(&held.stdout);
     assert!(!line.contains("error"), "held connection: {line}");

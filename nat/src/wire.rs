@@ -87,6 +87,25 @@ pub enum Message {
         /// At most this many entries (the counts cover all).
         limit: usize,
     },
+    /// inspection → dataplane: stream flow events (new connections with their
+    /// translation and policy verdict, drops with their reason) until the reader hangs
+    /// up. One reader at a time.
+    Monitor {
+        /// Keep events with this address in the source, destination or translation.
+        addr: Option<std::net::IpAddr>,
+        /// Keep events with this port likewise.
+        port: Option<u16>,
+        /// Keep only drops (policy refusals included).
+        drops_only: bool,
+    },
+    /// dataplane → inspection: a batch of flow events, and how many were lost (the rings
+    /// were full) since the last batch.
+    FlowEvents {
+        /// The events, oldest first.
+        events: Vec<FlowEvent>,
+        /// Events the workers could not record since the last batch.
+        lost: u64,
+    },
     /// dataplane → inspection: the answer to [`Message::GetConntrack`].
     Conntrack {
         /// Live connections in the table.
@@ -104,6 +123,47 @@ pub enum Message {
 }
 
 /// Why a frame could not be decoded.
+/// What happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventKind {
+    /// A new connection to a Service, translated (`to`: the backend; `masquerade`: the
+    /// source it leaves with, if masqueraded).
+    Translated,
+    /// A new untranslated connection of a local pod, tracked.
+    Tracked,
+    /// A new pod connection masqueraded out of the cluster (`masquerade`: node ip:port).
+    Masqueraded,
+    /// A new connection refused by NetworkPolicy.
+    PolicyDenied,
+    /// A packet dropped (`reason`).
+    Drop,
+}
+
+/// One flow event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowEvent {
+    /// Dataplane clock, ns.
+    pub at: u64,
+    /// The worker that saw it.
+    pub worker: u16,
+    /// What happened.
+    pub kind: EventKind,
+    /// IP protocol number.
+    pub protocol: u8,
+    /// Source address and port (ICMP echo: identifier) as the packet arrived.
+    pub src: (std::net::IpAddr, u16),
+    /// Destination as the packet arrived.
+    pub dst: (std::net::IpAddr, u16),
+    /// The translated destination, for a translated connection.
+    pub to: Option<(std::net::IpAddr, u16)>,
+    /// The source after masquerade, if masqueraded.
+    pub masquerade: Option<(std::net::IpAddr, u16)>,
+    /// The policy that allowed it (`namespace/name`), when a policy isolated either end.
+    pub policy: Option<String>,
+    /// A drop's reason (the counter's label).
+    pub reason: Option<String>,
+}
+
 /// One Service port, as inspected.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ServiceView {

@@ -105,6 +105,32 @@ enum Cmd {
         #[arg(short = 'o', long, default_value = "table")]
         output: String,
     },
+    /// Stream flow events (new connections with translation and policy verdict, drops with
+    /// their reason) from the running dataplane; says how many events it could not keep up
+    /// with. Stops after --seconds or --count events.
+    Monitor {
+        /// Only events with this address (source, destination or translation).
+        #[arg(long)]
+        addr: Option<std::net::IpAddr>,
+        /// Only events with this port.
+        #[arg(long)]
+        port: Option<u16>,
+        /// Only drops (policy refusals included).
+        #[arg(long)]
+        drops: bool,
+        /// Stop after this many seconds (0: until interrupted).
+        #[arg(long, default_value_t = 0)]
+        seconds: u64,
+        /// Stop after this many events (0: no limit).
+        #[arg(long, default_value_t = 0)]
+        count: usize,
+        /// The dataplane's control socket.
+        #[arg(long, default_value = "/run/kxdp/dataplane.sock")]
+        socket: PathBuf,
+        /// Output: `table` or `json` (one event per line).
+        #[arg(short = 'o', long, default_value = "table")]
+        output: String,
+    },
     /// Every Service port: frontends, endpoints with their state, weight and Maglev share.
     Services {
         /// The dataplane's control socket.
@@ -341,6 +367,15 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Monitor {
+            addr,
+            port,
+            drops,
+            seconds,
+            count,
+            socket,
+            output,
+        } => monitor(&socket, addr, port, drops, seconds, count, &output),
         Cmd::Services { socket, output } => {
             let m = ask(&socket, &Message::GetServices)?;
             let Message::Services {
@@ -692,6 +727,94 @@ fn policy_explain(
         other => bail!("-o {other}: use table or json"),
     }
     Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn monitor(
+    socket: &Path,
+    addr: Option<std::net::IpAddr>,
+    port: Option<u16>,
+    drops_only: bool,
+    seconds: u64,
+    count: usize,
+    output: &str,
+) -> Result<()> {
+    if !matches!(output, "table" | "json") {
+        bail!("-o {output}: use table or json");
+    }
+    let mut s = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
+        format!(
+            "connect to {} (is kxdp-dataplane running?)",
+            socket.display()
+        )
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    wire::write_message(
+        &mut s,
+        &Message::Monitor {
+            addr,
+            port,
+            drops_only,
+        },
+    )?;
+    let deadline = (seconds > 0).then(|| Instant::now() + Duration::from_secs(seconds));
+    let mut shown = 0usize;
+    let mut stdout = std::io::stdout().lock();
+    loop {
+        if deadline.is_some_and(|d| Instant::now() >= d) || (count > 0 && shown >= count) {
+            return Ok(());
+        }
+        let m = wire::read_message(&mut s)?;
+        let (events, lost) = match m {
+            Message::FlowEvents { events, lost } => (events, lost),
+            Message::Refused { reason } => bail!("the dataplane refused: {reason}"),
+            other => bail!("unexpected answer: {other:?}"),
+        };
+        if lost > 0 {
+            if output == "json" {
+                writeln!(stdout, "{}", serde_json::json!({ "lost": lost }))?;
+            } else {
+                writeln!(
+                    stdout,
+                    "... {lost} events lost (the monitor could not keep up)"
+                )?;
+            }
+        }
+        for e in events {
+            if count > 0 && shown >= count {
+                break;
+            }
+            shown += 1;
+            if output == "json" {
+                writeln!(stdout, "{}", serde_json::to_string(&e)?)?;
+                continue;
+            }
+            let sock = |a: (std::net::IpAddr, u16)| std::net::SocketAddr::from(a).to_string();
+            let mut line = format!(
+                "{:>12.6} w{} {:<12} {:<3} {} -> {}",
+                e.at as f64 / 1e9,
+                e.worker,
+                format!("{:?}", e.kind),
+                e.protocol,
+                sock(e.src),
+                sock(e.dst)
+            );
+            if let Some(to) = e.to {
+                line.push_str(&format!(" => {}", sock(to)));
+            }
+            if let Some(m) = e.masquerade {
+                line.push_str(&format!(" as {}", sock(m)));
+            }
+            if let Some(p) = &e.policy {
+                line.push_str(&format!(" allowed by {p}"));
+            }
+            if let Some(r) = &e.reason {
+                line.push_str(&format!(" ({r})"));
+            }
+            writeln!(stdout, "{line}")?;
+        }
+        stdout.flush()?;
+    }
 }
 
 /// Asks the dataplane for its counters.
