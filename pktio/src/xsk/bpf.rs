@@ -35,6 +35,7 @@ const PROGRAM: &str = "kxdp_filter";
 const BPF_MAP_LOOKUP_ELEM: libc::c_int = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_int = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_int = 3;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_int = 15;
 const BPF_LINK_CREATE: libc::c_int = 28;
 const BPF_XDP: u32 = 37;
 const BPF_ANY: u64 = 0;
@@ -71,6 +72,25 @@ struct LinkCreateAttr {
     target_ifindex: u32,
     attach_type: u32,
     flags: u32,
+}
+
+/// `union bpf_attr` for BPF_OBJ_GET_INFO_BY_FD.
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// The leading fields of `struct bpf_link_info`; the kernel fills as much as it is given.
+#[repr(C)]
+#[derive(Default)]
+struct LinkInfo {
+    link_type: u32,
+    id: u32,
+    prog_id: u32,
+    _pad: u32,
 }
 
 /// `bpf(cmd, attr, sizeof attr)`; returns the new descriptor (or 0) on success.
@@ -184,7 +204,7 @@ pub(super) struct Maps {
 /// Dropping it closes the link (the program detaches), the program and the maps.
 pub struct XdpProgram {
     /// Declared first so the program detaches before the rest closes.
-    _link: OwnedFd,
+    link: OwnedFd,
     _prog: OwnedFd,
     pub(super) maps: Maps,
     /// What the filter tables hold, kept to compute differences and to write the config
@@ -245,9 +265,23 @@ impl XdpProgram {
             // SAFETY: LinkCreateAttr is the BPF_LINK_CREATE layout and holds no pointers.
             match unsafe { bpf(BPF_LINK_CREATE, &mut attr) } {
                 Ok(fd) => {
-                    log::info!("{target}: kxdp XDP program attached in {m:?} mode, {steering:?}");
+                    let link = owned(fd);
+                    match link_info(&link) {
+                        Ok(info) => log::info!(
+                            "{target}: kxdp XDP program {} attached in {m:?} mode, {steering:?}, \
+                             by BPF link {} (closed when kxdp exits; by hand: bpftool link \
+                             detach id {})",
+                            info.prog_id,
+                            info.id,
+                            info.id
+                        ),
+                        Err(e) => log::info!(
+                            "{target}: kxdp XDP program attached in {m:?} mode, {steering:?} \
+                             (link id unknown: {e})"
+                        ),
+                    }
                     return Ok(XdpProgram {
-                        _link: owned(fd),
+                        link,
                         _prog: prog,
                         maps,
                         installed: Mutex::new(installed),
@@ -271,6 +305,21 @@ impl XdpProgram {
     /// The mode in effect: `Native` or `Generic`.
     pub fn mode(&self) -> XdpMode {
         self.mode
+    }
+
+    /// The kernel's id of the BPF link that holds the attachment, as `bpftool link show`
+    /// lists it: `bpftool link detach id ID` detaches the program by hand.
+    pub fn link_id(&self) -> Result<u32, XskError> {
+        link_info(&self.link)
+            .map(|i| i.id)
+            .map_err(|e| XskError::os(ATTACH, self.target.clone(), e))
+    }
+
+    /// The kernel's id of the attached program, as `ip link show` prints it (`prog/xdp id`).
+    pub fn program_id(&self) -> Result<u32, XskError> {
+        link_info(&self.link)
+            .map(|i| i.prog_id)
+            .map_err(|e| XskError::os(ATTACH, self.target.clone(), e))
     }
 
     /// Steers receive queue `queue` into AF_XDP socket `socket_fd` (bound to that queue of
@@ -303,6 +352,20 @@ impl XdpProgram {
         }
         Ok(())
     }
+}
+
+/// Ids of the link `fd` and of its program.
+fn link_info(fd: &OwnedFd) -> io::Result<LinkInfo> {
+    let mut info = LinkInfo::default();
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: size_of::<LinkInfo>() as u32,
+        info: &mut info as *mut LinkInfo as u64,
+    };
+    // SAFETY: InfoAttr is the BPF_OBJ_GET_INFO_BY_FD layout; `info` is writable for
+    // `info_len` bytes for the call, and the kernel writes no more than that.
+    unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
+    Ok(info)
 }
 
 thread_local! {
@@ -411,6 +474,8 @@ mod tests {
     fn attr_layouts_match_the_uapi_offsets() {
         assert_eq!(size_of::<MapElemAttr>(), 32);
         assert_eq!(size_of::<LinkCreateAttr>(), 16);
+        assert_eq!(size_of::<InfoAttr>(), 16);
+        assert_eq!(std::mem::offset_of!(LinkInfo, prog_id), 8);
     }
 
     #[test]
