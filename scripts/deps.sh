@@ -6,13 +6,16 @@
 # libbpf from source (make) against libelf and zlib (found with pkg-config); bpftool is
 # how an operator removes a BPF-link attachment by hand (README) and what the XDP filter
 # test checks that with. iputils-ping and
-# traceroute run through a kxdp node in issue 9's namespace test. Rust crates come through
-# cargo.
+# traceroute run through a kxdp node in issue 9's namespace test. iptables (iptables-nft
+# and iptables-legacy) and nftables load the bench's kube-proxy baselines. Rust crates
+# come through cargo.
 set -euo pipefail
 need=()
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v ethtool >/dev/null 2>&1 || need+=(ethtool)
 command -v sysctl >/dev/null 2>&1 || need+=(procps)
+command -v iptables-nft-restore >/dev/null 2>&1 || need+=(iptables)
+command -v nft >/dev/null 2>&1 || need+=(nftables)
 command -v clang >/dev/null 2>&1 || need+=(clang)
 [ -e /usr/include/bpf/bpf_helpers.h ] || need+=(libbpf-dev)
 [ -e /usr/include/linux/bpf.h ] || need+=(linux-libc-dev)

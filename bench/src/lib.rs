@@ -15,4 +15,5 @@
 #![warn(missing_docs)]
 
 pub mod baseline;
+pub mod netns;
 pub mod scenario;

@@ -815,6 +815,55 @@ mod tests {
     }
 
     #[test]
+    fn a_cluster_ip_service_is_written_as_kube_proxy_writes_it() {
+        // The rules kube-proxy's TestOverallIPTablesRules expects for ns1/svc1, except the
+        // mark, which its fake proxier sets to "0x4000" and kube-proxy prints "0x004000".
+        let sp = ServicePort {
+            namespace: "ns1".into(),
+            name: "svc1".into(),
+            port_name: "p80".into(),
+            protocol: "tcp",
+            cluster_ip: "172.30.0.41".parse().unwrap(),
+            port: 80,
+            external_ips: vec![],
+            lb_ips: vec![],
+            node_port: None,
+            internal_local: false,
+            external_local: false,
+            affinity_timeout_s: None,
+            cluster_endpoints: vec![Endpoint {
+                ip: "10.180.0.1".parse().unwrap(),
+                port: 80,
+            }],
+            local_endpoints: vec![],
+            has_endpoints: true,
+            total_endpoints: 1,
+        };
+        let cfg = KubeProxyConfig {
+            cluster_cidr: Some("10.0.0.0/8".parse().unwrap()),
+            ..KubeProxyConfig::default()
+        };
+        let out = restore_input_for(&[sp], &cfg);
+        for want in [
+            ":KUBE-SVC-XPGD46QRK7WJZT7O - [0:0]",
+            ":KUBE-SEP-SXIVWICOYRO3J4NJ - [0:0]",
+            "-A KUBE-SERVICES -m comment --comment \"ns1/svc1:p80 cluster IP\" -m tcp -p tcp -d 172.30.0.41 --dport 80 -j KUBE-SVC-XPGD46QRK7WJZT7O",
+            "-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment \"ns1/svc1:p80 cluster IP\" -m tcp -p tcp -d 172.30.0.41 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ",
+            "-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment \"ns1/svc1:p80 -> 10.180.0.1:80\" -j KUBE-SEP-SXIVWICOYRO3J4NJ",
+            "-A KUBE-SEP-SXIVWICOYRO3J4NJ -m comment --comment ns1/svc1:p80 -s 10.180.0.1 -j KUBE-MARK-MASQ",
+            "-A KUBE-SEP-SXIVWICOYRO3J4NJ -m comment --comment ns1/svc1:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.1:80",
+            "-A KUBE-MARK-MASQ -j MARK --or-mark 0x004000",
+            "-A KUBE-POSTROUTING -m mark ! --mark 0x004000/0x004000 -j RETURN",
+            "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully",
+            "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS",
+        ] {
+            assert!(out.lines().any(|l| l == want), "missing {want:?} in\n{out}");
+        }
+        assert!(out.starts_with("*filter\n:KUBE-SERVICES - [0:0]\n"));
+        assert!(out.ends_with("COMMIT\n"));
+    }
+
+    #[test]
     fn probabilities_are_printed_like_go_percent_0_10f() {
         assert_eq!(probability(2), "0.5000000000");
         assert_eq!(probability(3), "0.3333333333");

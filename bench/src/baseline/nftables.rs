@@ -10,9 +10,9 @@
 //! `masquerading` for SNAT with the same mark as iptables mode. Chain names carry the first
 //! 8 characters of base32(sha256(name)) before the name, as kube-proxy writes them.
 //!
-//! One deliberate textual difference: kube-proxy (through knftables) prints the filter base
-//! chains' priority as `dstnat-10`, which nft 1.0.6 (Debian 12) cannot parse; this writes
-//! the same priority as `dstnat - 10`.
+//! One deliberate textual difference: kube-proxy (through knftables) names the base chains'
+//! priorities (`dstnat-10`, `srcnat`), which nft 1.0.6 (Debian 12) refuses outside the
+//! prerouting/postrouting hooks; this writes the same priorities as numbers.
 
 use std::fmt::Write as _;
 
@@ -40,16 +40,19 @@ const FIREWALL_CHECK: &str = "firewall-check";
 const MARK_MASQ: &str = "mark-for-masquerade";
 const MASQUERADING: &str = "masquerading";
 
-/// Base chains: name, type, hook, priority.
+/// Base chains: name, type, hook, priority. kube-proxy names the priorities (`dstnat-10`,
+/// `dstnat+10`, `dstnat`, `srcnat`); nft 1.0.6 accepts `dstnat` only at prerouting, so the
+/// same values are written as numbers (dstnat is -100, srcnat 100), as `nft list` prints
+/// them and as kube-proxy's own test dumps show them.
 const BASE_CHAINS: [(&str, &str, &str, &str); 8] = [
-    ("filter-prerouting", "filter", "prerouting", "dstnat - 10"),
-    ("filter-input", "filter", "input", "dstnat - 10"),
-    ("filter-forward", "filter", "forward", "dstnat - 10"),
-    ("filter-output", "filter", "output", "dstnat - 10"),
-    ("filter-output-post-dnat", "filter", "output", "dstnat + 10"),
-    ("nat-prerouting", "nat", "prerouting", "dstnat"),
-    ("nat-output", "nat", "output", "dstnat"),
-    ("nat-postrouting", "nat", "postrouting", "srcnat"),
+    ("filter-prerouting", "filter", "prerouting", "-110"),
+    ("filter-input", "filter", "input", "-110"),
+    ("filter-forward", "filter", "forward", "-110"),
+    ("filter-output", "filter", "output", "-110"),
+    ("filter-output-post-dnat", "filter", "output", "-90"),
+    ("nat-prerouting", "nat", "prerouting", "-100"),
+    ("nat-output", "nat", "output", "-100"),
+    ("nat-postrouting", "nat", "postrouting", "100"),
 ];
 
 /// Regular chains jumped to from base chains: target, base chain, match.

@@ -1,0 +1,144 @@
+//! Network namespaces for benchmarks and tests: pktio's [`NetnsGuard`] (deleted on drop,
+//! also while a panic unwinds), veth pairs whose two ends both live in namespaces this
+//! process made, running a closure on a thread inside a namespace, and running a command
+//! inside one.
+//!
+//! Nothing here touches the root namespace: a veth is created inside its first namespace
+//! (`ip -n A link add … peer … netns B`), and commands run under `ip netns exec`.
+
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+
+pub use pktio::netns::{enter_thread, is_root, NetnsGuard};
+
+/// Why a command in a namespace failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    /// The program could not be started.
+    #[error(
+        "run `{command}`: {err} (is it installed? scripts/deps.sh installs what the bench needs)"
+    )]
+    Spawn {
+        /// The command line.
+        command: String,
+        /// What the OS said.
+        err: std::io::Error,
+    },
+    /// The program ran and failed.
+    #[error("`{command}` exited with {status}: {stderr}")]
+    Failed {
+        /// The command line.
+        command: String,
+        /// Its exit status.
+        status: std::process::ExitStatus,
+        /// What it printed on standard error.
+        stderr: String,
+    },
+}
+
+/// Runs `program args…` inside namespace `ns` (`ip netns exec`), feeding `stdin` if given,
+/// and returns its standard output.
+pub fn exec(
+    ns: &str,
+    program: &str,
+    args: &[&str],
+    stdin: Option<&[u8]>,
+) -> Result<String, NetnsError> {
+    let command = format!("ip netns exec {ns} {program} {}", args.join(" "));
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, program])
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|err| NetnsError::Spawn {
+            command: command.clone(),
+            err,
+        })?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        // A program that exits early closes its end; its exit status says why.
+        let _ = pipe.write_all(input);
+    }
+    let out = child.wait_with_output().map_err(|err| NetnsError::Spawn {
+        command: command.clone(),
+        err,
+    })?;
+    if !out.status.success() {
+        return Err(NetnsError::Failed {
+            command,
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Sets a sysctl inside `ns` (`ip netns exec NS sysctl -qw KEY=VALUE`).
+pub fn sysctl(ns: &str, key: &str, value: &str) -> Result<(), NetnsError> {
+    exec(ns, "sysctl", &["-qw", &format!("{key}={value}")], None).map(|_| ())
+}
+
+/// One end of a veth pair.
+#[derive(Clone, Copy, Debug)]
+pub struct VethEnd<'a> {
+    /// Namespace it lives in.
+    pub ns: &'a NetnsGuard,
+    /// Interface name there.
+    pub name: &'a str,
+    /// MAC address to give it (locally administered), so frames can be addressed without
+    /// asking the kernel.
+    pub mac: [u8; 6],
+}
+
+/// Formats a MAC address the way `ip` takes it.
+pub fn mac_string(mac: [u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
+}
+
+/// Creates a veth pair from `a` to `b` (created in `a.ns`, the peer moved straight into
+/// `b.ns`), sets both MACs and brings both ends and both namespaces' loopbacks up.
+pub fn veth(a: VethEnd<'_>, b: VethEnd<'_>) -> std::io::Result<()> {
+    let (amac, bmac) = (mac_string(a.mac), mac_string(b.mac));
+    a.ns.ip(&[
+        "link",
+        "add",
+        a.name,
+        "address",
+        &amac,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b.name,
+        "address",
+        &bmac,
+        "netns",
+        b.ns.name(),
+    ])?;
+    for end in [a, b] {
+        end.ns.ip(&["link", "set", "dev", end.name, "up"])?;
+        end.ns.ip(&["link", "set", "dev", "lo", "up"])?;
+    }
+    Ok(())
+}
+
+/// Runs `f` on a new thread inside `ns` and returns its result; a panic in `f` is passed on
+/// after the thread ends.
+pub fn in_ns<T: Send>(ns: &NetnsGuard, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            enter_thread(ns.name())
+                .unwrap_or_else(|e| panic!("enter network namespace {}: {e}", ns.name()));
+            f()
+        });
+        match h.join() {
+            Ok(v) => v,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
+}
