@@ -16,7 +16,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pktio::netns::{self, NetnsGuard};
-use pktio::xsk::{self, Protocol, Steering, XdpMode, XdpProgram, XskConfig, XskDevice};
+use pktio::xsk::{
+    self, FilterTables, Protocol, Steering, XdpMode, XdpProgram, XskConfig, XskDevice,
+};
 use pktio::{Device, DeviceExt};
 
 /// The node's address on `va`: the kernel owns it (SSH, the kubelet).
@@ -119,10 +121,17 @@ impl Lab {
 
     /// Attaches the filter to `va` and binds an AF_XDP socket to each of its queues.
     fn attach_filter(&self) -> (XdpProgram, XskDevice) {
+        self.attach_filter_in(XdpMode::Auto)
+    }
+
+    fn attach_filter_in(&self, mode: XdpMode) -> (XdpProgram, XskDevice) {
         in_ns(&self.node, || {
             let va = xsk::ifindex("va").unwrap();
             let queues = xsk::queue_count("va");
-            let prog = XdpProgram::attach_filter(va, queues, XdpMode::Auto).unwrap();
+            let prog = XdpProgram::attach_filter(va, queues, mode).unwrap();
+            if mode != XdpMode::Auto {
+                assert_eq!(prog.mode(), mode);
+            }
             let pairs: Vec<(u32, u32)> = (0..queues).map(|q| (va, q)).collect();
             let dev = XskDevice::new(&pairs, &small_config()).unwrap();
             for q in 0..queues {
@@ -462,8 +471,20 @@ fn host_traffic_reaches_the_kernel_and_never_the_socket() {
     if skip("host_traffic_reaches_the_kernel_and_never_the_socket") {
         return;
     }
+    host_traffic_passes(XdpMode::Native);
+}
+
+#[test]
+fn host_traffic_reaches_the_kernel_in_generic_mode_too() {
+    if skip("host_traffic_reaches_the_kernel_in_generic_mode_too") {
+        return;
+    }
+    host_traffic_passes(XdpMode::Generic);
+}
+
+fn host_traffic_passes(mode: XdpMode) {
     let lab = Lab::new();
-    let (prog, mut dev) = lab.attach_filter();
+    let (prog, mut dev) = lab.attach_filter_in(mode);
     // Tables as on a real uplink, none of them naming the SSH port.
     prog.allow_prefix("10.96.0.0/16".parse().unwrap()).unwrap();
     prog.allow_prefix("10.244.0.0/16".parse().unwrap()).unwrap();
@@ -879,4 +900,66 @@ fn an_operator_detaches_a_live_owner_with_bpftool() {
     assert!(wait_detached(&lab), "detached while its owner still runs");
     assert!(lab.tcp_to_node_kernel(SSH));
     drop(child);
+}
+
+#[test]
+fn replacing_the_tables_keeps_shared_entries_and_drops_stale_ones() {
+    if skip("replacing_the_tables_keeps_shared_entries_and_drops_stale_ones") {
+        return;
+    }
+    let lab = Lab::new();
+    let (prog, mut dev) = lab.attach_filter();
+    let node = IpAddr::V4(NODE);
+    let old = FilterTables {
+        prefixes: ["10.96.0.10/32".parse().unwrap()].into(),
+        ports: [(node, Protocol::Tcp, 30080)].into(),
+        owned: [IpAddr::V4(OWNED)].into(),
+        ..FilterTables::default()
+    };
+    prog.replace_tables(&old).unwrap();
+    assert_eq!(prog.tables(), old);
+    let new = FilterTables {
+        // The ClusterIP stays, the rest changes.
+        prefixes: [
+            "10.96.0.10/32".parse().unwrap(),
+            "10.244.0.0/16".parse().unwrap(),
+        ]
+        .into(),
+        ports: [(node, Protocol::Tcp, 30090)].into(),
+        port_ranges: [((node, Protocol::Udp), 40000..=40100)].into(),
+        node_addresses: [node].into(),
+        vxlan_port: 8472,
+        ..FilterTables::default()
+    };
+    prog.replace_tables(&new).unwrap();
+    assert_eq!(prog.tables(), new);
+
+    // The kept prefix still goes to AF_XDP, the new port too; the stale port and the
+    // disowned address are the kernel's again.
+    lab.udp_from_outside(CLUSTER_IP, 53, b"kept");
+    let refused = in_ns(&lab.outside, || {
+        TcpStream::connect_timeout(&SocketAddr::from((NODE, 30090)), QUIET)
+    });
+    assert!(refused.is_err());
+    let seen = xsk_frames(&mut dev, DEADLINE, |got| {
+        got.iter().any(|f| is_flow(f, 17, CLUSTER_IP, 53))
+            && got.iter().any(|f| is_flow(f, 6, NODE, 30090))
+    });
+    assert!(seen.iter().any(|f| is_flow(f, 17, CLUSTER_IP, 53)));
+    assert!(seen.iter().any(|f| is_flow(f, 6, NODE, 30090)));
+    assert!(
+        lab.tcp_to_node_kernel(30080),
+        "the stale NodePort is the kernel's"
+    );
+    let vb = lab.outside_packet_socket();
+    vb.send(&arp_request(lab.vb_mac(), OWNED));
+    let replies = vb.capture(DEADLINE, |got| {
+        got.iter().any(|f| arp(f) == Some((2, OWNED, OUTSIDE)))
+    });
+    assert!(replies.iter().any(|f| arp(f) == Some((2, OWNED, OUTSIDE))));
+
+    // Emptying everything leaves a filter that passes all.
+    prog.replace_tables(&FilterTables::default()).unwrap();
+    assert_eq!(prog.tables(), FilterTables::default());
+    assert!(lab.tcp_to_node_kernel(30090));
 }
