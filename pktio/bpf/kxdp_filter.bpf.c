@@ -43,7 +43,9 @@
 #define FAMILY_V6 6
 
 /* Capacities: generous for a node (one /32 per Service address, one port entry per
- * NodePort and node address), small enough that a full map is a configuration error. */
+ * NodePort and node address), small enough that a full map is a configuration error.
+ * Every table is allocated per entry (BPF_F_NO_PREALLOC), so a program on a pod-facing
+ * port, whose tables stay empty, costs a few pages, not the capacity. */
 #define QUEUES_DEFAULT 64 /* replaced by the loader with the interface's queue count */
 #define PREFIXES_MAX 65536
 #define PORTS_MAX 16384
@@ -142,6 +144,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, PORTS_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct port_key);
 	__type(value, __u8);
 } kxdp_ports SEC(".maps");
@@ -149,6 +152,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, RANGES_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct range_key);
 	__type(value, struct port_range);
 } kxdp_ranges SEC(".maps");
@@ -156,6 +160,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, OWNED_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct addr_key);
 	__type(value, __u8);
 } kxdp_owned SEC(".maps");
@@ -163,6 +168,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, NODES_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct addr_key);
 	__type(value, __u8);
 } kxdp_nodes SEC(".maps");

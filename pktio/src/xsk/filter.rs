@@ -652,6 +652,12 @@ mod tests {
     }
 
     #[test]
+    fn a_program_can_be_shared_between_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<XdpProgram>();
+    }
+
+    #[test]
     fn stats_sum_every_redirect() {
         let s = FilterStats {
             passed: 1,
