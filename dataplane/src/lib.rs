@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod counters;
+pub mod handover;
 pub mod inspect;
 pub mod lab;
 pub mod monitor;

@@ -66,6 +66,9 @@ fn connection(mut stream: UnixStream, shared: &Shared, epoch: Instant) -> io::Re
                 return Err(e);
             }
         };
+        if let Message::Handover { version } = msg {
+            return handover(stream, shared, version);
+        }
         if let Message::Monitor {
             addr,
             port,
@@ -77,6 +80,51 @@ fn connection(mut stream: UnixStream, shared: &Shared, epoch: Instant) -> io::Re
         let answer = handle(msg, shared, epoch);
         wire::write_message(&mut stream, &answer)?;
     }
+}
+
+/// Hands this process's state to a successor: refused unless it speaks our version and
+/// the process can hand over (its main thread listens); then the main thread stops the
+/// workers, releases the interfaces and gives the state, which goes out on `stream`.
+fn handover(mut stream: UnixStream, shared: &Shared, version: u32) -> io::Result<()> {
+    if version != crate::handover::VERSION {
+        log::warn!(
+            "refusing a handover to version {version} (this is {}); still forwarding",
+            crate::handover::VERSION
+        );
+        return wire::write_message(
+            &mut stream,
+            &Message::Refused {
+                reason: format!(
+                    "handover version {version}, the running dataplane speaks {}; it keeps running",
+                    crate::handover::VERSION
+                ),
+            },
+        );
+    }
+    let main = shared
+        .handover
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let Some(main) = main else {
+        return wire::write_message(
+            &mut stream,
+            &Message::Refused {
+                reason: "this dataplane cannot hand over (no main loop)".into(),
+            },
+        );
+    };
+    let answer = stream.try_clone()?;
+    if let Err(e) = main.send(answer) {
+        let mut answer = e.0;
+        return wire::write_message(
+            &mut answer,
+            &Message::Refused {
+                reason: "the dataplane is already handing over".into(),
+            },
+        );
+    }
+    Ok(())
 }
 
 /// Streams flow events to a `kxdp monitor` every 50 ms until it hangs up (a write fails).

@@ -517,6 +517,9 @@ pub struct Shared {
     pub policy_drops: Mutex<BTreeMap<String, Arc<AtomicU64>>>,
     /// The flow monitor's rings.
     pub monitor: crate::monitor::Monitor,
+    /// Where a handover request goes: the process's main thread, which is given the
+    /// successor's connection, stops the workers and writes the state on it.
+    pub handover: Mutex<Option<std::sync::mpsc::Sender<std::os::unix::net::UnixStream>>>,
 }
 
 impl Shared {
@@ -538,6 +541,7 @@ impl Shared {
             policy_drops: Mutex::new(BTreeMap::new()),
             uplink_routes: ArcSwap::from_pointee(UplinkRoutes::default()),
             monitor: crate::monitor::Monitor::new(workers),
+            handover: Mutex::new(None),
         }
     }
 

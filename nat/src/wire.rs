@@ -106,6 +106,26 @@ pub enum Message {
         /// Events the workers could not record since the last batch.
         lost: u64,
     },
+    /// new dataplane → running dataplane: stop forwarding and hand me your state. The
+    /// running one refuses (and keeps forwarding) unless `version` is its own.
+    Handover {
+        /// The successor's handover format version.
+        version: u32,
+    },
+    /// running dataplane → new dataplane: everything it needs to carry on, sent after the
+    /// old workers stopped and its XDP programs and sockets were released.
+    HandoverState {
+        /// The handover format version.
+        version: u32,
+        /// Generation of the tables.
+        generation: u64,
+        /// The tables.
+        tables: Box<TableSpec>,
+        /// Every live connection.
+        connections: Vec<HandedConnection>,
+        /// Learned neighbours: address, port name, MAC.
+        neighbors: Vec<(std::net::IpAddr, String, [u8; 6])>,
+    },
     /// dataplane → inspection: the answer to [`Message::GetConntrack`].
     Conntrack {
         /// Live connections in the table.
@@ -162,6 +182,25 @@ pub struct FlowEvent {
     pub policy: Option<String>,
     /// A drop's reason (the counter's label).
     pub reason: Option<String>,
+}
+
+/// A connection handed from one dataplane process to its successor.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandedConnection {
+    /// IP protocol number.
+    pub proto: u8,
+    /// Original tuple: source, destination, source port, destination port.
+    pub original: (std::net::IpAddr, std::net::IpAddr, u16, u16),
+    /// Reply tuple, likewise.
+    pub reply: (std::net::IpAddr, std::net::IpAddr, u16, u16),
+    /// Dense Service id (as of the handed tables).
+    pub service: u32,
+    /// NetworkPolicy verdict tag.
+    pub policy: u32,
+    /// Protocol state byte.
+    pub state: u8,
+    /// Nanoseconds it had left to live.
+    pub remaining_ns: u64,
 }
 
 /// One Service port, as inspected.

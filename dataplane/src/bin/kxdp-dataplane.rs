@@ -65,6 +65,15 @@ struct Args {
     /// while; 0 (the default) busy-polls always. For labs and shared machines.
     #[arg(long, default_value_t = 0)]
     idle_sleep_us: u64,
+    /// Take over from the kxdp-dataplane running on --socket: its tables, connections and
+    /// neighbours, then its interfaces (it stops and exits), so that established
+    /// connections survive a restart or an upgrade. Fails, leaving it running, if it
+    /// speaks another handover version.
+    #[arg(long)]
+    takeover: bool,
+    /// The handover version to ask for (tests use it to show a mismatch is refused).
+    #[arg(long, hide = true, default_value_t = dataplane::handover::VERSION)]
+    handover_version: u32,
     /// Pin workers to cores (worker i on core i modulo the core count).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pin: bool,
@@ -179,6 +188,20 @@ fn main() -> Result<()> {
         egress_masquerade_ports: args.masquerade_ports,
     };
     let shared = Arc::new(Shared::new(ports.clone(), workers as usize, limits));
+    let epoch = Instant::now();
+    let takeover_started = Instant::now();
+    if args.takeover {
+        let state = dataplane::handover::request(&args.socket, args.handover_version)
+            .map_err(|e| anyhow::anyhow!("takeover: {e}"))?;
+        let now = epoch.elapsed().as_nanos() as u64;
+        let taken = dataplane::handover::import(&shared, state, now)
+            .map_err(|e| anyhow::anyhow!("takeover: {e}"))?;
+        log::info!(
+            "took over {taken} connections and the tables (generation {}) in {:?}",
+            shared.tables.load().generation,
+            takeover_started.elapsed()
+        );
+    }
     if let Some(up) = &args.uplink {
         let routes = dataplane::state::UplinkRoutes::from_kernel(up);
         if routes.is_empty() {
@@ -212,7 +235,6 @@ fn main() -> Result<()> {
         }
         devices.push(dev);
     }
-    let epoch = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
@@ -250,9 +272,37 @@ fn main() -> Result<()> {
         ports.len(),
         args.socket.display()
     );
-    // Conntrack expiry off the workers' path.
+    if args.takeover {
+        log::info!(
+            "forwarding {:?} after asking for the handover",
+            takeover_started.elapsed()
+        );
+    }
+    let (handover_tx, handover_rx) = std::sync::mpsc::channel();
+    *shared.handover.lock().unwrap_or_else(|e| e.into_inner()) = Some(handover_tx);
+    // Conntrack expiry off the workers' path; a successor's handover request.
     while !stop.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(200));
+        match handover_rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(mut successor) => {
+                let started = Instant::now();
+                stop.store(true, Ordering::Relaxed);
+                for h in handles {
+                    let _ = h.join();
+                }
+                drop(programs);
+                let now = epoch.elapsed().as_nanos() as u64;
+                let state = dataplane::handover::export(&shared, now);
+                nat::wire::write_message(&mut successor, &state)
+                    .context("send the state to the successor")?;
+                log::info!(
+                    "handed over to a successor in {:?} (workers stopped, interfaces released, state sent); exiting",
+                    started.elapsed()
+                );
+                return Ok(());
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
         let now = epoch.elapsed().as_nanos() as u64;
         shared.conntrack.sweep(now, |_| false);
     }

@@ -80,6 +80,9 @@ enum Cmd {
         /// Bytes per message (large ones exercise segmentation and path MTU).
         #[arg(long, default_value_t = 64)]
         size: usize,
+        /// Connections held at once (one JSON line each).
+        #[arg(long, default_value_t = 1)]
+        connections: usize,
     },
     /// Send UDP datagrams to an address as fast as one socket can, for a bounded time.
     Blast {
@@ -290,19 +293,37 @@ fn main() -> Result<()> {
             millis,
             interval_ms,
             size,
+            connections,
         } => {
-            let line = match hold(
-                to,
-                Duration::from_millis(millis),
-                Duration::from_millis(interval_ms),
-                size.clamp(8, 1 << 20),
-            ) {
-                Ok((who, bytes)) => serde_json::json!({"answer": who, "bytes": bytes}),
-                Err((who, bytes, e)) => {
-                    serde_json::json!({"answer": who, "bytes": bytes, "error": format!("{e:#}")})
-                }
-            };
-            println!("{line}");
+            let threads: Vec<_> = (0..connections.clamp(1, 1024))
+                .map(|i| {
+                    std::thread::spawn(move || {
+                        let (who, bytes, gap, err) = match hold(
+                            to,
+                            Duration::from_millis(millis),
+                            Duration::from_millis(interval_ms),
+                            size.clamp(8, 1 << 20),
+                        ) {
+                            Ok((who, bytes, gap)) => (who, bytes, gap, None),
+                            Err((who, bytes, gap, e)) => (who, bytes, gap, Some(format!("{e:#}"))),
+                        };
+                        let mut line = serde_json::json!({
+                            "i": i, "answer": who, "bytes": bytes,
+                            "max_gap_ms": gap.as_secs_f64() * 1e3,
+                        });
+                        if let Some(e) = err {
+                            line["error"] = e.into();
+                        }
+                        line
+                    })
+                })
+                .collect();
+            for t in threads {
+                let line = t
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("a hold thread panicked"))?;
+                println!("{line}");
+            }
             Ok(())
         }
         Cmd::Blast {
@@ -577,17 +598,21 @@ fn call_tcp(to: SocketAddr, timeout: Duration) -> Result<String> {
 
 /// Streams `size`-byte messages through one connection, checking each echo; returns who
 /// answered and the bytes echoed, or the error with what was done before it.
+/// Holds one TCP connection for `total`, echoing `size`-byte messages every `interval`;
+/// returns who answered, the bytes echoed and the longest wait for an echo.
+#[allow(clippy::type_complexity)]
 fn hold(
     to: SocketAddr,
     total: Duration,
     interval: Duration,
     size: usize,
-) -> std::result::Result<(String, u64), (String, u64, anyhow::Error)> {
+) -> std::result::Result<(String, u64, Duration), (String, u64, Duration, anyhow::Error)> {
     let mut who = String::new();
     let mut bytes = 0u64;
+    let mut max_gap = Duration::ZERO;
     let mut run = || -> Result<()> {
         let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(2)).context("connect")?;
-        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
         let mut line = Vec::new();
         let mut b = [0u8; 1];
         while b[0] != b'\n' {
@@ -600,9 +625,11 @@ fn hold(
         while Instant::now() < deadline {
             let mut msg = vec![0x5au8; size];
             msg[..8].copy_from_slice(&seq.to_be_bytes());
+            let sent = Instant::now();
             s.write_all(&msg).context("write")?;
             let mut back = vec![0u8; size];
             s.read_exact(&mut back).context("read echo")?;
+            max_gap = max_gap.max(sent.elapsed());
             if back != msg {
                 bail!("echo {seq} came back changed");
             }
@@ -613,8 +640,8 @@ fn hold(
         Ok(())
     };
     match run() {
-        Ok(()) => Ok((who, bytes)),
-        Err(e) => Err((who.clone(), bytes, e)),
+        Ok(()) => Ok((who, bytes, max_gap)),
+        Err(e) => Err((who.clone(), bytes, max_gap, e)),
     }
 }
 

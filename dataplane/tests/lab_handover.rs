@@ -1,0 +1,160 @@
+//! Upgrades without dropping connections (issue 10): 50 established TCP connections
+//! through a ClusterIP stream data while `kxdp-dataplane` is replaced by a new process 10
+//! times (`--takeover`); every connection completes with all its bytes, and the longest
+//! gap an echo waited is printed. A successor of another handover version is refused and
+//! the running one carries on. Then `kxdp-control` is killed and restarted 100 times
+//! under the same load: nothing is lost. Needs root; skips with a message otherwise.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{generation, Proc, Running};
+use dataplane::lab::Lab;
+
+/// `kxdp hold` with `connections` connections through the web ClusterIP, in the
+/// background; the JSON lines when joined.
+fn hold(
+    node: &Running,
+    connections: usize,
+    millis: u64,
+) -> std::thread::JoinHandle<Vec<serde_json::Value>> {
+    let ns = node.ns("default/client");
+    let bin = common::bin("kxdp");
+    std::thread::spawn(move || {
+        let out = Lab::exec(&ns, &bin.to_string_lossy())
+            .args(["hold", "--to", "172.30.0.41:80", "--interval-ms", "50"])
+            .args(["--connections", &connections.to_string()])
+            .args(["--millis", &millis.to_string()])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    })
+}
+
+/// Every connection completed with at least `min_bytes`; returns the longest echo wait.
+fn all_complete(lines: &[serde_json::Value], connections: usize, min_bytes: u64) -> f64 {
+    assert_eq!(lines.len(), connections, "{lines:?}");
+    let mut gap = 0.0f64;
+    for l in lines {
+        assert!(l.get("error").is_none(), "a connection broke: {l}");
+        assert!(l["bytes"].as_u64().unwrap() >= min_bytes, "{l}");
+        assert!(
+            l["answer"].as_str().unwrap().starts_with("default/web-"),
+            "{l}"
+        );
+        gap = gap.max(l["max_gap_ms"].as_f64().unwrap());
+    }
+    gap
+}
+
+#[test]
+fn dataplane_replaced_ten_times_and_control_killed_a_hundred_times_under_load() {
+    let Some(mut node) = Running::start(
+        "dataplane_replaced_ten_times_and_control_killed_a_hundred_times_under_load",
+        "hand",
+        1,
+    ) else {
+        return;
+    };
+    let lab_log = node.lab().state_dir().join("dataplane.log");
+
+    // A successor speaking another handover version is refused; the dataplane carries on.
+    let refused = node
+        .lab()
+        .dataplane_command(&common::bin("kxdp-dataplane"), 1, &node.socket)
+        .args(["--takeover", "--handover-version", "99"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        why.contains("refused") && why.contains("keeps running"),
+        "{why}"
+    );
+    assert!(
+        generation(&node.socket).unwrap() >= 1,
+        "the old dataplane still answers"
+    );
+
+    let held = hold(&node, 50, 14_000);
+    std::thread::sleep(Duration::from_secs(1));
+    for round in 0..10 {
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&lab_log)
+            .unwrap();
+        let started = Instant::now();
+        let next = node
+            .lab()
+            .dataplane_command(&common::bin("kxdp-dataplane"), 1, &node.socket)
+            .arg("--takeover")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut old = std::mem::replace(&mut node.dataplane, Proc(next));
+        // The old process hands over and exits by itself.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if old.0.try_wait().unwrap().is_some() {
+                break;
+            }
+            if Instant::now() > deadline {
+                node.dump_logs();
+                panic!("round {round}: the old dataplane did not hand over within 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::mem::forget(old);
+        while generation(&node.socket).unwrap_or(0) == 0 {
+            if Instant::now() > deadline {
+                node.dump_logs();
+                panic!("round {round}: the new dataplane does not answer");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        eprintln!(
+            "handover {round}: {:?} until the successor answered",
+            started.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(1000));
+    }
+    let lines = held.join().unwrap();
+    // 14 s of 64-byte echoes every 50 ms: well over 100 each even with the gaps.
+    let gap = all_complete(&lines, 50, 64 * 100);
+    eprintln!(
+        "dataplane replaced 10 times: 50 connections complete, longest echo wait {gap:.0} ms"
+    );
+    for line in std::fs::read_to_string(&lab_log)
+        .unwrap_or_default()
+        .lines()
+    {
+        if line.contains("took over")
+            || line.contains("handed over")
+            || line.contains("forwarding ")
+        {
+            eprintln!("{line}");
+        }
+    }
+
+    // kxdp-control killed and restarted 100 times under load.
+    let held = hold(&node, 20, 8_000);
+    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..100 {
+        node.start_control();
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    let lines = held.join().unwrap();
+    let gap = all_complete(&lines, 20, 64 * 60);
+    eprintln!("control killed 100 times: 20 connections complete, longest echo wait {gap:.0} ms");
+    let stopped = Command::new("true").status().unwrap();
+    assert!(stopped.success());
+}
