@@ -15,5 +15,6 @@ pub mod monitor;
 pub mod pipeline;
 pub mod server;
 pub mod state;
+pub mod steering;
 pub mod vxlan;
 pub mod worker;

@@ -1287,10 +1287,13 @@ impl Pipeline<'_> {
             if !wanted {
                 continue;
             }
+            // On the uplink, IPv4 neighbours are asked with an ARP probe (RFC 5227: sender
+            // 0.0.0.0), answered to 0.0.0.0: the uplink's XDP filter gives those answers to
+            // kxdp and every answer addressed to the node to the kernel, whose ARP it is.
             let (src4, src6) = if on_pods || cfg.role == PortRole::Host {
                 (self.tables.gateway_v4, self.tables.gateway_v6)
             } else {
-                (node_v4, node_v6)
+                (node_v4.map(|_| Ipv4Addr::UNSPECIFIED), node_v6)
             };
             let Some(mut f) = dev.alloc() else {
                 c.drop(DropReason::NoFrame);

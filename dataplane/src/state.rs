@@ -479,6 +479,9 @@ impl Default for Limits {
     }
 }
 
+/// A function called with each installed table.
+pub type InstallHook = Box<dyn Fn(&Tables) + Send + Sync>;
+
 /// The default of [`Limits::egress_masquerade_ports`]: above the kernel's ephemeral range.
 pub const DEFAULT_EGRESS_MASQUERADE_PORTS: (u16, u16) = (61000, 65535);
 
@@ -517,6 +520,9 @@ pub struct Shared {
     pub policy_drops: Mutex<BTreeMap<String, Arc<AtomicU64>>>,
     /// The flow monitor's rings.
     pub monitor: crate::monitor::Monitor,
+    /// Called with every newly installed table (the binary keeps the uplink's XDP filter
+    /// in step with it).
+    pub on_install: Mutex<Option<InstallHook>>,
     /// Where a handover request goes: the process's main thread, which is given the
     /// successor's connection, stops the workers and writes the state on it.
     pub handover: Mutex<Option<std::sync::mpsc::Sender<std::os::unix::net::UnixStream>>>,
@@ -542,6 +548,7 @@ impl Shared {
             uplink_routes: ArcSwap::from_pointee(UplinkRoutes::default()),
             monitor: crate::monitor::Monitor::new(workers),
             handover: Mutex::new(None),
+            on_install: Mutex::new(None),
         }
     }
 
@@ -553,7 +560,16 @@ impl Shared {
         let ring = (self.limits.ring_size, self.limits.ring_scaled);
         let mut tables = Tables::compile(generation, spec, ring, uplink_mac);
         tables.policy_drops = PolicyDrops::build(&tables.policy, &self.policy_drops);
-        self.tables.store(Arc::new(tables));
+        let tables = Arc::new(tables);
+        self.tables.store(tables.clone());
+        if let Some(hook) = self
+            .on_install
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            hook(&tables);
+        }
         self.retire_stale_flows(now);
     }
 

@@ -66,9 +66,16 @@ fn the_whole_node_host_traffic_pods_outside_ping_and_traceroute() {
     );
     std::thread::sleep(Duration::from_millis(300));
 
-    // (Outside → the node's own server while kxdp runs needs the uplink's XDP program to
-    // pass the node's own traffic, ARP included, to the kernel: issue 9's filter program,
-    // not wired in yet. The steering program today takes every frame.)
+    // While kxdp runs: outside → the node's own server, over TCP (the uplink's XDP
+    // filter passes it, and the kernel's ARP, to the kernel).
+    answered(
+        &node,
+        &outside,
+        "192.168.0.2:2222",
+        "tcp",
+        "node-sshd",
+        Some("192.168.0.1"),
+    );
     // A host process reaches a ClusterIP and a local pod (through kxhost ↔ kxdp).
     answered(
         &node,

@@ -214,11 +214,41 @@ fn main() -> Result<()> {
     let mut ifindexes = Vec::new();
     for p in &ports {
         let idx = xsk::ifindex(&p.name)?;
-        let prog = XdpProgram::attach(idx, workers, mode)
-            .with_context(|| format!("attach XDP to {}", p.name))?;
-        log::info!("{}: XDP attached in {:?} mode", p.name, prog.mode());
-        programs.push(prog);
+        // The uplink's program takes only what kxdp serves and passes the node's own
+        // traffic to the kernel; pod and host ports are kxdp's alone.
+        let prog = if p.role == PortRole::Uplink {
+            XdpProgram::attach_filter(idx, workers, mode)
+        } else {
+            XdpProgram::attach(idx, workers, mode)
+        }
+        .with_context(|| format!("attach XDP to {}", p.name))?;
+        log::info!(
+            "{}: XDP attached in {:?} mode{}",
+            p.name,
+            prog.mode(),
+            if p.role == PortRole::Uplink {
+                " (filtering: the node's own traffic passes to the kernel)"
+            } else {
+                ""
+            }
+        );
+        programs.push(Arc::new(prog));
         ifindexes.push(idx);
+    }
+    if let Some(i) = ports.iter().position(|p| p.role == PortRole::Uplink) {
+        let uplink = programs[i].clone();
+        let limits = shared.limits.clone();
+        let sync = move |t: &dataplane::state::Tables| {
+            let want = dataplane::steering::uplink_filter(t, &limits);
+            if let Err(e) = uplink.replace_tables(&want) {
+                log::error!(
+                    "uplink XDP filter not updated for generation {}: {e}",
+                    t.generation
+                );
+            }
+        };
+        sync(&shared.tables.load());
+        *shared.on_install.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(sync));
     }
     let cfg = XskConfig {
         frame_count: args.frames,
@@ -289,6 +319,8 @@ fn main() -> Result<()> {
                 for h in handles {
                     let _ = h.join();
                 }
+                // The install hook holds the uplink's program too.
+                *shared.on_install.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 drop(programs);
                 let now = epoch.elapsed().as_nanos() as u64;
                 let state = dataplane::handover::export(&shared, now);
@@ -310,6 +342,8 @@ fn main() -> Result<()> {
         let _ = h.join();
     }
     let _ = std::fs::remove_file(&args.socket);
+    // The install hook holds the uplink's program too.
+    *shared.on_install.lock().unwrap_or_else(|e| e.into_inner()) = None;
     drop(programs);
     log::info!("kxdp-dataplane stopped; XDP programs detached");
     Ok(())

@@ -1,0 +1,146 @@
+//! What the uplink's XDP program sends to kxdp, computed from the tables: everything kxdp
+//! serves, and nothing else, so the node's own traffic (SSH, the kubelet, the API server,
+//! DHCP, BGP, ARP for the node's addresses) stays with the kernel.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnet::IpNet;
+use nat::spec::{FrontendKind, Protocol};
+use pktio::xsk::{FilterTables, Protocol as XdpProtocol};
+
+use crate::state::{Limits, Tables};
+
+/// The uplink filter's tables for `t`:
+/// - every Service address that is not a node address (ClusterIPs, load-balancer and
+///   external IPs), the Service ranges and this node's pod networks, whole;
+/// - NodePorts on the node's addresses, by protocol and port;
+/// - the masquerade port range on the node's addresses (TCP, UDP, SCTP, ICMP echo
+///   identifiers), where replies to pods' outside connections come back;
+/// - VXLAN to the node's addresses on the overlay's port;
+/// - ARP and neighbour discovery for the Service addresses, and for 0.0.0.0: kxdp
+///   resolves its next hops on the uplink with ARP probes (RFC 5227, sender 0.0.0.0),
+///   whose replies are addressed to 0.0.0.0 — the kernel's own ARP stays the kernel's.
+pub fn uplink_filter(t: &Tables, limits: &Limits) -> FilterTables {
+    let mut f = FilterTables::default();
+    let node: BTreeSet<IpAddr> = t.node_addresses.iter().copied().collect();
+    for svc in &t.spec.services {
+        for fe in &svc.frontends {
+            if node.contains(&fe.ip) {
+                if fe.kind == FrontendKind::NodePort {
+                    f.ports.insert((fe.ip, xdp_protocol(svc.protocol), fe.port));
+                }
+                continue;
+            }
+            f.prefixes.insert(IpNet::from(fe.ip));
+            f.owned.insert(fe.ip);
+        }
+    }
+    for net in t.spec.cluster.service_cidrs.iter().chain(&t.pod_cidrs) {
+        f.prefixes.insert(net.trunc());
+    }
+    let (first, last) = limits.egress_masquerade_ports;
+    let mut ranges = BTreeMap::new();
+    for a in &node {
+        for p in [
+            XdpProtocol::Tcp,
+            XdpProtocol::Udp,
+            XdpProtocol::Sctp,
+            XdpProtocol::IcmpEcho,
+        ] {
+            ranges.insert((*a, p), first..=last);
+        }
+    }
+    f.port_ranges = ranges;
+    f.node_addresses = node;
+    f.vxlan_port = t.spec.cluster.vxlan_port;
+    f.owned.insert(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    f
+}
+
+fn xdp_protocol(p: Protocol) -> XdpProtocol {
+    match p {
+        Protocol::Tcp => XdpProtocol::Tcp,
+        Protocol::Udp => XdpProtocol::Udp,
+        Protocol::Sctp => XdpProtocol::Sctp,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nat::spec::{EndpointSpec, FrontendSpec, NodeSpec, ServiceSpec, TableSpec};
+
+    #[test]
+    fn the_uplink_takes_services_nodeports_masquerade_replies_and_vxlan_only() {
+        let ep = EndpointSpec {
+            ip: "10.244.1.5".parse().unwrap(),
+            port: 8080,
+            local: true,
+            ready: true,
+            serving: true,
+            terminating: false,
+        };
+        let fe = |kind, ip: &str, port| FrontendSpec {
+            kind,
+            ip: ip.parse().unwrap(),
+            port,
+        };
+        let spec = TableSpec {
+            node: NodeSpec {
+                name: "node-a".into(),
+                addresses: vec!["192.168.0.2".parse().unwrap()],
+                pod_cidrs: vec!["10.244.1.0/24".parse().unwrap()],
+                ..Default::default()
+            },
+            services: vec![ServiceSpec {
+                name: "default/web:http".into(),
+                protocol: Protocol::Udp,
+                frontends: vec![
+                    fe(FrontendKind::ClusterIp, "172.30.0.41", 80),
+                    fe(FrontendKind::NodePort, "192.168.0.2", 30080),
+                    fe(FrontendKind::LoadBalancer, "1.2.3.4", 80),
+                ],
+                cluster_endpoints: vec![ep.clone()],
+                local_endpoints: vec![ep.clone()],
+                all_endpoints: vec![ep],
+                internal_local: false,
+                external_local: false,
+                affinity_timeout_s: None,
+            }],
+            ..Default::default()
+        };
+        let t = Tables::compile(1, spec, (251, false), Some([2, 0, 0, 0, 0, 1]));
+        let f = uplink_filter(&t, &Limits::default());
+        let node: IpAddr = "192.168.0.2".parse().unwrap();
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        assert!(f.prefixes.contains(&net("172.30.0.41/32")));
+        assert!(f.prefixes.contains(&net("1.2.3.4/32")));
+        assert!(f.prefixes.contains(&net("10.244.1.0/24")), "pod network");
+        assert!(f.prefixes.contains(&net("172.30.0.0/16")), "Service range");
+        assert!(
+            !f.prefixes.iter().any(|p| p.contains(&node)),
+            "the node's address is the kernel's: {:?}",
+            f.prefixes
+        );
+        assert_eq!(
+            f.ports.iter().copied().collect::<Vec<_>>(),
+            [(node, XdpProtocol::Udp, 30080)],
+            "the NodePort, by protocol"
+        );
+        assert_eq!(
+            f.port_ranges.len(),
+            4,
+            "masquerade replies: TCP, UDP, SCTP, echo"
+        );
+        assert_eq!(f.port_ranges[&(node, XdpProtocol::Tcp)], 61000..=65535);
+        assert!(f.owned.contains(&"1.2.3.4".parse().unwrap()));
+        assert!(
+            f.owned.contains(&IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            "ARP probe replies"
+        );
+        assert!(!f.owned.contains(&node));
+        assert_eq!(f.node_addresses.iter().copied().collect::<Vec<_>>(), [node]);
+        assert_eq!(f.vxlan_port, 8472);
+    }
+}
