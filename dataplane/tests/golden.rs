@@ -1301,3 +1301,56 @@ fn a_service_connection_whose_reply_tuple_is_taken_gets_another_source_port() {
     };
     assert_eq!((t.source_port(), t.destination_port()), (80, 40010));
 }
+
+#[test]
+fn ipv6_echo_to_the_gateway_and_hop_limit_running_out() {
+    use etherparse::Icmpv6Type;
+    let client6: std::net::Ipv6Addr = "fd00:10:244:1::2".parse().unwrap();
+    let gw6: std::net::Ipv6Addr = "fd00:10:244:1::1".parse().unwrap();
+    let mut w = routed_node();
+    let mut ping = Vec::new();
+    PacketBuilder::ethernet2(POD1, GW1)
+        .ipv6(client6.octets(), gw6.octets(), 64)
+        .icmpv6_echo_request(0x4321, 3)
+        .write(&mut ping, b"ping6")
+        .unwrap();
+    w.dev.inject(1, &ping);
+    let out = step(&mut w, 3 * SECOND);
+    assert_eq!(out[1].len(), 1, "{out:?}");
+    let mut expected = Vec::new();
+    PacketBuilder::ethernet2(GW1, POD1)
+        .ipv6(gw6.octets(), client6.octets(), 64)
+        .icmpv6_echo_reply(0x4321, 3)
+        .write(&mut expected, b"ping6")
+        .unwrap();
+    assert_eq!(out[1][0], expected);
+
+    // Hop limit 1 towards another node's pod: time exceeded from the gateway, quoting the
+    // packet (RFC 4443: as much as fits in 1280 bytes; here all of it).
+    let mut probe = Vec::new();
+    PacketBuilder::ethernet2(POD1, GW1)
+        .ipv6(
+            client6.octets(),
+            "fd00:10:244:1::5"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+            1,
+        )
+        .udp(40000, 33434)
+        .write(&mut probe, b"probe6")
+        .unwrap();
+    w.dev.inject(1, &probe);
+    let out = step(&mut w, 3 * SECOND);
+    assert!(out[2].is_empty(), "not forwarded with hop limit 0");
+    assert_eq!(out[1].len(), 1, "{out:?}");
+    let mut expected = Vec::new();
+    PacketBuilder::ethernet2(GW1, POD1)
+        .ipv6(gw6.octets(), client6.octets(), 64)
+        .icmpv6(Icmpv6Type::TimeExceeded(
+            etherparse::icmpv6::TimeExceededCode::HopLimitExceeded,
+        ))
+        .write(&mut expected, &probe[14..])
+        .unwrap();
+    assert_eq!(out[1][0], expected);
+}
