@@ -15,5 +15,9 @@
 #![warn(missing_docs)]
 
 pub mod baseline;
+pub mod ceiling;
+pub mod frame;
+pub mod gen;
 pub mod netns;
 pub mod scenario;
+pub mod sink;

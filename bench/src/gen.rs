@@ -1,0 +1,279 @@
+//! The traffic generator: writes bench frames ([`crate::frame`]) straight into a device's
+//! frame pool and transmits them in bursts, flat out or at a fixed rate, for a bounded time
+//! and count.
+//!
+//! It works on any [`pktio::Device`]: an AF_XDP [`pktio::xsk::XskDevice`] bound to the
+//! generator namespace's interface in a run, the in-memory device in tests. Each frame is
+//! stamped with its transmit time (ns since the run's epoch, one clock for generator and
+//! sink, which are threads of one process) when it is written, just before it is queued.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use pktio::{Device, DeviceStats, PortId};
+
+use crate::frame::{self, FlowSet};
+
+/// Frames written and queued per round; one worker burst (`dataplane::worker::BURST`).
+/// No benchmark has tuned it yet.
+pub const BURST: usize = 64;
+/// Longest run the generator accepts: every traffic loop is bounded in time.
+pub const MAX_DURATION: Duration = Duration::from_secs(600);
+/// How long the generator keeps flushing after its last frame so queued frames leave and
+/// their completions come back.
+pub const DRAIN: Duration = Duration::from_millis(200);
+
+/// What to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GenConfig {
+    /// Frame length without FCS, [`frame::MIN_FRAME`]..=[`frame::MAX_FRAME`].
+    pub size: usize,
+    /// Addresses, ports and flow count.
+    pub flows: FlowSet,
+    /// Frames per second; `None` sends flat out.
+    pub rate_pps: Option<u64>,
+    /// How long to send (at most [`MAX_DURATION`]).
+    pub duration: Duration,
+    /// Stop after this many frames, if given.
+    pub count: Option<u64>,
+}
+
+/// Why a generator configuration was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum GenError {
+    /// Frame size out of range.
+    #[error("frame size {0} is outside {min}..={max} (bytes without FCS)", min = frame::MIN_FRAME, max = frame::MAX_FRAME)]
+    Size(usize),
+    /// Nothing to send to.
+    #[error("no destinations: give at least one address:port")]
+    NoDestination,
+    /// Zero flows or a zero rate.
+    #[error("{0} must be at least 1")]
+    Zero(&'static str),
+    /// Too long a run.
+    #[error("duration {0:?} is over the limit of {MAX_DURATION:?}")]
+    TooLong(Duration),
+    /// The device's chunks are smaller than a frame.
+    #[error("frame size {size} does not fit the device's {room}-byte chunks after headroom")]
+    NoRoom {
+        /// Requested size.
+        size: usize,
+        /// Room in a chunk.
+        room: usize,
+    },
+}
+
+impl GenConfig {
+    /// Checks the configuration before anything is sent.
+    pub fn validate(&self) -> Result<(), GenError> {
+        if !(frame::MIN_FRAME..=frame::MAX_FRAME).contains(&self.size) {
+            return Err(GenError::Size(self.size));
+        }
+        if self.flows.dests.is_empty() {
+            return Err(GenError::NoDestination);
+        }
+        if self.flows.flows == 0 {
+            return Err(GenError::Zero("flows"));
+        }
+        if self.rate_pps == Some(0) {
+            return Err(GenError::Zero("rate"));
+        }
+        if self.duration > MAX_DURATION {
+            return Err(GenError::TooLong(self.duration));
+        }
+        Ok(())
+    }
+}
+
+/// What the generator did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct GenReport {
+    /// Frames handed to the device's transmit ring.
+    pub sent: u64,
+    /// Bytes of those frames (without FCS).
+    pub bytes: u64,
+    /// Rounds in which the pool had no free frame (the kernel had not completed enough).
+    pub pool_empty_rounds: u64,
+    /// Time from the first frame to the last.
+    pub elapsed_ns: u64,
+    /// The device's counters over the run (including the drain).
+    #[serde(skip)]
+    pub device: DeviceStats,
+}
+
+impl GenReport {
+    /// Frames per second over the sending time.
+    pub fn pps(&self) -> f64 {
+        if self.elapsed_ns == 0 {
+            return 0.0;
+        }
+        self.sent as f64 * 1e9 / self.elapsed_ns as f64
+    }
+}
+
+fn delta(after: DeviceStats, before: DeviceStats) -> DeviceStats {
+    DeviceStats {
+        rx_frames: after.rx_frames - before.rx_frames,
+        tx_frames: after.tx_frames - before.tx_frames,
+        tx_ring_full: after.tx_ring_full - before.tx_ring_full,
+        alloc_failed: after.alloc_failed - before.alloc_failed,
+        kernel_rx_dropped: after
+            .kernel_rx_dropped
+            .saturating_sub(before.kernel_rx_dropped),
+        kernel_rx_ring_full: after
+            .kernel_rx_ring_full
+            .saturating_sub(before.kernel_rx_ring_full),
+        kernel_rx_invalid: after
+            .kernel_rx_invalid
+            .saturating_sub(before.kernel_rx_invalid),
+        kernel_tx_invalid: after
+            .kernel_tx_invalid
+            .saturating_sub(before.kernel_tx_invalid),
+        kernel_fill_empty: after
+            .kernel_fill_empty
+            .saturating_sub(before.kernel_fill_empty),
+        wakeups: after.wakeups - before.wakeups,
+    }
+}
+
+/// Sends on `port` of `dev` until the duration or count is reached or `stop` is set, then
+/// drains for [`DRAIN`]. Frames received meanwhile (none are expected) are freed.
+pub fn run<D: Device>(
+    dev: &mut D,
+    port: PortId,
+    cfg: &GenConfig,
+    epoch: Instant,
+    stop: &AtomicBool,
+) -> Result<GenReport, GenError> {
+    cfg.validate()?;
+    let room = dev
+        .chunk_size()
+        .saturating_sub(pktio::xsk::XDP_PACKET_HEADROOM as usize);
+    if cfg.size > room {
+        return Err(GenError::NoRoom {
+            size: cfg.size,
+            room,
+        });
+    }
+    let before = dev.stats();
+    let limit = cfg.count.unwrap_or(u64::MAX);
+    let mut report = GenReport::default();
+    let mut rx = Vec::with_capacity(BURST);
+    let start = Instant::now();
+    let deadline = start + cfg.duration.min(MAX_DURATION);
+    let mut last = start;
+    let mut seq = 0u64;
+    // Bound: the deadline (checked every round) and the count.
+    while seq < limit && !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        let mut want = (BURST as u64).min(limit - seq);
+        if let Some(rate) = cfg.rate_pps {
+            let due = (now - start).as_nanos() as u64 as u128 * u128::from(rate) / 1_000_000_000;
+            want = want.min((due as u64).saturating_sub(seq));
+        }
+        let mut queued = 0;
+        for _ in 0..want {
+            let Some(mut f) = dev.alloc() else {
+                report.pool_empty_rounds += 1;
+                break;
+            };
+            let tx_ns = epoch.elapsed().as_nanos() as u64;
+            f.len = frame::write(dev.packet_mut_full(f), cfg.size, &cfg.flows, seq, tx_ns) as u32;
+            if dev.send(port, f) {
+                report.sent += 1;
+                report.bytes += cfg.size as u64;
+            }
+            seq += 1;
+            queued += 1;
+        }
+        if queued > 0 {
+            last = Instant::now();
+        }
+        dev.flush();
+        rx.clear();
+        dev.recv(port, &mut rx, BURST);
+        for &f in &rx {
+            dev.free(f);
+        }
+    }
+    report.elapsed_ns = (last - start).as_nanos() as u64;
+    let drain_end = Instant::now() + DRAIN;
+    // Bound: DRAIN.
+    while Instant::now() < drain_end {
+        dev.flush();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    report.device = delta(dev.stats(), before);
+    Ok(report)
+}
+
+/// Room to write a whole frame: the chunk from the frame's start on.
+trait PacketRoom {
+    fn packet_mut_full(&mut self, f: pktio::Frame) -> &mut [u8];
+}
+
+impl<D: Device + ?Sized> PacketRoom for D {
+    fn packet_mut_full(&mut self, f: pktio::Frame) -> &mut [u8] {
+        let (chunk, off) = self.chunk_mut(f);
+        &mut chunk[off..]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pktio::MemDevice;
+    use std::net::Ipv4Addr;
+
+    fn cfg() -> GenConfig {
+        GenConfig {
+            size: 64,
+            flows: FlowSet {
+                src_mac: [2, 0, 0, 0, 0, 1],
+                dst_mac: [2, 0, 0, 0, 0, 2],
+                src_ip: Ipv4Addr::new(10, 0, 0, 1),
+                src_port: 1024,
+                flows: 4,
+                dests: vec!["172.30.0.10:80".parse().unwrap()],
+            },
+            rate_pps: None,
+            duration: Duration::from_secs(5),
+            count: Some(100),
+        }
+    }
+
+    #[test]
+    fn sends_the_count_with_rising_sequence_numbers() {
+        let mut dev = MemDevice::new(1, 256);
+        let stop = AtomicBool::new(false);
+        let r = run(&mut dev, 0, &cfg(), Instant::now(), &stop).unwrap();
+        assert_eq!(r.sent, 100);
+        let sent = dev.take_sent(0);
+        assert_eq!(sent.len(), 100);
+        for (i, bytes) in sent.iter().enumerate() {
+            let p = frame::parse(bytes).expect("a bench frame");
+            assert_eq!((p.len, p.seq), (64, i as u64));
+            assert_eq!(p.src.port(), 1024 + (i % 4) as u16);
+        }
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let mut bad = cfg();
+        bad.size = 60;
+        assert_eq!(bad.validate(), Err(GenError::Size(60)));
+        bad = cfg();
+        bad.flows.dests.clear();
+        assert_eq!(bad.validate(), Err(GenError::NoDestination));
+        bad = cfg();
+        bad.duration = Duration::from_secs(3600);
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("over the limit"));
+    }
+}
