@@ -88,6 +88,11 @@ impl Running {
     /// manifests to a folder the test may edit, and waits until the dataplane is
     /// programmed. `None` (with a message) when not root.
     pub fn start(test: &str, prefix: &str, workers: u32) -> Option<Running> {
+        Running::start_args(test, prefix, workers, &[])
+    }
+
+    /// [`Running::start`] with extra `kxdp-dataplane` arguments.
+    pub fn start_args(test: &str, prefix: &str, workers: u32, extra: &[&str]) -> Option<Running> {
         if !is_root() {
             eprintln!("SKIPPED {test}: needs root for network namespaces and XDP");
             return None;
@@ -99,7 +104,7 @@ impl Running {
             spec,
             &repo().join("lab/manifests"),
             workers,
-            &[],
+            extra,
         ))
     }
 
