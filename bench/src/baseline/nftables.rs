@@ -14,6 +14,7 @@
 //! priorities (`dstnat-10`, `srcnat`), which nft 1.0.6 (Debian 12) refuses outside the
 //! prerouting/postrouting hooks; this writes the same priorities as numbers.
 
+use std::collections::HashSet;
 use std::fmt::Write as _;
 
 use nat::spec::TableSpec;
@@ -95,7 +96,8 @@ pub fn endpoint_chain_base(sp: &ServicePort, ep: &Endpoint) -> String {
 /// A transaction being written: one nft command per line.
 struct Tx {
     out: String,
-    created: Vec<String>,
+    /// Chains already added in this transaction (a set: 100k Services make a million).
+    created: HashSet<String>,
 }
 
 impl Tx {
@@ -106,10 +108,9 @@ impl Tx {
 
     /// `ensureChain`: add and flush a regular chain once per transaction.
     fn ensure_chain(&mut self, name: &str) {
-        if self.created.iter().any(|c| c == name) {
+        if !self.created.insert(name.to_string()) {
             return;
         }
-        self.created.push(name.to_string());
         self.line(format_args!("add chain {TABLE} {name}"));
         self.line(format_args!("flush chain {TABLE} {name}"));
     }
@@ -145,7 +146,7 @@ pub fn transaction(spec: &TableSpec, cfg: &KubeProxyConfig) -> String {
 pub fn transaction_for(ports: &[ServicePort], cfg: &KubeProxyConfig) -> String {
     let mut tx = Tx {
         out: String::new(),
-        created: Vec::new(),
+        created: HashSet::new(),
     };
     setup(&mut tx, cfg);
     let cidr = cfg.cluster_cidr.map(|c| c.to_string());
