@@ -23,11 +23,26 @@ pub fn serve(
     shared: Arc<Shared>,
     epoch: Instant,
 ) -> io::Result<std::thread::JoinHandle<()>> {
+    serve_for_group(path, shared, epoch, None)
+}
+
+/// [`serve`], the socket owned by group `gid` with mode 0660 when given (so that an
+/// unprivileged control process of that group may connect), else 0600.
+pub fn serve_for_group(
+    path: &Path,
+    shared: Arc<Shared>,
+    epoch: Instant,
+    gid: Option<u32>,
+) -> io::Result<std::thread::JoinHandle<()>> {
     if path.exists() {
         std::fs::remove_file(path)?;
     }
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(path, None, Some(gid))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    }
     log::info!("control socket listening on {}", path.display());
     std::thread::Builder::new()
         .name("kxdp-control-rx".into())
@@ -170,10 +185,40 @@ fn monitor(
     }
 }
 
+/// The id of group `name`, from `/etc/group`.
+pub fn group_id(name: &str) -> io::Result<u32> {
+    let groups = std::fs::read_to_string("/etc/group")?;
+    groups
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let (n, _, gid) = (f.next()?, f.next()?, f.next()?);
+            (n == name).then(|| gid.parse().ok()).flatten()
+        })
+        .next()
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no group {name:?} in /etc/group"),
+            )
+        })
+}
+
 /// Acts on one message and returns the answer.
 pub fn handle(msg: Message, shared: &Shared, epoch: Instant) -> Message {
     match msg {
         Message::Snapshot { generation, tables } => {
+            if let Err(reason) = tables.validate() {
+                shared
+                    .refused_tables
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                log::error!(
+                    "refusing table generation {generation}: {reason}; keeping the tables in use"
+                );
+                return Message::Refused {
+                    reason: format!("table generation {generation}: {reason}"),
+                };
+            }
             let started = Instant::now();
             let services = tables.services.len();
             shared.install(generation, *tables, epoch.elapsed().as_nanos() as u64);
@@ -189,6 +234,9 @@ pub fn handle(msg: Message, shared: &Shared, epoch: Instant) -> Message {
             conntrack_capacity: shared.conntrack.capacity(),
             workers: shared.counters.iter().map(|p| p.read().named()).collect(),
             policy_drops: shared.policy_drop_counts(),
+            refused_tables: shared
+                .refused_tables
+                .load(std::sync::atomic::Ordering::Relaxed),
         },
         Message::ExplainPolicy {
             src,
@@ -230,5 +278,64 @@ pub fn handle(msg: Message, shared: &Shared, epoch: Instant) -> Message {
         other => Message::Refused {
             reason: format!("unexpected message {other:?}"),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Limits, PortConfig, PortRole};
+
+    #[test]
+    fn a_table_that_fails_validation_is_refused_counted_and_changes_nothing() {
+        let shared = Shared::new(
+            vec![PortConfig {
+                name: "up".into(),
+                role: PortRole::Uplink,
+                mac: [2, 0, 0, 0, 0, 1],
+                mtu: 1500,
+            }],
+            1,
+            Limits {
+                conntrack_capacity: 64,
+                affinity_capacity: 16,
+                ..Limits::default()
+            },
+        );
+        let epoch = Instant::now();
+        let good = nat::spec::TableSpec::default();
+        let answer = handle(
+            Message::Snapshot {
+                generation: 1,
+                tables: Box::new(good.clone()),
+            },
+            &shared,
+            epoch,
+        );
+        assert_eq!(answer, Message::Applied { generation: 1 });
+        let mut bad = good;
+        bad.cluster.vxlan_vni = 1 << 30;
+        let answer = handle(
+            Message::Snapshot {
+                generation: 2,
+                tables: Box::new(bad),
+            },
+            &shared,
+            epoch,
+        );
+        let Message::Refused { reason } = answer else {
+            panic!("{answer:?}");
+        };
+        assert!(
+            reason.contains("generation 2") && reason.contains("VNI"),
+            "{reason}"
+        );
+        assert_eq!(shared.tables.load().generation, 1, "the tables in use stay");
+        assert_eq!(
+            shared
+                .refused_tables
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
     }
 }

@@ -520,6 +520,8 @@ pub struct Shared {
     pub policy_drops: Mutex<BTreeMap<String, Arc<AtomicU64>>>,
     /// The flow monitor's rings.
     pub monitor: crate::monitor::Monitor,
+    /// Tables control sent that failed validation (refused whole, with a reason).
+    pub refused_tables: AtomicU64,
     /// Called with every newly installed table (the binary keeps the uplink's XDP filter
     /// in step with it).
     pub on_install: Mutex<Option<InstallHook>>,
@@ -549,6 +551,7 @@ impl Shared {
             monitor: crate::monitor::Monitor::new(workers),
             handover: Mutex::new(None),
             on_install: Mutex::new(None),
+            refused_tables: AtomicU64::new(0),
         }
     }
 

@@ -316,3 +316,111 @@ pub struct PortRangeSpec {
     /// Last port of the range, included; a range with `last < first` matches nothing.
     pub last: u16,
 }
+
+/// The most endpoints one Service port may have (a Maglev ring slot holds a 16-bit index).
+pub const MAX_ENDPOINTS: usize = u16::MAX as usize;
+
+impl TableSpec {
+    /// Checks what the dataplane relies on before a table touches its state; a table
+    /// that fails is refused whole, with the first reason found.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.cluster.vxlan_vni >= 1 << 24 {
+            return Err(format!(
+                "VXLAN VNI {} needs more than 24 bits",
+                self.cluster.vxlan_vni
+            ));
+        }
+        for s in &self.services {
+            if s.name.is_empty() {
+                return Err("a Service port without a name".into());
+            }
+            for list in [&s.cluster_endpoints, &s.local_endpoints, &s.all_endpoints] {
+                if list.len() > MAX_ENDPOINTS {
+                    return Err(format!(
+                        "{}: {} endpoints, at most {MAX_ENDPOINTS}",
+                        s.name,
+                        list.len()
+                    ));
+                }
+            }
+            if let Some(e) = s.local_endpoints.iter().find(|e| !e.local) {
+                return Err(format!(
+                    "{}: endpoint {} listed as local is not",
+                    s.name, e.ip
+                ));
+            }
+        }
+        let policies = self.policy.policies.len();
+        for p in &self.policy.pods {
+            for iso in [&p.ingress, &p.egress].into_iter().flatten() {
+                let bad = iso
+                    .policies
+                    .iter()
+                    .chain(iso.rules.iter().map(|r| &r.policy))
+                    .find(|&&i| i as usize >= policies);
+                if let Some(i) = bad {
+                    return Err(format!(
+                        "pod {}: policy index {i}, but the table names {policies} policies",
+                        p.pod
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod validate_tests {
+    use super::*;
+
+    fn svc(name: &str, ip: &str) -> ServiceSpec {
+        ServiceSpec {
+            name: name.into(),
+            protocol: Protocol::Tcp,
+            frontends: vec![FrontendSpec {
+                kind: FrontendKind::ClusterIp,
+                ip: ip.parse().unwrap(),
+                port: 80,
+            }],
+            cluster_endpoints: vec![],
+            local_endpoints: vec![],
+            all_endpoints: vec![],
+            internal_local: false,
+            external_local: false,
+            affinity_timeout_s: None,
+        }
+    }
+
+    #[test]
+    fn bad_tables_are_refused_with_a_reason() {
+        let mut t = TableSpec {
+            services: vec![svc("a/x:p", "172.30.0.1"), svc("a/y:p", "172.30.0.2")],
+            ..Default::default()
+        };
+        assert_eq!(t.validate(), Ok(()));
+        t.services[1].local_endpoints.push(EndpointSpec {
+            ip: "10.244.2.5".parse().unwrap(),
+            port: 80,
+            local: false,
+            ready: true,
+            serving: true,
+            terminating: false,
+        });
+        assert!(t.validate().unwrap_err().contains("listed as local"));
+        t.services.pop();
+        t.cluster.vxlan_vni = 1 << 24;
+        assert!(t.validate().unwrap_err().contains("VNI"));
+        t.cluster.vxlan_vni = 1;
+        t.policy.pods.push(PodPolicySpec {
+            pod: "a/p".into(),
+            ips: vec![],
+            ingress: Some(IsolationSpec {
+                policies: vec![3],
+                rules: vec![],
+            }),
+            egress: None,
+        });
+        assert!(t.validate().unwrap_err().contains("policy index 3"));
+    }
+}

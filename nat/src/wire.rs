@@ -48,6 +48,9 @@ pub enum Message {
         /// `policy ns/name` (each policy isolating the pod); zeros left out.
         #[serde(default)]
         policy_drops: Vec<(String, u64)>,
+        /// Tables from control refused by validation since start.
+        #[serde(default)]
+        refused_tables: u64,
     },
     /// inspection → dataplane: which NetworkPolicy decides a new connection from `src` to
     /// `dst`:`port`, as the dataplane would judge it now. A Service frontend is explained

@@ -42,7 +42,12 @@ static CHECKED: AtomicU64 = AtomicU64::new(0);
 static QUOTES: AtomicU64 = AtomicU64::new(0);
 
 /// Runs `case` over `count` PRNG inputs, reporting any failure or panic with its input.
-fn run(target: &str, count_var: &str, smoke: u64, case: fn(&[u8], &RefCell<Vec<u8>>) -> Result<(), String>) {
+fn run(
+    target: &str,
+    count_var: &str,
+    smoke: u64,
+    case: fn(&[u8], &RefCell<Vec<u8>>) -> Result<(), String>,
+) {
     let st = fuzzgen::settings(count_var, smoke);
     let started = std::time::Instant::now();
     let cases: Box<dyn Iterator<Item = u64>> = match st.only {
@@ -164,18 +169,27 @@ fn packet_case(input: &[u8], made: &RefCell<Vec<u8>>) -> Result<(), String> {
         return Err(format!("rewrite broke a valid checksum: {:?}", after.l4));
     }
     // What the rewrite says it wrote is what the packet now says.
-    let again = packet::parse(&f).map_err(|e| format!("rewritten packet no longer parses: {e:?}"))?;
+    let again =
+        packet::parse(&f).map_err(|e| format!("rewritten packet no longer parses: {e:?}"))?;
     let tracked = matches!(
         h.proto,
-        packet::PROTO_TCP | packet::PROTO_UDP | packet::PROTO_SCTP | packet::PROTO_ICMP | packet::PROTO_ICMPV6
+        packet::PROTO_TCP
+            | packet::PROTO_UDP
+            | packet::PROTO_SCTP
+            | packet::PROTO_ICMP
+            | packet::PROTO_ICMPV6
     );
     // A later fragment has no ports to write (the pipeline drops those before any rewrite),
     // so only its addresses are compared.
     if tracked && !h.later_fragment && again != h {
-        return Err(format!("re-parse after rewrite: {again:?}, rewrite said {h:?}"));
+        return Err(format!(
+            "re-parse after rewrite: {again:?}, rewrite said {h:?}"
+        ));
     }
     if (again.src, again.dst) != (h.src, h.dst) {
-        return Err(format!("addresses after rewrite: {again:?}, rewrite said {h:?}"));
+        return Err(format!(
+            "addresses after rewrite: {again:?}, rewrite said {h:?}"
+        ));
     }
     Ok(())
 }
@@ -183,20 +197,45 @@ fn packet_case(input: &[u8], made: &RefCell<Vec<u8>>) -> Result<(), String> {
 /// Compares what `parse` accepted with the independent parser of `fuzzgen`.
 fn agrees_with_independent_parse(f: &[u8], h: &Headers) -> Result<(), String> {
     if !(h.l3 == 14 && h.l3 < h.l4 && h.l4 <= h.end && h.end <= f.len()) {
-        return Err(format!("offsets out of the frame: {h:?} in {} bytes", f.len()));
+        return Err(format!(
+            "offsets out of the frame: {h:?} in {} bytes",
+            f.len()
+        ));
     }
-    let c = check_frame(f, None).map_err(|e| format!("parse accepted what is broken ({e}): {h:?}"))?;
+    let c =
+        check_frame(f, None).map_err(|e| format!("parse accepted what is broken ({e}): {h:?}"))?;
     let v = c.ip.ok_or("parse accepted a frame without IP")?;
     if v.extensions.iter().any(|e| *e != 44) || v.extensions.len() > 1 {
         return Ok(());
     }
-    let mine = (v.v6, v.src, v.dst, v.proto, v.ttl, v.l4, v.end, v.later_fragment);
-    let theirs = (h.v6, h.src, h.dst, h.proto, h.ttl, h.l4, h.end, h.later_fragment);
+    let mine = (
+        v.v6,
+        v.src,
+        v.dst,
+        v.proto,
+        v.ttl,
+        v.l4,
+        v.end,
+        v.later_fragment,
+    );
+    let theirs = (
+        h.v6,
+        h.src,
+        h.dst,
+        h.proto,
+        h.ttl,
+        h.l4,
+        h.end,
+        h.later_fragment,
+    );
     if mine != theirs {
         return Err(format!("parse: {theirs:?}, independent parse: {mine:?}"));
     }
     if h.first_fragment != (v.fragment && !v.later_fragment) {
-        return Err(format!("first_fragment {} but independent parse {v:?}", h.first_fragment));
+        return Err(format!(
+            "first_fragment {} but independent parse {v:?}",
+            h.first_fragment
+        ));
     }
     if !h.later_fragment && (h.sport, h.dport) != (v.sport, v.dport) {
         return Err(format!(
@@ -218,8 +257,12 @@ fn icmp_error_case(
         return Ok(());
     };
     let hdr = if q.v6 { 40 } else { 20 };
-    if q.l3 != h.l4 + 8 || q.l4 < q.l3 + hdr || q.l4 + 8 > f.len() || q.end != h.end || q.v6 != h.v6 {
-        return Err(format!("quote out of place: {q:?} in {h:?}, {} bytes", f.len()));
+    if q.l3 != h.l4 + 8 || q.l4 < q.l3 + hdr || q.l4 + 8 > f.len() || q.end != h.end || q.v6 != h.v6
+    {
+        return Err(format!(
+            "quote out of place: {q:?} in {h:?}, {} bytes",
+            f.len()
+        ));
     }
     let qs = (addr(s, pal, q.v6), pal.port(s));
     let qd = (addr(s, pal, q.v6), pal.port(s));
@@ -233,7 +276,10 @@ fn icmp_error_case(
     // ICMPv6 in IPv4 (or ICMP in IPv6) has no checksum rule to meet.
     let proper = (h.proto == packet::PROTO_ICMPV6) == h.v6;
     if complete && proper && c.l4 != L4::Valid {
-        return Err(format!("ICMP error checksum after fix_icmp_checksum: {:?}", c.l4));
+        return Err(format!(
+            "ICMP error checksum after fix_icmp_checksum: {:?}",
+            c.l4
+        ));
     }
     // The quote's IPv4 header, when it is all there, verifies.
     if !q.v6 {
@@ -244,12 +290,20 @@ fn icmp_error_case(
     }
     let again = packet::parse_quoted(f, h).ok_or("rewritten quote no longer parses")?;
     if (again.src, again.dst) != (qs.0, qd.0) {
-        return Err(format!("quote addresses {:?}, wrote {qs:?} {qd:?}", (again.src, again.dst)));
+        return Err(format!(
+            "quote addresses {:?}, wrote {qs:?} {qd:?}",
+            (again.src, again.dst)
+        ));
     }
-    if matches!(again.proto, packet::PROTO_TCP | packet::PROTO_UDP | packet::PROTO_SCTP)
-        && (again.sport, again.dport) != (qs.1, qd.1)
+    if matches!(
+        again.proto,
+        packet::PROTO_TCP | packet::PROTO_UDP | packet::PROTO_SCTP
+    ) && (again.sport, again.dport) != (qs.1, qd.1)
     {
-        return Err(format!("quote ports {:?}, wrote {qs:?} {qd:?}", (again.sport, again.dport)));
+        return Err(format!(
+            "quote ports {:?}, wrote {qs:?} {qd:?}",
+            (again.sport, again.dport)
+        ));
     }
     Ok(())
 }
@@ -298,6 +352,7 @@ fn message_gen(s: &mut Src) -> Message {
             conntrack_capacity: s.u16() as usize,
             workers: vec![vec![(text(s), s.u32() as u64)]],
             policy_drops: Vec::new(),
+            refused_tables: 0,
         },
     }
 }
@@ -391,7 +446,10 @@ fn nested_fragment_headers() -> Vec<u8> {
     let src: Ipv6Addr = "2001:db8:1b::4".parse().unwrap();
     let dst: Ipv6Addr = "2001:db8:e::6".parse().unwrap();
     let syn = fuzzgen::tcp(40000, 80, 1, 0, fuzzgen::flags::SYN, &[], b"");
-    let exts = [fuzzgen::Ext::Fragment(0, false), fuzzgen::Ext::Fragment(0, false)];
+    let exts = [
+        fuzzgen::Ext::Fragment(0, false),
+        fuzzgen::Ext::Fragment(0, false),
+    ];
     let ip = fuzzgen::ipv6(src, dst, fuzzgen::TCP, syn, 64, 0, &exts);
     fuzzgen::ethernet([2, 0, 0, 1, 0, 2], [2, 0, 0, 1, 0, 1], 0x86dd, &ip)
 }

@@ -32,9 +32,12 @@ struct Args {
     /// Worker threads; worker i serves queue i of every interface.
     #[arg(long, default_value_t = 1)]
     workers: u32,
-    /// The control socket kxdp-control connects to.
+    /// The control socket kxdp-control connects to (mode 0600, root's).
     #[arg(long, default_value = "/run/kxdp/dataplane.sock")]
     socket: PathBuf,
+    /// Give the control socket to this group, mode 0660 (for an unprivileged control).
+    #[arg(long)]
+    socket_group: Option<String>,
     /// XDP attach mode: auto (native, else generic), native or generic.
     #[arg(long, default_value = "auto")]
     xdp_mode: String,
@@ -271,7 +274,13 @@ fn main() -> Result<()> {
     if let Some(dir) = args.socket.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    dataplane::server::serve(&args.socket, shared.clone(), epoch)?;
+    let gid = match &args.socket_group {
+        Some(g) => {
+            Some(dataplane::server::group_id(g).with_context(|| format!("--socket-group {g}"))?)
+        }
+        None => None,
+    };
+    dataplane::server::serve_for_group(&args.socket, shared.clone(), epoch, gid)?;
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let idle_sleep = Duration::from_micros(args.idle_sleep_us);
     let mut handles = Vec::new();

@@ -385,6 +385,7 @@ fn main() -> Result<()> {
                         conntrack_capacity,
                         workers,
                         policy_drops,
+                        refused_tables,
                     } = &m
                     else {
                         bail!("unexpected answer: {m:?}");
@@ -402,6 +403,7 @@ fn main() -> Result<()> {
                             "conntrack": {"entries": conntrack, "capacity": conntrack_capacity},
                             "workers": workers,
                             "policy_drops": drops,
+                            "refused_tables": refused_tables,
                         }))?
                     );
                 }
@@ -965,12 +967,15 @@ fn print_stats(m: &Message) {
         conntrack_capacity,
         workers,
         policy_drops,
+        refused_tables,
     } = m
     else {
         println!("unexpected answer: {m:?}");
         return;
     };
-    println!("tables generation {generation}, conntrack {conntrack}/{conntrack_capacity}");
+    println!(
+        "tables generation {generation}, conntrack {conntrack}/{conntrack_capacity}, tables refused {refused_tables}"
+    );
     print!("{:<28}", "counter");
     for i in 0..workers.len() {
         print!("{:>14}", format!("worker {i}"));
