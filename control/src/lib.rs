@@ -8,13 +8,18 @@
 //! whether or not control is running. Objects can also come from a live API server
 //! ([`kube_source`], kube-rs watchers that keep the same store). It does not validate
 //! objects the way the API server would: what cannot be used is skipped with a warning.
+//! Operators see it as they see kube-proxy: `/healthz`, `/livez` and the health-check node
+//! ports of `externalTrafficPolicy: Local` Services ([`health`]), and Prometheus metrics
+//! ([`metrics`]) with the network programming latency.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod defaults;
+pub mod health;
 pub mod kube_source;
 pub mod manifests;
+pub mod metrics;
 pub mod objects;
 pub mod policy;
 pub mod stream;

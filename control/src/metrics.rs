@@ -1,0 +1,741 @@
+//! Prometheus metrics of kxdp-control and, asked for at scrape time, of the dataplane.
+//!
+//! Control's own: the network programming latency (from an EndpointSlice's
+//! `endpoints.kubernetes.io/last-change-trigger-time` to the dataplane's `Applied` for the
+//! generation that contains the change, kube-proxy's `network_programming_duration_seconds`),
+//! the sync duration (tables computed, sent, applied), the queue depth (change batches
+//! waiting when a sync starts), table sizes and generations. Each distribution is kept in
+//! an hdrhistogram (three significant digits, so percentiles can be read at any
+//! resolution) with its exact sum, and exported as a Prometheus histogram over fixed
+//! buckets: kube-proxy's where kube-proxy has the metric, with finer ones added below its
+//! first (kube-proxy's smallest network-programming bucket is 250 ms; kxdp's changes land
+//! in milliseconds). A bucket's count is read from the hdrhistogram, so a value within
+//! 0.1% of a bucket bound may be counted on either side of it.
+//!
+//! The dataplane's: on every scrape control asks the dataplane for `GetStats` on its
+//! socket and exports per-worker packets, drops by reason and the other named counters,
+//! conntrack occupancy and capacity, and NetworkPolicy refusals per pod and per policy.
+//! A dataplane that does not answer within [`SCRAPE_TIMEOUT`] gives
+//! `kxdp_dataplane_up 0` and none of its metrics.
+//!
+//! Names are `kxdp_*`, in the OpenMetrics text format (counters end in `_total`).
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use hdrhistogram::Histogram;
+use nat::spec::TableSpec;
+use nat::wire::{self, Message};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeGaugeValue, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::runtime::Handle;
+
+use crate::health::{HttpServer, Reply};
+
+/// kube-proxy's `--metrics-bind-address` default: its port, on localhost only.
+pub const DEFAULT_METRICS_BIND: &str = "127.0.0.1:10249";
+
+/// How long a scrape waits for the dataplane's counters. Prometheus' default scrape
+/// timeout is 10 s; a dataplane slower than this is reported down rather than stalling
+/// the scrape.
+pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The content type of the OpenMetrics text format prometheus-client writes.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The largest value a duration distribution keeps apart: one hour, in microseconds.
+/// Longer ones are counted as one hour.
+const MAX_MICROS: u64 = 3_600_000_000;
+
+/// kube-proxy's `network_programming_duration_seconds` buckets (0, 0.25 s, 0.5 s, 1–59 s
+/// by 1, 60–115 s by 5, 2–5 min by 30 s), with 1 ms to 100 ms added below 0.25 s.
+pub fn network_programming_buckets() -> Vec<f64> {
+    let mut b = vec![0.0, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5];
+    b.extend((1..=59).map(f64::from));
+    b.extend((0..12).map(|i| 60.0 + 5.0 * f64::from(i)));
+    b.extend((0..7).map(|i| 120.0 + 30.0 * f64::from(i)));
+    b
+}
+
+/// kube-proxy's `sync_proxy_rules_duration_seconds` buckets (1 ms doubling to 16.4 s),
+/// with 100 µs to 500 µs added below.
+pub fn sync_buckets() -> Vec<f64> {
+    let mut b = vec![0.0001, 0.00025, 0.0005];
+    b.extend((0..15).map(|i| 0.001 * f64::from(1u32 << i)));
+    b
+}
+
+/// Queue depth buckets: 1 to 1024 batches, doubling.
+pub fn queue_depth_buckets() -> Vec<f64> {
+    (0..11).map(|i| f64::from(1u32 << i)).collect()
+}
+
+/// A distribution of values kept in an hdrhistogram with its exact sum.
+#[derive(Clone, Debug)]
+pub struct Distribution {
+    histogram: Histogram<u64>,
+    /// Recorded units per exported unit (10⁶ for durations kept in microseconds).
+    scale: f64,
+    sum: f64,
+}
+
+impl Distribution {
+    /// Durations, kept in microseconds up to an hour.
+    pub fn durations() -> Distribution {
+        Distribution {
+            histogram: Histogram::new_with_bounds(1, MAX_MICROS, 3)
+                .expect("valid hdrhistogram bounds"),
+            scale: 1e6,
+            sum: 0.0,
+        }
+    }
+
+    /// Counts, up to a million.
+    pub fn counts() -> Distribution {
+        Distribution {
+            histogram: Histogram::new_with_bounds(1, 1_000_000, 3)
+                .expect("valid hdrhistogram bounds"),
+            scale: 1.0,
+            sum: 0.0,
+        }
+    }
+
+    /// Records a duration (a [`Distribution::durations`]).
+    pub fn record_duration(&mut self, d: Duration) {
+        let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.histogram.saturating_record(micros);
+        self.sum += d.as_secs_f64();
+    }
+
+    /// Records a count (a [`Distribution::counts`]).
+    pub fn record_count(&mut self, n: u64) {
+        self.histogram.saturating_record(n);
+        self.sum += n as f64;
+    }
+
+    /// Values recorded.
+    pub fn len(&self) -> u64 {
+        self.histogram.len()
+    }
+
+    /// Whether nothing was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The value at quantile `q` (0..=1), in exported units (seconds for durations).
+    pub fn quantile(&self, q: f64) -> f64 {
+        self.histogram.value_at_quantile(q) as f64 / self.scale
+    }
+
+    /// The largest value, in exported units.
+    pub fn max(&self) -> f64 {
+        self.histogram.max() as f64 / self.scale
+    }
+
+    /// The sum of the values, in exported units.
+    pub fn sum(&self) -> f64 {
+        self.sum
+    }
+
+    /// The underlying histogram (microseconds for durations).
+    pub fn histogram(&self) -> &Histogram<u64> {
+        &self.histogram
+    }
+
+    /// Per-bucket counts (not cumulative) for `bounds` (ascending, exported units), then
+    /// the `+Inf` bucket, as prometheus-client's encoder takes them.
+    pub fn buckets(&self, bounds: &[f64]) -> Vec<(f64, u64)> {
+        let mut counts = vec![0u64; bounds.len() + 1];
+        for v in self.histogram.iter_recorded() {
+            let value = self.histogram.lowest_equivalent(v.value_iterated_to()) as f64 / self.scale;
+            let i = bounds.partition_point(|b| *b < value);
+            counts[i] += v.count_at_value();
+        }
+        bounds
+            .iter()
+            .copied()
+            .chain([f64::INFINITY])
+            .zip(counts)
+            .collect()
+    }
+}
+
+/// Sizes of the tables control last saw applied.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableSizes {
+    /// Service ports (one per Service, port and IP family).
+    pub service_ports: usize,
+    /// Endpoints over all Service ports, whatever their state.
+    pub endpoints: usize,
+    /// Pods on this node.
+    pub local_pods: usize,
+    /// Other nodes reached through the overlay.
+    pub remote_nodes: usize,
+    /// NetworkPolicies isolating a pod of this node.
+    pub policies: usize,
+    /// Pods of this node isolated by a policy.
+    pub isolated_pods: usize,
+}
+
+impl TableSizes {
+    /// The sizes of `tables`.
+    pub fn of(tables: &TableSpec) -> TableSizes {
+        TableSizes {
+            service_ports: tables.services.len(),
+            endpoints: tables.services.iter().map(|s| s.all_endpoints.len()).sum(),
+            local_pods: tables.local_pods.len(),
+            remote_nodes: tables.remote_nodes.len(),
+            policies: tables.policy.policies.len(),
+            isolated_pods: tables.policy.pods.len(),
+        }
+    }
+}
+
+/// Control's own measurements at one moment.
+#[derive(Clone, Debug)]
+pub struct ControlSnapshot {
+    /// Trigger time to applied, per EndpointSlice change.
+    pub network_programming: Distribution,
+    /// Objects taken to the dataplane's `Applied`, per generation.
+    pub sync_duration: Distribution,
+    /// Change batches waiting when a sync started.
+    pub queue_depth: Distribution,
+    /// The last generation sent.
+    pub published_generation: u64,
+    /// The last generation the dataplane applied.
+    pub applied_generation: u64,
+    /// When that was.
+    pub last_applied: Option<SystemTime>,
+    /// Its tables' sizes.
+    pub tables: TableSizes,
+    /// Health-check node ports open.
+    pub health_check_ports: usize,
+    /// Snapshots the dataplane refused.
+    pub refused: u64,
+}
+
+/// Control's measurements, updated by the sync loop and read by scrapes.
+#[derive(Debug)]
+pub struct ControlMetrics {
+    inner: Mutex<ControlSnapshot>,
+}
+
+impl Default for ControlMetrics {
+    fn default() -> Self {
+        ControlMetrics::new()
+    }
+}
+
+impl ControlMetrics {
+    /// Nothing measured yet.
+    pub fn new() -> ControlMetrics {
+        ControlMetrics {
+            inner: Mutex::new(ControlSnapshot {
+                network_programming: Distribution::durations(),
+                sync_duration: Distribution::durations(),
+                queue_depth: Distribution::counts(),
+                published_generation: 0,
+                applied_generation: 0,
+                last_applied: None,
+                tables: TableSizes::default(),
+                health_check_ports: 0,
+                refused: 0,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ControlSnapshot> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// One EndpointSlice change reached the dataplane this long after its trigger time.
+    pub fn observe_network_programming(&self, d: Duration) {
+        self.lock().network_programming.record_duration(d);
+    }
+
+    /// One generation took this long from objects to `Applied`.
+    pub fn observe_sync(&self, d: Duration) {
+        self.lock().sync_duration.record_duration(d);
+    }
+
+    /// A sync started with this many change batches waiting.
+    pub fn observe_queue_depth(&self, batches: u64) {
+        self.lock().queue_depth.record_count(batches);
+    }
+
+    /// `generation` was sent.
+    pub fn published(&self, generation: u64) {
+        self.lock().published_generation = generation;
+    }
+
+    /// The dataplane applied `generation`, whose tables are `tables`, at `at`.
+    pub fn applied(&self, generation: u64, tables: &TableSpec, at: SystemTime) {
+        let mut m = self.lock();
+        m.applied_generation = generation;
+        m.last_applied = Some(at);
+        m.tables = TableSizes::of(tables);
+    }
+
+    /// The dataplane refused a snapshot.
+    pub fn refused(&self) {
+        self.lock().refused += 1;
+    }
+
+    /// This many health-check node ports are open.
+    pub fn health_check_ports(&self, n: usize) {
+        self.lock().health_check_ports = n;
+    }
+
+    /// A copy of everything measured.
+    pub fn snapshot(&self) -> ControlSnapshot {
+        self.lock().clone()
+    }
+
+    /// A copy of the network programming latencies.
+    pub fn network_programming(&self) -> Distribution {
+        self.lock().network_programming.clone()
+    }
+}
+
+/// The dataplane's answer to `GetStats`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DataplaneStats {
+    /// Generation of the tables in use.
+    pub generation: u64,
+    /// Tracked connections.
+    pub conntrack: usize,
+    /// Connection table capacity.
+    pub conntrack_capacity: usize,
+    /// Per worker: named counters.
+    pub workers: Vec<Vec<(String, u64)>>,
+    /// NetworkPolicy refusals by `pod ns/name ingress|egress` and `policy ns/name`.
+    pub policy_drops: Vec<(String, u64)>,
+}
+
+/// Asks the dataplane on `socket` for its counters, giving up after `limit`.
+pub async fn fetch_dataplane_stats(socket: &Path, limit: Duration) -> io::Result<DataplaneStats> {
+    let exchange = async {
+        let mut conn = tokio::net::UnixStream::connect(socket).await?;
+        conn.write_all(&wire::encode(&Message::GetStats)).await?;
+        let mut header = [0u8; wire::HEADER_LEN];
+        conn.read_exact(&mut header).await?;
+        let len = wire::decode_header(&header).map_err(io::Error::other)?;
+        let mut payload = vec![0u8; len];
+        conn.read_exact(&mut payload).await?;
+        match wire::decode_payload(&payload).map_err(io::Error::other)? {
+            Message::Stats {
+                generation,
+                conntrack,
+                conntrack_capacity,
+                workers,
+                policy_drops,
+            } => Ok(DataplaneStats {
+                generation,
+                conntrack,
+                conntrack_capacity,
+                workers,
+                policy_drops,
+            }),
+            other => Err(io::Error::other(format!(
+                "the dataplane answered GetStats with {other:?}"
+            ))),
+        }
+    };
+    tokio::time::timeout(limit, exchange)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no answer in {limit:?}")))?
+}
+
+type Labels = Vec<(String, String)>;
+
+/// One scrape's values, encoded by prometheus-client.
+#[derive(Debug)]
+struct Exposition {
+    control: ControlSnapshot,
+    dataplane: Option<DataplaneStats>,
+}
+
+fn gauge(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: impl EncodeGaugeValue,
+) -> Result<(), std::fmt::Error> {
+    enc.encode_descriptor(name, help, None, MetricType::Gauge)?
+        .encode_gauge(&value)
+}
+
+fn counter(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> Result<(), std::fmt::Error> {
+    enc.encode_descriptor(name, help, None, MetricType::Counter)?
+        .encode_counter::<NoLabelSet, _, u64>(&value, None)
+}
+
+fn labelled(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    ty: MetricType,
+    samples: &[(Labels, u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut metric = enc.encode_descriptor(name, help, None, ty)?;
+    for (labels, value) in samples {
+        let mut family = metric.encode_family(labels)?;
+        if matches!(ty, MetricType::Counter) {
+            family.encode_counter::<NoLabelSet, _, u64>(value, None)?;
+        } else {
+            family.encode_gauge(value)?;
+        }
+    }
+    Ok(())
+}
+
+fn histogram(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    d: &Distribution,
+    bounds: &[f64],
+) -> Result<(), std::fmt::Error> {
+    enc.encode_descriptor(name, help, None, MetricType::Histogram)?
+        .encode_histogram::<NoLabelSet>(d.sum(), d.len(), &d.buckets(bounds), None)
+}
+
+fn label(k: &str, v: impl Into<String>) -> (String, String) {
+    (k.to_string(), v.into())
+}
+
+/// A dataplane counter name as a metric name part (they are snake case already).
+fn metric_part(name: &str) -> String {
+    name.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
+}
+
+impl prometheus_client::collector::Collector for Exposition {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let c = &self.control;
+        histogram(
+            &mut enc,
+            "kxdp_network_programming_duration_seconds",
+            "Time from an EndpointSlice change (its last-change-trigger-time) to the dataplane applying it, as kube-proxy's network_programming_duration_seconds",
+            &c.network_programming,
+            &network_programming_buckets(),
+        )?;
+        histogram(
+            &mut enc,
+            "kxdp_sync_duration_seconds",
+            "Time from taking the changed objects to the dataplane's Applied: tables computed, sent and applied",
+            &c.sync_duration,
+            &sync_buckets(),
+        )?;
+        histogram(
+            &mut enc,
+            "kxdp_sync_queue_depth",
+            "Change batches from the API watchers waiting when a sync started",
+            &c.queue_depth,
+            &queue_depth_buckets(),
+        )?;
+        gauge(
+            &mut enc,
+            "kxdp_generation_published",
+            "The last table generation sent to the dataplane",
+            c.published_generation as i64,
+        )?;
+        gauge(
+            &mut enc,
+            "kxdp_generation_applied",
+            "The last table generation the dataplane applied",
+            c.applied_generation as i64,
+        )?;
+        let last = c
+            .last_applied
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map_or(0.0, |d| d.as_secs_f64());
+        gauge(
+            &mut enc,
+            "kxdp_sync_last_applied_timestamp_seconds",
+            "When the dataplane last applied a generation (Unix time), as kube-proxy's sync_proxy_rules_last_timestamp_seconds",
+            last,
+        )?;
+        counter(
+            &mut enc,
+            "kxdp_sync_refused",
+            "Table snapshots the dataplane refused",
+            c.refused,
+        )?;
+        let t = &c.tables;
+        let tables: Vec<(Labels, u64)> = [
+            ("service_ports", t.service_ports),
+            ("endpoints", t.endpoints),
+            ("local_pods", t.local_pods),
+            ("remote_nodes", t.remote_nodes),
+            ("policies", t.policies),
+            ("isolated_pods", t.isolated_pods),
+        ]
+        .into_iter()
+        .map(|(name, n)| (vec![label("table", name)], n as u64))
+        .collect();
+        labelled(
+            &mut enc,
+            "kxdp_table_entries",
+            "Entries in the tables the dataplane last applied",
+            MetricType::Gauge,
+            &tables,
+        )?;
+        gauge(
+            &mut enc,
+            "kxdp_health_check_node_ports",
+            "Health-check node ports open (Services with externalTrafficPolicy Local)",
+            c.health_check_ports as i64,
+        )?;
+
+        gauge(
+            &mut enc,
+            "kxdp_dataplane_up",
+            "Whether the dataplane answered this scrape's request for its counters",
+            i64::from(self.dataplane.is_some()),
+        )?;
+        let Some(d) = &self.dataplane else {
+            return Ok(());
+        };
+        gauge(
+            &mut enc,
+            "kxdp_dataplane_generation",
+            "The table generation the dataplane's workers use",
+            d.generation as i64,
+        )?;
+        gauge(
+            &mut enc,
+            "kxdp_conntrack_entries",
+            "Connections in the dataplane's connection table",
+            d.conntrack as i64,
+        )?;
+        gauge(
+            &mut enc,
+            "kxdp_conntrack_capacity",
+            "Capacity of the dataplane's connection table (a full table refuses new flows: drops reason conntrack_full)",
+            d.conntrack_capacity as i64,
+        )?;
+        // Group the workers' counters by metric, so each is described once.
+        let mut counters: BTreeMap<String, Vec<(Labels, u64)>> = BTreeMap::new();
+        for (w, named) in d.workers.iter().enumerate() {
+            let worker = label("worker", w.to_string());
+            for (name, value) in named {
+                let (metric, labels) = match name.as_str() {
+                    "rx" | "tx" => (
+                        "kxdp_worker_packets".to_string(),
+                        vec![worker.clone(), label("direction", name.as_str())],
+                    ),
+                    n if n.starts_with("drop_") => (
+                        "kxdp_worker_drops".to_string(),
+                        vec![worker.clone(), label("reason", &n["drop_".len()..])],
+                    ),
+                    n => (
+                        format!("kxdp_worker_{}", metric_part(n)),
+                        vec![worker.clone()],
+                    ),
+                };
+                counters.entry(metric).or_default().push((labels, *value));
+            }
+        }
+        for (metric, samples) in &counters {
+            let help = match metric.as_str() {
+                "kxdp_worker_packets" => {
+                    "Frames received (direction rx) and transmitted (tx) by each worker".to_string()
+                }
+                "kxdp_worker_drops" => "Frames each worker dropped, by reason".to_string(),
+                m => format!(
+                    "The dataplane's per-worker counter {} (see kxdp stats)",
+                    &m["kxdp_worker_".len()..]
+                ),
+            };
+            labelled(&mut enc, metric, &help, MetricType::Counter, samples)?;
+        }
+        let mut pods = Vec::new();
+        let mut policies = Vec::new();
+        for (key, value) in &d.policy_drops {
+            if let Some(rest) = key.strip_prefix("pod ") {
+                if let Some((pod, direction)) = rest.rsplit_once(' ') {
+                    pods.push((
+                        vec![label("pod", pod), label("direction", direction)],
+                        *value,
+                    ));
+                }
+            } else if let Some(policy) = key.strip_prefix("policy ") {
+                policies.push((vec![label("policy", policy)], *value));
+            }
+        }
+        labelled(
+            &mut enc,
+            "kxdp_policy_pod_drops",
+            "New connections refused by NetworkPolicy, by pod (namespace/name) and direction",
+            MetricType::Counter,
+            &pods,
+        )?;
+        labelled(
+            &mut enc,
+            "kxdp_policy_drops",
+            "New connections refused by NetworkPolicy, by each policy (namespace/name) isolating the pod",
+            MetricType::Counter,
+            &policies,
+        )?;
+        Ok(())
+    }
+}
+
+/// The text exposition of `control`'s measurements and, if it answered, the dataplane's.
+pub fn render(control: ControlSnapshot, dataplane: Option<DataplaneStats>) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Exposition { control, dataplane }));
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &registry)
+        .expect("writing to a String does not fail");
+    out
+}
+
+/// Serves `/metrics` on `addr`: control's measurements, and the dataplane's counters asked
+/// for on `socket` at each scrape.
+pub fn serve_metrics(
+    addr: SocketAddr,
+    metrics: Arc<ControlMetrics>,
+    socket: PathBuf,
+    runtime: &Handle,
+) -> io::Result<HttpServer> {
+    HttpServer::start(addr, runtime, move |path| {
+        let metrics = metrics.clone();
+        let socket = socket.clone();
+        async move {
+            if path != "/metrics" {
+                return Reply::not_found();
+            }
+            let dataplane = match fetch_dataplane_stats(&socket, SCRAPE_TIMEOUT).await {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    log::debug!("scrape: the dataplane on {}: {e}", socket.display());
+                    None
+                }
+            };
+            Reply {
+                status: 200,
+                content_type: CONTENT_TYPE,
+                body: render(metrics.snapshot(), dataplane),
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_kube_proxys_with_finer_ones_below() {
+        let b = network_programming_buckets();
+        assert_eq!(b.len(), 10 + 59 + 12 + 7);
+        assert!(b.windows(2).all(|w| w[0] < w[1]));
+        for kube_proxy in [0.0, 0.25, 0.5, 1.0, 59.0, 60.0, 115.0, 120.0, 300.0] {
+            assert!(b.contains(&kube_proxy), "{kube_proxy}");
+        }
+        let s = sync_buckets();
+        assert_eq!(s[3], 0.001);
+        assert_eq!(*s.last().expect("buckets"), 16.384);
+    }
+
+    #[test]
+    fn bucket_counts_come_from_the_hdrhistogram() {
+        let mut d = Distribution::durations();
+        for ms in [1, 3, 3, 40, 900, 2500] {
+            d.record_duration(Duration::from_millis(ms));
+        }
+        let buckets = d.buckets(&[0.001, 0.005, 0.25, 1.0]);
+        assert_eq!(
+            buckets,
+            vec![
+                (0.001, 1),
+                (0.005, 2),
+                (0.25, 1),
+                (1.0, 1),
+                (f64::INFINITY, 1)
+            ]
+        );
+        assert!((d.sum() - 3.447).abs() < 1e-9);
+        assert_eq!(d.len(), 6);
+        assert!((d.quantile(0.5) - 0.003).abs() < 1e-5);
+    }
+
+    fn stats() -> DataplaneStats {
+        DataplaneStats {
+            generation: 7,
+            conntrack: 3,
+            conntrack_capacity: 1024,
+            workers: vec![
+                vec![
+                    ("rx".into(), 10),
+                    ("tx".into(), 9),
+                    ("nat_new".into(), 2),
+                    ("drop_no_service".into(), 1),
+                ],
+                vec![
+                    ("rx".into(), 5),
+                    ("tx".into(), 5),
+                    ("nat_new".into(), 0),
+                    ("drop_no_service".into(), 0),
+                ],
+            ],
+            policy_drops: vec![
+                ("pod default/db ingress".into(), 4),
+                ("policy default/deny-all".into(), 4),
+            ],
+        }
+    }
+
+    #[test]
+    fn exposition_has_control_and_dataplane_metrics() {
+        let m = ControlMetrics::new();
+        m.observe_network_programming(Duration::from_millis(3));
+        m.observe_sync(Duration::from_micros(700));
+        m.observe_queue_depth(2);
+        let text = render(m.snapshot(), Some(stats()));
+        for line in [
+            "# TYPE kxdp_network_programming_duration_seconds histogram",
+            "kxdp_network_programming_duration_seconds_count 1",
+            "kxdp_network_programming_duration_seconds_bucket{le=\"0.005\"} 1",
+            "kxdp_network_programming_duration_seconds_bucket{le=\"0.25\"} 1",
+            "kxdp_network_programming_duration_seconds_bucket{le=\"+Inf\"} 1",
+            "kxdp_sync_duration_seconds_bucket{le=\"0.001\"} 1",
+            "kxdp_sync_queue_depth_bucket{le=\"2.0\"} 1",
+            "kxdp_dataplane_up 1",
+            "kxdp_dataplane_generation 7",
+            "kxdp_conntrack_capacity 1024",
+            "# TYPE kxdp_worker_packets counter",
+            "kxdp_worker_packets_total{worker=\"0\",direction=\"rx\"} 10",
+            "kxdp_worker_packets_total{worker=\"1\",direction=\"tx\"} 5",
+            "kxdp_worker_drops_total{worker=\"0\",reason=\"no_service\"} 1",
+            "kxdp_worker_nat_new_total{worker=\"0\"} 2",
+            "kxdp_policy_pod_drops_total{pod=\"default/db\",direction=\"ingress\"} 4",
+            "kxdp_policy_drops_total{policy=\"default/deny-all\"} 4",
+            "kxdp_table_entries{table=\"service_ports\"} 0",
+            "# EOF",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+        // Each metric is described once, however many workers report it.
+        assert_eq!(text.matches("# TYPE kxdp_worker_packets ").count(), 1);
+
+        let down = render(m.snapshot(), None);
+        assert!(down.lines().any(|l| l == "kxdp_dataplane_up 0"), "{down}");
+        assert!(!down.contains("kxdp_worker_"), "{down}");
+    }
+}
