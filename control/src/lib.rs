@@ -28,7 +28,7 @@ pub mod tables;
 pub use k8s_openapi;
 pub use manifests::{fingerprint, load_dir, load_text, Fingerprint, Loaded, ManifestError};
 pub use objects::{apply_value, Applied, Kind, Object, ObjectError, Objects};
-pub use stream::{Stream, StreamError};
+pub use stream::{Programmer, Stream, StreamError};
 pub use tables::{compute, compute_with_warnings, Computed, TableError, Warning};
 
 /// [`tables::compute`] under the name the case runner uses.

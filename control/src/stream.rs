@@ -1,5 +1,5 @@
 //! The client end of the control stream: sends the latest tables to `kxdp-dataplane` and
-//! waits until they are applied.
+//! waits until they are applied; and the loop that turns object changes into them.
 //!
 //! The stream holds one snapshot, the latest ([`Stream::publish`]); [`Stream::sync`] makes
 //! sure the dataplane at the other end has it. A broken connection (the dataplane
@@ -7,14 +7,31 @@
 //! snapshot is sent again — the dataplane keeps forwarding with its old tables meanwhile, so
 //! nothing is lost by waiting. Plain blocking `std::os::unix::net`: one request, one answer,
 //! no runtime needed.
+//!
+//! A [`Programmer`] computes the tables of changed objects, publishes them when they
+//! differ, and when the dataplane answers `Applied` does what follows from it: records
+//! each EndpointSlice change's network programming latency (trigger time to `Applied` of
+//! the generation that contains it) and the sync duration, tells [`ProxyHealth`] the
+//! dataplane caught up, and updates the health-check node ports (only then, so a load
+//! balancer is not told of a local endpoint the dataplane cannot reach yet).
+//! [`follow`] drives it from the API source, letting bursts of changes settle first
+//! ([`Settle`]).
 
 use std::io::{self, Read};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
-use nat::spec::TableSpec;
+use nat::spec::{ClusterSpec, TableSpec};
 use nat::wire::{self, Message};
+
+use crate::health::{ProxyHealth, ServiceHealthCheck, ServiceHealthServers};
+use crate::kube_source::{Change, KubeSource};
+use crate::metrics::ControlMetrics;
+use crate::objects::Objects;
+use crate::tables::Warning;
 
 /// First wait after a failed connection. Short, because the usual cause is a dataplane that
 /// is just starting.
@@ -303,6 +320,380 @@ impl Stream {
     }
 }
 
+/// Quiet time that ends a burst: computing starts once no change has arrived for this long.
+/// A rollout or a node failure changes many EndpointSlices within a few milliseconds of
+/// each other (the EndpointSlice controller writes them one by one); 2 ms groups those
+/// while adding at most 2 ms to a lone change, a fifth of the 10 ms p99 target.
+pub const SETTLE_QUIET: Duration = Duration::from_millis(2);
+/// The longest a burst is waited for: a steady stream of changes is computed at least
+/// every 20 ms, so the latency of the first change in it stays bounded.
+pub const SETTLE_MAX: Duration = Duration::from_millis(20);
+
+/// How long to let a burst of changes settle before computing the tables once for all of
+/// them (kube-proxy waits its `minSyncPeriod`, 1 s by default, instead).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settle {
+    /// Compute once no change arrived for this long.
+    pub quiet: Duration,
+    /// Compute at the latest this long after the first change.
+    pub max: Duration,
+}
+
+impl Default for Settle {
+    fn default() -> Self {
+        Settle {
+            quiet: SETTLE_QUIET,
+            max: SETTLE_MAX,
+        }
+    }
+}
+
+impl Settle {
+    /// How much longer to wait for more changes when the first of them arrived at
+    /// `first` and the last at `last`; `None` when it is time to compute.
+    pub fn remaining(&self, first: Instant, last: Instant, now: Instant) -> Option<Duration> {
+        let until = (last + self.quiet).min(first + self.max);
+        (now < until).then(|| until - now)
+    }
+}
+
+/// One generation of tables, from objects taken to the dataplane's answer.
+struct Generation {
+    generation: u64,
+    tables: TableSpec,
+    /// When the objects it was computed from were taken.
+    started: Instant,
+    computed_in: Duration,
+    applied: bool,
+}
+
+/// Objects changed → tables computed → the latest snapshot published → the dataplane
+/// brought to it → latencies recorded, health updated. What both sources do with their
+/// objects.
+pub struct Programmer {
+    node: String,
+    cluster: ClusterSpec,
+    stream: Stream,
+    latest: Option<Generation>,
+    /// Log a warning or error only when it was not in the previous computation's: the API
+    /// source recomputes on every Pod event, the manifest source only on an edit.
+    quiet_repeats: bool,
+    warnings: Vec<Warning>,
+    error: Option<String>,
+    /// The newest objects gave no tables (this node's Node is missing): the dataplane is
+    /// behind them whatever it applied.
+    behind: bool,
+    /// Trigger times of EndpointSlice changes, with the generation that contains each.
+    triggers: Vec<(u64, SystemTime)>,
+    /// Trigger times taken while no tables could be computed: the next generation will
+    /// contain them.
+    untagged: Vec<SystemTime>,
+    /// Health checks to serve once the dataplane has this generation.
+    health_checks: Option<(u64, Vec<ServiceHealthCheck>)>,
+    metrics: Arc<ControlMetrics>,
+    health: Arc<ProxyHealth>,
+    service_health: Option<Arc<ServiceHealthServers>>,
+}
+
+impl Programmer {
+    /// Programs the dataplane of node `node` through `stream`, recording into `metrics`
+    /// and `health`.
+    pub fn new(
+        node: &str,
+        cluster: ClusterSpec,
+        stream: Stream,
+        metrics: Arc<ControlMetrics>,
+        health: Arc<ProxyHealth>,
+    ) -> Programmer {
+        Programmer {
+            node: node.to_string(),
+            cluster,
+            stream,
+            latest: None,
+            quiet_repeats: false,
+            warnings: Vec::new(),
+            error: None,
+            behind: false,
+            triggers: Vec::new(),
+            untagged: Vec::new(),
+            health_checks: None,
+            metrics,
+            health,
+            service_health: None,
+        }
+    }
+
+    /// Also keeps these health-check node port servers up to date.
+    pub fn with_service_health(mut self, servers: Arc<ServiceHealthServers>) -> Programmer {
+        self.service_health = Some(servers);
+        self
+    }
+
+    /// Logs a warning or error only when the previous computation did not have it (for
+    /// sources that recompute often).
+    pub fn with_quiet_repeats(mut self, quiet: bool) -> Programmer {
+        self.quiet_repeats = quiet;
+        self
+    }
+
+    /// The node programmed.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The stream to the dataplane.
+    pub fn stream(&self) -> &Stream {
+        &self.stream
+    }
+
+    /// The last generation published, if any.
+    pub fn latest_generation(&self) -> Option<u64> {
+        self.latest.as_ref().map(|l| l.generation)
+    }
+
+    /// The source has changes the dataplane does not have yet; call when they arrive,
+    /// before they are taken.
+    pub fn change_queued(&self) {
+        self.health.queued_update(Instant::now());
+    }
+
+    /// Computes the tables of `objects` (taken at `started`, with what changed since the
+    /// last take) and publishes them if they differ from the last ones. `false` when none
+    /// can be computed (this node's Node is missing): the dataplane keeps what it has.
+    pub fn objects_changed(
+        &mut self,
+        objects: &Objects,
+        change: &Change,
+        started: Instant,
+    ) -> bool {
+        self.health.queued_update(started);
+        self.health.sync_node(objects.node(&self.node));
+        self.metrics.observe_queue_depth(change.batches);
+        let computed = match crate::compute_with_warnings(objects, &self.node, &self.cluster) {
+            Ok(computed) => computed,
+            Err(e) => {
+                let msg = e.to_string();
+                if !self.quiet_repeats || self.error.as_ref() != Some(&msg) {
+                    log::error!("{msg}");
+                }
+                self.error = Some(msg);
+                self.behind = true;
+                self.untagged
+                    .extend(change.endpoint_slice_triggers.iter().copied());
+                return false;
+            }
+        };
+        for w in &computed.warnings {
+            if !self.quiet_repeats || !self.warnings.contains(w) {
+                log::warn!("{w}");
+            }
+        }
+        self.warnings = computed.warnings;
+        self.error = None;
+        self.behind = false;
+        let tables = computed.tables;
+        let checks = self
+            .service_health
+            .is_some()
+            .then(|| crate::health::service_health_checks(objects, &tables));
+        let generation = match &self.latest {
+            Some(l) if l.tables == tables => l.generation,
+            _ => {
+                let generation = self.latest.as_ref().map_or(1, |l| l.generation + 1);
+                self.stream.publish(generation, &tables);
+                self.metrics.published(generation);
+                self.latest = Some(Generation {
+                    generation,
+                    tables,
+                    started,
+                    computed_in: started.elapsed(),
+                    applied: false,
+                });
+                generation
+            }
+        };
+        let triggers = self
+            .untagged
+            .drain(..)
+            .chain(change.endpoint_slice_triggers.iter().copied());
+        self.triggers.extend(triggers.map(|t| (generation, t)));
+        if let Some(checks) = checks {
+            self.health_checks = Some((generation, checks));
+        }
+        true
+    }
+
+    /// Brings the dataplane to the latest snapshot if it is not there ([`Stream::sync`]),
+    /// and acts on what it reached.
+    pub fn sync(&mut self) -> Result<Progress, StreamError> {
+        let progress = self.stream.sync();
+        match &progress {
+            Ok(Progress::Applied(g)) | Ok(Progress::UpToDate(g)) => self.reached(*g),
+            Err(StreamError::Refused { .. }) => self.metrics.refused(),
+            _ => {}
+        }
+        progress
+    }
+
+    /// The dataplane has generation `g`.
+    fn reached(&mut self, g: u64) {
+        let wall = SystemTime::now();
+        let metrics = &self.metrics;
+        self.triggers.retain(|&(generation, trigger)| {
+            if generation > g {
+                return true;
+            }
+            // A trigger time ahead of this clock (clock skew with the control plane)
+            // counts as zero rather than being lost.
+            metrics.observe_network_programming(wall.duration_since(trigger).unwrap_or_default());
+            false
+        });
+        if let Some(l) = self
+            .latest
+            .as_mut()
+            .filter(|l| l.generation == g && !l.applied)
+        {
+            l.applied = true;
+            let took = l.started.elapsed();
+            metrics.observe_sync(took);
+            metrics.applied(g, &l.tables, wall);
+            log::info!(
+                "generation {g} applied: {} service ports, {} local pods, {} remote nodes; computed in {:?}, applied in {:?}, {took:?} in all",
+                l.tables.services.len(),
+                l.tables.local_pods.len(),
+                l.tables.remote_nodes.len(),
+                l.computed_in,
+                self.stream.last_round_trip().unwrap_or_default(),
+            );
+        }
+        if self.health_checks.as_ref().is_some_and(|(h, _)| *h <= g) {
+            if let (Some((_, checks)), Some(servers)) =
+                (self.health_checks.take(), &self.service_health)
+            {
+                metrics.health_check_ports(servers.sync(&checks));
+            }
+        }
+        if !self.behind {
+            self.health.updated(wall);
+        }
+    }
+}
+
+/// How [`follow`] paces itself.
+#[derive(Clone, Copy, Debug)]
+pub struct Follow {
+    /// How bursts of changes are grouped.
+    pub settle: Settle,
+    /// How often to look at the dataplane connection when nothing changes (a restarted
+    /// dataplane is noticed and resynced within this).
+    pub poll: Duration,
+    /// Return once the dataplane applied the first tables.
+    pub once: bool,
+}
+
+/// Why [`follow`] stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum FollowError {
+    /// `--once` and the objects give no tables.
+    #[error("--once: no table to send (see above)")]
+    NoTables,
+    /// `--once` and the dataplane refused the tables.
+    #[error("{0}")]
+    Refused(#[source] StreamError),
+    /// The API watchers are gone (their runtime shut down).
+    #[error("the API watchers stopped")]
+    WatchersStopped,
+}
+
+/// What one look at the API source found.
+enum Look {
+    Unchanged,
+    /// Some kinds have not been listed yet: no tables from a partial view.
+    NotSynced,
+    Published,
+    Failed,
+}
+
+/// Programs the dataplane from the API source until `stop` is set (or, with `once`, the
+/// first tables are applied): waits for a change, lets the burst settle, computes and
+/// publishes, syncs. Blocks the calling thread (the computation runs on it); the source's
+/// watchers run on `runtime`, which this thread must not be a worker of.
+pub fn follow(
+    source: &mut KubeSource,
+    programmer: &mut Programmer,
+    runtime: &tokio::runtime::Handle,
+    how: Follow,
+    stop: &AtomicBool,
+) -> Result<(), FollowError> {
+    let mut waiting_said = false;
+    while !stop.load(Ordering::Relaxed) {
+        let started = Instant::now();
+        let look = source.take(|objects, change| {
+            if change.batches == 0 {
+                return Look::Unchanged;
+            }
+            if !change.synced {
+                return Look::NotSynced;
+            }
+            log::debug!(
+                "{} batches ({:?}, listed {:?}), {} objects, {} EndpointSlice trigger times",
+                change.batches,
+                change.kinds,
+                change.listed,
+                objects.len(),
+                change.endpoint_slice_triggers.len()
+            );
+            if programmer.objects_changed(objects, &change, started) {
+                Look::Published
+            } else {
+                Look::Failed
+            }
+        });
+        match look {
+            Look::NotSynced if !waiting_said => {
+                log::info!("waiting for the first list of {:?}", source.unsynced());
+                waiting_said = true;
+            }
+            Look::Failed if how.once => return Err(FollowError::NoTables),
+            Look::Unchanged | Look::NotSynced | Look::Published | Look::Failed => {}
+        }
+        match programmer.sync() {
+            Ok(Progress::Applied(_)) if how.once => return Ok(()),
+            Ok(_) => {}
+            Err(e @ StreamError::Refused { .. }) => {
+                log::error!("{e}");
+                if how.once {
+                    return Err(FollowError::Refused(e));
+                }
+            }
+            Err(e) => log::warn!("{e}"),
+        }
+        let alive = runtime.block_on(async {
+            match tokio::time::timeout(how.poll, source.changed()).await {
+                Err(_) => true,
+                Ok(false) => false,
+                Ok(true) => {
+                    programmer.change_queued();
+                    let first = Instant::now();
+                    let mut last = first;
+                    while let Some(wait) = how.settle.remaining(first, last, Instant::now()) {
+                        match tokio::time::timeout(wait, source.changed()).await {
+                            Ok(true) => last = Instant::now(),
+                            Ok(false) => return false,
+                            Err(_) => {}
+                        }
+                    }
+                    true
+                }
+            }
+        });
+        if !alive {
+            return Err(FollowError::WatchersStopped);
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -391,6 +782,19 @@ mod tests {
         assert!(e.to_string().contains("bad table"), "{e}");
         assert_eq!(s.sync().expect("reported already"), Progress::Refused(1));
         let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_burst_settles_after_a_quiet_gap_or_at_the_bound() {
+        let s = Settle::default();
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        assert_eq!(s.remaining(t0, t0, t0), Some(ms(2)));
+        assert_eq!(s.remaining(t0, t0, t0 + ms(2)), None);
+        // A change every millisecond keeps it waiting, but never past 20 ms.
+        assert_eq!(s.remaining(t0, t0 + ms(10), t0 + ms(11)), Some(ms(1)));
+        assert_eq!(s.remaining(t0, t0 + ms(19), t0 + ms(19)), Some(ms(1)));
+        assert_eq!(s.remaining(t0, t0 + ms(20), t0 + ms(20)), None);
     }
 
     #[test]

@@ -1,19 +1,26 @@
 //! `kxdp-control`: reads Kubernetes objects from a directory of manifests (`--manifests`) or
 //! watches them on the API server (otherwise), computes this node's tables and streams them
-//! to `kxdp-dataplane`; re-sends when the objects change or the dataplane restarts.
+//! to `kxdp-dataplane`; re-sends when the objects change or the dataplane restarts. Serves
+//! kube-proxy's `/healthz` and `/livez`, the health-check node ports of
+//! `externalTrafficPolicy: Local` Services, and Prometheus `/metrics`.
 
 #![forbid(unsafe_code)]
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use control::kube_source::{Connection, KubeSource};
-use control::stream::{Progress, Stream, StreamError};
-use control::{Objects, Warning};
+use control::health::{HealthCheckPort, ProxyHealth, ServiceHealthServers};
+use control::kube_source::{Change, Connection, KubeSource};
+use control::metrics::ControlMetrics;
+use control::stream::{Follow, Progress, Settle, Stream, StreamError};
+use control::Programmer;
 use ipnet::IpNet;
-use nat::spec::{ClusterSpec, TableSpec};
+use nat::spec::ClusterSpec;
 
 #[derive(Parser)]
 #[command(
@@ -62,13 +69,29 @@ struct Args {
     /// How often to look at the directory and at the dataplane connection, in milliseconds.
     #[arg(long, default_value_t = 200)]
     poll_ms: u64,
-}
-
-/// What the last computation produced, for the log line of its sync.
-struct Sync {
-    generation: u64,
-    tables: TableSpec,
-    computed_in: Duration,
+    /// A burst of API changes is computed once no change has arrived for this long, in
+    /// milliseconds.
+    #[arg(long, default_value_t = control::stream::SETTLE_QUIET.as_millis() as u64)]
+    settle_ms: u64,
+    /// ... and at the latest this long after its first change, in milliseconds.
+    #[arg(long, default_value_t = control::stream::SETTLE_MAX.as_millis() as u64)]
+    settle_max_ms: u64,
+    /// Where /healthz and /livez answer, as kube-proxy's (IP:PORT; "" turns them off).
+    /// Default when watching the API server: 0.0.0.0:10256; with --manifests: off.
+    #[arg(long)]
+    healthz_bind_address: Option<String>,
+    /// /healthz and /livez fail once a change has waited this long for the dataplane, in
+    /// seconds (kube-proxy: twice its sync period, 60 s by default).
+    #[arg(long, default_value_t = control::health::DEFAULT_HEALTHZ_TIMEOUT.as_secs())]
+    healthz_timeout_s: u64,
+    /// Where /metrics answers (IP:PORT; "" turns it off). Default when watching the API
+    /// server: 127.0.0.1:10249, localhost only as kube-proxy's; with --manifests: off.
+    #[arg(long)]
+    metrics_bind_address: Option<String>,
+    /// The address the health-check node ports of externalTrafficPolicy: Local Services
+    /// listen on (with --manifests too).
+    #[arg(long, default_value = "0.0.0.0")]
+    health_check_bind_address: IpAddr,
 }
 
 fn cluster_spec(args: &Args) -> ClusterSpec {
@@ -85,94 +108,33 @@ fn cluster_spec(args: &Args) -> ClusterSpec {
     cluster
 }
 
-/// Objects changed → tables computed → the latest snapshot published → the dataplane
-/// brought to it: what both sources do with their objects.
-struct Publisher {
-    node: String,
-    cluster: ClusterSpec,
-    stream: Stream,
-    latest: Option<Sync>,
-    once: bool,
-    /// Log a warning or error only when it was not in the previous computation's: the API
-    /// source recomputes on every Pod event, the manifest source only on an edit.
-    quiet_repeats: bool,
-    warnings: Vec<Warning>,
-    error: Option<String>,
-}
-
-impl Publisher {
-    /// Computes the tables of `objects` (read since `started`) and publishes them if they
-    /// differ from the last ones. `false` when none can be computed (this node's Node is
-    /// missing): the dataplane keeps what it has.
-    fn objects_changed(&mut self, objects: &Objects, started: Instant) -> bool {
-        match control::compute_with_warnings(objects, &self.node, &self.cluster) {
-            Ok(computed) => {
-                for w in &computed.warnings {
-                    if !self.quiet_repeats || !self.warnings.contains(w) {
-                        log::warn!("{w}");
-                    }
-                }
-                self.warnings = computed.warnings;
-                self.error = None;
-                let tables = computed.tables;
-                if self.latest.as_ref().is_some_and(|l| l.tables == tables) {
-                    return true;
-                }
-                let generation = self.latest.as_ref().map_or(1, |l| l.generation + 1);
-                self.stream.publish(generation, &tables);
-                self.latest = Some(Sync {
-                    generation,
-                    tables,
-                    computed_in: started.elapsed(),
-                });
-                true
+/// Brings the dataplane to the latest snapshot if it is not there; `true` when `--once` is
+/// done.
+fn sync(programmer: &mut Programmer, once: bool) -> Result<bool> {
+    match programmer.sync() {
+        Ok(Progress::Applied(_)) => Ok(once),
+        Ok(_) => Ok(false),
+        Err(e @ StreamError::Refused { .. }) => {
+            log::error!("{e}");
+            if once {
+                bail!("{e}");
             }
-            Err(e) => {
-                let msg = e.to_string();
-                if !self.quiet_repeats || self.error.as_ref() != Some(&msg) {
-                    log::error!("{msg}");
-                }
-                self.error = Some(msg);
-                false
-            }
+            Ok(false)
         }
-    }
-
-    /// Brings the dataplane to the latest snapshot if it is not there; `true` when `--once`
-    /// is done.
-    fn sync(&mut self) -> Result<bool> {
-        match self.stream.sync() {
-            Ok(Progress::Applied(g)) => {
-                if let Some(l) = self.latest.as_ref().filter(|l| l.generation == g) {
-                    log::info!(
-                        "generation {g} applied: {} service ports, {} local pods, {} remote nodes; computed in {:?}, applied in {:?}",
-                        l.tables.services.len(),
-                        l.tables.local_pods.len(),
-                        l.tables.remote_nodes.len(),
-                        l.computed_in,
-                        self.stream.last_round_trip().unwrap_or_default(),
-                    );
-                }
-                Ok(self.once)
-            }
-            Ok(_) => Ok(false),
-            Err(e @ StreamError::Refused { .. }) => {
-                log::error!("{e}");
-                if self.once {
-                    bail!("{e}");
-                }
-                Ok(false)
-            }
-            Err(e) => {
-                log::warn!("{e}");
-                Ok(false)
-            }
+        Err(e) => {
+            log::warn!("{e}");
+            Ok(false)
         }
     }
 }
 
 /// Polls the directory; reloads and recomputes when its fingerprint changes.
-fn run_manifests(dir: &Path, publisher: &mut Publisher, poll: Duration) -> Result<()> {
+fn run_manifests(
+    dir: &Path,
+    programmer: &mut Programmer,
+    poll: Duration,
+    once: bool,
+) -> Result<()> {
     let mut seen = None;
     let mut dir_error = None;
     loop {
@@ -194,14 +156,18 @@ fn run_manifests(dir: &Path, publisher: &mut Publisher, poll: Duration) -> Resul
                                 loaded.objects.len(),
                                 loaded.errors.len()
                             );
-                            publisher.objects_changed(&loaded.objects, started)
+                            let change = Change {
+                                batches: 1,
+                                ..Change::default()
+                            };
+                            programmer.objects_changed(&loaded.objects, &change, started)
                         }
                         Err(e) => {
                             log::error!("{e}");
                             false
                         }
                     };
-                    if !published && publisher.once {
+                    if !published && once {
                         bail!("--once: no table to send (see above)");
                     }
                 }
@@ -209,7 +175,7 @@ fn run_manifests(dir: &Path, publisher: &mut Publisher, poll: Duration) -> Resul
             Err(e) => {
                 // Said once, not every poll; the directory may appear later.
                 let msg = e.to_string();
-                if publisher.once {
+                if once {
                     bail!("{msg}");
                 }
                 if dir_error.as_ref() != Some(&msg) {
@@ -219,84 +185,56 @@ fn run_manifests(dir: &Path, publisher: &mut Publisher, poll: Duration) -> Resul
                 seen = None;
             }
         }
-        if publisher.sync()? {
+        if sync(programmer, once)? {
             return Ok(());
         }
         std::thread::sleep(poll);
     }
 }
 
-/// What one look at the API source found.
-enum Look {
-    /// Nothing applied since the last look.
-    Unchanged,
-    /// Some kinds have not been listed yet: no tables from a partial view.
-    NotSynced,
-    /// Tables computed (and published if new).
-    Published,
-    /// No tables could be computed (logged).
-    Failed,
+/// An address flag that may be empty (kube-proxy: an empty bind address turns the server
+/// off).
+fn bind_address(flag: &str, value: Option<&str>) -> Result<Option<SocketAddr>> {
+    let Some(value) = value.filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    value.parse().map(Some).with_context(|| {
+        format!("{flag} {value:?}: write IP:PORT (e.g. 0.0.0.0:10256), or \"\" to turn it off")
+    })
 }
 
-/// Watches the API server; recomputes whenever a batch of changes was applied.
-fn run_kube(connection: &Connection, publisher: &mut Publisher, poll: Duration) -> Result<()> {
-    // The watchers wait on sockets; one worker is plenty, and the computation runs on this
-    // thread meanwhile.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("kxdp-watch")
-        .enable_all()
-        .build()
-        .context("start the tokio runtime")?;
-    let mut source = runtime.block_on(KubeSource::connect(connection))?;
-    log::info!(
-        "watching the API server for node {}'s tables",
-        publisher.node
-    );
-    let mut waiting_said = false;
-    loop {
-        let started = Instant::now();
-        let look = source.take(|objects, change| {
-            if change.batches == 0 {
-                return Look::Unchanged;
+/// How often a server whose address could not be bound tries again (kube-proxy retries
+/// its healthz and metrics servers every 5 s too, and keeps proxying meanwhile).
+const BIND_RETRY: Duration = Duration::from_secs(5);
+
+/// Runs the server `start` makes, trying again every [`BIND_RETRY`] while its address is
+/// taken (kube-proxy still running during a migration): programming the dataplane does
+/// not wait for it.
+fn keep_serving<F>(runtime: &tokio::runtime::Handle, what: &'static str, addr: SocketAddr, start: F)
+where
+    F: Fn(&tokio::runtime::Handle) -> std::io::Result<control::health::HttpServer> + Send + 'static,
+{
+    let handle = runtime.clone();
+    runtime.spawn(async move {
+        let mut said = false;
+        loop {
+            match start(&handle) {
+                Ok(server) => {
+                    log::info!("{what} on {}", server.addr());
+                    // Serves until the process ends.
+                    std::future::pending::<()>().await;
+                    drop(server);
+                }
+                Err(e) => {
+                    if !said {
+                        log::error!("{what}: cannot listen on {addr}: {e} (is kube-proxy still running on this node?); trying again every {BIND_RETRY:?}");
+                        said = true;
+                    }
+                    tokio::time::sleep(BIND_RETRY).await;
+                }
             }
-            if !change.synced {
-                return Look::NotSynced;
-            }
-            log::debug!(
-                "{} batches ({:?}, listed {:?}), {} objects, {} EndpointSlice trigger times",
-                change.batches,
-                change.kinds,
-                change.listed,
-                objects.len(),
-                change.endpoint_slice_triggers.len()
-            );
-            if publisher.objects_changed(objects, started) {
-                Look::Published
-            } else {
-                Look::Failed
-            }
-        });
-        match look {
-            Look::NotSynced if !waiting_said => {
-                log::info!("waiting for the first list of {:?}", source.unsynced());
-                waiting_said = true;
-            }
-            Look::Failed if publisher.once => bail!("--once: no table to send (see above)"),
-            Look::Unchanged | Look::NotSynced | Look::Published | Look::Failed => {}
         }
-        if publisher.sync()? {
-            return Ok(());
-        }
-        let alive = runtime.block_on(async {
-            tokio::time::timeout(poll, source.changed())
-                .await
-                .unwrap_or(true)
-        });
-        if !alive {
-            bail!("the API watchers stopped");
-        }
-    }
+    });
 }
 
 /// The node name when watching the API server, as kube-proxy finds it: the flag, else
@@ -325,24 +263,80 @@ fn main() -> Result<()> {
         (Some(_), Some(node)) => node.clone(),
         _ => node_name(args.node.as_deref())?,
     };
-    let mut publisher = Publisher {
-        node,
-        cluster: cluster_spec(&args),
-        stream: Stream::new(&args.socket),
-        latest: None,
-        once: args.once,
-        quiet_repeats: args.manifests.is_none(),
-        warnings: Vec::new(),
-        error: None,
-    };
+    // The API watchers and the HTTP servers wait on sockets; one worker is plenty, and the
+    // table computation runs on this thread meanwhile.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("kxdp-control-io")
+        .enable_all()
+        .build()
+        .context("start the tokio runtime")?;
+    let metrics = Arc::new(ControlMetrics::new());
+    let health = Arc::new(ProxyHealth::new(Duration::from_secs(
+        args.healthz_timeout_s,
+    )));
+    // Labs run several kxdp-control processes side by side on manifests: the fixed ports
+    // are only the default when watching a cluster, as kube-proxy does.
+    let cluster_default = |d: &str| args.manifests.is_none().then(|| d.to_string());
+    let healthz = args
+        .healthz_bind_address
+        .clone()
+        .or_else(|| cluster_default(control::health::DEFAULT_HEALTHZ_BIND));
+    if let Some(addr) = bind_address("--healthz-bind-address", healthz.as_deref())? {
+        let health = health.clone();
+        keep_serving(
+            runtime.handle(),
+            "/healthz and /livez",
+            addr,
+            move |handle| control::health::serve_healthz(addr, health.clone(), handle),
+        );
+    }
+    let metrics_bind = args
+        .metrics_bind_address
+        .clone()
+        .or_else(|| cluster_default(control::metrics::DEFAULT_METRICS_BIND));
+    if let Some(addr) = bind_address("--metrics-bind-address", metrics_bind.as_deref())? {
+        let (metrics, socket) = (metrics.clone(), args.socket.clone());
+        keep_serving(runtime.handle(), "/metrics", addr, move |handle| {
+            control::metrics::serve_metrics(addr, metrics.clone(), socket.clone(), handle)
+        });
+    }
+    let service_health = Arc::new(ServiceHealthServers::new(
+        args.health_check_bind_address,
+        HealthCheckPort::NodePort,
+        health.clone(),
+        runtime.handle().clone(),
+    ));
+    let mut programmer = Programmer::new(
+        &node,
+        cluster_spec(&args),
+        Stream::new(&args.socket),
+        metrics,
+        health,
+    )
+    .with_service_health(service_health)
+    .with_quiet_repeats(args.manifests.is_none());
     match &args.manifests {
-        Some(dir) => run_manifests(dir, &mut publisher, poll),
+        Some(dir) => run_manifests(dir, &mut programmer, poll, args.once),
         None => {
             let connection = Connection {
                 kubeconfig: args.kubeconfig.clone(),
                 master: args.master.clone(),
             };
-            run_kube(&connection, &mut publisher, poll)
+            let mut source = runtime.block_on(KubeSource::connect(&connection))?;
+            log::info!("watching the API server for node {node}'s tables");
+            let how = Follow {
+                settle: Settle {
+                    quiet: Duration::from_millis(args.settle_ms),
+                    max: Duration::from_millis(args.settle_max_ms.max(args.settle_ms)),
+                },
+                poll,
+                once: args.once,
+            };
+            // Runs until the process is killed; the dataplane keeps its tables meanwhile.
+            let stop = AtomicBool::new(false);
+            control::stream::follow(&mut source, &mut programmer, runtime.handle(), how, &stop)
+                .map_err(Into::into)
         }
     }
 }
