@@ -24,6 +24,8 @@ command -v clang >/dev/null 2>&1 || need+=(clang)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 command -v make >/dev/null 2>&1 || need+=(make)
 command -v bpftool >/dev/null 2>&1 || need+=(bpftool)
+# vagrant validates the VM bench's Vagrantfile in the test command.
+command -v vagrant >/dev/null 2>&1 || need+=(vagrant)
 # ping and traceroute through a kxdp node (issue 9's namespace test).
 command -v ping >/dev/null 2>&1 || need+=(iputils-ping)
 command -v traceroute >/dev/null 2>&1 || need+=(traceroute)

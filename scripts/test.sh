@@ -7,3 +7,5 @@ cd "$(dirname "$0")/.."
 # The namespace tests start kxdp-control and kxdp-dataplane as processes.
 cargo build --workspace --bins
 cargo test --workspace -- --test-threads=1
+# The VM bench's Vagrantfile parses and validates (Debian's vagrant; no VM is started).
+(cd vagrant && vagrant validate)
