@@ -302,6 +302,11 @@ impl ControlMetrics {
     pub fn network_programming(&self) -> Distribution {
         self.lock().network_programming.clone()
     }
+
+    /// How many network programming latencies were recorded (without copying them).
+    pub fn network_programming_count(&self) -> u64 {
+        self.lock().network_programming.len()
+    }
 }
 
 /// The dataplane's answer to `GetStats`.
@@ -317,6 +322,8 @@ pub struct DataplaneStats {
     pub workers: Vec<Vec<(String, u64)>>,
     /// NetworkPolicy refusals by `pod ns/name ingress|egress` and `policy ns/name`.
     pub policy_drops: Vec<(String, u64)>,
+    /// Tables from control the dataplane's validation refused since it started.
+    pub refused_tables: u64,
 }
 
 /// Asks the dataplane on `socket` for its counters, giving up after `limit`.
@@ -336,12 +343,14 @@ pub async fn fetch_dataplane_stats(socket: &Path, limit: Duration) -> io::Result
                 conntrack_capacity,
                 workers,
                 policy_drops,
+                refused_tables,
             } => Ok(DataplaneStats {
                 generation,
                 conntrack,
                 conntrack_capacity,
                 workers,
                 policy_drops,
+                refused_tables,
             }),
             other => Err(io::Error::other(format!(
                 "the dataplane answered GetStats with {other:?}"
@@ -528,6 +537,12 @@ impl prometheus_client::collector::Collector for Exposition {
             "Capacity of the dataplane's connection table (a full table refuses new flows: drops reason conntrack_full)",
             d.conntrack_capacity as i64,
         )?;
+        counter(
+            &mut enc,
+            "kxdp_dataplane_refused_tables",
+            "Tables from control the dataplane's validation refused since it started (it keeps the tables in use)",
+            d.refused_tables,
+        )?;
         // Group the workers' counters by metric, so each is described once.
         let mut counters: BTreeMap<String, Vec<(Labels, u64)>> = BTreeMap::new();
         for (w, named) in d.workers.iter().enumerate() {
@@ -698,6 +713,7 @@ mod tests {
                 ("pod default/db ingress".into(), 4),
                 ("policy default/deny-all".into(), 4),
             ],
+            refused_tables: 1,
         }
     }
 
@@ -719,6 +735,7 @@ mod tests {
             "kxdp_dataplane_up 1",
             "kxdp_dataplane_generation 7",
             "kxdp_conntrack_capacity 1024",
+            "kxdp_dataplane_refused_tables_total 1",
             "# TYPE kxdp_worker_packets counter",
             "kxdp_worker_packets_total{worker=\"0\",direction=\"rx\"} 10",
             "kxdp_worker_packets_total{worker=\"1\",direction=\"tx\"} 5",
