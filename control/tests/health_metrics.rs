@@ -9,7 +9,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -35,7 +35,7 @@ fn socket_path(name: &str) -> PathBuf {
 }
 
 /// A dataplane without interfaces, two workers, serving its control socket at `path`.
-fn dataplane(path: &PathBuf) -> Arc<Shared> {
+fn dataplane(path: &Path) -> Arc<Shared> {
     let shared = Arc::new(Shared::new(
         Vec::new(),
         2,
