@@ -56,8 +56,9 @@ pub const DEFAULT_HEALTHZ_TIMEOUT: Duration = Duration::from_secs(60);
 /// The taint the cluster autoscaler puts on a node it is about to delete.
 pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
 
-/// kube-proxy's `/healthz` port, and the address it binds by default.
-pub const DEFAULT_HEALTHZ_BIND: &str = "0.0.0.0:10256";
+/// kube-proxy's `/healthz` port, on localhost unless told otherwise (kube-proxy binds
+/// 0.0.0.0; load balancers that probe it need that, which deploy/ passes explicitly).
+pub const DEFAULT_HEALTHZ_BIND: &str = "127.0.0.1:10256";
 
 /// How long one HTTP connection may take from accept to the end of its answer: a client
 /// that sends nothing is dropped after this. Health checkers and scrapers ask once per

@@ -77,7 +77,10 @@ struct Args {
     #[arg(long, default_value_t = control::stream::SETTLE_MAX.as_millis() as u64)]
     settle_max_ms: u64,
     /// Where /healthz and /livez answer, as kube-proxy's (IP:PORT; "" turns them off).
-    /// Default when watching the API server: 0.0.0.0:10256; with --manifests: off.
+    /// Default when watching the API server: 127.0.0.1:10256 (kube-proxy's port, but
+    /// localhost unless told otherwise: load balancers that probe it need
+    /// `--healthz-bind-address 0.0.0.0:10256`, as the DaemonSets in deploy/ pass); with
+    /// --manifests: off.
     #[arg(long)]
     healthz_bind_address: Option<String>,
     /// /healthz and /livez fail once a change has waited this long for the dataplane, in
