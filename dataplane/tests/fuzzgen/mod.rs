@@ -503,12 +503,17 @@ fn check_ipv4(
     let mut checked = transport(frame, view);
     let v = checked.ip.as_ref().expect("transport keeps the view");
     if let Some(x) = vxlan {
-        let ours = v.src == IpAddr::V4(x.vtep) || v.dst == IpAddr::V4(x.vtep);
+        // Sent by the VTEP (from its source-port range), or sent to it.
+        let sent = v.src == IpAddr::V4(x.vtep) && (32768..=60998).contains(&v.sport);
+        let ours = sent || v.dst == IpAddr::V4(x.vtep);
         if depth == 0 && v.proto == UDP && !v.fragment && v.dport == x.port && ours {
             let udp = &frame[v.l4..v.end];
             let ulen = u16::from_be_bytes([udp[4], udp[5]]) as usize;
             if ulen != udp.len() {
-                return Err(format!("VXLAN: UDP length {ulen}, IP payload {}", udp.len()));
+                return Err(format!(
+                    "VXLAN: UDP length {ulen}, IP payload {}",
+                    udp.len()
+                ));
             }
             if udp.len() < 16 + 14 {
                 return Err(format!("VXLAN: {} bytes of UDP", udp.len()));
@@ -903,7 +908,15 @@ pub mod flags {
 }
 
 /// A TCP segment (checksum left 0 for [`fill_l4_checksum`]).
-pub fn tcp(sport: u16, dport: u16, seq: u32, ack: u32, fl: u8, options: &[u8], data: &[u8]) -> Vec<u8> {
+pub fn tcp(
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    ack: u32,
+    fl: u8,
+    options: &[u8],
+    data: &[u8],
+) -> Vec<u8> {
     let mut opts = options.to_vec();
     opts.truncate(40);
     while opts.len() % 4 != 0 {
@@ -1002,7 +1015,16 @@ pub fn neighbor_advert(src: Ipv6Addr, dst: Ipv6Addr, target: Ipv6Addr, mac: [u8;
 /// A neighbour solicitation for `target` from `src` at `mac`.
 pub fn neighbor_solicit(src: Ipv6Addr, target: Ipv6Addr, mac: [u8; 6]) -> Vec<u8> {
     let t = target.octets();
-    let dst = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 1, 0xff00 | t[13] as u16, u16::from_be_bytes([t[14], t[15]]));
+    let dst = Ipv6Addr::new(
+        0xff02,
+        0,
+        0,
+        0,
+        0,
+        1,
+        0xff00 | t[13] as u16,
+        u16::from_be_bytes([t[14], t[15]]),
+    );
     let mut data = t.to_vec();
     data.extend_from_slice(&[1, 1]);
     data.extend_from_slice(&mac);
@@ -1047,6 +1069,10 @@ pub struct Palette {
     pub macs: Vec<[u8; 6]>,
     /// The overlay, for VXLAN frames.
     pub vxlan: Option<VxlanPalette>,
+    /// The sender's own IPv4 address, used as the source most of the time.
+    pub from_v4: Option<Ipv4Addr>,
+    /// The sender's own IPv6 address.
+    pub from_v6: Option<Ipv6Addr>,
 }
 
 /// The overlay as the generator sees it.
@@ -1182,7 +1208,12 @@ pub fn transport_gen(s: &mut Src, pal: &Palette, proto: u8, v6: bool, depth: u8)
                     }
                     icmp(ty, code, rest, &quoted)
                 }
-                _ => icmp(s.u8(), s.u8(), [s.u8(), s.u8(), s.u8(), s.u8()], &payload(s)),
+                _ => icmp(
+                    s.u8(),
+                    s.u8(),
+                    [s.u8(), s.u8(), s.u8(), s.u8()],
+                    &payload(s),
+                ),
             }
         }
         _ => payload(s),
@@ -1222,7 +1253,11 @@ pub fn ip_packet_gen(s: &mut Src, pal: &Palette, v6: Option<bool>, depth: u8) ->
         _ => 64,
     };
     if v6 {
-        let (src, dst) = (pal.v6(s), pal.v6(s));
+        let src = match pal.from_v6 {
+            Some(a) if s.chance(3, 4) => a,
+            _ => pal.v6(s),
+        };
+        let dst = pal.v6(s);
         let mut exts = Vec::new();
         if s.chance(1, 5) {
             for _ in 0..1 + s.below(3) {
@@ -1239,7 +1274,11 @@ pub fn ip_packet_gen(s: &mut Src, pal: &Palette, v6: Option<bool>, depth: u8) ->
         }
         ipv6(src, dst, proto, l4, ttl, s.u8(), &exts)
     } else {
-        let (src, dst) = (pal.v4(s), pal.v4(s));
+        let src = match pal.from_v4 {
+            Some(a) if s.chance(3, 4) => a,
+            _ => pal.v4(s),
+        };
+        let dst = pal.v4(s);
         let mut o = V4Opts {
             ttl,
             tos: if s.chance(1, 3) { s.u8() } else { 0 },
@@ -1277,7 +1316,11 @@ pub fn frame_gen(s: &mut Src, pal: &Palette, depth: u8) -> Vec<u8> {
         }
         10 | 11 => {
             let op = if s.chance(3, 4) { 1 } else { 2 };
-            let (spa, tpa) = (pal.v4(s), pal.v4(s));
+            let spa = match pal.from_v4 {
+                Some(a) if s.chance(3, 4) => a,
+                _ => pal.v4(s),
+            };
+            let tpa = pal.v4(s);
             (0x0806, arp(op, pal.mac(s), spa, [0; 6], tpa))
         }
         12..=14 if depth == 0 && pal.vxlan.is_some() => {
@@ -1288,8 +1331,21 @@ pub fn frame_gen(s: &mut Src, pal: &Palette, depth: u8) -> Vec<u8> {
             } else {
                 pal.v4(s)
             };
-            let vni = if s.chance(7, 8) { x.vni } else { s.u32() & 0xff_ffff };
-            let f = vxlan(dst, src_mac(src), src, x.local, pal.port(s), x.port, vni, &inner);
+            let vni = if s.chance(7, 8) {
+                x.vni
+            } else {
+                s.u32() & 0xff_ffff
+            };
+            let f = vxlan(
+                dst,
+                src_mac(src),
+                src,
+                x.local,
+                pal.port(s),
+                x.port,
+                vni,
+                &inner,
+            );
             return f;
         }
         _ => {
@@ -1583,6 +1639,8 @@ pub fn layout_palette() -> Palette {
             local: NODE_V4,
             remotes: vec![NODE_B],
         }),
+        from_v4: None,
+        from_v6: None,
     }
 }
 
@@ -1652,13 +1710,20 @@ pub fn table_spec_gen(s: &mut Src) -> nat::spec::TableSpec {
                 serving,
                 terminating,
             };
-            if !all.iter().any(|e: &EndpointSpec| e.ip == ep.ip && e.port == ep.port) {
+            if !all
+                .iter()
+                .any(|e: &EndpointSpec| e.ip == ep.ip && e.port == ep.port)
+            {
                 all.push(ep);
             }
         }
         // Control's categorisation: ready ones, else the serving-and-terminating ones.
         let pick = |eps: Vec<&EndpointSpec>| -> Vec<EndpointSpec> {
-            let ready: Vec<EndpointSpec> = eps.iter().filter(|e| e.ready).map(|e| (*e).clone()).collect();
+            let ready: Vec<EndpointSpec> = eps
+                .iter()
+                .filter(|e| e.ready)
+                .map(|e| (*e).clone())
+                .collect();
             if !ready.is_empty() {
                 return ready;
             }
@@ -1790,7 +1855,11 @@ pub fn policy_gen(s: &mut Src) -> nat::spec::PolicySpec {
                             PortRangeSpec {
                                 protocol: s.pick(&[Protocol::Tcp, Protocol::Udp, Protocol::Sctp]),
                                 first,
-                                last: if s.chance(1, 3) { first + s.range(0, 100) as u16 } else { first },
+                                last: if s.chance(1, 3) {
+                                    first + s.range(0, 100) as u16
+                                } else {
+                                    first
+                                },
                             }
                         })
                         .collect(),
