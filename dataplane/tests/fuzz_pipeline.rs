@@ -761,6 +761,7 @@ fn fuzz_pipeline() {
     let started = std::time::Instant::now();
     let mut tally = Tally::default();
     let mut e = st.only.unwrap_or(0);
+    let mut episodes = 0;
     loop {
         let seed = fuzzgen::case_seed(st.seed, e);
         if let Err((step, why, inputs)) = episode(seed, EPISODE_STEPS, &mut tally) {
@@ -775,12 +776,13 @@ fn fuzz_pipeline() {
             );
         }
         e += 1;
+        episodes += 1;
         if st.only.is_some() || tally.frames >= st.count {
             break;
         }
     }
     fuzzgen::report("pipeline", st.seed, tally.frames, "frames", started);
-    eprintln!("fuzz pipeline: {e} episodes, {tally:?}");
+    eprintln!("fuzz pipeline: {episodes} episodes, {tally:?}");
     assert!(
         st.only.is_some() || tally.replies_checked > 0,
         "no conversation reached a backend: the generator no longer exercises translation"

@@ -508,6 +508,9 @@ fn check_ipv4(
         let ours = sent || v.dst == IpAddr::V4(x.vtep);
         if depth == 0 && v.proto == UDP && !v.fragment && v.dport == x.port && ours {
             let udp = &frame[v.l4..v.end];
+            if udp.len() < 8 {
+                return Err(format!("VXLAN: {} bytes of UDP header", udp.len()));
+            }
             let ulen = u16::from_be_bytes([udp[4], udp[5]]) as usize;
             if ulen != udp.len() {
                 return Err(format!(
