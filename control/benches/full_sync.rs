@@ -1,0 +1,150 @@
+//! A full sync at scale (issue 6's target: 10k Services and 100k endpoints in ≤ 1 s, with
+//! control's memory stated): 10,000 ClusterIP Services with one EndpointSlice of 10 ready
+//! endpoints each, as objects in control's store; then each step a full resync pays —
+//! computing the tables, encoding them for the socket, decoding them in the dataplane,
+//! and installing them (compiled lookup tables, Maglev rings sized by backend count as
+//! with `--scaled-rings`). Prints wall times of the median of 3 runs and the resident
+//! memory (VmRSS, VmHWM) after loading the objects and after computing.
+//!
+//! `cargo bench -p control --bench full_sync`
+
+use std::time::{Duration, Instant};
+
+use control::objects::{apply_value, Objects};
+use dataplane::state::{Limits, PortConfig, PortRole, Shared};
+use nat::spec::ClusterSpec;
+use nat::wire::{self, Message};
+use serde_json::json;
+
+const SERVICES: u32 = 10_000;
+const ENDPOINTS: u32 = 10;
+
+fn rss() -> String {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let pick = |k: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(k))
+            .map(|l| l.split_whitespace().nth(1).unwrap_or("?").to_string())
+            .unwrap_or_default()
+    };
+    format!(
+        "VmRSS {} MiB, VmHWM {} MiB",
+        mib(&pick("VmRSS:")),
+        mib(&pick("VmHWM:"))
+    )
+}
+
+fn yaml(v: &serde_json::Value) -> serde_yaml::Value {
+    serde_yaml::to_value(v).expect("JSON is YAML")
+}
+
+fn mib(kib: &str) -> String {
+    kib.parse::<u64>()
+        .map(|k| (k / 1024).to_string())
+        .unwrap_or_default()
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let before = rss();
+    let mut objects = Objects::default();
+    let node = json!({"apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "node-a"},
+        "spec": {"podCIDR": "10.244.1.0/24"},
+        "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.2"}]}});
+    apply_value(&mut objects, &yaml(&node), "bench").unwrap();
+    let started = Instant::now();
+    for s in 0..SERVICES {
+        let name = format!("svc-{s}");
+        let ip = format!("172.30.{}.{}", s / 250, s % 250 + 1);
+        let svc = json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"clusterIP": ip, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}});
+        apply_value(&mut objects, &yaml(&svc), "bench").unwrap();
+        let endpoints: Vec<_> = (0..ENDPOINTS)
+            .map(|e| {
+                let n = s * ENDPOINTS + e;
+                json!({"addresses": [format!("10.{}.{}.{}", 100 + n / 65536, (n / 256) % 256, n % 256)],
+                       "conditions": {"ready": true}, "nodeName": if e == 0 { "node-a" } else { "node-b" }})
+            })
+            .collect();
+        let slice = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": format!("{name}-abc"), "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": name}},
+            "addressType": "IPv4", "endpoints": endpoints,
+            "ports": [{"name": "http", "port": 8080}]});
+        apply_value(&mut objects, &yaml(&slice), "bench").unwrap();
+    }
+    let load = started.elapsed();
+    let loaded = rss();
+
+    let cluster = ClusterSpec::default();
+    let shared = Shared::new(
+        vec![PortConfig {
+            name: "up".into(),
+            role: PortRole::Uplink,
+            mac: [2, 0, 0, 0, 0, 1],
+            mtu: 1500,
+        }],
+        1,
+        Limits {
+            conntrack_capacity: 1024,
+            ring_scaled: true,
+            ..Limits::default()
+        },
+    );
+    let (mut compute, mut encode, mut decode, mut install) = (vec![], vec![], vec![], vec![]);
+    let mut bytes = 0;
+    let mut computed_rss = String::new();
+    for generation in 1..=3 {
+        let t = Instant::now();
+        let tables = control::compute(&objects, "node-a", &cluster).unwrap();
+        compute.push(t.elapsed());
+        computed_rss = rss();
+        assert_eq!(tables.services.len(), SERVICES as usize);
+        let t = Instant::now();
+        let frame = wire::encode(&Message::Snapshot {
+            generation,
+            tables: Box::new(tables),
+        });
+        encode.push(t.elapsed());
+        bytes = frame.len();
+        let t = Instant::now();
+        let Message::Snapshot { tables, .. } = wire::read_message(&mut frame.as_slice()).unwrap()
+        else {
+            panic!("not a snapshot")
+        };
+        decode.push(t.elapsed());
+        let t = Instant::now();
+        shared.install(generation, *tables, 0);
+        install.push(t.elapsed());
+    }
+    let (c, e, d, i) = (
+        median(compute),
+        median(encode),
+        median(decode),
+        median(install),
+    );
+    println!(
+        "full sync of {SERVICES} Services x {ENDPOINTS} endpoints ({} endpoints), median of 3:",
+        SERVICES * ENDPOINTS
+    );
+    println!("  objects loaded into control's store in {load:?} (once)");
+    println!("  compute tables   {c:?}");
+    println!(
+        "  encode for the socket {e:?} ({:.1} MiB)",
+        bytes as f64 / (1 << 20) as f64
+    );
+    println!("  decode in the dataplane {d:?}");
+    println!("  install (compile + swap) {i:?}");
+    println!("  total {:?}", c + e + d + i);
+    println!("memory: at start {before}; objects loaded {loaded}; after computing {computed_rss}");
+}
