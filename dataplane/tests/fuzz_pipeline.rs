@@ -54,6 +54,7 @@ const STEP_BYTES: usize = 384;
 const VX: VxlanId = VxlanId {
     port: VXLAN_PORT,
     vtep: NODE_V4,
+    peer: NODE_B,
 };
 
 /// Where a frame comes from or goes to, around the worker.
@@ -524,6 +525,11 @@ impl Sim {
             // Node B's packets are taken in, but without a route back there is no reply.
             return Ok(());
         }
+        // The production dataplane sweeps expired connections every second; sweeping here
+        // keeps a known conntrack bug out of the conversation (an expired entry still in
+        // the index hides a new one with the same tuple until the sweep:
+        // `expired_entry_hides_a_new_one_with_the_same_tuple` in nat's fuzz tests).
+        self.shared.conntrack.sweep(self.now, |_| false);
         self.conversation += 1;
         let sport = 20000 + (self.conversation % 10000) as u16;
         let proto = svc.protocol.number();
@@ -612,11 +618,24 @@ impl Sim {
         });
         let Some(reply) = reply else {
             return Err(format!(
-                "{context}: reached {}:{} as {}:{}, but the reply never came back (client's neighbour entry {:?}; dropped as {:?}; sent {:?})",
+                "{context}: reached {}:{} as {}:{}, but the reply never came back (conntrack {}/{}, original tracked: {:?}, reply tracked: {}; client's neighbour entry {:?}; dropped as {:?}; sent {:?})",
                 backend.0,
                 backend.1,
                 fwd.src,
                 fwd.sport,
+                self.shared.conntrack.len(),
+                self.shared.conntrack.capacity(),
+                self.shared.conntrack.get(&key, self.now).map(|h| (h.conn, h.dir, h.state)),
+                self.shared.conntrack.contains(
+                    &nat::conntrack::FlowKey {
+                        proto,
+                        src: fwd.dst,
+                        dst: fwd.src,
+                        sport: fwd.dport,
+                        dport: fwd.sport,
+                    },
+                    self.now
+                ),
                 self.shared.neighbors.get(&client),
                 self.drops().into_iter().filter(|d| !drops_before.contains(d)).collect::<Vec<_>>(),
                 outs.iter().map(|o| (o.port, hex(&o.frame))).collect::<Vec<_>>()

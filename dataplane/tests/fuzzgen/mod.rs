@@ -418,6 +418,8 @@ pub struct VxlanId {
     pub port: u16,
     /// A VTEP address of this node.
     pub vtep: Ipv4Addr,
+    /// The VTEP it sends to.
+    pub peer: Ipv4Addr,
 }
 
 /// Parses an Ethernet frame and verifies what it can: ARP's fixed part, the IPv4 header
@@ -503,8 +505,10 @@ fn check_ipv4(
     let mut checked = transport(frame, view);
     let v = checked.ip.as_ref().expect("transport keeps the view");
     if let Some(x) = vxlan {
-        // Sent by the VTEP (from its source-port range), or sent to it.
-        let sent = v.src == IpAddr::V4(x.vtep) && (32768..=60998).contains(&v.sport);
+        // Sent by the VTEP to its peer (from its source-port range), or sent to it.
+        let sent = v.src == IpAddr::V4(x.vtep)
+            && v.dst == IpAddr::V4(x.peer)
+            && (32768..=60998).contains(&v.sport);
         let ours = sent || v.dst == IpAddr::V4(x.vtep);
         if depth == 0 && v.proto == UDP && !v.fragment && v.dport == x.port && ours {
             let udp = &frame[v.l4..v.end];
