@@ -51,10 +51,18 @@ const POOL: usize = 256;
 /// Bytes of PRNG input per step.
 const STEP_BYTES: usize = 384;
 
+/// What the checks open as VXLAN: on the uplink, what node A's VTEP sends to node B's.
 const VX: VxlanId = VxlanId {
     port: VXLAN_PORT,
     vtep: NODE_V4,
     peer: NODE_B,
+    inbound: false,
+};
+/// Inputs on the uplink sent to node A's VTEP, from anyone (the worker does not check
+/// the sender).
+const VX_IN: VxlanId = VxlanId {
+    inbound: true,
+    ..VX
 };
 
 /// Where a frame comes from or goes to, around the worker.
@@ -339,7 +347,7 @@ impl Sim {
                 level = l.inner.as_deref();
             }
         };
-        match check_frame(frame, (port == UPLINK).then_some(VX)) {
+        match check_frame(frame, (port == UPLINK).then_some(VX_IN)) {
             Ok(c) => record(&c),
             // Not a frame we can read whole (a VXLAN length the dataplane tolerates, say):
             // remember what its payload would be as an inner frame too.

@@ -420,6 +420,9 @@ pub struct VxlanId {
     pub vtep: Ipv4Addr,
     /// The VTEP it sends to.
     pub peer: Ipv4Addr,
+    /// Open what is sent to `vtep` (frames coming in), rather than what it sends to
+    /// `peer` (frames going out).
+    pub inbound: bool,
 }
 
 /// Parses an Ethernet frame and verifies what it can: ARP's fixed part, the IPv4 header
@@ -509,7 +512,11 @@ fn check_ipv4(
         let sent = v.src == IpAddr::V4(x.vtep)
             && v.dst == IpAddr::V4(x.peer)
             && (32768..=60998).contains(&v.sport);
-        let ours = sent || v.dst == IpAddr::V4(x.vtep);
+        let ours = if x.inbound {
+            v.dst == IpAddr::V4(x.vtep)
+        } else {
+            sent
+        };
         if depth == 0 && v.proto == UDP && !v.fragment && v.dport == x.port && ours {
             let udp = &frame[v.l4..v.end];
             if udp.len() < 8 {
