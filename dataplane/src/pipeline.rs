@@ -295,9 +295,16 @@ impl Pipeline<'_> {
         let sender = IpAddr::V4(source_protocol_addr);
         let learn = match cfg.role {
             PortRole::Pod => self.tables.in_local_pod_network(sender),
-            // On the uplink, everyone who speaks ARP is a neighbour (other nodes' VTEPs).
-            // On the host port, the node's kernel speaks for the node's addresses.
-            PortRole::Uplink | PortRole::Host => !source_protocol_addr.is_unspecified(),
+            // On the uplink, everyone who speaks ARP is a neighbour (other nodes' VTEPs,
+            // routers) - but never for this node's pod network: nobody there may take a
+            // pod's (or the gateway's) address.
+            PortRole::Uplink => {
+                !source_protocol_addr.is_unspecified()
+                    && !self.tables.in_local_pod_network(sender)
+                    && !self.tables.is_gateway(sender)
+            }
+            // On the host port, the node's kernel speaks for the node's addresses only.
+            PortRole::Host => self.tables.node_addresses.contains(&sender),
         };
         if learn {
             self.shared.neighbors.learn(
@@ -1357,7 +1364,7 @@ impl Pipeline<'_> {
             let ip = IpAddr::V6(ip);
             let ours = match cfg.role {
                 PortRole::Pod => self.tables.in_local_pod_network(ip),
-                PortRole::Host => true,
+                PortRole::Host => self.tables.node_addresses.contains(&ip),
                 PortRole::Uplink => false,
             };
             if ours {

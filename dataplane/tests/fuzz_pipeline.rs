@@ -856,7 +856,6 @@ fn pod_to_pod_goes_to_the_pods_port() {
 /// forwarding would not: its route to the pod network points at the pods' bridge, and a
 /// neighbour entry learned on the uplink is never used for it.
 #[test]
-#[ignore = "bug: an ARP request on the uplink with a pod's address as sender takes over the pod's neighbour entry; its traffic then leaves by the uplink"]
 fn arp_from_the_uplink_cannot_take_a_pods_address() {
     let mut sim = small_node();
     let attacker = [0x02, 0xba, 0xd0, 0, 0, 1];

@@ -519,7 +519,12 @@ impl Conntrack {
 
     /// Looks a tuple up without refreshing it.
     pub fn get(&self, key: &FlowKey, now: u64) -> Option<Hit> {
-        let (e, conn, dir, st) = self.find(key, |s, _| s == LIVE, None)?;
+        // An expired entry the sweep has not reached yet may share the tuple with a live
+        // one inserted after it expired: look past it.
+        let live = |s: u8, e: u32| {
+            s == LIVE && self.entries[e as usize].expires.load(Ordering::Relaxed) > now
+        };
+        let (e, conn, dir, st) = self.find(key, live, None)?;
         if self.entries[e as usize].expires.load(Ordering::Relaxed) <= now {
             return None;
         }

@@ -173,7 +173,9 @@ pub fn parse_v6(frame: &[u8], l3: usize) -> Result<Headers, Malformed> {
         h.first_fragment = off >> 3 == 0 && off & 1 != 0;
         h.l4 += 8;
     }
-    if matches!(h.proto, 0 | 43 | 60 | 51 | 50 | 135) {
+    // Extension headers we do not walk, a second fragment header among them (else its
+    // protocol number, 44, would pass for a transport without ports).
+    if matches!(h.proto, 0 | 43 | 44 | 60 | 51 | 50 | 135 | 139 | 140) {
         return Err(Malformed::UnsupportedExtension);
     }
     if !h.later_fragment {
@@ -340,6 +342,12 @@ pub fn rewrite(frame: &mut [u8], h: &mut Headers, end: End, ip: IpAddr, port: u1
     }
     if h.proto == PROTO_SCTP && !h.later_fragment {
         sctp_fix_crc(&mut frame[h.l4..h.end]);
+    }
+    // One's-complement arithmetic has two zeros: the incremental update may leave 0x0000
+    // where only 0xffff verifies (a message that sums to zero, such as an echo reply with
+    // identifier, sequence and data all zero). Rare: recompute the whole message then.
+    if echo && !h.later_fragment && frame.get(h.l4 + 2..h.l4 + 4) == Some(&[0, 0][..]) {
+        fix_icmp_checksum(frame, h);
     }
 }
 
