@@ -296,12 +296,14 @@ impl Pipeline<'_> {
         let learn = match cfg.role {
             PortRole::Pod => self.tables.in_local_pod_network(sender),
             // On the uplink, everyone who speaks ARP is a neighbour (other nodes' VTEPs,
-            // routers) - but never for this node's pod network: nobody there may take a
-            // pod's (or the gateway's) address.
+            // routers) - but never for this node's pod network or, with a host port, the
+            // node's own addresses: nobody there may take a pod's, the gateway's or the
+            // node kernel's address.
             PortRole::Uplink => {
                 !source_protocol_addr.is_unspecified()
                     && !self.tables.in_local_pod_network(sender)
                     && !self.tables.is_gateway(sender)
+                    && !(self.shared.host.is_some() && self.tables.node_addresses.contains(&sender))
             }
             // On the host port, the node's kernel speaks for the node's addresses only.
             PortRole::Host => self.tables.node_addresses.contains(&sender),
