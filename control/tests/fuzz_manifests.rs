@@ -21,8 +21,8 @@
 mod fuzzgen;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use control::{compute_with_warnings, load_text, ManifestError, Objects};
 use fuzzgen::{Rng, Src};

@@ -119,7 +119,9 @@ fn claims_anothers_address(place: Place, frame: &[u8]) -> bool {
     let v6 = |b: Option<&[u8]>| b.map(|b| IpAddr::from(<[u8; 16]>::try_from(b).expect("16 bytes")));
     let claimed: Vec<IpAddr> = match frame.get(12..14) {
         Some([8, 6]) => v4(frame.get(28..32)).into_iter().collect(),
-        Some([8, 0]) if matches!(place, Place::Pod(_)) => v4(frame.get(26..30)).into_iter().collect(),
+        Some([8, 0]) if matches!(place, Place::Pod(_)) => {
+            v4(frame.get(26..30)).into_iter().collect()
+        }
         Some([0x86, 0xdd]) => {
             let mut c: Vec<IpAddr> = Vec::new();
             if matches!(place, Place::Pod(_)) || frame.get(20) == Some(&58) {
@@ -235,7 +237,14 @@ impl Sim {
         let w = Worker::new(0, MemDevice::new(PORTS, POOL), shared.clone());
         let base = fuzzgen::layout_palette();
         let mut palettes = Vec::new();
-        for place in [Place::Pod(1), Place::Pod(2), Place::Pod(3), Place::Remote, Place::Outside, Place::Host] {
+        for place in [
+            Place::Pod(1),
+            Place::Pod(2),
+            Place::Pod(3),
+            Place::Remote,
+            Place::Outside,
+            Place::Host,
+        ] {
             let mut p = base.clone();
             let (v4, v6) = match place {
                 Place::Pod(i) => (pod_ip(i, false), pod_ip(i, true)),
@@ -299,14 +308,7 @@ impl Sim {
                     frame[6..12].copy_from_slice(&NODE_B_VTEP_MAC);
                 }
                 let outer = fuzzgen::vxlan(
-                    UPLINK_MAC,
-                    NODE_B_MAC,
-                    NODE_B,
-                    NODE_V4,
-                    49152,
-                    VXLAN_PORT,
-                    VNI,
-                    &frame,
+                    UPLINK_MAC, NODE_B_MAC, NODE_B, NODE_V4, 49152, VXLAN_PORT, VNI, &frame,
                 );
                 (UPLINK, outer)
             }
@@ -377,7 +379,10 @@ impl Sim {
                 break;
             }
         }
-        let (len, cap) = (self.shared.conntrack.len(), self.shared.conntrack.capacity());
+        let (len, cap) = (
+            self.shared.conntrack.len(),
+            self.shared.conntrack.capacity(),
+        );
         if len > cap {
             return Err(format!("conntrack holds {len} connections, capacity {cap}"));
         }
@@ -438,7 +443,9 @@ impl Sim {
                 sha.copy_from_slice(&frame[22..28]);
                 let spa = Ipv4Addr::new(frame[28], frame[29], frame[30], frame[31]);
                 let reply = fuzzgen::arp(2, mac, target, sha, spa);
-                self.w.dev.inject(port, &fuzzgen::ethernet(sha, mac, 0x0806, &reply));
+                self.w
+                    .dev
+                    .inject(port, &fuzzgen::ethernet(sha, mac, 0x0806, &reply));
             }
             return;
         }
@@ -557,13 +564,28 @@ impl Sim {
             self.remember(outs);
             return Ok(());
         };
-        let fwd = forward.checked.innermost().ip.clone().expect("found by its IP");
+        let fwd = forward
+            .checked
+            .innermost()
+            .ip
+            .clone()
+            .expect("found by its IP");
         let backend = (fwd.dst, fwd.dport);
         let context = format!(
             "{} {client}:{sport} -> {}:{} ({:?} {})",
-            svc.name, fe.ip, fe.port, fe.kind, svc.protocol.number()
+            svc.name,
+            fe.ip,
+            fe.port,
+            fe.kind,
+            svc.protocol.number()
         );
-        if backend != (fe.ip, fe.port) || self.spec.services.iter().any(|x| x.all_endpoints.iter().any(|e| (e.ip, e.port) == backend)) {
+        if backend != (fe.ip, fe.port)
+            || self
+                .spec
+                .services
+                .iter()
+                .any(|x| x.all_endpoints.iter().any(|e| (e.ip, e.port) == backend))
+        {
             self.tally.translated += (backend != (fe.ip, fe.port)) as u64;
         }
         if !svc.all_endpoints.iter().any(|e| (e.ip, e.port) == backend) {
@@ -573,7 +595,10 @@ impl Sim {
             ));
         }
         let Some(backend_place) = place_of(backend.0) else {
-            return Err(format!("{context}: delivered to {} which no one has", backend.0));
+            return Err(format!(
+                "{context}: delivered to {} which no one has",
+                backend.0
+            ));
         };
         if forward.place() != backend_place {
             return Err(format!(
@@ -633,7 +658,12 @@ impl Sim {
                 outs.iter().map(|o| (o.port, hex(&o.frame))).collect::<Vec<_>>()
             ));
         };
-        let r = reply.checked.innermost().ip.clone().expect("found by its IP");
+        let r = reply
+            .checked
+            .innermost()
+            .ip
+            .clone()
+            .expect("found by its IP");
         if (r.src, r.sport, r.dst, r.dport) != (fe.ip, fe.port, client, sport) {
             return Err(format!(
                 "{context}: the reply came back as {}:{} -> {}:{}",
@@ -678,11 +708,23 @@ impl Sim {
             IpAddr::V4(ROUTER)
         };
         let (ty, code, rest) = if ip.v6 {
-            s.pick(&[(1u8, 4u8, [0u8; 4]), (2, 0, [0, 0, 5, 0x00]), (3, 0, [0; 4])])
+            s.pick(&[
+                (1u8, 4u8, [0u8; 4]),
+                (2, 0, [0, 0, 5, 0x00]),
+                (3, 0, [0; 4]),
+            ])
         } else {
-            s.pick(&[(3u8, 3u8, [0u8; 4]), (3, 4, [0, 0, 0x05, 0x00]), (11, 0, [0; 4])])
+            s.pick(&[
+                (3u8, 3u8, [0u8; 4]),
+                (3, 4, [0, 0, 0x05, 0x00]),
+                (11, 0, [0; 4]),
+            ])
         };
-        let proto = if ip.v6 { fuzzgen::ICMPV6 } else { fuzzgen::ICMP };
+        let proto = if ip.v6 {
+            fuzzgen::ICMPV6
+        } else {
+            fuzzgen::ICMP
+        };
         let m = fuzzgen::icmp(ty, code, rest, &quoted);
         let packet = fuzzgen::ip_packet(from, ip.src, proto, m, 64);
         let frame = fuzzgen::ethernet([0; 6], [0; 6], fuzzgen::ethertype_of(&packet), &packet);
@@ -714,13 +756,21 @@ impl Sim {
                 self.spec = fuzzgen::table_spec_gen(s);
                 self.generation += 1;
                 self.tally.installs += 1;
-                self.shared.install(self.generation, self.spec.clone(), self.now);
+                self.shared
+                    .install(self.generation, self.spec.clone(), self.now);
                 let outs = self.pump()?;
                 self.remember(outs);
                 Ok(())
             }
             _ => {
-                self.now += s.pick(&[SECOND / 100, SECOND, 5 * SECOND, 40 * SECOND, 200 * SECOND, 3000 * SECOND]);
+                self.now += s.pick(&[
+                    SECOND / 100,
+                    SECOND,
+                    5 * SECOND,
+                    40 * SECOND,
+                    200 * SECOND,
+                    3000 * SECOND,
+                ]);
                 let outs = self.pump()?;
                 self.remember(outs);
                 Ok(())
@@ -730,7 +780,11 @@ impl Sim {
 }
 
 /// Runs one episode of `steps` steps; `Err` describes the first failure.
-fn episode(seed: u64, steps: u64, tally: &mut Tally) -> Result<(), (u64, String, Vec<(usize, Vec<u8>)>)> {
+fn episode(
+    seed: u64,
+    steps: u64,
+    tally: &mut Tally,
+) -> Result<(), (u64, String, Vec<(usize, Vec<u8>)>)> {
     let mut rng = Rng::new(seed);
     let setup = rng.bytes(STEP_BYTES);
     let mut sim = Sim::new(&mut Src::new(&setup));
@@ -818,10 +872,19 @@ fn small_node() -> Sim {
 fn pod2_to_pod1(sim: &mut Sim) -> Vec<usize> {
     let syn = fuzzgen::tcp(40000, 8080, 1, 0, fuzzgen::flags::SYN, &[], b"x");
     let packet = fuzzgen::ip_packet(pod_ip(2, false), pod_ip(1, false), fuzzgen::TCP, syn, 64);
-    sim.inject(Place::Pod(2), fuzzgen::ethernet([0; 6], [0; 6], 0x0800, &packet), true);
+    sim.inject(
+        Place::Pod(2),
+        fuzzgen::ethernet([0; 6], [0; 6], 0x0800, &packet),
+        true,
+    );
     let outs = sim.pump().expect("valid frames");
     outs.iter()
-        .filter(|o| o.checked.ip.as_ref().is_some_and(|ip| ip.proto == fuzzgen::TCP))
+        .filter(|o| {
+            o.checked
+                .ip
+                .as_ref()
+                .is_some_and(|ip| ip.proto == fuzzgen::TCP)
+        })
         .map(|o| o.port)
         .collect()
 }
@@ -844,9 +907,17 @@ fn arp_from_the_uplink_cannot_take_a_pods_address() {
     let mut sim = small_node();
     let attacker = [0x02, 0xba, 0xd0, 0, 0, 1];
     let who_has = fuzzgen::arp(1, attacker, pod_v4(1), [0; 6], ROUTER);
-    sim.inject(Place::Outside, fuzzgen::ethernet([0xff; 6], attacker, 0x0806, &who_has), false);
+    sim.inject(
+        Place::Outside,
+        fuzzgen::ethernet([0xff; 6], attacker, 0x0806, &who_has),
+        false,
+    );
     sim.pump().expect("valid frames");
-    assert_eq!(pod2_to_pod1(&mut sim), vec![1], "pod 1's traffic left by another port");
+    assert_eq!(
+        pod2_to_pod1(&mut sim),
+        vec![1],
+        "pod 1's traffic left by another port"
+    );
 }
 
 /// This node's end of the overlay, as the worker compiles it from the layout.
@@ -892,7 +963,9 @@ fn vxlan_case(input: &[u8], made: &mut Vec<u8>) -> Result<(), String> {
             && 14 + total >= d.inner_offset + d.inner_len
             && udp[8] & 0x08 != 0;
         if !ok {
-            return Err(format!("decapsulate accepted {d:?}, which the headers do not bear out"));
+            return Err(format!(
+                "decapsulate accepted {d:?}, which the headers do not bear out"
+            ));
         }
         return Ok(());
     }
@@ -911,8 +984,18 @@ fn vxlan_case(input: &[u8], made: &mut Vec<u8>) -> Result<(), String> {
         next_hop_mac: NODE_B_MAC,
     };
     let hash = ((s.u32() as u64) << 32) | s.u32() as u64;
-    let Some((off, len)) = encapsulate(&mut chunk, headroom, inner.len(), &overlay(NODE_V4), &remote, hash) else {
-        return Err(format!("encapsulate refused {} bytes with {headroom} of headroom", inner.len()));
+    let Some((off, len)) = encapsulate(
+        &mut chunk,
+        headroom,
+        inner.len(),
+        &overlay(NODE_V4),
+        &remote,
+        hash,
+    ) else {
+        return Err(format!(
+            "encapsulate refused {} bytes with {headroom} of headroom",
+            inner.len()
+        ));
     };
     let outer = &chunk[off..off + len];
     let sport = u16::from_be_bytes([outer[34], outer[35]]);
@@ -923,7 +1006,8 @@ fn vxlan_case(input: &[u8], made: &mut Vec<u8>) -> Result<(), String> {
     if c.l4 != fuzzgen::L4::Valid {
         return Err(format!("outer UDP: {:?}", c.l4));
     }
-    let d = decapsulate(outer, &overlay(NODE_B)).map_err(|e| format!("node B refuses it: {e:?}"))?;
+    let d =
+        decapsulate(outer, &overlay(NODE_B)).map_err(|e| format!("node B refuses it: {e:?}"))?;
     let got = &outer[d.inner_offset..d.inner_offset + d.inner_len];
     if got[0..6] != NODE_B_VTEP_MAC || got[6..12] != VTEP_MAC || got[12..] != inner[12..] {
         return Err(format!("inner frame came out as {}", hex(got)));
@@ -975,17 +1059,34 @@ fn arp_from_the_uplink_cannot_take_the_nodes_address() {
     let to_node = |sim: &mut Sim| -> Vec<usize> {
         let syn = fuzzgen::tcp(40000, 22, 1, 0, fuzzgen::flags::SYN, &[], b"x");
         let packet = fuzzgen::ip_packet(pod_ip(2, false), node_ip(false), fuzzgen::TCP, syn, 64);
-        sim.inject(Place::Pod(2), fuzzgen::ethernet([0; 6], [0; 6], 0x0800, &packet), true);
+        sim.inject(
+            Place::Pod(2),
+            fuzzgen::ethernet([0; 6], [0; 6], 0x0800, &packet),
+            true,
+        );
         let outs = sim.pump().expect("valid frames");
         outs.iter()
-            .filter(|o| o.checked.ip.as_ref().is_some_and(|ip| ip.proto == fuzzgen::TCP))
+            .filter(|o| {
+                o.checked
+                    .ip
+                    .as_ref()
+                    .is_some_and(|ip| ip.proto == fuzzgen::TCP)
+            })
             .map(|o| o.port)
             .collect()
     };
     assert_eq!(to_node(&mut sim), vec![HOST]);
     let attacker = [0x02, 0xba, 0xd0, 0, 0, 1];
     let who_has = fuzzgen::arp(1, attacker, NODE_V4, [0; 6], ROUTER);
-    sim.inject(Place::Outside, fuzzgen::ethernet([0xff; 6], attacker, 0x0806, &who_has), false);
+    sim.inject(
+        Place::Outside,
+        fuzzgen::ethernet([0xff; 6], attacker, 0x0806, &who_has),
+        false,
+    );
     sim.pump().expect("valid frames");
-    assert_eq!(to_node(&mut sim), vec![HOST], "traffic for the node no longer reaches its kernel");
+    assert_eq!(
+        to_node(&mut sim),
+        vec![HOST],
+        "traffic for the node no longer reaches its kernel"
+    );
 }

@@ -481,7 +481,13 @@ fn icmp_echo_rewritten_to_all_zeros_keeps_a_valid_checksum() {
     let mut f = fuzzgen::ethernet([2; 6], [4; 6], 0x0800, &ip);
     assert_eq!(check_frame(&f, None).unwrap().l4, L4::Valid);
     let mut h = packet::parse(&f).unwrap();
-    packet::rewrite(&mut f, &mut h, End::Source, "10.244.1.11".parse().unwrap(), 0);
+    packet::rewrite(
+        &mut f,
+        &mut h,
+        End::Source,
+        "10.244.1.11".parse().unwrap(),
+        0,
+    );
     assert_eq!(check_frame(&f, None).unwrap().l4, L4::Valid, "{}", hex(&f));
 }
 
@@ -518,6 +524,8 @@ fn expired_entry_hides_a_new_one_with_the_same_tuple() {
     // At 20 the old connection has expired; no sweep has run.
     ct.insert(new, 20, 10).expect("the tuple is free again");
     assert!(ct.get(&new.original, 20).is_some());
-    let hit = ct.get(&reply, 20).expect("the new connection's reply tuple is tracked");
+    let hit = ct
+        .get(&reply, 20)
+        .expect("the new connection's reply tuple is tracked");
     assert_eq!(hit.conn, new);
 }
