@@ -775,12 +775,11 @@ impl Sim {
     }
 }
 
+/// A failed episode: the step, what broke, and the frames injected in that step by port.
+type Failure = (u64, String, Vec<(usize, Vec<u8>)>);
+
 /// Runs one episode of `steps` steps; `Err` describes the first failure.
-fn episode(
-    seed: u64,
-    steps: u64,
-    tally: &mut Tally,
-) -> Result<(), (u64, String, Vec<(usize, Vec<u8>)>)> {
+fn episode(seed: u64, steps: u64, tally: &mut Tally) -> Result<(), Failure> {
     let mut rng = Rng::new(seed);
     let setup = rng.bytes(STEP_BYTES);
     let mut sim = Sim::new(&mut Src::new(&setup));

@@ -41,13 +41,12 @@ static PARSED: AtomicU64 = AtomicU64::new(0);
 static CHECKED: AtomicU64 = AtomicU64::new(0);
 static QUOTES: AtomicU64 = AtomicU64::new(0);
 
+/// One fuzz case: the PRNG input, a place to leave what was generated from it for the
+/// failure report, and `Err` for a broken promise.
+type Case = fn(&[u8], &RefCell<Vec<u8>>) -> Result<(), String>;
+
 /// Runs `case` over `count` PRNG inputs, reporting any failure or panic with its input.
-fn run(
-    target: &str,
-    count_var: &str,
-    smoke: u64,
-    case: fn(&[u8], &RefCell<Vec<u8>>) -> Result<(), String>,
-) {
+fn run(target: &str, count_var: &str, smoke: u64, case: Case) {
     let st = fuzzgen::settings(count_var, smoke);
     let started = std::time::Instant::now();
     let cases: Box<dyn Iterator<Item = u64>> = match st.only {

@@ -777,7 +777,7 @@ pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, mut l4: Vec<u8>, o: &V4Opts
 pub fn ipv4_raw(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8], o: &V4Opts) -> Vec<u8> {
     let mut opts = o.options.clone();
     opts.truncate(40);
-    while opts.len() % 4 != 0 {
+    while !opts.len().is_multiple_of(4) {
         opts.push(0);
     }
     let ihl = 20 + opts.len();
@@ -933,7 +933,7 @@ pub fn tcp(
 ) -> Vec<u8> {
     let mut opts = options.to_vec();
     opts.truncate(40);
-    while opts.len() % 4 != 0 {
+    while !opts.len().is_multiple_of(4) {
         opts.push(1);
     }
     let mut t = Vec::with_capacity(20 + opts.len() + data.len());
@@ -1790,9 +1790,12 @@ pub fn table_spec_gen(s: &mut Src) -> nat::spec::TableSpec {
     } else {
         Vec::new()
     };
-    let mut cluster = ClusterSpec::default();
-    cluster.masquerade_all = s.chance(1, 6);
-    cluster.ip_masq = !s.chance(1, 6);
+    let masquerade_all = s.chance(1, 6);
+    let cluster = ClusterSpec {
+        masquerade_all,
+        ip_masq: !s.chance(1, 6),
+        ..ClusterSpec::default()
+    };
     TableSpec {
         node: NodeSpec {
             name: "node-a".into(),
