@@ -359,8 +359,16 @@ pub fn read_message<R: std::io::Read>(r: &mut R) -> std::io::Result<Message> {
     let mut header = [0u8; HEADER_LEN];
     r.read_exact(&mut header)?;
     let len = decode_header(&header).map_err(std::io::Error::other)?;
-    let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload)?;
+    // Memory grows with the bytes that actually arrive, not with what a header announces:
+    // one forged header must not make the reader allocate up to MAX_PAYLOAD at once.
+    let mut payload = Vec::with_capacity(len.min(1 << 20));
+    let got = std::io::Read::read_to_end(&mut std::io::Read::take(r, len as u64), &mut payload)?;
+    if got < len {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("frame announced {len} bytes, the stream ended after {got}"),
+        ));
+    }
     decode_payload(&payload).map_err(std::io::Error::other)
 }
 
