@@ -300,10 +300,10 @@ impl Pipeline<'_> {
             // node's own addresses: nobody there may take a pod's, the gateway's or the
             // node kernel's address.
             PortRole::Uplink => {
-                !source_protocol_addr.is_unspecified()
-                    && !self.tables.in_local_pod_network(sender)
-                    && !self.tables.is_gateway(sender)
-                    && !(self.shared.host.is_some() && self.tables.node_addresses.contains(&sender))
+                let taken = self.tables.in_local_pod_network(sender)
+                    || self.tables.is_gateway(sender)
+                    || self.shared.host.is_some() && self.tables.node_addresses.contains(&sender);
+                !source_protocol_addr.is_unspecified() && !taken
             }
             // On the host port, the node's kernel speaks for the node's addresses only.
             PortRole::Host => self.tables.node_addresses.contains(&sender),
