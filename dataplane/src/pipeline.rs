@@ -406,18 +406,7 @@ impl Pipeline<'_> {
         ) || (matches!(h.proto, packet::PROTO_ICMP | packet::PROTO_ICMPV6)
             && packet::is_echo(h.v6, h.icmp_type));
         if tracked {
-            let key = FlowKey {
-                proto: h.proto,
-                src: h.src,
-                dst: h.dst,
-                sport: h.sport,
-                dport: h.dport,
-            };
-            let flags = if h.proto == packet::PROTO_TCP {
-                pkt.get(h.l4 + 13).copied().unwrap_or(0)
-            } else {
-                0
-            };
+            let (key, flags) = tuple_of(pkt, &h);
             if let Some(hit) = self.shared.conntrack.get(&key, self.now) {
                 let (conn, dir) = (hit.conn, hit.dir);
                 let before = State::from_u8(hit.state);
@@ -536,18 +525,7 @@ impl Pipeline<'_> {
                     Ok(policy) => policy,
                     Err(reason) => return Outcome::Drop(reason),
                 };
-                let key = FlowKey {
-                    proto: h.proto,
-                    src: h.src,
-                    dst: h.dst,
-                    sport: h.sport,
-                    dport: h.dport,
-                };
-                let flags = if h.proto == packet::PROTO_TCP {
-                    pkt.get(h.l4 + 13).copied().unwrap_or(0)
-                } else {
-                    0
-                };
+                let (key, flags) = tuple_of(pkt, &h);
                 let mut reply = key.reversed();
                 let state = timeouts::initial(h.proto, flags);
                 let ports = self.shared.limits.egress_masquerade_ports;
@@ -579,35 +557,8 @@ impl Pipeline<'_> {
             // Untranslated connections of local pods are tracked too, with their policy
             // verdict, so that replies of an allowed connection pass whatever policy says
             // about their direction, and a connection keeps its verdict until it ends.
-            let policy = match self.judge(h.proto, h.src, h.dst, h.dport, h.src) {
-                Ok(policy) => policy,
-                Err(reason) => return Outcome::Drop(reason),
-            };
-            let key = FlowKey {
-                proto: h.proto,
-                src: h.src,
-                dst: h.dst,
-                sport: h.sport,
-                dport: h.dport,
-            };
-            let flags = if h.proto == packet::PROTO_TCP {
-                pkt.get(h.l4 + 13).copied().unwrap_or(0)
-            } else {
-                0
-            };
-            let mut reply = key.reversed();
-            let state = timeouts::initial(h.proto, flags);
-            match self.track(key, &mut reply, None, 0, state, policy.tag) {
-                Ok(_) => {
-                    c.tracked_new += 1;
-                    if self.shared.monitor.active() {
-                        self.event(EventKind::Tracked, &h, None, None, policy.tag, None);
-                    }
-                }
-                // Without isolation a connection needs no entry: it goes on untracked
-                // rather than being refused for the table's sake.
-                Err(_) if !policy.isolated => c.untracked += 1,
-                Err(reason) => return Outcome::Drop(reason),
+            if let Err(reason) = self.track_untranslated(pkt, &h, c) {
+                return Outcome::Drop(reason);
             }
         }
         c.routed += 1;
@@ -678,34 +629,8 @@ impl Pipeline<'_> {
             return Outcome::Drop(DropReason::ToHost);
         };
         if tracked && self.tables.local_pods.contains_key(&h.src) {
-            let policy = match self.judge(h.proto, h.src, h.dst, h.dport, h.src) {
-                Ok(policy) => policy,
-                Err(reason) => return Outcome::Drop(reason),
-            };
-            let key = FlowKey {
-                proto: h.proto,
-                src: h.src,
-                dst: h.dst,
-                sport: h.sport,
-                dport: h.dport,
-            };
-            let flags = if h.proto == packet::PROTO_TCP {
-                chunk.get(off + h.l4 + 13).copied().unwrap_or(0)
-            } else {
-                0
-            };
-            let mut reply = key.reversed();
-            match self.track(
-                key,
-                &mut reply,
-                None,
-                0,
-                timeouts::initial(h.proto, flags),
-                policy.tag,
-            ) {
-                Ok(_) => c.tracked_new += 1,
-                Err(_) if !policy.isolated => c.untracked += 1,
-                Err(reason) => return Outcome::Drop(reason),
+            if let Err(reason) = self.track_untranslated(&chunk[off..], h, c) {
+                return Outcome::Drop(reason);
             }
         }
         self.deliver_to_host(chunk, off, h, frame, host, c)
@@ -830,6 +755,35 @@ impl Pipeline<'_> {
         }
         packet::fix_icmp_checksum(pkt, &h);
         Outcome::Send(port, frame)
+    }
+
+    /// Tracks a new untranslated connection of a local pod (an identity entry) with its
+    /// NetworkPolicy verdict. A refusal by policy is returned; so is a full table for a pod
+    /// some policy isolates, while a connection no policy isolates goes on untracked.
+    fn track_untranslated(
+        &self,
+        pkt: &[u8],
+        h: &Headers,
+        c: &mut Counters,
+    ) -> Result<(), DropReason> {
+        let policy = self.judge(h.proto, h.src, h.dst, h.dport, h.src)?;
+        let (key, flags) = tuple_of(pkt, h);
+        let mut reply = key.reversed();
+        let state = timeouts::initial(h.proto, flags);
+        match self.track(key, &mut reply, None, 0, state, policy.tag) {
+            Ok(_) => {
+                c.tracked_new += 1;
+                if self.shared.monitor.active() {
+                    self.event(EventKind::Tracked, h, None, None, policy.tag, None);
+                }
+                Ok(())
+            }
+            Err(_) if !policy.isolated => {
+                c.untracked += 1;
+                Ok(())
+            }
+            Err(reason) => Err(reason),
+        }
     }
 
     /// NetworkPolicy for a new connection from `src` to `dst`:`dport` (after Service
@@ -1617,6 +1571,23 @@ fn write_neighbor_solicit(pkt: &mut [u8], mac: [u8; 6], gw: Ipv6Addr, target: Ip
         &ChecksumCapabilities::default(),
     );
     total
+}
+
+/// A packet's tuple as conntrack keys it, and its TCP flags (0 for other protocols).
+fn tuple_of(pkt: &[u8], h: &Headers) -> (FlowKey, u8) {
+    let key = FlowKey {
+        proto: h.proto,
+        src: h.src,
+        dst: h.dst,
+        sport: h.sport,
+        dport: h.dport,
+    };
+    let flags = if h.proto == packet::PROTO_TCP {
+        pkt.get(h.l4 + 13).copied().unwrap_or(0)
+    } else {
+        0
+    };
+    (key, flags)
 }
 
 /// Multicast (and IPv4 limited broadcast) destinations: never masqueraded, never answered
