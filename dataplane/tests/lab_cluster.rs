@@ -14,7 +14,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use common::{answers, is_root, repo, who, Running};
 use dataplane::lab::{LabNode, LabOutside, LabPod, LabSpec};
@@ -61,6 +61,26 @@ fn node_spec(
             "172.30.0.0/16".parse().unwrap(),
         ],
     }
+}
+
+/// node-a: the bundled lab (its pods and address), as `ka<pid>`, on the manifests in `dir`.
+fn start_node_a(pid: u32, dir: &Path) -> Running {
+    let mut spec = LabSpec::load(&repo().join("lab/lab.yaml")).unwrap();
+    spec.name = format!("ka{pid}");
+    spec.queues = 1;
+    Running::start_node(spec, dir, 1, SHARED_CORES)
+}
+
+/// node-b (192.168.0.3, 10.244.2.0/24) with `pods`, as `kb<pid>`, on the manifests in `dir`.
+fn start_node_b(pid: u32, dir: &Path, pods: &[(&str, &str)]) -> Running {
+    let spec = node_spec(
+        &format!("kb{pid}"),
+        "node-b",
+        "192.168.0.3/24",
+        "10.244.2.0/24",
+        pods,
+    );
+    Running::start_node(spec, dir, 1, SHARED_CORES)
 }
 
 /// The bundled lab manifests plus `extra`, in a fresh folder.
@@ -188,24 +208,14 @@ ports:
     .concat();
     let dir = Dir(cluster_manifests("two-nodes", &extra));
 
-    let mut a_spec = LabSpec::load(&repo().join("lab/lab.yaml")).unwrap();
-    a_spec.name = format!("ka{pid}");
-    a_spec.queues = 1;
-    let a = Running::start_node(a_spec, &dir.0, 1, SHARED_CORES);
-    let b = Running::start_node(
-        node_spec(
-            &format!("kb{pid}"),
-            "node-b",
-            "192.168.0.3/24",
-            "10.244.2.0/24",
-            &[
-                ("default/client-b", "10.244.2.2"),
-                ("default/web-b", "10.244.2.5"),
-            ],
-        ),
+    let a = start_node_a(pid, &dir.0);
+    let b = start_node_b(
+        pid,
         &dir.0,
-        1,
-        SHARED_CORES,
+        &[
+            ("default/client-b", "10.244.2.2"),
+            ("default/web-b", "10.244.2.5"),
+        ],
     );
     a.lab().join_uplinks(&[b.lab()]).unwrap();
     let nodes = [&a, &b];
@@ -376,22 +386,8 @@ ports:
         1,
         SHARED_CORES,
     );
-    let mut a_spec = LabSpec::load(&repo().join("lab/lab.yaml")).unwrap();
-    a_spec.name = format!("ka{pid}");
-    a_spec.queues = 1;
-    let a = Running::start_node(a_spec, &dir.0, 1, SHARED_CORES);
-    let b = Running::start_node(
-        node_spec(
-            &format!("kb{pid}"),
-            "node-b",
-            "192.168.0.3/24",
-            "10.244.2.0/24",
-            &[("default/web-b", "10.244.2.5")],
-        ),
-        &dir.0,
-        1,
-        SHARED_CORES,
-    );
+    let a = start_node_a(pid, &dir.0);
+    let b = start_node_b(pid, &dir.0, &[("default/web-b", "10.244.2.5")]);
     gw.lab().join_uplinks(&[a.lab(), b.lab()]).unwrap();
     let nodes = [&gw, &a, &b];
 
