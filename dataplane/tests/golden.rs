@@ -947,6 +947,13 @@ fn icmp_time_exceeded_about_a_translated_packet_is_un_natted() {
     );
 }
 
+/// A neighbour on the uplink (`mac` at `ip`) answers the node's ARP.
+fn answer_on_uplink(w: &mut Worker<MemDevice>, mac: [u8; 6], ip: [u8; 4]) {
+    w.dev
+        .inject(0, &arp(2, mac, ip, UPLINK, [192, 168, 0, 2], UPLINK));
+    step(w, 2 * SECOND);
+}
+
 /// The MAC of node-b's uplink, node-a's next hop to node-b's VTEP.
 const NODE_B: [u8; 6] = [2, 0, 0, 0, 0, 3];
 
@@ -966,18 +973,7 @@ fn overlay_node() -> Worker<MemDevice> {
     }];
     let mut w = worker(shared(), spec);
     resolve_web(&mut w);
-    w.dev.inject(
-        0,
-        &arp(
-            2,
-            NODE_B,
-            [192, 168, 0, 3],
-            UPLINK,
-            [192, 168, 0, 2],
-            UPLINK,
-        ),
-    );
-    step(&mut w, 2 * SECOND);
+    answer_on_uplink(&mut w, NODE_B, [192, 168, 0, 3]);
     w
 }
 
@@ -1088,18 +1084,7 @@ fn routed_node() -> Worker<MemDevice> {
         )])));
     let mut w = worker(shared, spec());
     resolve_web(&mut w);
-    w.dev.inject(
-        0,
-        &arp(
-            2,
-            ROUTER,
-            [192, 168, 0, 1],
-            UPLINK,
-            [192, 168, 0, 2],
-            UPLINK,
-        ),
-    );
-    step(&mut w, 2 * SECOND);
+    answer_on_uplink(&mut w, ROUTER, [192, 168, 0, 1]);
     w
 }
 
