@@ -11,7 +11,6 @@
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -42,8 +41,6 @@ const ROUND: Duration = Duration::from_millis(2);
 const MAX_ROUNDS: usize = 2500;
 /// Frames per receive call.
 const BURST: usize = 64;
-/// `PACKET_OUTGOING` (include/uapi/linux/if_packet.h): a frame this host sent.
-const PACKET_OUTGOING: u8 = 4;
 /// The child process's test, and the variable that tells it the node namespace.
 const CHILD_TEST: &str = "child_holds_a_filter_until_killed";
 const CHILD_NS: &str = "KXDP_XDP_FILTER_CHILD_NETNS";
@@ -374,57 +371,16 @@ fn ns_target(f: &[u8]) -> Option<Ipv6Addr> {
     Some(Ipv6Addr::from(t))
 }
 
-/// A raw AF_PACKET socket on one interface, to inject and capture frames.
-struct PacketSocket {
-    fd: OwnedFd,
-}
+/// A raw AF_PACKET socket on one interface (pktio's own), to inject and capture frames.
+struct PacketSocket(pktio::capture::RawSocket);
 
 impl PacketSocket {
     fn open(ifname: &str) -> PacketSocket {
-        let ifindex = xsk::ifindex(ifname).unwrap();
-        let proto = (libc::ETH_P_ALL as u16).to_be();
-        // SAFETY: plain socket creation; the result is checked.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                i32::from(proto),
-            )
-        };
-        assert!(raw >= 0, "AF_PACKET socket: {}", io::Error::last_os_error());
-        // SAFETY: `raw` is a fresh descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: all-zero is a valid sockaddr_ll.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = proto;
-        sll.sll_ifindex = ifindex as i32;
-        // SAFETY: `sll` is a valid sockaddr_ll for the length given.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&sll as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        assert_eq!(
-            rc,
-            0,
-            "bind AF_PACKET to {ifname}: {}",
-            io::Error::last_os_error()
-        );
-        PacketSocket { fd }
+        PacketSocket(pktio::capture::RawSocket::bind(ifname).expect("AF_PACKET socket"))
     }
 
     fn send(&self, frame: &[u8]) {
-        // SAFETY: `frame` is readable for its length; the socket is bound to an interface.
-        let rc = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-        assert_eq!(
-            rc,
-            frame.len() as isize,
-            "AF_PACKET send: {}",
-            io::Error::last_os_error()
-        );
+        self.0.send(frame).expect("AF_PACKET send");
     }
 
     /// Frames that arrived (not ones this host sent) until `done` is satisfied or `wait`
@@ -434,28 +390,13 @@ impl PacketSocket {
         let mut got = Vec::new();
         let mut buf = vec![0u8; 4096];
         for _ in 0..MAX_ROUNDS {
-            // Bound: the socket's receive queue; each pass consumes a frame or breaks.
-            loop {
-                // SAFETY: all-zero is a valid sockaddr_ll.
-                let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-                let mut from_len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
-                // SAFETY: `buf` and `from` are writable for the lengths given.
-                let n = unsafe {
-                    libc::recvfrom(
-                        self.fd.as_raw_fd(),
-                        buf.as_mut_ptr().cast(),
-                        buf.len(),
-                        libc::MSG_DONTWAIT,
-                        (&mut from as *mut libc::sockaddr_ll).cast(),
-                        &mut from_len,
-                    )
-                };
-                if n < 0 {
-                    break;
-                }
-                if from.sll_pkttype != PACKET_OUTGOING {
-                    got.push(buf[..n as usize].to_vec());
-                }
+            // Bound: the socket's receive queue; each pass consumes a frame or ends.
+            while let Some(n) = self
+                .0
+                .recv(&mut buf, Duration::from_millis(1))
+                .expect("AF_PACKET recv")
+            {
+                got.push(buf[..n].to_vec());
             }
             if done(&got) || start.elapsed() > wait {
                 break;

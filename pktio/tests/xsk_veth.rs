@@ -6,8 +6,6 @@
 //! experimental EtherType 0x88b5 and a sequence number, so the kernel's own chatter (IPv6
 //! neighbour discovery on a fresh link) is told apart and ignored.
 
-use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use pktio::netns::{self, NetnsGuard};
@@ -24,8 +22,6 @@ const DEADLINE: Duration = Duration::from_secs(5);
 const MAX_ROUNDS: usize = 5000;
 /// Pause between polling rounds.
 const ROUND: Duration = Duration::from_millis(1);
-/// `PACKET_OUTGOING` (include/uapi/linux/if_packet.h): a frame this host sent.
-const PACKET_OUTGOING: u8 = 4;
 
 fn skip(test: &str) -> bool {
     if netns::is_root() {
@@ -78,86 +74,28 @@ fn is_test_frame(bytes: &[u8]) -> bool {
     bytes.len() >= 18 && bytes[12..14] == ETHERTYPE.to_be_bytes()
 }
 
-/// A raw AF_PACKET socket on one interface, to inject and capture frames beside AF_XDP.
-struct PacketSocket {
-    fd: OwnedFd,
-}
+/// A raw AF_PACKET socket on one interface (pktio's own), to inject and capture frames
+/// beside AF_XDP.
+struct PacketSocket(pktio::capture::RawSocket);
 
 impl PacketSocket {
     fn open(ifname: &str) -> PacketSocket {
-        let ifindex = xsk::ifindex(ifname).unwrap();
-        let proto = (libc::ETH_P_ALL as u16).to_be();
-        // SAFETY: plain socket creation; the result is checked.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                i32::from(proto),
-            )
-        };
-        assert!(raw >= 0, "AF_PACKET socket: {}", io::Error::last_os_error());
-        // SAFETY: `raw` is a fresh descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: all-zero is a valid sockaddr_ll.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = proto;
-        sll.sll_ifindex = ifindex as i32;
-        // SAFETY: `sll` is a valid sockaddr_ll for the length given.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&sll as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        assert_eq!(
-            rc,
-            0,
-            "bind AF_PACKET to {ifname}: {}",
-            io::Error::last_os_error()
-        );
-        PacketSocket { fd }
+        PacketSocket(pktio::capture::RawSocket::bind(ifname).expect("AF_PACKET socket"))
     }
 
     fn send(&self, frame: &[u8]) {
-        // SAFETY: `frame` is readable for its length; the socket is bound to an interface.
-        let rc = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-        assert_eq!(
-            rc,
-            frame.len() as isize,
-            "AF_PACKET send: {}",
-            io::Error::last_os_error()
-        );
+        self.0.send(frame).expect("AF_PACKET send");
     }
 
     /// One frame that arrived on the interface (not one it sent), if any is waiting.
     fn try_recv(&self) -> Option<Vec<u8>> {
         let mut buf = vec![0u8; 4096];
-        // SAFETY: all-zero is a valid sockaddr_ll.
-        let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        let mut from_len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
-        // Bound: the socket's receive queue; each pass consumes a frame or returns.
-        loop {
-            // SAFETY: `buf` and `from` are writable for the lengths given.
-            let n = unsafe {
-                libc::recvfrom(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                    (&mut from as *mut libc::sockaddr_ll).cast(),
-                    &mut from_len,
-                )
-            };
-            if n < 0 {
-                return None;
-            }
-            if from.sll_pkttype != PACKET_OUTGOING {
-                buf.truncate(n as usize);
-                return Some(buf);
-            }
-        }
+        let n = self
+            .0
+            .recv(&mut buf, Duration::from_millis(1))
+            .expect("AF_PACKET recv")?;
+        buf.truncate(n);
+        Some(buf)
     }
 }
 
