@@ -193,14 +193,6 @@ pub fn quiet_namespace(prefix: &str) -> anyhow::Result<NetnsGuard> {
     Ok(ns)
 }
 
-fn pin(core: usize) {
-    if let Some(id) = core_affinity::get_core_ids().and_then(|ids| ids.get(core).copied()) {
-        if !core_affinity::set_for_current(id) {
-            log::warn!("could not pin to core {core}");
-        }
-    }
-}
-
 /// Runs the generator into the sink over a veth pair in two fresh namespaces.
 pub fn run(cfg: &CeilingConfig) -> anyhow::Result<CeilingReport> {
     let gen_cfg = GenConfig {
@@ -235,7 +227,7 @@ pub fn run(cfg: &CeilingConfig) -> anyhow::Result<CeilingReport> {
             let result = (|| {
                 netns::enter_thread(sink_ns.name())?;
                 if cfg.pin {
-                    pin(1);
+                    crate::pin(1);
                 }
                 let idx = xsk::ifindex("s0")?;
                 let prog = XdpProgram::attach(idx, 1, cfg.mode).context("attach XDP to s0")?;
@@ -254,7 +246,7 @@ pub fn run(cfg: &CeilingConfig) -> anyhow::Result<CeilingReport> {
             let result = (|| {
                 netns::enter_thread(gen_ns.name())?;
                 if cfg.pin {
-                    pin(0);
+                    crate::pin(0);
                 }
                 let idx = xsk::ifindex("g0")?;
                 let mut dev = XskDevice::new(&[(idx, 0)], &gen_xsk_config())?;

@@ -10,7 +10,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use pktio::{Device, DeviceStats, PortId};
+use pktio::{Device, DeviceExt, DeviceStats, PortId};
 
 use crate::frame::{self, FlowSet};
 
@@ -94,6 +94,8 @@ pub struct GenReport {
     pub bytes: u64,
     /// Rounds in which the pool had no free frame (the kernel had not completed enough).
     pub pool_empty_rounds: u64,
+    /// Rounds ended by a full transmit ring.
+    pub ring_full_rounds: u64,
     /// Time from the first frame to the last.
     pub elapsed_ns: u64,
     /// The device's counters over the run (including the drain).
@@ -136,6 +138,189 @@ fn delta(after: DeviceStats, before: DeviceStats) -> DeviceStats {
     }
 }
 
+/// A generator run in progress, driven one round at a time ([`Generator::step`]), so one
+/// thread can interleave it with a sink ([`crate::load`]) on a single core.
+pub struct Generator<'a> {
+    cfg: &'a GenConfig,
+    port: PortId,
+    epoch: Instant,
+    start: Instant,
+    deadline: Instant,
+    last: Instant,
+    limit: u64,
+    seq: u64,
+    before: DeviceStats,
+    report: GenReport,
+    rx: Vec<pktio::Frame>,
+    /// Frames received back (a reflector's answers), read by [`Generator::step`].
+    returned: Option<Returned>,
+}
+
+/// Bench frames that came back to the generator (from a reflector): their count and
+/// round-trip time, measured on the generator's own clock.
+#[derive(Clone, Debug)]
+pub struct Returned {
+    /// Bench frames received.
+    pub frames: u64,
+    /// Round-trip times, ns.
+    pub rtt: hdrhistogram::Histogram<u64>,
+    /// Frames that were not bench frames, or whose timestamp was unusable.
+    pub other: u64,
+}
+
+impl<'a> Generator<'a> {
+    /// A run of `cfg` on `port` of `dev`, starting now, stamping frames with ns since
+    /// `epoch`. Checks the configuration and that a frame fits `dev`'s chunks.
+    pub fn new<D: Device>(
+        dev: &D,
+        port: PortId,
+        cfg: &'a GenConfig,
+        epoch: Instant,
+    ) -> Result<Generator<'a>, GenError> {
+        cfg.validate()?;
+        let room = dev
+            .chunk_size()
+            .saturating_sub(pktio::xsk::XDP_PACKET_HEADROOM as usize);
+        if cfg.size > room {
+            return Err(GenError::NoRoom {
+                size: cfg.size,
+                room,
+            });
+        }
+        let start = Instant::now();
+        Ok(Generator {
+            cfg,
+            port,
+            epoch,
+            start,
+            deadline: start + cfg.duration.min(MAX_DURATION),
+            last: start,
+            limit: cfg.count.unwrap_or(u64::MAX),
+            seq: 0,
+            before: dev.stats(),
+            report: GenReport::default(),
+            rx: Vec::with_capacity(BURST),
+            returned: None,
+        })
+    }
+
+    /// Also counts bench frames that come back on the generator's port and records their
+    /// round-trip time (a reflector at the far end).
+    pub fn count_returns(mut self) -> Self {
+        self.returned = Some(Returned {
+            frames: 0,
+            rtt: hdrhistogram::Histogram::new_with_bounds(
+                1,
+                crate::sink::MAX_LATENCY.as_nanos() as u64,
+                3,
+            )
+            .expect("static histogram bounds"),
+            other: 0,
+        });
+        self
+    }
+
+    /// Whether the run is over (deadline, count or `stop`).
+    pub fn done(&self, stop: &AtomicBool) -> bool {
+        self.seq >= self.limit || stop.load(Ordering::Relaxed) || Instant::now() >= self.deadline
+    }
+
+    /// One round: writes and queues the frames that are due (at most [`BURST`]; all of them
+    /// flat out, those the rate allows otherwise), flushes, and frees (or counts, with
+    /// [`Generator::count_returns`]) what was received. Returns the frames queued.
+    pub fn step<D: Device>(&mut self, dev: &mut D) -> usize {
+        let port = self.port;
+        let now = Instant::now();
+        let mut want = (BURST as u64).min(self.limit.saturating_sub(self.seq));
+        if now >= self.deadline {
+            want = 0;
+        }
+        if let Some(rate) = self.cfg.rate_pps {
+            let due = (now - self.start).as_nanos() * u128::from(rate) / 1_000_000_000;
+            want = want.min((due as u64).saturating_sub(self.seq));
+        }
+        let mut queued = 0;
+        for _ in 0..want {
+            let Some(mut f) = dev.alloc() else {
+                self.report.pool_empty_rounds += 1;
+                break;
+            };
+            let tx_ns = self.epoch.elapsed().as_nanos() as u64;
+            f.len = frame::write(
+                dev.packet_mut_full(f),
+                self.cfg.size,
+                &self.cfg.flows,
+                self.seq,
+                tx_ns,
+            ) as u32;
+            // A full transmit ring (the kernel has not taken the last frames yet: a device
+            // under test pushing back) ends the round; the frame went back to the pool and
+            // its sequence number is used again, so every frame counted was sent and a
+            // new-flow run's flows are all new.
+            if !dev.send(port, f) {
+                self.report.ring_full_rounds += 1;
+                break;
+            }
+            self.report.sent += 1;
+            self.report.bytes += self.cfg.size as u64;
+            self.seq += 1;
+            queued += 1;
+        }
+        if queued > 0 {
+            self.last = Instant::now();
+        }
+        dev.flush();
+        self.rx.clear();
+        dev.recv(port, &mut self.rx, BURST);
+        if !self.rx.is_empty() {
+            let now_ns = self.epoch.elapsed().as_nanos() as u64;
+            for i in 0..self.rx.len() {
+                let f = self.rx[i];
+                if let Some(r) = &mut self.returned {
+                    match frame::parse(dev.packet_mut(f)) {
+                        Some(p) if now_ns >= p.tx_ns => {
+                            r.frames += 1;
+                            if r.rtt.record((now_ns - p.tx_ns).max(1)).is_err() {
+                                r.other += 1;
+                            }
+                        }
+                        _ => r.other += 1,
+                    }
+                }
+                dev.free(f);
+            }
+        }
+        queued
+    }
+
+    /// Ends the run: keeps flushing for [`DRAIN`], calling `between` after each round (a
+    /// sink on the same thread receives there; a lone generator sleeps), and returns the
+    /// report.
+    pub fn finish<D: Device>(self, dev: &mut D, mut between: impl FnMut()) -> GenReport {
+        let (report, _) = self.finish_with_returns(dev, &mut between);
+        report
+    }
+
+    /// [`Generator::finish`], also returning what came back (with
+    /// [`Generator::count_returns`]).
+    pub fn finish_with_returns<D: Device>(
+        mut self,
+        dev: &mut D,
+        mut between: impl FnMut(),
+    ) -> (GenReport, Option<Returned>) {
+        self.report.elapsed_ns = (self.last - self.start).as_nanos() as u64;
+        let drain_end = Instant::now() + DRAIN;
+        // Bound: DRAIN.
+        while Instant::now() < drain_end {
+            self.limit = self.seq;
+            self.step(dev);
+            between();
+        }
+        self.report.device = delta(dev.stats(), self.before);
+        (self.report, self.returned)
+    }
+}
+
 /// Sends on `port` of `dev` until the duration or count is reached or `stop` is set, then
 /// drains for [`DRAIN`]. Frames received meanwhile (none are expected) are freed.
 pub fn run<D: Device>(
@@ -145,69 +330,12 @@ pub fn run<D: Device>(
     epoch: Instant,
     stop: &AtomicBool,
 ) -> Result<GenReport, GenError> {
-    cfg.validate()?;
-    let room = dev
-        .chunk_size()
-        .saturating_sub(pktio::xsk::XDP_PACKET_HEADROOM as usize);
-    if cfg.size > room {
-        return Err(GenError::NoRoom {
-            size: cfg.size,
-            room,
-        });
-    }
-    let before = dev.stats();
-    let limit = cfg.count.unwrap_or(u64::MAX);
-    let mut report = GenReport::default();
-    let mut rx = Vec::with_capacity(BURST);
-    let start = Instant::now();
-    let deadline = start + cfg.duration.min(MAX_DURATION);
-    let mut last = start;
-    let mut seq = 0u64;
+    let mut g = Generator::new(dev, port, cfg, epoch)?;
     // Bound: the deadline (checked every round) and the count.
-    while seq < limit && !stop.load(Ordering::Relaxed) {
-        let now = Instant::now();
-        if now >= deadline {
-            break;
-        }
-        let mut want = (BURST as u64).min(limit - seq);
-        if let Some(rate) = cfg.rate_pps {
-            let due = (now - start).as_nanos() as u64 as u128 * u128::from(rate) / 1_000_000_000;
-            want = want.min((due as u64).saturating_sub(seq));
-        }
-        let mut queued = 0;
-        for _ in 0..want {
-            let Some(mut f) = dev.alloc() else {
-                report.pool_empty_rounds += 1;
-                break;
-            };
-            let tx_ns = epoch.elapsed().as_nanos() as u64;
-            f.len = frame::write(dev.packet_mut_full(f), cfg.size, &cfg.flows, seq, tx_ns) as u32;
-            if dev.send(port, f) {
-                report.sent += 1;
-                report.bytes += cfg.size as u64;
-            }
-            seq += 1;
-            queued += 1;
-        }
-        if queued > 0 {
-            last = Instant::now();
-        }
-        dev.flush();
-        rx.clear();
-        dev.recv(port, &mut rx, BURST);
-        for &f in &rx {
-            dev.free(f);
-        }
+    while !g.done(stop) {
+        g.step(dev);
     }
-    report.elapsed_ns = (last - start).as_nanos() as u64;
-    let drain_end = Instant::now() + DRAIN;
-    // Bound: DRAIN.
-    while Instant::now() < drain_end {
-        dev.flush();
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    report.device = delta(dev.stats(), before);
-    Ok(report)
+    Ok(g.finish(dev, || std::thread::sleep(Duration::from_millis(1))))
 }
 
 /// Room to write a whole frame: the chunk from the frame's start on.

@@ -78,6 +78,108 @@ pub fn exec(
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// How a bounded command ended.
+#[derive(Debug)]
+pub enum Bounded {
+    /// It finished successfully, with this standard output, after this long.
+    Done(String, std::time::Duration),
+    /// It was still running at the limit and was killed (by its PID).
+    TimedOut(std::time::Duration),
+}
+
+/// [`exec`] with a time limit: a command still running after `limit` is killed (SIGKILL to
+/// its PID, which is the program's: `ip netns exec` execs it) and reported as timed out.
+/// Standard input is fed and standard output read on threads of their own, so a large
+/// ruleset cannot deadlock the pipes.
+pub fn exec_bounded(
+    ns: &str,
+    program: &str,
+    args: &[&str],
+    stdin: Option<&[u8]>,
+    limit: std::time::Duration,
+) -> Result<Bounded, NetnsError> {
+    use std::io::Read as _;
+    use std::time::{Duration, Instant};
+    let command = format!("ip netns exec {ns} {program} {}", args.join(" "));
+    let started = Instant::now();
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, program])
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|err| NetnsError::Spawn {
+            command: command.clone(),
+            err,
+        })?;
+    let pipe_in = child.stdin.take();
+    let mut pipe_out = child.stdout.take();
+    let mut pipe_err = child.stderr.take();
+    let (status, out, err) = std::thread::scope(|s| {
+        if let (Some(input), Some(mut pipe)) = (stdin, pipe_in) {
+            // A program that exits early (or is killed) closes its end; the status says why.
+            s.spawn(move || {
+                let _ = pipe.write_all(input);
+            });
+        }
+        let out = s.spawn(move || {
+            let mut b = Vec::new();
+            if let Some(p) = pipe_out.as_mut() {
+                let _ = p.read_to_end(&mut b);
+            }
+            b
+        });
+        let err = s.spawn(move || {
+            let mut b = Vec::new();
+            if let Some(p) = pipe_err.as_mut() {
+                let _ = p.read_to_end(&mut b);
+            }
+            b
+        });
+        let deadline = started + limit;
+        // Bound: `limit`, then the kill.
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break Some(status),
+                Ok(None) if Instant::now() >= deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break None;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break None;
+                }
+            }
+        };
+        (
+            status,
+            out.join().unwrap_or_default(),
+            err.join().unwrap_or_default(),
+        )
+    });
+    let took = started.elapsed();
+    match status {
+        None => Ok(Bounded::TimedOut(took)),
+        Some(st) if st.success() => Ok(Bounded::Done(
+            String::from_utf8_lossy(&out).into_owned(),
+            took,
+        )),
+        Some(st) => Err(NetnsError::Failed {
+            command,
+            status: st,
+            stderr: String::from_utf8_lossy(&err).trim().to_string(),
+        }),
+    }
+}
+
 /// Sets a sysctl inside `ns` (`ip netns exec NS sysctl -qw KEY=VALUE`).
 pub fn sysctl(ns: &str, key: &str, value: &str) -> Result<(), NetnsError> {
     exec(ns, "sysctl", &["-qw", &format!("{key}={value}")], None).map(|_| ())

@@ -6,10 +6,13 @@
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
+use ipnet::{IpNet, Ipv4Net};
 use nat::spec::{ClusterSpec, TableSpec};
 
 /// Node name used by every scenario.
 pub const NODE: &str = "bench-node";
+/// The node's InternalIP (its uplink address in the bench topology).
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 2);
 
 /// A set of ClusterIP Services.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,6 +32,11 @@ pub struct ServiceSet {
     /// Address of endpoint 0 of Service 0; endpoints are numbered consecutively across
     /// Services (Service i, endpoint j is address `first + i * endpoints + j`).
     pub first_endpoint: Ipv4Addr,
+    /// The node's pod network, which is also the cluster's (one node): endpoints inside it
+    /// are the node's own pods.
+    pub pod_cidr: Ipv4Net,
+    /// The Service ClusterIP range.
+    pub service_cidr: Ipv4Net,
 }
 
 impl Default for ServiceSet {
@@ -41,6 +49,8 @@ impl Default for ServiceSet {
             target_port: 8080,
             first_cluster_ip: Ipv4Addr::new(172, 30, 0, 10),
             first_endpoint: Ipv4Addr::new(10, 244, 1, 10),
+            pod_cidr: Ipv4Net::new(Ipv4Addr::new(10, 244, 0, 0), 16).expect("literal"),
+            service_cidr: Ipv4Net::new(Ipv4Addr::new(172, 30, 0, 0), 16).expect("literal"),
         }
     }
 }
@@ -106,7 +116,8 @@ impl ServiceSet {
             String::with_capacity(self.services as usize * (400 + 90 * self.endpoints as usize));
         let _ = write!(
             y,
-            "apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE}}}\nspec: {{podCIDR: 10.244.0.0/16}}\nstatus:\n  addresses:\n  - {{type: InternalIP, address: 192.168.0.2}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: bench}}\n"
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE}}}\nspec: {{podCIDR: {}}}\nstatus:\n  addresses:\n  - {{type: InternalIP, address: {NODE_IP}}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: bench}}\n",
+            self.pod_cidr
         );
         for i in 0..self.services {
             let name = Self::service_name(i);
@@ -136,8 +147,20 @@ impl ServiceSet {
         Ok(y)
     }
 
-    /// The tables control computes from [`ServiceSet::manifests`].
-    pub fn table_spec(&self) -> Result<TableSpec, ScenarioError> {
+    /// The cluster settings: [`ClusterSpec::default`] with this set's pod network and
+    /// Service range as the only IPv4 ones.
+    pub fn cluster(&self) -> ClusterSpec {
+        let mut c = ClusterSpec::default();
+        c.cluster_cidrs.retain(|n| !matches!(n, IpNet::V4(_)));
+        c.cluster_cidrs.insert(0, IpNet::V4(self.pod_cidr));
+        c.service_cidrs.retain(|n| !matches!(n, IpNet::V4(_)));
+        c.service_cidrs.insert(0, IpNet::V4(self.service_cidr));
+        c
+    }
+
+    /// [`ServiceSet::manifests`] loaded into control's object store, as control holds them
+    /// after reading a directory or watching an API server.
+    pub fn objects(&self) -> Result<control::Objects, ScenarioError> {
         let text = self.manifests()?;
         let mut objects = control::Objects::new();
         let mut errors = Vec::new();
@@ -145,11 +168,17 @@ impl ServiceSet {
         if let Some(e) = errors.first() {
             return Err(ScenarioError::Manifests(e.to_string()));
         }
-        Ok(control::compute_tables(
-            &objects,
-            NODE,
-            &ClusterSpec::default(),
-        )?)
+        Ok(objects)
+    }
+
+    /// The tables control computes from `objects` (see [`ServiceSet::objects`]).
+    pub fn compute(&self, objects: &control::Objects) -> Result<TableSpec, ScenarioError> {
+        Ok(control::compute_tables(objects, NODE, &self.cluster())?)
+    }
+
+    /// The tables control computes from [`ServiceSet::manifests`].
+    pub fn table_spec(&self) -> Result<TableSpec, ScenarioError> {
+        self.compute(&self.objects()?)
     }
 }
 

@@ -56,6 +56,7 @@ fn services() -> (Vec<ServiceSet>, TableSpec) {
         target_port: 8080,
         first_cluster_ip: Ipv4Addr::new(172, 30, 0, 10),
         first_endpoint: Ipv4Addr::new(10, 244, 1, 10),
+        ..ServiceSet::default()
     };
     let udp = ServiceSet {
         protocol: "UDP",
@@ -69,7 +70,11 @@ fn services() -> (Vec<ServiceSet>, TableSpec) {
     // renaming so chain names differ, as they would for different Services.
     let mut udp_spec = udp.table_spec().expect("UDP services");
     for s in &mut udp_spec.services {
-        s.name = s.name.replace("bench/svc-", "bench/dns-");
+        // Clone and convert back: works whether the table holds Service ports by value or
+        // behind an `Arc`.
+        let mut renamed = nat::spec::ServiceSpec::clone(s);
+        renamed.name = renamed.name.replace("bench/svc-", "bench/dns-");
+        *s = renamed.into();
     }
     spec.services.extend(udp_spec.services);
     (vec![tcp, udp], spec)

@@ -796,6 +796,87 @@ pub fn jump_rules() -> String {
     out
 }
 
+/// The chains of `sp` (its Service, external and Local chains, and one per endpoint).
+pub fn chains_of(sp: &ServicePort) -> Vec<String> {
+    let name = sp.name_string();
+    let mut out = vec![
+        svc_chain(&name, sp.protocol),
+        svl_chain(&name, sp.protocol),
+        ext_chain(&name, sp.protocol),
+    ];
+    for ep in sp.reachable() {
+        out.push(sep_chain(&name, sp.protocol, &ep.host_port()));
+    }
+    out
+}
+
+/// Whether a restore line declares or appends to a per-Service chain, and which.
+fn per_service_chain(line: &str) -> Option<&str> {
+    let chain = line
+        .strip_prefix(':')
+        .map(|l| l.split(' ').next().unwrap_or(l))
+        .or_else(|| line.strip_prefix("-A ").and_then(|l| l.split(' ').next()))?;
+    [
+        "KUBE-SVC-",
+        "KUBE-SVL-",
+        "KUBE-EXT-",
+        "KUBE-SEP-",
+        "KUBE-FW-",
+    ]
+    .iter()
+    .any(|p| chain.starts_with(p))
+    .then_some(chain)
+}
+
+/// The restore input of kube-proxy's partial sync (`MinimizeIPTablesRestore`, on by default
+/// since Kubernetes 1.27) after the Service ports named in `changed` changed: every
+/// top-level chain (KUBE-SERVICES and the rest) written whole, as kube-proxy always does,
+/// the changed Services' own chains rewritten, the other Services' chains left out, and
+/// `stale` chains (an endpoint that went away) declared, flushed and deleted (`-X`). Load
+/// with `--noflush`.
+pub fn partial_restore_input(
+    spec: &TableSpec,
+    cfg: &KubeProxyConfig,
+    changed: &[String],
+    stale: &[String],
+) -> String {
+    let ports = super::service_ports(spec);
+    let keep: std::collections::HashSet<String> = ports
+        .iter()
+        .filter(|sp| changed.contains(&sp.name_string()))
+        .flat_map(chains_of)
+        .collect();
+    let full = restore_input_for(&ports, cfg);
+    let mut out = String::with_capacity(full.len() / 4);
+    let mut in_nat = false;
+    let mut declared_stale = false;
+    for line in full.lines() {
+        if line == "*nat" {
+            in_nat = true;
+        }
+        if in_nat && !declared_stale && !line.starts_with(':') && line != "*nat" {
+            for c in stale {
+                let _ = writeln!(out, ":{c} - [0:0]");
+            }
+            declared_stale = true;
+        }
+        if in_nat && line == "COMMIT" {
+            for c in stale {
+                let _ = writeln!(out, "-X {c}");
+            }
+            in_nat = false;
+        }
+        if let Some(chain) = per_service_chain(line) {
+            if !keep.contains(chain) {
+                continue;
+            }
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -861,6 +942,46 @@ mod tests {
         }
         assert!(out.starts_with("*filter\n:KUBE-SERVICES - [0:0]\n"));
         assert!(out.ends_with("COMMIT\n"));
+    }
+
+    #[test]
+    fn a_partial_sync_rewrites_only_the_changed_service_and_deletes_the_stale_chain() {
+        let set = crate::scenario::ServiceSet {
+            services: 3,
+            endpoints: 2,
+            ..crate::scenario::ServiceSet::default()
+        };
+        let spec = set.table_spec().unwrap();
+        let cfg = KubeProxyConfig::for_spec(&spec);
+        let ports = crate::baseline::service_ports(&spec);
+        let changed = ports[1].name_string();
+        let stale = "KUBE-SEP-STALESTALESTALE".to_string();
+        let out = partial_restore_input(&spec, &cfg, &[changed], std::slice::from_ref(&stale));
+        let mine = chains_of(&ports[1]);
+        let other = chains_of(&ports[0]);
+        assert!(out.contains(&format!(":{} - [0:0]", mine[0])));
+        assert!(
+            out.contains(&format!("-A {} ", mine[3])),
+            "an endpoint chain"
+        );
+        for c in &other {
+            assert!(
+                !out.contains(&format!(":{c} ")) && !out.contains(&format!("-A {c} ")),
+                "another Service's chain {c} is left alone"
+            );
+        }
+        assert!(
+            out.contains(&format!("-j {}", other[0])),
+            "KUBE-SERVICES still jumps to it"
+        );
+        assert!(out.contains(&format!(":{stale} - [0:0]\n")));
+        assert!(out.contains(&format!("-X {stale}\nCOMMIT\n")));
+        // Every Service is still in KUBE-SERVICES, jumping to chains that exist.
+        assert_eq!(out.matches("-A KUBE-SERVICES").count(), 3 + 1);
+        let decl = out.find(&format!(":{stale}")).unwrap();
+        let first_rule =
+            out[out.find("*nat").unwrap()..].find("\n-A ").unwrap() + out.find("*nat").unwrap();
+        assert!(decl < first_rule, "declarations come before rules");
     }
 
     #[test]

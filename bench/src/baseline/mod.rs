@@ -250,7 +250,10 @@ impl ServicePort {
 /// The IPv4 Service ports of `spec`, in the spec's order. A Service port whose ClusterIP is
 /// IPv6 belongs to the other family's proxier and is left out.
 pub fn service_ports(spec: &TableSpec) -> Vec<ServicePort> {
-    spec.services.iter().filter_map(service_port).collect()
+    spec.services
+        .iter()
+        .filter_map(|s| service_port(s))
+        .collect()
 }
 
 fn v4(ip: IpAddr) -> Option<Ipv4Addr> {

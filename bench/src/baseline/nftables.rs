@@ -514,6 +514,34 @@ fn endpoint_rules(tx: &mut Tx, sp: &ServicePort, chain: &str, endpoints: &[Endpo
     );
 }
 
+/// The transaction of kube-proxy's partial sync after the Service ports named in
+/// `changed` changed: their chains flushed and rewritten and their map elements added
+/// again, and `stale` chains (an endpoint that went away) flushed and deleted. Nothing else
+/// is touched.
+pub fn update_transaction(
+    spec: &TableSpec,
+    cfg: &KubeProxyConfig,
+    changed: &[String],
+    stale: &[String],
+) -> String {
+    let mut tx = Tx {
+        out: String::new(),
+        created: HashSet::new(),
+    };
+    let cidr = cfg.cluster_cidr.map(|c| c.to_string());
+    for sp in super::service_ports(spec)
+        .iter()
+        .filter(|sp| changed.contains(&sp.name_string()))
+    {
+        service(&mut tx, sp, cfg, cidr.as_deref());
+    }
+    for c in stale {
+        tx.line(format_args!("flush chain {TABLE} {c}"));
+        tx.line(format_args!("delete chain {TABLE} {c}"));
+    }
+    tx.out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,13 +5,21 @@
 //!   own; prints what was sent and received, the rates, loss and one-way latency.
 //! - `kxdp-bench rules iptables|nftables`: prints the ruleset kube-proxy would write for a
 //!   generated Service set (what the kernel baselines load).
+//! - `kxdp-bench run --quick|--full`: every device under test (kxdp, the kernel with
+//!   kube-proxy's iptables and nftables rulesets, the bare AF_XDP forwarder) on the same
+//!   lab in the same run, in alternation; writes `results.json`, `results.md`,
+//!   `README-table.md` and PNG plots, and prints the Markdown.
+//! - `kxdp-bench report RESULTS.json`: writes the Markdown and plots again from a JSON.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::bail;
 use bench::baseline::{iptables, nftables, KubeProxyConfig};
 use bench::ceiling::{self, CeilingConfig};
+use bench::dut::DutKind;
 use bench::scenario::ServiceSet;
+use bench::suite::{self, Paths, Plan, Results};
 use clap::{Parser, Subcommand, ValueEnum};
 use pktio::xsk::XdpMode;
 
@@ -50,6 +58,55 @@ enum Cmd {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Every device under test in alternation, with reports (root).
+    Run {
+        /// The short run (under 5 minutes on 2 cores): 1, 1k and 10k Services, 2
+        /// repetitions of 2 s, four devices.
+        #[arg(long, conflicts_with = "full")]
+        quick: bool,
+        /// The full run: 1 to 100k Services, 5 repetitions of 5 s, five devices, waiting
+        /// for an idle machine before each round.
+        #[arg(long)]
+        full: bool,
+        /// Where results, plots and logs go.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Where kxdp-dataplane is.
+        #[arg(long, default_value = "target/release")]
+        bin_dir: PathBuf,
+        /// Devices, comma-separated (kxdp, iptables, iptables-legacy, nftables, xdp-fwd).
+        #[arg(long, value_delimiter = ',')]
+        duts: Option<Vec<String>>,
+        /// Service counts for the forwarding runs, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        services: Option<Vec<u32>>,
+        /// Repetitions.
+        #[arg(long)]
+        reps: Option<u32>,
+        /// Seconds per run.
+        #[arg(long)]
+        seconds: Option<f64>,
+        /// Frames per second of the latency runs.
+        #[arg(long)]
+        latency_pps: Option<u64>,
+        /// Wait until the 1-minute load average is below this before each round (0: no).
+        #[arg(long)]
+        idle_below: Option<f64>,
+        /// Longest such a wait, seconds.
+        #[arg(long)]
+        idle_wait: Option<u64>,
+        /// Service counts for the install timing, comma-separated; empty for none.
+        #[arg(long, value_delimiter = ',', num_args = 0..)]
+        install_services: Option<Vec<u32>>,
+    },
+    /// Write the Markdown report and the plots again from a results JSON.
+    Report {
+        /// The results.json of a run.
+        json: PathBuf,
+        /// Where to write (default: the JSON's directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Print the ruleset kube-proxy would write for N Services of M endpoints.
     Rules {
@@ -149,6 +206,87 @@ fn main() -> anyhow::Result<()> {
                 );
             }
         }
+        Cmd::Run {
+            quick,
+            full,
+            out,
+            bin_dir,
+            duts,
+            services,
+            reps,
+            seconds,
+            latency_pps,
+            idle_below,
+            idle_wait,
+            install_services,
+        } => {
+            if !bench::netns::is_root() {
+                bail!("run creates network namespaces, attaches XDP and loads rulesets: run it as root");
+            }
+            if !quick && !full {
+                bail!("say --quick (under 5 minutes) or --full");
+            }
+            let mut plan = if full { Plan::full() } else { Plan::quick() };
+            if let Some(d) = duts {
+                plan.duts = d
+                    .iter()
+                    .map(|n| {
+                        DutKind::parse(n).ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "--duts {n}: use kxdp, iptables, iptables-legacy, nftables or xdp-fwd"
+                            )
+                        })
+                    })
+                    .collect::<anyhow::Result<_>>()?;
+            }
+            if let Some(s) = services {
+                plan.services = s;
+            }
+            if let Some(r) = reps {
+                plan.reps = r.max(1);
+            }
+            if let Some(s) = seconds {
+                if !(0.1..=600.0).contains(&s) {
+                    bail!("--seconds {s}: give 0.1 to 600");
+                }
+                plan.seconds = s;
+            }
+            if let Some(r) = latency_pps {
+                plan.latency_pps = r.max(1);
+            }
+            if let Some(l) = idle_below {
+                plan.idle_below = l;
+            }
+            if let Some(w) = idle_wait {
+                plan.idle_wait_s = w.min(3600);
+            }
+            if let Some(i) = install_services {
+                plan.install_services = i;
+            }
+            let out =
+                out.unwrap_or_else(|| PathBuf::from(format!("target/kxdp-bench/{}", plan.name)));
+            let repo = std::env::current_dir()?;
+            let paths = Paths {
+                bin_dir,
+                out_dir: out.clone(),
+                repo,
+            };
+            let command = std::env::args().collect::<Vec<_>>().join(" ");
+            let res = suite::run(&plan, &paths, command, |line| eprintln!("{line}"))?;
+            write_reports(&res, &out)?;
+            print!("{}", bench::report::markdown(&res));
+        }
+        Cmd::Report { json, out } => {
+            let text = std::fs::read_to_string(&json)?;
+            let res: Results = serde_json::from_str(&text)?;
+            let out = out.unwrap_or_else(|| {
+                json.parent()
+                    .map(|p| p.to_path_buf())
+                    .unwrap_or_else(|| PathBuf::from("."))
+            });
+            write_reports(&res, &out)?;
+            print!("{}", bench::report::markdown(&res));
+        }
         Cmd::Rules {
             mode,
             services,
@@ -170,5 +308,26 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// Writes results.json, results.md, README-table.md and the plots into `out`.
+fn write_reports(res: &Results, out: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out)?;
+    std::fs::write(out.join("results.json"), serde_json::to_string_pretty(res)?)?;
+    std::fs::write(out.join("results.md"), bench::report::markdown(res))?;
+    std::fs::write(
+        out.join("README-table.md"),
+        bench::report::readme_table(res),
+    )?;
+    match bench::plot::all(res, out) {
+        Ok(files) => {
+            for f in files {
+                eprintln!("wrote {}", f.display());
+            }
+        }
+        Err(e) => eprintln!("plots not written: {e}"),
+    }
+    eprintln!("wrote {}", out.join("results.md").display());
     Ok(())
 }

@@ -1,0 +1,557 @@
+//! The run's report: medians over repetitions, the ratio of kxdp to each alternative, the
+//! issue's targets checked against them, as Markdown (the results file, and the table for
+//! the top-level README). Only measured numbers appear; a device that was not run says
+//! why.
+
+use std::fmt::Write as _;
+
+use crate::dut::DutKind;
+use crate::install::change_median;
+use crate::measure::RunResult;
+use crate::suite::{Point, Results};
+
+/// Median of `xs` (the upper one of an even count); `None` when empty.
+pub fn median(xs: impl IntoIterator<Item = f64>) -> Option<f64> {
+    let mut v: Vec<f64> = xs.into_iter().filter(|x| x.is_finite()).collect();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
+}
+
+/// Runs of `dut` in `runs`.
+fn of<'a>(runs: &'a [RunResult], dut: &'a str) -> impl Iterator<Item = &'a RunResult> {
+    runs.iter().filter(move |r| r.dut == dut)
+}
+
+/// Median received rate of `dut` in `runs`.
+pub fn median_pps(runs: &[RunResult], dut: &str) -> Option<f64> {
+    median(of(runs, dut).map(|r| r.received_pps))
+}
+
+/// Median of one latency percentile (ns) of `dut` in `runs`.
+pub fn median_latency(runs: &[RunResult], dut: &str, pick: fn(&RunResult) -> u64) -> Option<f64> {
+    median(of(runs, dut).map(|r| pick(r) as f64))
+}
+
+/// `1234567.0` as `1,234,567`.
+pub fn thousands(x: f64) -> String {
+    let n = x.round() as i64;
+    let s = n.unsigned_abs().to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if n < 0 {
+        format!("-{out}")
+    } else {
+        out
+    }
+}
+
+fn services_label(n: u32) -> String {
+    match n {
+        n if n >= 1000 && n % 1000 == 0 => format!("{}k", n / 1000),
+        n => n.to_string(),
+    }
+}
+
+fn not_run(point: &Point, dut: &str) -> Option<String> {
+    point
+        .setup
+        .iter()
+        .find(|s| s.dut == dut)
+        .and_then(|s| s.not_run.clone())
+}
+
+fn cell(point: &Point, runs: &[RunResult], dut: &str) -> String {
+    if let Some(why) = not_run(point, dut) {
+        return why;
+    }
+    match median_pps(runs, dut) {
+        Some(v) => thousands(v),
+        None => "—".into(),
+    }
+}
+
+/// The DUTs of `res` in report order.
+fn duts(res: &Results) -> Vec<DutKind> {
+    res.plan
+        .as_ref()
+        .map(|p| p.duts.clone())
+        .unwrap_or_else(|| DutKind::ALL.to_vec())
+}
+
+/// Whether kxdp's runs in `runs` were limited by the generator: it lost under 1% of what
+/// was offered, and the offer was within 10% of the generator's ceiling.
+fn generator_bound(runs: &[RunResult], ceiling: Option<f64>) -> bool {
+    let loss = median(of(runs, "kxdp").map(|r| r.loss_pct));
+    let offered = median(of(runs, "kxdp").map(|r| r.offered_pps));
+    matches!((loss, offered, ceiling), (Some(l), Some(o), Some(c)) if l < 1.0 && o >= 0.9 * c)
+}
+
+fn ratio(kxdp: Option<f64>, other: Option<f64>, lower_bound: bool) -> String {
+    match (kxdp, other) {
+        (Some(k), Some(o)) if o > 0.0 => {
+            format!("{}{:.2}×", if lower_bound { "≥ " } else { "" }, k / o)
+        }
+        _ => "—".into(),
+    }
+}
+
+/// A forwarding-style table (throughput or new flows): one row per Service count.
+fn rate_table(
+    out: &mut String,
+    res: &Results,
+    pick: fn(&Point) -> &Vec<RunResult>,
+    with_ceiling: bool,
+) {
+    let duts = duts(res);
+    let others: Vec<DutKind> = duts
+        .iter()
+        .copied()
+        .filter(|d| *d != DutKind::Kxdp)
+        .collect();
+    let _ = write!(out, "| Services |");
+    for d in &duts {
+        let _ = write!(out, " {} |", d.short());
+    }
+    for d in &others {
+        let _ = write!(out, " kxdp / {} |", d.short());
+    }
+    out.push('\n');
+    out.push_str(&"|---".repeat(1 + duts.len() + others.len()));
+    out.push_str("|\n");
+    let ceiling = median(res.ceiling.iter().map(|r| r.received_pps));
+    if with_ceiling {
+        let _ = write!(
+            out,
+            "| generator → sink, no device (the generator's ceiling) | {} |",
+            ceiling.map_or("—".into(), thousands)
+        );
+        out.push_str(&" |".repeat(duts.len() - 1 + others.len()));
+        out.push('\n');
+    }
+    for p in &res.points {
+        let runs = pick(p);
+        if runs.is_empty() {
+            continue;
+        }
+        let bound = generator_bound(runs, ceiling);
+        let _ = write!(out, "| {} |", services_label(p.services));
+        for d in &duts {
+            let mut c = cell(p, runs, d.name());
+            if *d == DutKind::Kxdp && bound && with_ceiling {
+                c.push_str(" (generator-bound)");
+            }
+            let _ = write!(out, " {c} |");
+        }
+        let k = median_pps(runs, "kxdp");
+        for d in &others {
+            let o = median_pps(runs, d.name());
+            let _ = write!(out, " {} |", ratio(k, o, bound && with_ceiling));
+        }
+        out.push('\n');
+    }
+}
+
+fn us(ns: Option<f64>) -> String {
+    ns.map_or("—".into(), |v| format!("{:.1}", v / 1000.0))
+}
+
+fn latency_table(out: &mut String, res: &Results, p: &Point) {
+    let _ = writeln!(
+        out,
+        "| device | received pps | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs |\n|---|---|---|---|---|---|---|"
+    );
+    let mut rows: Vec<(String, &[RunResult], String)> = vec![(
+        "generator → sink, no device".into(),
+        &res.ceiling_latency,
+        "ceiling".into(),
+    )];
+    for d in duts(res) {
+        rows.push((d.short().into(), &p.latency, d.name().into()));
+    }
+    for (label, runs, key) in rows {
+        if let Some(why) = not_run(p, &key) {
+            let _ = writeln!(out, "| {label} | {why} | | | | | |");
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "| {label} | {} | {} | {} | {} | {} | {} |",
+            median_pps(runs, &key).map_or("—".into(), thousands),
+            us(median_latency(runs, &key, |r| r.latency_ns.p50)),
+            us(median_latency(runs, &key, |r| r.latency_ns.p90)),
+            us(median_latency(runs, &key, |r| r.latency_ns.p99)),
+            us(median_latency(runs, &key, |r| r.latency_ns.p999)),
+            us(median_latency(runs, &key, |r| r.latency_ns.max)),
+        );
+    }
+}
+
+fn secs(s: Option<f64>) -> String {
+    match s {
+        Some(v) if v < 0.01 => format!("{:.2} ms", v * 1000.0),
+        Some(v) if v < 1.0 => format!("{:.0} ms", v * 1000.0),
+        Some(v) => format!("{v:.1} s"),
+        None => "—".into(),
+    }
+}
+
+fn install_table(out: &mut String, res: &Results) {
+    let _ = writeln!(
+        out,
+        "| Services (endpoints) | system | install everything | one endpoint change (median) | note |\n|---|---|---|---|---|"
+    );
+    for p in &res.install {
+        let _ = writeln!(
+            out,
+            "| {} ({}) | control: compute the tables | {} | | from the objects control holds |",
+            services_label(p.services),
+            thousands(p.endpoints as f64),
+            secs(Some(p.compute_s))
+        );
+        for r in &p.rows {
+            let full = match r.full_s {
+                Some(_) => secs(r.full_s),
+                None => "not finished".into(),
+            };
+            let change = if r.change_s.is_empty() {
+                "—".into()
+            } else {
+                format!("{} (of {})", secs(change_median(r)), r.change_s.len())
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} |",
+                services_label(p.services),
+                r.system,
+                full,
+                change,
+                r.note
+            );
+        }
+    }
+}
+
+/// One of the issue's targets and what the run says about it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Target {
+    /// The target as the issue states it.
+    pub target: String,
+    /// The measured figure.
+    pub measured: String,
+    /// Holds, does not hold, or not measured.
+    pub verdict: String,
+}
+
+fn point(res: &Results, n: u32) -> Option<&Point> {
+    res.points.iter().find(|p| p.services == n)
+}
+
+fn verdict(ok: Option<bool>) -> String {
+    match ok {
+        Some(true) => "holds".into(),
+        Some(false) => "does not hold".into(),
+        None => "not measured".into(),
+    }
+}
+
+/// The issue's targets against `res`.
+pub fn targets(res: &Results) -> Vec<Target> {
+    let mut out = Vec::new();
+    let ceiling = median(res.ceiling.iter().map(|r| r.received_pps));
+    let tp = |n: u32, dut: &str| point(res, n).and_then(|p| median_pps(&p.throughput, dut));
+    for (dut, want) in [("iptables", 3.0), ("nftables", 2.0)] {
+        let k = tp(10_000, "kxdp");
+        let o = tp(10_000, dut);
+        let bound = point(res, 10_000).is_some_and(|p| generator_bound(&p.throughput, ceiling));
+        let r = match (k, o) {
+            (Some(k), Some(o)) if o > 0.0 => Some(k / o),
+            _ => None,
+        };
+        out.push(Target {
+            target: format!("64-byte DNAT forwarding at 10k Services: kxdp ≥ {want}× {dut}"),
+            measured: match (k, o, r) {
+                (Some(k), Some(o), Some(r)) => format!(
+                    "{} / {} pps = {}{r:.2}×{}",
+                    thousands(k),
+                    thousands(o),
+                    if bound { "≥ " } else { "" },
+                    if bound { " (kxdp generator-bound)" } else { "" }
+                ),
+                _ => "—".into(),
+            },
+            verdict: match r {
+                Some(r) if r >= want => "holds".into(),
+                Some(_) if bound => "not shown: kxdp was limited by the generator".into(),
+                Some(_) => "does not hold".into(),
+                None => "not measured".into(),
+            },
+        });
+    }
+    let (a, b) = (tp(100_000, "kxdp"), tp(1, "kxdp"));
+    out.push(Target {
+        target: "kxdp at 100k Services ≥ 90% of kxdp at 1 Service".into(),
+        measured: match (a, b) {
+            (Some(a), Some(b)) => format!(
+                "{} / {} pps = {:.0}%",
+                thousands(a),
+                thousands(b),
+                100.0 * a / b
+            ),
+            _ => "—".into(),
+        },
+        verdict: verdict(a.zip(b).map(|(a, b)| a >= 0.9 * b)),
+    });
+    for n in [1, 10_000] {
+        let (k, f) = (tp(n, "kxdp"), tp(n, "xdp-fwd"));
+        out.push(Target {
+            target: format!(
+                "kxdp's full pipeline ≥ 80% of the bare AF_XDP forwarder ({} Service{})",
+                services_label(n),
+                if n == 1 { "" } else { "s" }
+            ),
+            measured: match (k, f) {
+                (Some(k), Some(f)) => format!(
+                    "{} / {} pps = {:.0}%",
+                    thousands(k),
+                    thousands(f),
+                    100.0 * k / f
+                ),
+                _ => "—".into(),
+            },
+            verdict: verdict(k.zip(f).map(|(k, f)| k >= 0.8 * f)),
+        });
+    }
+    let plan_rate = res.plan.as_ref().map_or(0, |p| p.latency_pps);
+    for n in [1, 10_000] {
+        let Some(p) = point(res, n) else { continue };
+        if p.latency.is_empty() {
+            continue;
+        }
+        let k = median_latency(&p.latency, "kxdp", |r| r.latency_ns.p99);
+        for dut in ["iptables", "iptables-legacy", "nftables"] {
+            let o = median_latency(&p.latency, dut, |r| r.latency_ns.p99);
+            if o.is_none() && not_run(p, dut).is_none() {
+                continue;
+            }
+            out.push(Target {
+                target: format!(
+                    "latency p99 at {} pps, {} Service{}: kxdp ≤ {dut}",
+                    thousands(plan_rate as f64),
+                    services_label(n),
+                    if n == 1 { "" } else { "s" }
+                ),
+                measured: match (k, o) {
+                    (Some(k), Some(o)) => format!("{} µs vs {} µs", us(Some(k)), us(Some(o))),
+                    _ => not_run(p, dut).unwrap_or_else(|| "—".into()),
+                },
+                verdict: verdict(k.zip(o).map(|(k, o)| k <= o)),
+            });
+        }
+    }
+    out
+}
+
+/// The whole report.
+pub fn markdown(res: &Results) -> String {
+    let mut out = String::new();
+    let plan = res.plan.as_ref();
+    let _ = writeln!(out, "# kxdp against the kernel paths it replaces\n");
+    let _ = writeln!(
+        out,
+        "Command: `{}`; {} to {} ({:.0} s), tree `{}`.\n",
+        res.command, res.started, res.finished, res.seconds, res.commit
+    );
+    let _ = writeln!(
+        out,
+        "Machine: {} ({}). Load average (1, 5, 15 min) {} at the start, {} at the end; median \
+         1-minute load before a run {:.2}, median CPU taken by other processes during a run {:.0}% \
+         of both cores.\n",
+        res.machine.line(),
+        res.machine.network,
+        res.loadavg_start,
+        res.loadavg_end,
+        median(all_runs(res).map(|r| r.load1_before)).unwrap_or(f64::NAN),
+        median(all_runs(res).map(|r| r.foreign_cpu_pct)).unwrap_or(f64::NAN),
+    );
+    if let Some(p) = plan {
+        let _ = writeln!(
+            out,
+            "Cores: the load (generator and sink, one thread) on core {}, the device under test on \
+             core {} (kxdp's one worker by `taskset`, the forwarder's thread pinned, the kernel's \
+             forwarding moved there by RPS on the uplink). {} repetitions of {} s per device, \
+             devices in alternation; medians below. {}-byte frames (without FCS), {} flows; \
+             the probed Service is the middle one of the set, with 10 endpoints; every frame is \
+             DNATed to an endpoint and masqueraded (the source is outside the cluster).\n",
+            p.load_core,
+            p.dut_core,
+            p.reps,
+            p.seconds,
+            p.size,
+            p.flows
+        );
+    }
+    let _ = writeln!(
+        out,
+        "## Forwarding: {}-byte UDP to one ClusterIP, flat out (received pps)\n",
+        plan.map_or(64, |p| p.size)
+    );
+    rate_table(&mut out, res, |p| &p.throughput, true);
+    if res.points.iter().any(|p| !p.new_flows.is_empty()) {
+        let _ = writeln!(
+            out,
+            "\n## New flows: every frame a new 5-tuple ({} per run), flat out (received pps)\n",
+            plan.map_or(0, |p| p.new_flows)
+        );
+        rate_table(&mut out, res, |p| &p.new_flows, false);
+    }
+    for p in res.points.iter().filter(|p| !p.latency.is_empty()) {
+        let _ = writeln!(
+            out,
+            "\n## One-way latency at {} pps, {} Services (generator to sink, one clock)\n",
+            thousands(plan.map_or(0, |p| p.latency_pps) as f64),
+            services_label(p.services)
+        );
+        latency_table(&mut out, res, p);
+    }
+    if !res.install.is_empty() {
+        let _ = writeln!(out, "\n## Installing Services and changing one endpoint\n");
+        install_table(&mut out, res);
+    }
+    let _ = writeln!(
+        out,
+        "\n## The issue's targets\n\n| target | measured | verdict |\n|---|---|---|"
+    );
+    for t in targets(res) {
+        let _ = writeln!(out, "| {} | {} | {} |", t.target, t.measured, t.verdict);
+    }
+    let _ = writeln!(out, "\n## How each device's tables were loaded\n");
+    let _ = writeln!(
+        out,
+        "| Services | device | seconds | how |\n|---|---|---|---|"
+    );
+    for p in &res.points {
+        for s in &p.setup {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} |",
+                services_label(p.services),
+                s.dut,
+                s.install_seconds.map_or_else(
+                    || s.not_run.clone().unwrap_or_default(),
+                    |v| format!("{v:.2}")
+                ),
+                s.how
+            );
+        }
+    }
+    if !res.notes.is_empty() {
+        let _ = writeln!(out, "\n## Notes\n");
+        for n in &res.notes {
+            let _ = writeln!(out, "- {n}");
+        }
+    }
+    out
+}
+
+fn all_runs(res: &Results) -> impl Iterator<Item = &RunResult> {
+    res.ceiling.iter().chain(&res.ceiling_latency).chain(
+        res.points
+            .iter()
+            .flat_map(|p| p.throughput.iter().chain(&p.new_flows).chain(&p.latency)),
+    )
+}
+
+/// The table proposed for the top-level README's performance section.
+pub fn readme_table(res: &Results) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "**kxdp against the kernel, same lab, same run** (`{}`, {}; {}; load average {} at the \
+         start; medians of {} runs per device, devices in alternation). 64-byte UDP to one \
+         ClusterIP with 10 endpoints, DNAT + masquerade, received packets per second; \
+         generator and sink on core 0, the device on core 1:\n",
+        res.command,
+        res.started.get(..10).unwrap_or(&res.started),
+        res.machine.line(),
+        res.loadavg_start,
+        res.plan.as_ref().map_or(0, |p| p.reps)
+    );
+    rate_table(&mut out, res, |p| &p.throughput, true);
+    if res.points.iter().any(|p| !p.new_flows.is_empty()) {
+        let _ = writeln!(out, "\nNew flows per second (every frame a new 5-tuple):\n");
+        rate_table(&mut out, res, |p| &p.new_flows, false);
+    }
+    for p in res.points.iter().filter(|p| !p.latency.is_empty()) {
+        let _ = writeln!(
+            out,
+            "\nOne-way latency at {} pps with {} Services:\n",
+            thousands(res.plan.as_ref().map_or(0, |p| p.latency_pps) as f64),
+            services_label(p.services)
+        );
+        latency_table(&mut out, res, p);
+    }
+    if !res.install.is_empty() {
+        let _ = writeln!(out, "\nInstalling Services and changing one endpoint:\n");
+        install_table(&mut out, res);
+    }
+    let _ = writeln!(
+        out,
+        "\nFull results, plots and the targets: `bench/results/`."
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(dut: &str, pps: f64) -> RunResult {
+        RunResult {
+            dut: dut.into(),
+            received_pps: pps,
+            offered_pps: 1000.0,
+            ..RunResult::default()
+        }
+    }
+
+    #[test]
+    fn medians_and_numbers_read_well() {
+        assert_eq!(median([3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median([]), None);
+        assert_eq!(thousands(1_234_567.4), "1,234,567");
+        assert_eq!(thousands(999.0), "999");
+        assert_eq!(services_label(10_000), "10k");
+        assert_eq!(services_label(1), "1");
+    }
+
+    #[test]
+    fn the_table_shows_ratios_and_devices_not_run() {
+        let mut res = Results {
+            ceiling: vec![run("ceiling", 2000.0)],
+            ..Results::default()
+        };
+        let mut p = Point {
+            services: 10_000,
+            throughput: vec![run("kxdp", 500.0), run("iptables", 100.0)],
+            ..Point::default()
+        };
+        p.setup.push(crate::suite::SetupRecord {
+            dut: "nftables".into(),
+            not_run: Some("not run: nft -f took > 60 s".into()),
+            ..Default::default()
+        });
+        res.points.push(p);
+        let md = markdown(&res);
+        assert!(md.contains("| 10k | 500 | 100 |"), "{md}");
+        assert!(md.contains("5.00×"), "{md}");
+        assert!(md.contains("not run: nft -f took > 60 s"), "{md}");
+        let t = targets(&res);
+        assert_eq!(t[0].verdict, "holds", "{t:?}");
+        assert!(readme_table(&res).contains("kxdp / iptables"));
+    }
+}

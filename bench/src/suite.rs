@@ -1,0 +1,717 @@
+//! `kxdp-bench run`: every device under test on the same lab in the same run, in
+//! alternation, several repetitions each, and the results kept for [`crate::report`].
+//!
+//! Per Service count: the Service set is built (N Services × 10 endpoints, as Kubernetes
+//! objects, turned into tables by control's own computation); the probed Service is the one
+//! in the middle of the set's order (kube-proxy's iptables chain is walked in that order, and
+//! kube-proxy's own order is random, so the middle is the expected case); every device is
+//! set up on its own three namespaces with those tables; then each scenario runs every
+//! device once per repetition, the order rotated each repetition, kxdp stopped (SIGSTOP)
+//! while the others run so its busy-polling worker does not take their core.
+//!
+//! Cores: the load (generator and sink, one thread) on core 0, the device under test on
+//! core 1 — kxdp's worker by `taskset`, the forwarder's thread by pinning, the kernel's
+//! forwarding by RPS on the uplink.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use ipnet::Ipv4Net;
+
+use crate::baseline::{self, ServicePort};
+use crate::dut::{Dut, DutContext, DutKind};
+use crate::frame::FlowSet;
+use crate::gen::GenConfig;
+use crate::install::{self, InstallPoint};
+use crate::measure::{self, RunResult};
+use crate::scenario::{ServiceSet, NODE_IP};
+use crate::sysinfo::{self, Machine};
+use crate::topology::{Topology, DUT_UPLINK_MAC, GEN_MAC, SINK_MAC};
+
+/// Endpoints per Service: the probed Service always has 10.
+pub const ENDPOINTS: u32 = 10;
+
+/// What a run measures and how long it may take.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Plan {
+    /// `quick` or `full`.
+    pub name: String,
+    /// Devices under test, in report order.
+    pub duts: Vec<DutKind>,
+    /// Service counts for the forwarding scenario.
+    pub services: Vec<u32>,
+    /// Repetitions of every measurement.
+    pub reps: u32,
+    /// Seconds of traffic per throughput and latency run.
+    pub seconds: f64,
+    /// Frame size (without FCS).
+    pub size: usize,
+    /// Flows of the forwarding and latency runs (UDP source ports).
+    pub flows: u32,
+    /// New 5-tuples per new-flow run (every frame a new flow).
+    pub new_flows: u64,
+    /// Service counts at which the new-flow run is made.
+    pub new_flow_services: Vec<u32>,
+    /// Frames per second of the latency run.
+    pub latency_pps: u64,
+    /// Service counts at which the latency run is made.
+    pub latency_services: Vec<u32>,
+    /// Service counts whose install and one-endpoint-change times are measured.
+    pub install_services: Vec<u32>,
+    /// Endpoint changes timed per system.
+    pub changes: u32,
+    /// Longest a device's tables may take to load for the runs (seconds).
+    pub install_limit_s: u64,
+    /// Longest kube-proxy's own `iptables-restore --noflush` / `nft -f` may take in the
+    /// install timing (seconds).
+    pub restore_limit_s: u64,
+    /// Wait until the 1-minute load average is below this before each round (0: do not).
+    pub idle_below: f64,
+    /// Longest such a wait (seconds).
+    pub idle_wait_s: u64,
+    /// The core of the load (generator and sink).
+    pub load_core: usize,
+    /// The core of the device under test.
+    pub dut_core: usize,
+}
+
+impl Plan {
+    /// `--quick`: under 5 minutes on the 2-core machine.
+    pub fn quick() -> Plan {
+        Plan {
+            name: "quick".into(),
+            duts: vec![
+                DutKind::Kxdp,
+                DutKind::Iptables,
+                DutKind::Nftables,
+                DutKind::XdpForwarder,
+            ],
+            services: vec![1, 1_000, 10_000],
+            reps: 2,
+            seconds: 2.0,
+            size: 64,
+            flows: 1024,
+            new_flows: 50_000,
+            new_flow_services: vec![10_000],
+            latency_pps: 50_000,
+            latency_services: vec![10_000],
+            install_services: vec![10_000],
+            changes: 3,
+            install_limit_s: 60,
+            restore_limit_s: 20,
+            idle_below: 0.0,
+            idle_wait_s: 0,
+            load_core: 0,
+            dut_core: 1,
+        }
+    }
+
+    /// `--full`: the committed results.
+    pub fn full() -> Plan {
+        Plan {
+            name: "full".into(),
+            duts: DutKind::ALL.to_vec(),
+            services: vec![1, 1_000, 10_000, 100_000],
+            reps: 5,
+            seconds: 5.0,
+            new_flow_services: vec![1, 10_000],
+            latency_services: vec![1, 10_000],
+            install_services: vec![10_000, 100_000],
+            changes: 5,
+            install_limit_s: 300,
+            restore_limit_s: 120,
+            idle_below: 0.7,
+            idle_wait_s: 1200,
+            ..Plan::quick()
+        }
+    }
+}
+
+/// Where the devices' tables came from and whether they ran.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct SetupRecord {
+    /// The device.
+    pub dut: String,
+    /// Seconds its tables took to load (`None` when not run).
+    pub install_seconds: Option<f64>,
+    /// How they were loaded.
+    pub how: String,
+    /// Why it was not run, if it was not.
+    pub not_run: Option<String>,
+}
+
+/// The probed Service.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct ProbeRecord {
+    /// `namespace/name:port`.
+    pub service: String,
+    /// ClusterIP:port the generator sends to.
+    pub frontend: String,
+    /// Its position in the Service order (kube-proxy's KUBE-SERVICES order), from 0.
+    pub position: usize,
+    /// Its endpoints.
+    pub endpoints: Vec<String>,
+}
+
+/// A wait for the machine to calm down.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct WaitRecord {
+    /// Which scenario and repetition it preceded.
+    pub before: String,
+    /// Seconds waited.
+    pub waited_s: f64,
+    /// 1-minute load average at the end of the wait.
+    pub load1: f64,
+}
+
+/// Everything measured at one Service count.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Point {
+    /// Services installed.
+    pub services: u32,
+    /// Endpoints per Service.
+    pub endpoints: u32,
+    /// The probed Service.
+    pub probe: ProbeRecord,
+    /// How each device was set up.
+    pub setup: Vec<SetupRecord>,
+    /// Flat-out 64-byte forwarding.
+    pub throughput: Vec<RunResult>,
+    /// Every frame a new flow.
+    pub new_flows: Vec<RunResult>,
+    /// Fixed rate, latency.
+    pub latency: Vec<RunResult>,
+    /// Waits before rounds.
+    pub waits: Vec<WaitRecord>,
+}
+
+/// A whole run's results.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Results {
+    /// The command line that produced them.
+    pub command: String,
+    /// The plan.
+    pub plan: Option<Plan>,
+    /// The machine.
+    pub machine: Machine,
+    /// Start and end (UTC).
+    pub started: String,
+    /// End (UTC).
+    pub finished: String,
+    /// Seconds the run took.
+    pub seconds: f64,
+    /// `git describe --always --dirty` of the tree the binaries were built from (dirty
+    /// may be other engineers' work in progress outside the bench).
+    pub commit: String,
+    /// Load averages (1, 5, 15 min) at the start and the end.
+    pub loadavg_start: String,
+    /// At the end.
+    pub loadavg_end: String,
+    /// Generator → sink, flat out (the generator's ceiling).
+    pub ceiling: Vec<RunResult>,
+    /// Generator → sink at the latency run's rate.
+    pub ceiling_latency: Vec<RunResult>,
+    /// Per Service count.
+    pub points: Vec<Point>,
+    /// Install and update times.
+    pub install: Vec<InstallPoint>,
+    /// Things the reader must know (devices not run, waits that timed out).
+    pub notes: Vec<String>,
+}
+
+/// Where binaries are and where results go.
+#[derive(Clone, Debug)]
+pub struct Paths {
+    /// `kxdp-dataplane`'s directory.
+    pub bin_dir: PathBuf,
+    /// Output directory (logs, JSON, Markdown, PNG).
+    pub out_dir: PathBuf,
+    /// The repository (for `git describe`).
+    pub repo: PathBuf,
+}
+
+/// The bench's Service set for `services` Services: UDP port 80 → 8080, ten endpoints
+/// each, a /8 pod network (a million endpoints fit) and a /12 Service range.
+pub fn service_set(services: u32) -> ServiceSet {
+    ServiceSet {
+        services,
+        endpoints: ENDPOINTS,
+        protocol: "UDP",
+        port: 80,
+        target_port: 8080,
+        first_cluster_ip: Ipv4Addr::new(172, 16, 0, 10),
+        first_endpoint: Ipv4Addr::new(10, 0, 1, 10),
+        pod_cidr: Ipv4Net::new(Ipv4Addr::new(10, 0, 0, 0), 8).expect("literal"),
+        service_cidr: Ipv4Net::new(Ipv4Addr::new(172, 16, 0, 0), 12).expect("literal"),
+    }
+}
+
+/// The Service in the middle of `ports`.
+pub fn probe(ports: &[ServicePort]) -> Option<(usize, &ServicePort)> {
+    let i = ports.len().checked_sub(1)? / 2;
+    Some((i, &ports[i]))
+}
+
+/// The generator's source for forwarding runs: outside the cluster (masqueraded), in the
+/// benchmarking range (RFC 2544).
+pub const SOURCE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+
+/// Which measurement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scenario {
+    /// Flat out, established flows.
+    Throughput,
+    /// Flat out, every frame a new flow.
+    NewFlows,
+    /// Fixed rate.
+    Latency,
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Throughput => "throughput",
+            Scenario::NewFlows => "new-flows",
+            Scenario::Latency => "latency",
+        }
+    }
+}
+
+/// The generator's configuration for `scenario`, repetition `rep`, towards `frontend`
+/// through a next hop at `next_hop`.
+pub fn gen_config(
+    plan: &Plan,
+    scenario: Scenario,
+    rep: u32,
+    frontend: SocketAddrV4,
+    next_hop: [u8; 6],
+) -> GenConfig {
+    let flows = FlowSet {
+        src_mac: GEN_MAC,
+        dst_mac: next_hop,
+        src_ip: SOURCE,
+        src_port: 1024,
+        flows: plan.flows,
+        dests: vec![frontend],
+    };
+    let duration = Duration::from_secs_f64(plan.seconds);
+    match scenario {
+        Scenario::Throughput => GenConfig {
+            size: plan.size,
+            flows,
+            rate_pps: None,
+            duration,
+            count: None,
+        },
+        Scenario::NewFlows => GenConfig {
+            size: plan.size,
+            flows: FlowSet {
+                // A source address of its own per repetition: no flow of an earlier one is
+                // still in a connection table.
+                src_ip: Ipv4Addr::new(198, 19, (rep % 250) as u8 + 1, 1),
+                flows: plan.new_flows as u32,
+                ..flows
+            },
+            rate_pps: None,
+            duration: Duration::from_secs(30),
+            count: Some(plan.new_flows),
+        },
+        Scenario::Latency => GenConfig {
+            size: plan.size,
+            flows,
+            rate_pps: Some(plan.latency_pps),
+            duration,
+            count: None,
+        },
+    }
+}
+
+fn utc_now() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn describe(repo: &std::path::Path) -> String {
+    std::process::Command::new("git")
+        .arg("-C")
+        .arg(repo)
+        .args(["describe", "--always", "--dirty"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Runs `plan` and returns its results; `progress` is told what happens (one line each).
+pub fn run(
+    plan: &Plan,
+    paths: &Paths,
+    command: String,
+    mut progress: impl FnMut(&str),
+) -> anyhow::Result<Results> {
+    std::fs::create_dir_all(&paths.out_dir)
+        .with_context(|| format!("create {}", paths.out_dir.display()))?;
+    let logs = paths.out_dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let started = Instant::now();
+    let mut res = Results {
+        command,
+        plan: Some(plan.clone()),
+        machine: Machine::this(),
+        started: utc_now(),
+        commit: describe(&paths.repo),
+        loadavg_start: sysinfo::loadavg(),
+        ..Results::default()
+    };
+    progress(&format!(
+        "machine: {}; load average {}",
+        res.machine.line(),
+        res.loadavg_start
+    ));
+
+    // The generator's ceiling: generator → sink, nothing in between.
+    {
+        let topo = Topology::direct("ceil")?;
+        let frontend = SocketAddrV4::new(Ipv4Addr::new(172, 16, 0, 10), 80);
+        for rep in 1..=plan.reps {
+            for (scenario, out) in [
+                (Scenario::Throughput, &mut res.ceiling),
+                (Scenario::Latency, &mut res.ceiling_latency),
+            ] {
+                let cfg = gen_config(plan, scenario, rep, frontend, SINK_MAC);
+                let (r, load1, foreign) = measure::run(&topo, &cfg, &[], plan.load_core, &[])?;
+                let mut rr = RunResult::from_load("ceiling", rep, &r, &[]);
+                rr.load1_before = load1;
+                rr.foreign_cpu_pct = foreign;
+                progress(&format!(
+                    "ceiling {} rep {rep}: {:.0} pps received of {:.0} offered, p99 {} µs",
+                    scenario.name(),
+                    rr.received_pps,
+                    rr.offered_pps,
+                    rr.latency_ns.p99 / 1000
+                ));
+                out.push(rr);
+            }
+        }
+    }
+
+    for &n in &plan.services {
+        let (point, install) = run_point(plan, paths, &logs, n, &mut res.notes, &mut progress)?;
+        res.points.push(point);
+        res.install.extend(install);
+    }
+
+    for &n in plan
+        .install_services
+        .iter()
+        .filter(|n| !plan.services.contains(n))
+    {
+        res.install.push(install_only(
+            plan,
+            paths,
+            &logs,
+            n,
+            &mut res.notes,
+            &mut progress,
+        )?);
+    }
+
+    res.finished = utc_now();
+    res.seconds = started.elapsed().as_secs_f64();
+    res.loadavg_end = sysinfo::loadavg();
+    Ok(res)
+}
+
+/// The Service set at `n` Services: its tables, the seconds control took to compute them
+/// from the objects it holds, and the probed Services (the middle one, then the ones after
+/// it: each new-flow repetition gets one of its own, so its connections and masquerade
+/// ports start empty).
+struct Built {
+    set: ServiceSet,
+    spec: nat::spec::TableSpec,
+    compute_s: f64,
+    probes: Vec<(usize, ServicePort)>,
+}
+
+fn build(plan: &Plan, n: u32, progress: &mut impl FnMut(&str)) -> anyhow::Result<Built> {
+    let set = service_set(n);
+    let built = Instant::now();
+    let objects = set.objects()?;
+    let computing = Instant::now();
+    let spec = set.compute(&objects)?;
+    let compute_s = computing.elapsed().as_secs_f64();
+    drop(objects);
+    progress(&format!(
+        "{n} Services × {ENDPOINTS} endpoints: objects and tables in {:.1} s (control's computation {compute_s:.3} s)",
+        built.elapsed().as_secs_f64()
+    ));
+    let ports = baseline::service_ports(&spec);
+    let (mid, _) = probe(&ports).context("the Service set is empty")?;
+    let probes = (0..plan.reps.max(1) as usize)
+        .map(|r| {
+            let i = (mid + r) % ports.len();
+            (i, ports[i].clone())
+        })
+        .collect();
+    Ok(Built {
+        set,
+        spec,
+        compute_s,
+        probes,
+    })
+}
+
+fn endpoints_of(sp: &ServicePort) -> Vec<SocketAddrV4> {
+    sp.cluster_endpoints
+        .iter()
+        .map(|e| SocketAddrV4::new(e.ip, e.port))
+        .collect()
+}
+
+/// Sets up every device of `kinds` for `b`; devices whose install is too slow are noted.
+fn set_up_all(
+    plan: &Plan,
+    paths: &Paths,
+    logs: &std::path::Path,
+    b: &Built,
+    kinds: &[DutKind],
+    notes: &mut Vec<String>,
+    progress: &mut impl FnMut(&str),
+) -> anyhow::Result<(Vec<Dut>, Vec<SetupRecord>)> {
+    let n = b.set.services;
+    let mut all_ips: Vec<Ipv4Addr> = b
+        .probes
+        .iter()
+        .flat_map(|(_, sp)| sp.cluster_endpoints.iter().map(|e| e.ip))
+        .collect();
+    all_ips.sort();
+    all_ips.dedup();
+    let ctx = DutContext {
+        spec: &b.spec,
+        pod_cidr: b.set.pod_cidr,
+        node_ip: NODE_IP,
+        endpoints: &all_ips,
+        core: plan.dut_core,
+        other_core: plan.load_core,
+        bin_dir: &paths.bin_dir,
+        log_dir: logs,
+        install_limit: Duration::from_secs(plan.install_limit_s),
+    };
+    let mut duts = Vec::new();
+    let mut setup = Vec::new();
+    for (i, &kind) in kinds.iter().enumerate() {
+        let tag = format!("{}{n}x{i}", &kind.name()[..2]);
+        match Dut::set_up(kind, &ctx, &tag)
+            .with_context(|| format!("set up {} at {n} Services", kind.name()))?
+        {
+            Ok(d) => {
+                progress(&format!(
+                    "  {}: tables loaded in {:.2} s ({})",
+                    kind.name(),
+                    d.install.seconds,
+                    d.install.how
+                ));
+                setup.push(SetupRecord {
+                    dut: kind.name().into(),
+                    install_seconds: Some(d.install.seconds),
+                    how: d.install.how.clone(),
+                    not_run: None,
+                });
+                duts.push(d);
+            }
+            Err(why) => {
+                progress(&format!("  {}: {why}", kind.name()));
+                notes.push(format!("{} at {n} Services: {why}", kind.name()));
+                setup.push(SetupRecord {
+                    dut: kind.name().into(),
+                    install_seconds: None,
+                    how: String::new(),
+                    not_run: Some(why.to_string()),
+                });
+            }
+        }
+    }
+    Ok((duts, setup))
+}
+
+/// Install timing at a Service count that has no traffic runs.
+fn install_only(
+    plan: &Plan,
+    paths: &Paths,
+    logs: &std::path::Path,
+    n: u32,
+    notes: &mut Vec<String>,
+    progress: &mut impl FnMut(&str),
+) -> anyhow::Result<InstallPoint> {
+    let b = build(plan, n, progress)?;
+    let kinds: Vec<DutKind> = plan
+        .duts
+        .iter()
+        .copied()
+        .filter(|k| matches!(k, DutKind::Kxdp | DutKind::Nftables))
+        .collect();
+    let (mut duts, setup) = set_up_all(plan, paths, logs, &b, &kinds, notes, progress)?;
+    progress(&format!("install timing at {n} Services"));
+    install::measure(
+        plan,
+        &b.spec,
+        n,
+        u64::from(n) * u64::from(ENDPOINTS),
+        b.compute_s,
+        &mut duts,
+        &setup,
+        progress,
+    )
+}
+
+fn run_point(
+    plan: &Plan,
+    paths: &Paths,
+    logs: &std::path::Path,
+    n: u32,
+    notes: &mut Vec<String>,
+    progress: &mut impl FnMut(&str),
+) -> anyhow::Result<(Point, Option<InstallPoint>)> {
+    let b = build(plan, n, progress)?;
+    let (position, sp) = &b.probes[0];
+    let frontend = SocketAddrV4::new(sp.cluster_ip, sp.port);
+    let endpoints = endpoints_of(sp);
+    let mut point = Point {
+        services: n,
+        endpoints: ENDPOINTS,
+        probe: ProbeRecord {
+            service: sp.name_string(),
+            frontend: frontend.to_string(),
+            position: *position,
+            endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+        },
+        ..Point::default()
+    };
+    let (mut duts, setup) = set_up_all(plan, paths, logs, &b, &plan.duts, notes, progress)?;
+    point.setup = setup;
+    let arp: Vec<Ipv4Addr> = {
+        let mut v: Vec<Ipv4Addr> = b
+            .probes
+            .iter()
+            .flat_map(|(_, sp)| sp.cluster_endpoints.iter().map(|e| e.ip))
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let mut scenarios = vec![Scenario::Throughput];
+    if plan.new_flow_services.contains(&n) {
+        scenarios.push(Scenario::NewFlows);
+    }
+    if plan.latency_services.contains(&n) {
+        scenarios.push(Scenario::Latency);
+    }
+    for scenario in scenarios {
+        for rep in 1..=plan.reps {
+            if plan.idle_below > 0.0 {
+                let (waited, load1) =
+                    sysinfo::wait_for_idle(plan.idle_below, Duration::from_secs(plan.idle_wait_s));
+                if load1 >= plan.idle_below {
+                    notes.push(format!(
+                        "{n} Services, {} rep {rep}: load average still {load1:.2} after waiting {:.0} s",
+                        scenario.name(),
+                        waited.as_secs_f64()
+                    ));
+                }
+                point.waits.push(WaitRecord {
+                    before: format!("{} rep {rep}", scenario.name()),
+                    waited_s: waited.as_secs_f64(),
+                    load1,
+                });
+            }
+            // A new-flow repetition sends to a Service of its own.
+            let (fe, eps) = if scenario == Scenario::NewFlows {
+                let (_, sp) = &b.probes[(rep as usize - 1) % b.probes.len()];
+                (SocketAddrV4::new(sp.cluster_ip, sp.port), endpoints_of(sp))
+            } else {
+                (frontend, endpoints.clone())
+            };
+            let count = duts.len().max(1);
+            for k in 0..duts.len() {
+                let d = &mut duts[(k + rep as usize - 1) % count];
+                let cfg = gen_config(plan, scenario, rep, fe, DUT_UPLINK_MAC);
+                let exclude: Vec<u32> = d.pid().into_iter().collect();
+                let name = d.kind.name();
+                let ((r, load1, foreign), counters) =
+                    d.during(|topo| measure::run(topo, &cfg, &arp, plan.load_core, &exclude))?;
+                let mut rr = RunResult::from_load(name, rep, &r, &eps);
+                rr.load1_before = load1;
+                rr.foreign_cpu_pct = foreign;
+                rr.dut_counters = counters.counters;
+                progress(&format!(
+                    "  {n} Services {} rep {rep} {name}: {:.0} pps of {:.0} offered, {} of {} translated, p50 {} µs p99 {} µs, load {load1:.2}, other processes {foreign:.0}% CPU",
+                    scenario.name(),
+                    rr.received_pps,
+                    rr.offered_pps,
+                    rr.translated,
+                    rr.received,
+                    rr.latency_ns.p50 / 1000,
+                    rr.latency_ns.p99 / 1000,
+                ));
+                match scenario {
+                    Scenario::Throughput => point.throughput.push(rr),
+                    Scenario::NewFlows => point.new_flows.push(rr),
+                    Scenario::Latency => point.latency.push(rr),
+                }
+            }
+        }
+    }
+    let install = if plan.install_services.contains(&n) {
+        progress(&format!("install timing at {n} Services"));
+        Some(install::measure(
+            plan,
+            &b.spec,
+            n,
+            u64::from(n) * u64::from(ENDPOINTS),
+            b.compute_s,
+            &mut duts,
+            &point.setup,
+            progress,
+        )?)
+    } else {
+        None
+    };
+    drop(duts);
+    Ok((point, install))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_probe_is_in_the_middle_and_has_ten_endpoints() {
+        let set = service_set(5);
+        let spec = set.table_spec().unwrap();
+        let ports = baseline::service_ports(&spec);
+        let (i, sp) = probe(&ports).unwrap();
+        assert_eq!(i, 2);
+        assert_eq!(sp.cluster_endpoints.len(), 10);
+        assert!(set.pod_cidr.contains(&sp.cluster_endpoints[0].ip));
+    }
+
+    #[test]
+    fn new_flow_runs_use_a_source_of_their_own_per_repetition() {
+        let plan = Plan::quick();
+        let fe = SocketAddrV4::new(Ipv4Addr::new(172, 16, 0, 10), 80);
+        let a = gen_config(&plan, Scenario::NewFlows, 1, fe, DUT_UPLINK_MAC);
+        let b = gen_config(&plan, Scenario::NewFlows, 2, fe, DUT_UPLINK_MAC);
+        assert_ne!(a.flows.src_ip, b.flows.src_ip);
+        assert_eq!(a.count, Some(plan.new_flows));
+        assert_eq!(u64::from(a.flows.flows), plan.new_flows);
+        a.validate().unwrap();
+        let l = gen_config(&plan, Scenario::Latency, 1, fe, DUT_UPLINK_MAC);
+        assert_eq!(l.rate_pps, Some(plan.latency_pps));
+    }
+}
