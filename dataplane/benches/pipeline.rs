@@ -136,6 +136,7 @@ fn spec(services: u32) -> TableSpec {
                 external_local: false,
                 affinity_timeout_s: None,
             })
+            .map(std::sync::Arc::new)
             .collect(),
         local_pods,
         remote_nodes: vec![],

@@ -93,7 +93,7 @@ mod tests {
                 pod_cidrs: vec!["10.244.1.0/24".parse().unwrap()],
                 ..Default::default()
             },
-            services: vec![ServiceSpec {
+            services: vec![std::sync::Arc::new(ServiceSpec {
                 name: "default/web:http".into(),
                 protocol: Protocol::Udp,
                 frontends: vec![
@@ -107,7 +107,7 @@ mod tests {
                 internal_local: false,
                 external_local: false,
                 affinity_timeout_s: None,
-            }],
+            })],
             ..Default::default()
         };
         let t = Tables::compile(1, spec, (251, false), Some([2, 0, 0, 0, 0, 1]));

@@ -114,7 +114,7 @@ fn spec() -> TableSpec {
             ..Default::default()
         },
         cluster: ClusterSpec::default(),
-        services: vec![
+        services: [
             service(
                 "default/web:http",
                 "172.30.0.41",
@@ -174,7 +174,10 @@ fn spec() -> TableSpec {
                 Protocol::Sctp,
                 vec![ep("10.244.1.5", 8080)],
             ),
-        ],
+        ]
+        .into_iter()
+        .map(std::sync::Arc::new)
+        .collect(),
         local_pods: vec![
             PodSpec {
                 name: "default/client".into(),

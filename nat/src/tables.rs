@@ -2,15 +2,22 @@
 //! policy and Maglev, and kube-proxy's masquerade rules.
 //!
 //! A [`ServiceTable`] is immutable once built; the dataplane swaps a whole new one in when
-//! control sends a table, so workers read it without locks.
+//! control sends a table, so workers read it without locks. A new table is either compiled
+//! whole ([`ServiceTable::build_with`]) or derived from the one in use and a
+//! [`TableDelta`] ([`ServiceTable::updated`]): then only the Service ports the delta names
+//! are compiled (their Maglev rings built), the rest are shared with the old table, and
+//! every Service port keeps its id.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
 use crate::maglev::{MaglevRing, DEFAULT_RING_SIZE};
-use crate::spec::{EndpointSpec, FrontendKind, Protocol, ServiceSpec, TableSpec};
+use crate::spec::{
+    DeltaError, EndpointSpec, FrontendKind, MergeStep, Protocol, ServiceSpec, TableDelta, TableSpec,
+};
 
 /// A frontend's lookup key: destination address, port and protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -177,8 +184,21 @@ pub enum Origin {
 #[derive(Clone, Debug, Default)]
 pub struct ServiceTable {
     frontends: HashMap<FrontendKey, FrontendRef, BuildFastHasher>,
-    frontend_ips: std::collections::HashSet<IpAddr, BuildFastHasher>,
-    services: Vec<Service>,
+    /// External frontend addresses (NodePort, LoadBalancer, externalIP), with the number
+    /// of frontends at each.
+    frontend_ips: HashMap<IpAddr, u32, BuildFastHasher>,
+    /// By dense id; id 0, and the ids of removed Service ports until they are reused, hold
+    /// a placeholder without a name.
+    services: Vec<Arc<Service>>,
+    /// The id of each Service port of the spec this table was compiled from, in the spec's
+    /// order.
+    order: Vec<u32>,
+    /// Ids of removed Service ports, free for new ones.
+    free: Vec<u32>,
+    /// Frontends that more than one Service port claims: the first in the spec's order
+    /// holds each (two Services with the same external IP and port; the API server
+    /// prevents it for ClusterIPs and NodePorts).
+    contested: usize,
     /// Service ClusterIP ranges.
     pub service_cidrs: Vec<IpNet>,
     /// Pod networks of the cluster.
@@ -187,6 +207,12 @@ pub struct ServiceTable {
     pub node_addresses: Vec<IpAddr>,
     /// `--masquerade-all`.
     pub masquerade_all: bool,
+}
+
+/// The placeholder at id 0 and at free ids.
+fn placeholder_arc() -> Arc<Service> {
+    static PLACEHOLDER: std::sync::OnceLock<Arc<Service>> = std::sync::OnceLock::new();
+    PLACEHOLDER.get_or_init(|| Arc::new(placeholder())).clone()
 }
 
 impl ServiceTable {
@@ -201,9 +227,12 @@ impl ServiceTable {
     pub fn build_with(spec: &TableSpec, ring_size: u32, scaled: bool) -> ServiceTable {
         let mut t = ServiceTable {
             frontends: HashMap::with_hasher(BuildFastHasher),
-            frontend_ips: Default::default(),
+            frontend_ips: HashMap::with_hasher(BuildFastHasher),
             // Id 0 means "unset"; keep a placeholder there.
-            services: vec![placeholder()],
+            services: vec![placeholder_arc()],
+            order: Vec::with_capacity(spec.services.len()),
+            free: Vec::new(),
+            contested: 0,
             service_cidrs: spec.cluster.service_cidrs.clone(),
             cluster_cidrs: spec.cluster.cluster_cidrs.clone(),
             node_addresses: spec.node.addresses.clone(),
@@ -211,24 +240,148 @@ impl ServiceTable {
         };
         for s in &spec.services {
             let id = t.services.len() as u32;
-            t.services.push(compile(s, ring_size, scaled));
-            for f in &s.frontends {
-                if f.kind.is_external() {
-                    t.frontend_ips.insert(f.ip);
-                }
-                t.frontends
-                    .entry(FrontendKey {
-                        ip: f.ip,
-                        port: f.port,
-                        protocol: s.protocol,
-                    })
-                    .or_insert(FrontendRef {
+            t.services.push(Arc::new(compile(s, ring_size, scaled)));
+            t.order.push(id);
+            t.count_frontend_ips(s, true);
+            t.claim(id, s);
+        }
+        t
+    }
+
+    /// The table for `new`, which is `old` (the spec this table was compiled from) with
+    /// `delta` applied and has the same node and cluster settings: the Service ports the
+    /// delta removes are dropped, those it upserts compiled, every other one shared with
+    /// this table. Ids stay: a replaced Service port keeps its own, a new one takes a free
+    /// id (ids removed by this same delta are free only for later ones) or the next.
+    pub fn updated(
+        &self,
+        old: &TableSpec,
+        delta: &TableDelta,
+        new: &TableSpec,
+        ring_size: u32,
+        scaled: bool,
+    ) -> Result<ServiceTable, DeltaError> {
+        let mut t = ServiceTable {
+            frontends: self.frontends.clone(),
+            frontend_ips: self.frontend_ips.clone(),
+            services: self.services.clone(),
+            order: Vec::with_capacity(new.services.len()),
+            free: self.free.clone(),
+            contested: self.contested,
+            service_cidrs: self.service_cidrs.clone(),
+            cluster_cidrs: self.cluster_cidrs.clone(),
+            node_addresses: self.node_addresses.clone(),
+            masquerade_all: self.masquerade_all,
+        };
+        let mut freed = Vec::new();
+        let mut clash = false;
+        old.merge_services(delta, |step| match step {
+            MergeStep::Kept(i) => t.order.push(self.order[i]),
+            MergeStep::Removed(i) => {
+                let id = self.order[i];
+                t.unclaim(id, &old.services[i]);
+                t.services[id as usize] = placeholder_arc();
+                freed.push(id);
+            }
+            MergeStep::Replaced(i, s) => {
+                let id = self.order[i];
+                t.unclaim(id, &old.services[i]);
+                t.services[id as usize] = Arc::new(compile(s, ring_size, scaled));
+                t.count_frontend_ips(s, true);
+                clash |= !t.claim(id, s);
+                t.order.push(id);
+            }
+            MergeStep::Added(s) => {
+                let compiled = Arc::new(compile(s, ring_size, scaled));
+                let id = match t.free.pop() {
+                    Some(id) => {
+                        t.services[id as usize] = compiled;
+                        id
+                    }
+                    None => {
+                        t.services.push(compiled);
+                        (t.services.len() - 1) as u32
+                    }
+                };
+                t.count_frontend_ips(s, true);
+                clash |= !t.claim(id, s);
+                t.order.push(id);
+            }
+        })?;
+        t.free.extend(freed);
+        if clash || self.contested > 0 {
+            // Who holds a contested frontend depends on the order of every claimant:
+            // claim them all again in the spec's order.
+            t.frontends.clear();
+            t.contested = 0;
+            let order = std::mem::take(&mut t.order);
+            for (s, &id) in new.services.iter().zip(&order) {
+                t.claim(id, s);
+            }
+            t.order = order;
+        }
+        Ok(t)
+    }
+
+    /// Claims `s`'s frontends for `id`; `false` if one is another Service port's already
+    /// (it keeps it, and the claim is counted as contested).
+    fn claim(&mut self, id: u32, s: &ServiceSpec) -> bool {
+        let mut all = true;
+        for f in &s.frontends {
+            let key = FrontendKey {
+                ip: f.ip,
+                port: f.port,
+                protocol: s.protocol,
+            };
+            match self.frontends.entry(key) {
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(FrontendRef {
                         service: id,
                         kind: f.kind,
                     });
+                }
+                std::collections::hash_map::Entry::Occupied(e) => {
+                    if e.get().service != id {
+                        self.contested += 1;
+                        all = false;
+                    }
+                }
             }
         }
-        t
+        all
+    }
+
+    /// Gives up the frontends of `s` that `id` holds.
+    fn unclaim(&mut self, id: u32, s: &ServiceSpec) {
+        for f in &s.frontends {
+            let key = FrontendKey {
+                ip: f.ip,
+                port: f.port,
+                protocol: s.protocol,
+            };
+            if self.frontends.get(&key).is_some_and(|r| r.service == id) {
+                self.frontends.remove(&key);
+            }
+        }
+        self.count_frontend_ips(s, false);
+    }
+
+    fn count_frontend_ips(&mut self, s: &ServiceSpec, add: bool) {
+        for f in s.frontends.iter().filter(|f| f.kind.is_external()) {
+            if add {
+                *self.frontend_ips.entry(f.ip).or_insert(0) += 1;
+            } else if let Some(n) = self.frontend_ips.get_mut(&f.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    self.frontend_ips.remove(&f.ip);
+                }
+            }
+        }
+    }
+
+    /// The id of each Service port of the spec this table was compiled from, in its order.
+    pub fn ids(&self) -> &[u32] {
+        &self.order
     }
 
     /// Compiles `spec` with the default ring size.
@@ -245,7 +398,7 @@ impl ServiceTable {
     /// Whether `ip` is a NodePort, LoadBalancer or external IP frontend address (the
     /// uplink answers ARP for these; ClusterIPs are not reachable from outside).
     pub fn is_frontend_ip(&self, ip: IpAddr) -> bool {
-        self.frontend_ips.contains(&ip)
+        self.frontend_ips.contains_key(&ip)
     }
 
     /// The service with a dense id.
@@ -254,12 +407,25 @@ impl ServiceTable {
         if id == 0 {
             return None;
         }
-        self.services.get(id as usize)
+        self.services
+            .get(id as usize)
+            .map(Arc::as_ref)
+            .filter(|s| !s.name.is_empty())
     }
 
-    /// All services, by id (index 0 is a placeholder).
-    pub fn services(&self) -> &[Service] {
-        &self.services
+    /// Every Service port with its id, in id order.
+    pub fn services(&self) -> impl Iterator<Item = (u32, &Service)> {
+        self.services
+            .iter()
+            .enumerate()
+            .skip(1)
+            .filter(|(_, s)| !s.name.is_empty())
+            .map(|(i, s)| (i as u32, s.as_ref()))
+    }
+
+    /// Frontends claimed by more than one Service port.
+    pub fn contested(&self) -> usize {
+        self.contested
     }
 
     /// Whether `ip` lies in the Service range (then an unknown address there is dropped).
@@ -489,7 +655,7 @@ mod tests {
                 zone: None,
                 ..Default::default()
             },
-            services: vec![ServiceSpec {
+            services: vec![Arc::new(ServiceSpec {
                 name: "default/web:http".into(),
                 protocol: Protocol::Tcp,
                 frontends: vec![
@@ -510,7 +676,7 @@ mod tests {
                 internal_local: false,
                 external_local: etp_local,
                 affinity_timeout_s: None,
-            }],
+            })],
             ..TableSpec::default()
         };
         let t = ServiceTable::build(&spec, 251);
@@ -650,5 +816,129 @@ mod tests {
             }
         }
         assert_eq!(seen.len(), 3);
+    }
+
+    /// What a table answers, independent of ids: per frontend the Service port's name,
+    /// kind and backends under both policies; and which addresses are external frontends.
+    /// One frontend's answer: key, Service port name, kind, backends under both policies.
+    type Answer = (
+        FrontendKey,
+        String,
+        FrontendKind,
+        Vec<Backend>,
+        Vec<Backend>,
+    );
+
+    fn behaviour(t: &ServiceTable, spec: &TableSpec) -> (Vec<Answer>, usize) {
+        let mut out = Vec::new();
+        for s in &spec.services {
+            for f in &s.frontends {
+                let key = FrontendKey {
+                    ip: f.ip,
+                    port: f.port,
+                    protocol: s.protocol,
+                };
+                let r = t.frontend(&key).expect("every frontend answers");
+                let svc = t.service(r.service).expect("a live Service port");
+                assert!(!f.kind.is_external() || t.is_frontend_ip(f.ip));
+                out.push((
+                    key,
+                    svc.name.clone(),
+                    r.kind,
+                    svc.cluster.backends.clone(),
+                    svc.local.backends.clone(),
+                ));
+            }
+        }
+        out.sort_by_key(|e| (e.0.ip, e.0.port, e.0.protocol as u8));
+        out.dedup_by(|a, b| a.0 == b.0);
+        (out, t.services().count())
+    }
+
+    fn random_spec(entries: &[(u8, u8, u8, u8)]) -> TableSpec {
+        let mut spec = TableSpec::default();
+        for &(name, ip, external_ip, endpoints) in entries {
+            let eps: Vec<EndpointSpec> = (0..endpoints)
+                .map(|e| ep(&format!("10.244.1.{}", e + name), e % 2 == 0))
+                .collect();
+            let mut frontends = vec![FrontendSpec {
+                kind: FrontendKind::ClusterIp,
+                ip: format!("172.30.0.{ip}").parse().unwrap(),
+                port: 80,
+            }];
+            if external_ip < 4 {
+                // Few external IPs, so that Service ports contest them.
+                frontends.push(FrontendSpec {
+                    kind: FrontendKind::ExternalIp,
+                    ip: format!("203.0.113.{external_ip}").parse().unwrap(),
+                    port: 443,
+                });
+            }
+            spec.services.push(Arc::new(ServiceSpec {
+                name: format!("ns/s{name}:p"),
+                protocol: Protocol::Tcp,
+                frontends,
+                local_endpoints: eps.iter().filter(|e| e.local).cloned().collect(),
+                all_endpoints: eps.clone(),
+                cluster_endpoints: eps,
+                internal_local: false,
+                external_local: false,
+                affinity_timeout_s: None,
+            }));
+        }
+        spec.sort_services();
+        spec.services.dedup_by(|a, b| a.key_ref() == b.key_ref());
+        spec
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_table_updated_by_a_delta_answers_as_one_built_whole(
+            a in proptest::collection::vec((0u8..12, 0u8..16, 0u8..8, 0u8..4), 0..14),
+            steps in proptest::collection::vec(
+                proptest::collection::vec((0u8..12, 0u8..16, 0u8..8, 0u8..4), 0..14), 1..4),
+        ) {
+            let mut spec = random_spec(&a);
+            let mut table = ServiceTable::build_with(&spec, 251, true);
+            for b in &steps {
+                let next = random_spec(b);
+                let delta = TableDelta::between(&spec, &next);
+                let updated = table.updated(&spec, &delta, &next, 251, true).unwrap();
+                let whole = ServiceTable::build_with(&next, 251, true);
+                proptest::prop_assert_eq!(behaviour(&updated, &next), behaviour(&whole, &next));
+                proptest::prop_assert_eq!(updated.contested(), whole.contested());
+                // Ids of Service ports in both tables stay.
+                for (i, s) in next.services.iter().enumerate() {
+                    if let Ok(j) = spec.services.binary_search_by(|o| o.key_ref().cmp(&s.key_ref())) {
+                        proptest::prop_assert_eq!(updated.ids()[i], table.ids()[j]);
+                    }
+                }
+                spec = next;
+                table = updated;
+            }
+        }
+    }
+
+    #[test]
+    fn an_unchanged_service_port_is_shared_not_recompiled() {
+        let spec = random_spec(&[(1, 1, 9, 3), (2, 2, 9, 3)]);
+        let table = ServiceTable::build_with(&spec, 251, true);
+        let mut next = spec.clone();
+        Arc::make_mut(&mut next.services[1]).cluster_endpoints.pop();
+        let delta = TableDelta::between(&spec, &next);
+        let updated = table.updated(&spec, &delta, &next, 251, true).unwrap();
+        let (a, b) = (table.ids()[0], updated.ids()[0]);
+        assert_eq!(a, b);
+        assert!(Arc::ptr_eq(
+            &table.services[a as usize],
+            &updated.services[b as usize]
+        ));
+        let changed = updated.ids()[1];
+        assert_eq!(
+            changed,
+            table.ids()[1],
+            "a replaced Service port keeps its id"
+        );
+        assert_eq!(updated.services[changed as usize].cluster.backends.len(), 2);
     }
 }

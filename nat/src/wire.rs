@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::spec::{TableSpec, SPEC_VERSION};
+use crate::spec::{TableDelta, TableSpec, SPEC_VERSION};
 
 /// Frame magic.
 pub const MAGIC: &[u8; 4] = b"KXDP";
@@ -26,6 +26,23 @@ pub enum Message {
         generation: u64,
         /// The tables.
         tables: Box<TableSpec>,
+    },
+    /// control → dataplane: what changed since generation `base`, which the dataplane
+    /// acknowledged on this connection; applied, it makes `generation`. A dataplane that
+    /// does not have `base` answers [`Message::NeedSnapshot`].
+    Delta {
+        /// The generation the delta makes.
+        generation: u64,
+        /// The generation it applies to.
+        base: u64,
+        /// The changes.
+        delta: Box<TableDelta>,
+    },
+    /// dataplane → control: the delta's base is not the table in use (`have` is); send a
+    /// snapshot. Nothing was changed.
+    NeedSnapshot {
+        /// The generation the dataplane has (0: none from control yet).
+        have: u64,
     },
     /// dataplane → control: `generation` is now what the workers use.
     Applied {

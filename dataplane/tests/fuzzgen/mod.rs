@@ -1813,7 +1813,7 @@ pub fn table_spec_gen(s: &mut Src) -> nat::spec::TableSpec {
             vtep_mac: Some(VTEP_MAC),
         },
         cluster,
-        services,
+        services: services.into_iter().map(std::sync::Arc::new).collect(),
         local_pods,
         remote_nodes,
         policy: policy_gen(s),
