@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use nat::wire::{self, Message};
 
-use crate::state::Shared;
+use crate::state::{DeltaOutcome, Shared};
 
 /// Binds the control socket at `path` (mode 0600: only root may program the dataplane) and
 /// serves it on a background thread.
@@ -92,8 +92,89 @@ fn connection(mut stream: UnixStream, shared: &Shared, epoch: Instant) -> io::Re
         {
             return monitor(stream, shared, addr, port, drops_only);
         }
-        let answer = handle(msg, shared, epoch);
+        let (answer, retire) = handle_table_or(msg, shared, epoch);
         wire::write_message(&mut stream, &answer)?;
+        if retire {
+            // After the answer: control's wait (and the network programming latency it
+            // measures) ends when the workers use the new tables, not after a sweep of the
+            // whole connection table.
+            shared.retire_stale_flows(epoch.elapsed().as_nanos() as u64);
+        }
+    }
+}
+
+/// [`handle`], with whether stale flows are to be retired once the answer is out.
+fn handle_table_or(msg: Message, shared: &Shared, epoch: Instant) -> (Message, bool) {
+    match msg {
+        Message::Snapshot { generation, tables } => {
+            match install_snapshot(generation, *tables, shared) {
+                Ok(answer) => (answer, true),
+                Err(answer) => (answer, false),
+            }
+        }
+        Message::Delta {
+            generation,
+            base,
+            delta,
+        } => install_delta(generation, base, &delta, shared),
+        other => (handle(other, shared, epoch), false),
+    }
+}
+
+fn refuse(shared: &Shared, reason: String) -> Message {
+    shared
+        .refused_tables
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    log::error!("refusing {reason}; keeping the tables in use");
+    Message::Refused { reason }
+}
+
+fn install_snapshot(
+    generation: u64,
+    mut tables: nat::spec::TableSpec,
+    shared: &Shared,
+) -> Result<Message, Message> {
+    tables.sort_services();
+    if let Err(reason) = tables.validate() {
+        return Err(refuse(
+            shared,
+            format!("table generation {generation}: {reason}"),
+        ));
+    }
+    let started = Instant::now();
+    let services = tables.services.len();
+    shared.install_tables(generation, tables);
+    log::info!(
+        "applied table generation {generation}: {services} service ports in {:?}",
+        started.elapsed()
+    );
+    Ok(Message::Applied { generation })
+}
+
+fn install_delta(
+    generation: u64,
+    base: u64,
+    delta: &nat::spec::TableDelta,
+    shared: &Shared,
+) -> (Message, bool) {
+    let started = Instant::now();
+    match shared.install_delta(generation, base, delta) {
+        Ok(DeltaOutcome::Applied { retire }) => {
+            log::debug!(
+                "applied table generation {generation} (delta from {base}: {} service ports upserted, {} removed) in {:?}",
+                delta.upserted.len(),
+                delta.removed.len(),
+                started.elapsed()
+            );
+            (Message::Applied { generation }, retire)
+        }
+        Ok(DeltaOutcome::Stale { have }) => {
+            log::info!(
+                "table generation {generation} is a delta from {base}, but generation {have} is in use: asking control for a snapshot"
+            );
+            (Message::NeedSnapshot { have }, false)
+        }
+        Err(reason) => (refuse(shared, reason), false),
     }
 }
 
@@ -208,25 +289,24 @@ pub fn group_id(name: &str) -> io::Result<u32> {
 pub fn handle(msg: Message, shared: &Shared, epoch: Instant) -> Message {
     match msg {
         Message::Snapshot { generation, tables } => {
-            if let Err(reason) = tables.validate() {
-                shared
-                    .refused_tables
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                log::error!(
-                    "refusing table generation {generation}: {reason}; keeping the tables in use"
-                );
-                return Message::Refused {
-                    reason: format!("table generation {generation}: {reason}"),
-                };
+            match install_snapshot(generation, *tables, shared) {
+                Ok(answer) => {
+                    shared.retire_stale_flows(epoch.elapsed().as_nanos() as u64);
+                    answer
+                }
+                Err(answer) => answer,
             }
-            let started = Instant::now();
-            let services = tables.services.len();
-            shared.install(generation, *tables, epoch.elapsed().as_nanos() as u64);
-            log::info!(
-                "applied table generation {generation}: {services} service ports in {:?}",
-                started.elapsed()
-            );
-            Message::Applied { generation }
+        }
+        Message::Delta {
+            generation,
+            base,
+            delta,
+        } => {
+            let (answer, retire) = install_delta(generation, base, &delta, shared);
+            if retire {
+                shared.retire_stale_flows(epoch.elapsed().as_nanos() as u64);
+            }
+            answer
         }
         Message::GetStats => Message::Stats {
             generation: shared.tables.load().generation,
@@ -331,6 +411,141 @@ mod tests {
             "{reason}"
         );
         assert_eq!(shared.tables.load().generation, 1, "the tables in use stay");
+        assert_eq!(
+            shared
+                .refused_tables
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+    }
+
+    fn one_service(
+        name: &str,
+        ip: &str,
+        endpoints: &[&str],
+    ) -> std::sync::Arc<nat::spec::ServiceSpec> {
+        use nat::spec::*;
+        let eps: Vec<EndpointSpec> = endpoints
+            .iter()
+            .map(|e| EndpointSpec {
+                ip: e.parse().unwrap(),
+                port: 8080,
+                local: false,
+                ready: true,
+                serving: true,
+                terminating: false,
+            })
+            .collect();
+        std::sync::Arc::new(ServiceSpec {
+            name: name.into(),
+            protocol: Protocol::Udp,
+            frontends: vec![FrontendSpec {
+                kind: FrontendKind::ClusterIp,
+                ip: ip.parse().unwrap(),
+                port: 53,
+            }],
+            cluster_endpoints: eps.clone(),
+            local_endpoints: vec![],
+            all_endpoints: eps,
+            internal_local: false,
+            external_local: false,
+            affinity_timeout_s: None,
+        })
+    }
+
+    #[test]
+    fn deltas_apply_to_their_base_only_and_a_bad_one_changes_nothing() {
+        use nat::spec::{TableDelta, TableSpec};
+        let shared = Shared::new(
+            vec![],
+            1,
+            Limits {
+                conntrack_capacity: 64,
+                affinity_capacity: 16,
+                ..Limits::default()
+            },
+        );
+        let epoch = Instant::now();
+        // A snapshot in any order is put in canonical order.
+        let first = TableSpec {
+            services: vec![
+                one_service("ns/b:dns", "172.30.0.2", &["10.244.1.2"]),
+                one_service("ns/a:dns", "172.30.0.1", &["10.244.1.1"]),
+            ],
+            ..TableSpec::default()
+        };
+        let answer = handle(
+            Message::Snapshot {
+                generation: 1,
+                tables: Box::new(first),
+            },
+            &shared,
+            epoch,
+        );
+        assert_eq!(answer, Message::Applied { generation: 1 });
+        let before = shared.tables.load_full();
+        assert_eq!(before.spec.services[0].name, "ns/a:dns");
+        let mut next = before.spec.clone();
+        next.services[1] = one_service("ns/b:dns", "172.30.0.2", &["10.244.1.2", "10.244.1.3"]);
+        let delta = TableDelta::between(&before.spec, &next);
+        assert_eq!(delta.upserted.len(), 1);
+        let stale = handle(
+            Message::Delta {
+                generation: 3,
+                base: 2,
+                delta: Box::new(delta.clone()),
+            },
+            &shared,
+            epoch,
+        );
+        assert_eq!(stale, Message::NeedSnapshot { have: 1 });
+        let answer = handle(
+            Message::Delta {
+                generation: 2,
+                base: 1,
+                delta: Box::new(delta),
+            },
+            &shared,
+            epoch,
+        );
+        assert_eq!(answer, Message::Applied { generation: 2 });
+        let after = shared.tables.load_full();
+        assert_eq!(after.spec, next);
+        let b = after
+            .services
+            .frontend(&nat::tables::FrontendKey {
+                ip: "172.30.0.2".parse().unwrap(),
+                port: 53,
+                protocol: nat::spec::Protocol::Udp,
+            })
+            .and_then(|f| after.services.service(f.service))
+            .expect("ns/b");
+        assert_eq!(b.cluster.backends.len(), 2);
+        // The untouched Service port is the same compiled one.
+        assert_eq!(before.services.ids()[0], after.services.ids()[0]);
+        // Removing what is not there is refused, counted, and changes nothing.
+        let bad = TableDelta {
+            removed: vec![nat::spec::ServiceKey {
+                name: "ns/zzz:dns".into(),
+                protocol: nat::spec::Protocol::Udp,
+                ipv6: false,
+            }],
+            ..TableDelta::default()
+        };
+        let answer = handle(
+            Message::Delta {
+                generation: 3,
+                base: 2,
+                delta: Box::new(bad),
+            },
+            &shared,
+            epoch,
+        );
+        assert!(
+            matches!(&answer, Message::Refused { reason } if reason.contains("ns/zzz:dns")),
+            "{answer:?}"
+        );
+        assert_eq!(shared.tables.load().generation, 2);
         assert_eq!(
             shared
                 .refused_tables

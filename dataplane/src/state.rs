@@ -10,7 +10,7 @@ use arc_swap::ArcSwap;
 use ipnet::IpNet;
 use nat::conntrack::Conntrack;
 use nat::policy::{PolicyTable, PolicyType};
-use nat::spec::TableSpec;
+use nat::spec::{TableDelta, TableSpec};
 use nat::tables::{BuildFastHasher, ServiceTable};
 
 use crate::counters::Published;
@@ -62,8 +62,9 @@ pub struct Tables {
     pub remote: RemoteRoutes,
     /// The overlay's settings, when the node has an IPv4 VTEP address.
     pub overlay: Option<crate::vxlan::Overlay>,
-    /// NetworkPolicy of this node's pods, as control compiled it.
-    pub policy: PolicyTable,
+    /// NetworkPolicy of this node's pods, as control compiled it (shared with the next
+    /// generation when a delta leaves it as it is).
+    pub policy: Arc<PolicyTable>,
     /// Whether any pod is isolated (else new connections skip the policy lookup).
     pub policy_active: bool,
     /// Drop counters of the pods and policies in [`Tables::policy`].
@@ -75,7 +76,7 @@ pub struct Tables {
 /// Connections refused by NetworkPolicy, counted per pod and direction and per policy
 /// isolating the pod. The counters live in [`Shared`] by name, so they keep counting across
 /// table generations; a generation holds them by index for the packet path.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct PolicyDrops {
     /// By pod index of [`Tables::policy`]: ingress, egress.
     pods: Vec<[Arc<AtomicU64>; 2]>,
@@ -280,13 +281,7 @@ impl Tables {
         uplink_mac: Option<[u8; 6]>,
     ) -> Tables {
         let services = ServiceTable::build_with(&spec, ring_size.0, ring_size.1);
-        let mut local_pods = HashMap::with_hasher(BuildFastHasher);
-        for p in &spec.local_pods {
-            let name: Arc<str> = Arc::from(p.name.as_str());
-            for ip in &p.ips {
-                local_pods.insert(*ip, name.clone());
-            }
-        }
+        let local_pods = local_pods(&spec.local_pods);
         let gateway_v4 = spec.node.pod_cidrs.iter().find_map(|n| match n {
             IpNet::V4(n) => n.hosts().next(),
             IpNet::V6(_) => None,
@@ -308,7 +303,7 @@ impl Tables {
             }),
             _ => None,
         };
-        let policy = PolicyTable::build(&spec.policy);
+        let policy = Arc::new(PolicyTable::build(&spec.policy));
         Tables {
             generation,
             policy_active: !policy.is_empty(),
@@ -324,6 +319,61 @@ impl Tables {
             node_addresses: spec.node.addresses.clone(),
             spec,
         }
+    }
+
+    /// The tables of `generation`: these with `delta` applied. Only what the delta
+    /// names is compiled again — the Service ports it upserts, and the pods, remote nodes
+    /// or policy when it carries them — the rest is shared with these tables. A delta that
+    /// changes the node or the cluster settings (on which every Service port's compiled
+    /// form depends) compiles everything.
+    pub fn updated(
+        &self,
+        generation: u64,
+        delta: &TableDelta,
+        ring_size: (u32, bool),
+        uplink_mac: Option<[u8; 6]>,
+    ) -> Result<Tables, String> {
+        self.spec
+            .validate_delta(delta)
+            .map_err(|e| format!("table generation {generation}: {e}"))?;
+        let spec = self
+            .spec
+            .apply(delta)
+            .map_err(|e| format!("table generation {generation}: {e}"))?;
+        if delta.node.is_some() || delta.cluster.is_some() {
+            return Ok(Tables::compile(generation, spec, ring_size, uplink_mac));
+        }
+        let services = self
+            .services
+            .updated(&self.spec, delta, &spec, ring_size.0, ring_size.1)
+            .map_err(|e| format!("table generation {generation}: {e}"))?;
+        let local_pods = match &delta.local_pods {
+            Some(pods) => local_pods(pods),
+            None => self.local_pods.clone(),
+        };
+        let (policy, policy_drops) = match &delta.policy {
+            Some(p) => (Arc::new(PolicyTable::build(p)), PolicyDrops::default()),
+            None => (self.policy.clone(), self.policy_drops.clone()),
+        };
+        let remote = match &delta.remote_nodes {
+            Some(nodes) => RemoteRoutes::build(nodes),
+            None => self.remote.clone(),
+        };
+        Ok(Tables {
+            generation,
+            services,
+            local_pods,
+            pod_cidrs: self.pod_cidrs.clone(),
+            gateway_v4: self.gateway_v4,
+            gateway_v6: self.gateway_v6,
+            node_addresses: self.node_addresses.clone(),
+            remote,
+            overlay: self.overlay,
+            policy_active: !policy.is_empty(),
+            policy,
+            policy_drops,
+            spec,
+        })
     }
 
     /// Empty tables: before control speaks, nothing is translated.
@@ -373,6 +423,18 @@ impl Tables {
                 .find(|a| a.is_ipv6() == family_v6)
         })
     }
+}
+
+/// Local pods by address.
+fn local_pods(pods: &[nat::spec::PodSpec]) -> HashMap<IpAddr, Arc<str>, BuildFastHasher> {
+    let mut by_ip = HashMap::with_hasher(BuildFastHasher);
+    for p in pods {
+        let name: Arc<str> = Arc::from(p.name.as_str());
+        for ip in &p.ips {
+            by_ip.insert(*ip, name.clone());
+        }
+    }
+    by_ip
 }
 
 /// A neighbour: where an address lives and its MAC.
@@ -479,6 +541,21 @@ impl Default for Limits {
     }
 }
 
+/// What became of a delta from control.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeltaOutcome {
+    /// Applied; `retire` says whether stale flows should be retired now.
+    Applied {
+        /// A UDP or SCTP Service port changed, or the node did.
+        retire: bool,
+    },
+    /// The tables in use are not the delta's base: they are generation `have`.
+    Stale {
+        /// The generation in use.
+        have: u64,
+    },
+}
+
 /// A function called with each installed table.
 pub type InstallHook = Box<dyn Fn(&Tables) + Send + Sync>;
 
@@ -522,8 +599,9 @@ pub struct Shared {
     pub monitor: crate::monitor::Monitor,
     /// Tables control sent that failed validation (refused whole, with a reason).
     pub refused_tables: AtomicU64,
-    /// Called with every newly installed table (the binary keeps the uplink's XDP filter
-    /// in step with it).
+    /// Called with every newly installed table whose frontends, node or cluster settings
+    /// may differ from the last one's (the binary keeps the uplink's XDP filter in step
+    /// with them; a delta that only moves endpoints does not call it).
     pub on_install: Mutex<Option<InstallHook>>,
     /// Where a handover request goes: the process's main thread, which is given the
     /// successor's connection, stops the workers and writes the state on it.
@@ -559,12 +637,78 @@ impl Shared {
     /// no longer allow (UDP to endpoints that are gone, so the next datagram picks a live
     /// one). Workers are never stopped.
     pub fn install(&self, generation: u64, spec: TableSpec, now: u64) {
-        let uplink_mac = self.uplink.and_then(|u| self.ports.get(u)).map(|p| p.mac);
+        self.install_tables(generation, spec);
+        self.retire_stale_flows(now);
+    }
+
+    /// Compiles `spec` and swaps it in; the caller retires stale flows
+    /// ([`Shared::retire_stale_flows`]) when it suits it (the control socket does so after
+    /// it has answered, so control's wait does not include a sweep of the connection
+    /// table). Snapshots from control may list Service ports in any order: they are put in
+    /// canonical order here, which deltas rely on.
+    pub fn install_tables(&self, generation: u64, mut spec: TableSpec) {
+        spec.sort_services();
+        let uplink_mac = self.uplink_mac();
         let ring = (self.limits.ring_size, self.limits.ring_scaled);
-        let mut tables = Tables::compile(generation, spec, ring, uplink_mac);
+        let tables = Tables::compile(generation, spec, ring, uplink_mac);
+        self.swap_in(tables, true);
+    }
+
+    /// Applies control's `delta` to the tables in use, if they are generation `base`
+    /// (else [`DeltaOutcome::Stale`], and nothing changes). Returns whether flows may need
+    /// retiring (a UDP or SCTP Service port changed or went away).
+    pub fn install_delta(
+        &self,
+        generation: u64,
+        base: u64,
+        delta: &TableDelta,
+    ) -> Result<DeltaOutcome, String> {
+        let current = self.tables.load();
+        if current.generation != base {
+            return Ok(DeltaOutcome::Stale {
+                have: current.generation,
+            });
+        }
+        let ring = (self.limits.ring_size, self.limits.ring_scaled);
+        let tables = current.updated(generation, delta, ring, self.uplink_mac())?;
+        let filter = delta.changes_frontends(&current.spec);
+        let retire = delta.node.is_some()
+            || delta.cluster.is_some()
+            || delta
+                .removed
+                .iter()
+                .any(|k| k.protocol != nat::spec::Protocol::Tcp)
+            || delta
+                .upserted
+                .iter()
+                .any(|s| s.protocol != nat::spec::Protocol::Tcp);
+        let policy_changed = delta.policy.is_some();
+        drop(current);
+        let mut tables = tables;
+        if policy_changed {
+            tables.policy_drops = PolicyDrops::build(&tables.policy, &self.policy_drops);
+        }
+        self.swap_in_built(tables, filter);
+        Ok(DeltaOutcome::Applied { retire })
+    }
+
+    fn uplink_mac(&self) -> Option<[u8; 6]> {
+        self.uplink.and_then(|u| self.ports.get(u)).map(|p| p.mac)
+    }
+
+    fn swap_in(&self, mut tables: Tables, filter: bool) {
         tables.policy_drops = PolicyDrops::build(&tables.policy, &self.policy_drops);
+        self.swap_in_built(tables, filter);
+    }
+
+    /// Swaps `tables` in, then (when `filter`: frontends or the node may have changed)
+    /// tells the install hook.
+    fn swap_in_built(&self, tables: Tables, filter: bool) {
         let tables = Arc::new(tables);
         self.tables.store(tables.clone());
+        if !filter {
+            return;
+        }
         if let Some(hook) = self
             .on_install
             .lock()
@@ -573,7 +717,6 @@ impl Shared {
         {
             hook(&tables);
         }
-        self.retire_stale_flows(now);
     }
 
     /// The NetworkPolicy drop counters that are not zero, by name.

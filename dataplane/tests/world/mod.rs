@@ -211,6 +211,11 @@ pub struct World {
     worker: Worker<MemDevice>,
     now: u64,
     generation: u64,
+    /// Control's incremental computation, as `kxdp-control` runs it.
+    computer: control::tables::TableComputer,
+    /// The last tables sent: after the first snapshot, each sync sends the delta from
+    /// them, as the control stream does.
+    sent: Option<nat::spec::TableSpec>,
     local_ports: BTreeMap<String, usize>,
     /// The host port: the node's kernel.
     host_port: usize,
@@ -324,6 +329,8 @@ impl World {
         let worker = Worker::new(0, MemDevice::new(nports, 512), shared.clone());
         let mut w = World {
             node: case.node.clone(),
+            computer: control::tables::TableComputer::new(&case.node, cluster.clone()),
+            sent: None,
             cluster,
             objects: control::Objects::default(),
             raw: BTreeMap::new(),
@@ -361,11 +368,46 @@ impl World {
         self.raw.remove(&(r.kind.clone(), ns, r.name.clone()));
     }
 
+    /// Brings the dataplane to the objects as control would: computed incrementally
+    /// (checked against the computation from scratch), the first time sent whole, then as
+    /// deltas from the last tables sent.
     fn sync(&mut self) -> Result<(), String> {
         let spec = control::compute_tables(&self.objects, &self.node, &self.cluster)
             .map_err(|e| format!("compute tables: {e}"))?;
+        let incremental = self
+            .computer
+            .compute(&self.objects)
+            .map_err(|e| format!("compute tables: {e}"))?
+            .tables;
+        if incremental != spec {
+            return Err(format!(
+                "control's incremental computation differs from the computation from scratch by {:?}",
+                nat::spec::TableDelta::between(&spec, &incremental),
+            ));
+        }
         self.generation += 1;
-        self.shared.install(self.generation, spec, self.now);
+        match self.sent.take() {
+            None => self.shared.install(self.generation, spec.clone(), self.now),
+            Some(prev) => {
+                let delta = nat::spec::TableDelta::between(&prev, &spec);
+                match self
+                    .shared
+                    .install_delta(self.generation, self.generation - 1, &delta)
+                {
+                    Ok(dataplane::state::DeltaOutcome::Applied { retire }) => {
+                        if retire {
+                            self.shared.retire_stale_flows(self.now);
+                        }
+                    }
+                    other => return Err(format!("delta refused: {other:?}")),
+                }
+                let applied = self.shared.tables.load();
+                if applied.spec != spec {
+                    return Err("the dataplane's table after a delta is not control's".into());
+                }
+            }
+        }
+        self.sent = Some(spec);
         // Let the dataplane resolve its pods before traffic, as it does after a table change.
         self.pump();
         Ok(())
