@@ -88,6 +88,10 @@ pub struct Counters {
     pub rx: u64,
     /// Frames transmitted (forwarded or built).
     pub tx: u64,
+    /// Bytes of the frames received (Ethernet frames without FCS).
+    pub rx_bytes: u64,
+    /// Bytes of the frames transmitted.
+    pub tx_bytes: u64,
     /// ARP requests and IPv6 neighbour solicitations answered.
     pub arp_replies: u64,
     /// ARP requests and neighbour solicitations sent to resolve a neighbour.
@@ -131,6 +135,8 @@ impl Default for Counters {
         Counters {
             rx: 0,
             tx: 0,
+            rx_bytes: 0,
+            tx_bytes: 0,
             arp_replies: 0,
             arp_requests: 0,
             nat_new: 0,
@@ -169,6 +175,8 @@ impl Counters {
         let mut out = vec![
             ("rx".to_string(), self.rx),
             ("tx".to_string(), self.tx),
+            ("rx_bytes".to_string(), self.rx_bytes),
+            ("tx_bytes".to_string(), self.tx_bytes),
             ("arp_replies".to_string(), self.arp_replies),
             ("arp_requests".to_string(), self.arp_requests),
             ("nat_new".to_string(), self.nat_new),
@@ -203,7 +211,7 @@ impl Counters {
     }
 }
 
-const FIXED: usize = 17;
+const FIXED: usize = 19;
 const DEVICE: usize = 8;
 
 /// Where a worker publishes its counters for readers on other threads.
@@ -240,6 +248,8 @@ impl Published {
             c.echo_replies,
             c.masqueraded_out,
             c.to_host,
+            c.rx_bytes,
+            c.tx_bytes,
         ];
         let d = &c.device;
         let device = [
@@ -283,6 +293,8 @@ impl Published {
             echo_replies: v[14],
             masqueraded_out: v[15],
             to_host: v[16],
+            rx_bytes: v[17],
+            tx_bytes: v[18],
             ..Counters::default()
         };
         c.drops

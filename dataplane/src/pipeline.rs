@@ -165,14 +165,17 @@ impl Pipeline<'_> {
         limiter: &mut Resolver,
     ) {
         c.rx += 1;
+        c.rx_bytes += u64::from(frame.len);
         let outcome = {
             let (chunk, off) = dev.chunk_mut(frame);
             self.classify(chunk, off, frame, port, c)
         };
         match outcome {
             Outcome::Send(out, f) => {
+                let len = u64::from(f.len);
                 if dev.send(out, f) {
                     c.tx += 1;
+                    c.tx_bytes += len;
                 }
             }
             Outcome::Drop(reason) => {
@@ -1277,6 +1280,7 @@ impl Pipeline<'_> {
             f.len = len as u32;
             if dev.send(port, f) {
                 c.tx += 1;
+                c.tx_bytes += len as u64;
                 c.arp_requests += 1;
             }
         }
@@ -1433,8 +1437,10 @@ impl Pipeline<'_> {
             };
             match outcome {
                 Outcome::Send(port, f) => {
+                    let len = u64::from(f.len);
                     if dev.send(port, f) {
                         c.tx += 1;
+                        c.tx_bytes += len;
                     }
                 }
                 Outcome::Drop(reason) | Outcome::Resolve(reason, _, _) => {
