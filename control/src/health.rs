@@ -252,15 +252,15 @@ pub struct ServiceHealthCheck {
 pub fn service_health_checks(objects: &Objects, tables: &TableSpec) -> Vec<ServiceHealthCheck> {
     let mut external_local: BTreeSet<(&str, &str)> = BTreeSet::new();
     let mut local: BTreeMap<(&str, &str), BTreeSet<IpAddr>> = BTreeMap::new();
-    for s in &tables.services {
+    // Only Services with `externalTrafficPolicy: Local` have a health check: the others
+    // are skipped before anything is collected, so this stays cheap at 10k Services.
+    for s in tables.services.iter().filter(|s| s.external_local) {
         // `namespace/name:port`; neither a namespace nor a name holds '/' or ':'.
         let Some((ns, rest)) = s.name.split_once('/') else {
             continue;
         };
         let name = rest.split_once(':').map_or(rest, |(n, _)| n);
-        if s.external_local {
-            external_local.insert((ns, name));
-        }
+        external_local.insert((ns, name));
         let ips = s
             .all_endpoints
             .iter()

@@ -7,8 +7,9 @@
 //! Kinds control does not use are ignored with a log line: a manifest directory may hold a
 //! whole application, not only what the dataplane needs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -235,14 +236,78 @@ pub enum Applied {
 type Key = (String, String);
 
 /// Every object control holds, by kind, each kind ordered by namespace and name.
-#[derive(Clone, Debug, Default)]
+///
+/// Each change also takes a *stamp* from one process-wide counter, so that whoever computes
+/// from the store can tell what changed since it last looked without comparing objects
+/// ([`crate::tables::TableComputer`]): the stamp of the last change to each kind, to each
+/// Node, and to each Service *group* — a Service and the EndpointSlices labelled with its
+/// name, whose endpoints it takes. Equal stamps mean equal objects, in any store of the
+/// process (a cloned store shares its stamps until either changes).
+#[derive(Clone, Debug)]
 pub struct Objects {
+    /// Which store this is: a clone keeps it (its changes continue the same history).
+    id: u64,
     nodes: BTreeMap<Key, Node>,
     namespaces: BTreeMap<Key, Namespace>,
     pods: BTreeMap<Key, Pod>,
     services: BTreeMap<Key, Service>,
     endpoint_slices: BTreeMap<Key, EndpointSlice>,
     network_policies: BTreeMap<Key, NetworkPolicy>,
+    /// The last change to each kind, by [`Kind`] index.
+    kind_stamps: [u64; 6],
+    /// The last change to each Node (also its deletion).
+    node_stamps: BTreeMap<Key, u64>,
+    /// The last change to each Service group, by (namespace, Service name).
+    group_stamps: HashMap<Key, u64>,
+    /// The same, by stamp: which groups changed since a stamp is a range of this.
+    group_log: BTreeMap<u64, Key>,
+    /// Stamps up to this one may be missing from `group_log` (groups that went away
+    /// entirely were forgotten): who last looked before it must look at every group.
+    horizon: u64,
+    /// The newest stamp of this store.
+    last_stamp: u64,
+    /// The EndpointSlices of each Service group, by (namespace, Service name).
+    slices_by_service: BTreeMap<Key, BTreeSet<Key>>,
+}
+
+/// The source of stamps: one counter for every store, so stamps are never reused.
+static STAMPS: AtomicU64 = AtomicU64::new(1);
+
+fn next_stamp() -> u64 {
+    STAMPS.fetch_add(1, Ordering::Relaxed)
+}
+
+impl Default for Objects {
+    fn default() -> Self {
+        Objects {
+            id: next_stamp(),
+            nodes: BTreeMap::new(),
+            namespaces: BTreeMap::new(),
+            pods: BTreeMap::new(),
+            services: BTreeMap::new(),
+            endpoint_slices: BTreeMap::new(),
+            network_policies: BTreeMap::new(),
+            kind_stamps: [0; 6],
+            node_stamps: BTreeMap::new(),
+            group_stamps: HashMap::new(),
+            group_log: BTreeMap::new(),
+            horizon: 0,
+            last_stamp: 0,
+            slices_by_service: BTreeMap::new(),
+        }
+    }
+}
+
+/// The Service an EndpointSlice belongs to (its `kubernetes.io/service-name` label), if any.
+fn slice_service(slice: &EndpointSlice) -> Option<Key> {
+    let service = slice
+        .metadata
+        .labels
+        .as_ref()?
+        .get(crate::tables::SERVICE_NAME_LABEL)
+        .filter(|s| !s.is_empty())?;
+    let (ns, _) = namespace_and_name(&slice.metadata);
+    Some((ns.to_string(), service.clone()))
 }
 
 fn parse<T: DeserializeOwned>(kind: Kind, value: Value) -> Result<T, ObjectError> {
@@ -386,8 +451,11 @@ impl Objects {
         let (namespace, name) = key(kind, md.namespace.as_deref().unwrap_or(""), &name);
         md.namespace = kind.is_namespaced().then(|| namespace.clone());
         let k = (namespace.clone(), name.clone());
+        let stamp = self.stamp();
+        self.kind_stamps[kind as usize] = stamp;
         match object {
             Object::Node(o) => {
+                self.node_stamps.insert(k.clone(), stamp);
                 self.nodes.insert(k, o);
             }
             Object::Namespace(mut o) => {
@@ -400,11 +468,27 @@ impl Objects {
             }
             Object::Service(mut o) => {
                 defaults::service(&mut o);
+                self.stamp_group(&k, stamp);
                 self.services.insert(k, o);
             }
             Object::EndpointSlice(mut o) => {
                 defaults::endpoint_slice(&mut o);
-                self.endpoint_slices.insert(k, o);
+                let group = slice_service(&o);
+                if let Some(g) = &group {
+                    self.slices_by_service
+                        .entry(g.clone())
+                        .or_default()
+                        .insert(k.clone());
+                    self.stamp_group(g, stamp);
+                }
+                if let Some(old) = self.endpoint_slices.insert(k.clone(), o) {
+                    if let Some(was) = slice_service(&old).filter(|was| Some(was) != group.as_ref())
+                    {
+                        // A stamp of its own: the log holds one group per stamp.
+                        let left = self.stamp();
+                        self.leave_group(&was, &k, left);
+                    }
+                }
             }
             Object::NetworkPolicy(mut o) => {
                 defaults::network_policy(&mut o);
@@ -426,14 +510,148 @@ impl Objects {
             return false;
         };
         let k = key(kind, namespace, name);
-        match kind {
+        let removed = match kind {
             Kind::Node => self.nodes.remove(&k).is_some(),
             Kind::Namespace => self.namespaces.remove(&k).is_some(),
             Kind::Pod => self.pods.remove(&k).is_some(),
             Kind::Service => self.services.remove(&k).is_some(),
-            Kind::EndpointSlice => self.endpoint_slices.remove(&k).is_some(),
+            Kind::EndpointSlice => match self.endpoint_slices.remove(&k) {
+                Some(old) => {
+                    if let Some(group) = slice_service(&old) {
+                        let stamp = self.stamp();
+                        self.leave_group(&group, &k, stamp);
+                    }
+                    true
+                }
+                None => false,
+            },
             Kind::NetworkPolicy => self.network_policies.remove(&k).is_some(),
+        };
+        if removed {
+            let stamp = self.stamp();
+            self.kind_stamps[kind as usize] = stamp;
+            match kind {
+                Kind::Node => {
+                    self.node_stamps.insert(k, stamp);
+                }
+                Kind::Service => self.stamp_group(&k, stamp),
+                _ => {}
+            }
+            self.forget_gone_groups();
         }
+        removed
+    }
+
+    fn stamp(&mut self) -> u64 {
+        self.last_stamp = next_stamp();
+        self.last_stamp
+    }
+
+    /// Records a change to Service group `group`.
+    fn stamp_group(&mut self, group: &Key, stamp: u64) {
+        if let Some(old) = self.group_stamps.insert(group.clone(), stamp) {
+            self.group_log.remove(&old);
+        }
+        self.group_log.insert(stamp, group.clone());
+    }
+
+    /// Forgets groups without a Service or a slice once they are more than the live ones
+    /// (and a thousand): a store that Services come to and go from keeps a bounded
+    /// history. Who looked before the newest forgotten change must then look at every
+    /// group ([`Objects::horizon`]).
+    fn forget_gone_groups(&mut self) {
+        let live = self.services.len() + self.slices_by_service.len();
+        if self.group_log.len() <= 2 * live + 1024 {
+            return;
+        }
+        let gone: Vec<(u64, Key)> = self
+            .group_log
+            .iter()
+            .filter(|(_, g)| {
+                !self.services.contains_key(*g) && !self.slices_by_service.contains_key(*g)
+            })
+            .map(|(s, g)| (*s, g.clone()))
+            .collect();
+        for (stamp, group) in gone {
+            self.group_log.remove(&stamp);
+            self.group_stamps.remove(&group);
+            self.horizon = self.horizon.max(stamp);
+        }
+    }
+
+    /// Which store this is (a clone is the same store, continued).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The newest stamp this store gave (0: none).
+    pub fn last_stamp(&self) -> u64 {
+        self.last_stamp
+    }
+
+    /// Changes up to this stamp may be missing from [`Objects::groups_changed_since`].
+    pub fn horizon(&self) -> u64 {
+        self.horizon
+    }
+
+    /// The Service groups changed after stamp `since` (Service or slice added, changed,
+    /// relabelled or deleted), oldest change first. Complete only for `since` ≥
+    /// [`Objects::horizon`].
+    pub fn groups_changed_since(&self, since: u64) -> impl Iterator<Item = &(String, String)> {
+        self.group_log
+            .range(since.saturating_add(1)..)
+            .map(|(_, g)| g)
+    }
+
+    /// The Service with this (namespace, name).
+    pub fn service(&self, key: &(String, String)) -> Option<&Service> {
+        self.services.get(key)
+    }
+
+    /// Takes slice `slice` out of Service group `group`.
+    fn leave_group(&mut self, group: &Key, slice: &Key, stamp: u64) {
+        if let Some(set) = self.slices_by_service.get_mut(group) {
+            set.remove(slice);
+            if set.is_empty() {
+                self.slices_by_service.remove(group);
+            }
+        }
+        self.stamp_group(group, stamp);
+    }
+
+    /// The stamp of the last change to objects of `kind` (0: none yet).
+    pub fn kind_stamp(&self, kind: Kind) -> u64 {
+        self.kind_stamps[kind as usize]
+    }
+
+    /// The stamp of the last change to the Node called `name` (0: none yet).
+    pub fn node_stamp(&self, name: &str) -> u64 {
+        self.node_stamps
+            .get(&key(Kind::Node, "", name))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The stamp of the last change to the Service group (namespace, Service name): the
+    /// Service itself, or an EndpointSlice that is or was labelled with its name (0: none
+    /// yet).
+    pub fn group_stamp(&self, group: &(String, String)) -> u64 {
+        self.group_stamps.get(group).copied().unwrap_or(0)
+    }
+
+    /// Services with their (namespace, name), by namespace and name.
+    pub fn services_by_key(&self) -> impl Iterator<Item = (&(String, String), &Service)> {
+        self.services.iter()
+    }
+
+    /// The EndpointSlices labelled with Service `group`'s name in its namespace, by name.
+    pub fn slices_of(&self, group: &(String, String)) -> Vec<&EndpointSlice> {
+        self.slices_by_service
+            .get(group)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.endpoint_slices.get(k))
+            .collect()
     }
 
     /// The Node called `name`.

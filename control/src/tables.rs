@@ -37,6 +37,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Node, Pod, Service, ServicePort, ServiceSpec as K8sServiceSpec};
@@ -46,7 +47,7 @@ use nat::spec::{
     RemoteNodeSpec, ServiceSpec, TableSpec,
 };
 
-use crate::objects::{namespace_and_name, Objects};
+use crate::objects::{namespace_and_name, Kind, Objects};
 
 /// Label naming a slice's Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -102,60 +103,335 @@ pub fn compute_with_warnings(
     node_name: &str,
     cluster: &ClusterSpec,
 ) -> Result<Computed, TableError> {
-    let node = objects
-        .node(node_name)
-        .ok_or_else(|| TableError::NoSuchNode(node_name.to_string()))?;
-    let mut w = Warnings::default();
-    let me = node_spec(node_name, node, &mut w);
+    TableComputer::new(node_name, cluster.clone()).compute(objects)
+}
 
-    // One pass over the slices, so the Services' joins cost no more than reading them.
-    let mut slices: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
-    for slice in objects.endpoint_slices() {
-        let (ns, _) = namespace_and_name(&slice.metadata);
-        let service = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL));
-        if let Some(service) = service.filter(|s| !s.is_empty()) {
-            slices
-                .entry((ns, service.as_str()))
-                .or_default()
-                .push(slice);
+/// Computes one node's tables again and again as its objects change, redoing only what
+/// the changes touch: a Service port's entries are computed again when its Service group
+/// (the Service, or an EndpointSlice labelled with its name) or this node's Node changed,
+/// the local pods when Pods did, the remote nodes when Nodes did, NetworkPolicy when Pods,
+/// Namespaces or NetworkPolicies did. What it returns equals [`compute_with_warnings`] of
+/// the same objects (that function is this with nothing cached), and shares every
+/// unchanged Service port (`Arc`) with the previous result, so that the stream's delta
+/// ([`nat::spec::TableDelta::between`]) finds the changes by pointer.
+///
+/// What changed is told by the store's stamps ([`Objects::group_stamp`] and friends), so a
+/// computation after one EndpointSlice change costs one stamp comparison per Service and
+/// the join and categorisation of that one Service.
+pub struct TableComputer {
+    node_name: String,
+    cluster: ClusterSpec,
+    /// The stamp of this node's Node when the cached Service ports were computed: they
+    /// depend on its addresses (NodePorts) and zone (topology).
+    node_stamp: u64,
+    services: std::collections::HashMap<(String, String), CachedService>,
+    /// The warnings of the Services that have some, in the store's order.
+    service_warnings: BTreeMap<(String, String), Vec<Warning>>,
+    /// The store computed from last ([`Objects::id`]) and its newest stamp then: the next
+    /// computation from the same store looks only at the groups changed since.
+    seen: Option<(u64, u64)>,
+    /// Bumped by each full pass; a cached Service not seen in one is gone.
+    pass: u64,
+    local_pods: Option<Cached<Vec<PodSpec>>>,
+    remote_nodes: Option<Cached<Vec<RemoteNodeSpec>>>,
+    policy: Option<Cached<nat::spec::PolicySpec>>,
+    /// The last result's Service ports, in canonical order.
+    last: Vec<Arc<ServiceSpec>>,
+}
+
+struct CachedService {
+    stamp: u64,
+    pass: u64,
+    /// In canonical order.
+    specs: Vec<Arc<ServiceSpec>>,
+}
+
+/// A part of the tables with the stamps it was computed at.
+struct Cached<T> {
+    stamps: Vec<u64>,
+    value: T,
+    warnings: Vec<Warning>,
+}
+
+impl<T: Clone> Cached<T> {
+    /// `slot`'s value if it was computed at `stamps`, else computed again by `f`.
+    fn get_or(
+        slot: &mut Option<Cached<T>>,
+        stamps: Vec<u64>,
+        w: &mut Warnings,
+        f: impl FnOnce(&mut Warnings) -> T,
+    ) -> T {
+        if let Some(c) = slot.as_ref().filter(|c| c.stamps == stamps) {
+            w.0.extend(c.warnings.iter().cloned());
+            return c.value.clone();
+        }
+        let mut own = Warnings::default();
+        let value = f(&mut own);
+        w.0.extend(own.0.iter().cloned());
+        *slot = Some(Cached {
+            stamps,
+            value: value.clone(),
+            warnings: own.0,
+        });
+        value
+    }
+}
+
+impl TableComputer {
+    /// A computer for node `node_name` with nothing computed yet.
+    pub fn new(node_name: &str, cluster: ClusterSpec) -> TableComputer {
+        TableComputer {
+            node_name: node_name.to_string(),
+            cluster,
+            node_stamp: 0,
+            services: Default::default(),
+            service_warnings: BTreeMap::new(),
+            seen: None,
+            pass: 0,
+            local_pods: None,
+            remote_nodes: None,
+            policy: None,
+            last: Vec::new(),
         }
     }
 
-    // kube-proxy's --nodeport-addresses: NodePorts only on the node addresses it names.
-    let nodeport_addresses: Vec<IpAddr> = me
-        .addresses
-        .iter()
-        .copied()
-        .filter(|a| {
-            cluster.nodeport_addresses.is_empty()
-                || cluster.nodeport_addresses.iter().any(|n| n.contains(a))
-        })
-        .collect();
-    let here = Here {
-        node_name,
-        zone: me.zone.as_deref(),
-        node_addresses: &nodeport_addresses,
-    };
-    let mut services = Vec::new();
-    for svc in objects.services() {
-        let (ns, name) = namespace_and_name(&svc.metadata);
-        let joined = slices.get(&(ns, name)).map_or(&[][..], Vec::as_slice);
-        services.extend(service_specs(svc, joined, &here, &mut w));
+    /// The node computed for.
+    pub fn node_name(&self) -> &str {
+        &self.node_name
     }
 
-    let local_pods = local_pods(objects, node_name, &mut w);
+    /// The tables of `objects`, with the warnings of every object (also those of objects
+    /// not computed again).
+    pub fn compute(&mut self, objects: &Objects) -> Result<Computed, TableError> {
+        let node_name = self.node_name.clone();
+        let node_name = node_name.as_str();
+        let node = objects
+            .node(node_name)
+            .ok_or_else(|| TableError::NoSuchNode(node_name.to_string()))?;
+        let mut w = Warnings::default();
+        let me = node_spec(node_name, node, &mut w);
 
+        // Every Service port depends on this node (NodePort addresses, topology zone):
+        // when it changed, all are computed again, and compared with their old entries so
+        // that those that stay equal stay shared.
+        let node_stamp = objects.node_stamp(node_name);
+        let all_dirty = node_stamp != self.node_stamp;
+        self.node_stamp = node_stamp;
+        // kube-proxy's --nodeport-addresses: NodePorts only on the node addresses it names.
+        let nodeport_addresses: Vec<IpAddr> = me
+            .addresses
+            .iter()
+            .copied()
+            .filter(|a| {
+                self.cluster.nodeport_addresses.is_empty()
+                    || self
+                        .cluster
+                        .nodeport_addresses
+                        .iter()
+                        .any(|n| n.contains(a))
+            })
+            .collect();
+        let here = Here {
+            node_name,
+            zone: me.zone.as_deref(),
+            node_addresses: &nodeport_addresses,
+        };
+        let mut delta = nat::spec::TableDelta::default();
+        let since = match self.seen {
+            Some((store, stamp))
+                if store == objects.id() && stamp >= objects.horizon() && !all_dirty =>
+            {
+                Some(stamp)
+            }
+            _ => None,
+        };
+        match since {
+            // The same store as last time, continued: only the groups changed since.
+            Some(stamp) => {
+                let changed: BTreeSet<&(String, String)> =
+                    objects.groups_changed_since(stamp).collect();
+                for key in changed {
+                    match objects.service(key) {
+                        Some(svc) => self.compute_service(objects, key, svc, &here, &mut delta),
+                        None => {
+                            if let Some(c) = self.services.remove(key) {
+                                delta.removed.extend(c.specs.iter().map(|s| s.key()));
+                            }
+                            self.service_warnings.remove(key);
+                        }
+                    }
+                }
+            }
+            // Another store, or everything may have changed: every Service is looked at,
+            // and those gone from the store are found by not being seen.
+            None => {
+                self.pass += 1;
+                let pass = self.pass;
+                for (key, svc) in objects.services_by_key() {
+                    let stamp = objects.group_stamp(key);
+                    if let Some(c) = self
+                        .services
+                        .get_mut(key)
+                        .filter(|c| c.stamp == stamp && !all_dirty)
+                    {
+                        c.pass = pass;
+                        continue;
+                    }
+                    self.compute_service(objects, key, svc, &here, &mut delta);
+                }
+                let warnings = &mut self.service_warnings;
+                self.services.retain(|key, c| {
+                    if c.pass == pass {
+                        return true;
+                    }
+                    delta.removed.extend(c.specs.iter().map(|s| s.key()));
+                    warnings.remove(key);
+                    false
+                });
+            }
+        }
+        self.seen = Some((objects.id(), objects.last_stamp()));
+        for ws in self.service_warnings.values() {
+            w.0.extend(ws.iter().cloned());
+        }
+        delta.removed.sort();
+        delta.upserted.sort_by(|a, b| a.key_ref().cmp(&b.key_ref()));
+        let last = TableSpec {
+            services: std::mem::take(&mut self.last),
+            ..TableSpec::default()
+        };
+        let services = match last.apply(&delta) {
+            Ok(t) => t.services,
+            // Cannot happen (the cache and `last` hold the same Service ports); if it
+            // did, compute everything again rather than send a wrong table.
+            Err(e) => {
+                log::error!("incremental table computation out of step ({e}); computing every Service again");
+                self.services.clear();
+                self.service_warnings.clear();
+                self.last.clear();
+                self.seen = None;
+                return self.compute(objects);
+            }
+        };
+        self.last = services.clone();
+
+        let local_pods = Cached::get_or(
+            &mut self.local_pods,
+            vec![objects.kind_stamp(Kind::Pod)],
+            &mut w,
+            |w| local_pods(objects, node_name, w),
+        );
+        let remote_nodes = Cached::get_or(
+            &mut self.remote_nodes,
+            vec![objects.kind_stamp(Kind::Node)],
+            &mut w,
+            |w| remote_nodes(objects, node_name, w),
+        );
+        let policy = Cached::get_or(
+            &mut self.policy,
+            vec![
+                objects.kind_stamp(Kind::Pod),
+                objects.kind_stamp(Kind::Namespace),
+                objects.kind_stamp(Kind::NetworkPolicy),
+            ],
+            &mut w,
+            |w| crate::policy::compile(objects, node_name, &mut w.0),
+        );
+
+        Ok(Computed {
+            tables: TableSpec {
+                node: me,
+                cluster: self.cluster.clone(),
+                services,
+                local_pods,
+                remote_nodes,
+                policy,
+            },
+            warnings: w.0,
+        })
+    }
+}
+
+impl TableComputer {
+    /// Computes the entries of Service `key` again and records how they changed.
+    fn compute_service(
+        &mut self,
+        objects: &Objects,
+        key: &(String, String),
+        svc: &Service,
+        here: &Here<'_>,
+        delta: &mut nat::spec::TableDelta,
+    ) {
+        let mut own = Warnings::default();
+        let joined = objects.slices_of(key);
+        let mut specs: Vec<Arc<ServiceSpec>> = service_specs(svc, &joined, here, &mut own)
+            .into_iter()
+            .map(Arc::new)
+            .collect();
+        specs.sort_by(|a, b| a.key_ref().cmp(&b.key_ref()));
+        let before = specs.len();
+        specs.dedup_by(|a, b| a.key_ref() == b.key_ref());
+        if specs.len() < before {
+            own.push(
+                format!("Service {}/{}", key.0, key.1),
+                "two ports with the same name and protocol: only the first is programmed",
+            );
+        }
+        if own.0.is_empty() {
+            self.service_warnings.remove(key);
+        } else {
+            self.service_warnings.insert(key.clone(), own.0);
+        }
+        let old = self
+            .services
+            .remove(key)
+            .map(|c| c.specs)
+            .unwrap_or_default();
+        diff_specs(&old, &mut specs, delta);
+        self.services.insert(
+            key.clone(),
+            CachedService {
+                stamp: objects.group_stamp(key),
+                pass: self.pass,
+                specs,
+            },
+        );
+    }
+}
+
+/// Records in `delta` how one Service's entries went from `old` to `new` (both in
+/// canonical order); an entry equal to its old one is replaced by the old `Arc`, so that
+/// it stays shared.
+fn diff_specs(
+    old: &[Arc<ServiceSpec>],
+    new: &mut [Arc<ServiceSpec>],
+    delta: &mut nat::spec::TableDelta,
+) {
+    for n in new.iter_mut() {
+        match old.binary_search_by(|o| o.key_ref().cmp(&n.key_ref())) {
+            Ok(i) if old[i] == *n => *n = old[i].clone(),
+            _ => delta.upserted.push(n.clone()),
+        }
+    }
+    for o in old {
+        if new
+            .binary_search_by(|n| n.key_ref().cmp(&o.key_ref()))
+            .is_err()
+        {
+            delta.removed.push(o.key());
+        }
+    }
+}
+
+/// Other nodes with pod networks, for routes through the overlay.
+fn remote_nodes(objects: &Objects, node_name: &str, w: &mut Warnings) -> Vec<RemoteNodeSpec> {
     let mut remote_nodes = Vec::new();
     for n in objects.nodes() {
         let name = n.metadata.name.as_deref().unwrap_or("");
         if name == node_name {
             continue;
         }
-        let spec = node_spec(name, n, &mut w);
+        let spec = node_spec(name, n, w);
         if spec.pod_cidrs.is_empty() {
             continue;
         }
@@ -180,20 +456,7 @@ pub fn compute_with_warnings(
             vtep_mac,
         });
     }
-
-    let policy = crate::policy::compile(objects, node_name, &mut w.0);
-
-    Ok(Computed {
-        tables: TableSpec {
-            node: me,
-            cluster: cluster.clone(),
-            services,
-            local_pods,
-            remote_nodes,
-            policy,
-        },
-        warnings: w.0,
-    })
+    remote_nodes
 }
 
 /// Computes the tables of the node `node_name`; warnings go to the log.
@@ -454,6 +717,15 @@ fn service_specs(
 ) -> Vec<ServiceSpec> {
     let (ns, name) = namespace_and_name(&svc.metadata);
     let object = format!("Service {ns}/{name}");
+    if [ns, name].iter().any(|s| s.contains(['/', ':'])) {
+        // The API server never lets these through; a Service port's name
+        // (`namespace/name:port`) would not say which Service it is.
+        w.push(
+            object,
+            "a namespace or name with '/' or ':' is not valid; skipped",
+        );
+        return Vec::new();
+    }
     let Some(spec) = &svc.spec else {
         return Vec::new();
     };

@@ -746,3 +746,179 @@ status:
         .iter()
         .any(|w| w.object == "Node node-e" && w.message.contains("kxdp.io/vtep-mac")));
 }
+
+/// A store of `n` Services with one slice of three endpoints each, on top of the nodes.
+fn services_store(n: usize) -> Objects {
+    let mut objects = Objects::default();
+    let mut errors = Vec::new();
+    load_text(&mut objects, "nodes", NODES, &mut errors);
+    for i in 0..n {
+        load_text(&mut objects, "svc", &service_yaml(i, 3), &mut errors);
+    }
+    assert!(errors.is_empty(), "{errors:?}");
+    objects
+}
+
+fn service_yaml(i: usize, endpoints: usize) -> String {
+    let eps: String = (0..endpoints)
+        .map(|e| {
+            format!(
+                "\n- addresses: [10.244.{}.{}]\n  nodeName: {}",
+                1 + e % 2,
+                4 * i + e,
+                if e % 2 == 0 { "node-a" } else { "node-b" }
+            )
+        })
+        .collect();
+    format!(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: s{i}, namespace: ns}}
+spec:
+  clusterIP: 172.30.{}.{}
+  ports: [{{name: http, port: 80, targetPort: 8080}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: s{i}-x
+  namespace: ns
+  labels: {{kubernetes.io/service-name: s{i}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints:{eps}
+"#,
+        1 + i / 250,
+        i % 250
+    )
+}
+
+#[test]
+fn incremental_computation_equals_from_scratch_and_recomputes_only_what_changed() {
+    let mut objects = services_store(20);
+    let cluster = ClusterSpec::default();
+    let mut computer = TableComputer::new("node-a", cluster.clone());
+    let mut last = computer.compute(&objects).expect("node-a").tables;
+    assert_eq!(last, compute(&objects, "node-a", &cluster).unwrap());
+    let mut errors = Vec::new();
+    // Each step: a change, and the Service ports expected in the delta.
+    type Change = Box<dyn Fn(&mut Objects, &mut Vec<crate::manifests::ManifestError>) -> usize>;
+    let steps: Vec<(&str, Change, usize)> = vec![
+        ("nothing", Box::new(|_, _| 0), 0),
+        (
+            "one slice loses an endpoint",
+            Box::new(|o, e| load_text(o, "svc", &service_yaml(3, 2), e)),
+            1,
+        ),
+        (
+            "a slice is relabelled to another Service",
+            Box::new(|o, e| {
+                let moved = service_yaml(5, 3).replace(
+                    "kubernetes.io/service-name: s5}",
+                    "kubernetes.io/service-name: s6}",
+                );
+                load_text(o, "svc", &moved, e)
+            }),
+            2,
+        ),
+        (
+            "a Service is deleted",
+            Box::new(|o, _| {
+                assert!(o.delete("Service", "ns", "s7"));
+                0
+            }),
+            1,
+        ),
+        (
+            "a slice is deleted",
+            Box::new(|o, _| {
+                assert!(o.delete("EndpointSlice", "ns", "s8-x"));
+                0
+            }),
+            1,
+        ),
+        (
+            "a Service is added",
+            Box::new(|o, e| load_text(o, "svc", &service_yaml(40, 3), e)),
+            1,
+        ),
+        (
+            "another node changes: no Service port",
+            Box::new(|o, e| {
+                let b = NODES
+                    .split("---")
+                    .nth(2)
+                    .unwrap()
+                    .replace("198.51.100.4", "198.51.100.5");
+                load_text(o, "nodes", &b, e)
+            }),
+            0,
+        ),
+        (
+            "this node gets another address: every NodePort-less port stays equal",
+            Box::new(|o, e| {
+                let a = NODES.split("---").next().unwrap().replace(
+                    "{type: Hostname",
+                    "{type: ExternalIP, address: 203.0.113.9}\n  - {type: Hostname",
+                );
+                load_text(o, "nodes", &a, e)
+            }),
+            0,
+        ),
+    ];
+    for (what, change, upserted_or_removed) in steps {
+        change(&mut objects, &mut errors);
+        assert!(errors.is_empty(), "{what}: {errors:?}");
+        let incremental = computer.compute(&objects).expect("node-a");
+        let scratch = compute_with_warnings(&objects, "node-a", &cluster).unwrap();
+        assert_eq!(incremental, scratch, "{what}");
+        let d = nat::spec::TableDelta::between(&last, &incremental.tables);
+        assert_eq!(
+            d.upserted.len() + d.removed.len(),
+            upserted_or_removed,
+            "{what}: {d:?}"
+        );
+        // Unchanged Service ports are the same allocation as before.
+        let shared = incremental
+            .tables
+            .services
+            .iter()
+            .filter(|s| last.services.iter().any(|o| Arc::ptr_eq(o, s)))
+            .count();
+        assert_eq!(
+            shared,
+            incremental.tables.services.len() - d.upserted.len(),
+            "{what}"
+        );
+        last = incremental.tables;
+    }
+}
+
+#[test]
+fn services_coming_and_going_keep_the_store_bounded_and_the_computation_right() {
+    let mut objects = services_store(3);
+    let cluster = ClusterSpec::default();
+    let mut computer = TableComputer::new("node-a", cluster.clone());
+    let mut errors = Vec::new();
+    for i in 100..1700 {
+        load_text(&mut objects, "svc", &service_yaml(i, 3), &mut errors);
+        if i % 7 == 0 {
+            let incremental = computer.compute(&objects).expect("node-a");
+            assert_eq!(
+                incremental,
+                compute_with_warnings(&objects, "node-a", &cluster).unwrap()
+            );
+        }
+        assert!(objects.delete("Service", "ns", &format!("s{i}")));
+        assert!(objects.delete("EndpointSlice", "ns", &format!("s{i}-x")));
+    }
+    assert!(errors.is_empty(), "{errors:?}");
+    assert!(objects.horizon() > 0, "gone groups were forgotten");
+    let incremental = computer.compute(&objects).expect("node-a");
+    assert_eq!(
+        incremental,
+        compute_with_warnings(&objects, "node-a", &cluster).unwrap()
+    );
+    assert_eq!(incremental.tables.services.len(), 3);
+}
