@@ -6,6 +6,12 @@
 //! with `--scaled-rings`). Prints wall times of the median of 3 runs and the resident
 //! memory (VmRSS, VmHWM) after loading the objects and after computing.
 //!
+//! Then issue 6's other target, one EndpointSlice change visible in the dataplane at that
+//! scale: 1,000 times, one slice of the 10,000 gets another endpoint (a watch event
+//! applied to the store), control computes the tables again (incrementally), the stream
+//! sends the delta over a real Unix socket to an in-process dataplane
+//! (`dataplane::server::serve`), and the time until its `Applied` is recorded.
+//!
 //! `cargo bench -p control --bench full_sync`
 
 use std::time::{Duration, Instant};
@@ -96,7 +102,6 @@ fn main() {
         }],
         1,
         Limits {
-            conntrack_capacity: 1024,
             ring_scaled: true,
             ..Limits::default()
         },
@@ -147,4 +152,119 @@ fn main() {
     println!("  install (compile + swap) {i:?}");
     println!("  total {:?}", c + e + d + i);
     println!("memory: at start {before}; objects loaded {loaded}; after computing {computed_rss}");
+    one_change_at_scale(&mut objects, shared);
+}
+
+const CHANGES: u32 = 1_000;
+
+/// One EndpointSlice change at a time, through the incremental computation and a delta
+/// on the socket, until the dataplane applied it.
+fn one_change_at_scale(objects: &mut Objects, shared: Shared) {
+    let shared = std::sync::Arc::new(shared);
+    let path =
+        std::env::temp_dir().join(format!("kxdp-bench-full-sync-{}.sock", std::process::id()));
+    dataplane::server::serve(&path, shared.clone(), Instant::now()).expect("control socket");
+    let cluster = ClusterSpec::default();
+    let mut computer = control::tables::TableComputer::new("node-a", cluster);
+    let mut stream = control::Stream::new(&path);
+    let t = Instant::now();
+    let first = computer.compute(objects).unwrap().tables;
+    stream.send(100, &first, None).expect("snapshot applied");
+    println!(
+        "one change at scale: first snapshot over the socket applied in {:?}",
+        t.elapsed()
+    );
+    let t = Instant::now();
+    for _ in 0..100 {
+        std::hint::black_box(computer.compute(objects).unwrap());
+    }
+    println!(
+        "one change at scale: a computation with nothing changed takes {:?}",
+        t.elapsed() / 100
+    );
+    let mut total = hdrhistogram::Histogram::<u64>::new(3).unwrap();
+    let mut apply = hdrhistogram::Histogram::<u64>::new(3).unwrap();
+    let mut compute = hdrhistogram::Histogram::<u64>::new(3).unwrap();
+    let mut bytes = 0;
+    for c in 0..CHANGES {
+        let s = (c * 7919) % SERVICES;
+        let name = format!("svc-{s}");
+        // The slice with one endpoint more than before (or back to ten).
+        let n = ENDPOINTS + 1 + c % 2;
+        let endpoints: Vec<_> = (0..n)
+            .map(|e| {
+                let k = s * ENDPOINTS + e;
+                json!({"addresses": [format!("10.{}.{}.{}", 100 + k / 65536, (k / 256) % 256, k % 256)],
+                       "conditions": {"ready": true}, "nodeName": "node-b"})
+            })
+            .collect();
+        let slice = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": format!("{name}-abc"), "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": name}},
+            "addressType": "IPv4", "endpoints": endpoints,
+            "ports": [{"name": "http", "port": 8080}]});
+        let value = yaml(&slice);
+        let started = Instant::now();
+        apply_value(objects, &value, "bench").unwrap();
+        let tables = computer.compute(objects).unwrap().tables;
+        compute
+            .record(started.elapsed().as_micros() as u64)
+            .unwrap();
+        stream
+            .send(101 + c as u64, &tables, None)
+            .expect("delta applied");
+        total.record(started.elapsed().as_micros() as u64).unwrap();
+        for sent in stream.take_sent() {
+            if let control::stream::Sent::Delta { bytes: b } = sent {
+                bytes = b;
+            }
+        }
+    }
+    // What applying a delta costs the dataplane alone (no socket, no control): the same
+    // kind of change, straight into its state.
+    drop(stream);
+    let first = shared.tables.load().generation;
+    let mut spec = shared.tables.load().spec.clone();
+    for (generation, c) in (first..).zip(0..CHANGES) {
+        let i = ((c * 104729) % SERVICES) as usize;
+        let mut changed = (*spec.services[i]).clone();
+        if changed.cluster_endpoints.len() > 1 {
+            changed.cluster_endpoints.pop();
+        } else {
+            changed.cluster_endpoints = changed.all_endpoints.clone();
+        }
+        let mut next = spec.clone();
+        next.services[i] = std::sync::Arc::new(changed);
+        let delta = nat::spec::TableDelta::between(&spec, &next);
+        let t = Instant::now();
+        let outcome = shared.install_delta(generation + 1, generation, &delta);
+        apply.record(t.elapsed().as_micros() as u64).unwrap();
+        assert!(matches!(
+            outcome,
+            Ok(dataplane::state::DeltaOutcome::Applied { .. })
+        ));
+        spec = next;
+    }
+    let ms = |h: &hdrhistogram::Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "one change at scale, {CHANGES} changes one at a time (store update → compute → delta on the socket → Applied):"
+    );
+    println!(
+        "  total   p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+        ms(&total, 0.5),
+        ms(&total, 0.9),
+        ms(&total, 0.99),
+        total.max() as f64 / 1000.0
+    );
+    println!(
+        "  compute p50 {:.2} ms  p99 {:.2} ms; a delta is {bytes} bytes",
+        ms(&compute, 0.5),
+        ms(&compute, 0.99)
+    );
+    println!(
+        "  the dataplane applying a one-Service delta: p50 {:.2} ms  p99 {:.2} ms",
+        ms(&apply, 0.5),
+        ms(&apply, 0.99)
+    );
+    let _ = std::fs::remove_file(&path);
 }

@@ -219,6 +219,10 @@ pub struct ControlSnapshot {
     pub health_check_ports: usize,
     /// Snapshots the dataplane refused.
     pub refused: u64,
+    /// Tables sent whole: count and bytes.
+    pub snapshots_sent: (u64, u64),
+    /// Tables sent as deltas: count and bytes.
+    pub deltas_sent: (u64, u64),
 }
 
 /// Control's measurements, updated by the sync loop and read by scrapes.
@@ -247,6 +251,8 @@ impl ControlMetrics {
                 tables: TableSizes::default(),
                 health_check_ports: 0,
                 refused: 0,
+                snapshots_sent: (0, 0),
+                deltas_sent: (0, 0),
             }),
         }
     }
@@ -281,6 +287,17 @@ impl ControlMetrics {
         m.applied_generation = generation;
         m.last_applied = Some(at);
         m.tables = TableSizes::of(tables);
+    }
+
+    /// A table went to the dataplane.
+    pub fn sent(&self, sent: crate::stream::Sent) {
+        let mut m = self.lock();
+        let (slot, bytes) = match sent {
+            crate::stream::Sent::Snapshot { bytes } => (&mut m.snapshots_sent, bytes),
+            crate::stream::Sent::Delta { bytes } => (&mut m.deltas_sent, bytes),
+        };
+        slot.0 += 1;
+        slot.1 += bytes as u64;
     }
 
     /// The dataplane refused a snapshot.
@@ -484,6 +501,29 @@ impl prometheus_client::collector::Collector for Exposition {
             "Table snapshots the dataplane refused",
             c.refused,
         )?;
+        let kinds = [("snapshot", c.snapshots_sent), ("delta", c.deltas_sent)];
+        let messages: Vec<(Labels, u64)> = kinds
+            .iter()
+            .map(|(k, (n, _))| (vec![label("kind", *k)], *n))
+            .collect();
+        labelled(
+            &mut enc,
+            "kxdp_stream_tables_sent",
+            "Tables sent to the dataplane, whole (snapshot: a new connection, or a dataplane that lost step) or as the changes since the last one it applied (delta)",
+            MetricType::Counter,
+            &messages,
+        )?;
+        let bytes: Vec<(Labels, u64)> = kinds
+            .iter()
+            .map(|(k, (_, b))| (vec![label("kind", *k)], *b))
+            .collect();
+        labelled(
+            &mut enc,
+            "kxdp_stream_sent_bytes",
+            "Bytes of the tables sent to the dataplane, by kind",
+            MetricType::Counter,
+            &bytes,
+        )?;
         let t = &c.tables;
         let tables: Vec<(Labels, u64)> = [
             ("service_ports", t.service_ports),
@@ -553,6 +593,10 @@ impl prometheus_client::collector::Collector for Exposition {
                         "kxdp_worker_packets".to_string(),
                         vec![worker.clone(), label("direction", name.as_str())],
                     ),
+                    "rx_bytes" | "tx_bytes" => (
+                        "kxdp_worker_bytes".to_string(),
+                        vec![worker.clone(), label("direction", &name[..2])],
+                    ),
                     n if n.starts_with("drop_") => (
                         "kxdp_worker_drops".to_string(),
                         vec![worker.clone(), label("reason", &n["drop_".len()..])],
@@ -569,6 +613,9 @@ impl prometheus_client::collector::Collector for Exposition {
             let help = match metric.as_str() {
                 "kxdp_worker_packets" => {
                     "Frames received (direction rx) and transmitted (tx) by each worker".to_string()
+                }
+                "kxdp_worker_bytes" => {
+                    "Bytes of the frames received (direction rx) and transmitted (tx) by each worker (Ethernet, without FCS)".to_string()
                 }
                 "kxdp_worker_drops" => "Frames each worker dropped, by reason".to_string(),
                 m => format!(

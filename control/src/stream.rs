@@ -1,12 +1,17 @@
 //! The client end of the control stream: sends the latest tables to `kxdp-dataplane` and
 //! waits until they are applied; and the loop that turns object changes into them.
 //!
-//! The stream holds one snapshot, the latest ([`Stream::publish`]); [`Stream::sync`] makes
-//! sure the dataplane at the other end has it. A broken connection (the dataplane
-//! restarted, or was not up yet) is re-established with exponential backoff and the latest
-//! snapshot is sent again — the dataplane keeps forwarding with its old tables meanwhile, so
-//! nothing is lost by waiting. Plain blocking `std::os::unix::net`: one request, one answer,
-//! no runtime needed.
+//! The stream holds one table, the latest ([`Stream::publish`]); [`Stream::sync`] makes
+//! sure the dataplane at the other end has it. On a new connection the whole table goes
+//! (`Snapshot`); after that only what changed since the table the dataplane acknowledged on
+//! this connection (`Delta`, [`nat::spec::TableDelta::between`]), so one EndpointSlice
+//! change costs the bytes and the compile of one Service port whatever the table's size.
+//! A dataplane that answers a delta with `NeedSnapshot` (it restarted, or was handed over,
+//! and has another generation) gets the snapshot at once. A broken connection (the
+//! dataplane restarted, or was not up yet) is re-established with exponential backoff and
+//! the latest table is sent whole again — the dataplane keeps forwarding with its old
+//! tables meanwhile, so nothing is lost by waiting. Plain blocking `std::os::unix::net`:
+//! one request, one answer, no runtime needed.
 //!
 //! A [`Programmer`] computes the tables of changed objects, publishes them when they
 //! differ, and when the dataplane answers `Applied` does what follows from it: records
@@ -99,20 +104,42 @@ pub enum Progress {
     Refused(u64),
 }
 
-/// The latest snapshot, encoded once.
-struct Snapshot {
+/// The latest table.
+struct Latest {
     generation: u64,
-    frame: Vec<u8>,
+    tables: TableSpec,
 }
+
+/// How a table went to the dataplane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sent {
+    /// Whole.
+    Snapshot {
+        /// Frame bytes.
+        bytes: usize,
+    },
+    /// As the changes since the table the dataplane had.
+    Delta {
+        /// Frame bytes.
+        bytes: usize,
+    },
+}
+
+/// How many [`Sent`] records a stream keeps for [`Stream::take_sent`] when nobody takes
+/// them.
+const SENT_KEPT: usize = 64;
 
 /// A connection to the dataplane's control socket that is re-established on demand.
 pub struct Stream {
     path: PathBuf,
     conn: Option<UnixStream>,
-    latest: Option<Snapshot>,
-    /// The generation the dataplane at the other end of `conn` applied.
-    applied: Option<u64>,
+    latest: Option<Latest>,
+    /// The generation the dataplane at the other end of `conn` applied, and its table:
+    /// the base of the next delta.
+    applied: Option<(u64, TableSpec)>,
     refused: Option<u64>,
+    /// What the last exchanges sent, oldest first; taken by [`Stream::take_sent`].
+    sent: Vec<Sent>,
     backoff: Duration,
     retry_at: Option<Instant>,
     answer_timeout: Duration,
@@ -133,7 +160,13 @@ impl Stream {
             retry_at: None,
             answer_timeout: ANSWER_TIMEOUT,
             round_trip: None,
+            sent: Vec::new(),
         }
+    }
+
+    /// What was sent since the last call (snapshots and deltas with their sizes).
+    pub fn take_sent(&mut self) -> Vec<Sent> {
+        std::mem::take(&mut self.sent)
     }
 
     /// Sets how long to wait for the dataplane's answer (default [`ANSWER_TIMEOUT`]).
@@ -152,16 +185,13 @@ impl Stream {
         &self.path
     }
 
-    /// Makes `tables` the snapshot to keep the dataplane at, as `generation` (which should
-    /// grow with every new table). Sends nothing: [`Stream::sync`] does.
+    /// Makes `tables` the table to keep the dataplane at, as `generation` (which should
+    /// grow with every new table). Sends nothing: [`Stream::sync`] does. Cheap: the
+    /// Service ports are shared, not copied.
     pub fn publish(&mut self, generation: u64, tables: &TableSpec) {
-        let msg = Message::Snapshot {
+        self.latest = Some(Latest {
             generation,
-            tables: Box::new(tables.clone()),
-        };
-        self.latest = Some(Snapshot {
-            generation,
-            frame: wire::encode(&msg),
+            tables: tables.clone(),
         });
         self.refused = None;
         // A new table is worth an attempt now, whatever the backoff said.
@@ -185,7 +215,7 @@ impl Stream {
         if self.refused == Some(generation) {
             return Ok(Progress::Refused(generation));
         }
-        if self.conn.is_some() && self.applied == Some(generation) {
+        if self.conn.is_some() && self.applied.as_ref().map(|a| a.0) == Some(generation) {
             return Ok(Progress::UpToDate(generation));
         }
         if let Some(at) = self.retry_at {
@@ -211,7 +241,8 @@ impl Stream {
         match self.exchange() {
             Ok(Message::Applied { generation: g }) if g == generation => {
                 self.round_trip = Some(started.elapsed());
-                self.applied = Some(g);
+                let tables = self.latest.as_ref().map(|l| l.tables.clone());
+                self.applied = tables.map(|t| (g, t));
                 self.backoff = BACKOFF_MIN;
                 self.retry_at = None;
                 Ok(Progress::Applied(g))
@@ -281,13 +312,53 @@ impl Stream {
         }
     }
 
+    /// Sends the latest table (as a delta when the dataplane on this connection has
+    /// acknowledged one, else whole) and reads the answer; a `NeedSnapshot` answer to a
+    /// delta is followed by the snapshot at once.
     fn exchange(&mut self) -> io::Result<Message> {
-        let (Some(conn), Some(snapshot)) = (self.conn.as_mut(), self.latest.as_ref()) else {
+        let answer = self.send_latest(true)?;
+        if let Message::NeedSnapshot { have } = answer {
+            log::info!(
+                "control socket {}: the dataplane has generation {have}, not the delta's base; sending the whole table",
+                self.path.display()
+            );
+            self.applied = None;
+            return self.send_latest(false);
+        }
+        Ok(answer)
+    }
+
+    fn send_latest(&mut self, delta_ok: bool) -> io::Result<Message> {
+        let (Some(conn), Some(latest)) = (self.conn.as_mut(), self.latest.as_ref()) else {
             return Err(io::Error::new(io::ErrorKind::NotConnected, "not connected"));
+        };
+        let (frame, sent) = match self.applied.as_ref().filter(|_| delta_ok) {
+            Some((base, have)) => {
+                let delta = nat::spec::TableDelta::between(have, &latest.tables);
+                let frame = wire::encode(&Message::Delta {
+                    generation: latest.generation,
+                    base: *base,
+                    delta: Box::new(delta),
+                });
+                let bytes = frame.len();
+                (frame, Sent::Delta { bytes })
+            }
+            None => {
+                let frame = wire::encode(&Message::Snapshot {
+                    generation: latest.generation,
+                    tables: Box::new(latest.tables.clone()),
+                });
+                let bytes = frame.len();
+                (frame, Sent::Snapshot { bytes })
+            }
         };
         conn.set_read_timeout(Some(self.answer_timeout))?;
         conn.set_write_timeout(Some(self.answer_timeout))?;
-        io::Write::write_all(conn, &snapshot.frame)?;
+        io::Write::write_all(conn, &frame)?;
+        if self.sent.len() >= SENT_KEPT {
+            self.sent.remove(0);
+        }
+        self.sent.push(sent);
         wire::read_message(conn)
     }
 
@@ -372,7 +443,7 @@ struct Generation {
 /// objects.
 pub struct Programmer {
     node: String,
-    cluster: ClusterSpec,
+    computer: crate::tables::TableComputer,
     stream: Stream,
     latest: Option<Generation>,
     /// Log a warning or error only when it was not in the previous computation's: the API
@@ -407,7 +478,7 @@ impl Programmer {
     ) -> Programmer {
         Programmer {
             node: node.to_string(),
-            cluster,
+            computer: crate::tables::TableComputer::new(node, cluster),
             stream,
             latest: None,
             quiet_repeats: false,
@@ -469,7 +540,7 @@ impl Programmer {
         self.health.queued_update(started);
         self.health.sync_node(objects.node(&self.node));
         self.metrics.observe_queue_depth(change.batches);
-        let computed = match crate::compute_with_warnings(objects, &self.node, &self.cluster) {
+        let computed = match self.computer.compute(objects) {
             Ok(computed) => computed,
             Err(e) => {
                 let msg = e.to_string();
@@ -527,6 +598,9 @@ impl Programmer {
     /// and acts on what it reached.
     pub fn sync(&mut self) -> Result<Progress, StreamError> {
         let progress = self.stream.sync();
+        for sent in self.stream.take_sent() {
+            self.metrics.sent(sent);
+        }
         match &progress {
             Ok(Progress::Applied(g)) | Ok(Progress::UpToDate(g)) => self.reached(*g),
             Err(StreamError::Refused { .. }) => self.metrics.refused(),
@@ -704,13 +778,35 @@ mod tests {
         std::env::temp_dir().join(format!("kxdp-control-{name}-{}.sock", std::process::id()))
     }
 
-    /// A dataplane that answers each snapshot with `answer(generation)` and reports the
+    /// A dataplane that answers each table with `answer(generation)` and reports the
     /// generations it saw; it drops each connection after `per_conn` messages.
     fn fake_dataplane(
         path: &Path,
         per_conn: usize,
         answer: fn(u64) -> Message,
     ) -> mpsc::Receiver<u64> {
+        let (tx, rx) = mpsc::channel();
+        let seen = fake_dataplane_of(path, per_conn, move |m| {
+            let g = match m {
+                Message::Snapshot { generation, .. } | Message::Delta { generation, .. } => {
+                    *generation
+                }
+                _ => return None,
+            };
+            let _ = tx.send(g);
+            Some(answer(g))
+        });
+        std::mem::forget(seen);
+        rx
+    }
+
+    /// A dataplane that answers each message with `answer` (or hangs up on `None`) and
+    /// reports every message; it drops each connection after `per_conn` messages.
+    fn fake_dataplane_of(
+        path: &Path,
+        per_conn: usize,
+        mut answer: impl FnMut(&Message) -> Option<Message> + Send + 'static,
+    ) -> mpsc::Receiver<Message> {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path).expect("bind");
         let (tx, rx) = mpsc::channel();
@@ -718,18 +814,104 @@ mod tests {
             for conn in listener.incoming() {
                 let Ok(mut conn) = conn else { return };
                 for _ in 0..per_conn {
-                    let Ok(Message::Snapshot { generation, .. }) = wire::read_message(&mut conn)
-                    else {
+                    let Ok(msg) = wire::read_message(&mut conn) else {
                         break;
                     };
-                    if tx.send(generation).is_err() {
+                    let Some(reply) = answer(&msg) else { break };
+                    if tx.send(msg).is_err() {
                         return;
                     }
-                    let _ = wire::write_message(&mut conn, &answer(generation));
+                    let _ = wire::write_message(&mut conn, &reply);
                 }
             }
         });
         rx
+    }
+
+    fn table_with(names: &[&str]) -> TableSpec {
+        let mut t = TableSpec::default();
+        for n in names {
+            t.services.push(Arc::new(nat::spec::ServiceSpec {
+                name: (*n).into(),
+                protocol: nat::spec::Protocol::Tcp,
+                frontends: vec![],
+                cluster_endpoints: vec![],
+                local_endpoints: vec![],
+                all_endpoints: vec![],
+                internal_local: false,
+                external_local: false,
+                affinity_timeout_s: None,
+            }));
+        }
+        t
+    }
+
+    #[test]
+    fn after_the_first_snapshot_only_deltas_go_until_the_dataplane_loses_step() {
+        let path = socket_path("deltas");
+        // Answers deltas with NeedSnapshot once, when told to (a restarted dataplane).
+        let lose_step = Arc::new(AtomicBool::new(false));
+        let lose = lose_step.clone();
+        let seen = fake_dataplane_of(&path, usize::MAX, move |m| {
+            Some(match m {
+                Message::Delta { .. } if lose.swap(false, Ordering::SeqCst) => {
+                    Message::NeedSnapshot { have: 0 }
+                }
+                Message::Snapshot { generation, .. } | Message::Delta { generation, .. } => {
+                    Message::Applied {
+                        generation: *generation,
+                    }
+                }
+                _ => return None,
+            })
+        });
+        let mut s = Stream::new(&path);
+        let first = table_with(&["a/x:p", "a/y:p"]);
+        s.send(1, &first, None).expect("applied");
+        assert!(matches!(
+            seen.recv().unwrap(),
+            Message::Snapshot { generation: 1, .. }
+        ));
+        let second = table_with(&["a/x:p", "a/z:p"]);
+        s.send(2, &second, None).expect("applied");
+        match seen.recv().unwrap() {
+            Message::Delta {
+                generation: 2,
+                base: 1,
+                delta,
+            } => {
+                assert_eq!(delta.removed.len(), 1);
+                assert_eq!(delta.removed[0].name, "a/y:p");
+                assert_eq!(delta.upserted.len(), 1);
+                assert_eq!(delta.upserted[0].name, "a/z:p");
+            }
+            other => panic!("{other:?}"),
+        }
+        lose_step.store(true, Ordering::SeqCst);
+        s.send(3, &first, None).expect("applied after a snapshot");
+        assert!(matches!(
+            seen.recv().unwrap(),
+            Message::Delta {
+                generation: 3,
+                base: 2,
+                ..
+            }
+        ));
+        assert!(matches!(
+            seen.recv().unwrap(),
+            Message::Snapshot { generation: 3, .. }
+        ));
+        let sent = s.take_sent();
+        assert!(matches!(
+            sent.as_slice(),
+            [
+                Sent::Snapshot { .. },
+                Sent::Delta { .. },
+                Sent::Delta { .. },
+                Sent::Snapshot { .. }
+            ]
+        ));
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]

@@ -357,6 +357,10 @@ fn metrics_show_control_and_dataplane_or_say_the_dataplane_is_down() {
         "kxdp_worker_drops_total{worker=\"1\",reason=\"conntrack_full\"} 0".into(),
         "kxdp_worker_drops_total{worker=\"0\",reason=\"policy_denied\"} 0".into(),
         "kxdp_worker_nat_new_total{worker=\"0\"} 0".into(),
+        "kxdp_worker_bytes_total{worker=\"0\",direction=\"rx\"} 0".into(),
+        "kxdp_worker_bytes_total{worker=\"1\",direction=\"tx\"} 0".into(),
+        "kxdp_stream_tables_sent_total{kind=\"snapshot\"} 1".into(),
+        "kxdp_stream_tables_sent_total{kind=\"delta\"} 0".into(),
         "kxdp_table_entries{table=\"service_ports\"} 1".into(),
         "kxdp_table_entries{table=\"endpoints\"} 2".into(),
         "kxdp_network_programming_duration_seconds_count 1".into(),
@@ -373,6 +377,29 @@ fn metrics_show_control_and_dataplane_or_say_the_dataplane_is_down() {
     }
     assert_eq!(get(server.addr(), "/").0, 404);
 
+    // A change goes as a delta, and the bytes sent are counted by kind.
+    program(
+        &mut p,
+        &objects(&format!("{NODE}{SERVICE}{}", slice(&["node-a"]))),
+    );
+    let (_, _, text) = get(server.addr(), "/metrics");
+    let sample = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    };
+    assert_eq!(sample("kxdp_stream_tables_sent_total{kind=\"delta\"}"), 1.0);
+    assert_eq!(
+        sample("kxdp_stream_tables_sent_total{kind=\"snapshot\"}"),
+        1.0
+    );
+    let (snapshot, delta) = (
+        sample("kxdp_stream_sent_bytes_total{kind=\"snapshot\"}"),
+        sample("kxdp_stream_sent_bytes_total{kind=\"delta\"}"),
+    );
+    assert!(snapshot > 0.0 && delta > 0.0, "{snapshot} {delta}");
+    assert_eq!(sample("kxdp_table_entries{table=\"endpoints\"}"), 1.0);
+
     // A dataplane that does not answer.
     let gone = socket_path("metrics-gone");
     let _ = std::fs::remove_file(&gone);
@@ -383,7 +410,7 @@ fn metrics_show_control_and_dataplane_or_say_the_dataplane_is_down() {
     assert!(!text.contains("kxdp_worker_"), "{text}");
     assert!(
         text.lines()
-            .any(|l| l == "kxdp_network_programming_duration_seconds_count 1"),
+            .any(|l| l == "kxdp_network_programming_duration_seconds_count 2"),
         "control's own metrics stay: {text}"
     );
     let _ = std::fs::remove_file(&path);

@@ -11,7 +11,8 @@
 //! exactly once, the dataplane holding the last endpoint), never a speed.
 //!
 //! `cargo test --release -p control --test programming_latency -- --nocapture` prints
-//! the figures.
+//! the figures. `KXDP_LATENCY_SERVICES=10000` lists that many more Services (ClusterIP, one
+//! slice of ten endpoints each) beside the changed one, for the figure at scale.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -160,8 +161,40 @@ fn slice(host: u32, rv: u64, trigger: Option<String>) -> Value {
     s
 }
 
+/// `n` more Services with one slice of ten ready endpoints each.
+fn bystanders(n: u32) -> (Vec<Value>, Vec<Value>) {
+    let (mut services, mut slices) = (Vec::new(), Vec::new());
+    for s in 0..n {
+        let name = format!("svc-{s}");
+        services.push(json!({
+            "metadata": {"name": name, "namespace": "default", "resourceVersion": "12"},
+            "spec": {"type": "ClusterIP", "clusterIP": format!("172.30.{}.{}", 1 + s / 250, s % 250 + 1),
+                     "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]},
+        }));
+        let endpoints: Vec<Value> = (0..10u32)
+            .map(|e| {
+                let k = s * 10 + e;
+                json!({"addresses": [format!("10.{}.{}.{}", 100 + k / 65536, (k / 256) % 256, k % 256)],
+                       "conditions": {"ready": true}, "nodeName": "node-b"})
+            })
+            .collect();
+        slices.push(json!({
+            "metadata": {"name": format!("{name}-abc"), "namespace": "default", "resourceVersion": "13",
+                         "labels": {"kubernetes.io/service-name": name}},
+            "addressType": "IPv4", "endpoints": endpoints,
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        }));
+    }
+    (services, slices)
+}
+
 fn lists() -> BTreeMap<Kind, Vec<Value>> {
-    BTreeMap::from([
+    let more = std::env::var("KXDP_LATENCY_SERVICES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let (mut services, mut slices) = bystanders(more);
+    let mut lists = BTreeMap::from([
         (
             Kind::Node,
             vec![json!({
@@ -185,7 +218,14 @@ fn lists() -> BTreeMap<Kind, Vec<Value>> {
         ),
         (Kind::EndpointSlice, vec![slice(1, 13, None)]),
         (Kind::NetworkPolicy, Vec::new()),
-    ])
+    ]);
+    if let Some(l) = lists.get_mut(&Kind::Service) {
+        l.append(&mut services);
+    }
+    if let Some(l) = lists.get_mut(&Kind::EndpointSlice) {
+        l.append(&mut slices);
+    }
+    lists
 }
 
 /// The dataplane's generation and the web Service's endpoints as it has them; `None`
@@ -317,11 +357,12 @@ fn a_thousand_endpoint_slice_changes_all_reach_the_dataplane() {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "network programming latency over {} EndpointSlice changes ({:?} in all, {} generations):\n  \
+        "network programming latency over {} EndpointSlice changes ({:?} in all, {} generations, {} Service ports):\n  \
          p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms (settle {:?} quiet, {:?} at most)",
         latency.len(),
         elapsed,
         applied,
+        snapshot.tables.service_ports,
         ms(0.5),
         ms(0.9),
         ms(0.99),
