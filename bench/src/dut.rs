@@ -25,11 +25,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use ipnet::Ipv4Net;
 use nat::spec::TableSpec;
+use pktio::xsk::XdpMode;
 
 use crate::baseline::{iptables, nftables, KubeProxyConfig};
 use crate::forwarder::{self, ForwarderReport};
 use crate::netns::{self, Bounded, NetnsGuard};
-use crate::topology::{Topology, GEN_IP, GEN_MAC, POD_IF, SINK_MAC, UPLINK_IF};
+use crate::topology::{self, Topology, GEN_IP, GEN_MAC, POD_IF, SINK_MAC, UPLINK_IF};
 
 /// A device under test.
 #[derive(
@@ -106,6 +107,37 @@ impl DutKind {
     }
 }
 
+/// Who is on the device's two links: the generator (a router outside the cluster) on the
+/// uplink, the sink (standing in for the endpoints) on the pod side, and the device's own
+/// MACs there. The kernel devices get static neighbours from it, the forwarder its MAC
+/// rewrites.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Neighbors {
+    /// The generator's address on the uplink.
+    pub gen_ip: Ipv4Addr,
+    /// The generator's MAC.
+    pub gen_mac: [u8; 6],
+    /// The sink's MAC.
+    pub sink_mac: [u8; 6],
+    /// The device's uplink MAC.
+    pub uplink_mac: [u8; 6],
+    /// The device's pod-side MAC.
+    pub pod_mac: [u8; 6],
+}
+
+impl Neighbors {
+    /// The namespace lab's fixed addresses ([`crate::topology`]).
+    pub fn lab() -> Neighbors {
+        Neighbors {
+            gen_ip: GEN_IP,
+            gen_mac: GEN_MAC,
+            sink_mac: SINK_MAC,
+            uplink_mac: topology::DUT_UPLINK_MAC,
+            pod_mac: topology::DUT_POD_MAC,
+        }
+    }
+}
+
 /// What a device under test is set up with.
 #[derive(Clone, Debug)]
 pub struct DutContext<'a> {
@@ -115,6 +147,8 @@ pub struct DutContext<'a> {
     pub pod_cidr: Ipv4Net,
     /// The node's uplink address.
     pub node_ip: Ipv4Addr,
+    /// Who is on its links.
+    pub neighbors: Neighbors,
     /// Endpoints of the probed Service: the sink stands in for them.
     pub endpoints: &'a [Ipv4Addr],
     /// The core the device works on.
@@ -129,6 +163,9 @@ pub struct DutContext<'a> {
     /// Longest a ruleset or table install may take before the device is reported as not
     /// run.
     pub install_limit: Duration,
+    /// XDP attach mode of kxdp and the forwarder: native on veth (the namespace lab);
+    /// `Auto` on NICs whose driver may not have it (VMs).
+    pub xdp_mode: XdpMode,
 }
 
 /// How the device's tables got in.
@@ -177,6 +214,8 @@ pub struct Dut {
     /// How its tables got in.
     pub install: InstallReport,
     core: usize,
+    macs: forwarder::Macs,
+    xdp_mode: XdpMode,
     state: State,
 }
 
@@ -197,12 +236,30 @@ impl Dut {
         tag: &str,
     ) -> anyhow::Result<Result<Dut, NotRun>> {
         let topo = Topology::through_dut(tag, ctx.node_ip)?;
+        Dut::set_up_on(kind, ctx, tag, topo)
+    }
+
+    /// [`Dut::set_up`] on a topology made elsewhere (a VM's NICs moved into a namespace:
+    /// [`Topology::dut_only`]); its DUT namespace must have `u0` (with the node address)
+    /// and `p0`.
+    pub fn set_up_on(
+        kind: DutKind,
+        ctx: &DutContext<'_>,
+        tag: &str,
+        topo: Topology,
+    ) -> anyhow::Result<Result<Dut, NotRun>> {
         let ns = topo.dut_ns();
         let (state, install) = match kind {
             DutKind::Kxdp => {
                 let log = ctx.log_dir.join(format!("kxdp-dataplane-{tag}.log"));
-                let mut p =
-                    KxdpProcess::start(ns, ctx.bin_dir, &log, tag, ctx.core, ctx.other_core)?;
+                let mut p = KxdpProcess::start(
+                    ns,
+                    ctx.bin_dir,
+                    &log,
+                    tag,
+                    (ctx.core, ctx.other_core),
+                    ctx.xdp_mode,
+                )?;
                 let took = p.install(1, ctx.spec, ctx.install_limit)?;
                 let Some(took) = took else {
                     return Ok(Err(NotRun::TooSlow {
@@ -234,13 +291,25 @@ impl Dut {
                 },
             ),
         };
+        let n = ctx.neighbors;
         Ok(Ok(Dut {
             kind,
             topo,
             install,
             core: ctx.core,
+            macs: forwarder::Macs {
+                to_pod: (n.sink_mac, n.pod_mac),
+                to_uplink: (n.gen_mac, n.uplink_mac),
+            },
+            xdp_mode: ctx.xdp_mode,
             state,
         }))
+    }
+
+    /// Stops the device (ends kxdp's process) and hands back its namespaces.
+    pub fn stop(self) -> Topology {
+        drop(self.state);
+        self.topo
     }
 
     /// The kxdp process, if this is kxdp.
@@ -268,7 +337,12 @@ impl Dut {
         load: impl FnOnce(&Topology) -> anyhow::Result<T>,
     ) -> anyhow::Result<(T, DutCounters)> {
         let Dut {
-            topo, state, core, ..
+            topo,
+            state,
+            core,
+            macs,
+            xdp_mode,
+            ..
         } = self;
         let topo = &*topo;
         match state {
@@ -288,9 +362,11 @@ impl Dut {
                 let failed = AtomicBool::new(false);
                 let ns = topo.dut_ns();
                 let core = *core;
+                let macs = *macs;
+                let mode = *xdp_mode;
                 std::thread::scope(|s| {
                     let fwd = s.spawn(|| {
-                        let r = forwarder::run(ns, core, &ready, &stop);
+                        let r = forwarder::run(ns, (core, mode), macs, &ready, &stop);
                         if r.is_err() {
                             failed.store(true, Ordering::Release);
                         }
@@ -367,7 +443,7 @@ pub fn kernel_router(ns: &NetnsGuard, ctx: &DutContext<'_>) -> anyhow::Result<()
     ] {
         netns::sysctl(ns.name(), key, value)?;
     }
-    let sink_mac = netns::mac_string(SINK_MAC);
+    let sink_mac = netns::mac_string(ctx.neighbors.sink_mac);
     for ep in ctx.endpoints {
         ns.ip(&[
             "neigh",
@@ -384,9 +460,9 @@ pub fn kernel_router(ns: &NetnsGuard, ctx: &DutContext<'_>) -> anyhow::Result<()
     ns.ip(&[
         "neigh",
         "replace",
-        &GEN_IP.to_string(),
+        &ctx.neighbors.gen_ip.to_string(),
         "lladdr",
-        &netns::mac_string(GEN_MAC),
+        &netns::mac_string(ctx.neighbors.gen_mac),
         "dev",
         UPLINK_IF,
         "nud",
@@ -397,7 +473,7 @@ pub fn kernel_router(ns: &NetnsGuard, ctx: &DutContext<'_>) -> anyhow::Result<()
         "add",
         "default",
         "via",
-        &GEN_IP.to_string(),
+        &ctx.neighbors.gen_ip.to_string(),
         "dev",
         UPLINK_IF,
     ])?;
@@ -523,9 +599,14 @@ impl KxdpProcess {
         bin_dir: &Path,
         log: &Path,
         tag: &str,
-        core: usize,
-        other_core: usize,
+        (core, other_core): (usize, usize),
+        mode: XdpMode,
     ) -> anyhow::Result<KxdpProcess> {
+        let mode = match mode {
+            XdpMode::Native => "native",
+            XdpMode::Generic => "generic",
+            _ => "auto",
+        };
         let bin = bin_dir.join("kxdp-dataplane");
         if !bin.exists() {
             bail!(
@@ -558,7 +639,7 @@ impl KxdpProcess {
                 "--pin",
                 "false",
                 "--xdp-mode",
-                "native",
+                mode,
                 "--scaled-rings",
                 "--socket",
             ])

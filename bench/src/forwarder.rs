@@ -16,6 +16,26 @@ use pktio::{Device, DeviceExt, DeviceStats, Frame};
 use crate::netns::{self, NetnsGuard};
 use crate::topology::{DUT_POD_MAC, DUT_UPLINK_MAC, GEN_MAC, POD_IF, SINK_MAC, UPLINK_IF};
 
+/// The MACs the forwarder writes: (destination, source) towards the pod side (the sink)
+/// and towards the uplink (the generator).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Macs {
+    /// Frames from the uplink: to the sink, from the pod-side interface.
+    pub to_pod: ([u8; 6], [u8; 6]),
+    /// Frames from the pod side: to the generator, from the uplink interface.
+    pub to_uplink: ([u8; 6], [u8; 6]),
+}
+
+impl Macs {
+    /// The namespace lab's.
+    pub fn lab() -> Macs {
+        Macs {
+            to_pod: (SINK_MAC, DUT_POD_MAC),
+            to_uplink: (GEN_MAC, DUT_UPLINK_MAC),
+        }
+    }
+}
+
 /// Frames per receive call; kxdp's worker burst (`dataplane::worker::BURST`).
 pub const BURST: usize = 64;
 
@@ -60,12 +80,14 @@ pub fn rewrite(pkt: &mut [u8], dst: [u8; 6], src: [u8; 6]) {
 
 /// One pass over both ports of `dev` (0 the uplink, 1 the pod side). Returns the frames
 /// moved.
-pub fn poll<D: Device>(dev: &mut D, rx: &mut Vec<Frame>, r: &mut ForwarderReport) -> usize {
+pub fn poll<D: Device>(
+    dev: &mut D,
+    macs: &Macs,
+    rx: &mut Vec<Frame>,
+    r: &mut ForwarderReport,
+) -> usize {
     let mut moved = 0;
-    for (from, to, dst, src) in [
-        (0, 1, SINK_MAC, DUT_POD_MAC),
-        (1, 0, GEN_MAC, DUT_UPLINK_MAC),
-    ] {
+    for (from, to, (dst, src)) in [(0, 1, macs.to_pod), (1, 0, macs.to_uplink)] {
         rx.clear();
         dev.recv(from, rx, BURST);
         moved += rx.len();
@@ -86,11 +108,13 @@ pub fn poll<D: Device>(dev: &mut D, rx: &mut Vec<Frame>, r: &mut ForwarderReport
     moved
 }
 
-/// Runs the forwarder on a thread of its own in `ns`, pinned to `core`, until `stop`; sets
-/// `ready` once both interfaces steer into its sockets.
+/// Runs the forwarder on a thread of its own in `ns`, pinned to `core`, its XDP programs
+/// attached in `mode`, until `stop`; sets `ready` once both interfaces steer into its
+/// sockets.
 pub fn run(
     ns: &NetnsGuard,
-    core: usize,
+    (core, mode): (usize, XdpMode),
+    macs: Macs,
     ready: &AtomicBool,
     stop: &AtomicBool,
 ) -> anyhow::Result<ForwarderReport> {
@@ -98,8 +122,8 @@ pub fn run(
     crate::pin(core);
     let up = xsk::ifindex(UPLINK_IF)?;
     let pod = xsk::ifindex(POD_IF)?;
-    let p_up = XdpProgram::attach(up, 1, XdpMode::Native).context("attach XDP to u0")?;
-    let p_pod = XdpProgram::attach(pod, 1, XdpMode::Native).context("attach XDP to p0")?;
+    let p_up = XdpProgram::attach(up, 1, mode).context("attach XDP to u0")?;
+    let p_pod = XdpProgram::attach(pod, 1, mode).context("attach XDP to p0")?;
     // kxdp-dataplane's defaults (4096 frames of 4096 bytes, 2048-entry rings).
     let mut dev = XskDevice::new(&[(up, 0), (pod, 0)], &XskConfig::default())?;
     p_up.insert(0, dev.socket_fd(0))?;
@@ -111,7 +135,7 @@ pub fn run(
     let start = Instant::now();
     // Bound: `stop`, and the generator's longest run.
     while !stop.load(Ordering::Relaxed) && start.elapsed() < crate::gen::MAX_DURATION {
-        if poll(&mut dev, &mut rx, &mut r) == 0 {
+        if poll(&mut dev, &macs, &mut rx, &mut r) == 0 {
             std::hint::spin_loop();
         }
     }
@@ -148,7 +172,7 @@ mod tests {
         assert!(dev.inject(1, &f));
         let mut r = ForwarderReport::default();
         let mut rx = Vec::with_capacity(BURST);
-        assert_eq!(poll(&mut dev, &mut rx, &mut r), 2);
+        assert_eq!(poll(&mut dev, &Macs::lab(), &mut rx, &mut r), 2);
         let to_pod = dev.take_sent(1);
         let to_up = dev.take_sent(0);
         assert_eq!(&to_pod[0][0..12], &[SINK_MAC, DUT_POD_MAC].concat()[..]);

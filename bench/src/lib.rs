@@ -5,7 +5,8 @@
 //! by [`frame`], driven together on one core by [`load`]), the generator's own ceiling
 //! ([`ceiling`]), the devices under test on a generator → DUT → sink lab ([`topology`],
 //! [`dut`], [`forwarder`]), the scenarios run in alternation ([`suite`], [`measure`],
-//! [`install`]) and their report ([`report`], [`plot`]).
+//! [`install`]) and their report ([`report`], [`plot`]); the same roles on three machines
+//! for the VM bench ([`remote`]).
 //!
 //! Everything that sends packets runs in network namespaces it creates and deletes
 //! ([`netns`]); nothing here touches the root namespace's interfaces, addresses, routes or
@@ -27,6 +28,7 @@ pub mod load;
 pub mod measure;
 pub mod netns;
 pub mod plot;
+pub mod remote;
 pub mod report;
 pub mod scenario;
 pub mod sink;

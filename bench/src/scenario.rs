@@ -37,6 +37,8 @@ pub struct ServiceSet {
     pub pod_cidr: Ipv4Net,
     /// The Service ClusterIP range.
     pub service_cidr: Ipv4Net,
+    /// The node's InternalIP (its uplink address).
+    pub node_ip: Ipv4Addr,
 }
 
 impl Default for ServiceSet {
@@ -51,6 +53,7 @@ impl Default for ServiceSet {
             first_endpoint: Ipv4Addr::new(10, 244, 1, 10),
             pod_cidr: Ipv4Net::new(Ipv4Addr::new(10, 244, 0, 0), 16).expect("literal"),
             service_cidr: Ipv4Net::new(Ipv4Addr::new(172, 30, 0, 0), 16).expect("literal"),
+            node_ip: NODE_IP,
         }
     }
 }
@@ -116,8 +119,8 @@ impl ServiceSet {
             String::with_capacity(self.services as usize * (400 + 90 * self.endpoints as usize));
         let _ = write!(
             y,
-            "apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE}}}\nspec: {{podCIDR: {}}}\nstatus:\n  addresses:\n  - {{type: InternalIP, address: {NODE_IP}}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: bench}}\n",
-            self.pod_cidr
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE}}}\nspec: {{podCIDR: {}}}\nstatus:\n  addresses:\n  - {{type: InternalIP, address: {}}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: bench}}\n",
+            self.pod_cidr, self.node_ip
         );
         for i in 0..self.services {
             let name = Self::service_name(i);

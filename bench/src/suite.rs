@@ -21,7 +21,7 @@ use anyhow::Context;
 use ipnet::Ipv4Net;
 
 use crate::baseline::{self, ServicePort};
-use crate::dut::{Dut, DutContext, DutKind};
+use crate::dut::{Dut, DutContext, DutKind, Neighbors};
 use crate::frame::FlowSet;
 use crate::gen::GenConfig;
 use crate::install::{self, InstallPoint};
@@ -245,6 +245,7 @@ pub fn service_set(services: u32) -> ServiceSet {
         first_endpoint: Ipv4Addr::new(10, 0, 1, 10),
         pod_cidr: Ipv4Net::new(Ipv4Addr::new(10, 0, 0, 0), 8).expect("literal"),
         service_cidr: Ipv4Net::new(Ipv4Addr::new(172, 16, 0, 0), 12).expect("literal"),
+        node_ip: NODE_IP,
     }
 }
 
@@ -495,13 +496,15 @@ fn set_up_all(
     let ctx = DutContext {
         spec: &b.spec,
         pod_cidr: b.set.pod_cidr,
-        node_ip: NODE_IP,
+        node_ip: b.set.node_ip,
+        neighbors: Neighbors::lab(),
         endpoints: &all_ips,
         core: plan.dut_core,
         other_core: plan.load_core,
         bin_dir: &paths.bin_dir,
         log_dir: logs,
         install_limit: Duration::from_secs(plan.install_limit_s),
+        xdp_mode: pktio::xsk::XdpMode::Native,
     };
     let mut duts = Vec::new();
     let mut setup = Vec::new();

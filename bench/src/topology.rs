@@ -155,6 +155,17 @@ impl Topology {
         })
     }
 
+    /// A device under test alone, in `dut` (its interfaces brought in from elsewhere: a
+    /// VM's NICs). The generator and sink namespaces are empty placeholders: the generator
+    /// and the sink run on other machines.
+    pub fn dut_only(dut: NetnsGuard) -> anyhow::Result<Topology> {
+        Ok(Topology {
+            gen: quiet("kxdp-bvm-nogen")?,
+            dut: Some(dut),
+            sink: quiet("kxdp-bvm-nosink")?,
+        })
+    }
+
     /// The MAC the generator addresses: the device under test's uplink, or the sink.
     pub fn next_hop_mac(&self) -> [u8; 6] {
         if self.dut.is_some() {

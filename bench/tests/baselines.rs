@@ -402,3 +402,101 @@ fn large_rulesets_load() {
     let tx = nftables::transaction(&spec, &cfg);
     netns::exec(ns.name(), "nft", &["-f", "-"], Some(tx.as_bytes())).unwrap();
 }
+
+/// kube-proxy's partial syncs (what the install timing applies for one endpoint change)
+/// load on top of its full sync and leave the kernel with the new endpoint and without the
+/// old one.
+#[test]
+fn partial_syncs_replace_one_endpoint() {
+    if skip("partial_syncs_replace_one_endpoint") {
+        return;
+    }
+    let set = ServiceSet {
+        services: 3,
+        endpoints: 4,
+        ..ServiceSet::default()
+    };
+    let spec = set.table_spec().unwrap();
+    let cfg = KubeProxyConfig::for_spec(&spec);
+    let mut changed = spec.clone();
+    let (name, (old_ip, old_port)) = bench::install::change_endpoint(&mut changed, 1).unwrap();
+    let ports = bench::baseline::service_ports(&spec);
+    let sp = ports.iter().find(|p| p.name_string() == name).unwrap();
+    let new_ip = bench::baseline::service_ports(&changed)
+        .into_iter()
+        .find(|p| p.name_string() == name)
+        .unwrap()
+        .cluster_endpoints
+        .into_iter()
+        .map(|e| e.ip)
+        .find(|ip| !sp.cluster_endpoints.iter().any(|e| e.ip == *ip))
+        .unwrap();
+    let old_ep = format!("{old_ip}:{old_port}");
+    for (restore, list) in [
+        ("iptables-nft-restore", "iptables-nft"),
+        ("iptables-legacy-restore", "iptables-legacy"),
+    ] {
+        let ns = NetnsGuard::new("kxdp-bl-partial").unwrap();
+        if netns::exec(ns.name(), list, &["-t", "nat", "-L", "-n"], None).is_err() {
+            eprintln!("skipping {restore}: not usable here");
+            continue;
+        }
+        for input in [iptables::jump_rules(), iptables::restore_input(&spec, &cfg)] {
+            netns::exec(ns.name(), restore, &["--noflush"], Some(input.as_bytes())).unwrap();
+        }
+        let stale = iptables::sep_chain(&name, sp.protocol, &old_ep);
+        let partial = iptables::partial_restore_input(
+            &changed,
+            &cfg,
+            std::slice::from_ref(&name),
+            std::slice::from_ref(&stale),
+        );
+        netns::exec(ns.name(), restore, &["--noflush"], Some(partial.as_bytes()))
+            .unwrap_or_else(|e| panic!("{restore} of the partial sync: {e}\n{partial}"));
+        let saved = netns::exec(ns.name(), list, &["-t", "nat", "-S"], None).unwrap();
+        assert!(
+            saved.contains(&format!("--to-destination {new_ip}:{old_port}")),
+            "{restore}: the new endpoint is there"
+        );
+        assert!(
+            !saved.contains(&stale) && !saved.contains(&format!("--to-destination {old_ep}")),
+            "{restore}: the old endpoint is gone"
+        );
+        assert_eq!(
+            saved.matches("-j DNAT").count(),
+            12,
+            "{restore}: every other endpoint is still there"
+        );
+    }
+    let ns = NetnsGuard::new("kxdp-bl-partial").unwrap();
+    let tx = nftables::transaction(&spec, &cfg);
+    netns::exec(ns.name(), "nft", &["-f", "-"], Some(tx.as_bytes())).unwrap();
+    let stale = format!(
+        "endpoint-{}",
+        nftables::endpoint_chain_base(
+            sp,
+            &bench::baseline::Endpoint {
+                ip: old_ip,
+                port: old_port
+            }
+        )
+    );
+    let update = nftables::update_transaction(
+        &changed,
+        &cfg,
+        std::slice::from_ref(&name),
+        std::slice::from_ref(&stale),
+    );
+    netns::exec(ns.name(), "nft", &["-f", "-"], Some(update.as_bytes()))
+        .unwrap_or_else(|e| panic!("nft -f of the partial sync: {e}\n{update}"));
+    let listed = netns::exec(
+        ns.name(),
+        "nft",
+        &["list", "table", "ip", "kube-proxy"],
+        None,
+    )
+    .unwrap();
+    assert!(listed.contains(&format!("dnat to {new_ip}:{old_port}")));
+    assert!(!listed.contains(&format!("dnat to {old_ep}")) && !listed.contains(&stale));
+    assert_eq!(listed.matches("dnat to").count(), 12);
+}

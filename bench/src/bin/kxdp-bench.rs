@@ -10,6 +10,8 @@
 //!   lab in the same run, in alternation; writes `results.json`, `results.md`,
 //!   `README-table.md` and PNG plots, and prints the Markdown.
 //! - `kxdp-bench report RESULTS.json`: writes the Markdown and plots again from a JSON.
+//! - `kxdp-bench serve-dut|gen|sink|vm-report`: the roles of the VM bench (`vagrant/`),
+//!   one per machine, each printing JSON.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -107,6 +109,86 @@ enum Cmd {
         /// Where to write (default: the JSON's directory).
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// VM bench, DUT VM: move two NICs into a namespace, set the device up there, keep it
+    /// working for --hold seconds, tear it down. Prints a JSON line when ready (frontend,
+    /// endpoints, uplink MAC) and one with its counters at the end.
+    ServeDut {
+        /// kxdp, iptables, iptables-legacy, nftables or xdp-fwd.
+        #[arg(long)]
+        kind: String,
+        /// NIC towards the generator.
+        #[arg(long)]
+        uplink: String,
+        /// NIC towards the sink.
+        #[arg(long)]
+        pods: String,
+        /// Services installed (10 endpoints each).
+        #[arg(long, default_value_t = 10_000)]
+        services: u32,
+        /// The node's address on the uplink network.
+        #[arg(long)]
+        node_ip: std::net::Ipv4Addr,
+        /// The generator's address.
+        #[arg(long)]
+        gen_ip: std::net::Ipv4Addr,
+        /// The generator's MAC.
+        #[arg(long)]
+        gen_mac: String,
+        /// The sink's MAC.
+        #[arg(long)]
+        sink_mac: String,
+        /// Seconds to keep the device working (at most 900).
+        #[arg(long, default_value_t = 60)]
+        hold: u64,
+        /// Where kxdp-dataplane is.
+        #[arg(long, default_value = "target/release")]
+        bin_dir: PathBuf,
+    },
+    /// VM bench, generator VM: send to the device under test, count reflected frames and
+    /// their round trip. Prints JSON.
+    Gen {
+        /// The NIC.
+        #[arg(long)]
+        iface: String,
+        /// The device under test's uplink MAC.
+        #[arg(long)]
+        dst_mac: String,
+        /// ClusterIP:port.
+        #[arg(long)]
+        to: std::net::SocketAddrV4,
+        /// Frame size without FCS.
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// Flows.
+        #[arg(long, default_value_t = 1024)]
+        flows: u32,
+        /// Frames per second; 0 flat out.
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        /// Seconds to send (at most 900).
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+    },
+    /// VM bench, sink VM: receive, answer ARP for the endpoints, reflect. Prints JSON.
+    Sink {
+        /// The NIC.
+        #[arg(long)]
+        iface: String,
+        /// Endpoint addresses to answer ARP for, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        arp: Vec<std::net::Ipv4Addr>,
+        /// Send every bench frame back.
+        #[arg(long)]
+        reflect: bool,
+        /// Seconds to run (at most 900).
+        #[arg(long, default_value_t = 15.0)]
+        seconds: f64,
+    },
+    /// VM bench: table the JSON files vagrant/bench.sh collected in a directory.
+    VmReport {
+        /// The directory.
+        dir: PathBuf,
     },
     /// Print the ruleset kube-proxy would write for N Services of M endpoints.
     Rules {
@@ -287,6 +369,80 @@ fn main() -> anyhow::Result<()> {
             write_reports(&res, &out)?;
             print!("{}", bench::report::markdown(&res));
         }
+        Cmd::ServeDut {
+            kind,
+            uplink,
+            pods,
+            services,
+            node_ip,
+            gen_ip,
+            gen_mac,
+            sink_mac,
+            hold,
+            bin_dir,
+        } => {
+            if !bench::netns::is_root() {
+                bail!("serve-dut moves NICs into a namespace: run it as root");
+            }
+            let kind = DutKind::parse(&kind).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--kind {kind}: use kxdp, iptables, iptables-legacy, nftables or xdp-fwd"
+                )
+            })?;
+            let cfg = bench::remote::VmDut {
+                kind,
+                uplink,
+                pods,
+                services,
+                node_ip,
+                gen: (gen_ip, bench::remote::parse_mac(&gen_mac)?),
+                sink_mac: bench::remote::parse_mac(&sink_mac)?,
+                hold: Duration::from_secs(hold),
+                bin_dir,
+                core: 1,
+                other_core: 0,
+            };
+            bench::remote::serve_dut(&cfg, |v| println!("{v}"))?;
+        }
+        Cmd::Gen {
+            iface,
+            dst_mac,
+            to,
+            size,
+            flows,
+            rate,
+            seconds,
+        } => {
+            if !bench::netns::is_root() {
+                bail!("gen attaches XDP and AF_XDP: run it as root");
+            }
+            let v = bench::remote::run_gen(&bench::remote::VmGen {
+                iface,
+                dst_mac: bench::remote::parse_mac(&dst_mac)?,
+                to,
+                size,
+                flows,
+                rate: (rate > 0).then_some(rate),
+                seconds,
+                core: 0,
+            })?;
+            println!("{v}");
+        }
+        Cmd::Sink {
+            iface,
+            arp,
+            reflect,
+            seconds,
+        } => {
+            if !bench::netns::is_root() {
+                bail!("sink attaches XDP and AF_XDP: run it as root");
+            }
+            println!(
+                "{}",
+                bench::remote::run_sink(&iface, &arp, reflect, seconds, 0)?
+            );
+        }
+        Cmd::VmReport { dir } => print!("{}", bench::remote::vm_report(&dir)?),
         Cmd::Rules {
             mode,
             services,
