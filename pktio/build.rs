@@ -1,5 +1,7 @@
-//! Compiles kxdp's XDP program (`bpf/kxdp_filter.bpf.c`) with clang for the BPF target into
-//! `$OUT_DIR/kxdp_filter.bpf.o`, which `src/xsk/bpf.rs` embeds with `include_bytes!`.
+//! Compiles kxdp's BPF programs with clang for the BPF target: the XDP program
+//! (`bpf/kxdp_filter.bpf.c`) into `$OUT_DIR/kxdp_filter.bpf.o`, which `src/xsk/bpf.rs`
+//! embeds with `include_bytes!`, and the host redirect (`bpf/kxdp_host.bpf.c`, a tc
+//! program) into `$OUT_DIR/kxdp_host.bpf.o`, which `src/xsk/host.rs` embeds.
 //!
 //! Needs clang (any version with the BPF target, 14 or later) and the headers of
 //! libbpf-dev (`bpf/bpf_helpers.h`) and linux-libc-dev: `scripts/deps.sh` installs them.
@@ -10,15 +12,25 @@ use std::env;
 use std::path::PathBuf;
 use std::process::Command;
 
-const SOURCE: &str = "bpf/kxdp_filter.bpf.c";
+const SOURCES: [(&str, &str); 2] = [
+    ("bpf/kxdp_filter.bpf.c", "kxdp_filter.bpf.o"),
+    ("bpf/kxdp_host.bpf.c", "kxdp_host.bpf.o"),
+];
 
 fn main() {
-    println!("cargo:rerun-if-changed={SOURCE}");
+    for (source, _) in SOURCES {
+        println!("cargo:rerun-if-changed={source}");
+    }
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=CLANG");
     println!("cargo:rerun-if-env-changed=KXDP_BPF_CFLAGS");
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
-    let object = out.join("kxdp_filter.bpf.o");
+    for (source, object) in SOURCES {
+        compile(source, &out.join(object));
+    }
+}
+
+fn compile(source: &str, object: &std::path::Path) {
     let clang = env::var("CLANG").unwrap_or_else(|_| "clang".to_string());
 
     let mut cmd = Command::new(&clang);
@@ -31,10 +43,10 @@ fn main() {
     if let Ok(extra) = env::var("KXDP_BPF_CFLAGS") {
         cmd.args(extra.split_whitespace());
     }
-    cmd.arg("-c").arg(SOURCE).arg("-o").arg(&object);
+    cmd.arg("-c").arg(source).arg("-o").arg(object);
     let status = cmd.status().unwrap_or_else(|e| {
         panic!(
-            "pktio: cannot run `{clang}` to build the XDP program {SOURCE}: {e}. Install clang \
+            "pktio: cannot run `{clang}` to build the BPF program {source}: {e}. Install clang \
              and libbpf-dev (scripts/deps.sh does), or point CLANG at a clang with the BPF target"
         )
     });

@@ -42,6 +42,11 @@ fn default_host_routes() -> Vec<Ipv4Net> {
     ]
 }
 
+/// The address of the kernel's end of the host pair (`kxhost`): link scope, never used as a
+/// source (the routes through the pair name the node's), there so that the reverse-path
+/// check accepts packets kxdp hands over from the node's own addresses.
+pub const HOST_PAIR_ADDRESS: &str = "169.254.42.1/32";
+
 fn one() -> u32 {
     1
 }
@@ -308,6 +313,25 @@ impl Lab {
             "-qw",
             &format!("net.ipv4.conf.{}.rp_filter=2", self.host_kernel_if()),
         ]))?;
+        // kxdp's answers to host processes' NodePort connections come from the node's own
+        // address (the NodePort's) to the node's own address: accepted on kxhost only, and
+        // passing the reverse-path check there, which fails any source on an interface
+        // without an address of its own; a link-scope one does.
+        run(Lab::exec(&node, "sysctl").args([
+            "-qw",
+            &format!("net.ipv4.conf.{}.accept_local=1", self.host_kernel_if()),
+        ]))?;
+        ip(&[
+            "-n",
+            &node,
+            "addr",
+            "add",
+            HOST_PAIR_ADDRESS,
+            "dev",
+            self.host_kernel_if(),
+            "scope",
+            "link",
+        ])?;
         let gw = s
             .node
             .pod_cidr

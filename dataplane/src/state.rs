@@ -437,6 +437,23 @@ fn local_pods(pods: &[nat::spec::PodSpec]) -> HashMap<IpAddr, Arc<str>, BuildFas
     by_ip
 }
 
+/// kxdp's own IPv6 link-local address on the uplink, from the uplink's MAC:
+/// `fe80::6b78:6470:` ("kxdp") and the MAC's last four bytes. It is not the kernel's
+/// (EUI-64, `…ff:fe…`), so neighbour discovery kxdp does from it is answered to kxdp: the
+/// uplink's filter takes what is addressed to it, and leaves the kernel's to the kernel.
+pub fn uplink_link_local(mac: [u8; 6]) -> Ipv6Addr {
+    Ipv6Addr::new(
+        0xfe80,
+        0,
+        0,
+        0,
+        0x6b78,
+        0x6470,
+        u16::from_be_bytes([mac[2], mac[3]]),
+        u16::from_be_bytes([mac[4], mac[5]]),
+    )
+}
+
 /// A neighbour: where an address lives and its MAC.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Neighbor {

@@ -20,8 +20,11 @@ use crate::state::{Limits, Tables};
 /// - VXLAN to the node's addresses on the overlay's port;
 /// - ARP and neighbour discovery for the Service addresses, and for 0.0.0.0: kxdp
 ///   resolves its next hops on the uplink with ARP probes (RFC 5227, sender 0.0.0.0),
-///   whose replies are addressed to 0.0.0.0 — the kernel's own ARP stays the kernel's.
-pub fn uplink_filter(t: &Tables, limits: &Limits) -> FilterTables {
+///   whose replies are addressed to 0.0.0.0 — the kernel's own ARP stays the kernel's;
+/// - neighbour discovery for kxdp's own link-local address on the uplink
+///   ([`crate::state::uplink_link_local`] of `uplink_mac`): kxdp solicits its IPv6 next
+///   hops from it, so their advertisements come back to it, and answers for it.
+pub fn uplink_filter(t: &Tables, limits: &Limits, uplink_mac: [u8; 6]) -> FilterTables {
     let mut f = FilterTables::default();
     let node: BTreeSet<IpAddr> = t.node_addresses.iter().copied().collect();
     for svc in &t.spec.services {
@@ -55,7 +58,33 @@ pub fn uplink_filter(t: &Tables, limits: &Limits) -> FilterTables {
     f.node_addresses = node;
     f.vxlan_port = t.spec.cluster.vxlan_port;
     f.owned.insert(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    f.owned
+        .insert(IpAddr::V6(crate::state::uplink_link_local(uplink_mac)));
     f
+}
+
+/// What the host redirect ([`pktio::xsk::HostRedirect`], on the egress of `lo` and the
+/// uplink) hands to kxdp: the frontends a host process would not reach otherwise —
+/// NodePorts on the node's own addresses (the kernel delivers those locally) and
+/// load-balancer and external IPs (the kernel routes those out of the uplink) — by
+/// destination, protocol and port. ClusterIPs and pod networks need no entry: the node's
+/// routes send them to the host pair.
+pub fn host_redirect_ports(t: &Tables) -> BTreeSet<(IpAddr, XdpProtocol, u16)> {
+    let node: BTreeSet<IpAddr> = t.node_addresses.iter().copied().collect();
+    let mut out = BTreeSet::new();
+    for svc in &t.spec.services {
+        for fe in &svc.frontends {
+            let wanted = match fe.kind {
+                FrontendKind::NodePort => node.contains(&fe.ip),
+                FrontendKind::LoadBalancer | FrontendKind::ExternalIp => true,
+                FrontendKind::ClusterIp => false,
+            };
+            if wanted {
+                out.insert((fe.ip, xdp_protocol(svc.protocol), fe.port));
+            }
+        }
+    }
+    out
 }
 
 fn xdp_protocol(p: Protocol) -> XdpProtocol {
@@ -111,7 +140,7 @@ mod tests {
             ..Default::default()
         };
         let t = Tables::compile(1, spec, (251, false), Some([2, 0, 0, 0, 0, 1]));
-        let f = uplink_filter(&t, &Limits::default());
+        let f = uplink_filter(&t, &Limits::default(), [2, 0, 0, 0, 0, 1]);
         let node: IpAddr = "192.168.0.2".parse().unwrap();
         let net = |s: &str| s.parse::<IpNet>().unwrap();
         assert!(f.prefixes.contains(&net("172.30.0.41/32")));
@@ -140,7 +169,22 @@ mod tests {
             "ARP probe replies"
         );
         assert!(!f.owned.contains(&node));
+        assert!(
+            f.owned
+                .contains(&"fe80::6b78:6470:0:1".parse::<IpAddr>().unwrap()),
+            "kxdp's link-local address, for its neighbour discovery: {:?}",
+            f.owned
+        );
         assert_eq!(f.node_addresses.iter().copied().collect::<Vec<_>>(), [node]);
         assert_eq!(f.vxlan_port, 8472);
+        // The host redirect: the NodePort on the node's address and the load-balancer
+        // IP, not the ClusterIP.
+        assert_eq!(
+            host_redirect_ports(&t).into_iter().collect::<Vec<_>>(),
+            [
+                ("1.2.3.4".parse().unwrap(), XdpProtocol::Udp, 80),
+                (node, XdpProtocol::Udp, 30080)
+            ]
+        );
     }
 }

@@ -92,6 +92,23 @@ fn the_whole_node_host_traffic_pods_outside_ping_and_traceroute() {
             "host to the web ClusterIP: {got:?}"
         );
     }
+    // A host process reaches a NodePort on the node's own address (the kernel would
+    // deliver it locally: kxdp's host redirect on lo hands it over), under both external
+    // traffic policies; the node's own traffic is masqueraded, as kube-proxy does.
+    for np in ["192.168.0.2:30080", "192.168.0.2:30081"] {
+        let got = node.call(&lab_node, np, "tcp", "6");
+        let seen = answers(&got);
+        if seen.iter().any(|(w, _)| w.starts_with("error")) {
+            node.dump_logs();
+        }
+        assert_eq!(seen.len(), 6, "host to the NodePort {np}: {got:?}");
+        for (w, p) in seen {
+            assert!(
+                w.starts_with("default/web-") && p == "10.244.1.1",
+                "host to the NodePort {np}: {got:?}"
+            );
+        }
+    }
     // A pod reaches the outside server, which sees the node's address.
     answered(
         &node,
@@ -163,7 +180,20 @@ fn the_whole_node_host_traffic_pods_outside_ping_and_traceroute() {
     );
 
     // kill -9: the dataplane's XDP program goes with its process, the interface is the
-    // kernel's again, and the node's server answers as before.
+    // kernel's again, and the node's server answers as before. So does the host redirect
+    // on lo and the uplink: its tcx links (ids from the dataplane's log) are gone.
+    let log = std::fs::read_to_string(node.lab().state_dir().join("dataplane.log")).unwrap();
+    let tc_links: Vec<String> = log
+        .lines()
+        .filter(|l| l.contains("host redirect") && l.contains("by link "))
+        .filter_map(|l| l.split("by link ").nth(1)?.split_whitespace().next())
+        .map(str::to_string)
+        .collect();
+    assert_eq!(tc_links.len(), 2, "lo and the uplink: {log}");
+    for id in &tc_links {
+        let show = run_in(&lab_node, "bpftool", &["link", "show", "id", id]);
+        assert!(show.status.success(), "link {id}: {show:?}");
+    }
     let pid = node.dataplane.0.id();
     let killed = Command::new("kill")
         .args(["-9", &pid.to_string()])
@@ -193,4 +223,11 @@ fn the_whole_node_host_traffic_pods_outside_ping_and_traceroute() {
         "node-sshd",
         Some("192.168.0.1"),
     );
+    for id in &tc_links {
+        let show = run_in(&lab_node, "bpftool", &["link", "show", "id", id]);
+        assert!(
+            !show.status.success(),
+            "tcx link {id} outlived the dataplane: {show:?}"
+        );
+    }
 }

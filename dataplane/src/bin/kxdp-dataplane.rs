@@ -116,6 +116,36 @@ fn mac_of(ifname: &str) -> Result<[u8; 6]> {
     Ok(mac)
 }
 
+/// The host redirect for the host pair whose kxdp end is `host`: redirecting to its peer
+/// (the kernel's end), attached to the egress of `lo` and of the uplink.
+fn host_redirect(host: &str, uplink: Option<&str>) -> Result<pktio::xsk::HostRedirect> {
+    let path = format!("/sys/class/net/{host}/iflink");
+    let peer: u32 = std::fs::read_to_string(&path)
+        .with_context(|| format!("read {path}"))?
+        .trim()
+        .parse()
+        .with_context(|| format!("{path}: not an interface index"))?;
+    let peer_name = xsk::ifname(peer);
+    if peer == xsk::ifindex(host)? || peer_name.starts_with("ifindex ") {
+        bail!("--host {host}: not one end of a veth pair in this namespace (its peer, ifindex {peer}, is not here)");
+    }
+    let redirect = pktio::xsk::HostRedirect::load(pktio::xsk::HostTarget {
+        ifindex: peer,
+        dst_mac: mac_of(host)?,
+        src_mac: mac_of(&peer_name)?,
+    })
+    .context("load the host redirect")?;
+    for dev in std::iter::once("lo").chain(uplink) {
+        redirect
+            .attach_egress(xsk::ifindex(dev)?)
+            .with_context(|| format!("attach the host redirect to {dev}'s egress"))?;
+    }
+    log::info!(
+        "host redirect: NodePorts on the node's addresses, load-balancer and external IPs from host processes go to {host} through {peer_name}"
+    );
+    Ok(redirect)
+}
+
 fn mtu_of(ifname: &str) -> Result<u16> {
     let path = format!("/sys/class/net/{ifname}/mtu");
     let text = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
@@ -238,16 +268,35 @@ fn main() -> Result<()> {
         programs.push(Arc::new(prog));
         ifindexes.push(idx);
     }
-    if let Some(i) = ports.iter().position(|p| p.role == PortRole::Uplink) {
-        let uplink = programs[i].clone();
+    // Host processes' packets for NodePorts on the node's addresses and for load-balancer
+    // and external IPs: taken on the egress of lo and the uplink to the host pair.
+    let host_redirect = match &args.host {
+        Some(h) => Some(Arc::new(host_redirect(h, args.uplink.as_deref())?)),
+        None => None,
+    };
+    let uplink = ports
+        .iter()
+        .position(|p| p.role == PortRole::Uplink)
+        .map(|i| (programs[i].clone(), ports[i].mac));
+    if uplink.is_some() || host_redirect.is_some() {
         let limits = shared.limits.clone();
         let sync = move |t: &dataplane::state::Tables| {
-            let want = dataplane::steering::uplink_filter(t, &limits);
-            if let Err(e) = uplink.replace_tables(&want) {
-                log::error!(
-                    "uplink XDP filter not updated for generation {}: {e}",
-                    t.generation
-                );
+            if let Some((uplink, mac)) = &uplink {
+                let want = dataplane::steering::uplink_filter(t, &limits, *mac);
+                if let Err(e) = uplink.replace_tables(&want) {
+                    log::error!(
+                        "uplink XDP filter not updated for generation {}: {e}",
+                        t.generation
+                    );
+                }
+            }
+            if let Some(r) = &host_redirect {
+                if let Err(e) = r.replace_ports(&dataplane::steering::host_redirect_ports(t)) {
+                    log::error!(
+                        "host redirect not updated for generation {}: {e}",
+                        t.generation
+                    );
+                }
             }
         };
         sync(&shared.tables.load());

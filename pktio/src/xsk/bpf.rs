@@ -256,16 +256,8 @@ impl XdpProgram {
         };
         let mut last = None;
         for &(m, flags) in tries {
-            let mut attr = LinkCreateAttr {
-                prog_fd: prog.as_raw_fd() as u32,
-                target_ifindex: ifindex,
-                attach_type: BPF_XDP,
-                flags,
-            };
-            // SAFETY: LinkCreateAttr is the BPF_LINK_CREATE layout and holds no pointers.
-            match unsafe { bpf(BPF_LINK_CREATE, &mut attr) } {
-                Ok(fd) => {
-                    let link = owned(fd);
+            match link_create(&prog, ifindex, BPF_XDP, flags) {
+                Ok(link) => {
                     match link_info(&link) {
                         Ok(info) => log::info!(
                             "{target}: kxdp XDP program {} attached in {m:?} mode, {steering:?}, \
@@ -394,9 +386,45 @@ fn libbpf_print(level: PrintLevel, msg: String) {
 /// Opens the embedded object, sizes its XSKMAP to `queues` and loads it; returns the
 /// program's and maps' descriptors (libbpf's object is closed, the duplicates keep them).
 fn load(queues: u32, target: &str) -> Result<(OwnedFd, Maps), XskError> {
+    let (prog, obj) = load_object(OBJECT, PROGRAM, target, |open| {
+        for mut m in open.maps_mut() {
+            if m.name() == "kxdp_xsks" {
+                m.set_max_entries(queues)?;
+            }
+        }
+        Ok(())
+    })?;
+    let map = |name: &str| map_of(&obj, name, target);
+    let maps = Maps {
+        xsks: map("kxdp_xsks")?,
+        config: map("kxdp_config")?,
+        prefix4: map("kxdp_prefix4")?,
+        prefix6: map("kxdp_prefix6")?,
+        ports: map("kxdp_ports")?,
+        ranges: map("kxdp_ranges")?,
+        owned: map("kxdp_owned")?,
+        nodes: map("kxdp_nodes")?,
+        stats: map("kxdp_stats")?,
+    };
+    Ok((prog, maps))
+}
+
+/// Opens an embedded BPF object, lets `customize` adjust it (map sizes), loads it, and
+/// returns a descriptor of its program `program` with the loaded object (for its maps,
+/// [`map_of`]). A refusal by the verifier carries libbpf's log.
+pub(super) fn load_object(
+    object: &'static [u8],
+    program: &str,
+    target: &str,
+    customize: impl FnOnce(&mut libbpf_rs::OpenObject) -> libbpf_rs::Result<()>,
+) -> Result<(OwnedFd, libbpf_rs::Object), XskError> {
     libbpf_rs::set_print(Some((PrintLevel::Info, libbpf_print)));
     LIBBPF_LOG.with(|l| *l.borrow_mut() = Some(String::new()));
-    let loaded = open_and_load(queues);
+    let loaded = (|| {
+        let mut open = ObjectBuilder::default().name("kxdp")?.open_memory(object)?;
+        customize(&mut open)?;
+        open.load()
+    })();
     let log = LIBBPF_LOG
         .with(|l| l.borrow_mut().take())
         .unwrap_or_default();
@@ -411,59 +439,87 @@ fn load(queues: u32, target: &str) -> Result<(OwnedFd, Maps), XskError> {
             }
         }
     })?;
-    let dup = |fd: std::os::fd::BorrowedFd<'_>| {
-        fd.try_clone_to_owned()
-            .map_err(|e| XskError::os(LOAD, target, e))
-    };
-    let mut prog = None;
-    for p in obj.progs() {
-        if p.name() == PROGRAM {
-            prog = Some(dup(p.as_fd())?);
-        }
-    }
-    let map = |name: &str| -> Result<BpfMap, XskError> {
-        let m = obj.maps().find(|m| m.name() == name).ok_or_else(|| {
+    let prog = obj
+        .progs()
+        .find(|p| p.name() == program)
+        .ok_or_else(|| {
             XskError::os(
                 LOAD,
                 target,
-                io::Error::other(format!("the embedded object has no map {name}")),
+                io::Error::other(format!("the embedded object has no program {program}")),
             )
-        })?;
-        Ok(BpfMap {
-            fd: dup(m.as_fd())?,
-            key_size: m.key_size() as usize,
-            value_size: m.value_size() as usize,
-        })
-    };
-    let maps = Maps {
-        xsks: map("kxdp_xsks")?,
-        config: map("kxdp_config")?,
-        prefix4: map("kxdp_prefix4")?,
-        prefix6: map("kxdp_prefix6")?,
-        ports: map("kxdp_ports")?,
-        ranges: map("kxdp_ranges")?,
-        owned: map("kxdp_owned")?,
-        nodes: map("kxdp_nodes")?,
-        stats: map("kxdp_stats")?,
-    };
-    let prog = prog.ok_or_else(|| {
+        })?
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| XskError::os(LOAD, target, e))?;
+    Ok((prog, obj))
+}
+
+/// The map `name` of a loaded object, by a descriptor of its own.
+pub(super) fn map_of(
+    obj: &libbpf_rs::Object,
+    name: &str,
+    target: &str,
+) -> Result<BpfMap, XskError> {
+    let m = obj.maps().find(|m| m.name() == name).ok_or_else(|| {
         XskError::os(
             LOAD,
             target,
-            io::Error::other(format!("the embedded object has no program {PROGRAM}")),
+            io::Error::other(format!("the embedded object has no map {name}")),
         )
     })?;
-    Ok((prog, maps))
+    Ok(BpfMap {
+        fd: m
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| XskError::os(LOAD, target, e))?,
+        key_size: m.key_size() as usize,
+        value_size: m.value_size() as usize,
+    })
 }
 
-fn open_and_load(queues: u32) -> libbpf_rs::Result<libbpf_rs::Object> {
-    let mut open = ObjectBuilder::default().name("kxdp")?.open_memory(OBJECT)?;
-    for mut m in open.maps_mut() {
-        if m.name() == "kxdp_xsks" {
-            m.set_max_entries(queues)?;
-        }
+/// Attaches program `prog` to interface `ifindex` as `attach_type` (with `flags`) by a
+/// BPF link: the attachment lasts as long as the returned descriptor.
+pub(super) fn link_create(
+    prog: &OwnedFd,
+    ifindex: u32,
+    attach_type: u32,
+    flags: u32,
+) -> io::Result<OwnedFd> {
+    let mut attr = LinkCreateAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_ifindex: ifindex,
+        attach_type,
+        flags,
+    };
+    // SAFETY: LinkCreateAttr is the BPF_LINK_CREATE layout (the kernel zero-fills the
+    // fields after it) and holds no pointers.
+    unsafe { bpf(BPF_LINK_CREATE, &mut attr) }.map(owned)
+}
+
+/// Ids of the link `fd` and of its program.
+pub(super) fn link_ids(fd: &OwnedFd) -> io::Result<(u32, u32)> {
+    link_info(fd).map(|i| (i.id, i.prog_id))
+}
+
+/// The summed per-CPU `u64` counters 0..N of a per-CPU array map.
+pub(super) fn percpu_counters<const N: usize>(map: &BpfMap) -> io::Result<[u64; N]> {
+    // SAFETY: libbpf_num_possible_cpus only reads /sys/devices/system/cpu/possible (once,
+    // then cached) and has no preconditions.
+    let cpus = unsafe { libbpf_rs::libbpf_sys::libbpf_num_possible_cpus() };
+    if cpus <= 0 {
+        return Err(io::Error::from_raw_os_error(-cpus));
     }
-    open.load()
+    let mut buf = vec![0u8; 8 * cpus as usize];
+    let mut sums = [0u64; N];
+    for (i, sum) in sums.iter_mut().enumerate() {
+        map.lookup(&(i as u32).to_ne_bytes(), &mut buf)?;
+        *sum = buf
+            .chunks_exact(8)
+            .map(|c| u64::from_ne_bytes(c.try_into().expect("8-byte chunk")))
+            .sum();
+    }
+    Ok(sums)
 }
 
 #[cfg(test)]

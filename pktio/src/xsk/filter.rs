@@ -200,7 +200,7 @@ fn addr_key(addr: IpAddr) -> [u8; 20] {
 }
 
 /// `struct port_key`: address, family, protocol number, port in network order.
-fn port_key(addr: IpAddr, proto: Protocol, port: u16) -> [u8; 20] {
+pub(super) fn port_key(addr: IpAddr, proto: Protocol, port: u16) -> [u8; 20] {
     let mut k = addr_key(addr);
     k[17] = proto.number(addr);
     k[18..].copy_from_slice(&port.to_be_bytes());
@@ -555,27 +555,8 @@ impl XdpProgram {
 
     /// The program's decision counters, summed over CPUs.
     pub fn stats(&self) -> Result<FilterStats, XskError> {
-        // SAFETY: libbpf_num_possible_cpus only reads /sys/devices/system/cpu/possible (once,
-        // then cached) and has no preconditions.
-        let cpus = unsafe { libbpf_rs::libbpf_sys::libbpf_num_possible_cpus() };
-        if cpus <= 0 {
-            return Err(self.failed(
-                "count possible CPUs".into(),
-                io::Error::from_raw_os_error(-cpus),
-            ));
-        }
-        let mut buf = vec![0u8; 8 * cpus as usize];
-        let mut sums = [0u64; COUNTERS];
-        for (i, sum) in sums.iter_mut().enumerate() {
-            self.maps
-                .stats
-                .lookup(&(i as u32).to_ne_bytes(), &mut buf)
-                .map_err(|e| self.failed(format!("read counter {i}"), e))?;
-            *sum = buf
-                .chunks_exact(8)
-                .map(|c| u64::from_ne_bytes(c.try_into().expect("8-byte chunk")))
-                .sum();
-        }
+        let sums = super::bpf::percpu_counters::<COUNTERS>(&self.maps.stats)
+            .map_err(|e| self.failed("read the counters".into(), e))?;
         let [passed, redirect_all, prefix, port, port_range, vxlan, arp, ndp, icmp_error] = sums;
         Ok(FilterStats {
             passed,

@@ -17,6 +17,7 @@
 mod bpf;
 mod device;
 mod filter;
+mod host;
 mod iface;
 mod ring;
 mod socket;
@@ -28,6 +29,7 @@ use std::io;
 pub use bpf::{XdpMode, XdpProgram};
 pub use device::XskDevice;
 pub use filter::{FilterStats, FilterTables, Protocol, Steering};
+pub use host::{HostRedirect, HostRedirectStats, HostTarget};
 pub use iface::{ifindex, ifname, queue_count};
 pub use sys::XDP_PACKET_HEADROOM;
 
