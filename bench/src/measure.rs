@@ -103,6 +103,9 @@ pub struct RunResult {
     pub foreign_cpu_pct: f64,
     /// The device's counters that moved during the run.
     pub dut_counters: Vec<(String, u64)>,
+    /// Times the run was made again because other processes took too much CPU.
+    #[serde(default)]
+    pub retries: u32,
     /// The generator device's counters (wake-ups, full rings, kernel drops).
     pub gen_device: Vec<(String, u64)>,
     /// The sink device's counters.
