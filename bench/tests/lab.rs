@@ -24,6 +24,10 @@ use bench::topology::{DUT_UPLINK_MAC, GEN_MAC};
 /// Frames per second: far below what any device forwards, so nothing is lost to speed.
 const RATE: u64 = 10_000;
 
+/// One device at a time: they all pin to the same two cores, and two busy-polling devices
+/// (kxdp's worker, the forwarder) on one core would starve each other.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn skip(test: &str) -> bool {
     if bench::netns::is_root() {
         return false;
@@ -42,6 +46,7 @@ fn bin_dir() -> Option<PathBuf> {
 }
 
 fn check(kind: DutKind) {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let set = suite::service_set(10);
     let spec = set.table_spec().unwrap();
     let ports = baseline::service_ports(&spec);
