@@ -33,6 +33,16 @@ pub struct LabSpec {
     /// kxdp through the host veth pair.
     #[serde(default = "default_host_routes", rename = "hostRoutes")]
     pub host_routes: Vec<Ipv4Net>,
+    /// The same for IPv6 (used when the node has an IPv6 address).
+    #[serde(default = "default_host_routes6", rename = "hostRoutes6")]
+    pub host_routes6: Vec<ipnet::Ipv6Net>,
+}
+
+fn default_host_routes6() -> Vec<ipnet::Ipv6Net> {
+    vec![
+        "fd00:10:244::/48".parse().expect("literal"),
+        "fd00:172:30::/112".parse().expect("literal"),
+    ]
 }
 
 fn default_host_routes() -> Vec<Ipv4Net> {
@@ -58,6 +68,9 @@ pub struct LabNode {
     pub name: String,
     /// Address on the uplink, with prefix.
     pub address: Ipv4Net,
+    /// IPv6 address on the uplink, with prefix, if the node has one.
+    #[serde(default)]
+    pub address6: Option<ipnet::Ipv6Net>,
     /// The node's pod network; its first address is the pods' gateway.
     #[serde(rename = "podCIDR")]
     pub pod_cidr: Ipv4Net,
@@ -72,6 +85,9 @@ pub struct LabNode {
 pub struct LabOutside {
     /// Its address on the uplink, with prefix.
     pub address: Ipv4Net,
+    /// Its IPv6 address on the uplink, with prefix, if any.
+    #[serde(default)]
+    pub address6: Option<ipnet::Ipv6Net>,
 }
 
 /// One pod.
@@ -268,6 +284,24 @@ impl Lab {
         ])?;
         ip(&["-n", &out, "link", "set", "eth0", "up"])?;
         offload_off(&out, "eth0")?;
+        for (ns, dev, addr) in [
+            (&node, self.uplink_if(), s.node.address6),
+            (&out, "eth0", s.outside.address6),
+        ] {
+            if let Some(a) = addr {
+                ip(&[
+                    "-n",
+                    ns,
+                    "-6",
+                    "addr",
+                    "add",
+                    &a.to_string(),
+                    "dev",
+                    dev,
+                    "nodad",
+                ])?;
+            }
+        }
         // The node's kernel reaches the pod networks and Services through kxdp.
         ip(&[
             "-n",
@@ -306,6 +340,22 @@ impl Lab {
                 "src",
                 &node_ip,
             ])?;
+        }
+        if let Some(node6) = s.node.address6 {
+            for net in &s.host_routes6 {
+                ip(&[
+                    "-n",
+                    &node,
+                    "-6",
+                    "route",
+                    "add",
+                    &net.to_string(),
+                    "dev",
+                    self.host_kernel_if(),
+                    "src",
+                    &node6.addr().to_string(),
+                ])?;
+            }
         }
         // Packets for the node that kxdp hands over arrive on kxhost while the kernel's
         // route back may be the uplink: loose reverse-path filtering (RFC 3704) for them.

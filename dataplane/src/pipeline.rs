@@ -387,6 +387,7 @@ impl Pipeline<'_> {
                     self.shared.uplink_next_hop.store(m, Ordering::Relaxed);
                 }
             }
+            (Some(PortRole::Host), Via::Port) => self.saw_host_kernel(mac),
             _ => {}
         }
         // Untranslated traffic may leave through the uplink only if it came from there.
@@ -639,6 +640,15 @@ impl Pipeline<'_> {
         self.deliver_to_host(chunk, off, h, frame, host, c)
     }
 
+    /// Notes the MAC of the kernel's end of the host pair from a frame it sent.
+    #[inline]
+    fn saw_host_kernel(&self, mac: [u8; 6]) {
+        let m = mac_u64(mac);
+        if self.shared.host_kernel_mac.load(Ordering::Relaxed) != m {
+            self.shared.host_kernel_mac.store(m, Ordering::Relaxed);
+        }
+    }
+
     /// Sends a packet for one of the node's addresses out of the host port (no TTL taken
     /// off), once the kernel's end is resolved.
     fn deliver_to_host(
@@ -650,13 +660,22 @@ impl Pipeline<'_> {
         host: PortId,
         c: &mut Counters,
     ) -> Outcome {
-        let Some(n) = self.shared.neighbors.get(&h.dst).filter(|n| n.port == host) else {
-            return Outcome::Resolve(DropReason::NeighborUnresolved, h.dst, frame);
+        // The host port is one end of a veth pair: whatever the node's address, the
+        // kernel's end has one MAC. Its ARP answers name it, but its neighbour discovery
+        // answers only for addresses on that very interface (the node's are on the
+        // uplink), so for IPv6 the MAC its own frames came from serves.
+        let known = self.shared.neighbors.get(&h.dst).filter(|n| n.port == host);
+        let mac = match known {
+            Some(n) => n.mac,
+            None => match self.shared.host_kernel_mac.load(Ordering::Relaxed) {
+                0 => return Outcome::Resolve(DropReason::NeighborUnresolved, h.dst, frame),
+                m => u64_mac(m),
+            },
         };
         let Some(cfg) = self.shared.ports.get(host) else {
             return Outcome::Drop(DropReason::NoRoute);
         };
-        set_macs(&mut chunk[off..], n.mac, cfg.mac);
+        set_macs(&mut chunk[off..], mac, cfg.mac);
         c.to_host += 1;
         Outcome::Send(host, frame)
     }
@@ -1254,12 +1273,16 @@ impl Pipeline<'_> {
                 continue;
             }
             // On the uplink, IPv4 neighbours are asked with an ARP probe (RFC 5227: sender
-            // 0.0.0.0), answered to 0.0.0.0: the uplink's XDP filter gives those answers to
-            // kxdp and every answer addressed to the node to the kernel, whose ARP it is.
+            // 0.0.0.0), answered to 0.0.0.0, and IPv6 ones from kxdp's own link-local
+            // address, answered to it: the uplink's XDP filter gives those answers to kxdp
+            // and every answer addressed to the node to the kernel, whose it is.
             let (src4, src6) = if on_pods || cfg.role == PortRole::Host {
                 (self.tables.gateway_v4, self.tables.gateway_v6)
             } else {
-                (node_v4.map(|_| Ipv4Addr::UNSPECIFIED), node_v6)
+                (
+                    node_v4.map(|_| Ipv4Addr::UNSPECIFIED),
+                    node_v6.map(|_| crate::state::uplink_link_local(cfg.mac)),
+                )
             };
             let Some(mut f) = dev.alloc() else {
                 c.drop(DropReason::NoFrame);
@@ -1320,12 +1343,22 @@ impl Pipeline<'_> {
             l.and_then(|l| <[u8; 6]>::try_from(l.as_bytes()).ok())
                 .unwrap_or(eth_src)
         };
+        let own_link_local = crate::state::uplink_link_local(cfg.mac);
         let learn = |ip: Ipv6Addr, mac: [u8; 6]| {
             let ip = IpAddr::V6(ip);
             let ours = match cfg.role {
                 PortRole::Pod => self.tables.in_local_pod_network(ip),
                 PortRole::Host => self.tables.node_addresses.contains(&ip),
-                PortRole::Uplink => false,
+                // Routers and hosts on the uplink (the next hops kxdp asked for, whose
+                // answers the filter gives it), as ARP learns them — never for this node's
+                // pod network, its gateways, its own link-local address or, with a host
+                // port, the node's addresses.
+                PortRole::Uplink => {
+                    !(self.tables.in_local_pod_network(ip)
+                        || self.tables.is_gateway(ip)
+                        || ip == IpAddr::V6(own_link_local)
+                        || self.shared.host.is_some() && self.tables.node_addresses.contains(&ip))
+                }
             };
             if ours {
                 self.shared
@@ -1356,6 +1389,7 @@ impl Pipeline<'_> {
                     PortRole::Uplink => {
                         self.tables.node_addresses.contains(&target)
                             || self.tables.services.is_frontend_ip(target)
+                            || target_addr == own_link_local
                     }
                 };
                 if !answer {

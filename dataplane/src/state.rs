@@ -126,26 +126,45 @@ impl PolicyDrops {
     }
 }
 
-/// The node's IPv4 routes out of the uplink (connected networks and gateways), as the
-/// kernel of the node's namespace has them at start: where traffic leaving the cluster
-/// goes next. Longest prefix first.
+/// The node's routes out of the uplink (connected networks and gateways, IPv4 and IPv6),
+/// as the kernel of the node's namespace has them at start: where traffic leaving the
+/// cluster goes next. Longest prefix first.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct UplinkRoutes {
-    routes: Vec<(ipnet::Ipv4Net, Option<Ipv4Addr>)>,
+    routes: Vec<(IpNet, Option<IpAddr>)>,
 }
+
+/// `RTF_*` flags of `/proc/net/ipv6_route` (include/uapi/linux/ipv6_route.h).
+const RTF_UP: u32 = 0x0001;
+const RTF_REJECT: u32 = 0x0200;
+const RTF_ANYCAST: u32 = 0x0010_0000;
+const RTF_LOCAL: u32 = 0x8000_0000;
 
 impl UplinkRoutes {
     /// Routes from (network, gateway) pairs; no gateway means on-link.
-    pub fn new(mut routes: Vec<(ipnet::Ipv4Net, Option<Ipv4Addr>)>) -> UplinkRoutes {
+    pub fn new(routes: Vec<(ipnet::Ipv4Net, Option<Ipv4Addr>)>) -> UplinkRoutes {
+        UplinkRoutes::of(
+            routes
+                .into_iter()
+                .map(|(n, g)| (IpNet::V4(n), g.map(IpAddr::V4)))
+                .collect(),
+        )
+    }
+
+    /// Routes of either family from (network, gateway) pairs; no gateway means on-link.
+    pub fn of(mut routes: Vec<(IpNet, Option<IpAddr>)>) -> UplinkRoutes {
         routes.sort_by_key(|r| std::cmp::Reverse(r.0.prefix_len()));
         UplinkRoutes { routes }
     }
 
-    /// Reads the routes through `ifname` from `/proc/net/route` (this network namespace's
-    /// main IPv4 table); a file that cannot be read gives no routes.
+    /// Reads the routes through `ifname` from `/proc/net/route` and `/proc/net/ipv6_route`
+    /// (this network namespace's); a file that cannot be read gives no routes.
     pub fn from_kernel(ifname: &str) -> UplinkRoutes {
-        let text = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
-        UplinkRoutes::parse(&text, ifname)
+        let v4 = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
+        let v6 = std::fs::read_to_string("/proc/net/ipv6_route").unwrap_or_default();
+        let mut routes = UplinkRoutes::parse(&v4, ifname).routes;
+        routes.extend(UplinkRoutes::parse_v6(&v6, ifname).routes);
+        UplinkRoutes::of(routes)
     }
 
     /// Parses `/proc/net/route` text (addresses in host-order hex of the kernel's
@@ -174,21 +193,93 @@ impl UplinkRoutes {
         UplinkRoutes::new(routes)
     }
 
-    /// The address to resolve for a packet to `dst`: `dst` itself on a connected network,
-    /// a gateway otherwise; `None` without a route (or for IPv6, not read yet).
-    pub fn next_hop(&self, dst: IpAddr) -> Option<IpAddr> {
-        let IpAddr::V4(d) = dst else {
-            return None;
+    /// Parses `/proc/net/ipv6_route` text: destination, prefix length, source, its length,
+    /// next hop, metric, reference count, use, flags, device; addresses as 32 hex digits.
+    /// Local, anycast and reject routes, and multicast and link-local destinations, are
+    /// left out: none is where a packet leaving the cluster goes.
+    pub fn parse_v6(text: &str, ifname: &str) -> UplinkRoutes {
+        let addr = |s: &str| {
+            (s.len() == 32)
+                .then(|| u128::from_str_radix(s, 16).ok())
+                .flatten()
+                .map(Ipv6Addr::from)
         };
+        let mut routes = Vec::new();
+        for line in text.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 10 || f[9] != ifname {
+                continue;
+            }
+            let (Some(dst), Ok(len), Some(hop), Ok(flags)) = (
+                addr(f[0]),
+                u8::from_str_radix(f[1], 16),
+                addr(f[4]),
+                u32::from_str_radix(f[8], 16),
+            ) else {
+                continue;
+            };
+            if flags & RTF_UP == 0 || flags & (RTF_REJECT | RTF_ANYCAST | RTF_LOCAL) != 0 {
+                continue;
+            }
+            let Ok(net) = ipnet::Ipv6Net::new(dst, len) else {
+                continue;
+            };
+            if dst.is_multicast() || (dst.segments()[0] & 0xffc0) == 0xfe80 {
+                continue;
+            }
+            let hop = (!hop.is_unspecified()).then_some(IpAddr::V6(hop));
+            routes.push((IpNet::V6(net.trunc()), hop));
+        }
+        UplinkRoutes::of(routes)
+    }
+
+    /// The address to resolve for a packet to `dst`: `dst` itself on a connected network,
+    /// a gateway otherwise; `None` without a route.
+    pub fn next_hop(&self, dst: IpAddr) -> Option<IpAddr> {
         self.routes
             .iter()
-            .find(|(net, _)| net.contains(&d))
-            .map(|(_, gw)| IpAddr::V4(gw.unwrap_or(d)))
+            .find(|(net, _)| net.contains(&dst))
+            .map(|(_, gw)| gw.unwrap_or(dst))
     }
 
     /// Whether there is no route.
     pub fn is_empty(&self) -> bool {
         self.routes.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod uplink_route_tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_routes_of_the_uplink_only_and_not_the_local_ones() {
+        // From a namespace like the lab's node: a connected /64, a default route via a
+        // link-local router, the kernel's link-local and local and multicast entries, a
+        // route through another interface, and a line cut short.
+        let text = "\
+fd00019201680000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001 kxup0
+fd000192016800000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001 kxup0
+fe800000000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001 kxup0
+00000000000000000000000000000000 00 00000000000000000000000000000000 00 fe800000000000000000000000000001 00000400 00000001 00000000 00000003 kxup0
+fd000192016800000000000000000002 80 00000000000000000000000000000000 00 00000000000000000000000000000000 00000000 00000002 00000000 80200001 kxup0
+ff000000000000000000000000000000 08 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000004 00000000 00000001 kxup0
+fd001024400000000000000000000000 30 00000000000000000000000000000000 00 00000000000000000000000000000000 00000400 00000001 00000000 00000001 kxhost
+";
+        let r = UplinkRoutes::parse_v6(text, "kxup0");
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            r.next_hop(ip("fd00:192:168::1")),
+            Some(ip("fd00:192:168::1")),
+            "on-link"
+        );
+        assert_eq!(
+            r.next_hop(ip("2001:db8::9")),
+            Some(ip("fe80::1")),
+            "the default router"
+        );
+        assert_eq!(r.routes.len(), 2, "{r:?}");
+        assert_eq!(r.next_hop(ip("192.0.2.1")), None);
     }
 }
 
@@ -604,6 +695,9 @@ pub struct Shared {
     /// The MAC of the next hop behind the uplink (learned from IP traffic arriving there);
     /// 0 while unknown.
     pub uplink_next_hop: std::sync::atomic::AtomicU64,
+    /// The MAC of the kernel's end of the host pair (learned from the frames it sends);
+    /// 0 while unknown.
+    pub host_kernel_mac: std::sync::atomic::AtomicU64,
     /// The uplink's port index, if there is one.
     pub uplink: Option<usize>,
     /// The host port's index, if there is one.
@@ -634,6 +728,7 @@ impl Shared {
             uplink,
             host,
             uplink_next_hop: std::sync::atomic::AtomicU64::new(0),
+            host_kernel_mac: std::sync::atomic::AtomicU64::new(0),
             tables: ArcSwap::from_pointee(Tables::empty()),
             conntrack: Conntrack::with_seed(limits.conntrack_capacity, random_seed()),
             neighbors: Neighbors::default(),

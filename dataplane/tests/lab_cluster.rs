@@ -35,12 +35,14 @@ fn node_spec(
         node: LabNode {
             name: name.to_string(),
             address: address.parse().unwrap(),
+            address6: None,
             pod_cidr: pod_cidr.parse().unwrap(),
             pod_cidr6: None,
         },
         // Only the first lab's outside host stays (as the client on the shared segment).
         outside: LabOutside {
             address: "192.168.0.1/24".parse().unwrap(),
+            address6: None,
         },
         pods: pods
             .iter()
@@ -60,6 +62,7 @@ fn node_spec(
             "10.244.0.0/16".parse().unwrap(),
             "172.30.0.0/16".parse().unwrap(),
         ],
+        host_routes6: Vec::new(),
     }
 }
 
@@ -235,6 +238,26 @@ ports:
             &got,
             &["default/web-b"],
             Some("10.244.1.2"),
+            &nodes,
+        );
+    }
+    // A's host (a hostNetwork process, the kubelet's probes) → a pod on B, directly and
+    // through the ClusterIP: through A's host pair, kxdp and the overlay. Directly, the
+    // pod sees A's address; through the ClusterIP the node's traffic is masqueraded, as
+    // kube-proxy does, to A's pod-network gateway.
+    let host_a = a.lab().node_ns();
+    for (proto, to, peer) in [
+        ("tcp", "10.244.2.5:8080", "192.168.0.2"),
+        ("udp", "10.244.2.5:8080", "192.168.0.2"),
+        ("tcp", "172.30.0.70:80", "10.244.1.1"),
+        ("udp", "172.30.0.70:80", "10.244.1.1"),
+    ] {
+        let got = a.call(&host_a, to, proto, "5");
+        assert_answers(
+            &format!("A's host {proto} to {to}"),
+            &got,
+            &["default/web-b"],
+            Some(peer),
             &nodes,
         );
     }

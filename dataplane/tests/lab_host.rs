@@ -136,6 +136,114 @@ fn the_whole_node_host_traffic_pods_outside_ping_and_traceroute() {
         Some("10.244.1.2"),
     );
 
+    // The same over IPv6: the node's next hop on the uplink is resolved by neighbour
+    // discovery from kxdp's own link-local address, under the uplink's filter.
+    answered(
+        &node,
+        &client,
+        "[fd00:192:168::1]:9000",
+        "tcp",
+        "far-server",
+        Some("fd00:192:168::2"),
+    );
+    answered(
+        &node,
+        &client,
+        "[fd00:192:168::1]:9000",
+        "udp",
+        "far-server",
+        Some("fd00:192:168::2"),
+    );
+    answered(
+        &node,
+        &outside,
+        "[fd00:192:168::2]:2222",
+        "tcp",
+        "node-sshd",
+        Some("fd00:192:168::1"),
+    );
+    answered(
+        &node,
+        &lab_node,
+        "[fd00:10:244:1::5]:8080",
+        "tcp",
+        "default/web-1",
+        Some("fd00:192:168::2"),
+    );
+    // kxdp asked for the outside host from its own link-local address (the kernel's
+    // neighbour entries are its own business), and the answer came back to it.
+    let neigh = run_in(&outside, "ip", &["-6", "neigh", "show", "dev", "eth0"]);
+    let neigh = String::from_utf8_lossy(&neigh.stdout);
+    assert!(
+        neigh.contains("fe80::6b78:6470:"),
+        "outside's neighbours:\n{neigh}"
+    );
+    // The NodePort on the node's IPv6 address, from outside and from the host (through
+    // the host redirect on lo); externalTrafficPolicy Cluster masquerades both to the
+    // pods' IPv6 gateway.
+    for from in [&outside, &lab_node] {
+        let peer = "fd00:10:244:1::1";
+        let got = node.call(from, "[fd00:192:168::2]:30080", "tcp", "6");
+        let seen = answers(&got);
+        if seen.iter().any(|(w, _)| w.starts_with("error")) {
+            node.dump_logs();
+        }
+        assert_eq!(seen.len(), 6, "{from} to the IPv6 NodePort: {got:?}");
+        for (w, p) in seen {
+            assert!(
+                w.starts_with("default/web-") && p == peer,
+                "{from} to the IPv6 NodePort: {got:?}"
+            );
+        }
+    }
+    let got = node.call(&lab_node, "[fd00:172:30::41]:80", "tcp", "6");
+    let seen = answers(&got);
+    assert_eq!(seen.len(), 6, "host to the web6 ClusterIP: {got:?}");
+    for (w, _) in seen {
+        assert!(
+            w.starts_with("default/web-"),
+            "host to the web6 ClusterIP: {got:?}"
+        );
+    }
+    for to in ["fd00:10:244:1::1", "fd00:192:168::1"] {
+        let out = run_in(
+            &client,
+            "ping",
+            &["-6", "-c", "2", "-i", "0.2", "-W", "2", to],
+        );
+        assert!(
+            out.status.success(),
+            "ping -6 {to}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let out = run_in(
+        &client,
+        "traceroute",
+        &[
+            "-6",
+            "-n",
+            "-q",
+            "1",
+            "-w",
+            "2",
+            "-m",
+            "3",
+            "fd00:192:168::1",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let hops: Vec<&str> = text
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    assert_eq!(
+        hops.iter().take(2).copied().collect::<Vec<_>>(),
+        ["fd00:10:244:1::1", "fd00:192:168::1"],
+        "traceroute -6:\n{text}"
+    );
+
     // ping: the pods' gateway, and the outside host through the masquerade.
     for to in ["10.244.1.1", "192.168.0.1"] {
         let out = run_in(&client, "ping", &["-c", "2", "-i", "0.2", "-W", "2", to]);

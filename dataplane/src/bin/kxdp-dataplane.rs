@@ -238,7 +238,7 @@ fn main() -> Result<()> {
     if let Some(up) = &args.uplink {
         let routes = dataplane::state::UplinkRoutes::from_kernel(up);
         if routes.is_empty() {
-            log::warn!("no IPv4 route through {up} in this namespace: traffic leaving the cluster goes to the router outside traffic last came from");
+            log::warn!("no route through {up} in this namespace: traffic leaving the cluster goes to the router outside traffic last came from");
         }
         shared.uplink_routes.store(Arc::new(routes));
     }
