@@ -749,11 +749,33 @@ impl Sim {
             75..=86 => self.conversation(s),
             87..=92 => self.icmp_error(s),
             93..=95 => {
-                self.spec = fuzzgen::table_spec_gen(s);
+                let mut next = fuzzgen::table_spec_gen(s);
+                next.sort_services();
                 self.generation += 1;
                 self.tally.installs += 1;
-                self.shared
-                    .install(self.generation, self.spec.clone(), self.now);
+                // Half the time as control sends it after its first table: the delta
+                // from the tables in use (when the new table is one the dataplane takes).
+                if s.below(2) == 0 && next.validate().is_ok() {
+                    let current = self.shared.tables.load_full();
+                    let delta = nat::spec::TableDelta::between(&current.spec, &next);
+                    match self
+                        .shared
+                        .install_delta(self.generation, current.generation, &delta)
+                    {
+                        Ok(dataplane::state::DeltaOutcome::Applied { retire }) => {
+                            if retire {
+                                self.shared.retire_stale_flows(self.now);
+                            }
+                        }
+                        other => return Err(format!("a delta was not applied: {other:?}")),
+                    }
+                    if self.shared.tables.load().spec != next {
+                        return Err("the tables after a delta are not the table sent".into());
+                    }
+                } else {
+                    self.shared.install(self.generation, next.clone(), self.now);
+                }
+                self.spec = next;
                 let outs = self.pump()?;
                 self.remember(outs);
                 Ok(())
