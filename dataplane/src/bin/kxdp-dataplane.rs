@@ -270,8 +270,18 @@ fn main() -> Result<()> {
     }
     // Host processes' packets for NodePorts on the node's addresses and for load-balancer
     // and external IPs: taken on the egress of lo and the uplink to the host pair.
+    // Without it (a kernel older than 6.6 has no tcx) the rest still works: say what is
+    // missing and go on.
     let host_redirect = match &args.host {
-        Some(h) => Some(Arc::new(host_redirect(h, args.uplink.as_deref())?)),
+        Some(h) => match host_redirect(h, args.uplink.as_deref()) {
+            Ok(r) => Some(Arc::new(r)),
+            Err(e) => {
+                log::warn!(
+                    "no host redirect ({e:#}): host processes will not reach NodePorts on the node's addresses, nor load-balancer and external IPs; pods, ClusterIPs and everything else are served"
+                );
+                None
+            }
+        },
         None => None,
     };
     let uplink = ports
