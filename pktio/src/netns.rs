@@ -91,6 +91,23 @@ pub fn enter_thread(name: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// Runs `f` on a thread of its own inside `ns` (setns changes only the calling thread) and
+/// returns its result. Sockets made there stay in `ns` wherever they are used later. A
+/// panic in `f` is resumed on the caller after the thread ends, so a test fails before its
+/// namespace guard deletes the namespace.
+pub fn in_ns<T: Send>(ns: &NetnsGuard, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            enter_thread(ns.name()).expect("enter the namespace");
+            f()
+        });
+        match h.join() {
+            Ok(v) => v,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
+}
+
 /// Whether the process runs as root (effective uid 0).
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.

@@ -17,7 +17,7 @@ use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use pktio::capture::RawSocket;
-use pktio::netns::{self, NetnsGuard};
+use pktio::netns::{self, in_ns, NetnsGuard};
 use pktio::xsk::{self, HostRedirect, HostTarget, Protocol};
 
 const NODE4: &str = "192.168.78.2";
@@ -34,19 +34,6 @@ fn skip(test: &str) -> bool {
     }
     eprintln!("skipping {test}: needs root to create network namespaces and attach tc programs");
     true
-}
-
-fn in_ns<T: Send>(ns: &NetnsGuard, f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| {
-        let h = s.spawn(|| {
-            netns::enter_thread(ns.name()).expect("enter the test namespace");
-            f()
-        });
-        match h.join() {
-            Ok(v) => v,
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
-    })
 }
 
 fn mac_of(ns: &NetnsGuard, dev: &str) -> [u8; 6] {

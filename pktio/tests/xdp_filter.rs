@@ -14,7 +14,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, U
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pktio::netns::{self, NetnsGuard};
+use pktio::netns::{self, in_ns, NetnsGuard};
 use pktio::xsk::{
     self, FilterTables, Protocol, Steering, XdpMode, XdpProgram, XskConfig, XskDevice,
 };
@@ -53,21 +53,6 @@ fn skip(test: &str) -> bool {
     }
     eprintln!("skipping {test}: needs root to create network namespaces and attach XDP");
     true
-}
-
-/// Runs `f` on a thread inside `ns` (setns changes only the calling thread) and returns its
-/// result. Sockets made there stay in `ns` wherever they are used later.
-fn in_ns<T: Send>(ns: &NetnsGuard, f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| {
-        let h = s.spawn(|| {
-            netns::enter_thread(ns.name()).expect("enter the test namespace");
-            f()
-        });
-        match h.join() {
-            Ok(v) => v,
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
-    })
 }
 
 /// The node and the outside host on one veth pair.

@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use pktio::netns::{self, NetnsGuard};
+use pktio::netns::{self, in_ns, NetnsGuard};
 use pktio::xsk::{self, XdpMode, XdpProgram, XskConfig, XskDevice};
 use pktio::{Device, DeviceExt, Frame};
 
@@ -29,21 +29,6 @@ fn skip(test: &str) -> bool {
     }
     eprintln!("skipping {test}: needs root to create network namespaces and attach XDP");
     true
-}
-
-/// Runs `f` on a thread inside `ns` (setns changes only the calling thread) and returns its
-/// result; a panic in `f` fails the test after the thread ends, before `ns` is deleted.
-fn in_ns<T: Send>(ns: &NetnsGuard, f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| {
-        let h = s.spawn(|| {
-            netns::enter_thread(ns.name()).expect("enter the test namespace");
-            f()
-        });
-        match h.join() {
-            Ok(v) => v,
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
-    })
 }
 
 /// A veth pair `a`–`b`, both ends in `ns`, both up. Native XDP on veth needs the peer up
