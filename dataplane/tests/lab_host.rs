@@ -25,6 +25,49 @@ fn answered(node: &Running, ns: &str, to: &str, proto: &str, who: &str, peer: Op
     }
 }
 
+/// Six TCP calls from `ns` to `to`, every one answered by a web pod (seeing `peer`, when
+/// given).
+fn answered_by_web(node: &Running, ns: &str, to: &str, peer: Option<&str>) {
+    let got = node.call(ns, to, "tcp", "6");
+    let seen = answers(&got);
+    let right = |(w, p): &(String, String)| {
+        w.starts_with("default/web-") && peer.is_none_or(|want| want == p)
+    };
+    if seen.len() != 6 || !seen.iter().all(right) {
+        node.dump_logs();
+        panic!("{ns} to {to}: want six answers from web pods seeing {peer:?}: {got:?}");
+    }
+}
+
+/// `ping` from `ns` (`-6` in `family` for IPv6) succeeds.
+fn pings(ns: &str, family: &[&str], to: &str) {
+    let out = run_in(
+        ns,
+        "ping",
+        &[family, &["-c", "2", "-i", "0.2", "-W", "2", to]].concat(),
+    );
+    assert!(
+        out.status.success(),
+        "ping {family:?} {to}: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// The first two hops `traceroute` (UDP probes) from `ns` finds towards `to`.
+fn first_hops(ns: &str, family: &[&str], to: &str) -> (Vec<String>, String) {
+    let args = [family, &["-n", "-q", "1", "-w", "2", "-m", "3", to]].concat();
+    let out = run_in(ns, "traceroute", &args);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let hops = text
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .take(2)
+        .map(str::to_string)
+        .collect();
+    (hops, text)
+}
+
 fn run_in(ns: &str, program: &str, args: &[&str]) -> std::process::Output {
     Lab::exec(ns, program)
         .args(args)
@@ -85,29 +128,12 @@ fn the_whole_node_host_traffic_pods_outside_ping_and_traceroute() {
         "default/web-1",
         Some("192.168.0.2"),
     );
-    let got = node.call(&lab_node, "172.30.0.41:80", "tcp", "6");
-    for (w, _) in answers(&got) {
-        assert!(
-            w.starts_with("default/web-"),
-            "host to the web ClusterIP: {got:?}"
-        );
-    }
+    answered_by_web(&node, &lab_node, "172.30.0.41:80", None);
     // A host process reaches a NodePort on the node's own address (the kernel would
     // deliver it locally: kxdp's host redirect on lo hands it over), under both external
     // traffic policies; the node's own traffic is masqueraded, as kube-proxy does.
     for np in ["192.168.0.2:30080", "192.168.0.2:30081"] {
-        let got = node.call(&lab_node, np, "tcp", "6");
-        let seen = answers(&got);
-        if seen.iter().any(|(w, _)| w.starts_with("error")) {
-            node.dump_logs();
-        }
-        assert_eq!(seen.len(), 6, "host to the NodePort {np}: {got:?}");
-        for (w, p) in seen {
-            assert!(
-                w.starts_with("default/web-") && p == "10.244.1.1",
-                "host to the NodePort {np}: {got:?}"
-            );
-        }
+        answered_by_web(&node, &lab_node, np, Some("10.244.1.1"));
     }
     // A pod reaches the outside server, which sees the node's address.
     answered(
@@ -182,76 +208,27 @@ fn the_whole_node_host_traffic_pods_outside_ping_and_traceroute() {
     // the host redirect on lo); externalTrafficPolicy Cluster masquerades both to the
     // pods' IPv6 gateway.
     for from in [&outside, &lab_node] {
-        let peer = "fd00:10:244:1::1";
-        let got = node.call(from, "[fd00:192:168::2]:30080", "tcp", "6");
-        let seen = answers(&got);
-        if seen.iter().any(|(w, _)| w.starts_with("error")) {
-            node.dump_logs();
-        }
-        assert_eq!(seen.len(), 6, "{from} to the IPv6 NodePort: {got:?}");
-        for (w, p) in seen {
-            assert!(
-                w.starts_with("default/web-") && p == peer,
-                "{from} to the IPv6 NodePort: {got:?}"
-            );
-        }
-    }
-    let got = node.call(&lab_node, "[fd00:172:30::41]:80", "tcp", "6");
-    let seen = answers(&got);
-    assert_eq!(seen.len(), 6, "host to the web6 ClusterIP: {got:?}");
-    for (w, _) in seen {
-        assert!(
-            w.starts_with("default/web-"),
-            "host to the web6 ClusterIP: {got:?}"
+        answered_by_web(
+            &node,
+            from,
+            "[fd00:192:168::2]:30080",
+            Some("fd00:10:244:1::1"),
         );
     }
+    answered_by_web(&node, &lab_node, "[fd00:172:30::41]:80", None);
     for to in ["fd00:10:244:1::1", "fd00:192:168::1"] {
-        let out = run_in(
-            &client,
-            "ping",
-            &["-6", "-c", "2", "-i", "0.2", "-W", "2", to],
-        );
-        assert!(
-            out.status.success(),
-            "ping -6 {to}: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        pings(&client, &["-6"], to);
     }
-    let out = run_in(
-        &client,
-        "traceroute",
-        &[
-            "-6",
-            "-n",
-            "-q",
-            "1",
-            "-w",
-            "2",
-            "-m",
-            "3",
-            "fd00:192:168::1",
-        ],
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let hops: Vec<&str> = text
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split_whitespace().nth(1))
-        .collect();
+    let (hops, text) = first_hops(&client, &["-6"], "fd00:192:168::1");
     assert_eq!(
-        hops.iter().take(2).copied().collect::<Vec<_>>(),
+        hops,
         ["fd00:10:244:1::1", "fd00:192:168::1"],
         "traceroute -6:\n{text}"
     );
 
     // ping: the pods' gateway, and the outside host through the masquerade.
     for to in ["10.244.1.1", "192.168.0.1"] {
-        let out = run_in(&client, "ping", &["-c", "2", "-i", "0.2", "-W", "2", to]);
-        assert!(
-            out.status.success(),
-            "ping {to}: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        pings(&client, &[], to);
     }
     // TTL 1 towards the outside: "time to live exceeded" from the gateway.
     let out = run_in(
@@ -265,27 +242,8 @@ fn the_whole_node_host_traffic_pods_outside_ping_and_traceroute() {
         "ping -t 1: {text}"
     );
     // traceroute (UDP probes): hop 1 is the node (the pods' gateway), hop 2 the server.
-    let out = run_in(
-        &client,
-        "traceroute",
-        &["-n", "-q", "1", "-w", "2", "-m", "3", "192.168.0.1"],
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let hops: Vec<&str> = text
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split_whitespace().nth(1))
-        .collect();
-    assert_eq!(
-        hops.first().copied(),
-        Some("10.244.1.1"),
-        "traceroute:\n{text}"
-    );
-    assert_eq!(
-        hops.get(1).copied(),
-        Some("192.168.0.1"),
-        "traceroute:\n{text}"
-    );
+    let (hops, text) = first_hops(&client, &[], "192.168.0.1");
+    assert_eq!(hops, ["10.244.1.1", "192.168.0.1"], "traceroute:\n{text}");
 
     // kill -9: the dataplane's XDP program goes with its process, the interface is the
     // kernel's again, and the node's server answers as before. So does the host redirect
