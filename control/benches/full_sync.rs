@@ -45,6 +45,31 @@ fn yaml(v: &serde_json::Value) -> serde_yaml::Value {
     serde_yaml::to_value(v).expect("JSON is YAML")
 }
 
+/// Service `s`'s EndpointSlice with `n` ready endpoints, the first on node-a when
+/// `first_local`, the rest on node-b.
+fn slice(s: u32, n: u32, first_local: bool) -> serde_yaml::Value {
+    let name = format!("svc-{s}");
+    let endpoints: Vec<_> = (0..n)
+        .map(|e| {
+            let k = s * ENDPOINTS + e;
+            let node = if e == 0 && first_local {
+                "node-a"
+            } else {
+                "node-b"
+            };
+            json!({"addresses": [format!("10.{}.{}.{}", 100 + k / 65536, (k / 256) % 256, k % 256)],
+                   "conditions": {"ready": true}, "nodeName": node})
+        })
+        .collect();
+    yaml(
+        &json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{name}-abc"), "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": name}},
+        "addressType": "IPv4", "endpoints": endpoints,
+        "ports": [{"name": "http", "port": 8080}]}),
+    )
+}
+
 fn mib(kib: &str) -> String {
     kib.parse::<u64>()
         .map(|k| (k / 1024).to_string())
@@ -75,19 +100,7 @@ fn main() {
             "metadata": {"name": name, "namespace": "default"},
             "spec": {"clusterIP": ip, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}});
         apply_value(&mut objects, &yaml(&svc), "bench").unwrap();
-        let endpoints: Vec<_> = (0..ENDPOINTS)
-            .map(|e| {
-                let n = s * ENDPOINTS + e;
-                json!({"addresses": [format!("10.{}.{}.{}", 100 + n / 65536, (n / 256) % 256, n % 256)],
-                       "conditions": {"ready": true}, "nodeName": if e == 0 { "node-a" } else { "node-b" }})
-            })
-            .collect();
-        let slice = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"name": format!("{name}-abc"), "namespace": "default",
-                         "labels": {"kubernetes.io/service-name": name}},
-            "addressType": "IPv4", "endpoints": endpoints,
-            "ports": [{"name": "http", "port": 8080}]});
-        apply_value(&mut objects, &yaml(&slice), "bench").unwrap();
+        apply_value(&mut objects, &slice(s, ENDPOINTS, true), "bench").unwrap();
     }
     let load = started.elapsed();
     let loaded = rss();
@@ -187,23 +200,8 @@ fn one_change_at_scale(objects: &mut Objects, shared: Shared) {
     let mut compute = hdrhistogram::Histogram::<u64>::new(3).unwrap();
     let mut bytes = 0;
     for c in 0..CHANGES {
-        let s = (c * 7919) % SERVICES;
-        let name = format!("svc-{s}");
-        // The slice with one endpoint more than before (or back to ten).
-        let n = ENDPOINTS + 1 + c % 2;
-        let endpoints: Vec<_> = (0..n)
-            .map(|e| {
-                let k = s * ENDPOINTS + e;
-                json!({"addresses": [format!("10.{}.{}.{}", 100 + k / 65536, (k / 256) % 256, k % 256)],
-                       "conditions": {"ready": true}, "nodeName": "node-b"})
-            })
-            .collect();
-        let slice = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"name": format!("{name}-abc"), "namespace": "default",
-                         "labels": {"kubernetes.io/service-name": name}},
-            "addressType": "IPv4", "endpoints": endpoints,
-            "ports": [{"name": "http", "port": 8080}]});
-        let value = yaml(&slice);
+        // A slice with one or two endpoints more than before, all on node-b.
+        let value = slice((c * 7919) % SERVICES, ENDPOINTS + 1 + c % 2, false);
         let started = Instant::now();
         apply_value(objects, &value, "bench").unwrap();
         let tables = computer.compute(objects).unwrap().tables;
