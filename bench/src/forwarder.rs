@@ -48,6 +48,10 @@ pub struct ForwarderReport {
     pub returned: u64,
     /// Frames the transmit ring refused.
     pub tx_full: u64,
+    /// Longest time between two polls, ns: how long the thread was kept off its core.
+    pub max_gap_ns: u64,
+    /// Polls that came more than 100 µs after the one before.
+    pub gaps_over_100us: u64,
     /// The device's counters.
     pub device: DeviceStats,
 }
@@ -59,6 +63,8 @@ impl ForwarderReport {
             ("forwarded".into(), self.forwarded),
             ("returned".into(), self.returned),
             ("tx_ring_full".into(), self.tx_full),
+            ("max_poll_gap_ns".into(), self.max_gap_ns),
+            ("poll_gaps_over_100us".into(), self.gaps_over_100us),
             ("kernel_rx_dropped".into(), self.device.kernel_rx_dropped),
             (
                 "kernel_rx_ring_full".into(),
@@ -133,10 +139,18 @@ pub fn run(
     let mut r = ForwarderReport::default();
     let mut rx = Vec::with_capacity(BURST);
     let start = Instant::now();
+    let mut last = start;
     // Bound: `stop`, and the generator's longest run.
     while !stop.load(Ordering::Relaxed) && start.elapsed() < crate::gen::MAX_DURATION {
         if poll(&mut dev, &macs, &mut rx, &mut r) == 0 {
             std::hint::spin_loop();
+        }
+        let now = Instant::now();
+        let gap = (now - last).as_nanos() as u64;
+        last = now;
+        r.max_gap_ns = r.max_gap_ns.max(gap);
+        if gap > 100_000 {
+            r.gaps_over_100us += 1;
         }
     }
     let after = dev.stats();

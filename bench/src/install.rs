@@ -167,7 +167,7 @@ pub fn measure(
             .iter()
             .find(|d| d.kind == kind)
             .map(|d| d.topo.dut_ns());
-        let row = iptables_row(spec, &cfg, restore, dut_ns, plan, limit)?;
+        let row = iptables_row(spec, &cfg, restore, dut_ns, not_run(kind), plan, limit)?;
         progress(&format!(
             "  {}: install {} s, one change {} s; {}",
             row.system,
@@ -226,11 +226,16 @@ fn opt(v: Option<f64>) -> String {
     v.map_or("—".into(), |v| format!("{v:.3}"))
 }
 
+/// kube-proxy's full sync with `restore --noflush` in a fresh namespace, then its partial
+/// syncs: on that namespace if the full sync finished, else on the traffic runs' device
+/// (`dut_ns`), else on a namespace loaded without `--noflush` — unless the device's own
+/// load without `--noflush` already did not finish (`dut_not_run`).
 fn iptables_row(
     spec: &TableSpec,
     cfg: &KubeProxyConfig,
     restore: &str,
     dut_ns: Option<&NetnsGuard>,
+    dut_not_run: Option<String>,
     plan: &Plan,
     limit: Duration,
 ) -> anyhow::Result<InstallRow> {
@@ -267,6 +272,13 @@ fn iptables_row(
     );
     if let Some(ns) = dut_ns {
         changes_iptables(ns, spec, cfg, restore, plan, limit, &mut row)?;
+        return Ok(row);
+    }
+    if let Some(why) = dut_not_run {
+        row.note = format!(
+            "full sync not finished in {} s; no partial syncs (the device's own load: {why})",
+            limit.as_secs()
+        );
         return Ok(row);
     }
     let ns = crate::ceiling::quiet_namespace("kxdp-binst")?;

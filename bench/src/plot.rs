@@ -72,10 +72,35 @@ fn err<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow!("plot: {e}")
 }
 
-/// Draws `entries` (label, colour, dashed) as a legend down the panel `area`.
+/// Lines saying which devices were not run at which Service counts.
+fn not_run_notes(res: &Results) -> Vec<String> {
+    let mut out = Vec::new();
+    for d in duts(res) {
+        let at: Vec<String> = res
+            .points
+            .iter()
+            .filter(|p| {
+                p.setup
+                    .iter()
+                    .any(|s| s.dut == d.name() && s.not_run.is_some())
+            })
+            .map(|p| crate::report::thousands(f64::from(p.services)))
+            .collect();
+        if !at.is_empty() {
+            out.push(format!("{}: not run at {}", d.short(), at.join(", ")));
+        }
+    }
+    if !out.is_empty() {
+        out.push("(tables did not load in time)".into());
+    }
+    out
+}
+
+/// Draws `entries` (label, colour, dashed) as a legend down the panel `area`, then `notes`.
 fn legend<DB: DrawingBackend>(
     area: &DrawingArea<DB, plotters::coord::Shift>,
     entries: &[(String, RGBColor, bool)],
+    notes: &[String],
 ) -> anyhow::Result<()> {
     let top = 80;
     for (i, (label, c, dashed)) in entries.iter().enumerate() {
@@ -96,6 +121,15 @@ fn legend<DB: DrawingBackend>(
         }
         area.draw(&Text::new(label.clone(), (50, y - 8), (FONT, 15)))
             .map_err(err)?;
+    }
+    let below = top + 28 * entries.len() as i32 + 20;
+    for (i, n) in notes.iter().enumerate() {
+        area.draw(&Text::new(
+            n.clone(),
+            (10, below + 20 * i as i32),
+            (FONT, 13),
+        ))
+        .map_err(err)?;
     }
     Ok(())
 }
@@ -197,7 +231,7 @@ fn rate_plot(
                 .map_err(err)?;
             entries.push((d.short().to_string(), c, false));
         }
-        legend(&right, &entries)?;
+        legend(&right, &entries, &not_run_notes(res))?;
         root.present().map_err(err)?;
     }
     write_png(path, &buf)?;
@@ -292,7 +326,7 @@ fn latency_plot(res: &Results, p: &Point, path: &Path) -> anyhow::Result<bool> {
                 .map_err(err)?;
             entries.push((name.clone(), c, false));
         }
-        legend(&right, &entries)?;
+        legend(&right, &entries, &[])?;
         root.present().map_err(err)?;
     }
     write_png(path, &buf)?;

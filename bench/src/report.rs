@@ -50,6 +50,15 @@ pub fn thousands(x: f64) -> String {
     }
 }
 
+/// "1 Service", "10k Services".
+fn services_noun(n: u32) -> String {
+    format!(
+        "{} Service{}",
+        services_label(n),
+        if n == 1 { "" } else { "s" }
+    )
+}
+
 fn services_label(n: u32) -> String {
     match n {
         n if n >= 1000 && n % 1000 == 0 => format!("{}k", n / 1000),
@@ -412,9 +421,9 @@ pub fn markdown(res: &Results) -> String {
     for p in res.points.iter().filter(|p| !p.latency.is_empty()) {
         let _ = writeln!(
             out,
-            "\n## One-way latency at {} pps, {} Services (generator to sink, one clock)\n",
+            "\n## One-way latency at {} pps, {} (generator to sink, one clock)\n",
             thousands(plan.map_or(0, |p| p.latency_pps) as f64),
-            services_label(p.services)
+            services_noun(p.services)
         );
         latency_table(&mut out, res, p);
     }
@@ -466,42 +475,147 @@ fn all_runs(res: &Results) -> impl Iterator<Item = &RunResult> {
     )
 }
 
-/// The table proposed for the top-level README's performance section.
+/// The first limit a note names: "… took > 300 s" or "… not finished in 120 s".
+fn limit_in(note: &str) -> Option<u64> {
+    for marker in ["> ", "in "] {
+        if let Some(i) = note.find(marker) {
+            let rest = &note[i + marker.len()..];
+            let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+            if !digits.is_empty() && rest[digits.len()..].starts_with(" s") {
+                return digits.parse().ok();
+            }
+        }
+    }
+    None
+}
+
+/// The table proposed for the top-level README's performance section: one table, the
+/// issue's four devices, every scenario a row, the machine and the command above it.
 pub fn readme_table(res: &Results) -> String {
     let mut out = String::new();
+    let reps = res.plan.as_ref().map_or(0, |p| p.reps);
+    let rate = res.plan.as_ref().map_or(0, |p| p.latency_pps);
+    let ceiling = median(res.ceiling.iter().map(|r| r.received_pps));
     let _ = writeln!(
         out,
-        "**kxdp against the kernel, same lab, same run** (`{}`, {}; {}; load average {} at the \
-         start; medians of {} runs per device, devices in alternation). 64-byte UDP to one \
-         ClusterIP with 10 endpoints, DNAT + masquerade, received packets per second; \
-         generator and sink on core 0, the device on core 1:\n",
+        "**kxdp against the kernel it replaces, same lab, same run** (`{}`, {}; {}; veth \
+         pairs between namespaces, AF_XDP copy mode; median 1-minute load average before a \
+         run {:.2}, other processes {:.0}% of the CPU during the median run). Medians of {reps} runs per \
+         device, devices in alternation; generator and sink on core 0, the device on \
+         core 1; 64-byte UDP to the middle one of N ClusterIP Services with 10 endpoints \
+         each, DNAT + masquerade. The generator alone into the sink reaches {} pps, above \
+         every device.\n",
         res.command,
         res.started.get(..10).unwrap_or(&res.started),
         res.machine.line(),
-        res.loadavg_start,
-        res.plan.as_ref().map_or(0, |p| p.reps)
+        median(all_runs(res).map(|r| r.load1_before)).unwrap_or(f64::NAN),
+        median(all_runs(res).map(|r| r.foreign_cpu_pct)).unwrap_or(f64::NAN),
+        ceiling.map_or("—".into(), thousands),
     );
-    rate_table(&mut out, res, |p| &p.throughput, true);
-    if res.points.iter().any(|p| !p.new_flows.is_empty()) {
-        let _ = writeln!(out, "\nNew flows per second (every frame a new 5-tuple):\n");
-        rate_table(&mut out, res, |p| &p.new_flows, false);
+    let duts = [
+        DutKind::Kxdp,
+        DutKind::Iptables,
+        DutKind::Nftables,
+        DutKind::XdpForwarder,
+    ];
+    let _ = writeln!(
+        out,
+        "| | kxdp | kernel + kube-proxy iptables | kernel + kube-proxy nftables | bare AF_XDP forwarder | kxdp / iptables | kxdp / nftables |\n|---|---|---|---|---|---|---|"
+    );
+    let short_not_run = |p: &Point, d: &str| {
+        not_run(p, d).map(|w| {
+            let secs = w.rsplit("> ").next().unwrap_or("").trim().to_string();
+            format!("not run (tables not loaded in {secs})")
+        })
+    };
+    let rate_row = |out: &mut String, label: String, p: &Point, runs: &[RunResult]| {
+        let _ = write!(out, "| {label} |");
+        for d in duts {
+            let c = short_not_run(p, d.name())
+                .unwrap_or_else(|| median_pps(runs, d.name()).map_or("—".into(), thousands));
+            let _ = write!(out, " {c} |");
+        }
+        let k = median_pps(runs, "kxdp");
+        for d in [DutKind::Iptables, DutKind::Nftables] {
+            let _ = write!(out, " {} |", ratio(k, median_pps(runs, d.name()), false));
+        }
+        out.push('\n');
+    };
+    for p in &res.points {
+        rate_row(
+            &mut out,
+            format!("forwarding, {} (pps)", services_noun(p.services)),
+            p,
+            &p.throughput,
+        );
+    }
+    for p in res.points.iter().filter(|p| !p.new_flows.is_empty()) {
+        rate_row(
+            &mut out,
+            format!("new flows per second, {}", services_noun(p.services)),
+            p,
+            &p.new_flows,
+        );
     }
     for p in res.points.iter().filter(|p| !p.latency.is_empty()) {
+        let _ = write!(
+            out,
+            "| latency p50 / p99 at {} pps, {} (µs) |",
+            thousands(rate as f64),
+            services_noun(p.services)
+        );
+        for d in duts {
+            let p50 = median_latency(&p.latency, d.name(), |r| r.latency_ns.p50);
+            let p99 = median_latency(&p.latency, d.name(), |r| r.latency_ns.p99);
+            let _ = write!(out, " {} / {} |", us(p50), us(p99));
+        }
+        out.push_str(" | |\n");
+    }
+    for ip in &res.install {
+        let row = |system: &str| ip.rows.iter().find(|r| r.system == system);
+        let full = |system: &str| match row(system) {
+            Some(r) if r.full_s.is_some() => secs(r.full_s),
+            Some(r) => match limit_in(&r.note) {
+                Some(n) => format!("not finished in {n} s"),
+                None => "not finished".into(),
+            },
+            None => "—".into(),
+        };
+        let change = |system: &str| match row(system) {
+            Some(r) if !r.change_s.is_empty() => secs(change_median(r)),
+            _ => "—".into(),
+        };
+        let limit = res.plan.as_ref().map_or(0, |p| p.restore_limit_s);
+        let ipt = match row("iptables-nft-restore --noflush").and_then(|r| r.full_s) {
+            Some(v) => secs(Some(v)),
+            None => format!(
+                "not finished in {limit} s (legacy backend: {})",
+                full("iptables-legacy-restore --noflush")
+            ),
+        };
         let _ = writeln!(
             out,
-            "\nOne-way latency at {} pps with {} Services:\n",
-            thousands(res.plan.as_ref().map_or(0, |p| p.latency_pps) as f64),
-            services_label(p.services)
+            "| install {} × 10 endpoints | {} | {ipt} | {} | — | | |",
+            services_noun(ip.services),
+            full("kxdp"),
+            full("nft -f"),
         );
-        latency_table(&mut out, res, p);
-    }
-    if !res.install.is_empty() {
-        let _ = writeln!(out, "\nInstalling Services and changing one endpoint:\n");
-        install_table(&mut out, res);
+        let _ = writeln!(
+            out,
+            "| one endpoint change at {} | {} | {} | {} | — | | |",
+            services_noun(ip.services),
+            change("kxdp"),
+            change("iptables-nft-restore --noflush"),
+            change("nft -f"),
+        );
     }
     let _ = writeln!(
         out,
-        "\nFull results, plots and the targets: `bench/results/`."
+        "\nkxdp: one worker, `kxdp-dataplane --scaled-rings`, tables sent as `kxdp-control` sends \
+         them (snapshot, then deltas). Kernel: kube-proxy's own rulesets for the same Services, \
+         forwarding moved to core 1 by RPS; install and change times are kube-proxy's \
+         `iptables-restore --noflush` full and partial syncs and `nft -f`. Every device, the \
+         iptables legacy backend, the targets and plots: `bench/results/` (`kxdp-bench run --full`)."
     );
     out
 }
@@ -527,6 +641,12 @@ mod tests {
         assert_eq!(thousands(999.0), "999");
         assert_eq!(services_label(10_000), "10k");
         assert_eq!(services_label(1), "1");
+        assert_eq!(
+            limit_in("first sync not run: nft -f took > 300 s"),
+            Some(300)
+        );
+        assert_eq!(limit_in("full sync not finished in 120 s, nor"), Some(120));
+        assert_eq!(limit_in("no number"), None);
     }
 
     #[test]

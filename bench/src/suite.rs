@@ -242,6 +242,30 @@ pub struct Paths {
     pub repo: PathBuf,
 }
 
+/// A private copy of `kxdp-dataplane`, removed when dropped.
+struct PrivateBin {
+    dir: PathBuf,
+}
+
+impl PrivateBin {
+    fn copy(from: &std::path::Path) -> anyhow::Result<PrivateBin> {
+        let dir = std::env::temp_dir().join(format!("kxdp-bench-bin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let src = from.join("kxdp-dataplane");
+        if src.exists() {
+            std::fs::copy(&src, dir.join("kxdp-dataplane"))
+                .with_context(|| format!("copy {}", src.display()))?;
+        }
+        Ok(PrivateBin { dir })
+    }
+}
+
+impl Drop for PrivateBin {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// The bench's Service set for `services` Services: UDP port 80 → 8080, ten endpoints
 /// each, a /8 pod network (a million endpoints fit) and a /12 Service range.
 pub fn service_set(services: u32) -> ServiceSet {
@@ -370,6 +394,13 @@ pub fn run(
         .with_context(|| format!("create {}", paths.out_dir.display()))?;
     let logs = paths.out_dir.join("logs");
     std::fs::create_dir_all(&logs)?;
+    // A copy of kxdp-dataplane for the whole run: a build in the shared target directory
+    // may replace the original while the run goes on.
+    let private = PrivateBin::copy(&paths.bin_dir)?;
+    let paths = &Paths {
+        bin_dir: private.dir.clone(),
+        ..paths.clone()
+    };
     let started = Instant::now();
     let mut res = Results {
         command,

@@ -101,6 +101,12 @@ enum Cmd {
         /// Service counts for the install timing, comma-separated; empty for none.
         #[arg(long, value_delimiter = ',', num_args = 0..)]
         install_services: Option<Vec<u32>>,
+        /// Service counts for the latency runs, comma-separated; empty for none.
+        #[arg(long, value_delimiter = ',', num_args = 0..)]
+        latency_services: Option<Vec<u32>>,
+        /// Service counts for the new-flow runs, comma-separated; empty for none.
+        #[arg(long, value_delimiter = ',', num_args = 0..)]
+        new_flow_services: Option<Vec<u32>>,
     },
     /// Write the Markdown report and the plots again from a results JSON.
     Report {
@@ -301,6 +307,8 @@ fn main() -> anyhow::Result<()> {
             idle_below,
             idle_wait,
             install_services,
+            latency_services,
+            new_flow_services,
         } => {
             if !bench::netns::is_root() {
                 bail!("run creates network namespaces, attaches XDP and loads rulesets: run it as root");
@@ -344,6 +352,12 @@ fn main() -> anyhow::Result<()> {
             }
             if let Some(i) = install_services {
                 plan.install_services = i;
+            }
+            if let Some(l) = latency_services {
+                plan.latency_services = l;
+            }
+            if let Some(n) = new_flow_services {
+                plan.new_flow_services = n;
             }
             let out =
                 out.unwrap_or_else(|| PathBuf::from(format!("target/kxdp-bench/{}", plan.name)));
