@@ -12,7 +12,7 @@
 //! sends the delta over a real Unix socket to an in-process dataplane
 //! (`dataplane::server::serve`), and the time until its `Applied` is recorded.
 //!
-//! `cargo bench -p control --bench full_sync`
+//! `cargo bench -p control --bench full_sync` (`KXDP_BENCH_SERVICES=100000` for 100k)
 
 use std::time::{Duration, Instant};
 
@@ -22,7 +22,13 @@ use nat::spec::ClusterSpec;
 use nat::wire::{self, Message};
 use serde_json::json;
 
-const SERVICES: u32 = 10_000;
+/// Services installed: 10,000, or `KXDP_BENCH_SERVICES`.
+fn services() -> u32 {
+    std::env::var("KXDP_BENCH_SERVICES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000)
+}
 const ENDPOINTS: u32 = 10;
 
 fn rss() -> String {
@@ -93,7 +99,8 @@ fn main() {
         "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.2"}]}});
     apply_value(&mut objects, &yaml(&node), "bench").unwrap();
     let started = Instant::now();
-    for s in 0..SERVICES {
+    let services = services();
+    for s in 0..services {
         let name = format!("svc-{s}");
         let ip = format!("172.30.{}.{}", s / 250, s % 250 + 1);
         let svc = json!({"apiVersion": "v1", "kind": "Service",
@@ -127,7 +134,7 @@ fn main() {
         let tables = control::compute(&objects, "node-a", &cluster).unwrap();
         compute.push(t.elapsed());
         computed_rss = rss();
-        assert_eq!(tables.services.len(), SERVICES as usize);
+        assert_eq!(tables.services.len(), services as usize);
         let t = Instant::now();
         let frame = wire::encode(&Message::Snapshot {
             generation,
@@ -152,8 +159,8 @@ fn main() {
         median(install),
     );
     println!(
-        "full sync of {SERVICES} Services x {ENDPOINTS} endpoints ({} endpoints), median of 3:",
-        SERVICES * ENDPOINTS
+        "full sync of {services} Services x {ENDPOINTS} endpoints ({} endpoints), median of 3:",
+        services * ENDPOINTS
     );
     println!("  objects loaded into control's store in {load:?} (once)");
     println!("  compute tables   {c:?}");
@@ -201,7 +208,7 @@ fn one_change_at_scale(objects: &mut Objects, shared: Shared) {
     let mut bytes = 0;
     for c in 0..CHANGES {
         // A slice with one or two endpoints more than before, all on node-b.
-        let value = slice((c * 7919) % SERVICES, ENDPOINTS + 1 + c % 2, false);
+        let value = slice((c * 7919) % services(), ENDPOINTS + 1 + c % 2, false);
         let started = Instant::now();
         apply_value(objects, &value, "bench").unwrap();
         let tables = computer.compute(objects).unwrap().tables;
@@ -224,7 +231,7 @@ fn one_change_at_scale(objects: &mut Objects, shared: Shared) {
     let first = shared.tables.load().generation;
     let mut spec = shared.tables.load().spec.clone();
     for (generation, c) in (first..).zip(0..CHANGES) {
-        let i = ((c * 104729) % SERVICES) as usize;
+        let i = ((c * 104729) % services()) as usize;
         let mut changed = (*spec.services[i]).clone();
         if changed.cluster_endpoints.len() > 1 {
             changed.cluster_endpoints.pop();

@@ -107,7 +107,7 @@ pub enum Progress {
 /// The latest table.
 struct Latest {
     generation: u64,
-    tables: TableSpec,
+    tables: Arc<TableSpec>,
 }
 
 /// How a table went to the dataplane.
@@ -136,7 +136,7 @@ pub struct Stream {
     latest: Option<Latest>,
     /// The generation the dataplane at the other end of `conn` applied, and its table:
     /// the base of the next delta.
-    applied: Option<(u64, TableSpec)>,
+    applied: Option<(u64, Arc<TableSpec>)>,
     refused: Option<u64>,
     /// What the last exchanges sent, oldest first; taken by [`Stream::take_sent`].
     sent: Vec<Sent>,
@@ -186,13 +186,16 @@ impl Stream {
     }
 
     /// Makes `tables` the table to keep the dataplane at, as `generation` (which should
-    /// grow with every new table). Sends nothing: [`Stream::sync`] does. Cheap: the
-    /// Service ports are shared, not copied.
+    /// grow with every new table). Sends nothing: [`Stream::sync`] does. The Service ports
+    /// are shared, not copied.
     pub fn publish(&mut self, generation: u64, tables: &TableSpec) {
-        self.latest = Some(Latest {
-            generation,
-            tables: tables.clone(),
-        });
+        self.publish_shared(generation, Arc::new(tables.clone()));
+    }
+
+    /// [`Stream::publish`] of a table the caller keeps too: not even the list of Service
+    /// ports is copied.
+    pub fn publish_shared(&mut self, generation: u64, tables: Arc<TableSpec>) {
+        self.latest = Some(Latest { generation, tables });
         self.refused = None;
         // A new table is worth an attempt now, whatever the backoff said.
         self.retry_at = None;
@@ -346,7 +349,7 @@ impl Stream {
             None => {
                 let frame = wire::encode(&Message::Snapshot {
                     generation: latest.generation,
-                    tables: Box::new(latest.tables.clone()),
+                    tables: Box::new(TableSpec::clone(&latest.tables)),
                 });
                 let bytes = frame.len();
                 (frame, Sent::Snapshot { bytes })
@@ -431,7 +434,7 @@ impl Settle {
 /// One generation of tables, from objects taken to the dataplane's answer.
 struct Generation {
     generation: u64,
-    tables: TableSpec,
+    tables: Arc<TableSpec>,
     /// When the objects it was computed from were taken.
     started: Instant,
     computed_in: Duration,
@@ -568,10 +571,11 @@ impl Programmer {
             .is_some()
             .then(|| crate::health::service_health_checks(objects, &tables));
         let generation = match &self.latest {
-            Some(l) if l.tables == tables => l.generation,
+            Some(l) if *l.tables == tables => l.generation,
             _ => {
                 let generation = self.latest.as_ref().map_or(1, |l| l.generation + 1);
-                self.stream.publish(generation, &tables);
+                let tables = Arc::new(tables);
+                self.stream.publish_shared(generation, tables.clone());
                 self.metrics.published(generation);
                 self.latest = Some(Generation {
                     generation,
