@@ -356,6 +356,12 @@ impl TableDelta {
                     d.upserted.push(Arc::clone(y));
                     b.next();
                 }
+                // The same allocation: the same entry, found without reading it (most
+                // entries of successive tables are shared).
+                (Some(x), Some(y)) if Arc::ptr_eq(x, y) => {
+                    a.next();
+                    b.next();
+                }
                 (Some(x), Some(y)) => match x.key_ref().cmp(&y.key_ref()) {
                     Ordering::Less => {
                         d.removed.push(x.key());
@@ -444,6 +450,11 @@ impl TableSpec {
         let mut removed = delta.removed.iter().peekable();
         let mut upserted = delta.upserted.iter().peekable();
         for (i, old) in self.services.iter().enumerate() {
+            if removed.peek().is_none() && upserted.peek().is_none() {
+                // Nothing left to merge: the rest is kept, without reading it.
+                (i..self.services.len()).for_each(|i| step(MergeStep::Kept(i)));
+                return Ok(());
+            }
             let k = old.key_ref();
             while let Some(u) = upserted.next_if(|u| u.key_ref() < k) {
                 if removed.peek().is_some_and(|r| r.as_ref() == u.key_ref()) {
