@@ -102,7 +102,8 @@ fn main() {
     let services = services();
     for s in 0..services {
         let name = format!("svc-{s}");
-        let ip = format!("172.30.{}.{}", s / 250, s % 250 + 1);
+        // 172.16.0.1 on: room for a million Services in 172.16.0.0/12.
+        let ip = std::net::Ipv4Addr::from(0xac10_0001 + s).to_string();
         let svc = json!({"apiVersion": "v1", "kind": "Service",
             "metadata": {"name": name, "namespace": "default"},
             "spec": {"clusterIP": ip, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}});

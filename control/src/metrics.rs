@@ -229,6 +229,9 @@ pub struct ControlSnapshot {
 #[derive(Debug)]
 pub struct ControlMetrics {
     inner: Mutex<ControlSnapshot>,
+    /// The tables the dataplane last applied, whose sizes a snapshot reports: counted when
+    /// read (a scrape), not on every generation (a pass over every Service port).
+    applied_tables: Mutex<Option<std::sync::Arc<TableSpec>>>,
 }
 
 impl Default for ControlMetrics {
@@ -254,6 +257,7 @@ impl ControlMetrics {
                 snapshots_sent: (0, 0),
                 deltas_sent: (0, 0),
             }),
+            applied_tables: Mutex::new(None),
         }
     }
 
@@ -282,11 +286,14 @@ impl ControlMetrics {
     }
 
     /// The dataplane applied `generation`, whose tables are `tables`, at `at`.
-    pub fn applied(&self, generation: u64, tables: &TableSpec, at: SystemTime) {
+    pub fn applied(&self, generation: u64, tables: &std::sync::Arc<TableSpec>, at: SystemTime) {
         let mut m = self.lock();
         m.applied_generation = generation;
         m.last_applied = Some(at);
-        m.tables = TableSizes::of(tables);
+        *self
+            .applied_tables
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(tables.clone());
     }
 
     /// A table went to the dataplane.
@@ -312,7 +319,14 @@ impl ControlMetrics {
 
     /// A copy of everything measured.
     pub fn snapshot(&self) -> ControlSnapshot {
-        self.lock().clone()
+        let mut snapshot = self.lock().clone();
+        let tables = self
+            .applied_tables
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        snapshot.tables = tables.as_deref().map(TableSizes::of).unwrap_or_default();
+        snapshot
     }
 
     /// A copy of the network programming latencies.
