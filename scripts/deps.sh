@@ -7,7 +7,8 @@
 # how an operator removes a BPF-link attachment by hand (README) and what the XDP filter
 # test checks that with. iputils-ping and
 # traceroute run through a kxdp node in issue 9's namespace test. iptables (iptables-nft
-# and iptables-legacy) and nftables load the bench's kube-proxy baselines. Rust crates
+# and iptables-legacy) and nftables load the bench's kube-proxy baselines; fonts-dejavu-core
+# gives its plots a font. Rust crates
 # come through cargo.
 set -euo pipefail
 need=()
@@ -29,6 +30,8 @@ command -v vagrant >/dev/null 2>&1 || need+=(vagrant)
 # ping and traceroute through a kxdp node (issue 9's namespace test).
 command -v ping >/dev/null 2>&1 || need+=(iputils-ping)
 command -v traceroute >/dev/null 2>&1 || need+=(traceroute)
+# the bench's PNG plots draw their text with a TrueType font.
+[ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "kxdp: missing ${need[*]} and not root: install them with apt-get" >&2
