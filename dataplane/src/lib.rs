@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cores;
 pub mod counters;
 pub mod handover;
 pub mod inspect;

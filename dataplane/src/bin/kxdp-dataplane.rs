@@ -77,9 +77,24 @@ struct Args {
     /// The handover version to ask for (tests use it to show a mismatch is refused).
     #[arg(long, hide = true, default_value_t = dataplane::handover::VERSION)]
     handover_version: u32,
-    /// Pin workers to cores (worker i on core i modulo the core count).
+    /// Pin workers to cores (worker i on core i modulo the core count, or on the i-th
+    /// core of --cores).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pin: bool,
+    /// The cores to pin the workers to, one per worker in order, as the kernel writes CPU
+    /// lists (`2,3`, `2-5`): give them cores isolated with `isolcpus=`/`nohz_full=`.
+    #[arg(long, value_parser = core_list)]
+    cores: Option<CoreList>,
+}
+
+/// `--cores`' value: one argument holding a whole list.
+#[derive(Clone, Debug)]
+struct CoreList(Vec<usize>);
+
+fn core_list(s: &str) -> Result<CoreList, String> {
+    dataplane::cores::parse_core_list(s)
+        .map(CoreList)
+        .map_err(|e| e.to_string())
 }
 
 fn port_range(s: &str) -> Result<(u16, u16), String> {
@@ -163,6 +178,22 @@ fn main() -> Result<()> {
         "generic" => XdpMode::Generic,
         other => bail!("--xdp-mode {other}: use auto, native or generic"),
     };
+    let workers = args.workers.max(1);
+    // The cores, checked before anything is looked up or attached.
+    if !args.pin && args.cores.is_some() {
+        bail!("--cores pins the workers: it cannot go with --pin false");
+    }
+    let cores = if args.pin {
+        let available: Vec<usize> = core_affinity::get_core_ids()
+            .unwrap_or_default()
+            .iter()
+            .map(|c| c.id)
+            .collect();
+        let wanted = args.cores.as_ref().map(|c| c.0.as_slice());
+        dataplane::cores::assign(workers as usize, wanted, &available)?
+    } else {
+        vec![None; workers as usize]
+    };
     let mut ports = Vec::new();
     if let Some(up) = &args.uplink {
         ports.push(PortConfig {
@@ -212,7 +243,6 @@ fn main() -> Result<()> {
             args.ring_size
         );
     }
-    let workers = args.workers.max(1);
     let limits = Limits {
         ring_size: args.ring_size,
         conntrack_capacity: args.conntrack_capacity,
@@ -340,17 +370,16 @@ fn main() -> Result<()> {
         None => None,
     };
     dataplane::server::serve_for_group(&args.socket, shared.clone(), epoch, gid)?;
-    let cores = core_affinity::get_core_ids().unwrap_or_default();
     let idle_sleep = Duration::from_micros(args.idle_sleep_us);
     let mut handles = Vec::new();
     for (w, dev) in devices.into_iter().enumerate() {
         let shared = shared.clone();
         let stop = stop.clone();
-        let core = if args.pin {
-            cores.get(w % cores.len().max(1)).copied()
-        } else {
-            None
-        };
+        let core = cores
+            .get(w)
+            .copied()
+            .flatten()
+            .map(|id| core_affinity::CoreId { id });
         handles.push(
             std::thread::Builder::new()
                 .name(format!("kxdp-worker-{w}"))
