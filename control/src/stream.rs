@@ -78,6 +78,16 @@ pub enum StreamError {
         /// The dataplane's reason.
         reason: String,
     },
+    /// Another kxdp-control programs this dataplane; it is asked again after `retry`.
+    #[error("control socket {}: {reason}; asking again in {retry:?}", .path.display())]
+    Busy {
+        /// The socket path.
+        path: PathBuf,
+        /// The dataplane's words: who holds its tables.
+        reason: String,
+        /// When the next attempt is made.
+        retry: Duration,
+    },
     /// The dataplane answered something other than `Applied` for this generation.
     #[error("the dataplane answered generation {generation} with {answer}: is it a kxdp-dataplane of this release? reconnecting")]
     Unexpected {
@@ -253,6 +263,15 @@ impl Stream {
             Ok(Message::Refused { reason }) => {
                 self.refused = Some(generation);
                 Err(StreamError::Refused { generation, reason })
+            }
+            Ok(Message::Busy { reason }) => {
+                self.disconnect();
+                let retry = self.back_off();
+                Err(StreamError::Busy {
+                    path: self.path.clone(),
+                    reason,
+                    retry,
+                })
             }
             Ok(other) => {
                 self.disconnect();
@@ -845,6 +864,7 @@ mod tests {
                 internal_local: false,
                 external_local: false,
                 affinity_timeout_s: None,
+                lb_source_ranges: Vec::new(),
             }));
         }
         t
@@ -967,6 +987,47 @@ mod tests {
         let e = s.send(1, &TableSpec::default(), None).expect_err("refused");
         assert!(e.to_string().contains("bad table"), "{e}");
         assert_eq!(s.sync().expect("reported already"), Progress::Refused(1));
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_second_control_is_told_busy_backs_off_and_takes_over_when_the_first_stops() {
+        let path = socket_path("busy");
+        let shared = Arc::new(dataplane::state::Shared::new(
+            vec![],
+            1,
+            dataplane::state::Limits::default(),
+        ));
+        dataplane::server::serve(&path, shared.clone(), Instant::now()).expect("serve");
+        let mut first = Stream::new(&path);
+        first
+            .send(1, &table_with(&["a/x:p"]), None)
+            .expect("applied");
+        let mut second = Stream::new(&path);
+        second.publish(1, &table_with(&["a/y:p"]));
+        let e = second.sync().expect_err("busy");
+        assert!(matches!(e, StreamError::Busy { .. }), "{e}");
+        assert!(e.to_string().contains("another kxdp-control"), "{e}");
+        assert!(matches!(second.sync(), Ok(Progress::Waiting(_))));
+        assert_eq!(shared.tables.load().generation, 1);
+        let names = |shared: &dataplane::state::Shared| -> Vec<String> {
+            let t = shared.tables.load();
+            t.services.services().map(|(_, s)| s.name.clone()).collect()
+        };
+        assert_eq!(names(&shared), ["a/x:p"], "the first control's table stays");
+        drop(first);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match second.sync() {
+                Ok(Progress::Applied(1)) => break,
+                Ok(Progress::Waiting(w)) => std::thread::sleep(w.min(Duration::from_millis(50))),
+                other => {
+                    assert!(Instant::now() < deadline, "never took over: {other:?}");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+        assert_eq!(names(&shared), ["a/y:p"]);
         let _ = std::fs::remove_file(&path);
     }
 

@@ -9,8 +9,8 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
 
 use nat::wire::{self, Message};
 
@@ -44,17 +44,23 @@ pub fn serve_for_group(
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
     }
     log::info!("control socket listening on {}", path.display());
+    let writer = Arc::new(Writer::default());
     std::thread::Builder::new()
         .name("kxdp-control-rx".into())
         .spawn(move || {
-            for stream in listener.incoming() {
+            for (id, stream) in (1u64..).zip(listener.incoming()) {
                 match stream {
                     Ok(stream) => {
                         let shared = shared.clone();
+                        let writer = writer.clone();
                         let _ = std::thread::Builder::new()
                             .name("kxdp-control-conn".into())
                             .spawn(move || {
-                                if let Err(e) = connection(stream, &shared, epoch) {
+                                let mut conn = Conn {
+                                    id,
+                                    writer: &writer,
+                                };
+                                if let Err(e) = connection(stream, &shared, epoch, &mut conn) {
                                     log::debug!("control connection ended: {e}");
                                 }
                             });
@@ -65,7 +71,82 @@ pub fn serve_for_group(
         })
 }
 
-fn connection(mut stream: UnixStream, shared: &Shared, epoch: Instant) -> io::Result<()> {
+/// How long a second control waits for the first one's connection to close before it is
+/// told the tables are taken: a restarted control may connect before the dataplane has
+/// read its predecessor's end of file.
+const WRITER_WAIT: Duration = Duration::from_secs(1);
+
+/// The one connection that programs the tables. Two kxdp-control processes (a stale one
+/// and its replacement, or two nodes' configs on one socket) would otherwise replace each
+/// other's snapshots forever; the second is answered [`Message::Busy`] instead.
+#[derive(Default)]
+struct Writer {
+    /// The connection holding the tables, and since when.
+    held: Mutex<Option<(u64, SystemTime)>>,
+    freed: Condvar,
+}
+
+/// One connection's claim on the [`Writer`], released when the connection ends.
+struct Conn<'a> {
+    id: u64,
+    writer: &'a Writer,
+}
+
+impl Conn<'_> {
+    /// Makes this connection the writer, waiting up to [`WRITER_WAIT`] for another to
+    /// end; `Err` tells who holds the tables.
+    fn claim(&mut self) -> Result<(), String> {
+        let held = self
+            .writer
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (mut held, _) = self
+            .writer
+            .freed
+            .wait_timeout_while(held, WRITER_WAIT, |h| {
+                h.is_some_and(|(id, _)| id != self.id)
+            })
+            .unwrap_or_else(PoisonError::into_inner);
+        match *held {
+            Some((id, since)) if id != self.id => {
+                let since = since
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or_default();
+                Err(format!(
+                    "another kxdp-control (control connection {id}, programming since unix time {since}) holds this dataplane's tables; run one kxdp-control per dataplane and stop the other"
+                ))
+            }
+            Some(_) => Ok(()),
+            None => {
+                *held = Some((self.id, SystemTime::now()));
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Drop for Conn<'_> {
+    fn drop(&mut self) {
+        let mut held = self
+            .writer
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if held.is_some_and(|(id, _)| id == self.id) {
+            *held = None;
+            self.writer.freed.notify_all();
+        }
+    }
+}
+
+fn connection(
+    mut stream: UnixStream,
+    shared: &Shared,
+    epoch: Instant,
+    conn: &mut Conn<'_>,
+) -> io::Result<()> {
     loop {
         let msg = match wire::read_message(&mut stream) {
             Ok(m) => m,
@@ -91,6 +172,13 @@ fn connection(mut stream: UnixStream, shared: &Shared, epoch: Instant) -> io::Re
         } = msg
         {
             return monitor(stream, shared, addr, port, drops_only);
+        }
+        if matches!(msg, Message::Snapshot { .. } | Message::Delta { .. }) {
+            if let Err(reason) = conn.claim() {
+                log::error!("refusing a table from a second control: {reason}");
+                wire::write_message(&mut stream, &Message::Busy { reason })?;
+                return Ok(());
+            }
         }
         let (answer, retire) = handle_table_or(msg, shared, epoch);
         wire::write_message(&mut stream, &answer)?;
@@ -366,6 +454,72 @@ mod tests {
     use super::*;
     use crate::state::{Limits, PortConfig, PortRole};
 
+    /// Sends a snapshot of `generation` on `s` and returns the answer.
+    fn send_snapshot(s: &mut UnixStream, generation: u64) -> Message {
+        wire::write_message(
+            s,
+            &Message::Snapshot {
+                generation,
+                tables: Box::default(),
+            },
+        )
+        .unwrap();
+        wire::read_message(s).unwrap()
+    }
+
+    #[test]
+    fn one_control_programs_the_tables_and_a_second_is_told_busy() {
+        let shared = Arc::new(Shared::new(vec![], 1, Limits::default()));
+        let dir = std::env::temp_dir().join(format!("kxdp-writer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("dataplane.sock");
+        serve(&path, shared.clone(), Instant::now()).unwrap();
+        let mut first = UnixStream::connect(&path).unwrap();
+        assert_eq!(
+            send_snapshot(&mut first, 1),
+            Message::Applied { generation: 1 }
+        );
+        // Inspection on another connection is not programming: answered as always.
+        let mut cli = UnixStream::connect(&path).unwrap();
+        wire::write_message(&mut cli, &Message::GetStats).unwrap();
+        assert!(matches!(
+            wire::read_message(&mut cli).unwrap(),
+            Message::Stats { generation: 1, .. }
+        ));
+        // A second control is refused (after waiting for the first to go) and closed.
+        let mut second = UnixStream::connect(&path).unwrap();
+        let started = Instant::now();
+        let Message::Busy { reason } = send_snapshot(&mut second, 7) else {
+            panic!("a second writer was not told busy");
+        };
+        assert!(started.elapsed() >= WRITER_WAIT, "{:?}", started.elapsed());
+        assert!(reason.contains("another kxdp-control"), "{reason}");
+        assert!(
+            wire::read_message(&mut second).is_err(),
+            "the busy connection is closed"
+        );
+        assert_eq!(shared.tables.load().generation, 1, "nothing changed");
+        // The first one keeps programming.
+        assert_eq!(
+            send_snapshot(&mut first, 2),
+            Message::Applied { generation: 2 }
+        );
+        // A replacement that connects while its predecessor is still going away waits
+        // for it, then takes over.
+        let mut third = UnixStream::connect(&path).unwrap();
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(WRITER_WAIT / 4);
+            drop(first);
+        });
+        assert_eq!(
+            send_snapshot(&mut third, 1),
+            Message::Applied { generation: 1 }
+        );
+        closer.join().unwrap();
+        assert_eq!(shared.tables.load().generation, 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn a_table_that_fails_validation_is_refused_counted_and_changes_nothing() {
         let shared = Shared::new(
@@ -450,6 +604,7 @@ mod tests {
             internal_local: false,
             external_local: false,
             affinity_timeout_s: None,
+            lb_source_ranges: Vec::new(),
         })
     }
 

@@ -160,6 +160,12 @@ pub enum Message {
         /// What was wrong.
         reason: String,
     },
+    /// dataplane → control: another connection programs the tables (one control per
+    /// dataplane); nothing was changed and this connection is closed. Try again later.
+    Busy {
+        /// Who holds the tables, and since when.
+        reason: String,
+    },
 }
 
 /// Why a frame could not be decoded.

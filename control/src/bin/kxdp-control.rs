@@ -117,7 +117,7 @@ fn sync(programmer: &mut Programmer, once: bool) -> Result<bool> {
     match programmer.sync() {
         Ok(Progress::Applied(_)) => Ok(once),
         Ok(_) => Ok(false),
-        Err(e @ StreamError::Refused { .. }) => {
+        Err(e @ (StreamError::Refused { .. } | StreamError::Busy { .. })) => {
             log::error!("{e}");
             if once {
                 bail!("{e}");
