@@ -733,6 +733,34 @@ impl Conntrack {
         removed
     }
 
+    /// Removes the expired connections among entries `from..from + count` (clamped to the
+    /// table) and returns how many went and where the next call should start (0 after the
+    /// last entry): a sweep in slices, so that no single pass walks the whole table. An
+    /// entry that has not expired costs two loads from its own cache line; only expired
+    /// ones are read whole.
+    pub fn sweep_expired(&self, now: u64, from: usize, count: usize) -> (usize, usize) {
+        let end = from.saturating_add(count).min(self.entries.len());
+        let mut removed = 0;
+        for e in from.min(end)..end {
+            let entry = &self.entries[e];
+            if entry.state.load(Ordering::Acquire) as u8 != LIVE
+                || entry.expires.load(Ordering::Relaxed) > now
+            {
+                continue;
+            }
+            let Some(w) = self.read_entry(e as u32) else {
+                continue;
+            };
+            let conn = decode(&w);
+            // Refreshed by a packet since the first look: it stays.
+            if entry.expires.load(Ordering::Relaxed) <= now && self.kill(e as u32, &conn) {
+                removed += 1;
+            }
+        }
+        let next = if end >= self.entries.len() { 0 } else { end };
+        (removed, next)
+    }
+
     /// Every live connection with its protocol state and expiry time (ns), for inspection:
     /// one pass over the entries, off the packet path; a connection rewritten meanwhile
     /// may be missed.
@@ -855,6 +883,39 @@ mod tests {
         assert!(ct.is_empty());
         // An expired entry's tuple can be reused.
         ct.insert(conn(1), 200, 10).unwrap();
+    }
+
+    #[test]
+    fn sweeping_in_slices_removes_exactly_the_expired() {
+        let ct = Conntrack::new(100);
+        for i in 0..50 {
+            ct.insert(conn(i), 0, 10).unwrap();
+        }
+        for i in 50..80 {
+            ct.insert(conn(i), 0, 1000).unwrap();
+        }
+        // A packet at 5 keeps this one alive until 105.
+        assert!(ct.lookup(&conn(3).original, 5, 100).is_some());
+        let (mut removed, mut from, mut calls) = (0, 0, 0);
+        loop {
+            let (r, next) = ct.sweep_expired(20, from, 16);
+            removed += r;
+            calls += 1;
+            if next == 0 {
+                break;
+            }
+            assert_eq!(next, from + 16, "each call covers its slice only");
+            from = next;
+        }
+        assert_eq!(calls, 100usize.div_ceil(16));
+        assert_eq!(removed, 49);
+        assert_eq!(ct.len(), 31);
+        assert!(ct.lookup(&conn(3).reply, 20, 100).is_some());
+        for i in 50..80 {
+            assert!(ct.lookup(&conn(i).original, 20, 1000).is_some(), "{i}");
+        }
+        // Out of range is nothing, and starts over.
+        assert_eq!(ct.sweep_expired(2000, 500, 16), (0, 0));
     }
 
     #[test]
