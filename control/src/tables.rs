@@ -10,6 +10,9 @@
 //!   the Service has a ClusterIP of that family, whose frontends are then that ClusterIP,
 //!   the externalIPs and the VIP-mode load-balancer ingress IPs of the family, and every
 //!   node address of the family with the port's `nodePort`.
+//! - `loadBalancerSourceRanges` (trimmed, of the family) guard the load-balancer IPs only,
+//!   as kube-proxy's firewall chain does, with the IPs themselves allowed as sources when a
+//!   range holds the node's IP; NodePorts, externalIPs and the ClusterIP stay open.
 //! - EndpointSlices are authoritative: a Service's endpoints are those of the slices
 //!   labelled `kubernetes.io/service-name: <name>` in its namespace, of the family's address
 //!   type, whatever its selector says; an address of the other family inside a slice is
@@ -235,6 +238,7 @@ impl TableComputer {
             node_name,
             zone: me.zone.as_deref(),
             node_addresses: &nodeport_addresses,
+            primary_ips: primary_ips(node),
         };
         let mut delta = nat::spec::TableDelta::default();
         let since = match self.seen {
@@ -489,6 +493,28 @@ struct Here<'a> {
     node_name: &'a str,
     zone: Option<&'a str>,
     node_addresses: &'a [IpAddr],
+    /// The node's primary address of each family (IPv4, IPv6), kube-proxy's `nodeIP`.
+    primary_ips: [Option<IpAddr>; 2],
+}
+
+/// kube-proxy's node IP of each family (IPv4, IPv6), as `GetNodeHostIPs` finds it: the
+/// first InternalIP of the family, else the first ExternalIP.
+fn primary_ips(node: &Node) -> [Option<IpAddr>; 2] {
+    let addresses: Vec<(&str, IpAddr)> = node
+        .status
+        .iter()
+        .flat_map(|s| s.addresses.iter().flatten())
+        .filter_map(|a| Some((a.type_.as_str(), a.address.parse().ok()?)))
+        .collect();
+    let first = |v6: bool| {
+        ["InternalIP", "ExternalIP"].iter().find_map(|ty| {
+            addresses
+                .iter()
+                .find(|(t, ip)| t == ty && ip.is_ipv6() == v6)
+                .map(|(_, ip)| *ip)
+        })
+    };
+    [first(false), first(true)]
 }
 
 fn vtep_mac(data: &str) -> Option<[u8; 6]> {
@@ -785,6 +811,18 @@ fn service_specs(
         &object,
         w,
     );
+    // ServicePort.LoadBalancerSourceRanges: trimmed (validation lets padding through),
+    // each family's for its proxier.
+    let mut source_ranges: Vec<IpNet> = Vec::new();
+    for r in spec.load_balancer_source_ranges.iter().flatten() {
+        match r.trim().parse::<IpNet>() {
+            Ok(net) => source_ranges.push(net.trunc()),
+            Err(_) => w.push(
+                object.clone(),
+                format!("loadBalancerSourceRanges {r:?} is not a CIDR; ignored"),
+            ),
+        }
+    }
     let node_ports = ty == "NodePort" || ty == "LoadBalancer";
     // apiservice.ExternallyAccessible / ExternalPolicyLocal / InternalPolicyLocal.
     let externally_accessible = node_ports
@@ -898,6 +936,19 @@ fn service_specs(
                         }),
                 );
             }
+            // kube-proxy's firewall chain: only for load-balancer IPs of the family, and
+            // the LB IPs are allowed sources too when a range holds the node's IP (a
+            // node reaching its own VIP loops back from the VIP).
+            let mut lb_source_ranges: Vec<IpNet> = Vec::new();
+            let family_lb_ips: Vec<IpAddr> =
+                lb_ips.iter().copied().filter(|ip| fam(&ip)).collect();
+            if !family_lb_ips.is_empty() {
+                lb_source_ranges.extend(source_ranges.iter().filter(|n| n.addr().is_ipv6() == v6));
+                let node_ip = here.primary_ips[v6 as usize];
+                if node_ip.is_some_and(|ip| lb_source_ranges.iter().any(|n| n.contains(&ip))) {
+                    lb_source_ranges.extend(family_lb_ips.iter().map(|&ip| IpNet::from(ip)));
+                }
+            }
             let eps = endpoints_for(slices, port, proto, v6, here.node_name, &object, w);
             let (cluster, local) = categorize(&eps, here.node_name, here.zone);
             out.push(ServiceSpec {
@@ -910,6 +961,7 @@ fn service_specs(
                 internal_local,
                 external_local,
                 affinity_timeout_s: affinity,
+                lb_source_ranges,
             });
         }
     }

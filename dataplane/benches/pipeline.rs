@@ -135,6 +135,7 @@ fn spec(services: u32) -> TableSpec {
                 internal_local: false,
                 external_local: false,
                 affinity_timeout_s: None,
+                lb_source_ranges: Vec::new(),
             })
             .map(std::sync::Arc::new)
             .collect(),

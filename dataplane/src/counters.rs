@@ -52,6 +52,8 @@ drop_reasons! {
     NoService => "no_service",
     /// `Local` traffic policy and no local endpoint.
     NoLocalEndpoint => "no_local_endpoint",
+    /// A new connection to a load-balancer IP from outside its `loadBalancerSourceRanges`.
+    SourceRange => "source_range",
     /// The conntrack table is full: new flow refused.
     ConntrackFull => "conntrack_full",
     /// No free source port for masquerade.

@@ -496,6 +496,7 @@ impl Pipeline<'_> {
                             )
                         }
                         Decision::Drop => Outcome::Drop(DropReason::NoLocalEndpoint),
+                        Decision::SourceFiltered => Outcome::Drop(DropReason::SourceRange),
                     };
                 }
             }

@@ -136,6 +136,7 @@ mod tests {
                 internal_local: false,
                 external_local: false,
                 affinity_timeout_s: None,
+                lb_source_ranges: Vec::new(),
             })],
             ..Default::default()
         };

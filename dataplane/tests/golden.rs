@@ -51,6 +51,7 @@ fn service(
         internal_local: false,
         external_local: false,
         affinity_timeout_s: None,
+        lb_source_ranges: Vec::new(),
     }
 }
 

@@ -226,6 +226,12 @@ pub struct ServiceSpec {
     /// `sessionAffinity: ClientIP` timeout in seconds; `None` without affinity.
     #[serde(default)]
     pub affinity_timeout_s: Option<u32>,
+    /// The sources that may open connections to the [`FrontendKind::LoadBalancer`]
+    /// frontends: `loadBalancerSourceRanges` of this family, plus the load-balancer IPs
+    /// themselves when a range holds the node's address (kube-proxy's firewall chain).
+    /// Empty: no filter. NodePorts, externalIPs and the ClusterIP are never filtered.
+    #[serde(default)]
+    pub lb_source_ranges: Vec<IpNet>,
 }
 
 /// What identifies a [`ServiceSpec`] within a table: its name, protocol and IP family. The
@@ -722,6 +728,7 @@ mod validate_tests {
             internal_local: false,
             external_local: false,
             affinity_timeout_s: None,
+            lb_source_ranges: Vec::new(),
         }
     }
 
@@ -813,6 +820,7 @@ mod delta_tests {
             internal_local: false,
             external_local: false,
             affinity_timeout_s: None,
+            lb_source_ranges: Vec::new(),
         }
     }
 

@@ -151,6 +151,9 @@ pub struct Service {
     pub serving_endpoints: Vec<Backend>,
     /// Stable key of this Service port in the affinity table.
     pub affinity_key: u64,
+    /// Who may open connections to the load-balancer frontends; empty: anyone
+    /// ([`ServiceSpec::lb_source_ranges`]).
+    pub lb_source_ranges: Vec<IpNet>,
 }
 
 /// What to do with the first packet of a connection to a frontend.
@@ -167,6 +170,9 @@ pub enum Decision {
     Reject,
     /// Endpoints exist, but none for this traffic under a `Local` policy: drop silently.
     Drop,
+    /// A load-balancer frontend and a source outside its `loadBalancerSourceRanges`:
+    /// dropped silently, as kube-proxy's firewall chain does.
+    SourceFiltered,
 }
 
 /// Where the first packet of a connection comes from, as kube-proxy classifies it.
@@ -466,6 +472,18 @@ impl ServiceTable {
             return Decision::Drop;
         };
         let origin = self.origin(src);
+        // kube-proxy's firewall check (loadBalancerSourceRanges) runs before DNAT and
+        // before the no-endpoint reject, for every client, pods included; only this node's
+        // own processes meet the reject first (nftables' filter-output jumps to the
+        // endpoints check before the firewall check).
+        let rejected_first = origin == Origin::Node && svc.cluster.backends.is_empty();
+        if f.kind == FrontendKind::LoadBalancer
+            && !svc.lb_source_ranges.is_empty()
+            && !svc.lb_source_ranges.iter().any(|n| n.contains(&src))
+            && !rejected_first
+        {
+            return Decision::SourceFiltered;
+        }
         // Which endpoint set, and whether the policy itself asks for masquerade.
         // (endpoints, whether they are the Local policy's, whether the policy masquerades)
         let (set, local_set, policy_masq) = if f.kind.is_external() {
@@ -531,6 +549,7 @@ fn placeholder() -> Service {
         internal_local: false,
         external_local: false,
         affinity_timeout_s: None,
+        lb_source_ranges: Vec::new(),
         all_endpoints: Vec::new(),
         serving_endpoints: Vec::new(),
         affinity_key: 0,
@@ -572,6 +591,7 @@ fn compile(s: &ServiceSpec, ring_size: u32, scaled: bool) -> Service {
             &s.name,
             s.frontends.first().is_some_and(|f| f.ip.is_ipv6()),
         ),
+        lb_source_ranges: s.lb_source_ranges.clone(),
     }
 }
 
@@ -676,6 +696,7 @@ mod tests {
                 internal_local: false,
                 external_local: etp_local,
                 affinity_timeout_s: None,
+                lb_source_ranges: Vec::new(),
             })],
             ..TableSpec::default()
         };
@@ -884,6 +905,7 @@ mod tests {
                 internal_local: false,
                 external_local: false,
                 affinity_timeout_s: None,
+                lb_source_ranges: Vec::new(),
             }));
         }
         spec.sort_services();
@@ -940,5 +962,92 @@ mod tests {
             "a replaced Service port keeps its id"
         );
         assert_eq!(updated.services[changed as usize].cluster.backends.len(), 2);
+    }
+
+    #[test]
+    fn source_ranges_filter_only_load_balancer_frontends() {
+        let lb = FrontendSpec {
+            kind: FrontendKind::LoadBalancer,
+            ip: "1.2.3.4".parse().unwrap(),
+            port: 80,
+        };
+        let mk = |endpoints: Vec<EndpointSpec>| {
+            let s = ServiceSpec {
+                name: "default/web:http".into(),
+                protocol: Protocol::Tcp,
+                frontends: vec![
+                    FrontendSpec {
+                        kind: FrontendKind::ClusterIp,
+                        ip: "172.30.0.41".parse().unwrap(),
+                        port: 80,
+                    },
+                    lb,
+                    FrontendSpec {
+                        kind: FrontendKind::NodePort,
+                        ip: "192.168.0.2".parse().unwrap(),
+                        port: 30080,
+                    },
+                ],
+                all_endpoints: endpoints.clone(),
+                local_endpoints: endpoints.clone(),
+                cluster_endpoints: endpoints,
+                internal_local: false,
+                external_local: false,
+                affinity_timeout_s: None,
+                lb_source_ranges: vec!["203.0.113.0/24".parse().unwrap()],
+            };
+            let spec = TableSpec {
+                node: crate::spec::NodeSpec {
+                    addresses: vec!["192.168.0.2".parse().unwrap()],
+                    ..Default::default()
+                },
+                services: vec![Arc::new(s)],
+                ..TableSpec::default()
+            };
+            ServiceTable::build(&spec, 251)
+        };
+        let key = |ip: &str, port| FrontendKey {
+            ip: ip.parse().unwrap(),
+            port,
+            protocol: Protocol::Tcp,
+        };
+        let t = mk(vec![ep("10.244.1.5", true)]);
+        let at = |ip, port| t.frontend(&key(ip, port)).unwrap();
+        let allowed = "203.0.113.2".parse().unwrap();
+        let other = "198.51.100.7".parse().unwrap();
+        let pod = "10.244.1.2".parse().unwrap();
+        assert!(matches!(
+            t.decide(at("1.2.3.4", 80), allowed, 1),
+            Decision::Translate { .. }
+        ));
+        assert_eq!(
+            t.decide(at("1.2.3.4", 80), other, 1),
+            Decision::SourceFiltered
+        );
+        assert_eq!(
+            t.decide(at("1.2.3.4", 80), pod, 1),
+            Decision::SourceFiltered
+        );
+        // The NodePort and the ClusterIP are not filtered.
+        assert!(matches!(
+            t.decide(at("192.168.0.2", 30080), other, 1),
+            Decision::Translate { .. }
+        ));
+        assert!(matches!(
+            t.decide(at("172.30.0.41", 80), pod, 1),
+            Decision::Translate { .. }
+        ));
+        // Without endpoints the filter still drops outsiders; the node itself is rejected
+        // first (nftables' output hook checks endpoints before the firewall).
+        let t = mk(Vec::new());
+        let at = |ip, port| t.frontend(&key(ip, port)).unwrap();
+        assert_eq!(
+            t.decide(at("1.2.3.4", 80), other, 1),
+            Decision::SourceFiltered
+        );
+        assert_eq!(
+            t.decide(at("1.2.3.4", 80), "192.168.0.2".parse().unwrap(), 1),
+            Decision::Reject
+        );
     }
 }

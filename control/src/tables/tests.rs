@@ -922,3 +922,57 @@ fn services_coming_and_going_keep_the_store_bounded_and_the_computation_right() 
     );
     assert_eq!(incremental.tables.services.len(), 3);
 }
+
+#[test]
+fn load_balancer_source_ranges_by_family_and_node() {
+    // nftables proxier: the firewall holds the family's ranges (trimmed), plus the LB VIPs
+    // when a range holds the node's IP; a Service without VIPs of a family has none there.
+    let objects = [
+        service(
+            "open",
+            "{type: LoadBalancer, clusterIP: 172.30.0.50, ports: [{port: 80, nodePort: 30081}]}",
+        ),
+        service(
+            "outside",
+            "{type: LoadBalancer, clusterIPs: [172.30.0.51, 'fd00:172:30::51'], ipFamilies: [IPv4, IPv6], loadBalancerSourceRanges: [' 203.0.113.0/24', '2001:db8::/32', 'bogus'], ports: [{port: 80, nodePort: 30082}]}",
+        ),
+        service(
+            "node",
+            "{type: LoadBalancer, clusterIP: 172.30.0.52, loadBalancerSourceRanges: [192.168.0.0/24], ports: [{port: 80, nodePort: 30083}]}",
+        ),
+    ]
+    .concat();
+    // The load balancer's status, in each Service's own document.
+    let with_status = objects
+        .replace(
+            "metadata: {name: open, namespace: default}\n",
+            "metadata: {name: open, namespace: default}\nstatus: {loadBalancer: {ingress: [{ip: 1.2.3.4}]}}\n",
+        )
+        .replace(
+            "metadata: {name: outside, namespace: default}\n",
+            "metadata: {name: outside, namespace: default}\nstatus: {loadBalancer: {ingress: [{ip: 1.2.3.5}]}}\n",
+        )
+        .replace(
+            "metadata: {name: node, namespace: default}\n",
+            "metadata: {name: node, namespace: default}\nstatus: {loadBalancer: {ingress: [{ip: 1.2.3.6}, {ip: 1.2.3.7, ipMode: Proxy}]}}\n",
+        );
+    let c = computed(&with_status);
+    let ranges = |name: &str, v6: bool| -> Vec<String> {
+        entry(&c.tables, name, v6)
+            .lb_source_ranges
+            .iter()
+            .map(|n| n.to_string())
+            .collect()
+    };
+    assert!(ranges("default/open:", false).is_empty());
+    assert_eq!(ranges("default/outside:", false), ["203.0.113.0/24"]);
+    // No IPv6 VIP: no firewall for that family.
+    assert!(ranges("default/outside:", true).is_empty());
+    assert_eq!(
+        ranges("default/node:", false),
+        ["192.168.0.0/24", "1.2.3.6/32"]
+    );
+    assert!(service_warnings(&c)
+        .iter()
+        .any(|w| w.message.contains("\"bogus\"")));
+}

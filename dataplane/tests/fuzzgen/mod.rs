@@ -1762,6 +1762,7 @@ pub fn table_spec_gen(s: &mut Src) -> nat::spec::TableSpec {
             } else {
                 None
             },
+            lb_source_ranges: Vec::new(),
         });
     }
     let mut local_pods = Vec::new();
