@@ -501,6 +501,23 @@ impl Pipeline<'_> {
                 }
             }
         }
+        if self.tables.services.is_cluster_ip(h.dst) && !packet::is_icmp_error(&h) {
+            // A held ClusterIP on a port or protocol none of its Service ports serves:
+            // kube-proxy's nftables rejects it (the `cluster-ips` set), unlike an address
+            // of the range nobody holds, which it drops.
+            c.rejects += 1;
+            let from = h.dst;
+            return self.icmp_reply(
+                chunk,
+                off,
+                frame,
+                port,
+                &h,
+                IcmpKind::PortUnreachable,
+                from,
+                c,
+            );
+        }
         if self.tables.services.in_service_range(h.dst) {
             return Outcome::Drop(DropReason::NoService);
         }

@@ -193,6 +193,9 @@ pub struct ServiceTable {
     /// External frontend addresses (NodePort, LoadBalancer, externalIP), with the number
     /// of frontends at each.
     frontend_ips: HashMap<IpAddr, u32, BuildFastHasher>,
+    /// ClusterIPs, with the number of Service ports at each: kube-proxy rejects what
+    /// reaches one on a port or protocol none of them serves.
+    cluster_ips: HashMap<IpAddr, u32, BuildFastHasher>,
     /// By dense id; id 0, and the ids of removed Service ports until they are reused, hold
     /// a placeholder without a name.
     services: Vec<Arc<Service>>,
@@ -234,6 +237,7 @@ impl ServiceTable {
         let mut t = ServiceTable {
             frontends: HashMap::with_hasher(BuildFastHasher),
             frontend_ips: HashMap::with_hasher(BuildFastHasher),
+            cluster_ips: HashMap::with_hasher(BuildFastHasher),
             // Id 0 means "unset"; keep a placeholder there.
             services: vec![placeholder_arc()],
             order: Vec::with_capacity(spec.services.len()),
@@ -270,6 +274,7 @@ impl ServiceTable {
         let mut t = ServiceTable {
             frontends: self.frontends.clone(),
             frontend_ips: self.frontend_ips.clone(),
+            cluster_ips: self.cluster_ips.clone(),
             services: self.services.clone(),
             order: Vec::with_capacity(new.services.len()),
             free: self.free.clone(),
@@ -373,13 +378,18 @@ impl ServiceTable {
     }
 
     fn count_frontend_ips(&mut self, s: &ServiceSpec, add: bool) {
-        for f in s.frontends.iter().filter(|f| f.kind.is_external()) {
+        for f in &s.frontends {
+            let ips = if f.kind.is_external() {
+                &mut self.frontend_ips
+            } else {
+                &mut self.cluster_ips
+            };
             if add {
-                *self.frontend_ips.entry(f.ip).or_insert(0) += 1;
-            } else if let Some(n) = self.frontend_ips.get_mut(&f.ip) {
+                *ips.entry(f.ip).or_insert(0) += 1;
+            } else if let Some(n) = ips.get_mut(&f.ip) {
                 *n -= 1;
                 if *n == 0 {
-                    self.frontend_ips.remove(&f.ip);
+                    ips.remove(&f.ip);
                 }
             }
         }
@@ -432,6 +442,13 @@ impl ServiceTable {
     /// Frontends claimed by more than one Service port.
     pub fn contested(&self) -> usize {
         self.contested
+    }
+
+    /// Whether `ip` is some Service port's ClusterIP. Traffic to it that no frontend takes
+    /// (another port or protocol) is rejected, as kube-proxy's nftables `cluster-ips` set
+    /// does ("Reject traffic to invalid ports of ClusterIPs"), wherever the address lies.
+    pub fn is_cluster_ip(&self, ip: IpAddr) -> bool {
+        self.cluster_ips.contains_key(&ip)
     }
 
     /// Whether `ip` lies in the Service range (then an unknown address there is dropped).
@@ -1049,5 +1066,14 @@ mod tests {
             t.decide(at("1.2.3.4", 80), "192.168.0.2".parse().unwrap(), 1),
             Decision::Reject
         );
+    }
+
+    #[test]
+    fn cluster_ips_are_known_by_address() {
+        let (t, _, _) = table(vec![ep("10.244.1.5", true)], false);
+        assert!(t.is_cluster_ip("172.30.0.41".parse().unwrap()));
+        assert!(!t.is_cluster_ip("172.30.0.42".parse().unwrap()));
+        // NodePort addresses are frontends, not ClusterIPs.
+        assert!(!t.is_cluster_ip("192.168.0.2".parse().unwrap()));
     }
 }
