@@ -1,7 +1,9 @@
-//! The shared Service and NetworkPolicy cases, run through the in-memory pipeline.
+//! The Service and NetworkPolicy cases, run through the in-memory pipeline.
 //!
-//! Every `*.yaml` in `../shared/cases` (or the folder named by `KXDP_CASES`) is one
-//! scenario (format: that folder's README). Objects go through control's table computation,
+//! Every `*.yaml` in `../shared/cases` (or, instead, the folder named by `KXDP_CASES`) and
+//! every `*.yaml` in this crate's own `tests/cases` is one scenario (format: the shared
+//! folder's README). The own folder always runs: it holds the cases written here for
+//! kube-proxy behaviour the shared ones do not cover (`svc-*`, `netpol-*`). Objects go through control's table computation,
 //! the tables into a dataplane whose ports are an in-memory device, and each probe becomes
 //! real frames: the pipeline's output is delivered to simulated pods and hosts, which reply.
 //!
@@ -16,11 +18,34 @@ use std::path::{Path, PathBuf};
 
 use world::{Case, World};
 
-fn cases_dir() -> PathBuf {
+/// The shared cases, or the folder `KXDP_CASES` names instead.
+fn shared_dir() -> PathBuf {
     match std::env::var_os("KXDP_CASES") {
         Some(dir) => PathBuf::from(dir),
         None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/cases"),
     }
+}
+
+/// This crate's own cases.
+fn own_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cases")
+}
+
+/// The case files of one folder, sorted; a folder that is missing or empty is an error.
+fn case_files(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        panic!(
+            "no cases folder at {} (set KXDP_CASES to a folder of cases)",
+            dir.display()
+        );
+    };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no cases in {}", dir.display());
+    files
 }
 
 fn expected_failures() -> BTreeMap<String, String> {
@@ -54,19 +79,27 @@ fn run_case(path: &Path) -> Result<(), String> {
 
 #[test]
 fn shared_cases() {
-    let dir = cases_dir();
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        panic!(
-            "no cases folder at {} (set KXDP_CASES to a folder of cases)",
-            dir.display()
-        );
+    let mut dirs = vec![shared_dir(), own_dir()];
+    // `KXDP_CASES` naming the own folder runs it once.
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
     };
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "no cases in {}", dir.display());
+    if same(&dirs[0], &dirs[1]) {
+        dirs.pop();
+    }
+    let files: Vec<PathBuf> = dirs.iter().flat_map(|d| case_files(d)).collect();
+    let mut names = BTreeMap::new();
+    for f in &files {
+        let name = f.file_stem().map(|s| s.to_string_lossy().into_owned());
+        if let Some(other) = names.insert(name.unwrap_or_default(), f) {
+            panic!(
+                "two cases named alike: {} and {} (a case's name is its file name, and the list of expected failures goes by name)",
+                other.display(),
+                f.display()
+            );
+        }
+    }
     let expected = expected_failures();
     let only = std::env::var("KXDP_CASE").ok();
     let mut unexpected = Vec::new();
@@ -106,7 +139,10 @@ fn shared_cases() {
     println!(
         "{} cases from {}: {passed} passed, {failed_as_expected} expected failures, {} unexpected failures, {} listed but passing",
         seen.len(),
-        dir.display(),
+        dirs.iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" and "),
         unexpected.len(),
         fixed.len()
     );
