@@ -664,6 +664,37 @@ pub enum DeltaOutcome {
     },
 }
 
+/// Whether applying `delta` to `spec` may leave a UDP or SCTP connection on a backend that
+/// no longer serves its Service, or on a frontend that is gone: only then is every tracked
+/// connection looked at ([`Shared::retire_stale_flows`], about 90 ms at 900k connections).
+/// A delta that only adds endpoints, or changes TCP Services, strands nothing.
+fn may_strand_datagram_flows(spec: &TableSpec, delta: &TableDelta) -> bool {
+    use nat::spec::Protocol;
+    if delta.node.is_some() || delta.cluster.is_some() {
+        return true;
+    }
+    let old = |key: (&str, Protocol, bool)| {
+        spec.services
+            .binary_search_by(|s| s.key_ref().cmp(&key))
+            .ok()
+            .map(|i| &spec.services[i])
+    };
+    let serving = |s: &nat::spec::ServiceSpec| -> std::collections::HashSet<(IpAddr, u16)> {
+        s.all_endpoints
+            .iter()
+            .filter(|e| e.serving)
+            .map(|e| (e.ip, e.port))
+            .collect()
+    };
+    delta.removed.iter().any(|k| k.protocol != Protocol::Tcp)
+        || delta.upserted.iter().any(|new| {
+            new.protocol != Protocol::Tcp
+                && old(new.key_ref()).is_some_and(|old| {
+                    old.frontends != new.frontends || !serving(old).is_subset(&serving(new))
+                })
+        })
+}
+
 /// A function called with each installed table.
 pub type InstallHook = Box<dyn Fn(&Tables) + Send + Sync>;
 
@@ -784,16 +815,7 @@ impl Shared {
         let ring = (self.limits.ring_size, self.limits.ring_scaled);
         let tables = current.updated(generation, delta, ring, self.uplink_mac())?;
         let filter = delta.changes_frontends(&current.spec);
-        let retire = delta.node.is_some()
-            || delta.cluster.is_some()
-            || delta
-                .removed
-                .iter()
-                .any(|k| k.protocol != nat::spec::Protocol::Tcp)
-            || delta
-                .upserted
-                .iter()
-                .any(|s| s.protocol != nat::spec::Protocol::Tcp);
+        let retire = may_strand_datagram_flows(&current.spec, delta);
         let policy_changed = delta.policy.is_some();
         drop(current);
         let mut tables = tables;
@@ -871,5 +893,102 @@ impl Shared {
                 None => true,
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod retire_tests {
+    use super::*;
+    use nat::spec::{EndpointSpec, FrontendKind, FrontendSpec, Protocol, ServiceSpec};
+
+    fn svc(protocol: Protocol, port: u16, endpoints: &[(&str, bool)]) -> Arc<ServiceSpec> {
+        let eps: Vec<EndpointSpec> = endpoints
+            .iter()
+            .map(|(ip, serving)| EndpointSpec {
+                ip: ip.parse().unwrap(),
+                port: 53,
+                local: false,
+                ready: *serving,
+                serving: *serving,
+                terminating: !*serving,
+            })
+            .collect();
+        Arc::new(ServiceSpec {
+            name: "kube-system/dns:dns".into(),
+            protocol,
+            frontends: vec![FrontendSpec {
+                kind: FrontendKind::ClusterIp,
+                ip: "172.30.0.10".parse().unwrap(),
+                port,
+            }],
+            cluster_endpoints: eps.clone(),
+            local_endpoints: vec![],
+            all_endpoints: eps,
+            internal_local: false,
+            external_local: false,
+            affinity_timeout_s: None,
+            lb_source_ranges: vec![],
+        })
+    }
+
+    fn strands(before: Arc<ServiceSpec>, after: Arc<ServiceSpec>) -> bool {
+        let spec = TableSpec {
+            services: vec![before],
+            ..TableSpec::default()
+        };
+        let next = TableSpec {
+            services: vec![after],
+            ..TableSpec::default()
+        };
+        may_strand_datagram_flows(&spec, &TableDelta::between(&spec, &next))
+    }
+
+    #[test]
+    fn only_a_lost_serving_endpoint_or_frontend_sends_the_sweep_looking_for_datagram_flows() {
+        let (a, b) = ("10.244.1.2", "10.244.1.3");
+        let udp = Protocol::Udp;
+        // An endpoint added, or one of two going from serving to not: nothing / something.
+        assert!(!strands(
+            svc(udp, 53, &[(a, true)]),
+            svc(udp, 53, &[(a, true), (b, true)])
+        ));
+        assert!(strands(
+            svc(udp, 53, &[(a, true), (b, true)]),
+            svc(udp, 53, &[(a, true), (b, false)])
+        ));
+        assert!(strands(
+            svc(udp, 53, &[(a, true), (b, true)]),
+            svc(udp, 53, &[(a, true)])
+        ));
+        assert!(strands(
+            svc(udp, 53, &[(a, true)]),
+            svc(udp, 5353, &[(a, true)])
+        ));
+        assert!(!strands(
+            svc(udp, 53, &[(a, false)]),
+            svc(udp, 53, &[(a, true)])
+        ));
+        // TCP keeps its backends: a closing endpoint finishes its connections.
+        let tcp = Protocol::Tcp;
+        assert!(!strands(
+            svc(tcp, 53, &[(a, true), (b, true)]),
+            svc(tcp, 53, &[(a, true)])
+        ));
+        // A UDP Service removed, and the node changed: always.
+        let spec = TableSpec {
+            services: vec![svc(udp, 53, &[(a, true)])],
+            ..TableSpec::default()
+        };
+        let empty = TableSpec::default();
+        assert!(may_strand_datagram_flows(
+            &spec,
+            &TableDelta::between(&spec, &empty)
+        ));
+        let mut moved = spec.clone();
+        moved.node.name = "elsewhere".into();
+        assert!(may_strand_datagram_flows(
+            &spec,
+            &TableDelta::between(&spec, &moved)
+        ));
     }
 }
