@@ -220,25 +220,30 @@ impl TableComputer {
         let node_stamp = objects.node_stamp(node_name);
         let all_dirty = node_stamp != self.node_stamp;
         self.node_stamp = node_stamp;
-        // kube-proxy's --nodeport-addresses: NodePorts only on the node addresses it names.
+        // kube-proxy's --nodeport-addresses: NodePorts only on the node addresses it names;
+        // unset, only on the node's primary address of each family, as its nftables mode
+        // defaults to (`--nodeport-addresses primary`).
+        let primary = primary_ips(node);
         let nodeport_addresses: Vec<IpAddr> = me
             .addresses
             .iter()
             .copied()
             .filter(|a| {
-                self.cluster.nodeport_addresses.is_empty()
-                    || self
-                        .cluster
+                if self.cluster.nodeport_addresses.is_empty() {
+                    primary.contains(&Some(*a))
+                } else {
+                    self.cluster
                         .nodeport_addresses
                         .iter()
                         .any(|n| n.contains(a))
+                }
             })
             .collect();
         let here = Here {
             node_name,
             zone: me.zone.as_deref(),
             node_addresses: &nodeport_addresses,
-            primary_ips: primary_ips(node),
+            primary_ips: primary,
         };
         let mut delta = nat::spec::TableDelta::default();
         let since = match self.seen {
@@ -940,8 +945,7 @@ fn service_specs(
             // the LB IPs are allowed sources too when a range holds the node's IP (a
             // node reaching its own VIP loops back from the VIP).
             let mut lb_source_ranges: Vec<IpNet> = Vec::new();
-            let family_lb_ips: Vec<IpAddr> =
-                lb_ips.iter().copied().filter(|ip| fam(&ip)).collect();
+            let family_lb_ips: Vec<IpAddr> = lb_ips.iter().copied().filter(|ip| fam(&ip)).collect();
             if !family_lb_ips.is_empty() {
                 lb_source_ranges.extend(source_ranges.iter().filter(|n| n.addr().is_ipv6() == v6));
                 let node_ip = here.primary_ips[v6 as usize];

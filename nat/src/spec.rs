@@ -110,7 +110,8 @@ pub struct ClusterSpec {
     #[serde(default = "yes")]
     pub ip_masq: bool,
     /// kube-proxy's `--nodeport-addresses`: NodePorts answer only on node addresses inside
-    /// these networks; empty means every node address.
+    /// these networks; empty means the node's primary address of each family (its first
+    /// InternalIP, else ExternalIP), as kube-proxy's nftables mode defaults to.
     #[serde(default)]
     pub nodeport_addresses: Vec<IpNet>,
     /// VXLAN network identifier of the overlay.

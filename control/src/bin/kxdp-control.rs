@@ -57,7 +57,8 @@ struct Args {
     #[arg(long)]
     masquerade_all: bool,
     /// NodePorts answer only on node addresses in these networks (kube-proxy
-    /// --nodeport-addresses; repeatable). Default: every node address.
+    /// --nodeport-addresses; repeatable; 0.0.0.0/0 and ::/0 for all). Default: the
+    /// node's primary address of each family, as kube-proxy's nftables mode.
     #[arg(long = "nodeport-address")]
     nodeport_addresses: Vec<IpNet>,
     /// Masquerade pod traffic leaving the cluster networks (flannel --ip-masq).

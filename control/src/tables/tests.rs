@@ -692,9 +692,12 @@ spec:
             .collect()
     };
     let mut cluster = ClusterSpec::default();
-    assert_eq!(node_ports(&cluster), ["192.168.0.2", "203.0.113.9"]);
-    cluster.nodeport_addresses = vec!["192.168.0.0/24".parse().unwrap()];
+    // Unset: the primary address only, as kube-proxy's nftables mode defaults to.
     assert_eq!(node_ports(&cluster), ["192.168.0.2"]);
+    cluster.nodeport_addresses = vec!["0.0.0.0/0".parse().unwrap()];
+    assert_eq!(node_ports(&cluster), ["192.168.0.2", "203.0.113.9"]);
+    cluster.nodeport_addresses = vec!["203.0.113.0/24".parse().unwrap()];
+    assert_eq!(node_ports(&cluster), ["203.0.113.9"]);
 }
 
 #[test]

@@ -933,6 +933,15 @@ impl World {
         }
         let dest = SocketAddr::new(a.h.dst, a.h.dport);
         let seen_src = a.h.src;
+        if a.place == Place::Host
+            && place == Place::Outside
+            && (a.h.dst, a.h.dport, a.h.src) == (to.ip, to.port, src)
+        {
+            // Untranslated traffic from outside to the node itself: the node's kernel
+            // answers out of its own uplink interface, never through the dataplane (in a
+            // real node kxdp's uplink filter passes such traffic to the kernel untouched).
+            return Ok(Outcome::Delivered { dest, seen_src });
+        }
         // The destination answers.
         let reply = build(
             a.h.dst,
