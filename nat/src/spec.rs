@@ -103,7 +103,8 @@ pub struct ClusterSpec {
     pub cluster_cidrs: Vec<IpNet>,
     /// The Service ClusterIP ranges; an address there that no Service holds is dropped.
     pub service_cidrs: Vec<IpNet>,
-    /// SNAT every Service flow (kube-proxy `--masquerade-all`).
+    /// SNAT every connection to a ClusterIP (kube-proxy `--masquerade-all`, "all traffic
+    /// sent via Service cluster IPs"); external frontends keep their traffic policy's rule.
     #[serde(default)]
     pub masquerade_all: bool,
     /// Masquerade pod traffic leaving the cluster networks (flannel `--ip-masq`).

@@ -544,8 +544,10 @@ impl ServiceTable {
             let expires = now.saturating_add(timeout as u64 * 1_000_000_000);
             table.set(key, src, (backend.ip, backend.port), expires);
         }
-        let masquerade = self.masquerade_all
-            || policy_masq
+        let masquerade = policy_masq
+            // --masquerade-all: kube-proxy's rule matches the ClusterIP as destination, so
+            // eTP Local traffic to the external frontends keeps its source even then.
+            || (self.masquerade_all && !f.kind.is_external())
             // ClusterIP from outside the pod networks (KUBE-SVC-* `! -s clusterCIDR`).
             || (!f.kind.is_external() && origin != Origin::Pod)
             // Hairpin: a pod reaching itself through its Service (KUBE-SEP-* `-s endpoint`).

@@ -53,7 +53,7 @@ struct Args {
     /// The Service ClusterIP ranges (repeatable or comma-separated) [172.30.0.0/16, fd00:172:30::/112].
     #[arg(long = "service-cidr", value_delimiter = ',')]
     service_cidrs: Vec<IpNet>,
-    /// Masquerade every Service connection (kube-proxy --masquerade-all).
+    /// Masquerade every connection to a ClusterIP (kube-proxy --masquerade-all).
     #[arg(long)]
     masquerade_all: bool,
     /// NodePorts answer only on node addresses in these networks (kube-proxy
