@@ -451,8 +451,18 @@ impl Pipeline<'_> {
                                 sport: backend.port,
                                 dport: h.sport,
                             };
+                            // Masquerade takes the address of the way out, as the kernel's
+                            // does: the node's own towards an endpoint outside the pod
+                            // networks, with the ports whose replies the uplink hands us.
+                            let outside = !self.tables.in_cluster_network(backend.ip)
+                                && !self.tables.node_addresses.contains(&backend.ip);
                             let snat = if masquerade {
-                                match self.tables.masquerade_source(h.v6) {
+                                let source = if outside {
+                                    self.tables.egress_source(h.v6)
+                                } else {
+                                    self.tables.masquerade_source(h.v6)
+                                };
+                                match source {
                                     Some(ip) => Some(ip),
                                     None => return Outcome::Drop(DropReason::NoRoute),
                                 }
@@ -466,9 +476,14 @@ impl Pipeline<'_> {
                                     Err(reason) => return Outcome::Drop(reason),
                                 };
                             let state = timeouts::initial(h.proto, flags);
-                            let conn = match self
-                                .track(key, &mut reply, snat, f.service, state, policy.tag)
-                            {
+                            let ports = if outside && snat.is_some() {
+                                self.shared.limits.egress_masquerade_ports
+                            } else {
+                                (SNAT_PORT_MIN, SNAT_PORT_MAX)
+                            };
+                            let conn = match self.track_in(
+                                key, &mut reply, snat, ports, f.service, state, policy.tag,
+                            ) {
                                 Ok(conn) => conn,
                                 Err(reason) => return Outcome::Drop(reason),
                             };

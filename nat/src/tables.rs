@@ -216,6 +216,9 @@ pub struct ServiceTable {
     pub node_addresses: Vec<IpAddr>,
     /// `--masquerade-all`.
     pub masquerade_all: bool,
+    /// flannel's `--ip-masq`: pods reaching addresses outside the pod networks are
+    /// masqueraded, also when a Service sent them there.
+    pub ip_masq: bool,
 }
 
 /// The placeholder at id 0 and at free ids.
@@ -247,6 +250,7 @@ impl ServiceTable {
             cluster_cidrs: spec.cluster.cluster_cidrs.clone(),
             node_addresses: spec.node.addresses.clone(),
             masquerade_all: spec.cluster.masquerade_all,
+            ip_masq: spec.cluster.ip_masq,
         };
         for s in &spec.services {
             let id = t.services.len() as u32;
@@ -283,6 +287,7 @@ impl ServiceTable {
             cluster_cidrs: self.cluster_cidrs.clone(),
             node_addresses: self.node_addresses.clone(),
             masquerade_all: self.masquerade_all,
+            ip_masq: self.ip_masq,
         };
         let mut freed = Vec::new();
         let mut clash = false;
@@ -551,7 +556,14 @@ impl ServiceTable {
             // ClusterIP from outside the pod networks (KUBE-SVC-* `! -s clusterCIDR`).
             || (!f.kind.is_external() && origin != Origin::Pod)
             // Hairpin: a pod reaching itself through its Service (KUBE-SEP-* `-s endpoint`).
-            || backend.ip == src;
+            || backend.ip == src
+            // A pod sent outside the pod networks (an endpoint of a hand-made slice, a
+            // host-network pod of another node): flannel's ip-masq rule sees the address
+            // after DNAT. This node's own addresses are delivered locally, not routed.
+            || (self.ip_masq
+                && origin == Origin::Pod
+                && !self.cluster_cidrs.iter().any(|n| n.contains(&backend.ip))
+                && !self.node_addresses.contains(&backend.ip));
         Decision::Translate {
             backend,
             masquerade,
@@ -1077,5 +1089,34 @@ mod tests {
         assert!(!t.is_cluster_ip("172.30.0.42".parse().unwrap()));
         // NodePort addresses are frontends, not ClusterIPs.
         assert!(!t.is_cluster_ip("192.168.0.2".parse().unwrap()));
+    }
+
+    #[test]
+    fn pods_sent_outside_the_pod_networks_are_masqueraded() {
+        let pod = "10.244.1.2".parse().unwrap();
+        let outside = "203.0.113.2".parse().unwrap();
+        let (t, cip, _) = table(vec![ep("198.51.100.10", false)], false);
+        let masq = |src| match t.decide(cip, src, 1) {
+            Decision::Translate { masquerade, .. } => masquerade,
+            other => panic!("{other:?}"),
+        };
+        assert!(masq(pod));
+        // The node's own address is delivered locally: no masquerade for pods.
+        let (t, cip, _) = table(vec![ep("192.168.0.2", true)], false);
+        assert!(matches!(
+            t.decide(cip, pod, 1),
+            Decision::Translate {
+                masquerade: false,
+                ..
+            }
+        ));
+        // From outside the ClusterIP masquerades anyway.
+        assert!(matches!(
+            t.decide(cip, outside, 1),
+            Decision::Translate {
+                masquerade: true,
+                ..
+            }
+        ));
     }
 }
