@@ -677,9 +677,13 @@ impl World {
             let pods = self.pods();
             let info = pods.get(pod).ok_or(format!("no pod {pod}"))?;
             if info.host_network {
-                return Err(format!(
-                    "pod {pod} is host-network: host origins need the host interface (issue 9)"
-                ));
+                // A host-network pod is a process of its node: this node's are behind the
+                // host port, another node's reach this one through the uplink.
+                return Ok(if info.node == self.node {
+                    Place::Host
+                } else {
+                    Place::Outside
+                });
             }
             if info.node == self.node {
                 return self
