@@ -18,9 +18,11 @@
 //!   type, whatever its selector says; an address of the other family inside a slice is
 //!   ignored too. A slice port joins a Service port by name and protocol; the slice port's
 //!   number is the target port, which is how named target ports resolve per pod. An
-//!   `ip:port` listed by several slices counts once: kube-proxy keeps the first one seen
-//!   unless a later one is local; its slice order is a Go map's, so here the local listing
-//!   wins, then the ready one, then the first in slice-name order.
+//!   `ip:port` listed twice counts once: kube-proxy (since kubernetes#135593) lets a later
+//!   listing replace an earlier one unless it is terminating, so a running pod wins over a
+//!   terminating one whose address it reuses, wherever either runs; its slice order is a
+//!   Go map's, so here a non-terminating listing wins, then a ready one, then the first in
+//!   slice-name order.
 //! - `CategorizeEndpoints`: cluster endpoints are the ready ones, filtered by topology when
 //!   the hints allow it, else (no ready endpoint anywhere) the serving-and-terminating ones,
 //!   unfiltered. Local endpoints are the local ready ones, else the local serving-and-
@@ -1057,7 +1059,7 @@ fn endpoints_for(
                         .map(|n| n.name.clone())
                         .collect(),
                 };
-                let rank = |e: &Ep| (e.spec.local, e.spec.ready);
+                let rank = |e: &Ep| (!e.spec.terminating, e.spec.ready);
                 match by_addr.get(&(ip, target_port)) {
                     Some(existing) if rank(existing) >= rank(&ep) => {}
                     _ => {

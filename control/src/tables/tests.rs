@@ -242,12 +242,14 @@ fn rows() -> Vec<Row> {
             all: 1,
         },
         Row {
-            name: "an address in two slices counts once, the local listing wins",
+            // kubernetes#135593: a pod reusing the address of one still terminating wins,
+            // even where the terminating one is local.
+            name: "an address in two slices counts once, a running listing wins over a terminating one",
             objects: web()
                 + &slice("a", "web", "IPv4", HTTP, &["{addresses: [10.244.1.5], nodeName: node-b}"])
-                + &slice("b", "web", "IPv4", HTTP, &["{addresses: [10.244.1.5], nodeName: node-a, conditions: {ready: false}}"]),
+                + &slice("b", "web", "IPv4", HTTP, &["{addresses: [10.244.1.5], nodeName: node-a, conditions: {ready: false, serving: true, terminating: true}}"]),
             entry: ("default/web:http", false),
-            cluster: &[],
+            cluster: &["10.244.1.5:8080"],
             local: &[],
             all: 1,
         },
