@@ -3,8 +3,9 @@
 //! Every `*.yaml` in `../shared/cases` (or, instead, the folder named by `KXDP_CASES`) and
 //! every `*.yaml` in this crate's own `tests/cases` is one scenario (format: the shared
 //! folder's README). The own folder always runs: it holds the cases written here for
-//! kube-proxy behaviour the shared ones do not cover (`svc-*`, `netpol-*`). Objects go through control's table computation,
-//! the tables into a dataplane whose ports are an in-memory device, and each probe becomes
+//! kube-proxy behaviour the shared ones do not cover (`svc-*`, `netpol-*`). `KXDP_CASE`
+//! names one case to run alone. Objects go through control's table computation, the
+//! tables into a dataplane whose ports are an in-memory device, and each probe becomes
 //! real frames: the pipeline's output is delivered to simulated pods and hosts, which reply.
 //!
 //! `tests/expected-failures.txt` lists the cases that cannot pass yet, each with the issue
