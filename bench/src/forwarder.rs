@@ -153,20 +153,7 @@ pub fn run(
             r.gaps_over_100us += 1;
         }
     }
-    let after = dev.stats();
-    r.device = DeviceStats {
-        kernel_rx_dropped: after
-            .kernel_rx_dropped
-            .saturating_sub(before.kernel_rx_dropped),
-        kernel_rx_ring_full: after
-            .kernel_rx_ring_full
-            .saturating_sub(before.kernel_rx_ring_full),
-        kernel_fill_empty: after
-            .kernel_fill_empty
-            .saturating_sub(before.kernel_fill_empty),
-        wakeups: after.wakeups - before.wakeups,
-        ..after
-    };
+    r.device = dev.stats().since(before);
     drop(dev);
     drop((p_up, p_pod));
     Ok(r)

@@ -113,31 +113,6 @@ impl GenReport {
     }
 }
 
-fn delta(after: DeviceStats, before: DeviceStats) -> DeviceStats {
-    DeviceStats {
-        rx_frames: after.rx_frames - before.rx_frames,
-        tx_frames: after.tx_frames - before.tx_frames,
-        tx_ring_full: after.tx_ring_full - before.tx_ring_full,
-        alloc_failed: after.alloc_failed - before.alloc_failed,
-        kernel_rx_dropped: after
-            .kernel_rx_dropped
-            .saturating_sub(before.kernel_rx_dropped),
-        kernel_rx_ring_full: after
-            .kernel_rx_ring_full
-            .saturating_sub(before.kernel_rx_ring_full),
-        kernel_rx_invalid: after
-            .kernel_rx_invalid
-            .saturating_sub(before.kernel_rx_invalid),
-        kernel_tx_invalid: after
-            .kernel_tx_invalid
-            .saturating_sub(before.kernel_tx_invalid),
-        kernel_fill_empty: after
-            .kernel_fill_empty
-            .saturating_sub(before.kernel_fill_empty),
-        wakeups: after.wakeups - before.wakeups,
-    }
-}
-
 /// A generator run in progress, driven one round at a time ([`Generator::step`]), so one
 /// thread can interleave it with a sink ([`crate::load`]) on a single core.
 pub struct Generator<'a> {
@@ -316,7 +291,7 @@ impl<'a> Generator<'a> {
             self.step(dev);
             between();
         }
-        self.report.device = delta(dev.stats(), self.before);
+        self.report.device = dev.stats().since(self.before);
         (self.report, self.returned)
     }
 }

@@ -318,26 +318,11 @@ impl Sink {
     }
 
     /// Ends the run and returns what the sink saw.
-    pub fn finish<D: Device>(mut self, dev: &mut D) -> SinkReport {
+    pub fn finish<D: Device>(self, dev: &mut D) -> SinkReport {
         let mut r = self.report;
         r.span_ns = self.first.map_or(0, |f| self.last - f);
         dev.flush();
-        let after = dev.stats();
-        let before = std::mem::take(&mut self.before);
-        r.device = DeviceStats {
-            rx_frames: after.rx_frames - before.rx_frames,
-            tx_frames: after.tx_frames - before.tx_frames,
-            kernel_rx_dropped: after
-                .kernel_rx_dropped
-                .saturating_sub(before.kernel_rx_dropped),
-            kernel_rx_ring_full: after
-                .kernel_rx_ring_full
-                .saturating_sub(before.kernel_rx_ring_full),
-            kernel_fill_empty: after
-                .kernel_fill_empty
-                .saturating_sub(before.kernel_fill_empty),
-            ..after
-        };
+        r.device = dev.stats().since(self.before);
         r
     }
 }

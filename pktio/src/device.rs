@@ -95,3 +95,83 @@ pub struct DeviceStats {
     /// Wake-up syscalls made because a ring asked for one.
     pub wakeups: u64,
 }
+
+impl DeviceStats {
+    /// The counters' movement since `before`, a reading of the same device taken earlier:
+    /// what a run did, without what the device counted before it. Each field saturates at
+    /// zero, so a reading lower than the earlier one shows no movement instead of wrapping
+    /// or panicking.
+    pub fn since(self, before: DeviceStats) -> DeviceStats {
+        DeviceStats {
+            rx_frames: self.rx_frames.saturating_sub(before.rx_frames),
+            tx_frames: self.tx_frames.saturating_sub(before.tx_frames),
+            tx_ring_full: self.tx_ring_full.saturating_sub(before.tx_ring_full),
+            alloc_failed: self.alloc_failed.saturating_sub(before.alloc_failed),
+            kernel_rx_dropped: self
+                .kernel_rx_dropped
+                .saturating_sub(before.kernel_rx_dropped),
+            kernel_rx_ring_full: self
+                .kernel_rx_ring_full
+                .saturating_sub(before.kernel_rx_ring_full),
+            kernel_rx_invalid: self
+                .kernel_rx_invalid
+                .saturating_sub(before.kernel_rx_invalid),
+            kernel_tx_invalid: self
+                .kernel_tx_invalid
+                .saturating_sub(before.kernel_tx_invalid),
+            kernel_fill_empty: self
+                .kernel_fill_empty
+                .saturating_sub(before.kernel_fill_empty),
+            wakeups: self.wakeups.saturating_sub(before.wakeups),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_subtracts_every_field_and_saturates_at_zero() {
+        let before = DeviceStats {
+            rx_frames: 1,
+            tx_frames: 2,
+            tx_ring_full: 3,
+            alloc_failed: 4,
+            kernel_rx_dropped: 5,
+            kernel_rx_ring_full: 6,
+            kernel_rx_invalid: 7,
+            kernel_tx_invalid: 8,
+            kernel_fill_empty: 9,
+            wakeups: 10,
+        };
+        let after = DeviceStats {
+            rx_frames: 11,
+            tx_frames: 22,
+            tx_ring_full: 33,
+            alloc_failed: 44,
+            kernel_rx_dropped: 55,
+            kernel_rx_ring_full: 66,
+            kernel_rx_invalid: 77,
+            kernel_tx_invalid: 88,
+            kernel_fill_empty: 9,
+            wakeups: 0,
+        };
+        assert_eq!(
+            after.since(before),
+            DeviceStats {
+                rx_frames: 10,
+                tx_frames: 20,
+                tx_ring_full: 30,
+                alloc_failed: 40,
+                kernel_rx_dropped: 50,
+                kernel_rx_ring_full: 60,
+                kernel_rx_invalid: 70,
+                kernel_tx_invalid: 80,
+                kernel_fill_empty: 0,
+                wakeups: 0,
+            },
+            "unchanged reads 0, and a counter lower than before saturates"
+        );
+    }
+}
