@@ -496,20 +496,7 @@ impl Pipeline<'_> {
                             c.nat_new += 1;
                             self.route(chunk, off, &mut h, frame, port, true, c)
                         }
-                        Decision::Reject => {
-                            c.rejects += 1;
-                            let from = h.dst;
-                            self.icmp_reply(
-                                chunk,
-                                off,
-                                frame,
-                                port,
-                                &h,
-                                IcmpKind::PortUnreachable,
-                                from,
-                                c,
-                            )
-                        }
+                        Decision::Reject => self.reject(chunk, off, frame, port, &h, c),
                         Decision::Drop => Outcome::Drop(DropReason::NoLocalEndpoint),
                         Decision::SourceFiltered => Outcome::Drop(DropReason::SourceRange),
                     };
@@ -520,18 +507,7 @@ impl Pipeline<'_> {
             // A held ClusterIP on a port or protocol none of its Service ports serves:
             // kube-proxy's nftables rejects it (the `cluster-ips` set), unlike an address
             // of the range nobody holds, which it drops.
-            c.rejects += 1;
-            let from = h.dst;
-            return self.icmp_reply(
-                chunk,
-                off,
-                frame,
-                port,
-                &h,
-                IcmpKind::PortUnreachable,
-                from,
-                c,
-            );
+            return self.reject(chunk, off, frame, port, &h, c);
         }
         if self.tables.services.in_service_range(h.dst) {
             return Outcome::Drop(DropReason::NoService);
@@ -1279,6 +1255,30 @@ impl Pipeline<'_> {
         };
         self.icmp_error(&mut chunk[off..off + total], &mut eh, c);
         self.route(chunk, off, &mut eh, reply, port, true, c)
+    }
+
+    /// kube-proxy's reject: ICMP port unreachable from the address the client sent to,
+    /// counted in `rejects`.
+    fn reject(
+        &self,
+        chunk: &mut [u8],
+        off: usize,
+        frame: Frame,
+        port: PortId,
+        h: &Headers,
+        c: &mut Counters,
+    ) -> Outcome {
+        c.rejects += 1;
+        self.icmp_reply(
+            chunk,
+            off,
+            frame,
+            port,
+            h,
+            IcmpKind::PortUnreachable,
+            h.dst,
+            c,
+        )
     }
 
     /// Asks every pod port who has `ip`: an ARP request for IPv4, a neighbour solicitation
