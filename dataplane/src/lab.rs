@@ -327,34 +327,20 @@ impl Lab {
             ip(&["-n", &node, "link", "set", dev, "up"])?;
             offload_off(&node, dev)?;
         }
+        let route = |family: &str, net: &str, src: &str| {
+            let dev = self.host_kernel_if();
+            ip(&[
+                "-n", &node, family, "route", "add", net, "dev", dev, "src", src,
+            ])
+        };
         let node_ip = s.node.address.addr().to_string();
         for net in &s.host_routes {
-            ip(&[
-                "-n",
-                &node,
-                "route",
-                "add",
-                &net.to_string(),
-                "dev",
-                self.host_kernel_if(),
-                "src",
-                &node_ip,
-            ])?;
+            route("-4", &net.to_string(), &node_ip)?;
         }
+        // IPv6 routes only when the node has an IPv6 address to give them as source.
         if let Some(node6) = s.node.address6 {
             for net in &s.host_routes6 {
-                ip(&[
-                    "-n",
-                    &node,
-                    "-6",
-                    "route",
-                    "add",
-                    &net.to_string(),
-                    "dev",
-                    self.host_kernel_if(),
-                    "src",
-                    &node6.addr().to_string(),
-                ])?;
+                route("-6", &net.to_string(), &node6.addr().to_string())?;
             }
         }
         // Packets for the node that kxdp hands over arrive on kxhost while the kernel's
