@@ -857,14 +857,7 @@ mod tests {
             t.services.push(Arc::new(nat::spec::ServiceSpec {
                 name: (*n).into(),
                 protocol: nat::spec::Protocol::Tcp,
-                frontends: vec![],
-                cluster_endpoints: vec![],
-                local_endpoints: vec![],
-                all_endpoints: vec![],
-                internal_local: false,
-                external_local: false,
-                affinity_timeout_s: None,
-                lb_source_ranges: Vec::new(),
+                ..nat::spec::ServiceSpec::default()
             }));
         }
         t

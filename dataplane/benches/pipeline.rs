@@ -132,10 +132,7 @@ fn spec(services: u32) -> TableSpec {
                 cluster_endpoints: eps.clone(),
                 local_endpoints: eps.clone(),
                 all_endpoints: eps.clone(),
-                internal_local: false,
-                external_local: false,
-                affinity_timeout_s: None,
-                lb_source_ranges: Vec::new(),
+                ..ServiceSpec::default()
             })
             .map(std::sync::Arc::new)
             .collect(),

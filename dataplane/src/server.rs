@@ -599,12 +599,8 @@ mod tests {
                 port: 53,
             }],
             cluster_endpoints: eps.clone(),
-            local_endpoints: vec![],
             all_endpoints: eps,
-            internal_local: false,
-            external_local: false,
-            affinity_timeout_s: None,
-            lb_source_ranges: Vec::new(),
+            ..ServiceSpec::default()
         })
     }
 

@@ -922,12 +922,8 @@ mod retire_tests {
                 port,
             }],
             cluster_endpoints: eps.clone(),
-            local_endpoints: vec![],
             all_endpoints: eps,
-            internal_local: false,
-            external_local: false,
-            affinity_timeout_s: None,
-            lb_source_ranges: vec![],
+            ..ServiceSpec::default()
         })
     }
 

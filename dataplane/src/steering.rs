@@ -133,10 +133,7 @@ mod tests {
                 cluster_endpoints: vec![ep.clone()],
                 local_endpoints: vec![ep.clone()],
                 all_endpoints: vec![ep],
-                internal_local: false,
-                external_local: false,
-                affinity_timeout_s: None,
-                lb_source_ranges: Vec::new(),
+                ..ServiceSpec::default()
             })],
             ..Default::default()
         };

@@ -48,10 +48,7 @@ fn service(
         all_endpoints: eps.clone(),
         local_endpoints: eps.clone(),
         cluster_endpoints: eps,
-        internal_local: false,
-        external_local: false,
-        affinity_timeout_s: None,
-        lb_source_ranges: Vec::new(),
+        ..ServiceSpec::default()
     }
 }
 

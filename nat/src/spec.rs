@@ -21,9 +21,12 @@ use serde::{Deserialize, Serialize};
 pub const SPEC_VERSION: u32 = 1;
 
 /// Layer-4 protocols that Services and conntrack know about.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 pub enum Protocol {
-    /// IP protocol 6.
+    /// IP protocol 6: the API's default for a port without a protocol.
+    #[default]
     Tcp,
     /// IP protocol 17.
     Udp,
@@ -202,7 +205,8 @@ pub struct EndpointSpec {
 }
 
 /// One (Service, port, IP family): frontends and the endpoint lists each traffic policy uses.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// The default is an unnamed TCP port with nothing in it, for building one field by field.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceSpec {
     /// `namespace/name:portName`, for counters and inspection.
     pub name: String,
@@ -724,13 +728,7 @@ mod validate_tests {
                 ip: ip.parse().unwrap(),
                 port: 80,
             }],
-            cluster_endpoints: vec![],
-            local_endpoints: vec![],
-            all_endpoints: vec![],
-            internal_local: false,
-            external_local: false,
-            affinity_timeout_s: None,
-            lb_source_ranges: Vec::new(),
+            ..ServiceSpec::default()
         }
     }
 
@@ -817,12 +815,8 @@ mod delta_tests {
                 port: 80,
             }],
             cluster_endpoints: eps.clone(),
-            local_endpoints: vec![],
             all_endpoints: eps,
-            internal_local: false,
-            external_local: false,
-            affinity_timeout_s: None,
-            lb_source_ranges: Vec::new(),
+            ..ServiceSpec::default()
         }
     }
 

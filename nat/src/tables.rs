@@ -724,10 +724,8 @@ mod tests {
                 all_endpoints: cluster.clone(),
                 cluster_endpoints: cluster,
                 local_endpoints: local,
-                internal_local: false,
                 external_local: etp_local,
-                affinity_timeout_s: None,
-                lb_source_ranges: Vec::new(),
+                ..ServiceSpec::default()
             })],
             ..TableSpec::default()
         };
@@ -742,25 +740,20 @@ mod tests {
         (t, cip, np)
     }
 
+    /// Whether `t` translates a connection from `src` to `f` with masquerade (panics if it
+    /// does not translate it).
+    fn masquerades(t: &ServiceTable, f: FrontendRef, src: &str) -> bool {
+        match t.decide(f, src.parse().unwrap(), 1) {
+            Decision::Translate { masquerade, .. } => masquerade,
+            other => panic!("{src}: {other:?}"),
+        }
+    }
+
     #[test]
     fn clusterip_from_pod_keeps_source_and_from_outside_masquerades() {
         let (t, cip, _) = table(vec![ep("10.244.1.5", true), ep("10.244.2.5", false)], false);
-        let pod = "10.244.1.2".parse().unwrap();
-        let outside = "203.0.113.2".parse().unwrap();
-        assert!(matches!(
-            t.decide(cip, pod, 1),
-            Decision::Translate {
-                masquerade: false,
-                ..
-            }
-        ));
-        assert!(matches!(
-            t.decide(cip, outside, 1),
-            Decision::Translate {
-                masquerade: true,
-                ..
-            }
-        ));
+        assert!(!masquerades(&t, cip, "10.244.1.2"));
+        assert!(masquerades(&t, cip, "203.0.113.2"));
     }
 
     #[test]
@@ -933,10 +926,7 @@ mod tests {
                 local_endpoints: eps.iter().filter(|e| e.local).cloned().collect(),
                 all_endpoints: eps.clone(),
                 cluster_endpoints: eps,
-                internal_local: false,
-                external_local: false,
-                affinity_timeout_s: None,
-                lb_source_ranges: Vec::new(),
+                ..ServiceSpec::default()
             }));
         }
         spec.sort_services();
@@ -1022,10 +1012,8 @@ mod tests {
                 all_endpoints: endpoints.clone(),
                 local_endpoints: endpoints.clone(),
                 cluster_endpoints: endpoints,
-                internal_local: false,
-                external_local: false,
-                affinity_timeout_s: None,
                 lb_source_ranges: vec!["203.0.113.0/24".parse().unwrap()],
+                ..ServiceSpec::default()
             };
             let spec = TableSpec {
                 node: crate::spec::NodeSpec {
@@ -1093,30 +1081,12 @@ mod tests {
 
     #[test]
     fn pods_sent_outside_the_pod_networks_are_masqueraded() {
-        let pod = "10.244.1.2".parse().unwrap();
-        let outside = "203.0.113.2".parse().unwrap();
         let (t, cip, _) = table(vec![ep("198.51.100.10", false)], false);
-        let masq = |src| match t.decide(cip, src, 1) {
-            Decision::Translate { masquerade, .. } => masquerade,
-            other => panic!("{other:?}"),
-        };
-        assert!(masq(pod));
+        assert!(masquerades(&t, cip, "10.244.1.2"));
         // The node's own address is delivered locally: no masquerade for pods.
         let (t, cip, _) = table(vec![ep("192.168.0.2", true)], false);
-        assert!(matches!(
-            t.decide(cip, pod, 1),
-            Decision::Translate {
-                masquerade: false,
-                ..
-            }
-        ));
+        assert!(!masquerades(&t, cip, "10.244.1.2"));
         // From outside the ClusterIP masquerades anyway.
-        assert!(matches!(
-            t.decide(cip, outside, 1),
-            Decision::Translate {
-                masquerade: true,
-                ..
-            }
-        ));
+        assert!(masquerades(&t, cip, "203.0.113.2"));
     }
 }
