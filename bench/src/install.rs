@@ -315,43 +315,23 @@ fn changes_iptables(
     limit: Duration,
     row: &mut InstallRow,
 ) -> anyhow::Result<()> {
-    let mut changed = spec.clone();
-    for c in 0..plan.changes {
-        let before = baseline::service_ports(&changed);
-        let Some((name, (old_ip, old_port))) = change_endpoint(&mut changed, c) else {
-            break;
-        };
-        let stale: Vec<String> = before
-            .iter()
-            .filter(|sp| sp.name_string() == name)
-            .map(|sp| {
-                iptables::sep_chain(
-                    &sp.name_string(),
-                    sp.protocol,
-                    &format!("{old_ip}:{old_port}"),
-                )
-            })
-            .collect();
-        let input =
-            iptables::partial_restore_input(&changed, cfg, std::slice::from_ref(&name), &stale);
-        match netns::exec_bounded(
-            ns.name(),
-            restore,
-            &["--noflush"],
-            Some(input.as_bytes()),
-            limit,
-        )? {
-            Bounded::Done(_, took) => row.change_s.push(took.as_secs_f64()),
-            Bounded::TimedOut(_) => {
-                row.note.push_str(&format!(
-                    "; a partial sync did not finish in {} s",
-                    limit.as_secs()
-                ));
-                break;
-            }
-        }
-    }
-    Ok(())
+    partial_syncs(
+        spec,
+        plan,
+        limit,
+        row,
+        |sp, old| iptables::sep_chain(&sp.name_string(), sp.protocol, &old.host_port()),
+        |changed, names, stale| {
+            let input = iptables::partial_restore_input(changed, cfg, names, stale);
+            netns::exec_bounded(
+                ns.name(),
+                restore,
+                &["--noflush"],
+                Some(input.as_bytes()),
+                limit,
+            )
+        },
+    )
 }
 
 fn nft_changes(
@@ -362,30 +342,45 @@ fn nft_changes(
     limit: Duration,
     row: &mut InstallRow,
 ) -> anyhow::Result<()> {
+    partial_syncs(
+        spec,
+        plan,
+        limit,
+        row,
+        |sp, old| format!("endpoint-{}", nftables::endpoint_chain_base(sp, old)),
+        |changed, names, stale| {
+            let tx = nftables::update_transaction(changed, cfg, names, stale);
+            netns::exec_bounded(ns.name(), "nft", &["-f", "-"], Some(tx.as_bytes()), limit)
+        },
+    )
+}
+
+/// Times `plan.changes` of kube-proxy's partial syncs into `row`, one endpoint change
+/// ([`change_endpoint`]) each, stopping at the first that does not finish in `limit`.
+/// `stale_chain` names the chain of the endpoint that went away; `apply` loads the partial
+/// sync of the changed tables for the changed Service ports named, deleting the stale
+/// chains.
+fn partial_syncs(
+    spec: &TableSpec,
+    plan: &Plan,
+    limit: Duration,
+    row: &mut InstallRow,
+    stale_chain: impl Fn(&baseline::ServicePort, &baseline::Endpoint) -> String,
+    apply: impl Fn(&TableSpec, &[String], &[String]) -> Result<Bounded, netns::NetnsError>,
+) -> anyhow::Result<()> {
     let mut changed = spec.clone();
     for c in 0..plan.changes {
         let before = baseline::service_ports(&changed);
-        let Some((name, (old_ip, old_port))) = change_endpoint(&mut changed, c) else {
+        let Some((name, (ip, port))) = change_endpoint(&mut changed, c) else {
             break;
         };
+        let old = baseline::Endpoint { ip, port };
         let stale: Vec<String> = before
             .iter()
             .filter(|sp| sp.name_string() == name)
-            .map(|sp| {
-                format!(
-                    "endpoint-{}",
-                    nftables::endpoint_chain_base(
-                        sp,
-                        &baseline::Endpoint {
-                            ip: old_ip,
-                            port: old_port
-                        }
-                    )
-                )
-            })
+            .map(|sp| stale_chain(sp, &old))
             .collect();
-        let tx = nftables::update_transaction(&changed, cfg, &[name], &stale);
-        match netns::exec_bounded(ns.name(), "nft", &["-f", "-"], Some(tx.as_bytes()), limit)? {
+        match apply(&changed, std::slice::from_ref(&name), &stale)? {
             Bounded::Done(_, took) => row.change_s.push(took.as_secs_f64()),
             Bounded::TimedOut(_) => {
                 row.note.push_str(&format!(
