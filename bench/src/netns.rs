@@ -7,7 +7,7 @@
 //! (`ip -n A link add … peer … netns B`), and commands run under `ip netns exec`.
 
 use std::io::Write as _;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 
 pub use pktio::netns::{enter_thread, is_root, NetnsGuard};
 
@@ -44,22 +44,7 @@ pub fn exec(
     args: &[&str],
     stdin: Option<&[u8]>,
 ) -> Result<String, NetnsError> {
-    let command = format!("ip netns exec {ns} {program} {}", args.join(" "));
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns, program])
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|err| NetnsError::Spawn {
-            command: command.clone(),
-            err,
-        })?;
+    let (mut child, command) = spawn(ns, program, args, stdin.is_some())?;
     if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
         // A program that exits early closes its end; its exit status says why.
         let _ = pipe.write_all(input);
@@ -68,14 +53,49 @@ pub fn exec(
         command: command.clone(),
         err,
     })?;
-    if !out.status.success() {
+    output(command, out.status, &out.stdout, &out.stderr)
+}
+
+/// Starts `program args…` under `ip netns exec ns` with standard output and error piped,
+/// and standard input piped if `stdin` (else empty). Returns the child and the command
+/// line errors name.
+fn spawn(
+    ns: &str,
+    program: &str,
+    args: &[&str],
+    stdin: bool,
+) -> Result<(Child, String), NetnsError> {
+    let command = format!("ip netns exec {ns} {program} {}", args.join(" "));
+    let child = Command::new("ip")
+        .args(["netns", "exec", ns, program])
+        .args(args)
+        .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|err| NetnsError::Spawn {
+            command: command.clone(),
+            err,
+        })?;
+    Ok((child, command))
+}
+
+/// A finished command's standard output, or [`NetnsError::Failed`] with its standard
+/// error if it did not succeed.
+fn output(
+    command: String,
+    status: ExitStatus,
+    stdout: &[u8],
+    stderr: &[u8],
+) -> Result<String, NetnsError> {
+    if !status.success() {
         return Err(NetnsError::Failed {
             command,
-            status: out.status,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            status,
+            stderr: String::from_utf8_lossy(stderr).trim().to_string(),
         });
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(String::from_utf8_lossy(stdout).into_owned())
 }
 
 /// How a bounded command ended.
@@ -100,23 +120,8 @@ pub fn exec_bounded(
 ) -> Result<Bounded, NetnsError> {
     use std::io::Read as _;
     use std::time::{Duration, Instant};
-    let command = format!("ip netns exec {ns} {program} {}", args.join(" "));
     let started = Instant::now();
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns, program])
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|err| NetnsError::Spawn {
-            command: command.clone(),
-            err,
-        })?;
+    let (mut child, command) = spawn(ns, program, args, stdin.is_some())?;
     let pipe_in = child.stdin.take();
     let mut pipe_out = child.stdout.take();
     let mut pipe_err = child.stderr.take();
@@ -168,15 +173,7 @@ pub fn exec_bounded(
     let took = started.elapsed();
     match status {
         None => Ok(Bounded::TimedOut(took)),
-        Some(st) if st.success() => Ok(Bounded::Done(
-            String::from_utf8_lossy(&out).into_owned(),
-            took,
-        )),
-        Some(st) => Err(NetnsError::Failed {
-            command,
-            status: st,
-            stderr: String::from_utf8_lossy(&err).trim().to_string(),
-        }),
+        Some(st) => output(command, st, &out, &err).map(|out| Bounded::Done(out, took)),
     }
 }
 
