@@ -816,7 +816,9 @@ impl Shared {
         let tables = current.updated(generation, delta, ring, self.uplink_mac())?;
         let filter = delta.changes_frontends(&current.spec);
         let retire = may_strand_datagram_flows(&current.spec, delta);
-        let policy_changed = delta.policy.is_some();
+        // A new policy table (carried by the delta, or compiled again with everything
+        // when the node or cluster settings changed) needs its drop counters looked up.
+        let policy_changed = !Arc::ptr_eq(&tables.policy, &current.policy);
         drop(current);
         let mut tables = tables;
         if policy_changed {
@@ -986,5 +988,48 @@ mod retire_tests {
             &spec,
             &TableDelta::between(&spec, &moved)
         ));
+    }
+}
+
+#[cfg(test)]
+mod policy_drop_tests {
+    use super::*;
+    use nat::spec::{IsolationSpec, PodPolicySpec, PolicySpec};
+
+    #[test]
+    fn drops_are_counted_after_a_delta_that_recompiles_everything() {
+        let shared = Shared::new(vec![], 1, Limits::default());
+        let pod: IpAddr = "10.244.1.5".parse().unwrap();
+        let mut spec = TableSpec::default();
+        spec.policy = PolicySpec {
+            policies: vec!["default/deny".into()],
+            pods: vec![PodPolicySpec {
+                pod: "default/web".into(),
+                ips: vec![pod],
+                ingress: Some(IsolationSpec {
+                    policies: vec![0],
+                    ..IsolationSpec::default()
+                }),
+                egress: None,
+            }],
+        };
+        shared.install_tables(1, spec.clone());
+        // The node changes, the policy does not: every table is compiled again.
+        let mut moved = spec.clone();
+        moved.node.name = "node-b".into();
+        let delta = TableDelta::between(&spec, &moved);
+        assert!(delta.policy.is_none() && delta.node.is_some());
+        assert!(matches!(
+            shared.install_delta(2, 1, &delta),
+            Ok(DeltaOutcome::Applied { .. })
+        ));
+        let t = shared.tables.load();
+        t.policy_drops.count(&t.policy, PolicyType::Ingress, pod);
+        let counts = shared.policy_drop_counts();
+        assert!(
+            counts.contains(&("pod default/web ingress".into(), 1))
+                && counts.contains(&("policy default/deny".into(), 1)),
+            "{counts:?}"
+        );
     }
 }
