@@ -80,23 +80,28 @@ mod tests {
         n
     }
 
-    #[test]
-    fn the_sink_counts_what_the_generator_sent_and_answers_arp() {
-        let flows = FlowSet {
-            src_mac: [2, 0, 0, 0, 0, 1],
-            dst_mac: [2, 0, 0, 0, 0, 2],
-            src_ip: Ipv4Addr::new(198, 18, 0, 1),
-            src_port: 1024,
-            flows: 8,
-            dests: vec!["10.0.1.10:8080".parse().unwrap()],
-        };
-        let cfg = GenConfig {
+    /// 64-byte frames flat out from 198.18.0.1 over `flows` flows to 10.0.1.10:8080,
+    /// `count` of them (5 s at most).
+    fn flat_out(flows: u32, count: u64) -> GenConfig {
+        GenConfig {
             size: 64,
-            flows,
+            flows: FlowSet {
+                src_mac: [2, 0, 0, 0, 0, 1],
+                dst_mac: [2, 0, 0, 0, 0, 2],
+                src_ip: Ipv4Addr::new(198, 18, 0, 1),
+                src_port: 1024,
+                flows,
+                dests: vec!["10.0.1.10:8080".parse().unwrap()],
+            },
             rate_pps: None,
             duration: Duration::from_secs(5),
-            count: Some(200),
-        };
+            count: Some(count),
+        }
+    }
+
+    #[test]
+    fn the_sink_counts_what_the_generator_sent_and_answers_arp() {
+        let cfg = flat_out(8, 200);
         let mut g = MemDevice::new(1, 512);
         let mut s = MemDevice::new(1, 512);
         let epoch = Instant::now();
@@ -152,21 +157,7 @@ mod tests {
 
     #[test]
     fn a_reflecting_sink_sends_frames_back_and_the_generator_times_them() {
-        let flows = FlowSet {
-            src_mac: [2, 0, 0, 0, 0, 1],
-            dst_mac: [2, 0, 0, 0, 0, 2],
-            src_ip: Ipv4Addr::new(198, 18, 0, 1),
-            src_port: 1024,
-            flows: 1,
-            dests: vec!["10.0.1.10:8080".parse().unwrap()],
-        };
-        let cfg = GenConfig {
-            size: 64,
-            flows,
-            rate_pps: None,
-            duration: Duration::from_secs(5),
-            count: Some(50),
-        };
+        let cfg = flat_out(1, 50);
         let mut g = MemDevice::new(1, 256);
         let mut s = MemDevice::new(1, 256);
         let epoch = Instant::now();
