@@ -1000,18 +1000,20 @@ mod policy_drop_tests {
     fn drops_are_counted_after_a_delta_that_recompiles_everything() {
         let shared = Shared::new(vec![], 1, Limits::default());
         let pod: IpAddr = "10.244.1.5".parse().unwrap();
-        let mut spec = TableSpec::default();
-        spec.policy = PolicySpec {
-            policies: vec!["default/deny".into()],
-            pods: vec![PodPolicySpec {
-                pod: "default/web".into(),
-                ips: vec![pod],
-                ingress: Some(IsolationSpec {
-                    policies: vec![0],
-                    ..IsolationSpec::default()
-                }),
-                egress: None,
-            }],
+        let spec = TableSpec {
+            policy: PolicySpec {
+                policies: vec!["default/deny".into()],
+                pods: vec![PodPolicySpec {
+                    pod: "default/web".into(),
+                    ips: vec![pod],
+                    ingress: Some(IsolationSpec {
+                        policies: vec![0],
+                        ..IsolationSpec::default()
+                    }),
+                    egress: None,
+                }],
+            },
+            ..TableSpec::default()
         };
         shared.install_tables(1, spec.clone());
         // The node changes, the policy does not: every table is compiled again.
