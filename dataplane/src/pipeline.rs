@@ -454,20 +454,22 @@ impl Pipeline<'_> {
                             // Masquerade takes the address of the way out, as the kernel's
                             // does: the node's own towards an endpoint outside the pod
                             // networks, with the ports whose replies the uplink hands us.
-                            let outside = !self.tables.in_cluster_network(backend.ip)
-                                && !self.tables.node_addresses.contains(&backend.ip);
-                            let snat = if masquerade {
-                                let source = if outside {
-                                    self.tables.egress_source(h.v6)
+                            let (snat, ports) = if masquerade {
+                                let outside = !self.tables.in_cluster_network(backend.ip)
+                                    && !self.tables.node_addresses.contains(&backend.ip);
+                                let (source, ports) = if outside {
+                                    let ports = self.shared.limits.egress_masquerade_ports;
+                                    (self.tables.egress_source(h.v6), ports)
                                 } else {
-                                    self.tables.masquerade_source(h.v6)
+                                    let ports = (SNAT_PORT_MIN, SNAT_PORT_MAX);
+                                    (self.tables.masquerade_source(h.v6), ports)
                                 };
                                 match source {
-                                    Some(ip) => Some(ip),
+                                    Some(ip) => (Some(ip), ports),
                                     None => return Outcome::Drop(DropReason::NoRoute),
                                 }
                             } else {
-                                None
+                                (None, (SNAT_PORT_MIN, SNAT_PORT_MAX))
                             };
                             let peer = snat.unwrap_or(h.src);
                             let policy =
@@ -476,11 +478,6 @@ impl Pipeline<'_> {
                                     Err(reason) => return Outcome::Drop(reason),
                                 };
                             let state = timeouts::initial(h.proto, flags);
-                            let ports = if outside && snat.is_some() {
-                                self.shared.limits.egress_masquerade_ports
-                            } else {
-                                (SNAT_PORT_MIN, SNAT_PORT_MAX)
-                            };
                             let conn = match self.track_in(
                                 key, &mut reply, snat, ports, f.service, state, policy.tag,
                             ) {

@@ -560,10 +560,7 @@ impl ServiceTable {
             // A pod sent outside the pod networks (an endpoint of a hand-made slice, a
             // host-network pod of another node): flannel's ip-masq rule sees the address
             // after DNAT. This node's own addresses are delivered locally, not routed.
-            || (self.ip_masq
-                && origin == Origin::Pod
-                && !self.cluster_cidrs.iter().any(|n| n.contains(&backend.ip))
-                && !self.node_addresses.contains(&backend.ip));
+            || (self.ip_masq && origin == Origin::Pod && self.origin(backend.ip) == Origin::External);
         Decision::Translate {
             backend,
             masquerade,
