@@ -538,6 +538,21 @@ fn build(plan: &Plan, n: u32, progress: &mut impl FnMut(&str)) -> anyhow::Result
     })
 }
 
+impl Built {
+    /// The endpoint addresses of every probed Service, sorted, each once: what the devices
+    /// under test are told about and what the sink answers ARP for.
+    fn probe_ips(&self) -> Vec<Ipv4Addr> {
+        let mut ips: Vec<Ipv4Addr> = self
+            .probes
+            .iter()
+            .flat_map(|(_, sp)| sp.cluster_endpoints.iter().map(|e| e.ip))
+            .collect();
+        ips.sort();
+        ips.dedup();
+        ips
+    }
+}
+
 fn endpoints_of(sp: &ServicePort) -> Vec<SocketAddrV4> {
     sp.cluster_endpoints
         .iter()
@@ -556,13 +571,7 @@ fn set_up_all(
     progress: &mut impl FnMut(&str),
 ) -> anyhow::Result<(Vec<Dut>, Vec<SetupRecord>)> {
     let n = b.set.services;
-    let mut all_ips: Vec<Ipv4Addr> = b
-        .probes
-        .iter()
-        .flat_map(|(_, sp)| sp.cluster_endpoints.iter().map(|e| e.ip))
-        .collect();
-    all_ips.sort();
-    all_ips.dedup();
+    let all_ips = b.probe_ips();
     let ctx = DutContext {
         spec: &b.spec,
         pod_cidr: b.set.pod_cidr,
@@ -668,16 +677,7 @@ fn run_point(
     };
     let (mut duts, setup) = set_up_all(plan, paths, logs, &b, &plan.duts, notes, progress)?;
     point.setup = setup;
-    let arp: Vec<Ipv4Addr> = {
-        let mut v: Vec<Ipv4Addr> = b
-            .probes
-            .iter()
-            .flat_map(|(_, sp)| sp.cluster_endpoints.iter().map(|e| e.ip))
-            .collect();
-        v.sort();
-        v.dedup();
-        v
-    };
+    let arp = b.probe_ips();
     let mut scenarios = vec![Scenario::Throughput];
     if plan.new_flow_services.contains(&n) {
         scenarios.push(Scenario::NewFlows);
