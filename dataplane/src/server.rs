@@ -205,7 +205,7 @@ fn handle_table_or(msg: Message, shared: &Shared, epoch: Instant) -> (Message, b
             base,
             delta,
         } => install_delta(generation, base, &delta, shared),
-        other => (handle(other, shared, epoch), false),
+        other => (answer_query(other, shared, epoch), false),
     }
 }
 
@@ -373,29 +373,19 @@ pub fn group_id(name: &str) -> io::Result<u32> {
         })
 }
 
-/// Acts on one message and returns the answer.
+/// Acts on one message and returns the answer (stale flows retired before it, when a
+/// table was installed).
 pub fn handle(msg: Message, shared: &Shared, epoch: Instant) -> Message {
+    let (answer, retire) = handle_table_or(msg, shared, epoch);
+    if retire {
+        shared.retire_stale_flows(epoch.elapsed().as_nanos() as u64);
+    }
+    answer
+}
+
+/// The answer to a message that is not a table (tables go to [`handle_table_or`]).
+fn answer_query(msg: Message, shared: &Shared, epoch: Instant) -> Message {
     match msg {
-        Message::Snapshot { generation, tables } => {
-            match install_snapshot(generation, *tables, shared) {
-                Ok(answer) => {
-                    shared.retire_stale_flows(epoch.elapsed().as_nanos() as u64);
-                    answer
-                }
-                Err(answer) => answer,
-            }
-        }
-        Message::Delta {
-            generation,
-            base,
-            delta,
-        } => {
-            let (answer, retire) = install_delta(generation, base, &delta, shared);
-            if retire {
-                shared.retire_stale_flows(epoch.elapsed().as_nanos() as u64);
-            }
-            answer
-        }
         Message::GetStats => Message::Stats {
             generation: shared.tables.load().generation,
             conntrack: shared.conntrack.len(),
