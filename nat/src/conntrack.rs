@@ -714,23 +714,8 @@ impl Conntrack {
     /// Removes every expired entry and every connection for which `stale` is true (for
     /// example UDP flows to an endpoint that is gone). Returns how many went. Workers keep
     /// running meanwhile; each removal is a few atomic operations.
-    pub fn sweep(&self, now: u64, mut stale: impl FnMut(&Connection) -> bool) -> usize {
-        let mut removed = 0;
-        for e in 0..self.entries.len() as u32 {
-            let entry = &self.entries[e as usize];
-            if entry.state.load(Ordering::Acquire) as u8 != LIVE {
-                continue;
-            }
-            let Some(w) = self.read_entry(e) else {
-                continue;
-            };
-            let conn = decode(&w);
-            let expired = entry.expires.load(Ordering::Relaxed) <= now;
-            if (expired || stale(&conn)) && self.kill(e, &conn) {
-                removed += 1;
-            }
-        }
-        removed
+    pub fn sweep(&self, now: u64, stale: impl FnMut(&Connection) -> bool) -> usize {
+        self.sweep_entries(now, 0..self.entries.len(), Some(stale))
     }
 
     /// Removes the expired connections among entries `from..from + count` (clamped to the
@@ -740,11 +725,24 @@ impl Conntrack {
     /// ones are read whole.
     pub fn sweep_expired(&self, now: u64, from: usize, count: usize) -> (usize, usize) {
         let end = from.saturating_add(count).min(self.entries.len());
+        let removed = self.sweep_entries(now, from.min(end)..end, None::<fn(&Connection) -> bool>);
+        let next = if end >= self.entries.len() { 0 } else { end };
+        (removed, next)
+    }
+
+    /// Removes the expired connections among `entries`, and those `stale` says are; without
+    /// `stale`, an entry that has not expired is passed over without being read whole.
+    fn sweep_entries(
+        &self,
+        now: u64,
+        entries: std::ops::Range<usize>,
+        mut stale: Option<impl FnMut(&Connection) -> bool>,
+    ) -> usize {
         let mut removed = 0;
-        for e in from.min(end)..end {
+        for e in entries {
             let entry = &self.entries[e];
             if entry.state.load(Ordering::Acquire) as u8 != LIVE
-                || entry.expires.load(Ordering::Relaxed) > now
+                || (stale.is_none() && entry.expires.load(Ordering::Relaxed) > now)
             {
                 continue;
             }
@@ -752,13 +750,13 @@ impl Conntrack {
                 continue;
             };
             let conn = decode(&w);
-            // Refreshed by a packet since the first look: it stays.
-            if entry.expires.load(Ordering::Relaxed) <= now && self.kill(e as u32, &conn) {
+            // Read after the entry: a packet may have refreshed it since the first look.
+            let expired = entry.expires.load(Ordering::Relaxed) <= now;
+            if (expired || stale.as_mut().is_some_and(|s| s(&conn))) && self.kill(e as u32, &conn) {
                 removed += 1;
             }
         }
-        let next = if end >= self.entries.len() { 0 } else { end };
-        (removed, next)
+        removed
     }
 
     /// Every live connection with its protocol state and expiry time (ns), for inspection:
