@@ -84,15 +84,9 @@ pub fn change_endpoint(spec: &mut TableSpec, c: u32) -> Option<(String, (Ipv4Add
     Some((name, (old4, port)))
 }
 
-fn median(xs: &[f64]) -> Option<f64> {
-    let mut v = xs.to_vec();
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied()
-}
-
 /// Median of a row's changes.
 pub fn change_median(row: &InstallRow) -> Option<f64> {
-    median(&row.change_s)
+    crate::report::median(row.change_s.iter().copied())
 }
 
 /// Measures install and change times at one Service count on every system, reusing the
