@@ -384,7 +384,7 @@ impl TableDelta {
                         b.next();
                     }
                     Ordering::Equal => {
-                        if !Arc::ptr_eq(x, y) && x != y {
+                        if x != y {
                             d.upserted.push(Arc::clone(y));
                         }
                         a.next();

@@ -615,10 +615,7 @@ fn compile(s: &ServiceSpec, ring_size: u32, scaled: bool) -> Service {
             .filter(|e| e.serving)
             .map(backend_of)
             .collect(),
-        affinity_key: crate::affinity::service_key(
-            &s.name,
-            s.frontends.first().is_some_and(|f| f.ip.is_ipv6()),
-        ),
+        affinity_key: crate::affinity::service_key(&s.name, s.is_ipv6()),
         lb_source_ranges: s.lb_source_ranges.clone(),
     }
 }
