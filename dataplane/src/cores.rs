@@ -2,19 +2,10 @@
 //! (`2,3`, `2-5`, `0,4-7`), so an operator can give the workers the cores isolated with
 //! `isolcpus=`/`nohz_full=` and keep everything else off them.
 
-use std::fmt;
-
 /// A CPU list that could not be read.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
 pub struct CoreListError(String);
-
-impl fmt::Display for CoreListError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for CoreListError {}
 
 /// The most cores one list may name: a guard against `0-4294967295`.
 const MAX_CORES: usize = 4096;
