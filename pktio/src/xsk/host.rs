@@ -128,9 +128,11 @@ impl HostRedirect {
                 )
             })
         };
-        for e in want.difference(&have.clone()) {
-            update("add", self.ports.update(&port_key(e.0, e.1, e.2), &[1]), e)?;
-            have.insert(*e);
+        for e in want {
+            if !have.contains(e) {
+                update("add", self.ports.update(&port_key(e.0, e.1, e.2), &[1]), e)?;
+                have.insert(*e);
+            }
         }
         let stale: Vec<_> = have.difference(want).copied().collect();
         for e in &stale {
