@@ -242,10 +242,10 @@ type Key = (String, String);
 /// ([`crate::tables::TableComputer`]): the stamp of the last change to each kind, to each
 /// Node, and to each Service *group* — a Service and the EndpointSlices labelled with its
 /// name, whose endpoints it takes. Equal stamps mean equal objects, in any store of the
-/// process (a cloned store shares its stamps until either changes).
-#[derive(Clone, Debug)]
+/// process (a cloned store shares its stamps until either changes, under its own id).
+#[derive(Debug)]
 pub struct Objects {
-    /// Which store this is: a clone keeps it (its changes continue the same history).
+    /// Which store this is: a clone is another store (see its `Clone`).
     id: u64,
     nodes: BTreeMap<Key, Node>,
     namespaces: BTreeMap<Key, Namespace>,
@@ -275,6 +275,31 @@ static STAMPS: AtomicU64 = AtomicU64::new(1);
 
 fn next_stamp() -> u64 {
     STAMPS.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A clone is another store with the same objects and stamps: it gets its own id, so a
+/// [`crate::tables::TableComputer`] that saw one never takes the other's changes for the
+/// continuation of its history (both may change on after the clone). Shared stamps keep a
+/// computation that moves between them cheap: unchanged groups are still recognised.
+impl Clone for Objects {
+    fn clone(&self) -> Self {
+        Objects {
+            id: next_stamp(),
+            nodes: self.nodes.clone(),
+            namespaces: self.namespaces.clone(),
+            pods: self.pods.clone(),
+            services: self.services.clone(),
+            endpoint_slices: self.endpoint_slices.clone(),
+            network_policies: self.network_policies.clone(),
+            kind_stamps: self.kind_stamps,
+            node_stamps: self.node_stamps.clone(),
+            group_stamps: self.group_stamps.clone(),
+            group_log: self.group_log.clone(),
+            horizon: self.horizon,
+            last_stamp: self.last_stamp,
+            slices_by_service: self.slices_by_service.clone(),
+        }
+    }
 }
 
 impl Default for Objects {
@@ -579,7 +604,7 @@ impl Objects {
         }
     }
 
-    /// Which store this is (a clone is the same store, continued).
+    /// Which store this is (a clone is another store).
     pub fn id(&self) -> u64 {
         self.id
     }

@@ -981,3 +981,23 @@ fn load_balancer_source_ranges_by_family_and_node() {
         .iter()
         .any(|w| w.message.contains("\"bogus\"")));
 }
+
+#[test]
+fn a_cloned_store_changed_apart_from_its_original_is_computed_as_another_store() {
+    let mut a = services_store(3);
+    let cluster = ClusterSpec::default();
+    let mut computer = TableComputer::new("node-a", cluster.clone());
+    let mut errors = Vec::new();
+    computer.compute(&a).expect("node-a");
+    let mut b = a.clone();
+    // The clone changes first, the original after it: the original's stamps are newer.
+    load_text(&mut b, "svc", &service_yaml(50, 2), &mut errors);
+    load_text(&mut a, "svc", &service_yaml(60, 2), &mut errors);
+    assert!(errors.is_empty(), "{errors:?}");
+    for store in [&a, &b, &a] {
+        assert_eq!(
+            computer.compute(store).expect("node-a"),
+            compute_with_warnings(store, "node-a", &cluster).unwrap()
+        );
+    }
+}
