@@ -140,10 +140,10 @@ fn host_redirect(host: &str, uplink: Option<&str>) -> Result<pktio::xsk::HostRed
         .trim()
         .parse()
         .with_context(|| format!("{path}: not an interface index"))?;
-    let peer_name = xsk::ifname(peer);
-    if peer == xsk::ifindex(host)? || peer_name.starts_with("ifindex ") {
-        bail!("--host {host}: not one end of a veth pair in this namespace (its peer, ifindex {peer}, is not here)");
-    }
+    let peer_name = match xsk::ifname_of(peer) {
+        Some(name) if peer != xsk::ifindex(host)? => name,
+        _ => bail!("--host {host}: not one end of a veth pair in this namespace (its peer, ifindex {peer}, is not here)"),
+    };
     let redirect = pktio::xsk::HostRedirect::load(pktio::xsk::HostTarget {
         ifindex: peer,
         dst_mac: mac_of(host)?,

@@ -57,16 +57,23 @@ pub fn ifindex(name: &str) -> Result<u32, XskError> {
 
 /// Name of interface `index`, or `"ifindex N"` if there is none (used in messages).
 pub fn ifname(index: u32) -> String {
+    ifname_of(index).unwrap_or_else(|| format!("ifindex {index}"))
+}
+
+/// The name of interface `index` in this namespace, if there is one.
+pub fn ifname_of(index: u32) -> Option<String> {
     let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
     // SAFETY: `buf` has the IF_NAMESIZE bytes if_indextoname may write.
     let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
     if p.is_null() {
-        return format!("ifindex {index}");
+        return None;
     }
     // SAFETY: on success `buf` holds a NUL-terminated name.
-    unsafe { CStr::from_ptr(buf.as_ptr()) }
-        .to_string_lossy()
-        .into_owned()
+    Some(
+        unsafe { CStr::from_ptr(buf.as_ptr()) }
+            .to_string_lossy()
+            .into_owned(),
+    )
 }
 
 /// Receive queues of interface `name` now in use: `rx_count + combined_count` from

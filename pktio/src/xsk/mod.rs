@@ -30,7 +30,7 @@ pub use bpf::{XdpMode, XdpProgram};
 pub use device::XskDevice;
 pub use filter::{FilterStats, FilterTables, Protocol, Steering};
 pub use host::{HostRedirect, HostRedirectStats, HostTarget};
-pub use iface::{ifindex, ifname, queue_count};
+pub use iface::{ifindex, ifname, ifname_of, queue_count};
 pub use sys::XDP_PACKET_HEADROOM;
 
 /// Sizes and mode of one worker's AF_XDP device.
