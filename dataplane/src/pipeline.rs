@@ -172,11 +172,7 @@ impl Pipeline<'_> {
         };
         match outcome {
             Outcome::Send(out, f) => {
-                let len = u64::from(f.len);
-                if dev.send(out, f) {
-                    c.tx += 1;
-                    c.tx_bytes += len;
-                }
+                send_counted(dev, out, f, c);
             }
             Outcome::Drop(reason) => {
                 c.drop(reason);
@@ -1331,9 +1327,7 @@ impl Pipeline<'_> {
                 return;
             };
             f.len = len as u32;
-            if dev.send(port, f) {
-                c.tx += 1;
-                c.tx_bytes += len as u64;
+            if send_counted(dev, port, f, c) {
                 c.arp_requests += 1;
             }
         }
@@ -1501,11 +1495,7 @@ impl Pipeline<'_> {
             };
             match outcome {
                 Outcome::Send(port, f) => {
-                    let len = u64::from(f.len);
-                    if dev.send(port, f) {
-                        c.tx += 1;
-                        c.tx_bytes += len;
-                    }
+                    send_counted(dev, port, f, c);
                 }
                 Outcome::Drop(reason) | Outcome::Resolve(reason, _, _) => {
                     c.drop(reason);
@@ -1681,4 +1671,16 @@ fn malformed(m: Malformed) -> DropReason {
         Malformed::BadIpChecksum => DropReason::BadIpChecksum,
         Malformed::UnsupportedExtension => DropReason::UnsupportedExtension,
     }
+}
+
+/// Sends `f` on `port` of `dev`, counting it (`tx`, `tx_bytes`) if the device took it.
+#[inline]
+fn send_counted<D: Device>(dev: &mut D, port: PortId, f: Frame, c: &mut Counters) -> bool {
+    let len = u64::from(f.len);
+    let sent = dev.send(port, f);
+    if sent {
+        c.tx += 1;
+        c.tx_bytes += len;
+    }
+    sent
 }
