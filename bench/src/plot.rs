@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context};
+use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
@@ -99,7 +100,7 @@ fn not_run_notes(res: &Results) -> Vec<String> {
 /// Draws `entries` (label, colour, dashed) as a legend down the panel `area`, then `notes`.
 fn legend<DB: DrawingBackend>(
     area: &DrawingArea<DB, plotters::coord::Shift>,
-    entries: &[(String, RGBColor, bool)],
+    entries: &[Entry],
     notes: &[String],
 ) -> anyhow::Result<()> {
     let top = 80;
@@ -151,6 +152,49 @@ fn duts(res: &Results) -> Vec<DutKind> {
         .unwrap_or_else(|| DutKind::ALL.to_vec())
 }
 
+/// A legend entry: label, colour, dashed.
+type Entry = (String, RGBColor, bool);
+
+/// Writes a [`WIDTH`] × [`HEIGHT`] PNG to `path`: on white, the chart `draw` makes in the
+/// area left of the legend panel, then in the panel the entries `draw` returns and `notes`.
+fn png_with_legend(
+    path: &Path,
+    notes: &[String],
+    draw: impl FnOnce(&DrawingArea<BitMapBackend<'_>, Shift>) -> anyhow::Result<Vec<Entry>>,
+) -> anyhow::Result<()> {
+    let mut buf = vec![0u8; (WIDTH * HEIGHT * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (WIDTH, HEIGHT)).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        let (left, right) = root.split_horizontally(WIDTH - LEGEND);
+        let entries = draw(&left)?;
+        legend(&right, &entries, notes)?;
+        root.present().map_err(err)?;
+    }
+    write_png(path, &buf)
+}
+
+/// Draws `pts` on `chart` as a line in `c` with a dot at every point (the legend's solid
+/// entry).
+fn draw_line<DB, CT>(
+    chart: &mut ChartContext<'_, DB, CT>,
+    pts: &[(f64, f64)],
+    c: RGBColor,
+) -> anyhow::Result<()>
+where
+    DB: DrawingBackend,
+    DB::ErrorType: 'static,
+    CT: CoordTranslate<From = (f64, f64)>,
+{
+    chart
+        .draw_series(LineSeries::new(pts.to_vec(), c.stroke_width(3)))
+        .map_err(err)?;
+    chart
+        .draw_series(pts.iter().map(|&p| Circle::new(p, 5, c.filled())))
+        .map_err(err)?;
+    Ok(())
+}
+
 /// Rate against Services, one line per device, the ceiling dashed.
 fn rate_plot(
     res: &Results,
@@ -179,13 +223,9 @@ fn rate_plot(
         .chain(ceiling)
         .fold(0.0, f64::max)
         * 1.15;
-    let mut buf = vec![0u8; (WIDTH * HEIGHT * 3) as usize];
-    {
-        let root = BitMapBackend::with_buffer(&mut buf, (WIDTH, HEIGHT)).into_drawing_area();
-        root.fill(&WHITE).map_err(err)?;
-        let (left, right) = root.split_horizontally(WIDTH - LEGEND);
+    png_with_legend(path, &not_run_notes(res), |left| {
         let mut entries = Vec::new();
-        let mut chart = ChartBuilder::on(&left)
+        let mut chart = ChartBuilder::on(left)
             .caption(title, (FONT, 22))
             .margin(20)
             .x_label_area_size(50)
@@ -223,18 +263,11 @@ fn rate_plot(
                 continue;
             }
             let c = color(*d);
-            chart
-                .draw_series(LineSeries::new(pts.clone(), c.stroke_width(3)))
-                .map_err(err)?;
-            chart
-                .draw_series(pts.iter().map(|&p| Circle::new(p, 5, c.filled())))
-                .map_err(err)?;
+            draw_line(&mut chart, pts, c)?;
             entries.push((d.short().to_string(), c, false));
         }
-        legend(&right, &entries, &not_run_notes(res))?;
-        root.present().map_err(err)?;
-    }
-    write_png(path, &buf)?;
+        Ok(entries)
+    })?;
     Ok(true)
 }
 
@@ -278,18 +311,14 @@ fn latency_plot(res: &Results, p: &Point, path: &Path) -> anyhow::Result<bool> {
         .clamp(0.1, 10.0)
         / 2.0;
     let rate = res.plan.as_ref().map_or(0, |p| p.latency_pps);
-    let mut buf = vec![0u8; (WIDTH * HEIGHT * 3) as usize];
-    {
-        let root = BitMapBackend::with_buffer(&mut buf, (WIDTH, HEIGHT)).into_drawing_area();
-        root.fill(&WHITE).map_err(err)?;
-        let title = format!(
-            "One-way latency at {} pps, {} Services",
-            crate::report::thousands(rate as f64),
-            crate::report::thousands(f64::from(p.services))
-        );
-        let (left, right) = root.split_horizontally(WIDTH - LEGEND);
+    let title = format!(
+        "One-way latency at {} pps, {} Services",
+        crate::report::thousands(rate as f64),
+        crate::report::thousands(f64::from(p.services))
+    );
+    png_with_legend(path, &[], |left| {
         let mut entries = Vec::new();
-        let mut chart = ChartBuilder::on(&left)
+        let mut chart = ChartBuilder::on(left)
             .caption(title, (FONT, 22))
             .margin(20)
             .x_label_area_size(50)
@@ -317,19 +346,11 @@ fn latency_plot(res: &Results, p: &Point, path: &Path) -> anyhow::Result<bool> {
             if pts.is_empty() {
                 continue;
             }
-            let c = *c;
-            chart
-                .draw_series(LineSeries::new(pts.clone(), c.stroke_width(3)))
-                .map_err(err)?;
-            chart
-                .draw_series(pts.iter().map(|&p| Circle::new(p, 5, c.filled())))
-                .map_err(err)?;
-            entries.push((name.clone(), c, false));
+            draw_line(&mut chart, pts, *c)?;
+            entries.push((name.clone(), *c, false));
         }
-        legend(&right, &entries, &[])?;
-        root.present().map_err(err)?;
-    }
-    write_png(path, &buf)?;
+        Ok(entries)
+    })?;
     Ok(true)
 }
 
