@@ -14,7 +14,7 @@ use plotters::style::FontStyle;
 
 use crate::dut::DutKind;
 use crate::measure::RunResult;
-use crate::report::{median, median_latency, median_pps};
+use crate::report::{duts, median, median_latency, median_pps};
 use crate::suite::{Point, Results};
 
 const WIDTH: u32 = 1100;
@@ -143,13 +143,6 @@ fn short_pps(v: f64) -> String {
     } else {
         format!("{v:.0}")
     }
-}
-
-fn duts(res: &Results) -> Vec<DutKind> {
-    res.plan
-        .as_ref()
-        .map(|p| p.duts.clone())
-        .unwrap_or_else(|| DutKind::ALL.to_vec())
 }
 
 /// A legend entry: label, colour, dashed.

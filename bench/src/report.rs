@@ -85,7 +85,7 @@ fn cell(point: &Point, runs: &[RunResult], dut: &str) -> String {
 }
 
 /// The DUTs of `res` in report order.
-fn duts(res: &Results) -> Vec<DutKind> {
+pub(crate) fn duts(res: &Results) -> Vec<DutKind> {
     res.plan
         .as_ref()
         .map(|p| p.duts.clone())
@@ -319,9 +319,8 @@ pub fn targets(res: &Results) -> Vec<Target> {
         let (k, f) = (tp(n, "kxdp"), tp(n, "xdp-fwd"));
         out.push(Target {
             target: format!(
-                "kxdp's full pipeline ≥ 80% of the bare AF_XDP forwarder ({} Service{})",
-                services_label(n),
-                if n == 1 { "" } else { "s" }
+                "kxdp's full pipeline ≥ 80% of the bare AF_XDP forwarder ({})",
+                services_noun(n)
             ),
             measured: match (k, f) {
                 (Some(k), Some(f)) => format!(
@@ -349,10 +348,9 @@ pub fn targets(res: &Results) -> Vec<Target> {
             }
             out.push(Target {
                 target: format!(
-                    "latency p99 at {} pps, {} Service{}: kxdp ≤ {dut}",
+                    "latency p99 at {} pps, {}: kxdp ≤ {dut}",
                     thousands(plan_rate as f64),
-                    services_label(n),
-                    if n == 1 { "" } else { "s" }
+                    services_noun(n)
                 ),
                 measured: match (k, o) {
                     (Some(k), Some(o)) => format!("{} µs vs {} µs", us(Some(k)), us(Some(o))),
