@@ -59,14 +59,15 @@ pub fn change_endpoint(spec: &mut TableSpec, c: u32) -> Option<(String, (Ipv4Add
     }
     // Spread the changes over the set: the first, then strides of a large prime.
     let i = (c as usize * 7919) % n;
-    // `ServiceSpec::clone(&…)` and `.into()` work whether the table holds Service ports
-    // by value or behind an `Arc`.
-    let mut s = nat::spec::ServiceSpec::clone(&spec.services[i]);
+    let s = &spec.services[i];
     let old = s.cluster_endpoints.first()?.ip;
     let IpAddr::V4(old4) = old else {
         return None;
     };
     let port = s.cluster_endpoints[0].port;
+    // Tables share their Service specs behind an `Arc`: this one is copied first if
+    // another table (the one `spec` was cloned from) still holds it.
+    let s = std::sync::Arc::make_mut(&mut spec.services[i]);
     // 10.200.0.0/16 is inside the bench's /8 pod network and outside the endpoints it
     // numbers from 10.0.1.10 (a million of them end at 10.15.x.x).
     let new = IpAddr::V4(Ipv4Addr::new(10, 200, (c / 250) as u8, (c % 250) as u8 + 1));
@@ -79,9 +80,7 @@ pub fn change_endpoint(spec: &mut TableSpec, c: u32) -> Option<(String, (Ipv4Add
             e.ip = new;
         }
     }
-    let name = s.name.clone();
-    spec.services[i] = s.into();
-    Some((name, (old4, port)))
+    Some((s.name.clone(), (old4, port)))
 }
 
 /// Median of a row's changes.

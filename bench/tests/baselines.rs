@@ -70,11 +70,8 @@ fn services() -> (Vec<ServiceSet>, TableSpec) {
     // renaming so chain names differ, as they would for different Services.
     let mut udp_spec = udp.table_spec().expect("UDP services");
     for s in &mut udp_spec.services {
-        // Clone and convert back: works whether the table holds Service ports by value or
-        // behind an `Arc`.
-        let mut renamed = nat::spec::ServiceSpec::clone(s);
-        renamed.name = renamed.name.replace("bench/svc-", "bench/dns-");
-        *s = renamed.into();
+        let renamed = s.name.replace("bench/svc-", "bench/dns-");
+        std::sync::Arc::make_mut(s).name = renamed;
     }
     spec.services.extend(udp_spec.services);
     (vec![tcp, udp], spec)
