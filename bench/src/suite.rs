@@ -209,7 +209,7 @@ pub struct Results {
     pub plan: Option<Plan>,
     /// The machine.
     pub machine: Machine,
-    /// Start and end (UTC).
+    /// Start (UTC).
     pub started: String,
     /// End (UTC).
     pub finished: String,
