@@ -30,6 +30,8 @@ command -v vagrant >/dev/null 2>&1 || need+=(vagrant)
 # ping and traceroute through a kxdp node (issue 9's namespace test).
 command -v ping >/dev/null 2>&1 || need+=(iputils-ping)
 command -v traceroute >/dev/null 2>&1 || need+=(traceroute)
+# the control socket's permission test speaks the wire format as an unprivileged user.
+command -v python3 >/dev/null 2>&1 || need+=(python3)
 # the bench's PNG plots draw their text with a TrueType font.
 [ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
 if [ ${#need[@]} -gt 0 ]; then

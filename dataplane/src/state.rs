@@ -747,7 +747,7 @@ pub struct Shared {
     pub on_install: Mutex<Option<InstallHook>>,
     /// Where a handover request goes: the process's main thread, which is given the
     /// successor's connection, stops the workers and writes the state on it.
-    pub handover: Mutex<Option<std::sync::mpsc::Sender<std::os::unix::net::UnixStream>>>,
+    pub handover: Mutex<Option<std::sync::mpsc::Sender<crate::handover::Successor>>>,
 }
 
 impl Shared {

@@ -146,6 +146,17 @@ pub enum Message {
         /// Learned neighbours: address, port name, MAC.
         neighbors: Vec<(std::net::IpAddr, String, [u8; 6])>,
     },
+    /// new dataplane → old dataplane, after [`Message::HandoverState`]: the successor has
+    /// attached every interface and its workers forward; the old process exits. Until this
+    /// arrives the old process has not given up: without it (a deadline passes, or the
+    /// connection drops) it takes its interfaces back and forwards again.
+    HandoverDone,
+    /// new dataplane → old dataplane, after [`Message::HandoverState`]: the successor could
+    /// not take over (it released whatever it had attached); the old process resumes now.
+    HandoverAborted {
+        /// What went wrong.
+        reason: String,
+    },
     /// dataplane → inspection: the answer to [`Message::GetConntrack`].
     Conntrack {
         /// Live connections in the table.

@@ -35,9 +35,14 @@ struct Args {
     /// The control socket kxdp-control connects to (mode 0600, root's).
     #[arg(long, default_value = "/run/kxdp/dataplane.sock")]
     socket: PathBuf,
-    /// Give the control socket to this group, mode 0660 (for an unprivileged control).
+    /// Give the control socket to this group, mode 0660: its members may connect and
+    /// inspect (counters, Services, connections, flow events).
     #[arg(long)]
     socket_group: Option<String>,
+    /// The user kxdp-control runs as (name or uid): it may program the tables, as root
+    /// may. Without it only root programs. Handovers are root's alone.
+    #[arg(long)]
+    control_user: Option<String>,
     /// XDP attach mode: auto (native, else generic), native or generic.
     #[arg(long, default_value = "auto")]
     xdp_mode: String,
@@ -77,6 +82,19 @@ struct Args {
     /// The handover version to ask for (tests use it to show a mismatch is refused).
     #[arg(long, hide = true, default_value_t = dataplane::handover::VERSION)]
     handover_version: u32,
+    /// Milliseconds a running dataplane waits for its successor's word after handing over
+    /// its state; then it takes its interfaces back.
+    #[arg(long, default_value_t = dataplane::handover::DEFAULT_DEADLINE.as_millis() as u64)]
+    handover_deadline_ms: u64,
+    /// Tests: make a successor fail at one step of a takeover, `STEP:ACTION` with STEP
+    /// `requested` (asked, state not read), `received` (state read, nothing attached) or
+    /// `attached` (forwarding, not yet reported) and ACTION `pause` (wait to be killed),
+    /// `exit` (die without a word) or `fail` (release and report the failure).
+    #[arg(long, hide = true, value_parser = fault)]
+    handover_fault: Option<Fault>,
+    /// Print errors with their full detail (a backtrace too, when RUST_BACKTRACE is set).
+    #[arg(long, short)]
+    verbose: bool,
     /// Pin workers to cores (worker i on core i modulo the core count, or on the i-th
     /// core of --cores).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -85,6 +103,65 @@ struct Args {
     /// lists (`2,3`, `2-5`): give them cores isolated with `isolcpus=`/`nohz_full=`.
     #[arg(long, value_parser = core_list)]
     cores: Option<CoreList>,
+}
+
+/// Where a test makes a successor fail (`--handover-fault`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    Requested,
+    Received,
+    Attached,
+}
+
+/// What the successor does there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Action {
+    Pause,
+    Exit,
+    Fail,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Fault(Step, Action);
+
+fn fault(s: &str) -> Result<Fault, String> {
+    let (step, action) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?}: write STEP:ACTION"))?;
+    let step = match step {
+        "requested" => Step::Requested,
+        "received" => Step::Received,
+        "attached" => Step::Attached,
+        other => {
+            return Err(format!(
+                "{other:?}: steps are requested, received, attached"
+            ))
+        }
+    };
+    let action = match action {
+        "pause" => Action::Pause,
+        "exit" => Action::Exit,
+        "fail" => Action::Fail,
+        other => return Err(format!("{other:?}: actions are pause, exit, fail")),
+    };
+    Ok(Fault(step, action))
+}
+
+/// Acts out `--handover-fault` at `step`: `Err` for `fail`; `pause` and `exit` never return.
+fn fault_at(fault: Option<Fault>, step: Step) -> Result<()> {
+    match fault {
+        Some(Fault(s, action)) if s == step => {
+            log::warn!("handover fault: {action:?} at {step:?}");
+            match action {
+                Action::Pause => loop {
+                    std::thread::sleep(Duration::from_secs(3600));
+                },
+                Action::Exit => std::process::exit(3),
+                Action::Fail => bail!("handover fault injected at {step:?}"),
+            }
+        }
+        _ => Ok(()),
+    }
 }
 
 /// `--cores`' value: one argument holding a whole list.
@@ -169,9 +246,26 @@ fn mtu_of(ifname: &str) -> Result<u16> {
         .with_context(|| format!("{path}: not an MTU"))
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
+    let verbose = args.verbose;
+    match run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line with the causes; the debug form (and a backtrace, if captured) only
+            // when asked for.
+            if verbose {
+                eprintln!("kxdp-dataplane: {e:?}");
+            } else {
+                eprintln!("kxdp-dataplane: {e:#}");
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<()> {
     let mode = match args.xdp_mode.as_str() {
         "auto" => XdpMode::Auto,
         "native" => XdpMode::Native,
@@ -250,21 +344,61 @@ fn main() -> Result<()> {
         ring_scaled: args.scaled_rings,
         egress_masquerade_ports: args.masquerade_ports,
     };
+    // Everything this process can check alone, before it asks a running dataplane for
+    // anything or attaches anywhere.
+    for p in &ports {
+        let queues = xsk::queue_count(&p.name);
+        if queues < workers {
+            bail!(
+                "{}: {queues} receive queue(s), but --workers {workers} needs one per worker: \
+                 give it more queues (ethtool -L {} combined {workers}) or run fewer workers",
+                p.name,
+                p.name
+            );
+        }
+    }
+    let cfg = XskConfig {
+        frame_count: args.frames,
+        ..XskConfig::default()
+    };
+    cfg.validate().context("--frames")?;
+    let umem = u64::from(cfg.frame_count) * u64::from(cfg.frame_size) * u64::from(workers);
+    if let Some(available) = mem_available() {
+        if umem > available {
+            bail!(
+                "the workers' frames need {} MiB and only {} MiB are available",
+                umem >> 20,
+                available >> 20
+            );
+        }
+    }
+    if !args.takeover {
+        if let Some(pid) = dataplane::server::live_dataplane(&args.socket)
+            .with_context(|| format!("look at {}", args.socket.display()))?
+        {
+            bail!(
+                "a dataplane (pid {pid}) already serves {}: stop it first, or replace it with --takeover",
+                args.socket.display()
+            );
+        }
+    }
+    let access = dataplane::server::Access {
+        group: match &args.socket_group {
+            Some(g) => Some(
+                dataplane::server::group_id(g).with_context(|| format!("--socket-group {g}"))?,
+            ),
+            None => None,
+        },
+        control_uid: match &args.control_user {
+            Some(u) => {
+                Some(dataplane::server::user_id(u).with_context(|| format!("--control-user {u}"))?)
+            }
+            None => None,
+        },
+    };
+    // The connection table is allocated here, before a running dataplane is asked.
     let shared = Arc::new(Shared::new(ports.clone(), workers as usize, limits));
     let epoch = Instant::now();
-    let takeover_started = Instant::now();
-    if args.takeover {
-        let state = dataplane::handover::request(&args.socket, args.handover_version)
-            .map_err(|e| anyhow::anyhow!("takeover: {e}"))?;
-        let now = epoch.elapsed().as_nanos() as u64;
-        let taken = dataplane::handover::import(&shared, state, now)
-            .map_err(|e| anyhow::anyhow!("takeover: {e}"))?;
-        log::info!(
-            "took over {taken} connections and the tables (generation {}) in {:?}",
-            shared.tables.load().generation,
-            takeover_started.elapsed()
-        );
-    }
     if let Some(up) = &args.uplink {
         let routes = dataplane::state::UplinkRoutes::from_kernel(up);
         if routes.is_empty() {
@@ -272,53 +406,314 @@ fn main() -> Result<()> {
         }
         shared.uplink_routes.store(Arc::new(routes));
     }
-    // One XDP program per interface, steering queue i to worker i's socket.
-    let mut programs = Vec::new();
-    let mut ifindexes = Vec::new();
-    for p in &ports {
-        let idx = xsk::ifindex(&p.name)?;
-        // The uplink's program takes only what kxdp serves and passes the node's own
-        // traffic to the kernel; pod and host ports are kxdp's alone.
-        let prog = if p.role == PortRole::Uplink {
-            XdpProgram::attach_filter(idx, workers, mode)
-        } else {
-            XdpProgram::attach(idx, workers, mode)
-        }
-        .with_context(|| format!("attach XDP to {}", p.name))?;
-        log::info!(
-            "{}: XDP attached in {:?} mode{}",
-            p.name,
-            prog.mode(),
-            if p.role == PortRole::Uplink {
-                " (filtering: the node's own traffic passes to the kernel)"
-            } else {
-                ""
-            }
-        );
-        programs.push(Arc::new(prog));
-        ifindexes.push(idx);
-    }
-    // Host processes' packets for NodePorts on the node's addresses and for load-balancer
-    // and external IPs: taken on the egress of lo and the uplink to the host pair.
-    // Without it (a kernel older than 6.6 has no tcx) the rest still works: say what is
-    // missing and go on.
-    let host_redirect = match &args.host {
-        Some(h) => match host_redirect(h, args.uplink.as_deref()) {
-            Ok(r) => Some(Arc::new(r)),
-            Err(e) => {
-                log::warn!(
-                    "no host redirect ({e:#}): host processes will not reach NodePorts on the node's addresses, nor load-balancer and external IPs; pods, ClusterIPs and everything else are served"
-                );
-                None
-            }
-        },
-        None => None,
+    let plan = Plan {
+        ports: ports.clone(),
+        workers,
+        mode,
+        host: args.host.clone(),
+        uplink: args.uplink.clone(),
+        cfg,
+        cores,
+        idle_sleep: Duration::from_micros(args.idle_sleep_us),
+        epoch,
     };
-    let uplink = ports
-        .iter()
-        .position(|p| p.role == PortRole::Uplink)
-        .map(|i| (programs[i].clone(), ports[i].mac));
-    if uplink.is_some() || host_redirect.is_some() {
+    let takeover_started = Instant::now();
+    let mut attached = if args.takeover {
+        let (attached, predecessor) = take_over(&args, &plan, &shared)?;
+        // The predecessor has closed our connection; its control socket goes with the
+        // rest of the process a moment later.
+        let until = Instant::now() + dataplane::handover::DEFAULT_DEADLINE;
+        while predecessor > 0
+            && Instant::now() < until
+            && dataplane::server::live_dataplane(&args.socket)
+                .ok()
+                .flatten()
+                == Some(predecessor)
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        attached
+    } else {
+        plan.attach(&shared)?
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
+    if let Some(dir) = args.socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    dataplane::server::serve_with(&args.socket, shared.clone(), epoch, access)
+        .with_context(|| format!("serve the control socket {}", args.socket.display()))?;
+    log::info!(
+        "kxdp-dataplane running: {} ports, {workers} workers, control socket {}",
+        ports.len(),
+        args.socket.display()
+    );
+    if args.takeover {
+        log::info!(
+            "forwarding {:?} after asking for the handover",
+            takeover_started.elapsed()
+        );
+    }
+    let (handover_tx, handover_rx) = std::sync::mpsc::channel();
+    *shared.handover.lock().unwrap_or_else(|e| e.into_inner()) = Some(handover_tx);
+    let deadline = Duration::from_millis(args.handover_deadline_ms);
+    // Conntrack expiry off the workers' path; a successor's handover request.
+    let mut sweep_from = 0;
+    while !stop.load(Ordering::Relaxed) {
+        match handover_rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(successor) => {
+                let started = Instant::now();
+                let pid = successor.peer.pid;
+                attached.release(&shared);
+                let now = epoch.elapsed().as_nanos() as u64;
+                let state = dataplane::handover::export(&shared, now);
+                match successor.hand_over(&state, deadline) {
+                    dataplane::handover::Outcome::Done => {
+                        log::info!(
+                            "handed over to a successor (pid {pid}) in {:?}: it forwards; exiting",
+                            started.elapsed()
+                        );
+                        return Ok(());
+                    }
+                    dataplane::handover::Outcome::Resume(why) => {
+                        log::warn!(
+                            "handover to pid {pid} failed ({why}): taking the interfaces back"
+                        );
+                        attached = plan.attach_retrying(&shared)?;
+                        log::warn!(
+                            "forwarding again {:?} after the failed handover began",
+                            started.elapsed()
+                        );
+                    }
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        // A fifth of the table per 200 ms tick: every entry looked at once a second, and
+        // no tick walks a million entries (about 90 ms of a core when most are live).
+        let now = epoch.elapsed().as_nanos() as u64;
+        let slice = shared.conntrack.capacity().div_ceil(5);
+        sweep_from = shared.conntrack.sweep_expired(now, sweep_from, slice).1;
+    }
+    attached.release(&shared);
+    let _ = std::fs::remove_file(&args.socket);
+    log::info!("kxdp-dataplane stopped; XDP programs detached");
+    Ok(())
+}
+
+/// `--takeover`: asks the dataplane on `--socket` for its state and interfaces, attaches,
+/// and tells it so. A failure at any step lets it carry on (see `dataplane::handover`).
+/// Returns the attachment and the predecessor's pid.
+fn take_over(args: &Args, plan: &Plan, shared: &Arc<Shared>) -> Result<(Attachment, i32)> {
+    let started = Instant::now();
+    let mut predecessor = dataplane::handover::request(&args.socket, args.handover_version)
+        .map_err(|e| anyhow::anyhow!("takeover: {e}"))?;
+    fault_at(args.handover_fault, Step::Requested)?;
+    let state = predecessor
+        .state()
+        .map_err(|e| anyhow::anyhow!("takeover: {e}"))?;
+    let now = plan.epoch.elapsed().as_nanos() as u64;
+    let imported = dataplane::handover::import(shared, state, now)
+        .map_err(|e| anyhow::anyhow!("takeover: {e}"));
+    let taken =
+        match imported.and_then(|t| fault_at(args.handover_fault, Step::Received).map(|()| t)) {
+            Ok(taken) => taken,
+            Err(e) => {
+                predecessor.abort(&format!("{e:#}"));
+                return Err(e);
+            }
+        };
+    log::info!(
+        "took over {taken} connections and the tables (generation {}) in {:?}",
+        shared.tables.load().generation,
+        started.elapsed()
+    );
+    let attached = match plan.attach_retrying(shared) {
+        Ok(a) => a,
+        Err(e) => {
+            predecessor.abort(&format!("{e:#}"));
+            return Err(e.context("takeover: attach (the running dataplane resumes)"));
+        }
+    };
+    if let Err(e) = fault_at(args.handover_fault, Step::Attached) {
+        attached.release(shared);
+        predecessor.abort(&format!("{e:#}"));
+        return Err(e);
+    }
+    let pid = predecessor.pid;
+    if let Err(e) = predecessor.done() {
+        log::warn!("takeover: {e}");
+    }
+    Ok((attached, pid))
+}
+
+/// What attaching means for this process: the same every time it attaches (at start, and
+/// again after a successor failed).
+struct Plan {
+    ports: Vec<PortConfig>,
+    workers: u32,
+    mode: XdpMode,
+    host: Option<String>,
+    uplink: Option<String>,
+    cfg: XskConfig,
+    cores: Vec<Option<usize>>,
+    idle_sleep: Duration,
+    epoch: Instant,
+}
+
+/// The interfaces as this process holds them: XDP programs, AF_XDP sockets (owned by the
+/// workers), the host redirect (owned by the install hook) and the workers.
+struct Attachment {
+    programs: Vec<Arc<XdpProgram>>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Attachment {
+    /// Stops the workers and lets go of every interface (sockets closed, programs
+    /// detached, host redirect removed).
+    fn release(self, shared: &Shared) {
+        self.stop.store(true, Ordering::Relaxed);
+        for h in self.workers {
+            let _ = h.join();
+        }
+        // The install hook holds the uplink's program and the host redirect.
+        *shared.on_install.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        drop(self.programs);
+    }
+}
+
+impl Plan {
+    /// [`Plan::attach`], retried for up to 5 s: a predecessor or successor that just went
+    /// away may still hold an interface for a moment.
+    fn attach_retrying(&self, shared: &Arc<Shared>) -> Result<Attachment> {
+        let until = Instant::now() + Duration::from_secs(5);
+        loop {
+            match self.attach(shared) {
+                Ok(a) => return Ok(a),
+                Err(e) if Instant::now() < until => {
+                    log::debug!("attach: {e:#}; trying again");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Attaches to every interface and starts the workers. On an error nothing stays
+    /// attached.
+    fn attach(&self, shared: &Arc<Shared>) -> Result<Attachment> {
+        let (ports, workers) = (&self.ports, self.workers);
+        // One XDP program per interface, steering queue i to worker i's socket.
+        let mut programs = Vec::new();
+        let mut ifindexes = Vec::new();
+        for p in ports {
+            let idx = xsk::ifindex(&p.name)?;
+            // The uplink's program takes only what kxdp serves and passes the node's own
+            // traffic to the kernel; pod and host ports are kxdp's alone.
+            let prog = if p.role == PortRole::Uplink {
+                XdpProgram::attach_filter(idx, workers, self.mode)
+            } else {
+                XdpProgram::attach(idx, workers, self.mode)
+            }
+            .with_context(|| format!("attach XDP to {}", p.name))?;
+            log::info!(
+                "{}: XDP attached in {:?} mode{}",
+                p.name,
+                prog.mode(),
+                if p.role == PortRole::Uplink {
+                    " (filtering: the node's own traffic passes to the kernel)"
+                } else {
+                    ""
+                }
+            );
+            programs.push(Arc::new(prog));
+            ifindexes.push(idx);
+        }
+        let mut devices = Vec::new();
+        for w in 0..workers {
+            let pairs: Vec<(u32, u32)> = ifindexes.iter().map(|i| (*i, w)).collect();
+            let dev = XskDevice::new(&pairs, &self.cfg)
+                .with_context(|| format!("AF_XDP sockets for worker {w}"))?;
+            for (i, prog) in programs.iter().enumerate() {
+                prog.insert(w, dev.socket_fd(i))
+                    .with_context(|| format!("steer {} queue {w}", ports[i].name))?;
+            }
+            devices.push(dev);
+        }
+        self.install_hook(shared, &programs);
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut handles = Vec::new();
+        for (w, dev) in devices.into_iter().enumerate() {
+            let worker_shared = shared.clone();
+            let worker_stop = stop.clone();
+            let core = self
+                .cores
+                .get(w)
+                .copied()
+                .flatten()
+                .map(|id| core_affinity::CoreId { id });
+            let (epoch, idle_sleep) = (self.epoch, self.idle_sleep);
+            let spawned = std::thread::Builder::new()
+                .name(format!("kxdp-worker-{w}"))
+                .spawn(move || {
+                    if let Some(core) = core {
+                        if !core_affinity::set_for_current(core) {
+                            log::warn!("worker {w}: could not pin to core {}", core.id);
+                        }
+                    }
+                    log::info!("worker {w} polling {} ports", dev_ports(&dev));
+                    Worker::new(w, dev, worker_shared).run(&worker_stop, epoch, idle_sleep);
+                });
+            match spawned {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    Attachment {
+                        programs,
+                        workers: handles,
+                        stop,
+                    }
+                    .release(shared);
+                    return Err(e).context(format!("start worker {w}"));
+                }
+            }
+        }
+        Ok(Attachment {
+            programs,
+            workers: handles,
+            stop,
+        })
+    }
+
+    /// Keeps the uplink's XDP filter and the host redirect in step with the tables: once
+    /// now, then on every install.
+    fn install_hook(&self, shared: &Shared, programs: &[Arc<XdpProgram>]) {
+        // Host processes' packets for NodePorts on the node's addresses and for
+        // load-balancer and external IPs: taken on the egress of lo and the uplink to the
+        // host pair. Without it (a kernel older than 6.6 has no tcx) the rest still works:
+        // say what is missing and go on.
+        let host_redirect = match &self.host {
+            Some(h) => match host_redirect(h, self.uplink.as_deref()) {
+                Ok(r) => Some(Arc::new(r)),
+                Err(e) => {
+                    log::warn!(
+                        "no host redirect ({e:#}): host processes will not reach NodePorts on the node's addresses, nor load-balancer and external IPs; pods, ClusterIPs and everything else are served"
+                    );
+                    None
+                }
+            },
+            None => None,
+        };
+        let uplink = self
+            .ports
+            .iter()
+            .position(|p| p.role == PortRole::Uplink)
+            .map(|i| (programs[i].clone(), self.ports[i].mac));
+        if uplink.is_none() && host_redirect.is_none() {
+            return;
+        }
         let limits = shared.limits.clone();
         let sync = move |t: &dataplane::state::Tables| {
             if let Some((uplink, mac)) = &uplink {
@@ -342,112 +737,14 @@ fn main() -> Result<()> {
         sync(&shared.tables.load());
         *shared.on_install.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(sync));
     }
-    let cfg = XskConfig {
-        frame_count: args.frames,
-        ..XskConfig::default()
-    };
-    let mut devices = Vec::new();
-    for w in 0..workers {
-        let pairs: Vec<(u32, u32)> = ifindexes.iter().map(|i| (*i, w)).collect();
-        let dev = XskDevice::new(&pairs, &cfg)
-            .with_context(|| format!("AF_XDP sockets for worker {w}"))?;
-        for (i, prog) in programs.iter().enumerate() {
-            prog.insert(w, dev.socket_fd(i))
-                .with_context(|| format!("steer {} queue {w}", ports[i].name))?;
-        }
-        devices.push(dev);
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
-    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
-    if let Some(dir) = args.socket.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let gid = match &args.socket_group {
-        Some(g) => {
-            Some(dataplane::server::group_id(g).with_context(|| format!("--socket-group {g}"))?)
-        }
-        None => None,
-    };
-    dataplane::server::serve_for_group(&args.socket, shared.clone(), epoch, gid)?;
-    let idle_sleep = Duration::from_micros(args.idle_sleep_us);
-    let mut handles = Vec::new();
-    for (w, dev) in devices.into_iter().enumerate() {
-        let shared = shared.clone();
-        let stop = stop.clone();
-        let core = cores
-            .get(w)
-            .copied()
-            .flatten()
-            .map(|id| core_affinity::CoreId { id });
-        handles.push(
-            std::thread::Builder::new()
-                .name(format!("kxdp-worker-{w}"))
-                .spawn(move || {
-                    if let Some(core) = core {
-                        if !core_affinity::set_for_current(core) {
-                            log::warn!("worker {w}: could not pin to core {}", core.id);
-                        }
-                    }
-                    log::info!("worker {w} polling {} ports", dev_ports(&dev));
-                    Worker::new(w, dev, shared).run(&stop, epoch, idle_sleep);
-                })?,
-        );
-    }
-    log::info!(
-        "kxdp-dataplane running: {} ports, {workers} workers, control socket {}",
-        ports.len(),
-        args.socket.display()
-    );
-    if args.takeover {
-        log::info!(
-            "forwarding {:?} after asking for the handover",
-            takeover_started.elapsed()
-        );
-    }
-    let (handover_tx, handover_rx) = std::sync::mpsc::channel();
-    *shared.handover.lock().unwrap_or_else(|e| e.into_inner()) = Some(handover_tx);
-    // Conntrack expiry off the workers' path; a successor's handover request.
-    let mut sweep_from = 0;
-    while !stop.load(Ordering::Relaxed) {
-        match handover_rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(mut successor) => {
-                let started = Instant::now();
-                stop.store(true, Ordering::Relaxed);
-                for h in handles {
-                    let _ = h.join();
-                }
-                // The install hook holds the uplink's program too.
-                *shared.on_install.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                drop(programs);
-                let now = epoch.elapsed().as_nanos() as u64;
-                let state = dataplane::handover::export(&shared, now);
-                nat::wire::write_message(&mut successor, &state)
-                    .context("send the state to the successor")?;
-                log::info!(
-                    "handed over to a successor in {:?} (workers stopped, interfaces released, state sent); exiting",
-                    started.elapsed()
-                );
-                return Ok(());
-            }
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-        }
-        // A fifth of the table per 200 ms tick: every entry looked at once a second, and
-        // no tick walks a million entries (about 90 ms of a core when most are live).
-        let now = epoch.elapsed().as_nanos() as u64;
-        let slice = shared.conntrack.capacity().div_ceil(5);
-        sweep_from = shared.conntrack.sweep_expired(now, sweep_from, slice).1;
-    }
-    for h in handles {
-        let _ = h.join();
-    }
-    let _ = std::fs::remove_file(&args.socket);
-    // The install hook holds the uplink's program too.
-    *shared.on_install.lock().unwrap_or_else(|e| e.into_inner()) = None;
-    drop(programs);
-    log::info!("kxdp-dataplane stopped; XDP programs detached");
-    Ok(())
+}
+
+/// `MemAvailable` from `/proc/meminfo`, in bytes.
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 fn dev_ports(dev: &XskDevice) -> usize {
