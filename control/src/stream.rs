@@ -17,7 +17,7 @@
 //! differ, and when the dataplane answers `Applied` does what follows from it: records
 //! each EndpointSlice change's network programming latency (trigger time to `Applied` of
 //! the generation that contains it) and the sync duration, tells [`ProxyHealth`] the
-//! dataplane caught up, and updates the health-check node ports (only then, so a load
+//! dataplane caught up (and, when it cannot be reached, that it is lost), and updates the health-check node ports (only then, so a load
 //! balancer is not told of a local endpoint the dataplane cannot reach yet).
 //! [`follow`] drives it from the API source, letting bursts of changes settle first
 //! ([`Settle`]).
@@ -627,6 +627,12 @@ impl Programmer {
         match &progress {
             Ok(Progress::Applied(g)) | Ok(Progress::UpToDate(g)) => self.reached(*g),
             Err(StreamError::Refused { .. }) => self.metrics.refused(),
+            // Gone, or answering nonsense: it may forward nothing at all (a dataplane
+            // that died took its XDP programs with it). Busy is not: another control
+            // programs it, and only this one's updates wait.
+            Err(StreamError::Connect { .. })
+            | Err(StreamError::Io { .. })
+            | Err(StreamError::Unexpected { .. }) => self.health.dataplane_lost(Instant::now()),
             _ => {}
         }
         progress
@@ -670,6 +676,7 @@ impl Programmer {
                 metrics.health_check_ports(servers.sync(&checks));
             }
         }
+        self.health.dataplane_current();
         if !self.behind {
             self.health.updated(wall);
         }
