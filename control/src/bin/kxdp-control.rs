@@ -139,6 +139,7 @@ fn run_manifests(
     poll: Duration,
     once: bool,
 ) -> Result<()> {
+    let mut manifests = control::ManifestDir::new(dir);
     let mut seen = None;
     let mut dir_error = None;
     loop {
@@ -148,10 +149,13 @@ fn run_manifests(
                 if seen.as_ref() != Some(&print) {
                     seen = Some(print);
                     let started = Instant::now();
-                    let published = match control::load_dir(dir) {
+                    let published = match manifests.load() {
                         Ok(loaded) => {
                             for e in &loaded.errors {
                                 eprintln!("kxdp-control: skipped {e}");
+                            }
+                            for k in &loaded.kept {
+                                eprintln!("kxdp-control: {k}");
                             }
                             log::debug!(
                                 "{} files, {} documents, {} objects, {} rejected",
