@@ -8,6 +8,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -96,6 +97,10 @@ struct Args {
     /// listen on (with --manifests too).
     #[arg(long, default_value = "0.0.0.0")]
     health_check_bind_address: IpAddr,
+    /// On an error, print each cause on its own line and, when RUST_BACKTRACE or
+    /// RUST_LIB_BACKTRACE is set, where it happened (without: one line, causes joined).
+    #[arg(short, long)]
+    verbose: bool,
 }
 
 fn cluster_spec(args: &Args) -> ClusterSpec {
@@ -263,9 +268,41 @@ fn node_name(flag: Option<&str>) -> Result<String> {
     Ok(name)
 }
 
-fn main() -> Result<()> {
+/// An error as one line: each cause after a colon, a cause whose words its parent already
+/// says left out (a message that quotes its source), line breaks folded.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
+    let verbose = args.verbose;
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if verbose => {
+            eprintln!("kxdp-control: {e:?}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("kxdp-control: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<()> {
     let poll = Duration::from_millis(args.poll_ms.max(1));
     let node = match (&args.manifests, &args.node) {
         (Some(_), Some(node)) => node.clone(),
