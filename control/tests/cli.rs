@@ -7,12 +7,32 @@
 //! the end.
 
 use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// How long a run may take: `--once` that fails "at once" fails within this.
 const LIMIT: Duration = Duration::from_secs(10);
+
+/// The user the permission tests run as.
+const NOBODY: u32 = 65534;
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kxdp-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    dir
+}
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
+}
 
 /// Runs kxdp-control with `args` (as `uid` if given): exit success, stderr. Panics if it
 /// is still running after [`LIMIT`] (after killing it).
@@ -58,6 +78,92 @@ fn run(args: &[&str], uid: Option<u32>, env: &[(&str, &str)]) -> (bool, String) 
         .read_to_string(&mut err)
         .expect("read stderr");
     (status.success(), err)
+}
+
+const NODE: &str = "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\nspec: {podCIDR: 10.244.1.0/24}\nstatus: {addresses: [{type: InternalIP, address: 192.168.0.2}]}\n";
+
+fn manifests(dir: &Path) -> PathBuf {
+    let m = dir.join("manifests");
+    std::fs::create_dir(&m).expect("mkdir");
+    std::fs::set_permissions(&m, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let node = m.join("node.yaml");
+    std::fs::write(&node, NODE).expect("write");
+    std::fs::set_permissions(&node, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    m
+}
+
+#[test]
+fn once_fails_at_once_when_the_socket_refuses_permission() {
+    if !is_root() {
+        eprintln!("skipped: needs root to run kxdp-control as nobody");
+        return;
+    }
+    let dir = temp_dir("socket-permission");
+    let m = manifests(&dir);
+    // A dataplane's socket that only root may connect to.
+    let socket = dir.join("dataplane.sock");
+    let _listener = UnixListener::bind(&socket).expect("bind");
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let (ok, err) = run(
+        &[
+            "--manifests",
+            m.to_str().expect("path"),
+            "--node",
+            "node-a",
+            "--socket",
+            socket.to_str().expect("path"),
+            "--once",
+        ],
+        Some(NOBODY),
+        &[],
+    );
+    assert!(!ok, "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("kxdp-control: control socket ")
+            && last.contains("cannot connect: Permission denied"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).expect("clean up");
+}
+
+#[test]
+fn once_fails_at_once_when_a_manifest_cannot_be_read() {
+    if !is_root() {
+        eprintln!("skipped: needs root to run kxdp-control as nobody");
+        return;
+    }
+    let dir = temp_dir("file-permission");
+    let m = manifests(&dir);
+    let secret = m.join("web.yaml");
+    std::fs::write(
+        &secret,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n",
+    )
+    .expect("write");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    // No dataplane at all: without the check, --once would wait for one forever.
+    let socket = dir.join("absent.sock");
+    let (ok, err) = run(
+        &[
+            "--manifests",
+            m.to_str().expect("path"),
+            "--node",
+            "node-a",
+            "--socket",
+            socket.to_str().expect("path"),
+            "--once",
+        ],
+        Some(NOBODY),
+        &[],
+    );
+    assert!(!ok, "{err}");
+    assert_eq!(
+        err.lines().last().unwrap_or_default(),
+        "kxdp-control: --once: web.yaml: cannot read it: Permission denied (os error 13)",
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).expect("clean up");
 }
 
 #[test]

@@ -65,7 +65,9 @@ struct Args {
     /// Masquerade pod traffic leaving the cluster networks (flannel --ip-masq).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     ip_masq: bool,
-    /// Send one snapshot, exit once the dataplane applied it.
+    /// Send one snapshot, exit once the dataplane applied it. Waits for a dataplane that
+    /// is not up yet, but fails at once when its socket refuses permission (or the path
+    /// cannot be one) or a manifest file cannot be read.
     #[arg(long)]
     once: bool,
     /// How often to look at the directory and at the dataplane connection, in milliseconds.
@@ -130,6 +132,14 @@ fn sync(programmer: &mut Programmer, once: bool) -> Result<bool> {
             }
             Ok(false)
         }
+        // Waiting for a permission to change is not what --once is for.
+        Err(e) if once => match e.into_unreachable() {
+            Ok(unreachable) => Err(unreachable.into()),
+            Err(e) => {
+                log::warn!("{e}");
+                Ok(false)
+            }
+        },
         Err(e) => {
             log::warn!("{e}");
             Ok(false)
@@ -162,12 +172,20 @@ fn run_manifests(
                             for k in &loaded.kept {
                                 eprintln!("kxdp-control: {k}");
                             }
+                            // One snapshot without a file's objects is not what --once
+                            // was asked for (a bad document is: it is said above).
+                            let unreadable = loaded
+                                .errors
+                                .into_iter()
+                                .find(|e| matches!(e, control::ManifestError::Unreadable { .. }));
+                            if let Some(e) = unreadable.filter(|_| once) {
+                                return Err(anyhow::Error::new(e).context("--once"));
+                            }
                             log::debug!(
-                                "{} files, {} documents, {} objects, {} rejected",
+                                "{} files, {} documents, {} objects",
                                 loaded.files,
                                 loaded.documents,
                                 loaded.objects.len(),
-                                loaded.errors.len()
                             );
                             let change = Change {
                                 batches: 1,
