@@ -15,6 +15,13 @@
 //! - One difference: kube-proxy counts itself healthy until its first successful sync,
 //!   however long that takes; kxdp counts a change queued since start-up like any other,
 //!   so a dataplane that never takes its first tables is reported, not hidden.
+//! - Another: kube-proxy is its own dataplane, kxdp's forwards in another process. When
+//!   control finds it unreachable (killed, crashed, not started) it is marked lost, and
+//!   stays lost until it has applied the current tables again (a restarted dataplane
+//!   starts empty). Lost for longer than the grace ([`DEFAULT_DATAPLANE_GRACE`]) is
+//!   unhealthy at once, without waiting for the update timeout: `/healthz` and `/livez`
+//!   fail, and the health-check node ports answer 503 with `localEndpoints: 0`, since no
+//!   local endpoint can be reached through this node meanwhile.
 //! - [`service_health_checks`] is a pure function of the objects and the computed tables:
 //!   every Service with `externalTrafficPolicy: Local` (externally reachable, not skipped)
 //!   and a `healthCheckNodePort`, with its count of distinct local ready endpoint addresses
@@ -23,7 +30,8 @@
 //! - [`ServiceHealthServers`] opens an HTTP server on each such port and closes those no
 //!   longer wanted (a Service gone, or its port changed); a port that cannot be bound is
 //!   tried again at the next sync. Every path and method answers: 200 with at least one
-//!   local endpoint and a healthy proxy, else 503.
+//!   local endpoint and a healthy proxy, else 503; while the proxy is unhealthy the count
+//!   is reported as 0 (kube-proxy reports its count with `serviceProxyHealthy: false`).
 //!
 //! It deliberately does not decide when to sync: the caller says when a change was
 //! queued and when the dataplane applied it.
@@ -53,6 +61,13 @@ use crate::objects::{namespace_and_name, Objects};
 /// its health check is taken out of every `externalTrafficPolicy: Local` load balancer.
 pub const DEFAULT_HEALTHZ_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long the dataplane may be unreachable, or without the current tables after a
+/// reconnection, before health fails. A dataplane handover leaves the socket without a
+/// server for about half a second and control reconnects with a backoff from 100 ms; 5 s
+/// covers that several times over (no false alarm during an upgrade) while a dead
+/// dataplane is reported within seconds, where load balancers probe every 5–10 s.
+pub const DEFAULT_DATAPLANE_GRACE: Duration = Duration::from_secs(5);
+
 /// The taint the cluster autoscaler puts on a node it is about to delete.
 pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
 
@@ -75,6 +90,9 @@ struct State {
     last_updated: Option<SystemTime>,
     /// When the oldest change not yet applied was queued.
     oldest_pending: Option<Instant>,
+    /// Since when the dataplane has been unreachable or, once reached again, without the
+    /// current tables.
+    dataplane_lost: Option<Instant>,
     node_eligible: bool,
 }
 
@@ -83,6 +101,7 @@ struct State {
 #[derive(Debug)]
 pub struct ProxyHealth {
     timeout: Duration,
+    dataplane_grace: Duration,
     state: Mutex<State>,
 }
 
@@ -121,13 +140,22 @@ impl ProxyHealth {
     pub fn new(timeout: Duration) -> ProxyHealth {
         ProxyHealth {
             timeout,
+            dataplane_grace: DEFAULT_DATAPLANE_GRACE,
             state: Mutex::new(State {
                 last_updated: None,
                 oldest_pending: None,
+                dataplane_lost: None,
                 // As kube-proxy: eligible until a Node says otherwise.
                 node_eligible: true,
             }),
         }
+    }
+
+    /// Sets how long the dataplane may be lost before health fails (default
+    /// [`DEFAULT_DATAPLANE_GRACE`]).
+    pub fn with_dataplane_grace(mut self, grace: Duration) -> ProxyHealth {
+        self.dataplane_grace = grace;
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -146,7 +174,20 @@ impl ProxyHealth {
     pub fn updated(&self, wall: SystemTime) {
         let mut s = self.lock();
         s.oldest_pending = None;
+        s.dataplane_lost = None;
         s.last_updated = Some(wall);
+    }
+
+    /// The dataplane could not be reached (or the connection to it broke); only the
+    /// first such time since it last had the current tables is kept.
+    pub fn dataplane_lost(&self, now: Instant) {
+        self.lock().dataplane_lost.get_or_insert(now);
+    }
+
+    /// The dataplane has the latest tables computed, on a live connection (whether or not
+    /// they hold every change taken: that is [`ProxyHealth::updated`]).
+    pub fn dataplane_current(&self) {
+        self.lock().dataplane_lost = None;
     }
 
     /// Follows this node's Node (kube-proxy `SyncNode`): not eligible while it is being
@@ -176,14 +217,18 @@ impl ProxyHealth {
             .map(|t| now.saturating_duration_since(t))
     }
 
-    /// Whether no update has waited longer than the timeout (node eligibility aside), and
-    /// when the dataplane last caught up.
+    /// Whether no update has waited longer than the timeout and the dataplane has not
+    /// been lost for longer than the grace (node eligibility aside), and when the
+    /// dataplane last caught up.
     pub fn is_healthy(&self, now: Instant) -> (bool, Option<SystemTime>) {
         let s = self.lock();
         let late = s
             .oldest_pending
             .is_some_and(|t| now.saturating_duration_since(t) >= self.timeout);
-        (!late, s.last_updated)
+        let lost = s
+            .dataplane_lost
+            .is_some_and(|t| now.saturating_duration_since(t) >= self.dataplane_grace);
+        (!late && !lost, s.last_updated)
     }
 
     /// The answer to `/healthz`.
@@ -503,12 +548,15 @@ impl ServiceHealthServers {
                 let count = local_endpoints.clone();
                 let proxy = self.proxy.clone();
                 move |_path: String| {
-                    let reply = service_health_reply(
-                        &ns,
-                        &name,
-                        count.load(Ordering::Relaxed),
-                        proxy.is_healthy(Instant::now()).0,
-                    );
+                    let healthy = proxy.is_healthy(Instant::now()).0;
+                    // While the proxy is unhealthy the dataplane may be gone: no local
+                    // endpoint can be reached through this node.
+                    let local = if healthy {
+                        count.load(Ordering::Relaxed)
+                    } else {
+                        0
+                    };
+                    let reply = service_health_reply(&ns, &name, local, healthy);
                     async move { reply }
                 }
             };
@@ -591,6 +639,28 @@ mod tests {
         h.updated(wall);
         assert_eq!(h.healthz(t0 + TIMEOUT * 2, wall).status, 200);
         assert_eq!(h.pending_for(t0 + TIMEOUT * 2), None);
+    }
+
+    #[test]
+    fn a_lost_dataplane_fails_after_the_grace_until_it_has_the_tables_again() {
+        let grace = Duration::from_secs(5);
+        let h = ProxyHealth::new(TIMEOUT).with_dataplane_grace(grace);
+        let t0 = Instant::now();
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_714_557_600);
+        h.updated(wall);
+        h.dataplane_lost(t0);
+        // A handover's gap is not an outage.
+        assert_eq!(h.healthz(t0 + grace / 2, wall).status, 200);
+        // Later failures do not restart the clock.
+        h.dataplane_lost(t0 + grace / 2);
+        let r = h.healthz(t0 + grace, wall);
+        assert_eq!(r.status, 503);
+        assert!(r.body.ends_with(r#""nodeEligible": true}"#), "{}", r.body);
+        assert_eq!(h.livez(t0 + grace, wall).status, 503);
+        assert!(!h.is_healthy(t0 + grace).0);
+        h.dataplane_current();
+        assert_eq!(h.healthz(t0 + grace, wall).status, 200);
+        assert_eq!(h.livez(t0 + grace, wall).status, 200);
     }
 
     #[test]

@@ -26,7 +26,9 @@ pub mod stream;
 pub mod tables;
 
 pub use k8s_openapi;
-pub use manifests::{fingerprint, load_dir, load_text, Fingerprint, Loaded, ManifestError};
+pub use manifests::{
+    fingerprint, load_dir, load_text, Fingerprint, Kept, Loaded, ManifestDir, ManifestError,
+};
 pub use objects::{apply_value, Applied, Kind, Object, ObjectError, Objects};
 pub use stream::{Programmer, Stream, StreamError};
 pub use tables::{compute, compute_with_warnings, Computed, TableError, Warning};

@@ -7,6 +7,11 @@
 //! node's Services down. Documents are split on `---` lines before parsing, so even a YAML
 //! syntax error loses only its own document, not the rest of the file.
 //!
+//! A file that stops parsing keeps its last good version ([`ManifestDir`]): a file caught
+//! half-written by a writer that does not rename into place must not take the objects of
+//! its cut documents away. Entries named like manifests that are not regular files
+//! (FIFOs, devices, symbolic link loops) are reported, never opened.
+//!
 //! [`fingerprint`] is the cheap change detector a caller polls: names, sizes, inode and
 //! modification and change times of the manifest files, read with one `stat` each.
 
@@ -48,14 +53,25 @@ pub enum ManifestError {
         message: String,
     },
     /// A document is YAML but not an object control can take.
-    #[error("{file} document {document}: {error}")]
+    #[error("{file} document {document}: {error} (the document starts at line {line})")]
     Document {
         /// The file name.
         file: String,
         /// Index of the document in the file, from 1 (empty documents are not counted).
         document: usize,
+        /// Line of the file the document starts on, from 1.
+        line: usize,
         /// What was wrong with it.
         error: ObjectError,
+    },
+    /// A directory entry named like a manifest that is not a regular file (nor a link to
+    /// one): it is not read.
+    #[error("{file}: {what}, not a regular file")]
+    NotAFile {
+        /// The entry's name.
+        file: String,
+        /// What it is ("a named pipe (FIFO)", "a symbolic link loop", ...).
+        what: String,
     },
 }
 
@@ -67,13 +83,16 @@ pub struct Loaded {
     pub objects: Objects,
     /// One entry per unusable file or document, in file and document order.
     pub errors: Vec<ManifestError>,
+    /// Files whose last good version was applied instead of their current text.
+    pub kept: Vec<Kept>,
     /// Manifest files read.
     pub files: usize,
     /// Non-empty documents seen.
     pub documents: usize,
 }
 
-fn is_manifest(path: &Path) -> bool {
+/// Whether the name is a manifest's: `*.yaml`, `*.yml` or `*.json`, not a dotfile.
+fn is_manifest_name(path: &Path) -> bool {
     let hidden = path
         .file_name()
         .is_some_and(|n| n.to_string_lossy().starts_with('.'));
@@ -82,21 +101,77 @@ fn is_manifest(path: &Path) -> bool {
         && path
             .extension()
             .is_some_and(|x| x == "yaml" || x == "yml" || x == "json")
-        && path.is_file()
 }
 
-/// The manifest files of `dir`, sorted by name.
-pub fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>, ManifestError> {
+/// What a manifest-named entry that is not a regular file is, or `None` for a regular file
+/// (or a link to one). Only `stat`s it: a FIFO is never opened (that would block).
+fn not_a_file(path: &Path) -> Option<String> {
+    use std::os::unix::fs::FileTypeExt;
+    let md = match std::fs::metadata(path) {
+        Ok(md) => md,
+        // ELOOP: too many levels of symbolic links.
+        Err(e) if e.raw_os_error() == Some(40) => return Some("a symbolic link loop".into()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            // Gone since the listing, or a link to nothing.
+            return std::fs::symlink_metadata(path)
+                .is_ok()
+                .then(|| "a symbolic link to nothing".into());
+        }
+        Err(e) => return Some(format!("cannot stat it ({e})")),
+    };
+    let t = md.file_type();
+    let what = if t.is_file() {
+        return None;
+    } else if t.is_dir() {
+        "a directory (subdirectories are not read)"
+    } else if t.is_fifo() {
+        "a named pipe (FIFO)"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    };
+    Some(what.into())
+}
+
+/// The manifest-named entries of a directory: the files to read, and the others with what
+/// they are.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Listing {
+    /// Regular files (or links to them), sorted by name.
+    pub files: Vec<PathBuf>,
+    /// Entries named like manifests that are something else, sorted by name.
+    pub skipped: Vec<(String, String)>,
+}
+
+/// Lists the manifest-named entries of `dir` (not its subdirectories').
+pub fn list(dir: &Path) -> Result<Listing, ManifestError> {
     let entries = std::fs::read_dir(dir).map_err(|source| ManifestError::Dir {
         dir: dir.to_owned(),
         source,
     })?;
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| is_manifest(p))
-        .collect();
-    files.sort();
-    Ok(files)
+    let mut listing = Listing::default();
+    for path in entries.filter_map(|e| e.ok().map(|e| e.path())) {
+        if !is_manifest_name(&path) {
+            continue;
+        }
+        match not_a_file(&path) {
+            None => listing.files.push(path),
+            Some(what) => listing.skipped.push((file_name(&path), what)),
+        }
+    }
+    listing.files.sort();
+    listing.skipped.sort();
+    Ok(listing)
+}
+
+/// The manifest files of `dir`, sorted by name.
+pub fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>, ManifestError> {
+    Ok(list(dir)?.files)
 }
 
 fn file_name(path: &Path) -> String {
@@ -105,24 +180,143 @@ fn file_name(path: &Path) -> String {
         .unwrap_or_else(|| path.display().to_string())
 }
 
-/// Reads every manifest of `dir` into a fresh store. Fails only when the directory cannot
-/// be listed; bad files and documents are in [`Loaded::errors`].
+/// Reads every manifest of `dir` into a fresh store, once, with no earlier version to
+/// fall back on. Fails only when the directory cannot be listed; bad files and documents
+/// are in [`Loaded::errors`].
 pub fn load_dir(dir: &Path) -> Result<Loaded, ManifestError> {
-    let mut loaded = Loaded::default();
-    for path in manifest_files(dir)? {
-        let file = file_name(&path);
-        match std::fs::read_to_string(&path) {
-            Ok(text) => {
-                loaded.files += 1;
-                loaded.documents +=
-                    load_text(&mut loaded.objects, &file, &text, &mut loaded.errors);
-            }
-            Err(source) => loaded
-                .errors
-                .push(ManifestError::Unreadable { file, source }),
+    ManifestDir::new(dir).load()
+}
+
+/// Why a file's last good version was used instead of what it holds now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeptBecause {
+    /// Some of its documents do not parse (they are in [`Loaded::errors`]).
+    Errors(usize),
+    /// It is empty: taken for a file being written (delete a file to remove its objects).
+    Empty,
+    /// It cannot be read (in [`Loaded::errors`]).
+    Unreadable,
+}
+
+/// A file whose last good version was applied instead of its current text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Kept {
+    /// The file name.
+    pub file: String,
+    /// Why.
+    pub because: KeptBecause,
+}
+
+impl std::fmt::Display for Kept {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let why = match &self.because {
+            KeptBecause::Errors(1) => "1 document does not parse".to_string(),
+            KeptBecause::Errors(n) => format!("{n} documents do not parse"),
+            KeptBecause::Empty => "it is empty (delete it to remove its objects)".into(),
+            KeptBecause::Unreadable => "it cannot be read".into(),
+        };
+        write!(
+            f,
+            "{}: {why}; keeping its last good version until it does (a half-written file? write manifests to a temporary file and rename it into place)",
+            self.file
+        )
+    }
+}
+
+/// A manifest directory read again on every change, that remembers each file's last
+/// version without errors: a file that stops parsing (half-written by a non-atomic
+/// writer, or a bad edit) keeps that version's objects, rather than losing the objects
+/// of the documents that broke. A file seen broken from the start has only its good
+/// documents applied.
+#[derive(Debug)]
+pub struct ManifestDir {
+    dir: PathBuf,
+    /// Text of each file's last version that loaded without errors, by file name.
+    last_good: std::collections::BTreeMap<String, String>,
+}
+
+impl ManifestDir {
+    /// The directory at `dir`; nothing is read yet.
+    pub fn new(dir: &Path) -> ManifestDir {
+        ManifestDir {
+            dir: dir.to_owned(),
+            last_good: Default::default(),
         }
     }
-    Ok(loaded)
+
+    /// Reads every manifest into a fresh store, falling back on a file's last good
+    /// version where it has errors now. Fails only when the directory cannot be listed.
+    pub fn load(&mut self) -> Result<Loaded, ManifestError> {
+        let listing = list(&self.dir)?;
+        let mut loaded = Loaded::default();
+        loaded.errors.extend(
+            listing
+                .skipped
+                .into_iter()
+                .map(|(file, what)| ManifestError::NotAFile { file, what }),
+        );
+        let mut seen = std::collections::BTreeSet::new();
+        for path in listing.files {
+            let file = file_name(&path);
+            seen.insert(file.clone());
+            let text = match std::fs::read_to_string(&path) {
+                Ok(text) => text,
+                // Removed since the listing: as if it had not been listed.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    seen.remove(&file);
+                    continue;
+                }
+                Err(source) => {
+                    loaded.errors.push(ManifestError::Unreadable {
+                        file: file.clone(),
+                        source,
+                    });
+                    self.keep(&file, KeptBecause::Unreadable, &mut loaded);
+                    continue;
+                }
+            };
+            loaded.files += 1;
+            let mut scratch = Objects::default();
+            let mut errors = Vec::new();
+            let documents = load_text(&mut scratch, &file, &text, &mut errors);
+            loaded.documents += documents;
+            let because = if !errors.is_empty() {
+                Some(KeptBecause::Errors(errors.len()))
+            } else if documents == 0 && text.trim().is_empty() {
+                Some(KeptBecause::Empty)
+            } else {
+                None
+            };
+            loaded.errors.append(&mut errors);
+            match because {
+                Some(because) if self.last_good.contains_key(&file) => {
+                    self.keep(&file, because, &mut loaded);
+                }
+                // Never good: what parses is applied (one bad document does not take
+                // the others down); the errors were reported above.
+                Some(_) => {
+                    load_text(&mut loaded.objects, &file, &text, &mut Vec::new());
+                }
+                None => {
+                    load_text(&mut loaded.objects, &file, &text, &mut Vec::new());
+                    self.last_good.insert(file, text);
+                }
+            }
+        }
+        self.last_good.retain(|file, _| seen.contains(file));
+        Ok(loaded)
+    }
+
+    /// Applies the last good version of `file`, if there is one, and says so.
+    fn keep(&self, file: &str, because: KeptBecause, loaded: &mut Loaded) {
+        if let Some(text) = self.last_good.get(file) {
+            load_text(&mut loaded.objects, file, text, &mut Vec::new());
+            loaded.kept.push(Kept {
+                file: file.to_string(),
+                because,
+            });
+        }
+    }
 }
 
 /// One document of a YAML stream, before parsing.
@@ -134,6 +328,22 @@ pub struct RawDocument {
     pub first_line: usize,
     /// The text.
     pub text: String,
+}
+
+impl RawDocument {
+    /// The first line of the file that holds some of the document (not blank, not a
+    /// comment): where an editor should jump to.
+    pub fn content_line(&self) -> usize {
+        let skip = self
+            .text
+            .lines()
+            .take_while(|l| {
+                let t = l.trim();
+                t.is_empty() || t.starts_with('#')
+            })
+            .count();
+        self.first_line + skip
+    }
 }
 
 fn is_marker(line: &str, marker: &str) -> Option<usize> {
@@ -212,7 +422,12 @@ pub fn load_text(
                             .rfind(" at line ")
                             .map_or(full.as_str(), |cut| &full[..cut])
                             .to_string();
-                        (doc.first_line + at.line().saturating_sub(1), message)
+                        // The end of the input is the line after the last one when the
+                        // text ends with a newline (one-line JSON cut short): say the
+                        // last line.
+                        let last = doc.first_line + doc.text.lines().count().max(1) - 1;
+                        let line = doc.first_line + at.line().saturating_sub(1);
+                        (line.min(last), message)
                     }
                     None => (doc.first_line, e.to_string()),
                 };
@@ -236,6 +451,7 @@ pub fn load_text(
                     .map(|error| ManifestError::Document {
                         file: file.to_string(),
                         document: doc.index,
+                        line: doc.content_line(),
                         error,
                     }),
             );
@@ -255,14 +471,17 @@ struct FileStamp {
 }
 
 /// A summary of a manifest directory that changes whenever a manifest is added, removed,
-/// replaced or written (names, sizes, inodes, modification and change times).
+/// replaced or written (names, sizes, inodes, modification and change times), or an entry
+/// named like one that is not a regular file comes, goes or changes type.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Fingerprint(Vec<FileStamp>);
+pub struct Fingerprint(Vec<FileStamp>, Vec<(String, String)>);
 
 /// Stats the manifests of `dir`. Two equal fingerprints mean nothing worth re-reading
 /// changed; a file that vanishes between listing and `stat` simply counts as changed.
 pub fn fingerprint(dir: &Path) -> Result<Fingerprint, ManifestError> {
-    let stamps = manifest_files(dir)?
+    let listing = list(dir)?;
+    let stamps = listing
+        .files
         .into_iter()
         .map(|p| {
             let md = std::fs::metadata(&p).ok();
@@ -275,7 +494,7 @@ pub fn fingerprint(dir: &Path) -> Result<Fingerprint, ManifestError> {
             }
         })
         .collect();
-    Ok(Fingerprint(stamps))
+    Ok(Fingerprint(stamps, listing.skipped))
 }
 
 #[cfg(test)]
@@ -318,7 +537,7 @@ spec: {clusterIP: 172.30.0.2, ports: [{port: 80}]}
         assert_eq!(objects.services().count(), 2);
         assert_eq!(
             errors,
-            ["services.yaml document 2: spec.ports[0].port: invalid type: string \"eighty\", expected i32"]
+            ["services.yaml document 2: spec.ports[0].port: invalid type: string \"eighty\", expected i32 (the document starts at line 9)"]
         );
     }
 
@@ -331,6 +550,37 @@ spec: {clusterIP: 172.30.0.2, ports: [{port: 80}]}
         assert!(
             errors[0].starts_with("ns.yaml document 2: not valid YAML at line "),
             "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn errors_name_a_line_of_the_file_even_for_one_line_json() {
+        let (_, errors) = load(
+            "s.json",
+            r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"}, "spec": {"ports": [{"port": "eighty"}]}}"#,
+        );
+        assert_eq!(
+            errors,
+            ["s.json document 1: spec.ports[0].port: invalid type: string \"eighty\", expected i32 (the document starts at line 1)"]
+        );
+        // Cut short: the parser stops after the end of the only line.
+        let (_, errors) = load(
+            "s.json",
+            r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"}, "spec": {"ports": [{"port": "#,
+        );
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].starts_with("s.json document 1: not valid YAML at line 1:"),
+            "{errors:?}"
+        );
+        // A wrong type in a later document, after a comment: the line its text starts on.
+        let (_, errors) = load(
+            "s.yaml",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\n# the web Service\n\napiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {ports: 3}\n",
+        );
+        assert_eq!(
+            errors,
+            ["s.yaml document 2: spec.ports: invalid type: integer `3`, expected a sequence (the document starts at line 7)"]
         );
     }
 
@@ -368,6 +618,146 @@ spec: {clusterIP: 172.30.0.2, ports: [{port: 80}]}
         );
         assert_eq!(errors.len(), 4, "{errors:?}");
         assert!(objects.is_empty());
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("kxdp-control-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        dir
+    }
+
+    const WEB: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec: {clusterIP: 172.30.0.10, ports: [{port: 80}]}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nendpoints:\n- addresses: [10.244.1.5]\n  conditions: {ready: true}\nports: [{port: 8080}]\n";
+
+    fn slices(objects: &Objects) -> usize {
+        objects.endpoint_slices().count()
+    }
+
+    fn first_address(objects: &Objects) -> Option<String> {
+        let slice = objects.endpoint_slices().next()?;
+        slice
+            .endpoints
+            .as_ref()?
+            .first()?
+            .addresses
+            .first()
+            .cloned()
+    }
+
+    #[test]
+    fn a_file_that_stops_parsing_keeps_its_last_good_version() {
+        let dir = temp_dir("last-good");
+        let path = dir.join("web.yaml");
+        let mut manifests = ManifestDir::new(&dir);
+        std::fs::write(&path, WEB).expect("write");
+        let loaded = manifests.load().expect("listable");
+        assert!(loaded.errors.is_empty() && loaded.kept.is_empty());
+        assert_eq!(
+            (loaded.objects.services().count(), slices(&loaded.objects)),
+            (1, 1)
+        );
+
+        // Cut in the middle of the EndpointSlice, as a writer that truncates first leaves it.
+        let cut = WEB.find("10.244.1.5").expect("address") + 5;
+        std::fs::write(&path, &WEB[..cut]).expect("write");
+        let loaded = manifests.load().expect("listable");
+        assert_eq!(loaded.errors.len(), 1, "{:?}", loaded.errors);
+        assert_eq!(
+            (loaded.objects.services().count(), slices(&loaded.objects)),
+            (1, 1),
+            "the slice stays"
+        );
+        assert_eq!(
+            loaded.kept,
+            [Kept {
+                file: "web.yaml".into(),
+                because: KeptBecause::Errors(1)
+            }]
+        );
+        assert!(
+            loaded.kept[0]
+                .to_string()
+                .contains("keeping its last good version"),
+            "{}",
+            loaded.kept[0]
+        );
+        // Truncated to nothing.
+        std::fs::write(&path, "").expect("write");
+        let loaded = manifests.load().expect("listable");
+        assert_eq!(slices(&loaded.objects), 1);
+        assert_eq!(loaded.kept[0].because, KeptBecause::Empty);
+
+        // A good edit is taken, and becomes the version kept.
+        let edited = WEB.replace("10.244.1.5", "10.244.1.6");
+        std::fs::write(&path, &edited).expect("write");
+        let loaded = manifests.load().expect("listable");
+        assert!(loaded.errors.is_empty() && loaded.kept.is_empty());
+        assert_eq!(
+            first_address(&loaded.objects).as_deref(),
+            Some("10.244.1.6")
+        );
+        std::fs::write(&path, &edited[..cut]).expect("write");
+        let loaded = manifests.load().expect("listable");
+        assert_eq!(
+            first_address(&loaded.objects).as_deref(),
+            Some("10.244.1.6")
+        );
+
+        // Deleting the file removes its objects; a file broken from the start has its
+        // good documents applied.
+        std::fs::remove_file(&path).expect("remove");
+        assert!(manifests.load().expect("listable").objects.is_empty());
+        std::fs::write(&path, &WEB[..cut]).expect("write");
+        let loaded = manifests.load().expect("listable");
+        assert_eq!(
+            (loaded.objects.services().count(), slices(&loaded.objects)),
+            (1, 0)
+        );
+        assert!(loaded.kept.is_empty());
+        std::fs::remove_dir_all(&dir).expect("clean up");
+    }
+
+    #[test]
+    fn entries_that_are_not_regular_files_are_reported_never_opened() {
+        use std::os::unix::fs::symlink;
+        let dir = temp_dir("odd-entries");
+        std::fs::write(
+            dir.join("a.yaml"),
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n",
+        )
+        .expect("write");
+        let before = fingerprint(&dir).expect("listable");
+        symlink("loop.yaml", dir.join("loop.yaml")).expect("symlink");
+        symlink("/nonexistent/kxdp", dir.join("dangling.yml")).expect("symlink");
+        symlink("/dev/null", dir.join("null.json")).expect("symlink");
+        symlink("a.yaml", dir.join("link.yaml")).expect("symlink");
+        std::fs::create_dir(dir.join("sub.yaml")).expect("mkdir");
+        let status = std::process::Command::new("mkfifo")
+            .arg(dir.join("pipe.yaml"))
+            .status()
+            .expect("mkfifo");
+        assert!(status.success());
+        // Not named like manifests: silent, as before.
+        symlink("other.txt", dir.join("other.txt")).expect("symlink");
+        assert_ne!(fingerprint(&dir).expect("listable"), before);
+
+        // A FIFO opened for reading would block until a writer came: this returns.
+        let loaded = load_dir(&dir).expect("listable");
+        let said: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            said,
+            [
+                "dangling.yml: a symbolic link to nothing, not a regular file",
+                "loop.yaml: a symbolic link loop, not a regular file",
+                "null.json: a character device, not a regular file",
+                "pipe.yaml: a named pipe (FIFO), not a regular file",
+                "sub.yaml: a directory (subdirectories are not read), not a regular file",
+            ]
+        );
+        // A link to a manifest is one.
+        assert_eq!(loaded.files, 2);
+        std::fs::remove_dir_all(&dir).expect("clean up");
     }
 
     #[test]

@@ -17,7 +17,7 @@
 //! differ, and when the dataplane answers `Applied` does what follows from it: records
 //! each EndpointSlice change's network programming latency (trigger time to `Applied` of
 //! the generation that contains it) and the sync duration, tells [`ProxyHealth`] the
-//! dataplane caught up, and updates the health-check node ports (only then, so a load
+//! dataplane caught up (and, when it cannot be reached, that it is lost), and updates the health-check node ports (only then, so a load
 //! balancer is not told of a local endpoint the dataplane cannot reach yet).
 //! [`follow`] drives it from the API source, letting bursts of changes settle first
 //! ([`Settle`]).
@@ -96,6 +96,58 @@ pub enum StreamError {
         /// The answer, debug-printed.
         answer: String,
     },
+}
+
+/// Whether a failure to connect to the socket stays until someone changes something (a
+/// permission, the path) rather than until the dataplane starts: permission refused
+/// (EACCES, EPERM), a path too long for a socket address, a path through a file or a
+/// symbolic link loop. A missing socket or a refused connection (the dataplane not up
+/// yet, or restarting) is not.
+pub fn connect_error_is_permanent(e: &io::Error) -> bool {
+    // ENOTDIR, ELOOP, ENAMETOOLONG.
+    const PERMANENT_ERRNOS: [i32; 3] = [20, 40, 36];
+    matches!(
+        e.kind(),
+        io::ErrorKind::PermissionDenied | io::ErrorKind::InvalidInput
+    ) || e
+        .raw_os_error()
+        .is_some_and(|n| PERMANENT_ERRNOS.contains(&n))
+}
+
+/// The socket cannot be connected to until someone changes something
+/// ([`connect_error_is_permanent`]): what `--once` stops with.
+#[derive(Debug, thiserror::Error)]
+#[error("control socket {}: cannot connect: {error}{}", .path.display(), hint(.error))]
+pub struct Unreachable {
+    /// The socket path.
+    pub path: PathBuf,
+    /// Why.
+    pub error: io::Error,
+}
+
+fn hint(e: &io::Error) -> &'static str {
+    match e.kind() {
+        io::ErrorKind::PermissionDenied => {
+            "; run kxdp-control as a user the socket lets in (root, or the dataplane's socket group)"
+        }
+        _ => "; check --socket",
+    }
+}
+
+impl StreamError {
+    /// The error as [`Unreachable`] when it is a connect error that trying again will not
+    /// mend; else itself.
+    pub fn into_unreachable(self) -> Result<Unreachable, StreamError> {
+        match self {
+            StreamError::Connect { path, source, .. } if connect_error_is_permanent(&source) => {
+                Ok(Unreachable {
+                    path,
+                    error: source,
+                })
+            }
+            other => Err(other),
+        }
+    }
 }
 
 /// What [`Stream::sync`] achieved.
@@ -627,6 +679,12 @@ impl Programmer {
         match &progress {
             Ok(Progress::Applied(g)) | Ok(Progress::UpToDate(g)) => self.reached(*g),
             Err(StreamError::Refused { .. }) => self.metrics.refused(),
+            // Gone, or answering nonsense: it may forward nothing at all (a dataplane
+            // that died took its XDP programs with it). Busy is not: another control
+            // programs it, and only this one's updates wait.
+            Err(StreamError::Connect { .. })
+            | Err(StreamError::Io { .. })
+            | Err(StreamError::Unexpected { .. }) => self.health.dataplane_lost(Instant::now()),
             _ => {}
         }
         progress
@@ -670,6 +728,7 @@ impl Programmer {
                 metrics.health_check_ports(servers.sync(&checks));
             }
         }
+        self.health.dataplane_current();
         if !self.behind {
             self.health.updated(wall);
         }
@@ -695,8 +754,12 @@ pub enum FollowError {
     #[error("--once: no table to send (see above)")]
     NoTables,
     /// `--once` and the dataplane refused the tables.
-    #[error("{0}")]
-    Refused(#[source] StreamError),
+    #[error(transparent)]
+    Refused(StreamError),
+    /// `--once` and the dataplane's socket cannot be connected to for a reason that
+    /// waiting does not mend.
+    #[error(transparent)]
+    Unreachable(Unreachable),
     /// The API watchers are gone (their runtime shut down).
     #[error("the API watchers stopped")]
     WatchersStopped,
@@ -763,6 +826,10 @@ pub fn follow(
                     return Err(FollowError::Refused(e));
                 }
             }
+            Err(e) if how.once => match e.into_unreachable() {
+                Ok(u) => return Err(FollowError::Unreachable(u)),
+                Err(e) => log::warn!("{e}"),
+            },
             Err(e) => log::warn!("{e}"),
         }
         let alive = runtime.block_on(async {
@@ -1035,6 +1102,26 @@ mod tests {
         assert_eq!(s.remaining(t0, t0 + ms(10), t0 + ms(11)), Some(ms(1)));
         assert_eq!(s.remaining(t0, t0 + ms(19), t0 + ms(19)), Some(ms(1)));
         assert_eq!(s.remaining(t0, t0 + ms(20), t0 + ms(20)), None);
+    }
+
+    #[test]
+    fn permission_and_path_errors_are_permanent_a_missing_socket_is_not() {
+        let permanent = |e: io::Error| connect_error_is_permanent(&e);
+        assert!(permanent(io::Error::from_raw_os_error(13))); // EACCES
+        assert!(permanent(io::Error::from_raw_os_error(1))); // EPERM
+        assert!(permanent(io::Error::from_raw_os_error(20))); // ENOTDIR
+        assert!(!permanent(io::Error::from_raw_os_error(2))); // ENOENT
+        assert!(!permanent(io::Error::from_raw_os_error(111))); // ECONNREFUSED
+                                                                // A path longer than a socket address holds.
+        let long = std::env::temp_dir().join("x".repeat(200));
+        let e = UnixStream::connect(&long).expect_err("too long");
+        assert!(connect_error_is_permanent(&e), "{e:?}");
+        let mut s = Stream::new(&long);
+        s.publish(1, &TableSpec::default());
+        let u = s.sync().expect_err("cannot connect").into_unreachable();
+        let u = u.expect("permanent");
+        assert!(u.to_string().starts_with("control socket "), "{u}");
+        assert!(!u.to_string().contains("retrying"), "{u}");
     }
 
     #[test]

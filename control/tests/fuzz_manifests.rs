@@ -10,7 +10,7 @@
 //!
 //! - no panic, in either;
 //! - every error names the file and a document of it that exists (`f.yaml document N`),
-//!   and a syntax error's line lies inside the file;
+//!   and the line it names lies inside the file;
 //! - tables that compute travel through the control stream and come back equal.
 //!
 //! `KXDP_FUZZ_DOCS=N` for a long run (with `--release`), `KXDP_FUZZ_SEED` for another
@@ -310,15 +310,15 @@ fn manifest_case(input: &[u8], corpus: &[String], text_out: &mut String) -> Resu
     for e in &errors {
         let shown = e.to_string();
         let document = match e {
-            ManifestError::Syntax { document, line, .. } => {
-                if *line < 1 || *line > lines + 1 {
+            ManifestError::Syntax { document, line, .. }
+            | ManifestError::Document { document, line, .. } => {
+                if *line < 1 || *line > lines {
                     return Err(format!(
-                        "syntax error at line {line} of a {lines}-line file: {shown}"
+                        "error at line {line} of a {lines}-line file: {shown}"
                     ));
                 }
                 *document
             }
-            ManifestError::Document { document, .. } => *document,
             other => return Err(format!("unexpected error for text: {other}")),
         };
         if document < 1 || document > docs {

@@ -8,9 +8,12 @@
 //! process ends (`serve` has no stop), which is harmless.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use control::health::{
@@ -22,6 +25,7 @@ use control::stream::{Progress, Stream};
 use control::{Objects, Programmer};
 use dataplane::state::{Limits, Shared};
 use nat::spec::ClusterSpec;
+use nat::wire::{self, Message};
 use serde_json::Value;
 
 /// The longest any one wait may take.
@@ -47,6 +51,67 @@ fn dataplane(path: &Path) -> Arc<Shared> {
     ));
     dataplane::server::serve(path, shared.clone(), Instant::now()).expect("serve the socket");
     shared
+}
+
+/// A dataplane that answers each table with `answer(generation)` and can be killed as
+/// `kill -9` kills one: its connections close and its socket file stays, with nobody
+/// listening.
+struct FakeDataplane {
+    stop: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<UnixStream>>>,
+    accept: JoinHandle<()>,
+}
+
+impl FakeDataplane {
+    fn start(path: &Path, answer: fn(u64) -> Message) -> FakeDataplane {
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path).expect("bind");
+        listener.set_nonblocking(true).expect("non-blocking");
+        let stop = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<UnixStream>>> = Arc::default();
+        let accept = {
+            let (stop, conns) = (stop.clone(), conns.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let mut conn = match listener.accept() {
+                        Ok((conn, _)) => conn,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(5));
+                            continue;
+                        }
+                        Err(e) => panic!("accept: {e}"),
+                    };
+                    conn.set_nonblocking(false).expect("blocking");
+                    conns.lock().unwrap().push(conn.try_clone().expect("clone"));
+                    std::thread::spawn(move || {
+                        while let Ok(m) = wire::read_message(&mut conn) {
+                            let reply = match m {
+                                Message::Snapshot { generation, .. }
+                                | Message::Delta { generation, .. } => answer(generation),
+                                _ => return,
+                            };
+                            if wire::write_message(&mut conn, &reply).is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            })
+        };
+        FakeDataplane {
+            stop,
+            conns,
+            accept,
+        }
+    }
+
+    fn kill(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.accept.join().expect("accept thread");
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -413,5 +478,94 @@ fn metrics_show_control_and_dataplane_or_say_the_dataplane_is_down() {
             .any(|l| l == "kxdp_network_programming_duration_seconds_count 2"),
         "control's own metrics stay: {text}"
     );
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn a_dead_dataplane_fails_healthz_livez_and_the_health_check_node_ports() {
+    let rt = runtime();
+    let path = socket_path("dies");
+    let grace = Duration::from_millis(300);
+    let health = Arc::new(ProxyHealth::new(DEFAULT_HEALTHZ_TIMEOUT).with_dataplane_grace(grace));
+    let server = serve_healthz(localhost(), health.clone(), rt.handle()).expect("healthz");
+    let addr = server.addr();
+    let servers = Arc::new(ServiceHealthServers::new(
+        "127.0.0.1".parse().expect("ip"),
+        HealthCheckPort::Ephemeral,
+        health.clone(),
+        rt.handle().clone(),
+    ));
+    let mut p = Programmer::new(
+        "node-a",
+        ClusterSpec::default(),
+        Stream::new(&path),
+        Arc::new(ControlMetrics::new()),
+        health,
+    )
+    .with_service_health(servers.clone());
+    let applies = |generation| Message::Applied { generation };
+    let dp = FakeDataplane::start(&path, applies);
+    program(
+        &mut p,
+        &objects(&format!("{NODE}{SERVICE}{}", slice(&["node-a"]))),
+    );
+    let check = |status: u16, local: u64, healthy: bool| {
+        let addr = servers.bound("default", "web").expect("health check open");
+        let (got, _, body) = get(addr, "/");
+        assert_eq!(got, status, "{body}");
+        let v = json(&body);
+        assert_eq!(v["localEndpoints"], local, "{body}");
+        assert_eq!(v["serviceProxyHealthy"], healthy, "{body}");
+    };
+    assert_eq!(get(addr, "/healthz").0, 200);
+    assert_eq!(get(addr, "/livez").0, 200);
+    check(200, 1, true);
+
+    // kill -9: control notices at its next look and, after the grace, says so.
+    let killed = Instant::now();
+    dp.kill();
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let _ = p.sync();
+        if get(addr, "/healthz").0 == 503 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "/healthz never failed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(killed.elapsed() >= grace, "failed within the grace");
+    let (_, _, body) = get(addr, "/healthz");
+    assert_eq!(
+        json(&body)["nodeEligible"],
+        true,
+        "the Node is fine: {body}"
+    );
+    assert_eq!(get(addr, "/livez").0, 503);
+    check(503, 0, false);
+
+    // A dataplane that comes back but does not take the tables stays unhealthy.
+    let refuses = FakeDataplane::start(&path, |_| Message::Refused {
+        reason: "no".into(),
+    });
+    let deadline = Instant::now() + TIMEOUT;
+    while !matches!(p.sync(), Err(control::StreamError::Refused { .. })) {
+        assert!(Instant::now() < deadline, "never refused");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(get(addr, "/healthz").0, 503);
+    check(503, 0, false);
+    refuses.kill();
+
+    // One that applies them: healthy again, its endpoint counted.
+    let dp = FakeDataplane::start(&path, applies);
+    // A new generation, as a new edit would make (the refused one is not sent again).
+    program(
+        &mut p,
+        &objects(&format!("{NODE}{SERVICE}{}", slice(&["node-a", "node-b"]))),
+    );
+    assert_eq!(get(addr, "/healthz").0, 200);
+    assert_eq!(get(addr, "/livez").0, 200);
+    check(200, 1, true);
+    dp.kill();
     let _ = std::fs::remove_file(&path);
 }

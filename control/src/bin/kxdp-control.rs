@@ -8,6 +8,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -64,7 +65,9 @@ struct Args {
     /// Masquerade pod traffic leaving the cluster networks (flannel --ip-masq).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     ip_masq: bool,
-    /// Send one snapshot, exit once the dataplane applied it.
+    /// Send one snapshot, exit once the dataplane applied it. Waits for a dataplane that
+    /// is not up yet, but fails at once when its socket refuses permission (or the path
+    /// cannot be one) or a manifest file cannot be read.
     #[arg(long)]
     once: bool,
     /// How often to look at the directory and at the dataplane connection, in milliseconds.
@@ -96,6 +99,10 @@ struct Args {
     /// listen on (with --manifests too).
     #[arg(long, default_value = "0.0.0.0")]
     health_check_bind_address: IpAddr,
+    /// On an error, print each cause on its own line and, when RUST_BACKTRACE or
+    /// RUST_LIB_BACKTRACE is set, where it happened (without: one line, causes joined).
+    #[arg(short, long)]
+    verbose: bool,
 }
 
 fn cluster_spec(args: &Args) -> ClusterSpec {
@@ -125,6 +132,14 @@ fn sync(programmer: &mut Programmer, once: bool) -> Result<bool> {
             }
             Ok(false)
         }
+        // Waiting for a permission to change is not what --once is for.
+        Err(e) if once => match e.into_unreachable() {
+            Ok(unreachable) => Err(unreachable.into()),
+            Err(e) => {
+                log::warn!("{e}");
+                Ok(false)
+            }
+        },
         Err(e) => {
             log::warn!("{e}");
             Ok(false)
@@ -139,6 +154,7 @@ fn run_manifests(
     poll: Duration,
     once: bool,
 ) -> Result<()> {
+    let mut manifests = control::ManifestDir::new(dir);
     let mut seen = None;
     let mut dir_error = None;
     loop {
@@ -148,17 +164,28 @@ fn run_manifests(
                 if seen.as_ref() != Some(&print) {
                     seen = Some(print);
                     let started = Instant::now();
-                    let published = match control::load_dir(dir) {
+                    let published = match manifests.load() {
                         Ok(loaded) => {
                             for e in &loaded.errors {
                                 eprintln!("kxdp-control: skipped {e}");
                             }
+                            for k in &loaded.kept {
+                                eprintln!("kxdp-control: {k}");
+                            }
+                            // One snapshot without a file's objects is not what --once
+                            // was asked for (a bad document is: it is said above).
+                            let unreadable = loaded
+                                .errors
+                                .into_iter()
+                                .find(|e| matches!(e, control::ManifestError::Unreadable { .. }));
+                            if let Some(e) = unreadable.filter(|_| once) {
+                                return Err(anyhow::Error::new(e).context("--once"));
+                            }
                             log::debug!(
-                                "{} files, {} documents, {} objects, {} rejected",
+                                "{} files, {} documents, {} objects",
                                 loaded.files,
                                 loaded.documents,
                                 loaded.objects.len(),
-                                loaded.errors.len()
                             );
                             let change = Change {
                                 batches: 1,
@@ -259,9 +286,41 @@ fn node_name(flag: Option<&str>) -> Result<String> {
     Ok(name)
 }
 
-fn main() -> Result<()> {
+/// An error as one line: each cause after a colon, a cause whose words its parent already
+/// says left out (a message that quotes its source), line breaks folded.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
+    let verbose = args.verbose;
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if verbose => {
+            eprintln!("kxdp-control: {e:?}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("kxdp-control: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<()> {
     let poll = Duration::from_millis(args.poll_ms.max(1));
     let node = match (&args.manifests, &args.node) {
         (Some(_), Some(node)) => node.clone(),
