@@ -327,6 +327,25 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_conflist_parses() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/cni/10-kxdp.conflist"
+        );
+        let list: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        // What a runtime hands the plugin: its entry, with the list's version and name.
+        let mut entry = list["plugins"][0].clone();
+        entry["cniVersion"] = list["cniVersion"].clone();
+        entry["name"] = list["name"].clone();
+        let c = NetConf::parse(entry.to_string().as_bytes()).unwrap();
+        assert_eq!(c.plugin_type, "kxdp");
+        assert_eq!(c.ipam_type().unwrap(), "host-local");
+        assert_eq!(c.dataplane_socket, PathBuf::from(DEFAULT_DATAPLANE_SOCKET));
+        assert_eq!(c.mtu, DEFAULT_MTU);
+    }
+
+    #[test]
     fn malformed_json_is_code_6() {
         for bad in [&b"{"[..], b"", b"[1,2]", br#"{"cniVersion": 3}"#, b"\xff"] {
             assert_eq!(

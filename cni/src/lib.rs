@@ -73,3 +73,69 @@ fn lenient_version(stdin: &[u8]) -> String {
         .filter(|v| !v.is_empty())
         .unwrap_or_else(|| "1.1.0".to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn errors_carry_the_code_and_the_config_version() {
+        let add = vars(&[
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_IFNAME", "eth0"),
+        ]);
+        let conf =
+            br#"{"cniVersion":"1.0.0","name":"n","type":"kxdp","ipam":{"type":"host-local"}}"#;
+        // CNI_NETNS missing: 4, printed as 1.0.0 (the config's version).
+        let f = run(&add, conf).unwrap_err();
+        assert_eq!(f.error.code, error::code::INVALID_ENVIRONMENT);
+        assert_eq!(f.version, "1.0.0");
+        // Malformed stdin: 6, printed in the newest version.
+        let f = run(
+            &vars(&[
+                ("CNI_COMMAND", "DEL"),
+                ("CNI_CONTAINERID", "c1"),
+                ("CNI_IFNAME", "eth0"),
+            ]),
+            b"{not json",
+        )
+        .unwrap_err();
+        assert_eq!(f.error.code, error::code::DECODE);
+        assert_eq!(f.version, "1.1.0");
+        // STATUS and GC are 1.1.0's: 1 for a 1.0.0 config.
+        for cmd in ["STATUS", "GC"] {
+            let f = run(&vars(&[("CNI_COMMAND", cmd)]), conf).unwrap_err();
+            assert_eq!(f.error.code, error::code::INCOMPATIBLE_VERSION, "{cmd}");
+        }
+        // VERSION needs no config at all.
+        assert!(run(&vars(&[("CNI_COMMAND", "VERSION")]), b"")
+            .unwrap()
+            .is_some());
+    }
+
+    #[test]
+    fn gc_without_the_valid_list_removes_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let records = state::Records::new(tmp.path(), "n");
+        let a = config::Attachment {
+            container_id: "c1".into(),
+            ifname: "eth0".into(),
+        };
+        records.add(&a).unwrap();
+        let conf = format!(
+            r#"{{"cniVersion":"1.1.0","name":"n","type":"kxdp","ipam":{{"type":"host-local"}},"stateDir":{:?}}}"#,
+            tmp.path()
+        );
+        let f = run(&vars(&[("CNI_COMMAND", "GC")]), conf.as_bytes()).unwrap_err();
+        assert_eq!(f.error.code, error::code::INVALID_CONFIG);
+        assert_eq!(records.list().unwrap(), vec![a]);
+    }
+}
