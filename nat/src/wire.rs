@@ -166,6 +166,38 @@ pub enum Message {
         /// The first `limit` matching, ordered by original tuple.
         entries: Vec<ConnView>,
     },
+    /// CNI plugin → dataplane: a pod's interface was created (the host end of its veth
+    /// pair, in the dataplane's namespace); start serving it. Answered
+    /// [`Message::PodAttached`], or [`Message::Refused`] with nothing attached.
+    AttachPod {
+        /// The host end's name (`kxdp` and 11 hex digits, from the container ID).
+        ifname: String,
+        /// The runtime's container ID (`CNI_CONTAINERID`).
+        container_id: String,
+        /// The pod's addresses on that interface, as IPAM gave them.
+        ips: Vec<std::net::IpAddr>,
+    },
+    /// dataplane → CNI plugin: `ifname` is served.
+    PodAttached {
+        /// The interface attached.
+        ifname: String,
+    },
+    /// CNI plugin → dataplane: the pod is going away; stop serving `ifname` and retire
+    /// its connections. Answered [`Message::PodDetached`] (also for an unknown
+    /// interface: `found` is false), or [`Message::Refused`].
+    DetachPod {
+        /// The host end's name.
+        ifname: String,
+        /// The runtime's container ID.
+        container_id: String,
+    },
+    /// dataplane → CNI plugin: `ifname` is no longer served.
+    PodDetached {
+        /// The interface detached.
+        ifname: String,
+        /// Whether it was attached.
+        found: bool,
+    },
     /// Either side: the last frame was refused, and why.
     Refused {
         /// What was wrong.
@@ -425,6 +457,43 @@ mod tests {
         let bytes = encode(&msg);
         let mut cursor = std::io::Cursor::new(bytes);
         assert_eq!(read_message(&mut cursor).unwrap(), msg);
+    }
+
+    #[test]
+    fn pod_messages_round_trip() {
+        let ip4: std::net::IpAddr = "10.244.1.5".parse().unwrap();
+        let ip6: std::net::IpAddr = "fd00:10:244:1::5".parse().unwrap();
+        for msg in [
+            Message::AttachPod {
+                ifname: "kxdp0123456789a".into(),
+                container_id: "c1".into(),
+                ips: vec![ip4, ip6],
+            },
+            Message::PodAttached {
+                ifname: "kxdp0123456789a".into(),
+            },
+            Message::DetachPod {
+                ifname: "kxdp0123456789a".into(),
+                container_id: "c1".into(),
+            },
+            Message::PodDetached {
+                ifname: "kxdp0123456789a".into(),
+                found: false,
+            },
+        ] {
+            let mut cursor = std::io::Cursor::new(encode(&msg));
+            assert_eq!(read_message(&mut cursor).unwrap(), msg);
+        }
+        // The JSON the other side reads: the variant name, then snake_case fields.
+        let json = serde_json::to_string(&Message::DetachPod {
+            ifname: "kxdp0123456789a".into(),
+            container_id: "c1".into(),
+        })
+        .unwrap();
+        assert_eq!(
+            json,
+            r#"{"DetachPod":{"ifname":"kxdp0123456789a","container_id":"c1"}}"#
+        );
     }
 
     #[test]
