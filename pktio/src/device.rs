@@ -51,6 +51,25 @@ pub trait Device {
 
     /// Counters of this device.
     fn stats(&self) -> DeviceStats;
+
+    /// Opens `port` at run time on queue `queue` of interface `ifindex` (a pod attached
+    /// while the worker runs); returns the descriptor to steer the queue to, if the device
+    /// has one. Devices with a fixed set of ports refuse.
+    fn open_port(
+        &mut self,
+        port: PortId,
+        ifindex: u32,
+        queue: u32,
+    ) -> Result<Option<std::os::fd::RawFd>, String> {
+        let _ = (port, ifindex, queue);
+        Err("this device has a fixed set of ports".into())
+    }
+
+    /// Closes a port opened by [`Device::open_port`], taking back every frame it held.
+    /// Its interface must no longer steer packets to it. Unknown ports are ignored.
+    fn close_port(&mut self, port: PortId) {
+        let _ = port;
+    }
 }
 
 /// Convenience accessors built on [`Device::chunk_mut`].
@@ -94,6 +113,9 @@ pub struct DeviceStats {
     pub kernel_fill_empty: u64,
     /// Wake-up syscalls made because a ring asked for one.
     pub wakeups: u64,
+    /// Frames a closed port could not give back: transmitted by the kernel but not yet
+    /// completed when the port closed (they leave the pool for good).
+    pub frames_lost: u64,
 }
 
 impl DeviceStats {
@@ -123,6 +145,7 @@ impl DeviceStats {
                 .kernel_fill_empty
                 .saturating_sub(before.kernel_fill_empty),
             wakeups: self.wakeups.saturating_sub(before.wakeups),
+            frames_lost: self.frames_lost.saturating_sub(before.frames_lost),
         }
     }
 }
@@ -144,6 +167,7 @@ mod tests {
             kernel_tx_invalid: 8,
             kernel_fill_empty: 9,
             wakeups: 10,
+            frames_lost: 11,
         };
         let after = DeviceStats {
             rx_frames: 11,
@@ -156,6 +180,7 @@ mod tests {
             kernel_tx_invalid: 88,
             kernel_fill_empty: 9,
             wakeups: 0,
+            frames_lost: 11,
         };
         assert_eq!(
             after.since(before),
@@ -170,6 +195,7 @@ mod tests {
                 kernel_tx_invalid: 80,
                 kernel_fill_empty: 0,
                 wakeups: 0,
+                frames_lost: 0,
             },
             "unchanged reads 0, and a counter lower than before saturates"
         );

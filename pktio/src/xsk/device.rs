@@ -20,8 +20,14 @@ use super::{XskConfig, XskError, MAP_UMEM};
 /// next flush. No benchmark has tuned it yet.
 const TX_KICKS_PER_FLUSH: u32 = 4;
 
+/// How long closing a port waits for the kernel to complete frames it is transmitting.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
+
 struct Port {
     sock: XskSocket,
+    /// Completions reaped from this socket: with the TX ring's consumer index, how many
+    /// transmitted frames the kernel still holds.
+    completed: u32,
 }
 
 /// One worker's AF_XDP ports over a shared UMEM.
@@ -29,12 +35,15 @@ struct Port {
 /// Dropping it closes the sockets (the kernel removes them from any XSKMAP) and unmaps the
 /// UMEM.
 pub struct XskDevice {
+    /// By port id; `None` for a port closed at run time (its id may be opened again).
     /// Declared before `umem` so sockets close before the UMEM is unmapped.
-    ports: Vec<Port>,
+    ports: Vec<Option<Port>>,
     umem: Umem,
     free: FreeFrames,
     /// Chunks each fill ring is kept topped up to.
     fill_share: u32,
+    /// Sizes of the rings of sockets opened later.
+    cfg: XskConfig,
     stats: DeviceStats,
 }
 
@@ -58,37 +67,64 @@ impl XskDevice {
         }
         let umem = Umem::new(cfg.frame_count, cfg.frame_size)
             .map_err(|e| XskError::os(MAP_UMEM, format!("{} frames", cfg.frame_count), e))?;
-        let mut ports: Vec<Port> = Vec::with_capacity(pairs.len());
-        for &(ifindex, queue) in pairs {
-            let role = match ports.first() {
-                None => UmemRole::Owner(&umem),
-                Some(first) => UmemRole::SharedWith(first.sock.fd().as_raw_fd()),
-            };
-            let sock = XskSocket::new(ifindex, queue, cfg, role)?;
-            ports.push(Port { sock });
-        }
-        // Half the UMEM waits in fill rings, split evenly; the other half is for frames in
-        // flight (pipeline, TX rings, completions). A ring never holds more than its size.
-        let fill_share = (cfg.frame_count / 2 / pairs.len() as u32)
-            .max(1)
-            .min(cfg.fill_size);
         let mut dev = XskDevice {
-            ports,
+            ports: Vec::with_capacity(pairs.len()),
             umem,
             free: FreeFrames::all(cfg.frame_count, cfg.frame_size),
-            fill_share,
+            fill_share: 0,
+            cfg: cfg.clone(),
             stats: DeviceStats::default(),
         };
+        for (port, &(ifindex, queue)) in pairs.iter().enumerate() {
+            dev.bind(port, ifindex, queue)?;
+        }
         for port in 0..dev.ports.len() {
             dev.refill(port);
         }
         Ok(dev)
     }
 
+    /// Binds a socket for `port` (registering the UMEM with it if no other socket holds
+    /// it) and recomputes the fill share; the caller refills.
+    fn bind(&mut self, port: PortId, ifindex: u32, queue: u32) -> Result<(), XskError> {
+        if self.ports.get(port).is_some_and(Option::is_some) {
+            return Err(XskError::Config(format!("port {port} is open already")));
+        }
+        let role = match self.ports.iter().flatten().next() {
+            None => UmemRole::Owner(&self.umem),
+            Some(first) => UmemRole::SharedWith(first.sock.fd().as_raw_fd()),
+        };
+        let sock = XskSocket::new(ifindex, queue, &self.cfg, role)?;
+        if self.ports.len() <= port {
+            self.ports.resize_with(port + 1, || None);
+        }
+        self.ports[port] = Some(Port { sock, completed: 0 });
+        self.share_fill();
+        Ok(())
+    }
+
+    /// Half the UMEM waits in fill rings, split evenly between the open ports; the other
+    /// half is for frames in flight (pipeline, TX rings, completions). A ring never holds
+    /// more than its size. A ring above a smaller new share is not topped up until it is
+    /// below it.
+    fn share_fill(&mut self) {
+        let open = self.ports.iter().flatten().count().max(1) as u32;
+        self.fill_share = (self.cfg.frame_count / 2 / open)
+            .max(1)
+            .min(self.cfg.fill_size);
+    }
+
     /// The AF_XDP socket of `port`, to insert into the interface's XSKMAP
     /// ([`super::XdpProgram::insert`]). Panics if `port >= port_count()`.
     pub fn socket_fd(&self, port: PortId) -> RawFd {
-        self.ports[port].sock.fd().as_raw_fd()
+        self.open(port).sock.fd().as_raw_fd()
+    }
+
+    fn open(&self, port: PortId) -> &Port {
+        match self.ports.get(port) {
+            Some(Some(p)) => p,
+            _ => panic!("port {port} is not open"),
+        }
     }
 
     /// Chunks free in user space (not lent to the kernel, not held by the caller).
@@ -103,7 +139,7 @@ impl XskDevice {
 
     /// Moves transmitted chunks from `port`'s completion ring to the free stack.
     fn reap(&mut self, port: PortId) {
-        let Some(p) = self.ports.get_mut(port) else {
+        let Some(Some(p)) = self.ports.get_mut(port) else {
             return;
         };
         // Bound: the ring's size, i.e. everything completed so far.
@@ -117,13 +153,14 @@ impl XskDevice {
         }
         if n > 0 {
             p.sock.comp.release();
+            p.completed = p.completed.wrapping_add(n);
         }
     }
 
     /// Tops `port`'s fill ring up to its share from the free stack. Returns how many chunks
     /// were lent.
     fn refill(&mut self, port: PortId) -> u32 {
-        let Some(p) = self.ports.get_mut(port) else {
+        let Some(Some(p)) = self.ports.get_mut(port) else {
             return 0;
         };
         let lent = p.sock.fill.outstanding();
@@ -158,8 +195,7 @@ impl Device for XskDevice {
     }
 
     fn recv(&mut self, port: PortId, out: &mut Vec<Frame>, max: usize) {
-        debug_assert!(port < self.ports.len(), "recv on port {port}");
-        let Some(p) = self.ports.get_mut(port) else {
+        let Some(Some(p)) = self.ports.get_mut(port) else {
             return;
         };
         // Never beyond `out`'s spare capacity: pushing must not allocate.
@@ -206,8 +242,7 @@ impl Device for XskDevice {
     }
 
     fn send(&mut self, port: PortId, frame: Frame) -> bool {
-        debug_assert!(port < self.ports.len(), "send on port {port}");
-        let Some(p) = self.ports.get_mut(port) else {
+        let Some(Some(p)) = self.ports.get_mut(port) else {
             self.free(frame);
             return false;
         };
@@ -230,11 +265,16 @@ impl Device for XskDevice {
 
     fn flush(&mut self) {
         for port in 0..self.ports.len() {
-            let p = &mut self.ports[port];
+            let Some(p) = self.ports[port].as_mut() else {
+                continue;
+            };
             p.sock.tx.submit();
             if p.sock.tx.needs_wakeup() && p.sock.tx.outstanding() > 0 {
                 for _ in 0..TX_KICKS_PER_FLUSH {
-                    let errno = self.ports[port].sock.kick_tx();
+                    let Some(p) = self.ports[port].as_ref() else {
+                        break;
+                    };
+                    let errno = p.sock.kick_tx();
                     self.stats.wakeups += 1;
                     // A full completion ring also stops the kernel with EAGAIN: make room.
                     self.reap(port);
@@ -245,16 +285,84 @@ impl Device for XskDevice {
                 }
             }
             self.reap(port);
-            if self.refill(port) > 0 && self.ports[port].sock.fill.needs_wakeup() {
-                self.ports[port].sock.kick_rx();
-                self.stats.wakeups += 1;
+            if self.refill(port) > 0 {
+                if let Some(p) = &self.ports[port] {
+                    if p.sock.fill.needs_wakeup() {
+                        p.sock.kick_rx();
+                        self.stats.wakeups += 1;
+                    }
+                }
             }
         }
     }
 
+    fn open_port(
+        &mut self,
+        port: PortId,
+        ifindex: u32,
+        queue: u32,
+    ) -> Result<Option<RawFd>, String> {
+        self.bind(port, ifindex, queue).map_err(|e| e.to_string())?;
+        self.refill(port);
+        Ok(Some(self.socket_fd(port)))
+    }
+
+    fn close_port(&mut self, port: PortId) {
+        let Some(Some(mut p)) = self.ports.get_mut(port).map(Option::take) else {
+            return;
+        };
+        // Every frame the socket holds comes back: received and not yet taken, completed,
+        // lent for receiving and not consumed, queued for transmitting and not consumed.
+        // The interface no longer steers to the socket, so the kernel adds nothing more.
+        let (first, n) = p.sock.rx.peek(p.sock.rx.size());
+        for i in 0..n {
+            let base = self
+                .umem
+                .chunk_base(p.sock.rx.read(first.wrapping_add(i)).addr);
+            self.free.push(base);
+        }
+        p.sock.rx.release();
+        let umem = &self.umem;
+        let free = &mut self.free;
+        p.sock.fill.take_back(|addr| {
+            free.push(umem.chunk_base(addr));
+        });
+        p.sock.tx.take_back(|d| {
+            free.push(umem.chunk_base(d.addr));
+        });
+        // Transmitted but not yet completed: the kernel completes them as their packets
+        // are freed, soon; wait a little for that, then count what is still out as lost.
+        let until = std::time::Instant::now() + CLOSE_WAIT;
+        loop {
+            let (first, n) = p.sock.comp.peek(p.sock.comp.size());
+            for i in 0..n {
+                self.free.push(
+                    self.umem
+                        .chunk_base(p.sock.comp.read(first.wrapping_add(i))),
+                );
+            }
+            p.sock.comp.release();
+            p.completed = p.completed.wrapping_add(n);
+            let held = p.sock.tx.consumed().wrapping_sub(p.completed);
+            if held == 0 {
+                break;
+            }
+            if std::time::Instant::now() >= until {
+                self.stats.frames_lost += u64::from(held);
+                break;
+            }
+            std::thread::yield_now();
+        }
+        drop(p);
+        while self.ports.last().is_some_and(Option::is_none) {
+            self.ports.pop();
+        }
+        self.share_fill();
+    }
+
     fn stats(&self) -> DeviceStats {
         let mut s = self.stats;
-        for p in &self.ports {
+        for p in self.ports.iter().flatten() {
             // Not on the hot path; a socket that cannot answer adds nothing.
             if let Ok(k) = p.sock.statistics() {
                 s.kernel_rx_dropped += k.rx_dropped;

@@ -224,6 +224,27 @@ impl<T: Copy> ProdRing<T> {
     pub fn needs_wakeup(&self) -> bool {
         self.ring.needs_wakeup()
     }
+
+    /// Takes back every submitted entry the consumer has not consumed, calling `take` with
+    /// each: for a socket being closed, whose consumer no longer consumes (its interface no
+    /// longer redirects to it), so these entries are still ours. Afterwards the ring holds
+    /// nothing of ours: the producer index is left as it was (the ring is about to go).
+    pub fn take_back(&mut self, mut take: impl FnMut(T)) -> u32 {
+        // (A): Acquire pairs with the consumer's Release (D); entries from `cons` on were
+        // written by us and not yet read by it.
+        let cons = self.ring.consumer().load(Ordering::Acquire);
+        let n = self.cached_prod.wrapping_sub(cons);
+        for i in 0..n {
+            take(self.ring.read(cons.wrapping_add(i)));
+        }
+        n
+    }
+
+    /// Entries consumed since the ring was made: the consumer index.
+    pub fn consumed(&self) -> u32 {
+        // Acquire as in (A).
+        self.ring.consumer().load(Ordering::Acquire)
+    }
 }
 
 /// User space's side of a ring it consumes: RX (descriptors) or completion (addresses).
