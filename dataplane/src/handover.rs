@@ -150,11 +150,12 @@ pub fn export(shared: &Shared, now: u64) -> Message {
             remaining_ns: expires.saturating_sub(now),
         })
         .collect();
+    let ports = shared.ports.load();
     let neighbors = shared
         .neighbors
         .all()
         .into_iter()
-        .filter_map(|(ip, n)| Some((ip, shared.ports.get(n.port)?.name.clone(), n.mac)))
+        .filter_map(|(ip, n)| Some((ip, ports.get(n.port)?.name.clone(), n.mac)))
         .collect();
     Message::HandoverState {
         version: VERSION,
@@ -206,8 +207,9 @@ pub fn import(shared: &Shared, state: Message, now: u64) -> Result<usize, String
             taken += 1;
         }
     }
+    let ports = shared.ports.load();
     for (ip, port_name, mac) in neighbors {
-        if let Some(port) = shared.ports.iter().position(|p| p.name == port_name) {
+        if let Some(port) = ports.position(&port_name) {
             shared.neighbors.learn(ip, Neighbor { port, mac }, now);
         }
     }

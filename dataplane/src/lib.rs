@@ -14,6 +14,8 @@ pub mod inspect;
 pub mod lab;
 pub mod monitor;
 pub mod pipeline;
+pub mod pods;
+pub mod ports;
 pub mod server;
 pub mod state;
 pub mod steering;

@@ -148,6 +148,8 @@ pub struct Pipeline<'a> {
     pub shared: &'a Shared,
     /// Tables for this burst.
     pub tables: &'a Tables,
+    /// Ports for this burst.
+    pub ports: &'a crate::ports::PortList,
     /// The time, in nanoseconds of the dataplane's clock.
     pub now: u64,
     /// The worker running it (its flow monitor ring).
@@ -275,7 +277,7 @@ impl Pipeline<'_> {
     /// Answers ARP requests: on pod ports for every address but the asker's own (we are the
     /// gateway to everything), on the uplink for the node's and the Services' addresses.
     fn arp(&self, pkt: &mut [u8], frame: Frame, port: PortId, c: &mut Counters) -> Outcome {
-        let Some(cfg) = self.shared.ports.get(port) else {
+        let Some(cfg) = self.ports.get(port) else {
             return Outcome::Drop(DropReason::NoRoute);
         };
         let Ok(arp) = ArpPacket::new_checked(&pkt[ETH_LEN..]) else {
@@ -367,7 +369,7 @@ impl Pipeline<'_> {
             Ok(h) => h,
             Err(m) => return Outcome::Drop(malformed(m)),
         };
-        let role = self.shared.ports.get(port).map(|p| p.role);
+        let role = self.ports.get(port).map(|p| p.role);
         let mut mac = [0u8; 6];
         mac.copy_from_slice(&pkt[6..12]);
         match (role, via) {
@@ -674,7 +676,7 @@ impl Pipeline<'_> {
                 m => u64_mac(m),
             },
         };
-        let Some(cfg) = self.shared.ports.get(host) else {
+        let Some(cfg) = self.ports.get(host) else {
             return Outcome::Drop(DropReason::NoRoute);
         };
         set_macs(&mut chunk[off..], mac, cfg.mac);
@@ -759,7 +761,7 @@ impl Pipeline<'_> {
     /// Answers an echo request to the pods' gateway address in place: addresses swapped,
     /// type turned into a reply, TTL 64, checksums fixed, back out of the port it came in.
     fn echo_reply(&self, pkt: &mut [u8], h: &Headers, port: PortId, frame: Frame) -> Outcome {
-        let Some(cfg) = self.shared.ports.get(port) else {
+        let Some(cfg) = self.ports.get(port) else {
             return Outcome::Drop(DropReason::NoRoute);
         };
         let mut peer = [0u8; 6];
@@ -1015,7 +1017,7 @@ impl Pipeline<'_> {
                 }
             }
         };
-        let Some(out) = self.shared.ports.get(port) else {
+        let Some(out) = self.ports.get(port) else {
             return Outcome::Drop(DropReason::NoRoute);
         };
         let pkt = &mut chunk[off..off + len];
@@ -1039,7 +1041,7 @@ impl Pipeline<'_> {
         let (Some(overlay), Some(up)) = (&self.tables.overlay, self.shared.uplink) else {
             return Outcome::Drop(DropReason::NoRoute);
         };
-        let Some(upcfg) = self.shared.ports.get(up) else {
+        let Some(upcfg) = self.ports.get(up) else {
             return Outcome::Drop(DropReason::NoRoute);
         };
         let vtep = IpAddr::V4(r.vtep);
@@ -1118,7 +1120,7 @@ impl Pipeline<'_> {
         from: IpAddr,
         c: &mut Counters,
     ) -> Outcome {
-        let Some(cfg) = self.shared.ports.get(port) else {
+        let Some(cfg) = self.ports.get(port) else {
             return Outcome::Drop(DropReason::NoRoute);
         };
         let pkt = &mut chunk[off..];
@@ -1289,7 +1291,7 @@ impl Pipeline<'_> {
             IpAddr::V6(v) => Some(*v),
             IpAddr::V4(_) => None,
         });
-        for (port, cfg) in self.shared.ports.iter().enumerate() {
+        for (port, cfg) in self.ports.iter() {
             let wanted = match cfg.role {
                 PortRole::Pod => on_pods,
                 PortRole::Host => on_host,
@@ -1347,7 +1349,7 @@ impl Pipeline<'_> {
         let (IpAddr::V6(src), IpAddr::V6(dst)) = (h.src, h.dst) else {
             return Outcome::Drop(DropReason::BadIpHeader);
         };
-        let Some(cfg) = self.shared.ports.get(port) else {
+        let Some(cfg) = self.ports.get(port) else {
             return Outcome::Drop(DropReason::NoRoute);
         };
         // RFC 4861 7.1.1: neighbour discovery only from on-link (hop limit 255).

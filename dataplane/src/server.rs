@@ -57,7 +57,10 @@ impl Privilege {
     /// What `msg` asks for.
     pub fn required(msg: &Message) -> Privilege {
         match msg {
-            Message::Snapshot { .. } | Message::Delta { .. } => Privilege::Program,
+            Message::Snapshot { .. }
+            | Message::Delta { .. }
+            | Message::AttachPod { .. }
+            | Message::DetachPod { .. } => Privilege::Program,
             Message::Handover { .. } => Privilege::Handover,
             _ => Privilege::Inspect,
         }
@@ -426,6 +429,10 @@ fn connection(
         {
             return monitor(stream, shared, addr, port, drops_only);
         }
+        if matches!(msg, Message::AttachPod { .. } | Message::DetachPod { .. }) {
+            wire::write_message(&mut stream, &pod_request(msg, shared, epoch))?;
+            continue;
+        }
         if matches!(msg, Message::Snapshot { .. } | Message::Delta { .. }) {
             if let Err(reason) = conn.claim() {
                 log::error!("refusing a table from a second control: {reason}");
@@ -441,6 +448,41 @@ fn connection(
             // whole connection table.
             shared.retire_stale_flows(epoch.elapsed().as_nanos() as u64);
         }
+    }
+}
+
+/// A CNI plugin's request to attach or detach a pod interface.
+fn pod_request(msg: Message, shared: &Shared, epoch: Instant) -> Message {
+    let Some(pods) = shared.pods.get() else {
+        return Message::Refused {
+            reason: "this dataplane attaches no pod interfaces at run time".into(),
+        };
+    };
+    match msg {
+        Message::AttachPod {
+            ifname,
+            container_id,
+            ips,
+        } => match pods.attach(shared, &ifname, &container_id, ips) {
+            Ok(_) => Message::PodAttached { ifname },
+            Err(reason) => {
+                log::warn!("refused to attach {ifname} (container {container_id}): {reason}");
+                Message::Refused { reason }
+            }
+        },
+        Message::DetachPod {
+            ifname,
+            container_id,
+        } => match pods.detach(shared, &ifname, epoch.elapsed().as_nanos() as u64) {
+            Ok(found) => Message::PodDetached { ifname, found },
+            Err(reason) => {
+                log::warn!("refused to detach {ifname} (container {container_id}): {reason}");
+                Message::Refused { reason }
+            }
+        },
+        other => Message::Refused {
+            reason: format!("unexpected message {other:?}"),
+        },
     }
 }
 
@@ -988,9 +1030,11 @@ for frame in sys.argv[2:]:
         loop {
             let mut s = UnixStream::connect(&path).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            wire::write_message(&mut s, &Message::GetStats).unwrap();
-            match wire::read_message(&mut s).unwrap() {
-                Message::Stats { .. } => break,
+            // A refused connection may be closed before the request is written.
+            let answer = wire::write_message(&mut s, &Message::GetStats)
+                .and_then(|()| wire::read_message(&mut s));
+            match answer {
+                Ok(Message::Stats { .. }) => break,
                 other => assert!(Instant::now() < deadline, "{other:?}"),
             }
             std::thread::sleep(Duration::from_millis(20));

@@ -613,6 +613,26 @@ impl Neighbors {
         });
     }
 
+    /// Forgets every neighbour on `port` (a pod interface that went); returns their
+    /// addresses.
+    pub fn forget_port(&self, port: usize) -> Vec<IpAddr> {
+        let gone: Vec<IpAddr> = self
+            .map
+            .load()
+            .iter()
+            .filter(|(_, (n, _))| n.port == port)
+            .map(|(ip, _)| *ip)
+            .collect();
+        if !gone.is_empty() {
+            self.map.rcu(|m| {
+                let mut m = HashMap::clone(m);
+                m.retain(|_, (n, _)| n.port != port);
+                m
+            });
+        }
+        gone
+    }
+
     /// Every neighbour (for inspection).
     pub fn all(&self) -> Vec<(IpAddr, Neighbor)> {
         self.map.load().iter().map(|(k, v)| (*k, v.0)).collect()
@@ -635,7 +655,13 @@ pub struct Limits {
     /// way out of the cluster: outside the kernel's ephemeral range (`ip_local_port_range`,
     /// 32768–60999 by default), so they never collide with the node's own connections.
     pub egress_masquerade_ports: (u16, u16),
+    /// Pod interfaces that may be attached at run time, beyond the ports given at start.
+    pub max_pods: usize,
 }
+
+/// Pod interfaces a node attaches at most by default: above the kubelet's default of 110
+/// pods per node with room for pods being deleted and created at once.
+pub const DEFAULT_MAX_PODS: usize = 250;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -645,6 +671,7 @@ impl Default for Limits {
             conntrack_capacity: 1 << 20,
             affinity_capacity: 1 << 16,
             egress_masquerade_ports: DEFAULT_EGRESS_MASQUERADE_PORTS,
+            max_pods: DEFAULT_MAX_PODS,
         }
     }
 }
@@ -717,8 +744,9 @@ pub struct Shared {
     pub neighbors: Neighbors,
     /// ClientIP session affinity records.
     pub affinity: nat::affinity::AffinityTable,
-    /// The ports, by index (equal on every worker).
-    pub ports: Vec<PortConfig>,
+    /// The ports, by index (equal on every worker): those given at start and pods
+    /// attached at run time.
+    pub ports: crate::ports::Ports,
     /// Per-worker published counters.
     pub counters: Vec<Published>,
     /// Start-up settings.
@@ -748,6 +776,9 @@ pub struct Shared {
     /// Where a handover request goes: the process's main thread, which is given the
     /// successor's connection, stops the workers and writes the state on it.
     pub handover: Mutex<Option<std::sync::mpsc::Sender<crate::handover::Successor>>>,
+    /// Attaches and detaches pod interfaces at run time (set by the binary, which owns
+    /// the interfaces; absent in memory).
+    pub pods: std::sync::OnceLock<crate::pods::PodPorts>,
 }
 
 impl Shared {
@@ -764,13 +795,14 @@ impl Shared {
             conntrack: Conntrack::with_seed(limits.conntrack_capacity, random_seed()),
             neighbors: Neighbors::default(),
             affinity: nat::affinity::AffinityTable::new(limits.affinity_capacity),
-            ports,
+            ports: crate::ports::Ports::new(ports.clone(), workers, ports.len() + limits.max_pods),
             counters: (0..workers).map(|_| Published::default()).collect(),
             limits,
             policy_drops: Mutex::new(BTreeMap::new()),
             uplink_routes: ArcSwap::from_pointee(UplinkRoutes::default()),
             monitor: crate::monitor::Monitor::new(workers),
             handover: Mutex::new(None),
+            pods: std::sync::OnceLock::new(),
             on_install: Mutex::new(None),
             refused_tables: AtomicU64::new(0),
         }
@@ -829,7 +861,8 @@ impl Shared {
     }
 
     fn uplink_mac(&self) -> Option<[u8; 6]> {
-        self.uplink.and_then(|u| self.ports.get(u)).map(|p| p.mac)
+        self.uplink
+            .and_then(|u| self.ports.load().get(u).map(|p| p.mac))
     }
 
     fn swap_in(&self, mut tables: Tables, filter: bool) {

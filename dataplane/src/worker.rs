@@ -33,6 +33,10 @@ pub struct Worker<D: Device> {
     limiter: Resolver,
     rx: Vec<Frame>,
     last_housekeeping: u64,
+    /// The generation of the port list this worker's sockets follow.
+    ports_seen: u64,
+    /// Ports this worker opened at run time, by id, with their sockets.
+    opened: Vec<Option<Option<std::os::fd::RawFd>>>,
 }
 
 impl<D: Device> Worker<D> {
@@ -46,16 +50,61 @@ impl<D: Device> Worker<D> {
             limiter: Resolver::default(),
             rx: Vec::with_capacity(BURST),
             last_housekeeping: 0,
+            ports_seen: 0,
+            opened: Vec::new(),
         }
+    }
+
+    /// Opens the sockets of pods the port list gained and closes those of pods it lost
+    /// (see [`crate::ports`]), then acknowledges the list's generation.
+    fn follow_ports(&mut self, generation: u64) {
+        let list = self.shared.ports.load_full();
+        let (mut opened, mut failed) = (Vec::new(), Vec::new());
+        for id in 0..self.opened.len() {
+            let still = list.port(id).is_some_and(|p| p.pod.is_some());
+            if self.opened[id].is_some() && !still {
+                self.dev.close_port(id);
+                self.opened[id] = None;
+            }
+        }
+        for (id, port) in list.pods() {
+            // Every open pod socket is reported, not only new ones: whoever changed the
+            // list may be steering all of them again (after the workers restarted).
+            if let Some(Some(fd)) = self.opened.get(id) {
+                opened.push((id, *fd));
+                continue;
+            }
+            let Some(pod) = &port.pod else { continue };
+            match self.dev.open_port(id, pod.ifindex, self.id as u32) {
+                Ok(fd) => {
+                    if self.opened.len() <= id {
+                        self.opened.resize(id + 1, None);
+                    }
+                    self.opened[id] = Some(fd);
+                    opened.push((id, fd));
+                }
+                Err(e) => failed.push((id, e)),
+            }
+        }
+        self.ports_seen = generation;
+        self.shared
+            .ports
+            .caught_up(self.id, generation, opened, failed);
     }
 
     /// One pass over every port at time `now`: receive a burst, handle it, flush. Returns
     /// the number of frames handled.
     pub fn poll(&mut self, now: u64) -> usize {
+        let generation = self.shared.ports.generation();
+        if generation != self.ports_seen {
+            self.follow_ports(generation);
+        }
         let tables = self.shared.tables.load();
+        let ports = self.shared.ports.load();
         let pipeline = Pipeline {
             shared: &self.shared,
             tables: &tables,
+            ports: &ports,
             now,
             worker: self.id,
         };

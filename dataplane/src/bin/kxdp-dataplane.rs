@@ -61,9 +61,13 @@ struct Args {
     /// Maglev ring size (a prime).
     #[arg(long, default_value_t = nat::maglev::DEFAULT_RING_SIZE)]
     ring_size: u32,
-    /// UMEM frames per worker.
+    /// UMEM frames per worker: half of them wait in the ports' fill rings, shared evenly,
+    /// so a node with many pods wants more (each port keeps at least one).
     #[arg(long, default_value_t = 4096)]
     frames: u32,
+    /// Pod interfaces that may be attached at run time (by kxdp-cni) beyond --pods.
+    #[arg(long, default_value_t = dataplane::state::DEFAULT_MAX_PODS)]
+    max_pods: usize,
     /// Source ports for pods' traffic masqueraded out of the cluster to the node's address,
     /// `FIRST-LAST`; keep it outside the kernel's `net.ipv4.ip_local_port_range` so the
     /// node's own connections never collide with them.
@@ -343,6 +347,7 @@ fn run(args: Args) -> Result<()> {
         affinity_capacity: args.affinity_capacity,
         ring_scaled: args.scaled_rings,
         egress_masquerade_ports: args.masquerade_ports,
+        max_pods: args.max_pods,
     };
     // Everything this process can check alone, before it asks a running dataplane for
     // anything or attaches anywhere.
@@ -399,6 +404,23 @@ fn run(args: Args) -> Result<()> {
     // The connection table is allocated here, before a running dataplane is asked.
     let shared = Arc::new(Shared::new(ports.clone(), workers as usize, limits));
     let epoch = Instant::now();
+    // Pod interfaces a CNI plugin attached (to this process or a predecessor): found by
+    // their aliases, opened by the workers when they start.
+    let pods = dataplane::pods::PodPorts::new(workers, mode);
+    for (ifname, container) in dataplane::pods::discover() {
+        if args.pods.contains(&ifname) {
+            continue;
+        }
+        match pods.preload(&shared, &ifname, &container) {
+            Ok(id) => log::info!("pod interface {ifname} (container {container}) found: port {id}"),
+            Err(e) => {
+                log::warn!("pod interface {ifname} (container {container}) not attached: {e}")
+            }
+        }
+    }
+    if shared.pods.set(pods).is_err() {
+        bail!("pod interfaces set up twice");
+    }
     if let Some(up) = &args.uplink {
         let routes = dataplane::state::UplinkRoutes::from_kernel(up);
         if routes.is_empty() {
@@ -494,6 +516,9 @@ fn run(args: Args) -> Result<()> {
         // A fifth of the table per 200 ms tick: every entry looked at once a second, and
         // no tick walks a million entries (about 90 ms of a core when most are live).
         let now = epoch.elapsed().as_nanos() as u64;
+        if let Some(pods) = shared.pods.get() {
+            pods.prune(&shared, now);
+        }
         let slice = shared.conntrack.capacity().div_ceil(5);
         sweep_from = shared.conntrack.sweep_expired(now, sweep_from, slice).1;
     }
@@ -582,6 +607,9 @@ impl Attachment {
         // The install hook holds the uplink's program and the host redirect.
         *shared.on_install.lock().unwrap_or_else(|e| e.into_inner()) = None;
         drop(self.programs);
+        if let Some(pods) = shared.pods.get() {
+            pods.release();
+        }
     }
 }
 
@@ -679,6 +707,11 @@ impl Plan {
                     return Err(e).context(format!("start worker {w}"));
                 }
             }
+        }
+        // Pod interfaces attached at run time (found at start, or attached before a
+        // handover that failed): the new workers open them, then they are steered.
+        if let Some(pods) = shared.pods.get() {
+            pods.reattach(shared, self.epoch.elapsed().as_nanos() as u64);
         }
         Ok(Attachment {
             programs,

@@ -1,0 +1,335 @@
+//! Pod interfaces attached and detached while the workers forward: what a CNI plugin
+//! (`kxdp-cni`) asks for when a container runtime creates or deletes a pod.
+//!
+//! Attaching a pod's host-side interface: its XDP program first (steering queue `w` to
+//! worker `w`'s socket once it is there), then a new port in the port list, for which
+//! every worker opens a socket on its own UMEM ([`crate::ports`]), then the sockets into
+//! the program's map. Detaching goes the other way: the program goes (nothing is steered
+//! to the sockets any more), the workers close their sockets and take their frames back,
+//! and the pod's connections and neighbours are forgotten. An interface that vanished
+//! under the dataplane (its container was killed and the runtime deleted the veth without
+//! a CNI DEL reaching us) is noticed by [`PodPorts::prune`] and detached the same way.
+//!
+//! Which interfaces are pods is written on them: `kxdp-cni` sets each host end's alias to
+//! `kxdp-cni <container id>/<interface>`. A dataplane that starts (after a crash, or as a
+//! successor taking over) attaches every interface with such an alias: it depends on no
+//! runtime calling ADD again.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Mutex, PoisonError};
+
+use pktio::xsk::{self, XdpMode, XdpProgram};
+use pktio::PortId;
+
+use crate::ports::{PodAttachment, Port};
+use crate::state::{PortConfig, PortRole, Shared};
+
+/// The alias prefix `kxdp-cni` writes on a pod's host interface.
+pub const ALIAS_PREFIX: &str = "kxdp-cni ";
+
+/// The pod interfaces attached at run time and their XDP programs.
+pub struct PodPorts {
+    workers: u32,
+    mode: XdpMode,
+    /// By port id. The lock also makes attach and detach one at a time.
+    programs: Mutex<HashMap<PortId, XdpProgram>>,
+}
+
+/// What a pod interface looks like in sysfs.
+fn read_sys(ifname: &str, what: &str) -> Result<String, String> {
+    if ifname.is_empty() || ifname.contains('/') || ifname.len() > 15 || ifname.starts_with('.') {
+        return Err(format!("{ifname:?} is not an interface name"));
+    }
+    let path = format!("/sys/class/net/{ifname}/{what}");
+    std::fs::read_to_string(&path)
+        .map(|s| s.trim().to_string())
+        .map_err(|e| format!("read {path}: {e}"))
+}
+
+/// The configuration of the pod interface `ifname` in this namespace.
+fn pod_config(ifname: &str) -> Result<(PortConfig, u32), String> {
+    let mac_text = read_sys(ifname, "address")?;
+    let bytes: Vec<u8> = mac_text
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("{ifname}: {mac_text:?} is not a MAC address"))?;
+    let mac: [u8; 6] = bytes
+        .try_into()
+        .map_err(|_| format!("{ifname}: {mac_text:?} is not a MAC address"))?;
+    let mtu_text = read_sys(ifname, "mtu")?;
+    let mtu: u16 = mtu_text
+        .parse()
+        .map_err(|_| format!("{ifname}: MTU {mtu_text:?}"))?;
+    let ifindex = xsk::ifindex(ifname).map_err(|e| e.to_string())?;
+    Ok((
+        PortConfig {
+            name: ifname.to_string(),
+            role: PortRole::Pod,
+            mac,
+            mtu,
+        },
+        ifindex,
+    ))
+}
+
+/// The pod interfaces in this namespace, from their aliases: `(ifname, container id)`.
+pub fn discover() -> Vec<(String, String)> {
+    let Ok(dir) = std::fs::read_dir("/sys/class/net") else {
+        return Vec::new();
+    };
+    let mut found: Vec<(String, String)> = dir
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let alias = read_sys(&name, "ifalias").ok()?;
+            let rest = alias.strip_prefix(ALIAS_PREFIX)?;
+            let container = rest.split_once('/').map_or(rest, |(c, _)| c);
+            Some((name, container.to_string()))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+impl PodPorts {
+    /// Pods for `workers` workers, their programs attached in `mode`.
+    pub fn new(workers: u32, mode: XdpMode) -> PodPorts {
+        PodPorts {
+            workers,
+            mode,
+            programs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn check(&self, ifname: &str) -> Result<(PortConfig, u32), String> {
+        let (cfg, ifindex) = pod_config(ifname)?;
+        let queues = xsk::queue_count(ifname);
+        if queues < self.workers {
+            return Err(format!(
+                "{ifname} has {queues} receive queue(s) and this dataplane {} workers: create the pod's veth with one queue per worker (kxdp-cni's \"queues\" setting)",
+                self.workers
+            ));
+        }
+        Ok((cfg, ifindex))
+    }
+
+    /// Adds `ifname` to the port list without the workers (before they start: they open
+    /// it themselves; call [`PodPorts::reattach`] once they run).
+    pub fn preload(
+        &self,
+        shared: &Shared,
+        ifname: &str,
+        container_id: &str,
+    ) -> Result<PortId, String> {
+        let (cfg, ifindex) = self.check(ifname)?;
+        shared
+            .ports
+            .preload(Port {
+                cfg,
+                pod: Some(PodAttachment {
+                    ifindex,
+                    container_id: container_id.to_string(),
+                    ips: Vec::new(),
+                }),
+            })
+            .map_err(|e| e.to_string())
+    }
+
+    /// Attaches pod interface `ifname`; returns its port id.
+    pub fn attach(
+        &self,
+        shared: &Shared,
+        ifname: &str,
+        container_id: &str,
+        ips: Vec<IpAddr>,
+    ) -> Result<PortId, String> {
+        let mut programs = self.programs.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(id) = shared.ports.load().position(ifname) {
+            // A repeated ADD (the runtime retries): the same interface is attached already.
+            if shared
+                .ports
+                .load()
+                .port(id)
+                .and_then(|p| p.pod.as_ref())
+                .is_some_and(|p| p.container_id == container_id)
+            {
+                return Ok(id);
+            }
+            return Err(format!(
+                "{ifname} is attached already, to another container"
+            ));
+        }
+        let (cfg, ifindex) = self.check(ifname)?;
+        let program = XdpProgram::attach(ifindex, self.workers, self.mode)
+            .map_err(|e| format!("attach XDP to {ifname}: {e}"))?;
+        let (id, fds) = shared
+            .ports
+            .add(Port {
+                cfg,
+                pod: Some(PodAttachment {
+                    ifindex,
+                    container_id: container_id.to_string(),
+                    ips,
+                }),
+            })
+            .map_err(|e| e.to_string())?;
+        if let Err(e) = steer(&program, &fds, ifname) {
+            drop(program);
+            let _ = shared.ports.remove(id);
+            return Err(e);
+        }
+        programs.insert(id, program);
+        log::info!("pod interface {ifname} (container {container_id}) attached as port {id}");
+        Ok(id)
+    }
+
+    /// Detaches pod interface `ifname`: `Ok(false)` when it is not attached.
+    pub fn detach(&self, shared: &Shared, ifname: &str, now: u64) -> Result<bool, String> {
+        let mut programs = self.programs.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(id) = shared.ports.load().position(ifname) else {
+            return Ok(false);
+        };
+        if shared
+            .ports
+            .load()
+            .port(id)
+            .is_some_and(|p| p.pod.is_none())
+        {
+            return Err(format!(
+                "{ifname} was given at start, not attached by a CNI plugin"
+            ));
+        }
+        self.forget(shared, &mut programs, id, now)?;
+        Ok(true)
+    }
+
+    /// Detaches port `id` (its program first, then the sockets), and forgets the pod's
+    /// connections and neighbours.
+    fn forget(
+        &self,
+        shared: &Shared,
+        programs: &mut HashMap<PortId, XdpProgram>,
+        id: PortId,
+        now: u64,
+    ) -> Result<(), String> {
+        // No redirect reaches the sockets once the program is gone (the kernel detaches it
+        // under RCU: a packet being redirected right now still lands; the workers take it
+        // back with the rest when they close the socket).
+        drop(programs.remove(&id));
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let gone = shared.ports.remove(id).map_err(|e| e.to_string())?;
+        let Some(port) = gone else {
+            return Ok(());
+        };
+        let mut ips = shared.neighbors.forget_port(id);
+        if let Some(pod) = &port.pod {
+            ips.extend(pod.ips.iter().copied());
+        }
+        ips.sort();
+        ips.dedup();
+        let retired = if ips.is_empty() {
+            0
+        } else {
+            shared.conntrack.sweep(now, |c| {
+                [c.original.src, c.original.dst, c.reply.src, c.reply.dst]
+                    .iter()
+                    .any(|a| ips.contains(a))
+            })
+        };
+        log::info!(
+            "pod interface {} (container {}) detached from port {id}; {retired} of its connections retired",
+            port.cfg.name,
+            port.pod.as_ref().map_or("?", |p| p.container_id.as_str())
+        );
+        Ok(())
+    }
+
+    /// Detaches every pod interface that is gone (or was replaced by another of the same
+    /// name); returns their names.
+    pub fn prune(&self, shared: &Shared, now: u64) -> Vec<String> {
+        let vanished: Vec<(PortId, String)> = shared
+            .ports
+            .load()
+            .pods()
+            .filter(|(_, p)| {
+                let ifindex = p.pod.as_ref().map_or(0, |a| a.ifindex);
+                xsk::ifindex(&p.cfg.name).ok() != Some(ifindex)
+            })
+            .map(|(id, p)| (id, p.cfg.name.clone()))
+            .collect();
+        let mut programs = self.programs.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut out = Vec::new();
+        for (id, name) in vanished {
+            log::warn!("pod interface {name} vanished (its container went without a CNI DEL): detaching it");
+            match self.forget(shared, &mut programs, id, now) {
+                Ok(()) => out.push(name),
+                Err(e) => log::error!("detaching vanished {name}: {e}"),
+            }
+        }
+        out
+    }
+
+    /// Lets go of every pod interface's program (the workers, stopping, close the
+    /// sockets); the port list keeps them, for [`PodPorts::reattach`] or a successor.
+    pub fn release(&self) {
+        self.programs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
+    /// Attaches every pod interface of the port list again, with workers that started
+    /// without them; one that fails (gone meanwhile) is detached.
+    pub fn reattach(&self, shared: &Shared, now: u64) {
+        let mut programs = self.programs.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = shared.ports.load_full();
+        for (id, port) in list.pods() {
+            let ifindex = port.pod.as_ref().map_or(0, |p| p.ifindex);
+            match XdpProgram::attach(ifindex, self.workers, self.mode) {
+                Ok(p) => {
+                    programs.insert(id, p);
+                }
+                Err(e) => log::warn!("attach XDP to {} again: {e}", port.cfg.name),
+            }
+        }
+        let reopened = match shared.ports.reopen() {
+            Ok(r) => r,
+            Err(e) => {
+                log::error!("pod interfaces not reopened: {e}");
+                return;
+            }
+        };
+        for (id, fds) in reopened {
+            let name = list.get(id).map(|c| c.name.clone()).unwrap_or_default();
+            let steered = match (programs.get(&id), fds) {
+                (Some(program), Ok(fds)) => steer(program, &fds, &name),
+                (None, _) => Err("no program".to_string()),
+                (_, Err(e)) => Err(e.to_string()),
+            };
+            match steered {
+                Ok(()) => log::info!("pod interface {name} attached again as port {id}"),
+                Err(e) => {
+                    log::warn!("pod interface {name} not attached again ({e}): detaching it");
+                    let _ = self.forget(shared, &mut programs, id, now);
+                }
+            }
+        }
+    }
+}
+
+/// Steers queue `w` of the interface to worker `w`'s socket.
+fn steer(
+    program: &XdpProgram,
+    fds: &[Option<std::os::fd::RawFd>],
+    ifname: &str,
+) -> Result<(), String> {
+    for (w, fd) in fds.iter().enumerate() {
+        let fd = fd.ok_or_else(|| format!("worker {w} has no socket for {ifname}"))?;
+        program
+            .insert(w as u32, fd)
+            .map_err(|e| format!("steer {ifname} queue {w}: {e}"))?;
+    }
+    Ok(())
+}
