@@ -411,12 +411,8 @@ impl Pipeline<'_> {
                 let (conn, dir) = (hit.conn, hit.dir);
                 let before = State::from_u8(hit.state);
                 let state = timeouts::next(h.proto, before, dir, flags);
-                if state != before {
-                    self.shared.conntrack.set_state(hit.entry, state as u8);
-                }
-                self.shared
-                    .conntrack
-                    .refresh(hit.entry, self.now + timeouts::timeout(h.proto, state));
+                let expires = self.now + timeouts::timeout(h.proto, state);
+                self.shared.conntrack.update(&hit, state as u8, expires);
                 translate(pkt, &mut h, &conn, dir);
                 c.nat_hits += 1;
                 return self.route(chunk, off, &mut h, frame, port, true, c);
