@@ -125,6 +125,10 @@ pub struct Counters {
     /// New connections of local pods, isolated by no policy, forwarded untracked because
     /// the connection table refused them (full, or their reply tuple taken).
     pub untracked: u64,
+    /// Connections evicted to make room for a new one, as the kernel's `early_drop`: not
+    /// assured (handshake unfinished, datagrams one way) or expired unswept, when the table
+    /// or a tuple's index windows were full or every masquerade port tried was taken.
+    pub conntrack_early_drop: u64,
     /// Drops, indexed by [`DropReason`].
     pub drops: [u64; DropReason::COUNT],
     /// The device's own counters (TX ring full, pool empty, the kernel's XDP statistics),
@@ -154,6 +158,7 @@ impl Default for Counters {
             to_host: 0,
             tracked_new: 0,
             untracked: 0,
+            conntrack_early_drop: 0,
             drops: [0; DropReason::COUNT],
             device: pktio::DeviceStats::default(),
         }
@@ -194,6 +199,10 @@ impl Counters {
             ("to_host".to_string(), self.to_host),
             ("tracked_new".to_string(), self.tracked_new),
             ("untracked".to_string(), self.untracked),
+            (
+                "conntrack_early_drop".to_string(),
+                self.conntrack_early_drop,
+            ),
         ];
         for r in DropReason::ALL {
             out.push((format!("drop_{}", r.label()), self.drops[*r as usize]));
@@ -213,7 +222,7 @@ impl Counters {
     }
 }
 
-const FIXED: usize = 19;
+const FIXED: usize = 20;
 const DEVICE: usize = 8;
 
 /// Where a worker publishes its counters for readers on other threads.
@@ -252,6 +261,7 @@ impl Published {
             c.to_host,
             c.rx_bytes,
             c.tx_bytes,
+            c.conntrack_early_drop,
         ];
         let d = &c.device;
         let device = [
@@ -297,6 +307,7 @@ impl Published {
             to_host: v[16],
             rx_bytes: v[17],
             tx_bytes: v[18],
+            conntrack_early_drop: v[19],
             ..Counters::default()
         };
         c.drops

@@ -9,7 +9,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::Ordering;
 
-use nat::conntrack::{Connection, Direction, FlowKey, InsertError};
+use nat::conntrack::{Connection, Direction, FlowKey, Hit, InsertError};
 use nat::packet::{self, End, Headers, Malformed, ETH_ARP, ETH_IPV4, ETH_IPV6, ETH_LEN};
 use nat::policy::{PolicyType, Verdict};
 use nat::tables::{Decision, FrontendKey};
@@ -413,12 +413,8 @@ impl Pipeline<'_> {
                 let (conn, dir) = (hit.conn, hit.dir);
                 let before = State::from_u8(hit.state);
                 let state = timeouts::next(h.proto, before, dir, flags);
-                if state != before {
-                    self.shared.conntrack.set_state(hit.entry, state as u8);
-                }
-                self.shared
-                    .conntrack
-                    .refresh(hit.entry, self.now + timeouts::timeout(h.proto, state));
+                let expires = self.now + timeouts::timeout(h.proto, state);
+                self.shared.conntrack.update(&hit, state as u8, expires);
                 translate(pkt, &mut h, &conn, dir);
                 c.nat_hits += 1;
                 return self.route(chunk, off, &mut h, frame, port, true, c);
@@ -477,7 +473,7 @@ impl Pipeline<'_> {
                                 };
                             let state = timeouts::initial(h.proto, flags);
                             let conn = match self.track_in(
-                                key, &mut reply, snat, ports, f.service, state, policy.tag,
+                                key, &mut reply, snat, ports, f.service, state, policy.tag, c,
                             ) {
                                 Ok(conn) => conn,
                                 Err(reason) => return Outcome::Drop(reason),
@@ -545,6 +541,7 @@ impl Pipeline<'_> {
                     0,
                     state,
                     policy.tag,
+                    c,
                 ) {
                     Ok(conn) => conn,
                     Err(reason) => return Outcome::Drop(reason),
@@ -796,7 +793,7 @@ impl Pipeline<'_> {
         let (key, flags) = tuple_of(pkt, h);
         let mut reply = key.reversed();
         let state = timeouts::initial(h.proto, flags);
-        match self.track(key, &mut reply, None, 0, state, policy.tag) {
+        match self.track(key, &mut reply, None, 0, state, policy.tag, c) {
             Ok(_) => {
                 c.tracked_new += 1;
                 if self.shared.monitor.active() {
@@ -866,6 +863,7 @@ impl Pipeline<'_> {
     }
 
     /// Inserts a new connection, choosing a masquerade port that no live flow uses.
+    #[allow(clippy::too_many_arguments)]
     fn track(
         &self,
         key: FlowKey,
@@ -874,13 +872,17 @@ impl Pipeline<'_> {
         service: u32,
         state: State,
         policy: u32,
+        c: &mut Counters,
     ) -> Result<Connection, DropReason> {
         let ports = (SNAT_PORT_MIN, SNAT_PORT_MAX);
-        self.track_in(key, reply, snat, ports, service, state, policy)
+        self.track_in(key, reply, snat, ports, service, state, policy, c)
     }
 
     /// [`Pipeline::track`] with masquerade ports from `ports` (inclusive). The client's own
     /// port is kept when it is in the range; an ICMP echo's identifier is both its "ports".
+    /// When room runs out, a connection that is not assured yields its place (see
+    /// `nat::timeouts`): near the new tuples in a full table, or, when every port tried is
+    /// taken, the one seen earliest among those holding them.
     #[allow(clippy::too_many_arguments)]
     fn track_in(
         &self,
@@ -891,10 +893,14 @@ impl Pipeline<'_> {
         service: u32,
         state: State,
         policy: u32,
+        c: &mut Counters,
     ) -> Result<Connection, DropReason> {
         let timeout = timeouts::timeout(key.proto, state);
         let mut snat = snat;
         let mut evicted = false;
+        // The port of the unassured connection seen earliest among those holding a
+        // masquerade port tried: (when last seen, its lookup, the port).
+        let mut yielding: Option<(u64, Hit, u16)> = None;
         let (first, last) = (ports.0.min(ports.1), ports.0.max(ports.1));
         let span = (last - first) as u64 + 1;
         let seed = key.flow_hash();
@@ -917,12 +923,17 @@ impl Pipeline<'_> {
                 service,
                 policy,
             };
-            match self
-                .shared
-                .conntrack
-                .insert_with_state(conn, state as u8, self.now, timeout)
-            {
-                Ok(_) => return Ok(conn),
+            match self.shared.conntrack.insert_evicting(
+                conn,
+                state as u8,
+                self.now,
+                timeout,
+                timeouts::last_seen,
+            ) {
+                Ok(inserted) => {
+                    c.conntrack_early_drop += inserted.evicted as u64;
+                    return Ok(conn);
+                }
                 Err(InsertError::Full) => return Err(DropReason::ConntrackFull),
                 Err(InsertError::Exists) => {
                     // Another worker tracked this very connection first: use its choice.
@@ -945,12 +956,51 @@ impl Pipeline<'_> {
                             continue;
                         }
                     }
+                    if let (Some(old), Some(_)) = (taken, snat) {
+                        if let Some(seen) = timeouts::last_seen(old.state, old.expires) {
+                            if yielding.is_none_or(|(s, _, _)| seen < s) {
+                                yielding = Some((seen, old, reply.dport));
+                            }
+                        }
+                    }
                     if snat.is_none() {
                         if key.proto == packet::PROTO_ICMP || key.proto == packet::PROTO_ICMPV6 {
                             return Err(DropReason::TupleTaken);
                         }
                         snat = Some(key.src);
                     }
+                }
+            }
+        }
+        // Every port tried is taken: the unassured connection seen earliest among their
+        // holders gives its port up (a flood's SYN, never answered, ages while a real
+        // client's completes its handshake within a round trip).
+        if let Some((_, old, port)) = yielding {
+            if self
+                .shared
+                .conntrack
+                .evict(&old, self.now, timeouts::last_seen)
+            {
+                c.conntrack_early_drop += 1;
+                reply.dport = port;
+                if echo {
+                    reply.sport = port;
+                }
+                let conn = Connection {
+                    original: key,
+                    reply: *reply,
+                    service,
+                    policy,
+                };
+                if let Ok(inserted) = self.shared.conntrack.insert_evicting(
+                    conn,
+                    state as u8,
+                    self.now,
+                    timeout,
+                    timeouts::last_seen,
+                ) {
+                    c.conntrack_early_drop += inserted.evicted as u64;
+                    return Ok(conn);
                 }
             }
         }

@@ -23,8 +23,16 @@
 //!   of the entry's state from `LIVE` to `DEAD` (so two sweepers never free one entry),
 //!   then clearing its index slots, then returning it to a lock-free free list (a Treiber
 //!   stack with an ABA tag).
+//! - **Generations**: an entry's state word carries, in its high half, a count of the
+//!   connections it has held. Every removal and state change is a compare-and-swap against
+//!   the word the caller read with the connection, so one prepared on a connection that has
+//!   meanwhile gone (expired, evicted) never lands on the next one stored in its entry.
 //! - **A full table** (free list empty, or a key's window full) refuses the new flow with
-//!   [`InsertError::Full`]; established flows are untouched.
+//!   [`InsertError::Full`]; established flows are untouched. Through
+//!   [`Conntrack::insert_evicting`] the new flow first takes the place of an expired entry
+//!   or of one the caller's policy lets go (the dataplane's: a connection whose handshake
+//!   has not completed), the longest idle of those indexed near its tuples, as the Linux
+//!   kernel's `early_drop` evicts an unassured entry of the new tuple's hash buckets.
 //!
 //! Memory: 104 bytes per entry, 4 of free list and three index slots (24 bytes), 132
 //! bytes per connection: 1,048,576 connections in 132 MiB (1M in 126 MiB).
@@ -103,7 +111,7 @@ pub enum Direction {
 }
 
 /// A lookup's result: the connection, the packet's direction, and the entry (for state
-/// updates through [`Conntrack::set_state`]).
+/// updates through [`Conntrack::update`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Hit {
     /// The connection.
@@ -114,6 +122,20 @@ pub struct Hit {
     pub entry: u32,
     /// The protocol state stored with the entry.
     pub state: u8,
+    /// The entry's expiry time (ns) when it was looked up.
+    pub expires: u64,
+    /// The entry's state word as read with the connection (status, state, generation).
+    word: u64,
+}
+
+/// A successful [`Conntrack::insert_evicting`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Inserted {
+    /// The new connection's entry.
+    pub entry: u32,
+    /// Entries removed to make room for it (expired ones not yet swept, or ones the
+    /// eviction policy let go).
+    pub evicted: u32,
 }
 
 /// Why an insert was refused.
@@ -146,6 +168,24 @@ const FREE: u8 = 0;
 const PENDING: u8 = 1;
 const LIVE: u8 = 2;
 const DEAD: u8 = 3;
+/// Entries an insert may evict before it gives up (each eviction frees one entry, which a
+/// racing insert may take first).
+const EVICTIONS_MAX: u32 = 4;
+
+/// An entry's state word: status (`FREE`…`DEAD`) in the low byte, the protocol state in
+/// the next, the generation (connections the entry has held) in the high half.
+fn word(status: u8, proto_state: u8, generation: u64) -> u64 {
+    status as u64 | (proto_state as u64) << 8 | generation << 32
+}
+fn status(w: u64) -> u8 {
+    w as u8
+}
+fn proto_state(w: u64) -> u8 {
+    (w >> 8) as u8
+}
+fn generation(w: u64) -> u64 {
+    w >> 32
+}
 
 /// Words of an entry's connection: four addresses (2 words each), ports, proto + policy +
 /// service.
@@ -159,7 +199,7 @@ struct Entry {
     key: [AtomicU64; KEY_WORDS],
     /// Expiry time (ns); refreshed by packets.
     expires: AtomicU64,
-    /// `FREE`/`PENDING`/`LIVE`/`DEAD` in the low byte, protocol state in the next.
+    /// `FREE`/`PENDING`/`LIVE`/`DEAD`, protocol state and generation (see [`word`]).
     state: AtomicU64,
 }
 
@@ -495,16 +535,23 @@ impl Conntrack {
             if Some(e) == skip {
                 continue;
             }
-            let st = self.entries[e as usize].state.load(Ordering::Acquire);
-            if !want(st as u8, e) {
+            let state = &self.entries[e as usize].state;
+            let st = state.load(Ordering::Acquire);
+            if !want(status(st), e) {
                 continue;
             }
             let Some(w) = self.read_entry(e) else {
                 continue;
             };
+            // A new generation means the entry was reused while we read it: the key may be
+            // the next connection's, and the word we hold is not its.
+            let now_st = state.load(Ordering::Acquire);
+            if generation(now_st) != generation(st) {
+                continue;
+            }
             let conn = decode(&w);
             if Self::key_of(&conn, dir) == key {
-                return Some((e, conn, dir, st));
+                return Some((e, conn, dir, now_st));
             }
         }
         None
@@ -525,39 +572,54 @@ impl Conntrack {
             s == LIVE && self.entries[e as usize].expires.load(Ordering::Relaxed) > now
         };
         let (e, conn, dir, st) = self.find(key, live, None)?;
-        if self.entries[e as usize].expires.load(Ordering::Relaxed) <= now {
+        let expires = self.entries[e as usize].expires.load(Ordering::Relaxed);
+        if expires <= now {
             return None;
         }
         Some(Hit {
             conn,
             dir,
             entry: e,
-            state: (st >> 8) as u8,
+            state: proto_state(st),
+            expires,
+            word: st,
         })
+    }
+
+    /// Records a packet of a looked-up connection: its protocol state and expiry. Nothing
+    /// happens if the connection has gone meanwhile (its entry may hold another by now);
+    /// returns whether it was recorded.
+    pub fn update(&self, hit: &Hit, state: u8, expires: u64) -> bool {
+        let Some(e) = self.entries.get(hit.entry as usize) else {
+            return false;
+        };
+        let mut cur = e.state.load(Ordering::Relaxed);
+        loop {
+            if status(cur) != LIVE || generation(cur) != generation(hit.word) {
+                return false;
+            }
+            if proto_state(cur) == state {
+                break;
+            }
+            let new = word(LIVE, state, generation(cur));
+            match e
+                .state
+                .compare_exchange_weak(cur, new, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => break,
+                Err(c) => cur = c,
+            }
+        }
+        // The entry may be reused between the check above and this store; the new
+        // connection then gets this one's expiry until its next packet (or a sweep).
+        e.expires.store(expires, Ordering::Relaxed);
+        true
     }
 
     /// Sets an entry's expiry.
     pub fn refresh(&self, entry: u32, expires: u64) {
         if let Some(e) = self.entries.get(entry as usize) {
             e.expires.store(expires, Ordering::Relaxed);
-        }
-    }
-
-    /// Stores a protocol state (for example TCP's) with a live entry.
-    pub fn set_state(&self, entry: u32, state: u8) {
-        let Some(e) = self.entries.get(entry as usize) else {
-            return;
-        };
-        let mut cur = e.state.load(Ordering::Relaxed);
-        while cur as u8 == LIVE {
-            let new = (cur & !0xff00) | (state as u64) << 8;
-            match e
-                .state
-                .compare_exchange_weak(cur, new, Ordering::Relaxed, Ordering::Relaxed)
-            {
-                Ok(_) => return,
-                Err(c) => cur = c,
-            }
         }
     }
 
@@ -579,17 +641,61 @@ impl Conntrack {
         now: u64,
         timeout: u64,
     ) -> Result<u32, InsertError> {
-        loop {
+        let never = |_: u8, _: u64| None;
+        self.insert_inner(conn, state, now, timeout, &never)
+            .map(|i| i.entry)
+    }
+
+    /// [`Conntrack::insert_with_state`] that, when the table or a key's windows are full,
+    /// makes room by evicting an entry indexed near the new tuples: an expired one not yet
+    /// swept, else one that `last_seen(state, expires)` lets go, the earliest seen first.
+    /// `last_seen` gives when an entry in protocol state `state` expiring at `expires` last
+    /// saw a packet, or `None` for an entry that keeps its place (an established
+    /// connection). At most [`EVICTIONS_MAX`] entries go for one insert.
+    pub fn insert_evicting(
+        &self,
+        conn: Connection,
+        state: u8,
+        now: u64,
+        timeout: u64,
+        last_seen: impl Fn(u8, u64) -> Option<u64>,
+    ) -> Result<Inserted, InsertError> {
+        self.insert_inner(conn, state, now, timeout, &last_seen)
+    }
+
+    fn insert_inner(
+        &self,
+        conn: Connection,
+        state: u8,
+        now: u64,
+        timeout: u64,
+        last_seen: &dyn Fn(u8, u64) -> Option<u64>,
+    ) -> Result<Inserted, InsertError> {
+        let mut evicted = 0;
+        'retry: loop {
             if self.contains(&conn.original, now) || self.contains(&conn.reply, now) {
                 return Err(InsertError::Exists);
             }
-            let e = self.pop_free().ok_or(InsertError::Full)?;
+            let Some(e) = self.pop_free() else {
+                let near = [&conn.original, &conn.reply];
+                if evicted < EVICTIONS_MAX && self.evict_near(&near, now, last_seen) {
+                    evicted += 1;
+                    continue;
+                }
+                return Err(InsertError::Full);
+            };
             let entry = &self.entries[e as usize];
+            // A new generation before the new key, so a reader that sees the key sees it.
+            let generation =
+                generation(entry.state.load(Ordering::Relaxed)).wrapping_add(1) & 0xffff_ffff;
+            entry
+                .state
+                .store(word(FREE, 0, generation), Ordering::SeqCst);
             self.write_entry(e, &encode(&conn));
             entry.expires.store(now + timeout, Ordering::Relaxed);
             entry
                 .state
-                .store(PENDING as u64 | (state as u64) << 8, Ordering::SeqCst);
+                .store(word(PENDING, state, generation), Ordering::SeqCst);
             let mut claimed: [Option<usize>; 2] = [None, None];
             for (n, dir) in [Direction::Original, Direction::Reply]
                 .into_iter()
@@ -600,6 +706,10 @@ impl Conntrack {
                 claimed[n] = self.claim(start, slot_value(tag, e, dir));
                 if claimed[n].is_none() {
                     self.abandon(e, &claimed);
+                    if evicted < EVICTIONS_MAX && self.evict_near(&[key], now, last_seen) {
+                        evicted += 1;
+                        continue 'retry;
+                    }
                     return Err(InsertError::Full);
                 }
             }
@@ -607,8 +717,8 @@ impl Conntrack {
                 None => {
                     entry
                         .state
-                        .store(LIVE as u64 | (state as u64) << 8, Ordering::SeqCst);
-                    return Ok(e);
+                        .store(word(LIVE, state, generation), Ordering::SeqCst);
+                    return Ok(Inserted { entry: e, evicted });
                 }
                 Some(twin) => {
                     self.abandon(e, &claimed);
@@ -640,7 +750,7 @@ impl Conntrack {
                 let Some((other, _, _, st)) = self.find(key, live_or_pending, Some(e)) else {
                     break;
                 };
-                if st as u8 == LIVE || other < e {
+                if status(st) == LIVE || other < e {
                     return Some(other);
                 }
                 self.wait_while_pending(other);
@@ -655,7 +765,7 @@ impl Conntrack {
     fn wait_while_pending(&self, e: u32) {
         let state = &self.entries[e as usize].state;
         let mut round = 0usize;
-        while state.load(Ordering::Acquire) as u8 == PENDING {
+        while status(state.load(Ordering::Acquire)) == PENDING {
             round += 1;
             backoff(round);
         }
@@ -663,26 +773,39 @@ impl Conntrack {
 
     fn abandon(&self, e: u32, claimed: &[Option<usize>; 2]) {
         let entry = &self.entries[e as usize];
-        entry.state.store(DEAD as u64, Ordering::SeqCst);
+        let generation = generation(entry.state.load(Ordering::Relaxed));
+        entry
+            .state
+            .store(word(DEAD, 0, generation), Ordering::SeqCst);
         for at in claimed.iter().flatten() {
             self.index[*at].store(0, Ordering::SeqCst);
         }
-        entry.state.store(FREE as u64, Ordering::Release);
+        entry
+            .state
+            .store(word(FREE, 0, generation), Ordering::Release);
         self.len.fetch_sub(1, Ordering::Relaxed);
         self.push_free(e);
     }
 
-    /// Removes a live entry: only the caller that moves it from LIVE to DEAD frees it.
-    fn kill(&self, e: u32, conn: &Connection) -> bool {
+    /// Removes live entry `e` holding `conn`, read with state word `seen`, if `may` still
+    /// allows it given the current word: only the caller that moves it from LIVE to DEAD
+    /// frees it, and not once it holds another connection (a new generation).
+    fn kill(&self, e: u32, seen: u64, conn: &Connection, may: impl Fn(u64) -> bool) -> bool {
         let entry = &self.entries[e as usize];
-        let cur = entry.state.load(Ordering::Acquire);
-        if cur as u8 != LIVE
-            || entry
+        let mut cur = entry.state.load(Ordering::Acquire);
+        loop {
+            if status(cur) != LIVE || generation(cur) != generation(seen) || !may(cur) {
+                return false;
+            }
+            let dead = word(DEAD, 0, generation(cur));
+            match entry
                 .state
-                .compare_exchange(cur, DEAD as u64, Ordering::SeqCst, Ordering::Relaxed)
-                .is_err()
-        {
-            return false;
+                .compare_exchange(cur, dead, Ordering::SeqCst, Ordering::Acquire)
+            {
+                Ok(_) => break,
+                // A state change raced with us: look again.
+                Err(c) => cur = c,
+            }
         }
         for dir in [Direction::Original, Direction::Reply] {
             let key = Self::key_of(conn, dir);
@@ -697,7 +820,9 @@ impl Conntrack {
                 }
             }
         }
-        entry.state.store(FREE as u64, Ordering::Release);
+        entry
+            .state
+            .store(word(FREE, 0, generation(cur)), Ordering::Release);
         self.len.fetch_sub(1, Ordering::Relaxed);
         self.push_free(e);
         true
@@ -706,9 +831,73 @@ impl Conntrack {
     /// Removes a connection (both tuples), if tracked.
     pub fn remove(&self, conn: &Connection) -> bool {
         match self.find(&conn.original, |s, _| s == LIVE, None) {
-            Some((e, c, _, _)) if c == *conn => self.kill(e, &c),
+            Some((e, c, _, st)) if c == *conn => self.kill(e, st, &c, |_| true),
             _ => false,
         }
+    }
+
+    /// Removes a looked-up connection if it is still the one in its entry and
+    /// `last_seen(state, expires)` (see [`Conntrack::insert_evicting`]) still lets it go
+    /// given its current protocol state; a caller uses it to take over the masquerade port
+    /// of an idle unassured connection. Returns whether it went.
+    pub fn evict(&self, hit: &Hit, now: u64, last_seen: impl Fn(u8, u64) -> Option<u64>) -> bool {
+        let Some(entry) = self.entries.get(hit.entry as usize) else {
+            return false;
+        };
+        self.kill(hit.entry, hit.word, &hit.conn, |cur| {
+            let expires = entry.expires.load(Ordering::Relaxed);
+            expires <= now || last_seen(proto_state(cur), expires).is_some()
+        })
+    }
+
+    /// Evicts one entry indexed in the windows of `keys`: an expired one, else the one
+    /// `last_seen` lets go that was seen earliest. Returns whether one went.
+    fn evict_near(
+        &self,
+        keys: &[&FlowKey],
+        now: u64,
+        last_seen: &dyn Fn(u8, u64) -> Option<u64>,
+    ) -> bool {
+        // (when last seen, entry, state word)
+        let mut victim: Option<(u64, u32, u64)> = None;
+        for key in keys {
+            let (start, _) = self.window(key);
+            for at in self.positions(start) {
+                let Some((e, _)) = slot_entry(self.index[at].load(Ordering::Relaxed)) else {
+                    continue;
+                };
+                let entry = &self.entries[e as usize];
+                let st = entry.state.load(Ordering::Acquire);
+                if status(st) != LIVE {
+                    continue;
+                }
+                let expires = entry.expires.load(Ordering::Relaxed);
+                let seen = if expires <= now {
+                    Some(0)
+                } else {
+                    last_seen(proto_state(st), expires)
+                };
+                if let Some(seen) = seen {
+                    if victim.is_none_or(|(v, _, _)| seen < v) {
+                        victim = Some((seen, e, st));
+                    }
+                }
+            }
+        }
+        let Some((_, e, st)) = victim else {
+            return false;
+        };
+        let Some(w) = self.read_entry(e) else {
+            return false;
+        };
+        let entry = &self.entries[e as usize];
+        if generation(entry.state.load(Ordering::Acquire)) != generation(st) {
+            return false;
+        }
+        self.kill(e, st, &decode(&w), |cur| {
+            let expires = entry.expires.load(Ordering::Relaxed);
+            expires <= now || last_seen(proto_state(cur), expires).is_some()
+        })
     }
 
     /// Removes every expired entry and every connection for which `stale` is true (for
@@ -741,7 +930,8 @@ impl Conntrack {
         let mut removed = 0;
         for e in entries {
             let entry = &self.entries[e];
-            if entry.state.load(Ordering::Acquire) as u8 != LIVE
+            let st = entry.state.load(Ordering::Acquire);
+            if status(st) != LIVE
                 || (stale.is_none() && entry.expires.load(Ordering::Relaxed) > now)
             {
                 continue;
@@ -752,7 +942,9 @@ impl Conntrack {
             let conn = decode(&w);
             // Read after the entry: a packet may have refreshed it since the first look.
             let expired = entry.expires.load(Ordering::Relaxed) <= now;
-            if (expired || stale.as_mut().is_some_and(|s| s(&conn))) && self.kill(e as u32, &conn) {
+            if (expired || stale.as_mut().is_some_and(|s| s(&conn)))
+                && self.kill(e as u32, st, &conn, |_| true)
+            {
                 removed += 1;
             }
         }
@@ -768,11 +960,11 @@ impl Conntrack {
             let entry = &self.entries[e as usize];
             let st = entry.state.load(Ordering::Acquire);
             let expires = entry.expires.load(Ordering::Relaxed);
-            if st as u8 != LIVE || expires <= now {
+            if status(st) != LIVE || expires <= now {
                 continue;
             }
             if let Some(w) = self.read_entry(e) {
-                out.push((decode(&w), (st >> 8) as u8, expires));
+                out.push((decode(&w), proto_state(st), expires));
             }
         }
         out
@@ -783,7 +975,7 @@ impl Conntrack {
         let mut out = Vec::new();
         for e in 0..self.entries.len() as u32 {
             let entry = &self.entries[e as usize];
-            if entry.state.load(Ordering::Acquire) as u8 != LIVE
+            if status(entry.state.load(Ordering::Acquire)) != LIVE
                 || entry.expires.load(Ordering::Relaxed) <= now
             {
                 continue;
@@ -1029,16 +1221,217 @@ mod tests {
         }
     }
 
+    /// The eviction policy of the tests: state 3 keeps its place, any other was last seen
+    /// 10 before it expires.
+    fn policy(state: u8, expires: u64) -> Option<u64> {
+        (state != 3).then(|| expires.saturating_sub(10))
+    }
+
+    #[test]
+    fn a_full_table_makes_room_from_unassured_and_expired_entries_only() {
+        let cap = 64;
+        let ct = Conntrack::new(cap);
+        for s in 0..32 {
+            ct.insert_with_state(conn(s), 3, 0, 1000).unwrap();
+        }
+        // Unassured, seen at 0..32.
+        for s in 32..64 {
+            ct.insert_with_state(conn(s), 1, s as u64 - 32, 100)
+                .unwrap();
+        }
+        assert_eq!(
+            ct.insert_with_state(conn(64), 1, 40, 100),
+            Err(InsertError::Full)
+        );
+        let mut evicted = 0;
+        for s in 64..96 {
+            let got = ct.insert_evicting(conn(s), 1, 40, 100, policy).unwrap();
+            evicted += got.evicted;
+        }
+        assert_eq!(evicted, 32);
+        assert_eq!(ct.len(), cap);
+        for s in 0..32 {
+            assert!(ct.get(&conn(s).reply, 40).is_some(), "assured {s} kept");
+        }
+        // The earliest seen go first: most of the older unassured ones (seen before 32) made
+        // room, most of the new ones (seen at 40) stay. (Eviction looks only near the new
+        // tuples, so a new one may yield to a newer one where no older one was near.)
+        let alive =
+            |r: std::ops::Range<u16>| r.filter(|s| ct.get(&conn(*s).reply, 40).is_some()).count();
+        let (old, new) = (alive(32..64), alive(64..96));
+        eprintln!("older unassured left {old}, new left {new}");
+        assert!(old <= 8 && new >= 24, "older left {old}, new left {new}");
+        // With only assured entries left, the table is full for real.
+        for s in (32..96).filter(|s| ct.get(&conn(*s).reply, 40).is_some()) {
+            let hit = ct.get(&conn(s).original, 40).unwrap();
+            assert!(ct.update(&hit, 3, 1000));
+        }
+        assert_eq!(
+            ct.insert_evicting(conn(200), 1, 41, 10, policy),
+            Err(InsertError::Full)
+        );
+        // Expired entries not yet swept give way whatever their state.
+        let got = ct.insert_evicting(conn(200), 1, 2000, 10, policy).unwrap();
+        assert_eq!(got.evicted, 1);
+        assert_eq!(ct.len(), cap);
+    }
+
+    #[test]
+    fn evicting_a_hit_spares_a_connection_that_moved_on_or_was_replaced() {
+        let ct = Conntrack::new(4);
+        ct.insert_with_state(conn(1), 1, 0, 10).unwrap();
+        let hit = ct.get(&conn(1).reply, 1).unwrap();
+        assert_eq!(hit.expires, 10);
+        // Its handshake completed meanwhile: it keeps its place.
+        let later = ct.get(&conn(1).original, 2).unwrap();
+        assert!(ct.update(&later, 3, 1000));
+        assert!(!ct.evict(&hit, 3, policy));
+        assert!(ct.get(&conn(1).reply, 3).is_some());
+        // Removed and its entry reused by another connection: a stale hit touches neither.
+        assert!(ct.remove(&conn(1)));
+        let e = ct.insert_with_state(conn(2), 1, 3, 10).unwrap();
+        assert_eq!(e, hit.entry, "the freed entry is reused first");
+        assert!(
+            !ct.update(&hit, 3, 5000),
+            "no state change through a stale hit"
+        );
+        assert!(!ct.evict(&hit, 4, policy));
+        let now = ct.get(&conn(2).reply, 4).unwrap();
+        assert_eq!((now.state, now.expires), (1, 13));
+        assert!(ct.evict(&now, 4, policy));
+        assert!(ct.get(&conn(2).original, 4).is_none() && ct.is_empty());
+    }
+
+    #[test]
+    fn threads_evicting_each_other_keep_both_tuples_and_assured_connections() {
+        let cap = 1024;
+        let ct = Arc::new(Conntrack::new(cap));
+        let tuple = |t: u32, i: u32| {
+            let mut c = conn(i as u16);
+            c.original.src = IpAddr::from([10, 1, t as u8, (i >> 16) as u8]);
+            c.reply.dst = c.original.src;
+            c
+        };
+        for i in 0..128 {
+            ct.insert_with_state(tuple(9, i), 3, 0, u64::MAX / 2)
+                .unwrap();
+        }
+        let barrier = Arc::new(std::sync::Barrier::new(4));
+        let threads: Vec<_> = (0..4u32)
+            .map(|t| {
+                let ct = ct.clone();
+                let b = barrier.clone();
+                std::thread::spawn(move || {
+                    // Counted, asserted after the join (see above).
+                    let (mut established, mut lost_assured) = (Vec::new(), 0usize);
+                    b.wait();
+                    for i in 0..6000u32 {
+                        let now = 1 + i as u64;
+                        let _ = ct.insert_evicting(tuple(t, i), 1, now, 50, policy);
+                        // Some complete their handshake, through a hit that may be stale
+                        // by the time it is used.
+                        if i % 8 == 0 {
+                            if let Some(hit) = ct.get(&tuple(t, i).reply, now) {
+                                if ct.update(&hit, 3, u64::MAX / 2) {
+                                    established.push(i);
+                                }
+                            }
+                        }
+                        if ct.get(&tuple(9, i % 128).original, now).is_none() {
+                            lost_assured += 1;
+                        }
+                    }
+                    (t, established, lost_assured)
+                })
+            })
+            .collect();
+        let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        let now = 7000;
+        for (t, established, lost) in &results {
+            assert_eq!(*lost, 0, "thread {t} missed an assured connection");
+            for i in established {
+                assert!(
+                    ct.get(&tuple(*t, *i).original, now).is_some(),
+                    "thread {t}: established {i} was evicted"
+                );
+            }
+        }
+        // Every entry is found under both its tuples, and only the connections that
+        // completed their handshake are assured.
+        let entries = ct.entries(now);
+        assert!(entries.len() <= cap);
+        for (c, state, _) in &entries {
+            let hit = ct.get(&c.reply, now).expect("reply tuple indexed");
+            assert_eq!(hit.conn, *c);
+            assert_eq!(ct.get(&c.original, now).map(|h| h.conn), Some(*c));
+            if *state == 3 {
+                let t = c.original.src.to_string();
+                let ok = t.starts_with("10.1.9.")
+                    || results.iter().any(|(th, est, _)| {
+                        t.starts_with(&format!("10.1.{th}."))
+                            && est.contains(&(c.original.sport as u32))
+                    });
+                assert!(ok, "{c:?} assured though its handshake never completed");
+            }
+        }
+        // Removing everything leaves no index slot behind.
+        ct.sweep(u64::MAX, |_| true);
+        assert!(ct.is_empty());
+        assert!(ct.index.iter().all(|s| s.load(Ordering::Relaxed) == 0));
+    }
+
     proptest::proptest! {
         /// The table behaves like a map with capacity, checked against a plain model.
         #[test]
-        fn matches_a_simple_model(ops in proptest::collection::vec((0u8..4, 0u16..24, 1u64..50), 1..200)) {
+        fn matches_a_simple_model(ops in proptest::collection::vec((0u8..6, 0u16..24, 1u64..50), 1..200)) {
             let cap = 16;
             let ct = Conntrack::new(cap);
             let mut model: HashMap<u16, u64> = HashMap::new();
+            // Keys whose connection completed its handshake (state 3: never evicted).
+            let mut assured: std::collections::HashSet<u16> = Default::default();
             let mut now = 0u64;
             for (op, s, t) in ops {
                 match op {
+                    4 => {
+                        // An insert that may evict an expired or unassured connection.
+                        let full = ct.len() >= cap;
+                        let live = model.get(&s).is_some_and(|e| *e > now);
+                        let got = ct.insert_evicting(conn(s), 1, now, t, policy);
+                        // Connections no longer in the table at all (expired ones stay
+                        // until a sweep, and are found at time 0).
+                        let gone: Vec<u16> = model
+                            .keys()
+                            .copied()
+                            .filter(|k| *k != s && ct.get(&conn(*k).reply, 0).is_none())
+                            .collect();
+                        match got {
+                            Err(InsertError::Exists) => proptest::prop_assert!(live),
+                            Err(InsertError::Full) => proptest::prop_assert!(!live && full),
+                            Ok(ins) => {
+                                proptest::prop_assert!(!live);
+                                proptest::prop_assert!(full || ins.evicted == 0);
+                                proptest::prop_assert!(ins.evicted as usize >= gone.len());
+                                for k in &gone {
+                                    let expired = model[k] <= now;
+                                    proptest::prop_assert!(expired || !assured.contains(k), "assured {} evicted", k);
+                                    model.remove(k);
+                                    assured.remove(k);
+                                }
+                                model.insert(s, now + t);
+                                assured.remove(&s);
+                            }
+                        }
+                        proptest::prop_assert!(gone.is_empty() || got.is_ok());
+                        proptest::prop_assert!(ct.len() <= cap);
+                    }
+                    5 => {
+                        // The handshake completes: assured from now on.
+                        if let Some(hit) = ct.get(&conn(s).original, now) {
+                            proptest::prop_assert!(ct.update(&hit, 3, now + t));
+                            model.insert(s, now + t);
+                            assured.insert(s);
+                        }
+                    }
                     0 => {
                         let want = if model.get(&s).is_some_and(|e| *e > now) {
                             Err(InsertError::Exists)
@@ -1052,6 +1445,7 @@ mod tests {
                         proptest::prop_assert_eq!(got, want);
                         if got.is_ok() {
                             model.insert(s, now + t);
+                            assured.remove(&s);
                         }
                     }
                     1 => {
@@ -1063,6 +1457,7 @@ mod tests {
                         now += t;
                         ct.sweep(now, |_| false);
                         model.retain(|_, e| *e > now);
+                        assured.retain(|k| model.contains_key(k));
                         proptest::prop_assert_eq!(ct.len(), model.len());
                         proptest::prop_assert_eq!(ct.snapshot(now).len(), model.len());
                     }
@@ -1071,6 +1466,7 @@ mod tests {
                         let want = model.get(&s).is_some_and(|e| *e > now) || (model.contains_key(&s) && removed);
                         proptest::prop_assert_eq!(removed, want);
                         model.remove(&s);
+                        assured.remove(&s);
                     }
                 }
             }

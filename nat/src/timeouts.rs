@@ -5,7 +5,7 @@
 //!
 //! | state | kxdp | kernel (kube-proxy) | Cilium |
 //! |---|---|---|---|
-//! | TCP SYN sent | 120 s | 120 s (`tcp_timeout_syn_sent`) | 60 s (`CT_SYN_TIMEOUT`) |
+//! | TCP SYN sent (unreplied) | 5 s | 120 s (`tcp_timeout_syn_sent`) | 60 s (`CT_SYN_TIMEOUT`) |
 //! | TCP SYN received | 60 s | 60 s | 60 s |
 //! | TCP established | 86400 s | 86400 s (`--conntrack-tcp-timeout-established`) | 21600 s |
 //! | TCP closing (FIN seen) | 120 s | 120 s `fin_wait` / 3600 s `close_wait` (`--conntrack-tcp-timeout-close-wait`) | 10 s (`CT_CLOSE_TIMEOUT`) |
@@ -16,6 +16,25 @@
 //!
 //! A connection that starts without a SYN is taken up as established, as the kernel's
 //! default `nf_conntrack_tcp_loose` does, so a dataplane restart does not cut streams.
+//!
+//! **Unreplied SYNs** get 5 s, not the kernel's 120 s: a spoofed SYN flood at a NodePort
+//! holds a masquerade port per SYN for as long as this timeout (28,232 ports per backend),
+//! and 120 s of them locked real clients out for about a minute (issue 16). A client's
+//! retransmitted SYN refreshes its entry (Linux retransmits after 1, 2 and 4 s); a later
+//! one finds it gone and is tracked anew, picking the same port when it is free (the first
+//! port tried is the client's own, else one drawn from its tuple's hash), and nothing was
+//! lost since nothing had answered. UDP one way keeps the kernel's 30 s: a request may be
+//! answered late (DNS clients wait 5 s), and datagrams refresh their entry anyway.
+//!
+//! **When room runs out** (every masquerade port tried is taken, or the table or a tuple's
+//! index windows are full) an entry whose connection is not [`State::assured`] yields its
+//! place to the new one: the one seen earliest among those holding a port tried, or
+//! indexed near the new tuples ([`last_seen`]), counted in `conntrack_early_drop`. This is
+//! the kernel's `early_drop`, which evicts an entry without `IPS_ASSURED` from the new
+//! tuple's hash buckets when the table is full, but also for ports: the kernel's NAT
+//! refuses the flow when its port search fails. A flood's entries never complete a
+//! handshake, while a real client's are assured one round trip after its SYN, and are the
+//! last seen of all until then, so a flood can no longer lock real clients out.
 
 use crate::conntrack::Direction;
 use crate::packet::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP};
@@ -64,6 +83,14 @@ impl State {
             5 => State::Reset,
             _ => State::New,
         }
+    }
+
+    /// Whether a connection in this state keeps its place when room runs out (the kernel's
+    /// `IPS_ASSURED`): a TCP handshake completed (or a stream taken up mid-way), or a
+    /// datagram flow answered. Not assured, and so evicted first: a SYN not answered, a
+    /// SYN-ACK not acknowledged, a reset connection, a datagram flow one way.
+    pub fn assured(self) -> bool {
+        matches!(self, State::Established | State::Closing)
     }
 
     /// Its name, for inspection.
@@ -129,7 +156,7 @@ pub fn next(proto: u8, state: State, dir: Direction, tcp_flags: u8) -> State {
 /// How long a connection in `state` lives without traffic, in nanoseconds.
 pub fn timeout(proto: u8, state: State) -> u64 {
     let secs = match (proto, state) {
-        (PROTO_TCP, State::SynSent) => 120,
+        (PROTO_TCP, State::SynSent) => 5,
         (PROTO_TCP, State::SynRecv) => 60,
         (PROTO_TCP, State::Established | State::New) => 86_400,
         (PROTO_TCP, State::Closing) => 120,
@@ -141,6 +168,23 @@ pub fn timeout(proto: u8, state: State) -> u64 {
     secs * SECOND
 }
 
+/// When a connection in protocol state `state` (as stored) expiring at `expires` last saw a
+/// packet, or `None` when it is [`State::assured`]: the order in which connections yield
+/// their place when room runs out (`Conntrack::insert_evicting`), earliest first. The
+/// protocol is not stored with the state; the states that yield take the same timeout
+/// whatever it is, except `New`, which only datagram and echo flows have.
+pub fn last_seen(state: u8, expires: u64) -> Option<u64> {
+    let state = State::from_u8(state);
+    if state.assured() {
+        return None;
+    }
+    let proto = match state {
+        State::New => crate::packet::PROTO_UDP,
+        _ => PROTO_TCP,
+    };
+    Some(expires.saturating_sub(timeout(proto, state)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,6 +194,7 @@ mod tests {
     fn tcp_handshake_and_close() {
         let s = initial(PROTO_TCP, SYN);
         assert_eq!(s, State::SynSent);
+        assert_eq!(timeout(PROTO_TCP, s), 5 * SECOND);
         let s = next(PROTO_TCP, s, Direction::Reply, SYN | ACK);
         assert_eq!(s, State::SynRecv);
         let s = next(PROTO_TCP, s, Direction::Original, ACK);
@@ -173,5 +218,26 @@ mod tests {
         assert_eq!(s, State::New);
         let s = next(17, s, Direction::Reply, 0);
         assert_eq!(timeout(17, s), 120 * SECOND);
+    }
+
+    #[test]
+    fn only_unfinished_handshakes_and_one_way_flows_yield_and_in_order_of_last_packet() {
+        for s in [State::New, State::SynSent, State::SynRecv, State::Reset] {
+            assert!(!s.assured(), "{s:?}");
+        }
+        for s in [State::Established, State::Closing] {
+            assert!(s.assured(), "{s:?}");
+            assert_eq!(last_seen(s as u8, 1000 * SECOND), None);
+        }
+        // A SYN sent at 100 s and a SYN-ACK seen at 90 s: the SYN-ACK's is older, though
+        // it expires later.
+        let syn = last_seen(State::SynSent as u8, 105 * SECOND);
+        let syn_ack = last_seen(State::SynRecv as u8, 150 * SECOND);
+        assert_eq!(syn, Some(100 * SECOND));
+        assert_eq!(syn_ack, Some(90 * SECOND));
+        assert_eq!(
+            last_seen(State::New as u8, 130 * SECOND),
+            Some(100 * SECOND)
+        );
     }
 }
