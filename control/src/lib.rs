@@ -29,7 +29,7 @@ pub use k8s_openapi;
 pub use manifests::{fingerprint, load_dir, load_text, Fingerprint, Loaded, ManifestError};
 pub use objects::{apply_value, Applied, Kind, Object, ObjectError, Objects};
 pub use stream::{Programmer, Stream, StreamError};
-pub use tables::{compute, compute_with_warnings, Computed, TableError, Warning};
+pub use tables::{compute, compute_with_warnings, Computed, Refusals, TableError, Warning};
 
 /// [`tables::compute`] under the name the case runner uses.
 pub fn compute_tables(
