@@ -31,7 +31,7 @@ pub use manifests::{
 };
 pub use objects::{apply_value, Applied, Kind, Object, ObjectError, Objects};
 pub use stream::{Programmer, Stream, StreamError};
-pub use tables::{compute, compute_with_warnings, Computed, TableError, Warning};
+pub use tables::{compute, compute_with_warnings, Computed, Refusals, TableError, Warning};
 
 /// [`tables::compute`] under the name the case runner uses.
 pub fn compute_tables(

@@ -223,6 +223,8 @@ pub struct ControlSnapshot {
     pub snapshots_sent: (u64, u64),
     /// Tables sent as deltas: count and bytes.
     pub deltas_sent: (u64, u64),
+    /// Service addresses the last table computation refused, by reason.
+    pub services_refused: crate::tables::Refusals,
 }
 
 /// Control's measurements, updated by the sync loop and read by scrapes.
@@ -256,6 +258,7 @@ impl ControlMetrics {
                 refused: 0,
                 snapshots_sent: (0, 0),
                 deltas_sent: (0, 0),
+                services_refused: Default::default(),
             }),
             applied_tables: Mutex::new(None),
         }
@@ -310,6 +313,11 @@ impl ControlMetrics {
     /// The dataplane refused a snapshot.
     pub fn refused(&self) {
         self.lock().refused += 1;
+    }
+
+    /// The last table computation refused these Service addresses.
+    pub fn services_refused(&self, refused: crate::tables::Refusals) {
+        self.lock().services_refused = refused;
     }
 
     /// This many health-check node ports are open.
@@ -557,6 +565,19 @@ impl prometheus_client::collector::Collector for Exposition {
             MetricType::Gauge,
             &tables,
         )?;
+        let refused: Vec<(Labels, u64)> = c
+            .services_refused
+            .by_reason()
+            .into_iter()
+            .map(|(reason, n)| (vec![label("reason", reason)], n as u64))
+            .collect();
+        labelled(
+            &mut enc,
+            "kxdp_service_addresses_refused",
+            "Service addresses the last table computation refused (each also logged as a warning), by reason: taken (an older Service's port holds the address, port and protocol), outside_service_ranges (a ClusterIP outside --service-cidr), invalid_cluster_ip",
+            MetricType::Gauge,
+            &refused,
+        )?;
         gauge(
             &mut enc,
             "kxdp_health_check_node_ports",
@@ -784,6 +805,10 @@ mod tests {
         m.observe_network_programming(Duration::from_millis(3));
         m.observe_sync(Duration::from_micros(700));
         m.observe_queue_depth(2);
+        m.services_refused(crate::tables::Refusals {
+            taken: 1,
+            ..Default::default()
+        });
         let text = render(m.snapshot(), Some(stats()));
         for line in [
             "# TYPE kxdp_network_programming_duration_seconds histogram",
@@ -805,6 +830,8 @@ mod tests {
             "kxdp_policy_pod_drops_total{pod=\"default/db\",direction=\"ingress\"} 4",
             "kxdp_policy_drops_total{policy=\"default/deny-all\"} 4",
             "kxdp_table_entries{table=\"service_ports\"} 0",
+            "kxdp_service_addresses_refused{reason=\"taken\"} 1",
+            "kxdp_service_addresses_refused{reason=\"outside_service_ranges\"} 0",
             "# EOF",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");

@@ -634,6 +634,7 @@ impl Programmer {
             }
         }
         self.warnings = computed.warnings;
+        self.metrics.services_refused(computed.refused);
         self.error = None;
         self.behind = false;
         let tables = computed.tables;

@@ -10,6 +10,10 @@
 //!   the Service has a ClusterIP of that family, whose frontends are then that ClusterIP,
 //!   the externalIPs and the VIP-mode load-balancer ingress IPs of the family, and every
 //!   node address of the family with the port's `nodePort`.
+//! - What the API server would refuse is refused here, with a counted warning
+//!   ([`Refusals`]): a ClusterIP outside the cluster's Service ranges (of its family, when
+//!   any is configured) leaves that family unprogrammed, a ClusterIP that is no address is
+//!   said; a frontend two Services claim is held by the older ([`TableComputer`]).
 //! - `loadBalancerSourceRanges` (trimmed, of the family) guard the load-balancer IPs only,
 //!   as kube-proxy's firewall chain does, with the IPs themselves allowed as sources when a
 //!   range holds the node's IP; NodePorts, externalIPs and the ClusterIP stay open.
@@ -39,7 +43,7 @@
 //! [`Warning`] and are otherwise skipped; only a missing Node for this dataplane is an
 //! error. Everything is ordered by name and address, so equal objects give equal tables.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -47,9 +51,10 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Node, Pod, Service, ServicePort, ServiceSpec as K8sServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use nat::spec::{
     ClusterSpec, EndpointSpec, FrontendKind, FrontendSpec, NodeSpec, PodSpec, Protocol,
-    RemoteNodeSpec, ServiceSpec, TableSpec,
+    RefusedFrontend, RemoteNodeSpec, ServiceSpec, TableSpec,
 };
 
 use crate::objects::{namespace_and_name, Kind, Objects};
@@ -93,6 +98,36 @@ pub enum TableError {
     NoSuchNode(String),
 }
 
+/// How many Service addresses a computation refused, by reason; each also has its
+/// [`Warning`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Refusals {
+    /// Frontends (address, port, protocol) that an older Service's port holds.
+    pub taken: usize,
+    /// ClusterIPs outside the cluster's Service ranges: that family of the Service is
+    /// not programmed.
+    pub outside_service_ranges: usize,
+    /// ClusterIPs that are not IP addresses.
+    pub invalid_cluster_ip: usize,
+}
+
+impl Refusals {
+    /// Each reason, named as the metric labels it, with its count.
+    pub fn by_reason(&self) -> [(&'static str, usize); 3] {
+        [
+            ("taken", self.taken),
+            ("outside_service_ranges", self.outside_service_ranges),
+            ("invalid_cluster_ip", self.invalid_cluster_ip),
+        ]
+    }
+
+    fn add(&mut self, other: &Refusals) {
+        self.taken += other.taken;
+        self.outside_service_ranges += other.outside_service_ranges;
+        self.invalid_cluster_ip += other.invalid_cluster_ip;
+    }
+}
+
 /// The tables and what had to be skipped to compute them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Computed {
@@ -100,6 +135,8 @@ pub struct Computed {
     pub tables: TableSpec,
     /// Parts of objects that could not be used.
     pub warnings: Vec<Warning>,
+    /// Service addresses refused (counted among the warnings too).
+    pub refused: Refusals,
 }
 
 /// Computes the tables of the node `node_name`, returning the warnings too.
@@ -123,15 +160,28 @@ pub fn compute_with_warnings(
 /// What changed is told by the store's stamps ([`Objects::group_stamp`] and friends), so a
 /// computation after one EndpointSlice change costs one stamp comparison per Service and
 /// the join and categorisation of that one Service.
+///
+/// Two Service ports may claim one frontend (address, port and protocol: TCP 53 and UDP
+/// 53 are two): the API server never allows it for ClusterIPs and NodePorts, so it comes
+/// from hand-written manifests or a bug, and it must not let a newcomer take a working
+/// Service's address. The port of the older Service holds it (`creationTimestamp`; one
+/// without comes after one with; then namespace and name), lists the others in
+/// [`ServiceSpec::refused`], and the others lose that frontend only, with a warning naming
+/// both; a port left without frontends is not programmed. Which Services share a frontend
+/// is kept in an index, so a change looks again only at the Services that claim what the
+/// changed one claimed or claims.
 pub struct TableComputer {
     node_name: String,
     cluster: ClusterSpec,
     /// The stamp of this node's Node when the cached Service ports were computed: they
     /// depend on its addresses (NodePorts) and zone (topology).
     node_stamp: u64,
-    services: std::collections::HashMap<(String, String), CachedService>,
+    services: HashMap<Key, CachedService>,
+    /// Who claims each frontend, oldest first (the one that holds it), with the kind of
+    /// frontend each claims it as.
+    claims: HashMap<Claim, BTreeMap<Claimant, FrontendKind>>,
     /// The warnings of the Services that have some, in the store's order.
-    service_warnings: BTreeMap<(String, String), Vec<Warning>>,
+    service_warnings: BTreeMap<Key, Warnings>,
     /// The store computed from last ([`Objects::id`]) and its newest stamp then: the next
     /// computation from the same store looks only at the groups changed since.
     seen: Option<(u64, u64)>,
@@ -144,11 +194,55 @@ pub struct TableComputer {
     last: Vec<Arc<ServiceSpec>>,
 }
 
+/// `(namespace, name)` of a Service.
+type Key = (String, String);
+
+/// A frontend as the dataplane looks it up: address, port, protocol.
+type Claim = (IpAddr, u16, Protocol);
+
+/// A Service port claiming a frontend: its Service's age, then its name; the least holds
+/// the frontend.
+type Claimant = (Age, String);
+
+/// How old a Service is, for which of two holds a frontend: the older, by
+/// `creationTimestamp` (one without comes after one with), then namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Age {
+    unknown: bool,
+    created: Option<Time>,
+    key: Key,
+}
+
+impl Age {
+    fn of(svc: &Service, key: &Key) -> Age {
+        let created = svc.metadata.creation_timestamp.clone();
+        Age {
+            unknown: created.is_none(),
+            created,
+            key: key.clone(),
+        }
+    }
+}
+
 struct CachedService {
     stamp: u64,
     pass: u64,
-    /// In canonical order.
+    age: Age,
+    /// As computed from the Service's objects, in canonical order: what it claims.
+    computed: Vec<Arc<ServiceSpec>>,
+    /// The computation's warnings.
+    warnings: Warnings,
+    /// As published: `computed` without the frontends older Services hold, with those it
+    /// holds against others; in canonical order.
     specs: Vec<Arc<ServiceSpec>>,
+}
+
+/// What a computation changed: the Services computed again or gone, and the frontends
+/// they claimed or claim. Every Service claiming one of those is published again.
+#[derive(Default)]
+struct Touched {
+    services: BTreeSet<Key>,
+    claims: BTreeSet<Claim>,
 }
 
 /// A part of the tables with the stamps it was computed at.
@@ -167,16 +261,16 @@ impl<T: Clone> Cached<T> {
         f: impl FnOnce(&mut Warnings) -> T,
     ) -> T {
         if let Some(c) = slot.as_ref().filter(|c| c.stamps == stamps) {
-            w.0.extend(c.warnings.iter().cloned());
+            w.list.extend(c.warnings.iter().cloned());
             return c.value.clone();
         }
         let mut own = Warnings::default();
         let value = f(&mut own);
-        w.0.extend(own.0.iter().cloned());
+        w.list.extend(own.list.iter().cloned());
         *slot = Some(Cached {
             stamps,
             value: value.clone(),
-            warnings: own.0,
+            warnings: own.list,
         });
         value
     }
@@ -189,7 +283,8 @@ impl TableComputer {
             node_name: node_name.to_string(),
             cluster,
             node_stamp: 0,
-            services: Default::default(),
+            services: HashMap::new(),
+            claims: HashMap::new(),
             service_warnings: BTreeMap::new(),
             seen: None,
             pass: 0,
@@ -241,13 +336,16 @@ impl TableComputer {
                 }
             })
             .collect();
+        let service_cidrs = self.cluster.service_cidrs.clone();
         let here = Here {
             node_name,
             zone: me.zone.as_deref(),
             node_addresses: &nodeport_addresses,
             primary_ips: primary,
+            service_cidrs: &service_cidrs,
         };
         let mut delta = nat::spec::TableDelta::default();
+        let mut touched = Touched::default();
         let since = match self.seen {
             Some((store, stamp))
                 if store == objects.id() && stamp >= objects.horizon() && !all_dirty =>
@@ -263,13 +361,8 @@ impl TableComputer {
                     objects.groups_changed_since(stamp).collect();
                 for key in changed {
                     match objects.service(key) {
-                        Some(svc) => self.compute_service(objects, key, svc, &here, &mut delta),
-                        None => {
-                            if let Some(c) = self.services.remove(key) {
-                                delta.removed.extend(c.specs.iter().map(|s| s.key()));
-                            }
-                            self.service_warnings.remove(key);
-                        }
+                        Some(svc) => self.compute_service(objects, key, svc, &here, &mut touched),
+                        None => self.forget_service(key, &mut touched, &mut delta),
                     }
                 }
             }
@@ -288,22 +381,25 @@ impl TableComputer {
                         c.pass = pass;
                         continue;
                     }
-                    self.compute_service(objects, key, svc, &here, &mut delta);
+                    self.compute_service(objects, key, svc, &here, &mut touched);
                 }
-                let warnings = &mut self.service_warnings;
-                self.services.retain(|key, c| {
-                    if c.pass == pass {
-                        return true;
-                    }
-                    delta.removed.extend(c.specs.iter().map(|s| s.key()));
-                    warnings.remove(key);
-                    false
-                });
+                let gone: Vec<Key> = self
+                    .services
+                    .iter()
+                    .filter(|(_, c)| c.pass != pass)
+                    .map(|(key, _)| key.clone())
+                    .collect();
+                for key in &gone {
+                    self.forget_service(key, &mut touched, &mut delta);
+                }
             }
         }
+        self.publish(touched, &mut delta);
         self.seen = Some((objects.id(), objects.last_stamp()));
+        let mut refused = Refusals::default();
         for ws in self.service_warnings.values() {
-            w.0.extend(ws.iter().cloned());
+            w.list.extend(ws.list.iter().cloned());
+            refused.add(&ws.refused);
         }
         delta.removed.sort();
         delta.upserted.sort_by(|a, b| a.key_ref().cmp(&b.key_ref()));
@@ -318,6 +414,7 @@ impl TableComputer {
             Err(e) => {
                 log::error!("incremental table computation out of step ({e}); computing every Service again");
                 self.services.clear();
+                self.claims.clear();
                 self.service_warnings.clear();
                 self.last.clear();
                 self.seen = None;
@@ -346,7 +443,7 @@ impl TableComputer {
                 objects.kind_stamp(Kind::NetworkPolicy),
             ],
             &mut w,
-            |w| crate::policy::compile(objects, node_name, &mut w.0),
+            |w| crate::policy::compile(objects, node_name, &mut w.list),
         );
 
         Ok(Computed {
@@ -358,20 +455,22 @@ impl TableComputer {
                 remote_nodes,
                 policy,
             },
-            warnings: w.0,
+            warnings: w.list,
+            refused,
         })
     }
 }
 
 impl TableComputer {
-    /// Computes the entries of Service `key` again and records how they changed.
+    /// Computes the entries of Service `key` again and claims their frontends; what it
+    /// claimed before and claims now is `touched`, to be published.
     fn compute_service(
         &mut self,
         objects: &Objects,
-        key: &(String, String),
+        key: &Key,
         svc: &Service,
         here: &Here<'_>,
-        delta: &mut nat::spec::TableDelta,
+        touched: &mut Touched,
     ) {
         let mut own = Warnings::default();
         let joined = objects.slices_of(key);
@@ -388,25 +487,175 @@ impl TableComputer {
                 "two ports with the same name and protocol: only the first is programmed",
             );
         }
-        if own.0.is_empty() {
-            self.service_warnings.remove(key);
-        } else {
-            self.service_warnings.insert(key.clone(), own.0);
-        }
-        let old = self
-            .services
-            .remove(key)
-            .map(|c| c.specs)
-            .unwrap_or_default();
-        diff_specs(&old, &mut specs, delta);
+        let age = Age::of(svc, key);
+        let (old_specs, old_computed) = match self.services.remove(key) {
+            Some(c) => {
+                self.unclaim(&c.age, &c.computed, touched);
+                (c.specs, c.computed)
+            }
+            None => (Vec::new(), Vec::new()),
+        };
+        share_equal(&old_computed, &mut specs);
+        self.claim(&age, &specs, touched);
+        touched.services.insert(key.clone());
         self.services.insert(
             key.clone(),
             CachedService {
                 stamp: objects.group_stamp(key),
                 pass: self.pass,
-                specs,
+                age,
+                computed: specs,
+                warnings: own,
+                specs: old_specs,
             },
         );
+    }
+
+    /// Drops Service `key`, gone from the store, and what it claimed.
+    fn forget_service(
+        &mut self,
+        key: &Key,
+        touched: &mut Touched,
+        delta: &mut nat::spec::TableDelta,
+    ) {
+        if let Some(c) = self.services.remove(key) {
+            self.unclaim(&c.age, &c.computed, touched);
+            delta.removed.extend(c.specs.iter().map(|s| s.key()));
+        }
+        self.service_warnings.remove(key);
+    }
+
+    fn claim(&mut self, age: &Age, specs: &[Arc<ServiceSpec>], touched: &mut Touched) {
+        for s in specs {
+            for f in &s.frontends {
+                let claim = (f.ip, f.port, s.protocol);
+                self.claims
+                    .entry(claim)
+                    .or_default()
+                    .insert((age.clone(), s.name.clone()), f.kind);
+                touched.claims.insert(claim);
+            }
+        }
+    }
+
+    fn unclaim(&mut self, age: &Age, specs: &[Arc<ServiceSpec>], touched: &mut Touched) {
+        for s in specs {
+            for f in &s.frontends {
+                let claim = (f.ip, f.port, s.protocol);
+                if let Some(claimants) = self.claims.get_mut(&claim) {
+                    claimants.remove(&(age.clone(), s.name.clone()));
+                    if claimants.is_empty() {
+                        self.claims.remove(&claim);
+                    }
+                }
+                touched.claims.insert(claim);
+            }
+        }
+    }
+
+    /// Publishes again every Service `touched` names or whose frontends it names: each
+    /// keeps the frontends it holds, and records in `delta` how its entries changed.
+    fn publish(&mut self, touched: Touched, delta: &mut nat::spec::TableDelta) {
+        let mut keys = touched.services;
+        for claim in &touched.claims {
+            for (age, _) in self.claims.get(claim).into_iter().flat_map(|c| c.keys()) {
+                if !keys.contains(&age.key) {
+                    keys.insert(age.key.clone());
+                }
+            }
+        }
+        for key in keys {
+            let Some(c) = self.services.get_mut(&key) else {
+                continue;
+            };
+            let mut w = c.warnings.clone();
+            let object = format!("Service {}/{}", key.0, key.1);
+            let mut specs = held(&c.computed, &c.age, &self.claims, &object, &mut w);
+            diff_specs(&c.specs, &mut specs, delta);
+            c.specs = specs;
+            if w.list.is_empty() {
+                self.service_warnings.remove(&key);
+            } else {
+                self.service_warnings.insert(key, w);
+            }
+        }
+    }
+}
+
+/// The Service ports of `computed` (all of one Service, of age `age`) as they are
+/// published: each without the frontends an older claimant holds (warned about, and
+/// counted), and listing the claimants refused the frontends it holds; a port left
+/// without frontends is left out.
+fn held(
+    computed: &[Arc<ServiceSpec>],
+    age: &Age,
+    claims: &HashMap<Claim, BTreeMap<Claimant, FrontendKind>>,
+    object: &str,
+    w: &mut Warnings,
+) -> Vec<Arc<ServiceSpec>> {
+    let mut out = Vec::with_capacity(computed.len());
+    for s in computed {
+        let mut kept = Vec::with_capacity(s.frontends.len());
+        let mut refused = Vec::new();
+        for f in &s.frontends {
+            let Some(claimants) = claims.get(&(f.ip, f.port, s.protocol)) else {
+                // Not claimed (cannot happen: each computed port claims its frontends).
+                kept.push(*f);
+                continue;
+            };
+            let mine = |(a, name): &Claimant| a == age && *name == s.name;
+            match claimants.iter().next() {
+                Some((holder, _)) if !mine(holder) => {
+                    w.refuse(
+                        Refusal::Taken,
+                        object.to_string(),
+                        format!(
+                            "port {}: {:?} {} {:?} is also claimed by Service port {}, whose Service is older (creationTimestamp, then name): left to it",
+                            port_name(&s.name),
+                            f.kind,
+                            std::net::SocketAddr::new(f.ip, f.port),
+                            s.protocol,
+                            holder.1
+                        ),
+                    );
+                }
+                _ => {
+                    kept.push(*f);
+                    refused.extend(claimants.iter().filter(|(c, _)| !mine(c)).map(
+                        |((_, name), kind)| RefusedFrontend {
+                            service: name.clone(),
+                            frontend: FrontendSpec { kind: *kind, ..*f },
+                        },
+                    ));
+                }
+            }
+        }
+        if kept.len() == s.frontends.len() && refused.is_empty() {
+            out.push(Arc::clone(s));
+        } else if !kept.is_empty() {
+            let mut p = ServiceSpec::clone(s);
+            p.frontends = kept;
+            p.refused = refused;
+            out.push(Arc::new(p));
+        }
+    }
+    out
+}
+
+/// The port name of a Service port's name (`namespace/name:port`), quoted.
+fn port_name(spec_name: &str) -> String {
+    format!("{:?}", spec_name.rsplit_once(':').map_or("", |(_, p)| p))
+}
+
+/// Replaces each entry of `new` equal to one of `old` (both in canonical order) by the
+/// old `Arc`, so that it stays shared.
+fn share_equal(old: &[Arc<ServiceSpec>], new: &mut [Arc<ServiceSpec>]) {
+    for n in new.iter_mut() {
+        if let Ok(i) = old.binary_search_by(|o| o.key_ref().cmp(&n.key_ref())) {
+            if old[i] == *n {
+                *n = Arc::clone(&old[i]);
+            }
+        }
     }
 }
 
@@ -483,15 +732,38 @@ pub fn compute(
     Ok(computed.tables)
 }
 
-#[derive(Default)]
-struct Warnings(Vec<Warning>);
+/// Warnings as a computation collects them, with the refusals among them counted.
+#[derive(Clone, Default)]
+struct Warnings {
+    list: Vec<Warning>,
+    refused: Refusals,
+}
+
+/// Why a Service address was refused (see [`Refusals`]).
+#[derive(Clone, Copy)]
+enum Refusal {
+    Taken,
+    OutsideServiceRanges,
+    InvalidClusterIp,
+}
 
 impl Warnings {
     fn push(&mut self, object: String, message: impl Into<String>) {
-        self.0.push(Warning {
+        self.list.push(Warning {
             object,
             message: message.into(),
         });
+    }
+
+    /// A warning about a refused Service address, counted.
+    fn refuse(&mut self, why: Refusal, object: String, message: impl Into<String>) {
+        let n = match why {
+            Refusal::Taken => &mut self.refused.taken,
+            Refusal::OutsideServiceRanges => &mut self.refused.outside_service_ranges,
+            Refusal::InvalidClusterIp => &mut self.refused.invalid_cluster_ip,
+        };
+        *n += 1;
+        self.push(object, message);
     }
 }
 
@@ -502,6 +774,8 @@ struct Here<'a> {
     node_addresses: &'a [IpAddr],
     /// The node's primary address of each family (IPv4, IPv6), kube-proxy's `nodeIP`.
     primary_ips: [Option<IpAddr>; 2],
+    /// The cluster's Service ClusterIP ranges.
+    service_cidrs: &'a [IpNet],
 }
 
 /// kube-proxy's node IP of each family (IPv4, IPv6), as `GetNodeHostIPs` finds it: the
@@ -778,6 +1052,19 @@ fn service_specs(
         }
         Some(_) => {}
     }
+    // A ClusterIP that is no address at all may belong to no family: said here, whatever
+    // `ipFamilies` says.
+    let written = match spec.cluster_ips.as_deref() {
+        Some(ips) if !ips.is_empty() => ips,
+        _ => spec.cluster_ip.as_slice(),
+    };
+    for s in written.iter().filter(|s| s.parse::<IpAddr>().is_err()) {
+        w.refuse(
+            Refusal::InvalidClusterIp,
+            object.clone(),
+            format!("clusterIP {s:?} is not an IP address; not programmed"),
+        );
+    }
     let mut families: Vec<(bool, IpAddr)> = Vec::new();
     let order = match spec.ip_families.as_deref() {
         Some([first, ..]) if first == "IPv6" => [true, false],
@@ -788,8 +1075,32 @@ fn service_specs(
             continue;
         };
         match s.parse::<IpAddr>() {
-            Ok(ip) if ip.is_ipv6() == v6 => families.push((v6, ip)),
-            _ => w.push(
+            Ok(ip) if ip.is_ipv6() == v6 => {
+                // The API server allocates ClusterIPs from the Service ranges only; one
+                // outside them (8.8.8.8, a node's address) would capture that address for
+                // every pod of the node. A family without a range is not judged.
+                let ranges = here
+                    .service_cidrs
+                    .iter()
+                    .filter(|n| n.addr().is_ipv6() == v6);
+                if ranges.clone().next().is_some() && !ranges.clone().any(|n| n.contains(&ip)) {
+                    let all: Vec<String> =
+                        here.service_cidrs.iter().map(ToString::to_string).collect();
+                    w.refuse(
+                        Refusal::OutsideServiceRanges,
+                        object.clone(),
+                        format!(
+                            "clusterIP {ip} is outside the Service ranges ({}): that family is not programmed, so that the address stays the real one for every pod; fix the Service, or kxdp-control's --service-cidr",
+                            all.join(", ")
+                        ),
+                    );
+                    continue;
+                }
+                families.push((v6, ip));
+            }
+            // Not an address at all: said above.
+            Err(_) => {}
+            Ok(_) => w.push(
                 object.clone(),
                 format!(
                     "clusterIP {s:?} is not an {} address; that family is not programmed",
@@ -968,6 +1279,7 @@ fn service_specs(
                 external_local,
                 affinity_timeout_s: affinity,
                 lb_source_ranges,
+                refused: Vec::new(),
             });
         }
     }

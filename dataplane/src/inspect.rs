@@ -10,6 +10,28 @@ use nat::wire::{ExplainedPath, ExplainedVerdict};
 
 use crate::state::Tables;
 
+/// Why a connection cannot be explained.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ExplainError {
+    /// An IPv4 source and an IPv6 destination, or the reverse: no such packet exists, so
+    /// no policy decides it (judging the addresses apart would say ALLOWED for nothing).
+    #[error("source {src} and destination {dst} are of different IP families: no packet goes from one to the other; ask with two IPv4 or two IPv6 addresses")]
+    MixedFamilies {
+        /// The client asked about.
+        src: IpAddr,
+        /// The destination asked about.
+        dst: IpAddr,
+    },
+}
+
+/// Whether a connection from `src` to `dst` can exist at all: both of one IP family.
+pub fn check_families(src: IpAddr, dst: IpAddr) -> Result<(), ExplainError> {
+    if src.is_ipv6() != dst.is_ipv6() {
+        return Err(ExplainError::MixedFamilies { src, dst });
+    }
+    Ok(())
+}
+
 /// Which NetworkPolicy decides a new connection from `src` to `dst`:`port`, judged as the
 /// pipeline judges it: after Service translation (each serving endpoint of a Service
 /// frontend is a path), egress of the source pod towards the translated destination,
@@ -21,7 +43,8 @@ pub fn explain_policy(
     dst: IpAddr,
     protocol: Option<Protocol>,
     port: u16,
-) -> Vec<ExplainedPath> {
+) -> Result<Vec<ExplainedPath>, ExplainError> {
+    check_families(src, dst)?;
     let mut targets: Vec<(Option<String>, IpAddr, u16, IpAddr)> = Vec::new();
     let frontend = protocol.and_then(|protocol| {
         t.services.frontend(&FrontendKey {
@@ -52,7 +75,7 @@ pub fn explain_policy(
     if targets.is_empty() {
         targets.push((None, dst, port, src));
     }
-    targets
+    Ok(targets
         .into_iter()
         .map(|(service, ip, port, peer)| {
             let l4 = protocol.map(|p| (p, port));
@@ -70,7 +93,7 @@ pub fn explain_policy(
                 allowed,
             }
         })
-        .collect()
+        .collect())
 }
 
 fn explain(
@@ -169,6 +192,14 @@ pub fn services(t: &Tables) -> Vec<nat::wire::ServiceView> {
                 external_local: spec.external_local,
                 affinity_timeout_s: spec.affinity_timeout_s,
                 backends,
+                refused: spec
+                    .refused
+                    .iter()
+                    .map(|r| {
+                        let f = &r.frontend;
+                        format!("{} {:?} {}", r.service, f.kind, sock(f.ip, f.port))
+                    })
+                    .collect(),
             }
         })
         .collect()

@@ -737,9 +737,14 @@ fn answer_query(msg: Message, shared: &Shared, epoch: Instant) -> Message {
             dst,
             protocol,
             port,
-        } => Message::PolicyExplained {
-            paths: crate::inspect::explain_policy(&shared.tables.load(), src, dst, protocol, port),
-        },
+        } => {
+            match crate::inspect::explain_policy(&shared.tables.load(), src, dst, protocol, port) {
+                Ok(paths) => Message::PolicyExplained { paths },
+                Err(e) => Message::Refused {
+                    reason: e.to_string(),
+                },
+            }
+        }
         Message::GetServices => {
             let tables = shared.tables.load();
             Message::Services {

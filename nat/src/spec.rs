@@ -238,6 +238,23 @@ pub struct ServiceSpec {
     /// Empty: no filter. NodePorts, externalIPs and the ClusterIP are never filtered.
     #[serde(default)]
     pub lb_source_ranges: Vec<IpNet>,
+    /// Frontends of other Service ports that claimed one of this port's frontends (the
+    /// same address, port and protocol) and were refused it, this port's Service being the
+    /// older (control's rule: `creationTimestamp`, then namespace and name). For inspection
+    /// only: the refused frontends are already left out of their own ports. Left out of the
+    /// stream when empty, so a table without conflicts is sent as before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<RefusedFrontend>,
+}
+
+/// A frontend a Service port claimed and was refused, because an older Service's port
+/// holds the same address, port and protocol (see [`ServiceSpec::refused`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedFrontend {
+    /// The Service port refused (`namespace/name:port`).
+    pub service: String,
+    /// The frontend it claimed.
+    pub frontend: FrontendSpec,
 }
 
 /// What identifies a [`ServiceSpec`] within a table: its name, protocol and IP family. The

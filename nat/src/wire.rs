@@ -290,6 +290,10 @@ pub struct ServiceView {
     pub affinity_timeout_s: Option<u32>,
     /// Every endpoint the slices list, with its state and Maglev share.
     pub backends: Vec<BackendView>,
+    /// `name kind ip:port` of each frontend another Service port claimed and was refused,
+    /// this port's Service being the older ([`crate::spec::ServiceSpec::refused`]).
+    #[serde(default)]
+    pub refused: Vec<String>,
 }
 
 /// One endpoint of a Service port, as inspected.

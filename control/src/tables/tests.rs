@@ -1001,3 +1001,257 @@ fn a_cloned_store_changed_apart_from_its_original_is_computed_as_another_store()
         );
     }
 }
+
+/// A Service in `default` created at `created` (RFC 3339; empty: no creationTimestamp).
+fn service_at(name: &str, created: &str, spec: &str) -> String {
+    let created = match created {
+        "" => String::new(),
+        t => format!(", creationTimestamp: \"{t}\""),
+    };
+    format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default{created}}}\nspec: {spec}\n---\n")
+}
+
+fn refused(s: &ServiceSpec) -> Vec<String> {
+    s.refused
+        .iter()
+        .map(|r| {
+            let f = &r.frontend;
+            format!(
+                "{} {:?} {}",
+                r.service,
+                f.kind,
+                std::net::SocketAddr::new(f.ip, f.port)
+            )
+        })
+        .collect()
+}
+
+/// Issue 16 item 3: two Services on one ClusterIP:port. The older holds it whatever the
+/// names and the input order, so an endpoint-less newcomer (whose name sorts first) does
+/// not turn a working Service into "Connection refused"; the newcomer keeps what nobody
+/// else claims (its NodePort); the same address and port under another protocol is no
+/// conflict.
+#[test]
+fn two_services_on_one_cluster_ip_port_the_older_holds_it() {
+    let docs = [
+        service_at("web", "2024-01-01T00:00:00Z", WEB),
+        slice("w", "web", "IPv4", HTTP, &["{addresses: [10.244.2.5]}"]),
+        service_at(
+            "a-newcomer",
+            "2024-06-01T00:00:00Z",
+            "{type: NodePort, clusterIP: 172.30.0.41, ports: [{name: http, port: 80, nodePort: 30099}]}",
+        ),
+        service_at(
+            "udp",
+            "2024-06-01T00:00:00Z",
+            "{clusterIP: 172.30.0.41, ports: [{name: u, port: 80, protocol: UDP}]}",
+        ),
+    ];
+    let mut reversed = docs.clone();
+    reversed.reverse();
+    for order in [docs.concat(), reversed.concat()] {
+        let c = computed(&order);
+        let web = entry(&c.tables, "default/web:http", false);
+        assert_eq!(frontends(web, FrontendKind::ClusterIp), ["172.30.0.41:80"]);
+        assert_eq!(addrs(&web.cluster_endpoints), ["10.244.2.5:8080"]);
+        assert_eq!(
+            refused(web),
+            ["default/a-newcomer:http ClusterIp 172.30.0.41:80"]
+        );
+        let newcomer = entry(&c.tables, "default/a-newcomer:http", false);
+        assert!(frontends(newcomer, FrontendKind::ClusterIp).is_empty());
+        assert_eq!(
+            frontends(newcomer, FrontendKind::NodePort),
+            ["192.168.0.2:30099"]
+        );
+        let udp = entry(&c.tables, "default/udp:u", false);
+        assert_eq!(frontends(udp, FrontendKind::ClusterIp), ["172.30.0.41:80"]);
+        assert!(udp.refused.is_empty());
+        let w = service_warnings(&c);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert_eq!(w[0].object, "Service default/a-newcomer");
+        assert!(w[0].message.contains("default/web:http"), "{}", w[0]);
+        assert!(w[0].message.contains("172.30.0.41:80"), "{}", w[0]);
+        assert_eq!(c.refused.taken, 1);
+        c.tables.validate().expect("a valid table");
+    }
+}
+
+/// Of two Services created at the same time, or both without a creationTimestamp (as
+/// manifests are written), the name decides; one with a creationTimestamp is older than
+/// one without. A port left without frontends is not programmed at all.
+#[test]
+fn same_age_the_name_decides_and_a_known_age_is_older() {
+    let two = |a: &str, b: &str| {
+        service_at(
+            "a",
+            a,
+            "{clusterIP: 172.30.0.41, ports: [{name: http, port: 80}]}",
+        ) + &service_at(
+            "b",
+            b,
+            "{clusterIP: 172.30.0.41, ports: [{name: http, port: 80}]}",
+        )
+    };
+    let t = "2024-01-01T00:00:00Z";
+    for (a, b, holder, other) in [
+        (t, t, "default/a:http", "default/b:http"),
+        ("", "", "default/a:http", "default/b:http"),
+        ("", t, "default/b:http", "default/a:http"),
+    ] {
+        let c = computed(&two(a, b));
+        let names: Vec<&str> = c.tables.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, [holder], "{a:?} {b:?}");
+        assert_eq!(
+            refused(&c.tables.services[0]),
+            [format!("{other} ClusterIp 172.30.0.41:80")]
+        );
+        assert_eq!(c.refused.taken, 1);
+    }
+}
+
+/// The conflicts follow changes: the newcomer takes the address when the older Service
+/// goes and gives it back when it returns, each computation equal to one from scratch.
+#[test]
+fn conflicts_follow_changes_incrementally() {
+    let cluster = ClusterSpec::default();
+    let mut objects = services_store(3);
+    let mut computer = TableComputer::new("node-a", cluster.clone());
+    let mut errors = Vec::new();
+    let older = service_at("old", "2024-01-01T00:00:00Z", WEB);
+    let newer = service_at("new", "2024-06-01T00:00:00Z", WEB);
+    let holder = |c: &Computed| -> Vec<String> {
+        c.tables
+            .services
+            .iter()
+            .filter(|s| {
+                s.frontends
+                    .iter()
+                    .any(|f| f.ip.to_string() == "172.30.0.41")
+            })
+            .map(|s| format!("{} refused {:?}", s.name, refused(s)))
+            .collect()
+    };
+    enum Step<'a> {
+        Store(&'a str),
+        Delete(&'a str),
+    }
+    let holds = "default/old:http refused [\"default/new:http ClusterIp 172.30.0.41:80\"]";
+    let steps = [
+        (
+            "the older alone",
+            Step::Store(&older),
+            "default/old:http refused []",
+        ),
+        ("a newcomer", Step::Store(&newer), holds),
+        (
+            "the older goes",
+            Step::Delete("old"),
+            "default/new:http refused []",
+        ),
+        ("the older comes back", Step::Store(&older), holds),
+    ];
+    for (what, step, want) in steps {
+        match step {
+            Step::Store(yaml) => {
+                load_text(&mut objects, "svc", yaml, &mut errors);
+            }
+            Step::Delete(name) => assert!(objects.delete("Service", "default", name)),
+        }
+        assert!(errors.is_empty(), "{what}: {errors:?}");
+        let incremental = computer.compute(&objects).expect("node-a");
+        assert_eq!(
+            incremental,
+            compute_with_warnings(&objects, "node-a", &cluster).unwrap(),
+            "{what}"
+        );
+        assert_eq!(holder(&incremental), [want], "{what}");
+    }
+}
+
+/// Issue 16 item 4: a ClusterIP outside the Service ranges would capture that address
+/// for every pod: that family is refused, with a warning naming the Service and the
+/// ranges, and counted; a ClusterIP that is no address is reported, not dropped silently.
+/// Where no range of the family is known, nothing is judged.
+#[test]
+fn cluster_ips_outside_the_service_ranges_or_invalid_are_refused() {
+    let docs = service("google", "{clusterIP: 8.8.8.8, ports: [{port: 53, protocol: UDP}]}")
+        + &service("gateway", "{clusterIP: 192.168.0.1, ports: [{port: 80}]}")
+        + &service(
+            "dual",
+            "{clusterIPs: [10.0.0.1, \"fd00:172:30::7\"], ipFamilies: [IPv4, IPv6], ports: [{name: http, port: 80}]}",
+        )
+        + &service("banana", "{clusterIP: banana, ports: [{port: 80}]}")
+        + &service(
+            "typo",
+            "{clusterIPs: [\"172.30.0.300\"], ipFamilies: [IPv4], ports: [{port: 80}]}",
+        )
+        + &service("fine", "{clusterIP: 172.30.0.9, ports: [{port: 80}]}");
+    let c = computed(&docs);
+    let names: Vec<(&str, bool)> = c
+        .tables
+        .services
+        .iter()
+        .map(|s| (s.name.as_str(), s.is_ipv6()))
+        .collect();
+    assert_eq!(
+        names,
+        [("default/dual:http", true), ("default/fine:", false)]
+    );
+    let w = service_warnings(&c);
+    let about = |name: &str| -> Vec<&str> {
+        w.iter()
+            .filter(|w| w.object == format!("Service default/{name}"))
+            .map(|w| w.message.as_str())
+            .collect()
+    };
+    for (name, ip) in [
+        ("google", "8.8.8.8"),
+        ("gateway", "192.168.0.1"),
+        ("dual", "10.0.0.1"),
+    ] {
+        let m = about(name);
+        assert_eq!(m.len(), 1, "{name}: {m:?}");
+        assert!(m[0].contains(ip), "{}", m[0]);
+        assert!(
+            m[0].contains("172.30.0.0/16") && m[0].contains("fd00:172:30::/112"),
+            "{}",
+            m[0]
+        );
+    }
+    for (name, s) in [("banana", "\"banana\""), ("typo", "\"172.30.0.300\"")] {
+        let m = about(name);
+        assert_eq!(m.len(), 1, "{name}: {m:?}");
+        assert!(
+            m[0].contains(s) && m[0].contains("not an IP address"),
+            "{}",
+            m[0]
+        );
+    }
+    assert_eq!(
+        c.refused,
+        Refusals {
+            taken: 0,
+            outside_service_ranges: 3,
+            invalid_cluster_ip: 2
+        }
+    );
+
+    // Only IPv6 ranges known: IPv4 ClusterIPs are not judged.
+    let mut objects = Objects::default();
+    let mut errors = Vec::new();
+    load_text(&mut objects, "nodes", NODES, &mut errors);
+    load_text(&mut objects, "test", &docs, &mut errors);
+    let v6_only = ClusterSpec {
+        service_cidrs: vec!["fd00:172:30::/112".parse().unwrap()],
+        ..ClusterSpec::default()
+    };
+    let c = compute_with_warnings(&objects, "node-a", &v6_only).unwrap();
+    assert!(c
+        .tables
+        .services
+        .iter()
+        .any(|s| s.name == "default/google:"
+            && frontends(s, FrontendKind::ClusterIp) == ["8.8.8.8:53"]));
+    assert_eq!(c.refused.outside_service_ranges, 0);
+}

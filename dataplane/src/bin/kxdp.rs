@@ -20,6 +20,41 @@ use nat::wire::{self, Message};
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
+    /// On failure, print the error's full form (each cause on its own line, and a
+    /// backtrace when RUST_BACKTRACE or RUST_LIB_BACKTRACE asks for one) instead of one line.
+    #[arg(short, long, global = true)]
+    verbose: bool,
+}
+
+/// Stdout was closed before everything was written (`kxdp services | head -1`): the
+/// reader has what it wanted, so the command ends quietly.
+#[derive(Debug, thiserror::Error)]
+#[error("stdout was closed")]
+struct StdoutClosed;
+
+/// The error of a failed write to stdout: [`StdoutClosed`] for a closed pipe, else the
+/// I/O error, saying it was stdout.
+fn stdout_error(e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        anyhow::Error::new(StdoutClosed)
+    } else {
+        anyhow::Error::new(e).context("write to stdout")
+    }
+}
+
+/// `print!` that returns a failed write as an error (see [`stdout_error`]) instead of
+/// panicking, as `print!` does.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        write!(std::io::stdout(), $($arg)*).map_err(stdout_error)?
+    };
+}
+
+/// `println!` likewise.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout(), $($arg)*).map_err(stdout_error)?
+    };
 }
 
 #[derive(Subcommand)]
@@ -252,9 +287,29 @@ enum LabAction {
     Status,
 }
 
-fn main() -> Result<()> {
+/// Runs the command; an error is one line on stderr (with its causes, `: `-separated), or
+/// its full form with `--verbose`, and exit status 1. A closed stdout ends it quietly.
+fn main() -> std::process::ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if e.is::<StdoutClosed>() => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // Not eprintln!: a closed stderr must not turn the error into a panic.
+            let mut stderr = std::io::stderr().lock();
+            let _ = if cli.verbose {
+                writeln!(stderr, "error: {e:?}")
+            } else {
+                writeln!(stderr, "error: {e:#}")
+            };
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Cmd) -> Result<()> {
+    match command {
         Cmd::Lab { action, lab, name } => {
             let mut spec = LabSpec::load(&lab)?;
             if let Some(n) = name {
@@ -267,10 +322,10 @@ fn main() -> Result<()> {
                     }
                     let lab = Lab::new(spec);
                     lab.up(&std::env::current_exe()?)?;
-                    print!("{}", lab.status());
+                    out!("{}", lab.status());
                 }
                 LabAction::Down => Lab::new(spec).down()?,
-                LabAction::Status => print!("{}", Lab::new(spec).status()),
+                LabAction::Status => out!("{}", Lab::new(spec).status()),
             }
             Ok(())
         }
@@ -306,7 +361,7 @@ fn main() -> Result<()> {
                     }
                     Err(e) => serde_json::json!({"i": i, "error": format!("{e:#}")}),
                 };
-                println!("{line}");
+                outln!("{line}");
             }
             Ok(())
         }
@@ -344,7 +399,7 @@ fn main() -> Result<()> {
                 let line = t
                     .join()
                     .map_err(|_| anyhow::anyhow!("a hold thread panicked"))?;
-                println!("{line}");
+                outln!("{line}");
             }
             Ok(())
         }
@@ -372,7 +427,7 @@ fn main() -> Result<()> {
                     }
                 }
             }
-            println!("{}", serde_json::json!({"sent": sent, "seconds": seconds}));
+            outln!("{}", serde_json::json!({"sent": sent, "seconds": seconds}));
             Ok(())
         }
         Cmd::Stats { socket, output } => {
@@ -396,7 +451,7 @@ fn main() -> Result<()> {
                         .collect();
                     let drops: BTreeMap<&str, u64> =
                         policy_drops.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-                    println!(
+                    outln!(
                         "{}",
                         serde_json::to_string_pretty(&serde_json::json!({
                             "generation": generation,
@@ -407,7 +462,7 @@ fn main() -> Result<()> {
                         }))?
                     );
                 }
-                "table" => print_stats(&m),
+                "table" => print_stats(&m)?,
                 other => bail!("-o {other}: use table or json"),
             }
             Ok(())
@@ -439,9 +494,9 @@ fn main() -> Result<()> {
                 bail!("unexpected answer: {m:?}");
             };
             match output.as_str() {
-                "json" => println!("{}", serde_json::to_string_pretty(&services)?),
+                "json" => outln!("{}", serde_json::to_string_pretty(&services)?),
                 "table" => {
-                    println!(
+                    outln!(
                         "tables generation {generation}, {} service ports",
                         services.len()
                     );
@@ -456,12 +511,17 @@ fn main() -> Result<()> {
                         if let Some(t) = s.affinity_timeout_s {
                             flags.push(format!("affinity {t}s"));
                         }
-                        println!("{} {} {}", s.name, s.protocol, flags.join(" "));
+                        outln!("{} {} {}", s.name, s.protocol, flags.join(" "));
                         for f in &s.frontends {
-                            println!("  -> {f}");
+                            outln!("  -> {f}");
+                        }
+                        // Another Service on one of these frontends: this one is older
+                        // and holds it (issue 16: a newcomer must not take it over).
+                        for r in &s.refused {
+                            outln!("  !! refused to {r} (this Service is older)");
                         }
                         for b in &s.backends {
-                            println!(
+                            outln!(
                                 "     {:<28} {:<12} {:<6} weight {} share cluster {:>5.1}% local {:>5.1}%",
                                 b.endpoint,
                                 b.state,
@@ -513,16 +573,16 @@ fn main() -> Result<()> {
                 bail!("unexpected answer: {m:?}");
             };
             match output.as_str() {
-                "json" => println!(
+                "json" => outln!(
                     "{}",
                     serde_json::to_string_pretty(&serde_json::json!({
                         "total": total, "matched": matched, "entries": entries,
                     }))?
                 ),
                 "table" => {
-                    println!("{matched} of {total} connections match");
+                    outln!("{matched} of {total} connections match");
                     for e in &entries {
-                        println!(
+                        outln!(
                             "{:<6} {:<48} reply {:<48} {:<9} {:<12} {:>6}s {} [{}]",
                             e.protocol,
                             e.original,
@@ -720,7 +780,10 @@ fn ask(socket: &Path, msg: &Message) -> Result<Message> {
     })?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     wire::write_message(&mut s, msg)?;
-    Ok(wire::read_message(&mut s)?)
+    match wire::read_message(&mut s)? {
+        Message::Refused { reason } => bail!("the dataplane refused: {reason}"),
+        answer => Ok(answer),
+    }
 }
 
 fn policy_explain(
@@ -739,6 +802,8 @@ fn policy_explain(
         "icmp" => None,
         other => bail!("--proto {other}: use tcp, udp, sctp or icmp"),
     };
+    // Any client may ask the dataplane, which refuses this too; asked here, it needs none.
+    dataplane::inspect::check_families(src, dst)?;
     let answer = ask(
         socket,
         &Message::ExplainPolicy {
@@ -752,7 +817,7 @@ fn policy_explain(
         bail!("unexpected answer: {answer:?}");
     };
     match output {
-        "json" => println!("{}", serde_json::to_string_pretty(&paths)?),
+        "json" => outln!("{}", serde_json::to_string_pretty(&paths)?),
         "table" => {
             for p in &paths {
                 let via = p
@@ -760,7 +825,7 @@ fn policy_explain(
                     .as_deref()
                     .map(|s| format!(" via {s}"))
                     .unwrap_or_default();
-                println!(
+                outln!(
                     "{src} -> {}:{}{via} (seen from {}): {}",
                     p.dst,
                     p.port,
@@ -779,7 +844,7 @@ fn policy_explain(
                     } else {
                         format!("; isolated by {}", v.isolating.join(", "))
                     };
-                    println!("  {dir} {pod:<24} {}{by}{iso}", v.verdict);
+                    outln!("  {dir} {pod:<24} {}{by}{iso}", v.verdict);
                 }
             }
         }
@@ -831,12 +896,14 @@ fn monitor(
         };
         if lost > 0 {
             if output == "json" {
-                writeln!(stdout, "{}", serde_json::json!({ "lost": lost }))?;
+                writeln!(stdout, "{}", serde_json::json!({ "lost": lost }))
+                    .map_err(stdout_error)?;
             } else {
                 writeln!(
                     stdout,
                     "... {lost} events lost (the monitor could not keep up)"
-                )?;
+                )
+                .map_err(stdout_error)?;
             }
         }
         for e in events {
@@ -845,7 +912,7 @@ fn monitor(
             }
             shown += 1;
             if output == "json" {
-                writeln!(stdout, "{}", serde_json::to_string(&e)?)?;
+                writeln!(stdout, "{}", serde_json::to_string(&e)?).map_err(stdout_error)?;
                 continue;
             }
             let sock = |a: (std::net::IpAddr, u16)| std::net::SocketAddr::from(a).to_string();
@@ -870,9 +937,9 @@ fn monitor(
             if let Some(r) = &e.reason {
                 line.push_str(&format!(" ({r})"));
             }
-            writeln!(stdout, "{line}")?;
+            writeln!(stdout, "{line}").map_err(stdout_error)?;
         }
-        stdout.flush()?;
+        stdout.flush().map_err(stdout_error)?;
     }
 }
 
@@ -951,7 +1018,7 @@ fn flood(
         sock.send(&frame)?;
         sent += 1;
     }
-    println!("{}", serde_json::json!({"sent": sent, "kind": kind}));
+    outln!("{}", serde_json::json!({"sent": sent, "kind": kind}));
     Ok(())
 }
 
@@ -960,7 +1027,7 @@ fn stats(socket: &Path) -> Result<Message> {
     ask(socket, &Message::GetStats)
 }
 
-fn print_stats(m: &Message) {
+fn print_stats(m: &Message) -> Result<()> {
     let Message::Stats {
         generation,
         conntrack,
@@ -970,17 +1037,16 @@ fn print_stats(m: &Message) {
         refused_tables,
     } = m
     else {
-        println!("unexpected answer: {m:?}");
-        return;
+        bail!("unexpected answer: {m:?}");
     };
-    println!(
+    outln!(
         "tables generation {generation}, conntrack {conntrack}/{conntrack_capacity}, tables refused {refused_tables}"
     );
-    print!("{:<28}", "counter");
+    out!("{:<28}", "counter");
     for i in 0..workers.len() {
-        print!("{:>14}", format!("worker {i}"));
+        out!("{:>14}", format!("worker {i}"));
     }
-    println!();
+    outln!();
     if let Some(first) = workers.first() {
         for (k, (name, _)) in first.iter().enumerate() {
             let values: Vec<u64> = workers
@@ -990,19 +1056,20 @@ fn print_stats(m: &Message) {
             if values.iter().all(|v| *v == 0) && name.starts_with("drop_") {
                 continue;
             }
-            print!("{name:<28}");
+            out!("{name:<28}");
             for v in values {
-                print!("{v:>14}");
+                out!("{v:>14}");
             }
-            println!();
+            outln!();
         }
     }
     if !policy_drops.is_empty() {
-        println!("connections refused by NetworkPolicy");
+        outln!("connections refused by NetworkPolicy");
         for (name, v) in policy_drops {
-            println!("  {name:<40}{v:>14}");
+            outln!("  {name:<40}{v:>14}");
         }
     }
+    Ok(())
 }
 
 /// A child process that is ended (by PID) when dropped.
@@ -1091,13 +1158,17 @@ fn demo(
         ("dns", "172.30.0.10:53", "udp"),
         ("dns", "172.30.0.10:53", "tcp"),
     ];
-    println!(
+    outln!(
         "\n{count} connections per Service from default/client ({}):",
         lab.spec.pods[client].ip
     );
-    println!(
+    outln!(
         "{:<8} {:<18} {:<5} {:<18} {:>8}",
-        "service", "clusterIP:port", "proto", "answered by", "count"
+        "service",
+        "clusterIP:port",
+        "proto",
+        "answered by",
+        "count"
     );
     let mut failed = 0u32;
     for (svc, to, proto) in targets {
@@ -1130,11 +1201,11 @@ fn demo(
             *tally.entry(who).or_default() += 1;
         }
         for (who, n) in tally {
-            println!("{svc:<8} {to:<18} {proto:<5} {who:<18} {n:>8}");
+            outln!("{svc:<8} {to:<18} {proto:<5} {who:<18} {n:>8}");
         }
     }
-    println!();
-    print_stats(&stats(&socket)?);
+    outln!();
+    print_stats(&stats(&socket)?)?;
     if rate_seconds > 0 {
         let before = forwarded(&stats(&socket)?);
         let started = Instant::now();
@@ -1149,7 +1220,7 @@ fn demo(
         let after = forwarded(&stats(&socket)?);
         let sent: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_default();
         let sent = sent.get("sent").and_then(|v| v.as_u64()).unwrap_or(0);
-        println!(
+        outln!(
             "\nrate: a UDP sender in default/client sent {sent} 64-byte datagrams to 172.30.0.10:53 in {elapsed:.1} s ({:.0} pps offered);\nthe dataplane forwarded {} packets in that time, both directions ({:.0} pps, {workers} workers)",
             sent as f64 / elapsed,
             after - before,

@@ -1763,6 +1763,7 @@ pub fn table_spec_gen(s: &mut Src) -> nat::spec::TableSpec {
                 None
             },
             lb_source_ranges: Vec::new(),
+            refused: Vec::new(),
         });
     }
     let mut local_pods = Vec::new();
