@@ -217,13 +217,14 @@ impl Counters {
             ("kernel_rx_invalid".to_string(), d.kernel_rx_invalid),
             ("kernel_tx_invalid".to_string(), d.kernel_tx_invalid),
             ("kernel_fill_empty".to_string(), d.kernel_fill_empty),
+            ("dev_frames_lost".to_string(), d.frames_lost),
         ]);
         out
     }
 }
 
 const FIXED: usize = 20;
-const DEVICE: usize = 8;
+const DEVICE: usize = 9;
 
 /// Where a worker publishes its counters for readers on other threads.
 pub struct Published {
@@ -273,6 +274,7 @@ impl Published {
             d.kernel_rx_invalid,
             d.kernel_tx_invalid,
             d.kernel_fill_empty,
+            d.frames_lost,
         ];
         let all = fixed.iter().chain(c.drops.iter()).chain(device.iter());
         for (slot, v) in self.values.iter().zip(all) {
@@ -322,6 +324,7 @@ impl Published {
             kernel_rx_invalid: d[5],
             kernel_tx_invalid: d[6],
             kernel_fill_empty: d[7],
+            frames_lost: d[8],
             ..pktio::DeviceStats::default()
         };
         c
