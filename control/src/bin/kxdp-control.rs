@@ -346,6 +346,26 @@ fn run(args: Args) -> Result<()> {
         .enable_all()
         .build()
         .context("start the tokio runtime")?;
+    let uplink = args
+        .uplink
+        .as_deref()
+        .map(|u| control::uplink::Uplink::read(Path::new(control::uplink::SYS_CLASS_NET), u))
+        .transpose()?;
+    let connection = Connection {
+        kubeconfig: args.kubeconfig.clone(),
+        master: args.master.clone(),
+    };
+    // The init container's job: no servers, no tables.
+    if let (Some(dir), Some(uplink)) = (&args.cni_conf_dir, &uplink) {
+        let conf = control::cni_conf::CniConf {
+            mtu: uplink.pod_mtu(),
+            queues: args.cni_queues,
+            dataplane_socket: args.socket.clone(),
+        };
+        let client = runtime.block_on(connection.client())?;
+        runtime.block_on(control::cni_conf::install(client, &node, dir, &conf))?;
+        return Ok(());
+    }
     let metrics = Arc::new(ControlMetrics::new());
     let health = Arc::new(ProxyHealth::new(Duration::from_secs(
         args.healthz_timeout_s,
@@ -382,25 +402,6 @@ fn run(args: Args) -> Result<()> {
         health.clone(),
         runtime.handle().clone(),
     ));
-    let uplink = args
-        .uplink
-        .as_deref()
-        .map(|u| control::uplink::Uplink::read(Path::new(control::uplink::SYS_CLASS_NET), u))
-        .transpose()?;
-    let connection = Connection {
-        kubeconfig: args.kubeconfig.clone(),
-        master: args.master.clone(),
-    };
-    if let (Some(dir), Some(uplink)) = (&args.cni_conf_dir, &uplink) {
-        let conf = control::cni_conf::CniConf {
-            mtu: uplink.pod_mtu(),
-            queues: args.cni_queues,
-            dataplane_socket: args.socket.clone(),
-        };
-        let client = runtime.block_on(connection.client())?;
-        runtime.block_on(control::cni_conf::install(client, &node, dir, &conf))?;
-        return Ok(());
-    }
     let mut programmer = Programmer::new(
         &node,
         cluster_spec(&args),
