@@ -225,6 +225,17 @@ impl KubeSource {
         read(&shared.objects, change)
     }
 
+    /// A handle on one Node of the store, for a task that acts on this node's own Node
+    /// (announcing its VTEP) while [`KubeSource::changed`] and [`KubeSource::take`] serve
+    /// the tables.
+    pub fn node_watch(&self, name: &str) -> NodeWatch {
+        NodeWatch {
+            shared: self.shared.clone(),
+            changes: self.changes.clone(),
+            name: name.to_string(),
+        }
+    }
+
     /// The kinds that have not been listed yet.
     pub fn unsynced(&self) -> Vec<Kind> {
         let shared = lock(&self.shared);
@@ -232,6 +243,32 @@ impl KubeSource {
             .into_iter()
             .filter(|k| !shared.listed_once.contains(k))
             .collect()
+    }
+}
+
+/// One Node of a [`KubeSource`]'s store; see [`KubeSource::node_watch`].
+pub struct NodeWatch {
+    shared: Arc<Mutex<Shared>>,
+    changes: watch::Receiver<u64>,
+    name: String,
+}
+
+impl NodeWatch {
+    /// The Node's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Calls `read` with the Node as the store holds it now (`None` before the Nodes are
+    /// listed, or when it does not exist), under the store's lock.
+    pub fn read<R>(&self, read: impl FnOnce(Option<&Node>) -> R) -> R {
+        read(lock(&self.shared).objects.node(&self.name))
+    }
+
+    /// Waits until the store has applied a batch (of any kind) since the last call;
+    /// `false` when the watchers are gone.
+    pub async fn changed(&mut self) -> bool {
+        self.changes.changed().await.is_ok()
     }
 }
 

@@ -10,20 +10,26 @@
 //! objects the way the API server would: what cannot be used is skipped with a warning.
 //! Operators see it as they see kube-proxy: `/healthz`, `/livez` and the health-check node
 //! ports of `externalTrafficPolicy: Local` Services ([`health`]), and Prometheus metrics
-//! ([`metrics`]) with the network programming latency.
+//! ([`metrics`]) with the network programming latency. On a cluster it announces the
+//! node's VXLAN endpoint on its own Node as kxdp's and flannel's annotations
+//! ([`node_announce`]), and writes the node's CNI network config for `kxdp-cni` from the
+//! Node's podCIDRs ([`cni_conf`]).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod cni_conf;
 pub mod defaults;
 pub mod health;
 pub mod kube_source;
 pub mod manifests;
 pub mod metrics;
+pub mod node_announce;
 pub mod objects;
 pub mod policy;
 pub mod stream;
 pub mod tables;
+pub mod uplink;
 
 pub use k8s_openapi;
 pub use manifests::{

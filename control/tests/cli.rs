@@ -190,3 +190,35 @@ fn an_error_is_one_line_with_its_causes_even_with_rust_backtrace_set() {
     assert!(err.contains("Caused by:"), "{err}");
     assert!(err.contains("backtrace"), "{err}");
 }
+
+/// The uplink flags: the CNI config needs the uplink (for the pods' MTU), and an uplink
+/// that is not there stops kxdp-control at once with a line that names it, before any
+/// request to the API server.
+#[test]
+fn an_unreadable_uplink_is_a_clear_error() {
+    let (ok, err) = run(&["--cni-conf-dir", "/tmp", "--node", "n"], None, &[]);
+    assert!(!ok);
+    assert!(err.contains("--uplink"), "{err}");
+    let (ok, err) = run(
+        &[
+            "--uplink",
+            "kxdpnosuch0",
+            "--cni-conf-dir",
+            "/tmp",
+            "--node",
+            "n",
+            "--master",
+            "http://127.0.0.1:1",
+        ],
+        None,
+        &[],
+    );
+    assert!(!ok);
+    assert!(
+        err.starts_with(
+            "kxdp-control: --uplink kxdpnosuch0: cannot read /sys/class/net/kxdpnosuch0/address"
+        ),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+}

@@ -2,10 +2,12 @@
 //! parses as its k8s-openapi type, and nothing in it is lost doing so (a misspelt field
 //! would be silently dropped by the API server); no image is untagged or `latest`, in the
 //! manifests or the Containerfile; the ClusterRole grants list and watch on exactly the
-//! six kinds kxdp-control watches, and nothing else; the DaemonSets keep to what the
-//! README promises (host network, the dataplane's five capabilities and no more, an
-//! unprivileged control, the socket shared through an emptyDir, NODE_NAME from the
-//! downward API, probes on /livez and /healthz).
+//! six kinds kxdp-control watches, patch on nodes, and nothing else; the DaemonSets keep
+//! to what the README promises (host network, the dataplane's five capabilities and no
+//! more, an unprivileged control, the socket shared through a volume, NODE_NAME from the
+//! downward API, probes on /livez and /healthz); the per-node one installs kxdp-cni and
+//! its config into the host's CNI directories from init containers and shares the socket
+//! with the host, the gateway one installs nothing.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -166,7 +168,7 @@ fn no_image_is_untagged_or_latest() {
 }
 
 #[test]
-fn the_cluster_role_grants_list_and_watch_on_the_six_kinds_and_nothing_else() {
+fn the_cluster_role_grants_list_and_watch_on_the_six_kinds_patch_on_nodes_and_nothing_else() {
     let d = load();
     let role = &d.cluster_roles[0];
     assert!(role.aggregation_rule.is_none(), "no aggregated rules");
@@ -190,10 +192,12 @@ fn the_cluster_role_grants_list_and_watch_on_the_six_kinds_and_nothing_else() {
         ("discovery.k8s.io", "endpointslices"),
         ("networking.k8s.io", "networkpolicies"),
     ];
-    let wanted: BTreeSet<(String, String, String)> = kinds
+    let mut wanted: BTreeSet<(String, String, String)> = kinds
         .iter()
         .flat_map(|(g, r)| ["list", "watch"].map(|v| (g.to_string(), r.to_string(), v.to_string())))
         .collect();
+    // kxdp-control annotates its own Node with its VTEP (control/src/node_announce.rs).
+    wanted.insert(("".into(), "nodes".into(), "patch".into()));
     assert_eq!(granted, wanted);
 
     // Bound to the service account the DaemonSets run as, and only to it.
@@ -230,8 +234,16 @@ fn the_daemon_sets_are_what_the_readme_says() {
             .volumes
             .iter()
             .flatten()
-            .find(|v| v.empty_dir.is_some())
-            .unwrap_or_else(|| panic!("{name}: an emptyDir for the socket"));
+            .find(|v| v.name == "run")
+            .unwrap_or_else(|| panic!("{name}: a volume for the socket"));
+        let host_path = |volume: &str| {
+            pod.volumes
+                .iter()
+                .flatten()
+                .find(|v| v.name == volume)
+                .and_then(|v| v.host_path.as_ref())
+                .map(|h| h.path.clone())
+        };
         let by_name = |n: &str| {
             pod.containers
                 .iter()
@@ -246,7 +258,13 @@ fn the_daemon_sets_are_what_the_readme_says() {
                 .iter()
                 .flatten()
                 .any(|m| m.name == run_volume.name && m.mount_path == "/run/kxdp");
-            assert!(mounted, "{name}: {} mounts the socket's emptyDir", c.name);
+            assert!(mounted, "{name}: {} mounts the socket's volume", c.name);
+        }
+        let inits: Vec<&Container> = pod.init_containers.iter().flatten().collect();
+        for c in [dataplane, control]
+            .into_iter()
+            .chain(inits.iter().copied())
+        {
             let sc = c.security_context.as_ref().expect("security context");
             assert_ne!(sc.privileged, Some(true), "{name}: {}", c.name);
             assert_eq!(
@@ -276,6 +294,152 @@ fn the_daemon_sets_are_what_the_readme_says() {
             BTreeSet::from(["NET_ADMIN", "NET_RAW", "BPF", "PERFMON", "IPC_LOCK"]),
             "{name}"
         );
+        for c in &inits {
+            let caps = c
+                .security_context
+                .as_ref()
+                .and_then(|s| s.capabilities.as_ref());
+            assert!(
+                caps.and_then(|c| c.add.as_ref()).is_none(),
+                "{name}: {} needs no capability",
+                c.name
+            );
+        }
+        let env = |c: &Container, var: &str| {
+            c.env
+                .iter()
+                .flatten()
+                .find(|e| e.name == var)
+                .and_then(|e| e.value.clone())
+                .unwrap_or_else(|| panic!("{name}: {} sets {var}", c.name))
+        };
+        let args = |c: &Container| c.args.clone().unwrap_or_default();
+        // Control announces the dataplane's uplink as this node's VTEP.
+        assert!(
+            args(control).contains(&"--uplink=$(KXDP_UPLINK)".to_string()),
+            "{name}"
+        );
+        assert_eq!(
+            env(control, "KXDP_UPLINK"),
+            env(dataplane, "KXDP_UPLINK"),
+            "{name}"
+        );
+        // Only the CNI directories and the socket's are taken from the host.
+        let host_paths: BTreeSet<String> = pod
+            .volumes
+            .iter()
+            .flatten()
+            .filter_map(|v| v.host_path.as_ref().map(|h| h.path.clone()))
+            .collect();
+        if name.contains("gateway") {
+            // No pods of its own: no plugin, no config, the socket in an emptyDir.
+            assert!(inits.is_empty(), "{name}");
+            assert!(host_paths.is_empty(), "{name}: {host_paths:?}");
+            assert!(run_volume.empty_dir.is_some(), "{name}");
+            continue;
+        }
+        assert_eq!(
+            host_paths,
+            BTreeSet::from(["/run/kxdp", "/opt/cni/bin", "/etc/cni/net.d"].map(String::from)),
+            "{name}"
+        );
+        // kxdp-cni, run on the host, finds the socket where the containers put it.
+        assert_eq!(host_path("run").as_deref(), Some("/run/kxdp"), "{name}");
+        let init = |n: &str| {
+            inits
+                .iter()
+                .copied()
+                .find(|c| c.name == n)
+                .unwrap_or_else(|| panic!("{name}: init container {n}"))
+        };
+        let mounted_at = |c: &Container, volume: &str| {
+            let m = c.volume_mounts.iter().flatten().find(|m| m.name == volume);
+            m.map(|m| m.mount_path.clone())
+                .unwrap_or_else(|| panic!("{name}: {} mounts {volume}", c.name))
+        };
+        let plugin = init("install-cni-plugin");
+        assert_eq!(
+            host_path("cni-bin").as_deref(),
+            Some("/opt/cni/bin"),
+            "{name}"
+        );
+        let bin_dir = mounted_at(plugin, "cni-bin");
+        let script = plugin.command.clone().unwrap_or_default().join(" ");
+        assert!(
+            script.contains("/usr/local/bin/kxdp-cni"),
+            "{name}: {script}"
+        );
+        assert!(
+            script.contains(&format!("mv -f {bin_dir}/.kxdp-cni.new {bin_dir}/kxdp-cni")),
+            "{name}: installed by a rename into the mounted directory: {script}"
+        );
+        let conf = init("install-cni-conf");
+        assert_eq!(
+            host_path("cni-conf").as_deref(),
+            Some("/etc/cni/net.d"),
+            "{name}"
+        );
+        let conf_dir = mounted_at(conf, "cni-conf");
+        assert_eq!(
+            conf.command.as_deref(),
+            Some(&["/usr/local/bin/kxdp-control".to_string()][..])
+        );
+        for arg in [
+            format!("--cni-conf-dir={conf_dir}"),
+            "--uplink=$(KXDP_UPLINK)".into(),
+            "--cni-queues=$(KXDP_WORKERS)".into(),
+            "--socket=/run/kxdp/dataplane.sock".into(),
+        ] {
+            assert!(args(conf).contains(&arg), "{name}: install-cni-conf {arg}");
+        }
+        assert!(
+            args(dataplane).contains(&"--workers=$(KXDP_WORKERS)".to_string()),
+            "{name}: the veth queues are the workers"
+        );
+        assert_eq!(
+            env(conf, "KXDP_WORKERS"),
+            env(dataplane, "KXDP_WORKERS"),
+            "{name}"
+        );
+        assert_eq!(
+            env(conf, "KXDP_UPLINK"),
+            env(dataplane, "KXDP_UPLINK"),
+            "{name}"
+        );
+        let conf_node = conf
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == "NODE_NAME")
+            .and_then(|e| e.value_from.as_ref())
+            .and_then(|v| v.field_ref.as_ref())
+            .map(|f| f.field_path.as_str());
+        assert_eq!(conf_node, Some("spec.nodeName"), "{name}");
+    }
+}
+
+#[test]
+fn the_image_holds_kxdp_cni() {
+    let containerfile =
+        std::fs::read_to_string(deploy_dir().join("Containerfile")).expect("deploy/Containerfile");
+    assert!(containerfile.contains("--bin kxdp-cni"), "built");
+    assert!(
+        containerfile.contains("install -m 0755 -t /out \"target/$target/release/kxdp-cni\""),
+        "put where the run stage copies /usr/local/bin from"
+    );
+    assert!(containerfile.contains("COPY --from=build /out/ /usr/local/bin/"));
+}
+
+#[test]
+fn the_daemon_sets_run_unprivileged_where_they_can() {
+    let d = load();
+    for (name, ds) in &d.daemon_sets {
+        let pod = ds.spec.template.spec.as_ref().expect("pod spec");
+        let control = pod
+            .containers
+            .iter()
+            .find(|c| c.name == "control")
+            .unwrap_or_else(|| panic!("{name}: container control"));
         let control_sc = control.security_context.as_ref().expect("security context");
         assert!(
             control_sc

@@ -3,7 +3,9 @@
 //! `metadata.resourceVersion` and items without `kind`, paginated with `continue`; watch
 //! streams of `{"type":"ADDED","object":{...}}` lines in chunked encoding, `BOOKMARK`
 //! events, an `ERROR` event with a 410 `Expired` Status, HTTP 410 for a compacted
-//! resourceVersion, a connection dropped in the middle of an event).
+//! resourceVersion, a connection dropped in the middle of an event). It takes writes too:
+//! a `PATCH` of a Node with `application/merge-patch+json` is recorded as sent (method,
+//! path, content type, body), applied as RFC 7386 says and seen by the watches.
 //!
 //! After each scenario the tables computed from the source's store must equal the tables
 //! computed from the same objects loaded as manifests, and the store must hold exactly the
@@ -14,8 +16,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
+use control::cni_conf::{self, CniConf};
 use control::kube_source::{Connection, KubeSource};
+use control::node_announce::{announce, Vtep};
 use control::{Kind, Objects};
+use ipnet::IpNet;
 use nat::spec::{ClusterSpec, TableSpec};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -79,10 +84,23 @@ struct KindState {
     drops: u64,
 }
 
+/// One write request (anything but a GET), as the client sent it.
+#[derive(Clone, Debug)]
+struct Write {
+    method: String,
+    path: String,
+    query: String,
+    content_type: String,
+    body: Value,
+}
+
 struct State {
     rv: u64,
     kinds: BTreeMap<Kind, KindState>,
     requests: Vec<Request>,
+    writes: Vec<Write>,
+    /// How many of the next writes are refused with 403.
+    refuse_writes: usize,
     hold_pages: bool,
     gone: Gone,
 }
@@ -121,6 +139,8 @@ impl FakeApi {
                 .map(|k| (k, KindState::default()))
                 .collect(),
             requests: Vec::new(),
+            writes: Vec::new(),
+            refuse_writes: 0,
             hold_pages: false,
             gone: Gone::Event,
         };
@@ -246,6 +266,24 @@ impl FakeApi {
         self.lock().rv
     }
 
+    fn writes(&self) -> Vec<Write> {
+        self.lock().writes.clone()
+    }
+
+    fn refuse_writes(&self, n: usize) {
+        self.change(|s| s.refuse_writes = n);
+    }
+
+    /// The server's copy of an object.
+    fn object(&self, kind: Kind, ns: &str, name: &str) -> Option<Value> {
+        let s = self.lock();
+        let ns = if kind.is_namespaced() { ns } else { "" };
+        s.kinds[&kind]
+            .objects
+            .get(&(ns.to_string(), name.to_string()))
+            .cloned()
+    }
+
     fn requests(&self, kind: Kind) -> Vec<Request> {
         self.lock()
             .requests
@@ -294,6 +332,57 @@ impl FakeApi {
     }
 }
 
+impl FakeApi {
+    /// Records a write and answers it: a JSON merge patch of a Node, applied and seen by
+    /// the watches; anything else is refused.
+    fn write(&self, w: Write) -> (&'static str, Value) {
+        let status = |code: u16, reason: &str| {
+            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                   "reason": reason, "message": reason, "code": code})
+        };
+        let name = w.path.strip_prefix("/api/v1/nodes/").map(str::to_string);
+        let merge = w.content_type == "application/merge-patch+json";
+        let refused = self.change(|s| {
+            s.writes.push(w.clone());
+            let refused = s.refuse_writes > 0;
+            s.refuse_writes = s.refuse_writes.saturating_sub(1);
+            refused
+        });
+        if refused {
+            return ("403 Forbidden", status(403, "Forbidden"));
+        }
+        let (Some(name), "PATCH", true) = (name, w.method.as_str(), merge) else {
+            return ("405 Method Not Allowed", status(405, "MethodNotAllowed"));
+        };
+        let Some(mut node) = self.object(Kind::Node, "", &name) else {
+            return ("404 Not Found", status(404, "NotFound"));
+        };
+        merge_patch(&mut node, &w.body);
+        self.apply(node);
+        let node = self.object(Kind::Node, "", &name).expect("just stored");
+        ("200 OK", node)
+    }
+}
+
+/// RFC 7386: objects merge key by key, `null` removes, anything else replaces.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(p) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    let t = target.as_object_mut().expect("an object");
+    for (k, v) in p {
+        if v.is_null() {
+            t.remove(k);
+        } else {
+            merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+        }
+    }
+}
+
 fn status_410(reason: &str, message: &str) -> Value {
     json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
            "message": message, "reason": reason, "code": 410})
@@ -326,8 +415,11 @@ async fn connection(api: FakeApi, sock: TcpStream) {
         if read.read_line(&mut line).await.unwrap_or(0) == 0 {
             return;
         }
-        let target = line.split_whitespace().nth(1).unwrap_or("").to_string();
+        let mut words = line.split_whitespace();
+        let method = words.next().unwrap_or("").to_string();
+        let target = words.next().unwrap_or("").to_string();
         // Headers, up to the blank line; a GET has no body.
+        let mut headers = BTreeMap::new();
         loop {
             let mut h = String::new();
             if read.read_line(&mut h).await.unwrap_or(0) == 0 {
@@ -336,8 +428,36 @@ async fn connection(api: FakeApi, sock: TcpStream) {
             if h.trim().is_empty() {
                 break;
             }
+            if let Some((k, v)) = h.split_once(':') {
+                headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+            }
         }
         let (path_part, query) = target.split_once('?').unwrap_or((&target, ""));
+        if method != "GET" {
+            let length = headers
+                .get("content-length")
+                .and_then(|l| l.parse().ok())
+                .unwrap_or(0);
+            let mut body = vec![0; length];
+            if tokio::io::AsyncReadExt::read_exact(&mut read, &mut body)
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let write_request = Write {
+                method,
+                path: path_part.to_string(),
+                query: query.to_string(),
+                content_type: headers.get("content-type").cloned().unwrap_or_default(),
+                body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+            };
+            let (status, answer) = api.write(write_request);
+            if respond(&mut write, status, &answer).await.is_err() {
+                return;
+            }
+            continue;
+        }
         let params: BTreeMap<&str, &str> =
             query.split('&').filter_map(|p| p.split_once('=')).collect();
         let Some(kind) = Kind::ALL.into_iter().find(|k| path(*k) == path_part) else {
@@ -360,7 +480,19 @@ async fn connection(api: FakeApi, sock: TcpStream) {
             return;
         }
         let limit = params.get("limit").and_then(|l| l.parse::<usize>().ok());
-        let body = list(&api, kind, request.continue_token.as_deref(), limit).await;
+        // `metadata.name=NAME`, the only field selector kxdp-control sends.
+        let by_name = params
+            .get("fieldSelector")
+            .map(|f| f.replace("%3D", "="))
+            .and_then(|f| f.strip_prefix("metadata.name=").map(str::to_string));
+        let body = list(
+            &api,
+            kind,
+            request.continue_token.as_deref(),
+            limit,
+            by_name.as_deref(),
+        )
+        .await;
         if respond(&mut write, "200 OK", &body).await.is_err() {
             return;
         }
@@ -384,6 +516,7 @@ async fn list(
     kind: Kind,
     continue_token: Option<&str>,
     limit: Option<usize>,
+    field_selector: Option<&str>,
 ) -> Value {
     let mut wake = api.wake.subscribe();
     // A continued list waits while the test holds pages back.
@@ -404,6 +537,10 @@ async fn list(
     let items: Vec<Value> = k
         .objects
         .values()
+        .filter(|o| match field_selector {
+            Some(name) => o["metadata"]["name"] == name,
+            None => true,
+        })
         .skip(offset)
         .take(page)
         .map(|o| {
@@ -516,6 +653,8 @@ async fn watch_kind(api: &FakeApi, kind: Kind, from: u64, mut write: OwnedWriteH
 /// A source watching a fake server, with what the tests accumulate from its changes.
 struct Harness {
     api: FakeApi,
+    /// The server's URL, for more clients.
+    url: String,
     source: KubeSource,
     server: JoinHandle<()>,
     /// Every EndpointSlice trigger time the source reported.
@@ -573,11 +712,12 @@ impl Harness {
         let (url, server) = serve(api.clone()).await;
         let connection = Connection {
             kubeconfig: None,
-            master: Some(url),
+            master: Some(url.clone()),
         };
         let source = KubeSource::connect(&connection).await.expect("client");
         let mut h = Harness {
             api,
+            url,
             source,
             server,
             triggers: Vec::new(),
@@ -948,4 +1088,182 @@ async fn a_dropped_connection_reconnects_and_resumes() {
         h.triggers,
         [SystemTime::UNIX_EPOCH + Duration::from_secs(1_714_561_200)]
     );
+}
+
+/// What kxdp-control announces in these tests: the uplink's MAC, VNI 1.
+const VTEP: Vtep = Vtep {
+    mac: [0x0a, 0x58, 0x0a, 0xf4, 0x01, 0x01],
+    vni: 1,
+};
+
+async fn client(url: &str) -> kube::Client {
+    let connection = Connection {
+        kubeconfig: None,
+        master: Some(url.to_string()),
+    };
+    connection.client().await.expect("client")
+}
+
+/// The merge patch kxdp-control must send to announce [`VTEP`] on node-a (192.168.0.2),
+/// spelt out from flannel's source rather than from kxdp's constants:
+/// `pkg/subnet/kube/annotations.go` (`prefix + "backend-type"`, `"backend-data"`,
+/// `"public-ip"`, `"kube-subnet-manager"` with the default prefix
+/// `flannel.alpha.coreos.com/` of main.go's `--kube-annotation-prefix`), `kube.go`
+/// `AcquireLease` (`kube-subnet-manager` = `"true"`, `public-ip` = `PublicIP.String()`),
+/// `pkg/backend/vxlan/vxlan.go` (`BackendType: "vxlan"`, `json.Marshal(&vxlanLeaseAttrs{VNI,
+/// VtepMAC})` with `hardwareAddr.MarshalJSON` writing `net.HardwareAddr.String()`).
+fn announcement_patch() -> Value {
+    json!({"metadata": {"annotations": {
+        "flannel.alpha.coreos.com/backend-type": "vxlan",
+        "flannel.alpha.coreos.com/backend-data": "{\"VNI\":1,\"VtepMAC\":\"0a:58:0a:f4:01:01\"}",
+        "flannel.alpha.coreos.com/public-ip": "192.168.0.2",
+        "flannel.alpha.coreos.com/kube-subnet-manager": "true",
+        "kxdp.io/vtep-mac": "0a:58:0a:f4:01:01"}}})
+}
+
+/// Every write went to node-a's own Node, as a merge patch with kxdp-control's field
+/// manager and exactly [`announcement_patch`] as its body.
+fn assert_only_own_node_patched(writes: &[Write]) {
+    for w in writes {
+        assert_eq!(w.method, "PATCH", "{w:?}");
+        assert_eq!(w.path, "/api/v1/nodes/node-a", "only its own Node: {w:?}");
+        assert_eq!(w.content_type, "application/merge-patch+json", "{w:?}");
+        assert!(w.query.contains("fieldManager=kxdp-control"), "{w:?}");
+        assert_eq!(w.body, announcement_patch(), "{w:?}");
+    }
+}
+
+/// A node moving from flannel to kxdp: its Node still carries flannel.1's VtepMAC. kxdp
+/// replaces it with its own VTEP in the annotations flannel reads, writes nothing else and
+/// no other Node, does not write again once the watch shows the patched Node, and puts the
+/// announcement back when something overwrites it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kxdp_node_announces_its_vtep_on_its_own_node_as_flannel_reads_it() {
+    let api = FakeApi::new(&fixture());
+    let mut h = Harness::start(api.clone()).await;
+    let own = h.source.node_watch(NODE);
+    let task = tokio::spawn(announce(client(&h.url).await, own, VTEP));
+    wait_for("the announcement", || !api.writes().is_empty()).await;
+    h.settle("the patched Node").await;
+    let writes = api.writes();
+    assert_eq!(writes.len(), 1, "{writes:?}");
+    assert_only_own_node_patched(&writes);
+
+    // The server's Node now reads as flannel's kube.go reads it: the marker, the type,
+    // backend-data as vxlanLeaseAttrs, public-ip as an IPv4 address; other annotations kept.
+    let node_a = api.object(Kind::Node, "", NODE).expect("node-a");
+    let ann = &node_a["metadata"]["annotations"];
+    assert_eq!(ann["flannel.alpha.coreos.com/kube-subnet-manager"], "true");
+    assert_eq!(ann["flannel.alpha.coreos.com/backend-type"], "vxlan");
+    let data: Value = serde_json::from_str(
+        ann["flannel.alpha.coreos.com/backend-data"]
+            .as_str()
+            .expect("a string"),
+    )
+    .expect("JSON");
+    assert_eq!(data["VNI"].as_u64(), Some(1));
+    assert_eq!(data["VtepMAC"], "0a:58:0a:f4:01:01");
+    let public_ip: std::net::Ipv4Addr = ann["flannel.alpha.coreos.com/public-ip"]
+        .as_str()
+        .expect("a string")
+        .parse()
+        .expect("IPv4");
+    assert_eq!(public_ip.to_string(), "192.168.0.2");
+    // And as kxdp's other nodes read it.
+    let b = control::compute_with_warnings(&api.as_manifests(), "node-b", &ClusterSpec::default())
+        .expect("tables")
+        .tables;
+    let remote = b
+        .remote_nodes
+        .iter()
+        .find(|r| r.name == NODE)
+        .expect("node-a");
+    assert_eq!(remote.vtep_mac, VTEP.mac);
+    assert_eq!(remote.vtep_ip.to_string(), "192.168.0.2");
+
+    // Other objects change, node-b among them: nothing is written.
+    api.apply(node("node-b", "192.168.0.3", 2, "9a:3c:2e:44:55:66"));
+    api.apply(service("new", "172.30.0.44", 80, "http"));
+    h.settle("other changes").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(api.writes().len(), 1, "{:?}", api.writes());
+
+    // A flanneld still running on the node writes its own VtepMAC back: kxdp answers.
+    let mut stale = api.object(Kind::Node, "", NODE).expect("node-a");
+    stale["metadata"]["annotations"]["flannel.alpha.coreos.com/backend-data"] =
+        json!("{\"VNI\":1,\"VtepMAC\":\"9a:3c:2e:00:00:02\"}");
+    api.apply(stale);
+    wait_for("the announcement again", || api.writes().len() == 2).await;
+    h.settle("the Node patched again").await;
+    assert_only_own_node_patched(&api.writes());
+    task.abort();
+}
+
+/// A refused patch (RBAC without patch on nodes, say) is retried with growing waits until
+/// it is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_announcement_is_retried_with_backoff() {
+    let api = FakeApi::new(&fixture());
+    api.refuse_writes(2);
+    let mut h = Harness::start(api.clone()).await;
+    let own = h.source.node_watch(NODE);
+    let started = Instant::now();
+    let task = tokio::spawn(announce(client(&h.url).await, own, VTEP));
+    wait_for("a third attempt", || api.writes().len() == 3).await;
+    let waited = started.elapsed();
+    // 0.5 s after the first refusal, 1 s after the second.
+    assert!(waited >= Duration::from_millis(1500), "{waited:?}");
+    h.settle("the patched Node").await;
+    let ann = &api.object(Kind::Node, "", NODE).expect("node-a")["metadata"]["annotations"];
+    assert_eq!(ann["kxdp.io/vtep-mac"], "0a:58:0a:f4:01:01");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let writes = api.writes();
+    assert_eq!(writes.len(), 3, "no more once taken: {writes:?}");
+    assert_only_own_node_patched(&writes);
+    task.abort();
+}
+
+/// The init container's job: it waits while the Node has no podCIDRs, then writes the
+/// config with the Node's networks, reading nothing but its own Node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cni_config_is_written_once_the_node_has_pod_cidrs() {
+    let mut bare = node(NODE, "192.168.0.2", 1, "9a:3c:2e:00:00:02");
+    bare["spec"] = json!({});
+    let api = FakeApi::new(&[bare, node("node-b", "192.168.0.3", 2, "9a:3c:2e:11:22:33")]);
+    let (url, server) = serve(api.clone()).await;
+    let dir = std::env::temp_dir().join(format!("kxdp-cni-install-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let conf = CniConf {
+        mtu: 1450,
+        queues: 2,
+        dataplane_socket: "/run/kxdp/dataplane.sock".into(),
+    };
+    let install = {
+        let (dir, conf, client) = (dir.clone(), conf.clone(), client(&url).await);
+        tokio::spawn(async move { cni_conf::install(client, NODE, &dir, &conf).await })
+    };
+    wait_for("a look at the Node", || api.lists(Kind::Node) >= 1).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!install.is_finished(), "no podCIDRs, no config");
+    assert!(!dir.join(cni_conf::CONFLIST_NAME).exists());
+
+    let mut assigned = api.object(Kind::Node, "", NODE).expect("node-a");
+    assigned["spec"] = json!({"podCIDR": "10.244.1.0/24",
+                              "podCIDRs": ["10.244.1.0/24", "fd00:10:244:1::/64"]});
+    api.apply(assigned);
+    let path = tokio::time::timeout(TIMEOUT, install)
+        .await
+        .expect("in time")
+        .expect("task")
+        .expect("written");
+    let text = std::fs::read_to_string(&path).expect("the config");
+    let nets: Vec<IpNet> = vec![
+        "10.244.1.0/24".parse().expect("net"),
+        "fd00:10:244:1::/64".parse().expect("net"),
+    ];
+    assert_eq!(Some(text), cni_conf::render(&nets, &conf));
+    assert!(api.writes().is_empty(), "reads only");
+    std::fs::remove_dir_all(&dir).expect("clean up");
+    server.abort();
 }

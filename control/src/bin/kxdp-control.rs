@@ -99,6 +99,18 @@ struct Args {
     /// listen on (with --manifests too).
     #[arg(long, default_value = "0.0.0.0")]
     health_check_bind_address: IpAddr,
+    /// The dataplane's uplink (as kxdp-dataplane --uplink). Its MAC is announced as this
+    /// node's VTEP on its Node, as kxdp.io/vtep-mac and as flannel's annotations, so
+    /// flannel nodes reach its pods; its MTU less 50 is the pods' MTU in the CNI config.
+    #[arg(long, conflicts_with = "manifests")]
+    uplink: Option<String>,
+    /// Write this node's CNI config (05-kxdp.conflist) into this directory once its Node
+    /// has podCIDRs, then exit (the DaemonSet's init container).
+    #[arg(long, requires = "uplink", conflicts_with = "manifests")]
+    cni_conf_dir: Option<PathBuf>,
+    /// The CNI config's veth queues: kxdp-dataplane --workers.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    cni_queues: u32,
     /// On an error, print each cause on its own line and, when RUST_BACKTRACE or
     /// RUST_LIB_BACKTRACE is set, where it happened (without: one line, causes joined).
     #[arg(short, long)]
@@ -334,6 +346,26 @@ fn run(args: Args) -> Result<()> {
         .enable_all()
         .build()
         .context("start the tokio runtime")?;
+    let uplink = args
+        .uplink
+        .as_deref()
+        .map(|u| control::uplink::Uplink::read(Path::new(control::uplink::SYS_CLASS_NET), u))
+        .transpose()?;
+    let connection = Connection {
+        kubeconfig: args.kubeconfig.clone(),
+        master: args.master.clone(),
+    };
+    // The init container's job: no servers, no tables.
+    if let (Some(dir), Some(uplink)) = (&args.cni_conf_dir, &uplink) {
+        let conf = control::cni_conf::CniConf {
+            mtu: uplink.pod_mtu(),
+            queues: args.cni_queues,
+            dataplane_socket: args.socket.clone(),
+        };
+        let client = runtime.block_on(connection.client())?;
+        runtime.block_on(control::cni_conf::install(client, &node, dir, &conf))?;
+        return Ok(());
+    }
     let metrics = Arc::new(ControlMetrics::new());
     let health = Arc::new(ProxyHealth::new(Duration::from_secs(
         args.healthz_timeout_s,
@@ -382,11 +414,16 @@ fn run(args: Args) -> Result<()> {
     match &args.manifests {
         Some(dir) => run_manifests(dir, &mut programmer, poll, args.once),
         None => {
-            let connection = Connection {
-                kubeconfig: args.kubeconfig.clone(),
-                master: args.master.clone(),
-            };
-            let mut source = runtime.block_on(KubeSource::connect(&connection))?;
+            let client = runtime.block_on(connection.client())?;
+            let mut source = runtime.block_on(async { KubeSource::start(client.clone()) });
+            if let Some(uplink) = &uplink {
+                let vtep = control::node_announce::Vtep {
+                    mac: uplink.mac,
+                    vni: cluster_spec(&args).vxlan_vni,
+                };
+                let own = source.node_watch(&node);
+                runtime.spawn(control::node_announce::announce(client, own, vtep));
+            }
             log::info!("watching the API server for node {node}'s tables");
             let how = Follow {
                 settle: Settle {
