@@ -77,3 +77,29 @@ fn sink_counts_what_the_generator_sends_1514_bytes_many_flows_generic_xdp() {
     }
     one_second(1514, 1000, XdpMode::Generic);
 }
+
+#[test]
+fn errors_are_one_line_without_a_backtrace_unless_verbose() {
+    let missing =
+        std::env::temp_dir().join(format!("kxdp-bench-missing-{}.json", std::process::id()));
+    let run = |verbose: bool| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_kxdp-bench"));
+        c.env("RUST_BACKTRACE", "1").arg("report").arg(&missing);
+        if verbose {
+            c.arg("--verbose");
+        }
+        c.output().expect("run kxdp-bench")
+    };
+    let out = run(false);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(
+        stderr.trim_end(),
+        format!(
+            "kxdp-bench: read {}: No such file or directory (os error 2)",
+            missing.display()
+        )
+    );
+    let out = run(true);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Caused by:"));
+}

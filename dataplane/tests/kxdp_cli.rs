@@ -335,3 +335,29 @@ fn errors_are_one_line_without_a_backtrace_unless_verbose() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("Caused by:"), "{stderr}");
 }
+
+#[test]
+fn kxdp_dataplane_errors_are_one_line_without_a_backtrace_unless_verbose() {
+    let dir = TempDir::new("dp-errors");
+    let dataplane = || {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kxdp-dataplane"));
+        c.env("RUST_BACKTRACE", "1")
+            .env("RUST_LOG", "off")
+            .args(["--pods", "kxdp-no-such-if0", "--socket"])
+            .arg(dir.0.join("dp.sock"))
+            .stdin(Stdio::null());
+        c
+    };
+    let out = run(&mut dataplane());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("kxdp-dataplane: read /sys/class/net/kxdp-no-such-if0/address"),
+        "{stderr}"
+    );
+    assert!(!stderr.to_lowercase().contains("backtrace"), "{stderr}");
+    let out = run(dataplane().arg("--verbose"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Caused by:"), "{stderr}");
+}

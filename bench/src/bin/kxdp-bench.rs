@@ -16,7 +16,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use bench::baseline::{iptables, nftables, KubeProxyConfig};
 use bench::ceiling::{self, CeilingConfig};
 use bench::dut::DutKind;
@@ -30,6 +30,9 @@ use pktio::xsk::XdpMode;
 struct Args {
     #[command(subcommand)]
     command: Cmd,
+    /// Print errors with their full detail (a backtrace too, when RUST_BACKTRACE is set).
+    #[arg(long, short, global = true)]
+    verbose: bool,
 }
 
 #[derive(Subcommand)]
@@ -225,9 +228,26 @@ enum RulesMode {
     Nftables,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    match Args::parse().command {
+    let args = Args::parse();
+    let verbose = args.verbose;
+    match run(args.command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line with the causes; the debug form only when asked for.
+            if verbose {
+                eprintln!("kxdp-bench: {e:?}");
+            } else {
+                eprintln!("kxdp-bench: {e:#}");
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Cmd) -> anyhow::Result<()> {
+    match command {
         Cmd::GenCeiling {
             size,
             flows,
@@ -373,8 +393,10 @@ fn main() -> anyhow::Result<()> {
             print!("{}", bench::report::markdown(&res));
         }
         Cmd::Report { json, out } => {
-            let text = std::fs::read_to_string(&json)?;
-            let res: Results = serde_json::from_str(&text)?;
+            let text = std::fs::read_to_string(&json)
+                .with_context(|| format!("read {}", json.display()))?;
+            let res: Results = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not a kxdp-bench results file", json.display()))?;
             let out = out.unwrap_or_else(|| {
                 json.parent()
                     .map(|p| p.to_path_buf())
