@@ -845,6 +845,11 @@ mod tests {
             tables: Box::default(),
         };
         let handover = Message::Handover { version: 1 };
+        let pod = Message::AttachPod {
+            ifname: "kxdp0".into(),
+            container_id: "c".into(),
+            ips: vec![],
+        };
         for (peer, msg, allowed) in [
             (root, &stats, true),
             (root, &table, true),
@@ -855,6 +860,8 @@ mod tests {
             (member, &stats, true),
             (member, &table, false),
             (member, &handover, false),
+            (root, &pod, true),
+            (member, &pod, false),
         ] {
             let verdict = access.check(&peer, Privilege::required(msg));
             assert_eq!(verdict.is_ok(), allowed, "{peer:?} {msg:?}: {verdict:?}");

@@ -3,7 +3,8 @@
 //! host end aliased `kxdp-cni <container>/eth0`), attached with `AttachPod`, reaching a
 //! ClusterIP and reached by another pod; detached with `DetachPod` (its AF_XDP sockets and
 //! connections gone, a second DEL answered "not found"); found again by its alias by a
-//! dataplane started after a `kill -9`; detached by itself when the interface vanishes.
+//! dataplane started after a `kill -9`, and by a successor taking over; detached by itself
+//! when the interface vanishes.
 //! Needs root; skips with a message otherwise.
 
 mod common;
@@ -110,18 +111,41 @@ fn tracked(node: &Running, addr: &str) -> usize {
     }
 }
 
-/// Sockets the dataplane process holds (its AF_XDP sockets among them; this kernel has no
-/// xsk_diag for `ss --xdp`). Counted when no inspection connection is open.
+/// The dataplane process's AF_XDP sockets: its sockets that no other family's table in
+/// `/proc/PID/net` lists (this kernel has no xsk_diag for `ss --xdp`). Control and
+/// inspection connections, which come and go, are Unix sockets and left out.
 fn sockets(node: &Running) -> usize {
-    let dir = format!("/proc/{}/fd", node.dataplane.0.id());
-    std::fs::read_dir(dir)
+    let pid = node.dataplane.0.id();
+    let mut known = std::collections::HashSet::new();
+    for (table, column) in [
+        ("unix", 6),
+        ("netlink", 9),
+        ("packet", 8),
+        ("tcp", 9),
+        ("tcp6", 9),
+        ("udp", 9),
+        ("udp6", 9),
+        ("raw", 9),
+        ("raw6", 9),
+    ] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        known.extend(
+            text.lines()
+                .skip(1)
+                .filter_map(|l| l.split_whitespace().nth(column).map(str::to_string)),
+        );
+    }
+
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
         .flatten()
-        .filter(|e| {
-            std::fs::read_link(e.path())
-                .map(|l| l.to_string_lossy().starts_with("socket:"))
-                .unwrap_or(false)
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            let inode = l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string();
+            Some(inode)
         })
+        .filter(|inode| !known.contains(inode))
         .count()
 }
 
@@ -305,6 +329,38 @@ fn pods_attached_and_detached_at_run_time() {
             )
         },
     );
+
+    // A successor taking over (an upgrade) serves it too: it finds it by its alias, as the
+    // old one releases it.
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(node.lab().state_dir().join("dataplane.log"))
+        .unwrap();
+    let next = Proc(
+        node.lab()
+            .dataplane_command(&common::bin("kxdp-dataplane"), 1, &node.socket)
+            .arg("--takeover")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let mut old = std::mem::replace(&mut node.dataplane, next);
+    eventually("the old dataplane hands over and exits", &node, || {
+        old.0.try_wait().unwrap().is_some()
+    });
+    // Reaped already: not to be signalled by its guard.
+    std::mem::forget(old);
+    eventually("the successor serves the runtime pod", &node, || {
+        calls_answered(
+            &node,
+            &client,
+            &format!("{POD_IP}:8080"),
+            "default/runtime-pod",
+            3,
+        )
+    });
 
     // The pod's namespace goes without a DEL (its veth with it): detached by itself.
     drop(echo);
