@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/deps.sh
+# The habits the house keeps by tooling: formatting and clippy's lints fail the run.
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
 # The namespace tests start kxdp-control and kxdp-dataplane as processes.
 cargo build --workspace --bins
 cargo test --workspace -- --test-threads=1
