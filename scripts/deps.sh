@@ -34,6 +34,12 @@ command -v traceroute >/dev/null 2>&1 || need+=(traceroute)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 # the bench's PNG plots draw their text with a TrueType font.
 [ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
+# the per-node CNI test runs real containers: containerd (with ctr) and runc, busybox-static
+# for their root filesystem, containernetworking-plugins for host-local and loopback.
+command -v containerd >/dev/null 2>&1 || need+=(containerd)
+command -v runc >/dev/null 2>&1 || need+=(runc)
+if [ ! -e /bin/busybox ] || ldd /bin/busybox >/dev/null 2>&1; then need+=(busybox-static); fi
+[ -e /usr/lib/cni/host-local ] || need+=(containernetworking-plugins)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "kxdp: missing ${need[*]} and not root: install them with apt-get" >&2
