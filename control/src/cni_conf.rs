@@ -98,7 +98,7 @@ pub fn render(pod_cidrs: &[IpNet], conf: &CniConf) -> Option<String> {
         .map(|n| json!([{"subnet": n.to_string()}]))
         .collect();
     let list = json!({
-        "cniVersion": "1.1.0",
+        "cniVersion": "1.0.0",
         "cniVersions": ["1.0.0", "1.1.0"],
         "name": "kxdp",
         "plugins": [{
@@ -244,7 +244,7 @@ mod tests {
         let n = node(json!({"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24"]}));
         let text = render(&pod_cidrs(&n), &conf()).unwrap();
         let v: Value = serde_json::from_str(&text).unwrap();
-        assert_eq!(v["cniVersion"], "1.1.0");
+        assert_eq!(v["cniVersion"], "1.0.0");
         assert_eq!(v["name"], "kxdp");
         let p = &v["plugins"][0];
         assert_eq!(p["type"], "kxdp");

@@ -373,7 +373,13 @@ impl Pipeline<'_> {
         let mut mac = [0u8; 6];
         mac.copy_from_slice(&pkt[6..12]);
         match (role, via) {
-            (Some(PortRole::Pod), _) if self.tables.local_pods.contains_key(&h.src) => {
+            // A pod is learned where its own addresses come from: those control lists, or
+            // those its CNI plugin gave when it was attached (the Pod's status may come
+            // later than its first packets).
+            (Some(PortRole::Pod), _)
+                if self.tables.local_pods.contains_key(&h.src)
+                    || self.ports.pod_ips(port).contains(&h.src) =>
+            {
                 self.shared
                     .neighbors
                     .learn(h.src, Neighbor { port, mac }, self.now);

@@ -75,6 +75,15 @@ impl PortList {
         self.slots.get(id).and_then(Option::as_ref)
     }
 
+    /// The addresses the CNI plugin gave the pod on port `id` (none for other ports).
+    #[inline]
+    pub fn pod_ips(&self, id: PortId) -> &[IpAddr] {
+        match self.slots.get(id) {
+            Some(Some(Port { pod: Some(p), .. })) => &p.ips,
+            _ => &[],
+        }
+    }
+
     /// Every port, by id.
     pub fn iter(&self) -> impl Iterator<Item = (PortId, &PortConfig)> {
         self.slots
