@@ -22,9 +22,9 @@ pub mod dataplane;
 pub mod error;
 pub mod ipam;
 pub mod naming;
-pub mod netlink;
 pub mod netns;
-pub mod offload;
+// The route-netlink client and the offloads, shared with kxdp-dataplane's host pair.
+pub use netconf::{netlink, offload};
 pub mod result;
 pub mod state;
 

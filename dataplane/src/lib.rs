@@ -10,6 +10,7 @@
 pub mod cores;
 pub mod counters;
 pub mod handover;
+pub mod hostnet;
 pub mod inspect;
 pub mod lab;
 pub mod monitor;

@@ -29,6 +29,17 @@ struct Args {
     /// packets for the node's addresses are handed to the kernel through it.
     #[arg(long)]
     host: Option<String>,
+    /// Create the host pair instead of being given one: the kernel's end NAME (e.g.
+    /// `kxhost`), kxdp's end NAME-xdp, with their addresses, sysctls and offloads; the
+    /// routes to the pod networks and Service ranges follow the tables. Removed at a clean
+    /// exit. (`--host` takes a pair made by hand instead.)
+    #[arg(long, value_name = "NAME", conflicts_with = "host")]
+    host_pair: Option<String>,
+    /// When the uplink has more receive queues than --workers, set its channel count to
+    /// the worker count (`ethtool -L`; some NICs reset their link for it) instead of
+    /// refusing to start. Not restored at exit.
+    #[arg(long)]
+    set_channels: bool,
     /// Worker threads; worker i serves queue i of every interface.
     #[arg(long, default_value_t = 1)]
     workers: u32,
@@ -292,6 +303,14 @@ fn run(args: Args) -> Result<()> {
     } else {
         vec![None; workers as usize]
     };
+    let host_pair = match &args.host_pair {
+        Some(name) => Some(Arc::new(setup_host_pair(&args, name, workers)?)),
+        None => None,
+    };
+    let host = args
+        .host
+        .clone()
+        .or_else(|| host_pair.as_ref().map(|p| p.kxdp_end().to_string()));
     let mut ports = Vec::new();
     if let Some(up) = &args.uplink {
         ports.push(PortConfig {
@@ -309,7 +328,7 @@ fn run(args: Args) -> Result<()> {
             mtu: mtu_of(p)?,
         });
     }
-    if let Some(h) = &args.host {
+    if let Some(h) = &host {
         ports.push(PortConfig {
             name: h.clone(),
             role: PortRole::Host,
@@ -360,6 +379,9 @@ fn run(args: Args) -> Result<()> {
                 p.name,
                 p.name
             );
+        }
+        if p.role == PortRole::Uplink && queues > workers {
+            untranslated_queues(&p.name, queues, workers, args.set_channels)?;
         }
     }
     let cfg = XskConfig {
@@ -432,7 +454,8 @@ fn run(args: Args) -> Result<()> {
         ports: ports.clone(),
         workers,
         mode,
-        host: args.host.clone(),
+        host: host.clone(),
+        host_pair: host_pair.clone(),
         uplink: args.uplink.clone(),
         cfg,
         cores,
@@ -524,6 +547,9 @@ fn run(args: Args) -> Result<()> {
     }
     attached.release(&shared);
     let _ = std::fs::remove_file(&args.socket);
+    if let Some(pair) = host_pair {
+        pair.teardown()?;
+    }
     log::info!("kxdp-dataplane stopped; XDP programs detached");
     Ok(())
 }
@@ -581,6 +607,8 @@ struct Plan {
     workers: u32,
     mode: XdpMode,
     host: Option<String>,
+    /// The host pair this process set up (`--host-pair`): its routes follow the tables.
+    host_pair: Option<Arc<dataplane::hostnet::HostPair>>,
     uplink: Option<String>,
     cfg: XskConfig,
     cores: Vec<Option<usize>>,
@@ -744,7 +772,8 @@ impl Plan {
             .iter()
             .position(|p| p.role == PortRole::Uplink)
             .map(|i| (programs[i].clone(), self.ports[i].mac));
-        if uplink.is_none() && host_redirect.is_none() {
+        let host_pair = self.host_pair.clone();
+        if uplink.is_none() && host_redirect.is_none() && host_pair.is_none() {
             return;
         }
         let limits = shared.limits.clone();
@@ -766,10 +795,74 @@ impl Plan {
                     );
                 }
             }
+            // Generation 0 is the empty start-up table, not control's word on the
+            // cluster's networks.
+            if let Some(pair) = host_pair.as_ref().filter(|_| t.generation > 0) {
+                let routes = dataplane::hostnet::routes_of(&t.spec);
+                if let Err(e) = pair.sync_routes(&routes) {
+                    log::error!(
+                        "host pair routes not updated for generation {}: {e}",
+                        t.generation
+                    );
+                }
+            }
         };
         sync(&shared.tables.load());
         *shared.on_install.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(sync));
     }
+}
+
+/// `--host-pair NAME`: the pair, one queue per worker, its routes' sources the uplink's
+/// addresses. Not while another dataplane runs, unless this one takes over from it: a pair
+/// of another shape would be recreated under it.
+fn setup_host_pair(args: &Args, name: &str, workers: u32) -> Result<dataplane::hostnet::HostPair> {
+    if !args.takeover {
+        if let Some(pid) = dataplane::server::live_dataplane(&args.socket)
+            .with_context(|| format!("look at {}", args.socket.display()))?
+        {
+            bail!(
+                "a dataplane (pid {pid}) already serves {}: stop it first, or replace it with --takeover",
+                args.socket.display()
+            );
+        }
+    }
+    let sources = match args.uplink.as_deref() {
+        Some(up) => dataplane::hostnet::node_addresses(up)?,
+        None => Vec::new(),
+    };
+    if sources.is_empty() {
+        log::warn!("--host-pair {name}: no node address on the uplink; host processes get no routes to the pod networks and Services");
+    }
+    let spec = dataplane::hostnet::HostPairSpec::named(name, workers, sources)?;
+    Ok(dataplane::hostnet::HostPair::setup(&spec)?)
+}
+
+/// The uplink has receive queues no worker serves: what arrives there would pass to the
+/// kernel untranslated. With `--set-channels` its channel count becomes the worker count;
+/// else refuse, naming the fixes.
+fn untranslated_queues(uplink: &str, queues: u32, workers: u32, set: bool) -> Result<()> {
+    let fixes = format!(
+        "give it one queue per worker (ethtool -L {uplink} combined {workers}, or rx {workers}          where the driver counts RX channels), run --workers {queues}, or let kxdp-dataplane          set it with --set-channels"
+    );
+    if !set {
+        bail!("{uplink}: {queues} receive queues, but only {workers} worker(s) serve them: packets on queues {workers}..{} would pass to the kernel untranslated: {fixes}", queues - 1);
+    }
+    let index = xsk::ifindex(uplink)?;
+    let channels = netconf::channels::get(index)
+        .with_context(|| format!("--set-channels: read {uplink}'s channels"))?;
+    let change = channels.with_rx_queues(workers).with_context(|| {
+        format!("--set-channels: {uplink} has {channels:?}, which kxdp does not change by itself: {fixes}")
+    })?;
+    netconf::channels::set(index, change)
+        .with_context(|| format!("--set-channels: set {uplink}'s channels to {change:?}"))?;
+    let now = xsk::queue_count(uplink);
+    if now != workers {
+        bail!("--set-channels: {uplink} has {now} receive queues after {change:?}: {fixes}");
+    }
+    log::warn!(
+        "{uplink}: channels set from {channels:?} to {change:?} for {workers} worker(s); not restored at exit"
+    );
+    Ok(())
 }
 
 /// `MemAvailable` from `/proc/meminfo`, in bytes.

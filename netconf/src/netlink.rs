@@ -1,7 +1,7 @@
-//! A blocking route-netlink client for the few requests the plugin makes: create a veth
-//! pair, look links up, bring them up, add addresses and routes, delete a link. Messages are
-//! `netlink-packet-route`'s; the socket is a plain one, opened in whatever network
-//! namespace the calling thread is in.
+//! A blocking route-netlink client for the few requests kxdp makes of the kernel: create a
+//! veth pair, look links up, bring them up, add addresses, add, replace and delete routes,
+//! delete a link. Messages are `netlink-packet-route`'s; the socket is a plain one, opened
+//! in whatever network namespace the calling thread is in.
 
 use std::io;
 use std::net::IpAddr;
@@ -10,9 +10,9 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use ipnet::IpNet;
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
-    NLM_F_REQUEST,
+    NLM_F_REPLACE, NLM_F_REQUEST,
 };
-use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
+use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage, AddressScope};
 use netlink_packet_route::link::{
     InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
@@ -23,7 +23,7 @@ use netlink_packet_route::route::{
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
-/// What the plugin reads of a link.
+/// What kxdp reads of a link.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Link {
     /// Interface index.
@@ -40,6 +40,10 @@ pub struct Link {
     pub kind: Option<String>,
     /// Administratively up.
     pub up: bool,
+    /// A veth's peer (`IFLA_LINK`), when the peer is in this namespace.
+    pub peer: Option<u32>,
+    /// Receive queues it was created with.
+    pub rx_queues: u32,
 }
 
 /// A route of the main table, as read back.
@@ -51,7 +55,16 @@ pub struct RouteEntry {
     pub gw: Option<IpAddr>,
     /// Outgoing interface.
     pub oif: Option<u32>,
+    /// Preferred source address (`src`).
+    pub src: Option<IpAddr>,
+    /// Who added it (`RTPROT_*`: 2 the kernel, 3 boot, 4 static, ...).
+    pub protocol: u8,
 }
+
+/// `RTPROT_KERNEL`: routes the kernel adds itself (a link's prefix routes).
+pub const RTPROT_KERNEL: u8 = 2;
+/// `RTPROT_STATIC`: routes an administrator (here: kxdp) added.
+pub const RTPROT_STATIC: u8 = 4;
 
 /// A route-netlink socket in the namespace it was opened in.
 pub struct Netlink {
@@ -131,25 +144,48 @@ impl Netlink {
         mtu: u32,
         queues: u32,
     ) -> io::Result<()> {
+        self.new_veth(host, peer, Some(peer_netns), Some(mtu), queues)
+    }
+
+    /// Creates the veth pair `a`/`b`, both here, with the kernel's default MTU and
+    /// `queues` RX and TX queues each. Fails with `EEXIST` if either name is taken.
+    pub fn create_veth_here(&mut self, a: &str, b: &str, queues: u32) -> io::Result<()> {
+        self.new_veth(a, b, None, None, queues)
+    }
+
+    fn new_veth(
+        &mut self,
+        host: &str,
+        peer: &str,
+        peer_netns: Option<BorrowedFd<'_>>,
+        mtu: Option<u32>,
+        queues: u32,
+    ) -> io::Result<()> {
         let mut peer_msg = LinkMessage::default();
         peer_msg.attributes = vec![
             LinkAttribute::IfName(peer.to_string()),
-            LinkAttribute::Mtu(mtu),
             LinkAttribute::NumTxQueues(queues),
             LinkAttribute::NumRxQueues(queues),
-            LinkAttribute::NetNsFd(peer_netns.as_raw_fd()),
         ];
         let mut msg = LinkMessage::default();
         msg.attributes = vec![
             LinkAttribute::IfName(host.to_string()),
-            LinkAttribute::Mtu(mtu),
             LinkAttribute::NumTxQueues(queues),
             LinkAttribute::NumRxQueues(queues),
-            LinkAttribute::LinkInfo(vec![
-                LinkInfo::Kind(InfoKind::Veth),
-                LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer_msg))),
-            ]),
         ];
+        if let Some(mtu) = mtu {
+            peer_msg.attributes.push(LinkAttribute::Mtu(mtu));
+            msg.attributes.push(LinkAttribute::Mtu(mtu));
+        }
+        if let Some(ns) = peer_netns {
+            peer_msg
+                .attributes
+                .push(LinkAttribute::NetNsFd(ns.as_raw_fd()));
+        }
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Veth),
+            LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer_msg))),
+        ]));
         self.request(
             RouteNetlinkMessage::NewLink(msg),
             NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
@@ -177,7 +213,7 @@ impl Netlink {
         msg.attributes.push(LinkAttribute::IfName(name.to_string()));
         match self.request(RouteNetlinkMessage::GetLink(msg), 0) {
             Ok(answers) => Ok(answers.into_iter().find_map(link_of)),
-            Err(e) if e.raw_os_error() == Some(nix::libc::ENODEV) => Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -217,6 +253,31 @@ impl Netlink {
         self.request(
             RouteNetlinkMessage::NewAddress(msg),
             NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+        )
+        .map(drop)
+    }
+
+    /// Puts `addr` on link `index` with `scope` (link or universe), or leaves it there if
+    /// it is already: idempotent, for set-up that may run again over its own leftovers.
+    pub fn replace_address(&mut self, index: u32, addr: IpNet, link_scope: bool) -> io::Result<()> {
+        let mut msg = AddressMessage::default();
+        msg.header.index = index;
+        msg.header.prefix_len = addr.prefix_len();
+        msg.header.family = family(addr.addr());
+        msg.header.scope = if link_scope {
+            AddressScope::Link
+        } else {
+            AddressScope::Universe
+        };
+        msg.attributes.push(AddressAttribute::Local(addr.addr()));
+        msg.attributes.push(AddressAttribute::Address(addr.addr()));
+        if addr.addr().is_ipv6() {
+            msg.attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        self.request(
+            RouteNetlinkMessage::NewAddress(msg),
+            NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
         )
         .map(drop)
     }
@@ -281,6 +342,49 @@ impl Netlink {
         .map(drop)
     }
 
+    /// Routes `dst` straight out of link `oif` (no gateway, link scope), with `src` as the
+    /// preferred source if given, replacing a route to `dst` that is there: `ip route
+    /// replace DST dev OIF [src SRC] proto static`.
+    pub fn replace_route(&mut self, dst: IpNet, oif: u32, src: Option<IpAddr>) -> io::Result<()> {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = family(dst.addr());
+        msg.header.destination_prefix_length = dst.prefix_len();
+        msg.header.table = RouteHeader::RT_TABLE_MAIN;
+        msg.header.protocol = RouteProtocol::Static;
+        msg.header.scope = RouteScope::Link;
+        msg.header.kind = RouteType::Unicast;
+        if dst.prefix_len() > 0 {
+            msg.attributes
+                .push(RouteAttribute::Destination(route_address(dst.addr())));
+        }
+        if let Some(src) = src {
+            msg.attributes
+                .push(RouteAttribute::PrefSource(route_address(src)));
+        }
+        msg.attributes.push(RouteAttribute::Oif(oif));
+        self.request(
+            RouteNetlinkMessage::NewRoute(msg),
+            NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+        )
+        .map(drop)
+    }
+
+    /// Deletes the main table's route to `dst` out of link `oif`. `ESRCH` if there is none.
+    pub fn delete_route(&mut self, dst: IpNet, oif: u32) -> io::Result<()> {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = family(dst.addr());
+        msg.header.destination_prefix_length = dst.prefix_len();
+        msg.header.table = RouteHeader::RT_TABLE_MAIN;
+        msg.header.scope = RouteScope::NoWhere;
+        if dst.prefix_len() > 0 {
+            msg.attributes
+                .push(RouteAttribute::Destination(route_address(dst.addr())));
+        }
+        msg.attributes.push(RouteAttribute::Oif(oif));
+        self.request(RouteNetlinkMessage::DelRoute(msg), NLM_F_ACK)
+            .map(drop)
+    }
+
     /// The main table's routes of one family.
     pub fn routes(&mut self, v6: bool) -> io::Result<Vec<RouteEntry>> {
         let mut msg = RouteMessage::default();
@@ -341,11 +445,13 @@ fn route_of(r: &RouteMessage) -> Option<RouteEntry> {
     let mut dst = unspecified;
     let mut gw = None;
     let mut oif = None;
+    let mut src = None;
     for a in &r.attributes {
         match a {
             RouteAttribute::Destination(d) => dst = ip_of(d).unwrap_or(unspecified),
             RouteAttribute::Gateway(g) => gw = ip_of(g),
             RouteAttribute::Oif(o) => oif = Some(*o),
+            RouteAttribute::PrefSource(s) => src = ip_of(s),
             _ => {}
         }
     }
@@ -353,6 +459,8 @@ fn route_of(r: &RouteMessage) -> Option<RouteEntry> {
         dst: IpNet::new(dst, r.header.destination_prefix_length).ok()?,
         gw,
         oif,
+        src,
+        protocol: u8::from(r.header.protocol),
     })
 }
 
@@ -368,13 +476,19 @@ fn link_of(m: RouteNetlinkMessage) -> Option<Link> {
         alias: String::new(),
         kind: None,
         up: l.header.flags.contains(LinkFlags::Up),
+        peer: None,
+        rx_queues: 0,
     };
+    let mut peer_elsewhere = false;
     for a in l.attributes {
         match a {
             LinkAttribute::IfName(n) => link.name = n,
             LinkAttribute::Address(mac) => link.mac = format_mac(&mac),
             LinkAttribute::Mtu(m) => link.mtu = m,
             LinkAttribute::IfAlias(a) => link.alias = a,
+            LinkAttribute::Link(peer) => link.peer = Some(peer),
+            LinkAttribute::LinkNetNsId(_) => peer_elsewhere = true,
+            LinkAttribute::NumRxQueues(q) => link.rx_queues = q,
             LinkAttribute::LinkInfo(infos) => {
                 for i in infos {
                     if let LinkInfo::Kind(k) = i {
@@ -384,6 +498,9 @@ fn link_of(m: RouteNetlinkMessage) -> Option<Link> {
             }
             _ => {}
         }
+    }
+    if peer_elsewhere {
+        link.peer = None;
     }
     Some(link)
 }
