@@ -162,6 +162,7 @@ pub fn gen_xsk_config() -> XskConfig {
         fill_size: 64,
         comp_size: 2048,
         zero_copy: false,
+        runtime_ports: 0,
     }
 }
 
@@ -178,6 +179,7 @@ pub fn sink_xsk_config() -> XskConfig {
         fill_size: 16384,
         comp_size: 64,
         zero_copy: false,
+        runtime_ports: 0,
     }
 }
 

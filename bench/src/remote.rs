@@ -229,6 +229,7 @@ pub fn run_gen(cfg: &VmGen) -> anyhow::Result<serde_json::Value> {
             fill_size: 4096,
             comp_size: 2048,
             zero_copy: false,
+            runtime_ports: 0,
         },
     )?;
     prog.insert(0, dev.socket_fd(0))?;

@@ -249,6 +249,9 @@ impl PodPorts {
     /// Detaches every pod interface that is gone (or was replaced by another of the same
     /// name); returns their names.
     pub fn prune(&self, shared: &Shared, now: u64) -> Vec<String> {
+        // The lock first: a list read before it could name a port that a DEL detached and
+        // an ADD gave to another pod meanwhile.
+        let mut programs = self.programs.lock().unwrap_or_else(PoisonError::into_inner);
         let vanished: Vec<(PortId, String)> = shared
             .ports
             .load()
@@ -259,7 +262,6 @@ impl PodPorts {
             })
             .map(|(id, p)| (id, p.cfg.name.clone()))
             .collect();
-        let mut programs = self.programs.lock().unwrap_or_else(PoisonError::into_inner);
         let mut out = Vec::new();
         for (id, name) in vanished {
             log::warn!("pod interface {name} vanished (its container went without a CNI DEL): detaching it");

@@ -72,8 +72,9 @@ struct Args {
     /// Maglev ring size (a prime).
     #[arg(long, default_value_t = nat::maglev::DEFAULT_RING_SIZE)]
     ring_size: u32,
-    /// UMEM frames per worker: half of them wait in the ports' fill rings, shared evenly,
-    /// so a node with many pods wants more (each port keeps at least one).
+    /// UMEM frames per worker for the ports given at start: half of them wait in their
+    /// fill rings, shared evenly. Each pod that may be attached at run time (--max-pods)
+    /// adds 128 more (64 in its fill ring).
     #[arg(long, default_value_t = 4096)]
     frames: u32,
     /// Pod interfaces that may be attached at run time (by kxdp-cni) beyond --pods.
@@ -386,10 +387,11 @@ fn run(args: Args) -> Result<()> {
     }
     let cfg = XskConfig {
         frame_count: args.frames,
+        runtime_ports: args.max_pods as u32,
         ..XskConfig::default()
     };
     cfg.validate().context("--frames")?;
-    let umem = u64::from(cfg.frame_count) * u64::from(cfg.frame_size) * u64::from(workers);
+    let umem = cfg.umem_frames() * u64::from(cfg.frame_size) * u64::from(workers);
     if let Some(available) = mem_available() {
         if umem > available {
             bail!(

@@ -28,6 +28,8 @@ struct Port {
     /// Completions reaped from this socket: with the TX ring's consumer index, how many
     /// transmitted frames the kernel still holds.
     completed: u32,
+    /// Chunks its fill ring is kept topped up to.
+    fill_share: u32,
 }
 
 /// One worker's AF_XDP ports over a shared UMEM.
@@ -40,10 +42,12 @@ pub struct XskDevice {
     ports: Vec<Option<Port>>,
     umem: Umem,
     free: FreeFrames,
-    /// Chunks each fill ring is kept topped up to.
+    /// Chunks the fill ring of each port given at start is kept topped up to.
     fill_share: u32,
     /// Sizes of the rings of sockets opened later.
     cfg: XskConfig,
+    /// Ports given at start.
+    start_ports: u32,
     stats: DeviceStats,
 }
 
@@ -65,18 +69,25 @@ impl XskDevice {
                 )));
             }
         }
-        let umem = Umem::new(cfg.frame_count, cfg.frame_size)
-            .map_err(|e| XskError::os(MAP_UMEM, format!("{} frames", cfg.frame_count), e))?;
+        let total = cfg.umem_frames() as u32;
+        let umem = Umem::new(total, cfg.frame_size)
+            .map_err(|e| XskError::os(MAP_UMEM, format!("{total} frames"), e))?;
         let mut dev = XskDevice {
             ports: Vec::with_capacity(pairs.len()),
             umem,
-            free: FreeFrames::all(cfg.frame_count, cfg.frame_size),
-            fill_share: 0,
+            free: FreeFrames::all(total, cfg.frame_size),
+            // Half of the start's chunks wait in its ports' fill rings, split evenly; the
+            // other half is for frames in flight (pipeline, TX rings, completions). A ring
+            // never holds more than its size.
+            fill_share: (cfg.frame_count / 2 / pairs.len() as u32)
+                .max(1)
+                .min(cfg.fill_size),
             cfg: cfg.clone(),
+            start_ports: pairs.len() as u32,
             stats: DeviceStats::default(),
         };
         for (port, &(ifindex, queue)) in pairs.iter().enumerate() {
-            dev.bind(port, ifindex, queue)?;
+            dev.bind(port, ifindex, queue, dev.fill_share)?;
         }
         for port in 0..dev.ports.len() {
             dev.refill(port);
@@ -85,8 +96,14 @@ impl XskDevice {
     }
 
     /// Binds a socket for `port` (registering the UMEM with it if no other socket holds
-    /// it) and recomputes the fill share; the caller refills.
-    fn bind(&mut self, port: PortId, ifindex: u32, queue: u32) -> Result<(), XskError> {
+    /// it) whose fill ring is kept at `fill_share` chunks; the caller refills.
+    fn bind(
+        &mut self,
+        port: PortId,
+        ifindex: u32,
+        queue: u32,
+        fill_share: u32,
+    ) -> Result<(), XskError> {
         if self.ports.get(port).is_some_and(Option::is_some) {
             return Err(XskError::Config(format!("port {port} is open already")));
         }
@@ -98,20 +115,12 @@ impl XskDevice {
         if self.ports.len() <= port {
             self.ports.resize_with(port + 1, || None);
         }
-        self.ports[port] = Some(Port { sock, completed: 0 });
-        self.share_fill();
+        self.ports[port] = Some(Port {
+            sock,
+            completed: 0,
+            fill_share,
+        });
         Ok(())
-    }
-
-    /// Half the UMEM waits in fill rings, split evenly between the open ports; the other
-    /// half is for frames in flight (pipeline, TX rings, completions). A ring never holds
-    /// more than its size. A ring above a smaller new share is not topped up until it is
-    /// below it.
-    fn share_fill(&mut self) {
-        let open = self.ports.iter().flatten().count().max(1) as u32;
-        self.fill_share = (self.cfg.frame_count / 2 / open)
-            .max(1)
-            .min(self.cfg.fill_size);
     }
 
     /// The AF_XDP socket of `port`, to insert into the interface's XSKMAP
@@ -164,7 +173,7 @@ impl XskDevice {
             return 0;
         };
         let lent = p.sock.fill.outstanding();
-        let want = self
+        let want = p
             .fill_share
             .saturating_sub(lent)
             .min(self.free.len() as u32);
@@ -302,7 +311,16 @@ impl Device for XskDevice {
         ifindex: u32,
         queue: u32,
     ) -> Result<Option<RawFd>, String> {
-        self.bind(port, ifindex, queue).map_err(|e| e.to_string())?;
+        let opened = self.ports.iter().flatten().count() as u32;
+        if opened >= self.start_ports + self.cfg.runtime_ports {
+            return Err(format!(
+                "no chunks for another port: this device was made for {} ports opened at run time",
+                self.cfg.runtime_ports
+            ));
+        }
+        let share = (super::RUNTIME_PORT_FRAMES / 2).min(self.cfg.fill_size);
+        self.bind(port, ifindex, queue, share)
+            .map_err(|e| e.to_string())?;
         self.refill(port);
         Ok(Some(self.socket_fd(port)))
     }
@@ -357,7 +375,6 @@ impl Device for XskDevice {
         while self.ports.last().is_some_and(Option::is_none) {
             self.ports.pop();
         }
-        self.share_fill();
     }
 
     fn stats(&self) -> DeviceStats {

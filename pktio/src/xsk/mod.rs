@@ -55,6 +55,22 @@ pub struct XskConfig {
     /// Bind in zero-copy mode (`XDP_ZEROCOPY`) instead of copy mode (`XDP_COPY`). Needs a
     /// driver with AF_XDP zero-copy support; veth has none.
     pub zero_copy: bool,
+    /// Ports that may be opened while the device runs (pods): the UMEM holds
+    /// [`RUNTIME_PORT_FRAMES`] more chunks for each, half for its fill ring and half for its
+    /// frames in flight, so opening one never takes chunks from the other ports.
+    pub runtime_ports: u32,
+}
+
+/// Chunks a port opened at run time brings to the UMEM: its fill ring keeps half of them
+/// (a worker burst, 64), the other half covers its frames in flight.
+pub const RUNTIME_PORT_FRAMES: u32 = 128;
+
+impl XskConfig {
+    /// Chunks in the UMEM: `frame_count` for the ports given at start, and
+    /// [`RUNTIME_PORT_FRAMES`] for each port that may be opened later.
+    pub fn umem_frames(&self) -> u64 {
+        u64::from(self.frame_count) + u64::from(self.runtime_ports) * u64::from(RUNTIME_PORT_FRAMES)
+    }
 }
 
 impl Default for XskConfig {
@@ -67,6 +83,7 @@ impl Default for XskConfig {
             fill_size: 2048,
             comp_size: 2048,
             zero_copy: false,
+            runtime_ports: 0,
         }
     }
 }
@@ -81,12 +98,12 @@ impl XskConfig {
                 self.frame_size
             )));
         }
-        if self.frame_count == 0
-            || u64::from(self.frame_count) * u64::from(self.frame_size) > 1 << 32
-        {
+        if self.frame_count == 0 || self.umem_frames() * u64::from(self.frame_size) > 1 << 32 {
             return Err(XskError::Config(format!(
-                "frame_count {} must be at least 1 and the UMEM at most 4 GiB",
-                self.frame_count
+                "frame_count {} (and {} for {} ports opened at run time) must be at least 1 and the UMEM at most 4 GiB",
+                self.frame_count,
+                u64::from(self.runtime_ports) * u64::from(RUNTIME_PORT_FRAMES),
+                self.runtime_ports
             )));
         }
         for (name, size) in [
