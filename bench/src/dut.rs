@@ -717,24 +717,9 @@ impl KxdpProcess {
 
     /// The dataplane's counters (worker 0's, one worker), from its control socket.
     pub fn counters(&self) -> Option<Vec<(String, u64)>> {
-        let mut s = std::os::unix::net::UnixStream::connect(&self.socket).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        nat::wire::write_message(&mut s, &nat::wire::Message::GetStats).ok()?;
-        match nat::wire::read_message(&mut s).ok()? {
-            nat::wire::Message::Stats { workers, .. } => {
-                let mut sum: Vec<(String, u64)> = Vec::new();
-                for w in workers {
-                    for (k, v) in w {
-                        match sum.iter_mut().find(|(sk, _)| *sk == k) {
-                            Some(e) => e.1 += v,
-                            None => sum.push((k, v)),
-                        }
-                    }
-                }
-                Some(sum)
-            }
-            _ => None,
-        }
+        let mut client = ctlclient::Client::connect(&self.socket).ok()?;
+        client.set_timeout(Duration::from_secs(5)).ok()?;
+        Some(client.stats().ok()?.summed())
     }
 
     /// Stops the process (SIGSTOP): its worker stops polling and leaves its core.

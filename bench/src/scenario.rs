@@ -176,7 +176,11 @@ impl ServiceSet {
 
     /// The tables control computes from `objects` (see [`ServiceSet::objects`]).
     pub fn compute(&self, objects: &control::Objects) -> Result<TableSpec, ScenarioError> {
-        Ok(control::compute_tables(objects, NODE, &self.cluster())?)
+        let computed = control::compute_with_warnings(objects, NODE, &self.cluster())?;
+        for w in &computed.warnings {
+            log::warn!("{w}");
+        }
+        Ok(computed.tables)
     }
 
     /// The tables control computes from [`ServiceSet::manifests`].

@@ -15,13 +15,12 @@ use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointSlice};
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPort};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use crate::labels::NAMESPACE_NAME_LABEL;
+
 /// `protocol` of Service, EndpointSlice, NetworkPolicy and container ports.
 pub const PROTOCOL: &str = "TCP";
 /// `sessionAffinityConfig.clientIP.timeoutSeconds` with `sessionAffinity: ClientIP`.
 pub const AFFINITY_TIMEOUT_S: i32 = 10800;
-/// The label the API server puts on every Namespace (NetworkPolicy namespace selectors
-/// match on it).
-pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
 fn default_protocol(p: &mut Option<String>) {
     if matches!(p.as_deref(), None | Some("")) {

@@ -1,9 +1,11 @@
 //! kxdp's control side: Kubernetes objects in, dataplane tables out.
 //!
 //! Objects come from a directory of manifests ([`manifests`]) into a store that applies the
-//! API server's defaults ([`objects`], [`defaults`]); one pure function ([`tables::compute`])
-//! applies kube-proxy's semantics to them and yields a [`nat::spec::TableSpec`], which
-//! [`stream`] sends to `kxdp-dataplane` over its Unix socket. It deliberately handles no
+//! API server's defaults ([`objects`], [`defaults`]); one computation
+//! ([`tables::TableComputer`], from scratch [`tables::compute_with_warnings`]) applies
+//! kube-proxy's semantics to them and yields a [`nat::spec::TableSpec`], which the
+//! [`programmer`] publishes and [`stream`] sends to `kxdp-dataplane` over its Unix socket
+//! ([`ctlclient`]). It deliberately handles no
 //! packets and keeps no dataplane state: the dataplane forwards with its last tables
 //! whether or not control is running. Objects can also come from a live API server
 //! ([`kube_source`], kube-rs watchers that keep the same store). It does not validate
@@ -20,30 +22,27 @@
 
 pub mod cni_conf;
 pub mod defaults;
+pub mod follow;
 pub mod health;
 pub mod kube_source;
+pub mod labels;
 pub mod manifests;
 pub mod metrics;
 pub mod node_announce;
 pub mod objects;
 pub mod policy;
+pub mod programmer;
 pub mod stream;
 pub mod tables;
 pub mod uplink;
+pub mod warning;
 
 pub use k8s_openapi;
 pub use manifests::{
     fingerprint, load_dir, load_text, Fingerprint, Kept, Loaded, ManifestDir, ManifestError,
 };
 pub use objects::{apply_value, Applied, Kind, Object, ObjectError, Objects};
-pub use stream::{Programmer, Stream, StreamError};
-pub use tables::{compute, compute_with_warnings, Computed, Refusals, TableError, Warning};
-
-/// [`tables::compute`] under the name the case runner uses.
-pub fn compute_tables(
-    objects: &Objects,
-    node_name: &str,
-    cluster: &nat::spec::ClusterSpec,
-) -> Result<nat::spec::TableSpec, TableError> {
-    compute(objects, node_name, cluster)
-}
+pub use programmer::Programmer;
+pub use stream::{Stream, StreamError};
+pub use tables::{compute_with_warnings, Computed, Refusals, TableComputer, TableError};
+pub use warning::Warning;

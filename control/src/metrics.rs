@@ -27,13 +27,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use hdrhistogram::Histogram;
 use nat::spec::TableSpec;
-use nat::wire::{self, Message};
 use prometheus_client::encoding::{DescriptorEncoder, EncodeGaugeValue, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::runtime::Handle;
 
 use crate::health::{HttpServer, Reply};
@@ -49,123 +46,11 @@ pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The content type of the OpenMetrics text format prometheus-client writes.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// The largest value a duration distribution keeps apart: one hour, in microseconds.
-/// Longer ones are counted as one hour.
-const MAX_MICROS: u64 = 3_600_000_000;
+mod distribution;
 
-/// kube-proxy's `network_programming_duration_seconds` buckets (0, 0.25 s, 0.5 s, 1–59 s
-/// by 1, 60–115 s by 5, 2–5 min by 30 s), with 1 ms to 100 ms added below 0.25 s.
-pub fn network_programming_buckets() -> Vec<f64> {
-    let mut b = vec![0.0, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5];
-    b.extend((1..=59).map(f64::from));
-    b.extend((0..12).map(|i| 60.0 + 5.0 * f64::from(i)));
-    b.extend((0..7).map(|i| 120.0 + 30.0 * f64::from(i)));
-    b
-}
-
-/// kube-proxy's `sync_proxy_rules_duration_seconds` buckets (1 ms doubling to 16.4 s),
-/// with 100 µs to 500 µs added below.
-pub fn sync_buckets() -> Vec<f64> {
-    let mut b = vec![0.0001, 0.00025, 0.0005];
-    b.extend((0..15).map(|i| 0.001 * f64::from(1u32 << i)));
-    b
-}
-
-/// Queue depth buckets: 1 to 1024 batches, doubling.
-pub fn queue_depth_buckets() -> Vec<f64> {
-    (0..11).map(|i| f64::from(1u32 << i)).collect()
-}
-
-/// A distribution of values kept in an hdrhistogram with its exact sum.
-#[derive(Clone, Debug)]
-pub struct Distribution {
-    histogram: Histogram<u64>,
-    /// Recorded units per exported unit (10⁶ for durations kept in microseconds).
-    scale: f64,
-    sum: f64,
-}
-
-impl Distribution {
-    /// Durations, kept in microseconds up to an hour.
-    pub fn durations() -> Distribution {
-        Distribution {
-            histogram: Histogram::new_with_bounds(1, MAX_MICROS, 3)
-                .expect("valid hdrhistogram bounds"),
-            scale: 1e6,
-            sum: 0.0,
-        }
-    }
-
-    /// Counts, up to a million.
-    pub fn counts() -> Distribution {
-        Distribution {
-            histogram: Histogram::new_with_bounds(1, 1_000_000, 3)
-                .expect("valid hdrhistogram bounds"),
-            scale: 1.0,
-            sum: 0.0,
-        }
-    }
-
-    /// Records a duration (a [`Distribution::durations`]).
-    pub fn record_duration(&mut self, d: Duration) {
-        let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        self.histogram.saturating_record(micros);
-        self.sum += d.as_secs_f64();
-    }
-
-    /// Records a count (a [`Distribution::counts`]).
-    pub fn record_count(&mut self, n: u64) {
-        self.histogram.saturating_record(n);
-        self.sum += n as f64;
-    }
-
-    /// Values recorded.
-    pub fn len(&self) -> u64 {
-        self.histogram.len()
-    }
-
-    /// Whether nothing was recorded.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The value at quantile `q` (0..=1), in exported units (seconds for durations).
-    pub fn quantile(&self, q: f64) -> f64 {
-        self.histogram.value_at_quantile(q) as f64 / self.scale
-    }
-
-    /// The largest value, in exported units.
-    pub fn max(&self) -> f64 {
-        self.histogram.max() as f64 / self.scale
-    }
-
-    /// The sum of the values, in exported units.
-    pub fn sum(&self) -> f64 {
-        self.sum
-    }
-
-    /// The underlying histogram (microseconds for durations).
-    pub fn histogram(&self) -> &Histogram<u64> {
-        &self.histogram
-    }
-
-    /// Per-bucket counts (not cumulative) for `bounds` (ascending, exported units), then
-    /// the `+Inf` bucket, as prometheus-client's encoder takes them.
-    pub fn buckets(&self, bounds: &[f64]) -> Vec<(f64, u64)> {
-        let mut counts = vec![0u64; bounds.len() + 1];
-        for v in self.histogram.iter_recorded() {
-            let value = self.histogram.lowest_equivalent(v.value_iterated_to()) as f64 / self.scale;
-            let i = bounds.partition_point(|b| *b < value);
-            counts[i] += v.count_at_value();
-        }
-        bounds
-            .iter()
-            .copied()
-            .chain([f64::INFINITY])
-            .zip(counts)
-            .collect()
-    }
-}
+pub use distribution::{
+    network_programming_buckets, queue_depth_buckets, sync_buckets, Distribution,
+};
 
 /// Sizes of the tables control last saw applied.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -348,57 +233,26 @@ impl ControlMetrics {
     }
 }
 
-/// The dataplane's answer to `GetStats`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct DataplaneStats {
-    /// Generation of the tables in use.
-    pub generation: u64,
-    /// Tracked connections.
-    pub conntrack: usize,
-    /// Connection table capacity.
-    pub conntrack_capacity: usize,
-    /// Per worker: named counters.
-    pub workers: Vec<Vec<(String, u64)>>,
-    /// NetworkPolicy refusals by `pod ns/name ingress|egress` and `policy ns/name`.
-    pub policy_drops: Vec<(String, u64)>,
-    /// Tables from control the dataplane's validation refused since it started.
-    pub refused_tables: u64,
-}
+pub use ctlclient::DataplaneStats;
 
-/// Asks the dataplane on `socket` for its counters, giving up after `limit`.
+/// Asks the dataplane on `socket` for its counters, giving up after `limit`. The socket's
+/// one client ([`ctlclient`]) blocks, so it runs on a blocking thread, its reads and writes
+/// bounded by `limit` too: an exchange given up on ends by itself.
 pub async fn fetch_dataplane_stats(socket: &Path, limit: Duration) -> io::Result<DataplaneStats> {
-    let exchange = async {
-        let mut conn = tokio::net::UnixStream::connect(socket).await?;
-        conn.write_all(&wire::encode(&Message::GetStats)).await?;
-        let mut header = [0u8; wire::HEADER_LEN];
-        conn.read_exact(&mut header).await?;
-        let len = wire::decode_header(&header).map_err(io::Error::other)?;
-        let mut payload = vec![0u8; len];
-        conn.read_exact(&mut payload).await?;
-        match wire::decode_payload(&payload).map_err(io::Error::other)? {
-            Message::Stats {
-                generation,
-                conntrack,
-                conntrack_capacity,
-                workers,
-                policy_drops,
-                refused_tables,
-            } => Ok(DataplaneStats {
-                generation,
-                conntrack,
-                conntrack_capacity,
-                workers,
-                policy_drops,
-                refused_tables,
-            }),
-            other => Err(io::Error::other(format!(
-                "the dataplane answered GetStats with {other:?}"
-            ))),
-        }
-    };
-    tokio::time::timeout(limit, exchange)
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no answer in {limit:?}")))?
+    let socket = socket.to_owned();
+    let exchange = tokio::task::spawn_blocking(move || {
+        let mut client = ctlclient::Client::connect(&socket)?;
+        client.set_timeout(limit)?;
+        client.stats()
+    });
+    match tokio::time::timeout(limit, exchange).await {
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer in {limit:?}"),
+        )),
+        Ok(Err(gone)) => Err(io::Error::other(gone)),
+        Ok(Ok(answer)) => answer,
+    }
 }
 
 type Labels = Vec<(String, String)>;

@@ -30,14 +30,11 @@ use kube::Api;
 use serde_json::{json, Value};
 
 use crate::kube_source::NodeWatch;
-use crate::tables::{FLANNEL_BACKEND_DATA, FLANNEL_PUBLIC_IP, KXDP_VTEP_IP, KXDP_VTEP_MAC};
+use crate::labels::{
+    FLANNEL_BACKEND_DATA, FLANNEL_BACKEND_TYPE, FLANNEL_KUBE_SUBNET_MANAGER, FLANNEL_PUBLIC_IP,
+    KXDP_VTEP_IP, KXDP_VTEP_MAC,
+};
 use crate::uplink::format_mac;
-
-/// flannel's backend type annotation; `vxlan` for kxdp.
-pub const FLANNEL_BACKEND_TYPE: &str = "flannel.alpha.coreos.com/backend-type";
-/// flannel's marker that the Node's lease is kept by the kube subnet manager; flannel
-/// nodes ignore Nodes without `"true"` here.
-pub const FLANNEL_KUBE_SUBNET_MANAGER: &str = "flannel.alpha.coreos.com/kube-subnet-manager";
 
 /// The field manager kxdp-control's writes are recorded under.
 pub const FIELD_MANAGER: &str = "kxdp-control";

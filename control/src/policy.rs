@@ -41,9 +41,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use nat::spec::{IsolationSpec, PodPolicySpec, PolicySpec, PortRangeSpec, Protocol, RuleSpec};
 
-use crate::defaults::NAMESPACE_NAME_LABEL;
+use crate::labels::NAMESPACE_NAME_LABEL;
 use crate::objects::{namespace_and_name, Objects};
-use crate::tables::Warning;
+use crate::warning::Warning;
 
 /// How a warning about a peer ends.
 const NOTHING: &str = "the peer matches nothing";

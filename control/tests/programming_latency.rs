@@ -22,10 +22,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use control::follow::{Follow, Settle};
 use control::health::{ProxyHealth, DEFAULT_HEALTHZ_TIMEOUT};
 use control::kube_source::{Connection, KubeSource, LAST_CHANGE_TRIGGER_TIME};
 use control::metrics::ControlMetrics;
-use control::stream::{Follow, Settle, Stream};
+use control::stream::Stream;
 use control::{Kind, Programmer};
 use dataplane::state::{Limits, Shared};
 use nat::spec::ClusterSpec;
@@ -309,7 +310,7 @@ fn a_thousand_endpoint_slice_changes_all_reach_the_dataplane() {
                 poll: Duration::from_millis(50),
                 once: false,
             };
-            control::stream::follow(&mut source, &mut programmer, &handle, how, &stop)
+            control::follow::follow(&mut source, &mut programmer, &handle, how, &stop)
                 .expect("follow");
             programmer.latest_generation()
         })
@@ -367,8 +368,8 @@ fn a_thousand_endpoint_slice_changes_all_reach_the_dataplane() {
         ms(0.9),
         ms(0.99),
         latency.max() * 1e3,
-        control::stream::SETTLE_QUIET,
-        control::stream::SETTLE_MAX,
+        control::follow::SETTLE_QUIET,
+        control::follow::SETTLE_MAX,
     );
     let sync = &snapshot.sync_duration;
     let _ = writeln!(

@@ -149,7 +149,9 @@ spec: {type: NodePort, clusterIP: 172.30.0.41, ports: [{name: http, port: 80, no
     let mut errors = Vec::new();
     control::load_text(&mut objects, "test.yaml", yaml, &mut errors);
     assert!(errors.is_empty(), "{errors:?}");
-    control::compute(&objects, "node-a", &ClusterSpec::default()).expect("tables")
+    control::compute_with_warnings(&objects, "node-a", &ClusterSpec::default())
+        .expect("tables")
+        .tables
 }
 
 #[test]

@@ -15,10 +15,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use control::follow::{Follow, Settle};
 use control::health::{HealthCheckPort, ProxyHealth, ServiceHealthServers};
 use control::kube_source::{Change, Connection, KubeSource};
 use control::metrics::ControlMetrics;
-use control::stream::{Follow, Progress, Settle, Stream, StreamError};
+use control::stream::{Progress, Stream, StreamError};
 use control::Programmer;
 use ipnet::IpNet;
 use nat::spec::ClusterSpec;
@@ -75,10 +76,10 @@ struct Args {
     poll_ms: u64,
     /// A burst of API changes is computed once no change has arrived for this long, in
     /// milliseconds.
-    #[arg(long, default_value_t = control::stream::SETTLE_QUIET.as_millis() as u64)]
+    #[arg(long, default_value_t = control::follow::SETTLE_QUIET.as_millis() as u64)]
     settle_ms: u64,
     /// ... and at the latest this long after its first change, in milliseconds.
-    #[arg(long, default_value_t = control::stream::SETTLE_MAX.as_millis() as u64)]
+    #[arg(long, default_value_t = control::follow::SETTLE_MAX.as_millis() as u64)]
     settle_max_ms: u64,
     /// Where /healthz and /livez answer, as kube-proxy's (IP:PORT; "" turns them off).
     /// Default when watching the API server: 127.0.0.1:10256 (kube-proxy's port, but
@@ -435,7 +436,7 @@ fn run(args: Args) -> Result<()> {
             };
             // Runs until the process is killed; the dataplane keeps its tables meanwhile.
             let stop = AtomicBool::new(false);
-            control::stream::follow(&mut source, &mut programmer, runtime.handle(), how, &stop)
+            control::follow::follow(&mut source, &mut programmer, runtime.handle(), how, &stop)
                 .map_err(Into::into)
         }
     }

@@ -2,8 +2,16 @@
 //! (pkg/proxy/iptables/proxier_test.go, pkg/proxy/topology_test.go): objects in, the
 //! categorised endpoint lists and frontends out.
 
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use nat::spec::{ClusterSpec, EndpointSpec, FrontendKind, Protocol, ServiceSpec, TableSpec};
+
+use super::service::family_name;
 use super::*;
 use crate::manifests::load_text;
+use crate::objects::Objects;
+use crate::warning::Warning;
 
 /// node-a (zone-a, dual-stack) is the node under test; node-b (zone-b) announces flannel
 /// data; node-c (zone-a) announces none.
@@ -657,7 +665,8 @@ fn bad_addresses_are_warnings_not_failures() {
 #[test]
 fn unknown_node_is_an_error() {
     let objects = Objects::default();
-    let err = compute(&objects, "nope", &ClusterSpec::default()).expect_err("no node");
+    let err =
+        compute_with_warnings(&objects, "nope", &ClusterSpec::default()).expect_err("no node");
     assert!(err.to_string().contains("no Node object named nope"));
 }
 
@@ -685,7 +694,9 @@ spec:
     let mut errors = Vec::new();
     crate::manifests::load_text(&mut objects, "np.yaml", text, &mut errors);
     let node_ports = |cluster: &ClusterSpec| -> Vec<String> {
-        let t = compute(&objects, "node-a", cluster).unwrap();
+        let t = compute_with_warnings(&objects, "node-a", cluster)
+            .unwrap()
+            .tables;
         t.services[0]
             .frontends
             .iter()
@@ -805,7 +816,12 @@ fn incremental_computation_equals_from_scratch_and_recomputes_only_what_changed(
     let cluster = ClusterSpec::default();
     let mut computer = TableComputer::new("node-a", cluster.clone());
     let mut last = computer.compute(&objects).expect("node-a").tables;
-    assert_eq!(last, compute(&objects, "node-a", &cluster).unwrap());
+    assert_eq!(
+        last,
+        compute_with_warnings(&objects, "node-a", &cluster)
+            .unwrap()
+            .tables
+    );
     let mut errors = Vec::new();
     // Each step: a change, and the Service ports expected in the delta.
     type Change = Box<dyn Fn(&mut Objects, &mut Vec<crate::manifests::ManifestError>) -> usize>;

@@ -772,15 +772,14 @@ fn ask_udp(s: &UdpSocket) -> Result<String> {
 
 /// Sends one request to the dataplane and returns its answer.
 fn ask(socket: &Path, msg: &Message) -> Result<Message> {
-    let mut s = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
+    let mut client = ctlclient::Client::connect(socket).with_context(|| {
         format!(
             "connect to {} (is kxdp-dataplane running?)",
             socket.display()
         )
     })?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    wire::write_message(&mut s, msg)?;
-    match wire::read_message(&mut s)? {
+    client.set_timeout(Duration::from_secs(5))?;
+    match client.ask(msg)? {
         Message::Refused { reason } => bail!("the dataplane refused: {reason}"),
         answer => Ok(answer),
     }

@@ -372,7 +372,8 @@ impl World {
     /// (checked against the computation from scratch), the first time sent whole, then as
     /// deltas from the last tables sent.
     fn sync(&mut self) -> Result<(), String> {
-        let spec = control::compute_tables(&self.objects, &self.node, &self.cluster)
+        let spec = control::compute_with_warnings(&self.objects, &self.node, &self.cluster)
+            .map(|c| c.tables)
             .map_err(|e| format!("compute tables: {e}"))?;
         let incremental = self
             .computer
