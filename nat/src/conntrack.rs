@@ -1277,6 +1277,54 @@ mod tests {
     }
 
     #[test]
+    fn streams_taken_up_mid_way_yield_until_answered() {
+        use crate::timeouts::{self, State, SECOND};
+        let (tcp, ack, syn) = (crate::packet::PROTO_TCP, 0x10, 0x02);
+        let ct = Conntrack::new(32);
+        // A full table of streams taken up without a SYN (a spoofed ACK flood), one a
+        // second; the last 8 are answered.
+        for s in 0..32u16 {
+            let state = timeouts::initial(tcp, ack);
+            let now = s as u64 * SECOND;
+            ct.insert_with_state(conn(s), state as u8, now, timeouts::timeout(tcp, state))
+                .unwrap();
+        }
+        let now = 40 * SECOND;
+        for s in 24..32u16 {
+            let hit = ct.get(&conn(s).reply, now).unwrap();
+            assert_eq!(State::from_u8(hit.state), State::PickedUp);
+            let state = timeouts::next(tcp, State::PickedUp, hit.dir, ack);
+            assert_eq!(state, State::Established);
+            assert!(ct.update(&hit, state as u8, now + timeouts::timeout(tcp, state)));
+        }
+        // New handshakes take the unanswered ones' places, the earliest seen first; the
+        // answered ones keep theirs.
+        let state = timeouts::initial(tcp, syn);
+        for s in 100..124u16 {
+            let got = ct
+                .insert_evicting(
+                    conn(s),
+                    state as u8,
+                    now,
+                    timeouts::timeout(tcp, state),
+                    timeouts::last_seen,
+                )
+                .unwrap();
+            assert_eq!(got.evicted, 1, "{s}");
+        }
+        assert!((0..24).all(|s| ct.get(&conn(s).original, now).is_none()));
+        assert!((24..32).all(|s| ct.get(&conn(s).original, now).is_some()));
+        assert!((100..124).all(|s| ct.get(&conn(s).original, now).is_some()));
+        // Unanswered, one lives 300 s from its last packet, not a day.
+        let hit = ct.get(&conn(100).original, now).unwrap();
+        assert_eq!(hit.expires, now + 5 * SECOND, "a SYN gets 5 s");
+        assert_eq!(
+            timeouts::timeout(tcp, timeouts::initial(tcp, ack)),
+            300 * SECOND
+        );
+    }
+
+    #[test]
     fn evicting_a_hit_spares_a_connection_that_moved_on_or_was_replaced() {
         let ct = Conntrack::new(4);
         ct.insert_with_state(conn(1), 1, 0, 10).unwrap();
