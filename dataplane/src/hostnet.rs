@@ -20,7 +20,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Mutex;
 
 use ipnet::{IpNet, Ipv4Net};
-use netconf::netlink::{Link, Netlink, RTPROT_KERNEL};
+use netconf::netlink::{Ipv4DevConf, Link, Netlink, RTPROT_KERNEL};
 
 /// The link-scope address of the kernel's end: never a source (the routes name the
 /// node's), there so that the reverse-path check accepts packets kxdp hands over from the
@@ -115,14 +115,6 @@ pub enum HostPairError {
         /// The kernel's answer.
         source: io::Error,
     },
-    /// A sysctl that could not be written.
-    #[error("host pair: write {path}: {source}")]
-    Sysctl {
-        /// The file under /proc/sys.
-        path: String,
-        /// Why not.
-        source: io::Error,
-    },
 }
 
 fn netlink_error(what: impl Into<String>) -> impl FnOnce(io::Error) -> HostPairError {
@@ -148,14 +140,25 @@ impl HostPair {
         spec.validate()?;
         let mut nl = Netlink::open().map_err(netlink_error("open a route-netlink socket"))?;
         let (kernel, kxdp) = Self::create(&mut nl, spec)?;
+        // Through route netlink, not /proc/sys: a DaemonSet container that is not privileged
+        // has CAP_NET_ADMIN but /proc/sys mounted read-only.
+        //
         // kxdp's answers to a host process's NodePort connection come from the node's own
         // address (the NodePort's) to the node's own address: the kernel accepts such a
         // packet only where accept_local is set.
-        sysctl(&spec.kernel_end, "accept_local", "1")?;
+        //
         // Packets for the node that kxdp hands over arrive here while the kernel's route
         // back to their source may be the uplink: loose reverse-path filtering (RFC 3704).
         // The kernel applies the larger of this and conf/all, and 2 is the largest.
-        sysctl(&spec.kernel_end, "rp_filter", "2")?;
+        //
+        // IPv6 needs neither: it has no reverse-path filter of its own and accepts a local
+        // source address on any interface.
+        let settings = [(Ipv4DevConf::AcceptLocal, 1), (Ipv4DevConf::RpFilter, 2)];
+        nl.set_ipv4_conf(kernel.index, &settings)
+            .map_err(netlink_error(format!(
+                "set {}'s accept_local=1 and rp_filter=2",
+                kernel.name
+            )))?;
         for link in [&kernel, &kxdp] {
             // kxdp rewrites with incremental checksums and never segments: the kernel must
             // hand it whole frames with full checksums.
@@ -405,12 +408,6 @@ pub fn node_addresses(ifname: &str) -> Result<Vec<IpAddr>, HostPairError> {
 
 fn is_veth(link: &Link) -> bool {
     link.kind.as_deref() == Some("veth")
-}
-
-/// Writes `value` to `/proc/sys/net/ipv4/conf/<ifname>/<key>`.
-fn sysctl(ifname: &str, key: &str, value: &str) -> Result<(), HostPairError> {
-    let path = format!("/proc/sys/net/ipv4/conf/{ifname}/{key}");
-    std::fs::write(&path, value).map_err(|source| HostPairError::Sysctl { path, source })
 }
 
 fn libc_enodev() -> i32 {

@@ -282,10 +282,44 @@ struct Dataplane {
 
 impl Dataplane {
     fn start(ns: &NetnsGuard, args: &[&str]) -> Dataplane {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", ns.name()])
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns.name()])
             .arg(env!("CARGO_BIN_EXE_kxdp-dataplane"))
-            .args(args)
+            .args(args);
+        Self::spawn(cmd)
+    }
+
+    /// Started as a container runtime starts a container that is not privileged, as far as
+    /// sysctls go: `/proc/sys` mounted read-only. The read-only bind is made in a mount
+    /// namespace of the child's own (`unshare --mount --propagation private`), so the
+    /// machine's `/proc/sys` is never touched; that writes there do fail is checked first.
+    fn start_with_proc_sys_read_only(ns: &NetnsGuard, args: &[&str]) -> Dataplane {
+        let script = format!(
+            "mount --bind -o ro /proc/sys /proc/sys || exit 1; \
+             if test -w /proc/sys/net/ipv4/conf/all/accept_local; then \
+               echo 'test set-up: /proc/sys is still writable' >&2; exit 1; fi; \
+             exec ip netns exec {} \"$@\"",
+            ns.name()
+        );
+        let mut cmd = Command::new("unshare");
+        cmd.args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &script,
+            "sh",
+        ])
+        .arg(env!("CARGO_BIN_EXE_kxdp-dataplane"))
+        .args(args);
+        Self::spawn(cmd)
+    }
+
+    /// Runs `cmd` (which ends by exec'ing the dataplane, so that its pid is the
+    /// dataplane's) with stderr gathered.
+    fn spawn(mut cmd: Command) -> Dataplane {
+        let mut child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -354,7 +388,7 @@ impl Dataplane {
 
 impl Drop for Dataplane {
     fn drop(&mut self) {
-        // Ended by its pid only (ip netns exec execs the dataplane in place), if it still
+        // Ended by its pid only (ip netns exec, unshare and sh exec the dataplane in place), if it still
         // runs (a failed test).
         if let Ok(None) = self.child.try_wait() {
             let _ = Command::new("kill")
@@ -521,4 +555,41 @@ fn dataplane_sets_up_its_host_pair_routes_it_by_the_tables_and_removes_it() {
     let links = ns.ip(&["-o", "link", "show"]).unwrap();
     assert!(!links.contains("kxhost"), "{links}");
     assert!(!ns.ip(&["route", "show"]).unwrap().contains("10.244."));
+}
+
+#[test]
+fn dataplane_sets_up_its_host_pair_with_proc_sys_read_only() {
+    if !root() {
+        return;
+    }
+    let ns = node("kxhn-ro");
+    uplink(&ns, "2");
+    let sock = socket("kxhn-ro");
+    let mut dp = Dataplane::start_with_proc_sys_read_only(
+        &ns,
+        &[
+            "--uplink",
+            "up1",
+            "--host-pair",
+            "kxhost",
+            "--workers",
+            "2",
+            "--pin",
+            "false",
+            "--frames",
+            "1024",
+            "--idle-sleep-us",
+            "1000",
+            "--socket",
+            sock.to_str().unwrap(),
+        ],
+    );
+    let running = dp.wait_for("kxdp-dataplane running");
+    if running {
+        // accept_local and rp_filter included, read back outside the read-only mount.
+        check_pair(&ns, "kxhost", "kxhost-xdp", 2);
+    }
+    let (ok, log) = dp.stop();
+    assert!(running && ok, "{log}");
+    assert!(log.contains("host pair kxhost/kxhost-xdp deleted"), "{log}");
 }
