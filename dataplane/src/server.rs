@@ -783,7 +783,8 @@ fn answer_query(msg: Message, shared: &Shared, epoch: Instant) -> Message {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{Limits, PortConfig, PortRole};
+    use crate::ports::{PortConfig, PortRole};
+    use crate::state::Limits;
 
     /// Sends a snapshot of `generation` on `s` and returns the answer.
     fn send_snapshot(s: &mut UnixStream, generation: u64) -> Message {

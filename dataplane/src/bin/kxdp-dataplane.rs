@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use dataplane::state::{Limits, PortConfig, PortRole, Shared};
+use dataplane::ports::{PortConfig, PortRole};
+use dataplane::state::{Limits, Shared};
 use dataplane::worker::Worker;
 use pktio::xsk::{self, XdpMode, XdpProgram, XskConfig, XskDevice};
 
@@ -422,7 +423,7 @@ fn run(args: Args) -> Result<()> {
         bail!("pod interfaces set up twice");
     }
     if let Some(up) = &args.uplink {
-        let routes = dataplane::state::UplinkRoutes::from_kernel(up);
+        let routes = dataplane::routes::UplinkRoutes::from_kernel(up);
         if routes.is_empty() {
             log::warn!("no route through {up} in this namespace: traffic leaving the cluster goes to the router outside traffic last came from");
         }
@@ -748,7 +749,7 @@ impl Plan {
             return;
         }
         let limits = shared.limits.clone();
-        let sync = move |t: &dataplane::state::Tables| {
+        let sync = move |t: &dataplane::tables::Tables| {
             if let Some((uplink, mac)) = &uplink {
                 let want = dataplane::steering::uplink_filter(t, &limits, *mac);
                 if let Err(e) = uplink.replace_tables(&want) {
