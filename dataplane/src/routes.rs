@@ -1,7 +1,7 @@
 //! Where a packet leaving this node goes next: the node's own routes out of the uplink
 //! (for traffic leaving the cluster) and the other nodes' pod networks behind the overlay.
-//! Both are plain lookups built elsewhere: the uplink's from the kernel's route files at
-//! start; the other nodes' from control's spec, with each table
+//! Both are plain lookups built elsewhere: the uplink's from the text of the kernel's route
+//! files, which the binary reads; the other nodes' from control's spec, with each table
 //! generation.
 
 use std::collections::HashMap;
@@ -41,13 +41,11 @@ impl UplinkRoutes {
         UplinkRoutes { routes }
     }
 
-    /// Reads the routes through `ifname` from `/proc/net/route` and `/proc/net/ipv6_route`
-    /// (this network namespace's); a file that cannot be read gives no routes.
-    pub fn from_kernel(ifname: &str) -> UplinkRoutes {
-        let v4 = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
-        let v6 = std::fs::read_to_string("/proc/net/ipv6_route").unwrap_or_default();
-        let mut routes = UplinkRoutes::parse(&v4, ifname).routes;
-        routes.extend(UplinkRoutes::parse_v6(&v6, ifname).routes);
+    /// The routes through `ifname` in the text of this network namespace's
+    /// `/proc/net/route` and `/proc/net/ipv6_route` (the binary reads them).
+    pub fn from_proc(route: &str, ipv6_route: &str, ifname: &str) -> UplinkRoutes {
+        let mut routes = UplinkRoutes::parse(route, ifname).routes;
+        routes.extend(UplinkRoutes::parse_v6(ipv6_route, ifname).routes);
         UplinkRoutes::of(routes)
     }
 
@@ -243,5 +241,26 @@ fd001024400000000000000000000000 30 00000000000000000000000000000000 00 00000000
         );
         assert_eq!(r.routes.len(), 2, "{r:?}");
         assert_eq!(r.next_hop(ip("192.0.2.1")), None);
+    }
+
+    #[test]
+    fn both_families_from_the_kernels_route_files_text() {
+        // /proc/net/route: a connected 192.168.0.0/24 and a default route via .1 on the
+        // uplink, and a route through another interface.
+        let v4 = "\
+Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
+kxup0\t00000000\t0100A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0
+kxup0\t0000A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
+kxhost\t0000F40A\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0
+";
+        let v6 = "\
+00000000000000000000000000000000 00 00000000000000000000000000000000 00 fe800000000000000000000000000001 00000400 00000001 00000000 00000003 kxup0
+";
+        let r = UplinkRoutes::from_proc(v4, v6, "kxup0");
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(r.next_hop(ip("192.168.0.7")), Some(ip("192.168.0.7")));
+        assert_eq!(r.next_hop(ip("10.244.0.5")), Some(ip("192.168.0.1")));
+        assert_eq!(r.next_hop(ip("2001:db8::9")), Some(ip("fe80::1")));
+        assert_eq!(r.routes.len(), 3, "{r:?}");
     }
 }

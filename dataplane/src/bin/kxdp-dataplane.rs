@@ -423,7 +423,10 @@ fn run(args: Args) -> Result<()> {
         bail!("pod interfaces set up twice");
     }
     if let Some(up) = &args.uplink {
-        let routes = dataplane::routes::UplinkRoutes::from_kernel(up);
+        // This namespace's routes; a file that cannot be read gives none.
+        let read = |path| std::fs::read_to_string(path).unwrap_or_default();
+        let (v4, v6) = (read("/proc/net/route"), read("/proc/net/ipv6_route"));
+        let routes = dataplane::routes::UplinkRoutes::from_proc(&v4, &v6, up);
         if routes.is_empty() {
             log::warn!("no route through {up} in this namespace: traffic leaving the cluster goes to the router outside traffic last came from");
         }
