@@ -113,7 +113,8 @@ fn random_seed() -> u64 {
     std::collections::hash_map::RandomState::new().hash_one(0x6b78_6470u64)
 }
 
-/// Everything the workers of one dataplane share.
+/// What the workers of one dataplane read as they forward: its fields are on the packet
+/// path, but for [`Shared::server`], which holds what only the server and the binary use.
 pub struct Shared {
     /// The current tables.
     pub tables: ArcSwap<Tables>,
@@ -142,10 +143,19 @@ pub struct Shared {
     pub host: Option<usize>,
     /// The node's routes out of the uplink, for traffic leaving the cluster.
     pub uplink_routes: ArcSwap<UplinkRoutes>,
-    /// NetworkPolicy drop counters by name (`pod ns/name ingress`, `policy ns/name`).
-    pub policy_drops: Mutex<BTreeMap<String, Arc<AtomicU64>>>,
     /// The flow monitor's rings.
     pub monitor: crate::monitor::Monitor,
+    /// What the server and the binary own; never read per packet.
+    pub server: ServerState,
+}
+
+/// The part of [`Shared`] that the control socket's server and the binary own: how tables
+/// are installed and refused, the handover, the pod interfaces. No worker reads it.
+#[derive(Default)]
+pub struct ServerState {
+    /// NetworkPolicy drop counters by name (`pod ns/name ingress`, `policy ns/name`); each
+    /// table generation holds those of its policy by index ([`PolicyDrops`]).
+    pub policy_drops: Mutex<BTreeMap<String, Arc<AtomicU64>>>,
     /// Tables control sent that failed validation (refused whole, with a reason).
     pub refused_tables: AtomicU64,
     /// Called with every newly installed table whose frontends, node or cluster settings
@@ -158,6 +168,18 @@ pub struct Shared {
     /// Attaches and detaches pod interfaces at run time (set by the binary, which owns
     /// the interfaces; absent in memory).
     pub pods: std::sync::OnceLock<crate::pods::PodPorts>,
+}
+
+impl ServerState {
+    /// Sets the hook called with newly installed tables, or (`None`) drops it.
+    pub fn set_install_hook(&self, hook: Option<InstallHook>) {
+        *self.on_install.lock().unwrap_or_else(|e| e.into_inner()) = hook;
+    }
+
+    /// Sends handover requests to `main` from now on.
+    pub fn set_handover(&self, main: std::sync::mpsc::Sender<crate::handover::Successor>) {
+        *self.handover.lock().unwrap_or_else(|e| e.into_inner()) = Some(main);
+    }
 }
 
 impl Shared {
@@ -177,13 +199,9 @@ impl Shared {
             ports: crate::ports::Ports::new(ports.clone(), workers, ports.len() + limits.max_pods),
             counters: (0..workers).map(|_| Published::default()).collect(),
             limits,
-            policy_drops: Mutex::new(BTreeMap::new()),
             uplink_routes: ArcSwap::from_pointee(UplinkRoutes::default()),
             monitor: crate::monitor::Monitor::new(workers),
-            handover: Mutex::new(None),
-            pods: std::sync::OnceLock::new(),
-            on_install: Mutex::new(None),
-            refused_tables: AtomicU64::new(0),
+            server: ServerState::default(),
         }
     }
 
@@ -233,7 +251,7 @@ impl Shared {
         drop(current);
         let mut tables = tables;
         if policy_changed {
-            tables.policy_drops = PolicyDrops::build(&tables.policy, &self.policy_drops);
+            tables.policy_drops = PolicyDrops::build(&tables.policy, &self.server.policy_drops);
         }
         self.swap_in_built(tables, filter);
         Ok(DeltaOutcome::Applied { retire })
@@ -245,7 +263,7 @@ impl Shared {
     }
 
     fn swap_in(&self, mut tables: Tables, filter: bool) {
-        tables.policy_drops = PolicyDrops::build(&tables.policy, &self.policy_drops);
+        tables.policy_drops = PolicyDrops::build(&tables.policy, &self.server.policy_drops);
         self.swap_in_built(tables, filter);
     }
 
@@ -258,6 +276,7 @@ impl Shared {
             return;
         }
         if let Some(hook) = self
+            .server
             .on_install
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -269,7 +288,11 @@ impl Shared {
 
     /// The NetworkPolicy drop counters that are not zero, by name.
     pub fn policy_drop_counts(&self) -> Vec<(String, u64)> {
-        let reg = self.policy_drops.lock().unwrap_or_else(|e| e.into_inner());
+        let reg = self
+            .server
+            .policy_drops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         reg.iter()
             .map(|(k, v)| (k.clone(), v.load(Ordering::Relaxed)))
             .filter(|(_, v)| *v > 0)

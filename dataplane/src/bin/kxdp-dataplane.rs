@@ -419,7 +419,7 @@ fn run(args: Args) -> Result<()> {
             }
         }
     }
-    if shared.pods.set(pods).is_err() {
+    if shared.server.pods.set(pods).is_err() {
         bail!("pod interfaces set up twice");
     }
     if let Some(up) = &args.uplink {
@@ -482,7 +482,7 @@ fn run(args: Args) -> Result<()> {
         );
     }
     let (handover_tx, handover_rx) = std::sync::mpsc::channel();
-    *shared.handover.lock().unwrap_or_else(|e| e.into_inner()) = Some(handover_tx);
+    shared.server.set_handover(handover_tx);
     let deadline = Duration::from_millis(args.handover_deadline_ms);
     // Conntrack expiry off the workers' path; a successor's handover request.
     let mut sweep_from = 0;
@@ -520,7 +520,7 @@ fn run(args: Args) -> Result<()> {
         // A fifth of the table per 200 ms tick: every entry looked at once a second, and
         // no tick walks a million entries (about 90 ms of a core when most are live).
         let now = epoch.elapsed().as_nanos() as u64;
-        if let Some(pods) = shared.pods.get() {
+        if let Some(pods) = shared.server.pods.get() {
             pods.prune(&shared, now);
         }
         let slice = shared.conntrack.capacity().div_ceil(5);
@@ -609,9 +609,9 @@ impl Attachment {
             let _ = h.join();
         }
         // The install hook holds the uplink's program and the host redirect.
-        *shared.on_install.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        shared.server.set_install_hook(None);
         drop(self.programs);
-        if let Some(pods) = shared.pods.get() {
+        if let Some(pods) = shared.server.pods.get() {
             pods.release();
         }
     }
@@ -714,7 +714,7 @@ impl Plan {
         }
         // Pod interfaces attached at run time (found at start, or attached before a
         // handover that failed): the new workers open them, then they are steered.
-        if let Some(pods) = shared.pods.get() {
+        if let Some(pods) = shared.server.pods.get() {
             pods.reattach(shared, self.epoch.elapsed().as_nanos() as u64);
         }
         Ok(Attachment {
@@ -772,7 +772,7 @@ impl Plan {
             }
         };
         sync(&shared.tables.load());
-        *shared.on_install.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(sync));
+        shared.server.set_install_hook(Some(Box::new(sync)));
     }
 }
 
