@@ -17,7 +17,8 @@
 use std::time::{Duration, Instant};
 
 use control::objects::{apply_value, Objects};
-use dataplane::state::{Limits, PortConfig, PortRole, Shared};
+use dataplane::ports::{PortConfig, PortRole};
+use dataplane::state::{Limits, Shared};
 use nat::spec::ClusterSpec;
 use nat::wire::{self, Message};
 use serde_json::json;

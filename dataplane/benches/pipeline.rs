@@ -28,7 +28,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use dataplane::pipeline::SECOND;
-use dataplane::state::{Limits, PortConfig, PortRole, Shared};
+use dataplane::ports::{PortConfig, PortRole};
+use dataplane::state::{Limits, Shared};
 use dataplane::worker::{Worker, BURST};
 use etherparse::PacketBuilder;
 use nat::spec::*;

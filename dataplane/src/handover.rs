@@ -29,8 +29,9 @@ use std::time::{Duration, Instant};
 use nat::conntrack::{Connection, FlowKey};
 use nat::wire::{self, HandedConnection, Message};
 
+use crate::neighbors::Neighbor;
 use crate::server::Peer;
-use crate::state::{Neighbor, Shared};
+use crate::state::Shared;
 
 /// How long the running process waits for its successor's word after sending the state.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(10);

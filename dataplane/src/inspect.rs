@@ -8,7 +8,7 @@ use nat::spec::Protocol;
 use nat::tables::{Decision, FrontendKey};
 use nat::wire::{ExplainedPath, ExplainedVerdict};
 
-use crate::state::Tables;
+use crate::tables::Tables;
 
 /// Why a connection cannot be explained.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

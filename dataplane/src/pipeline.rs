@@ -24,7 +24,10 @@ use smoltcp::wire::{
 
 use crate::counters::{Counters, DropReason};
 use crate::monitor::{EventKind, FlowEvent};
-use crate::state::{Neighbor, PortRole, Shared, Tables};
+use crate::neighbors::Neighbor;
+use crate::ports::PortRole;
+use crate::state::Shared;
+use crate::tables::Tables;
 
 /// One second in the pipeline's clock unit (nanoseconds).
 pub const SECOND: u64 = timeouts::SECOND;
@@ -1091,7 +1094,7 @@ impl Pipeline<'_> {
         h: &mut Headers,
         frame: Frame,
         in_port: PortId,
-        r: crate::state::RemoteRoute,
+        r: crate::routes::RemoteRoute,
         c: &mut Counters,
     ) -> Outcome {
         let (Some(overlay), Some(up)) = (&self.tables.overlay, self.shared.uplink) else {
@@ -1365,7 +1368,7 @@ impl Pipeline<'_> {
             } else {
                 (
                     node_v4.map(|_| Ipv4Addr::UNSPECIFIED),
-                    node_v6.map(|_| crate::state::uplink_link_local(cfg.mac)),
+                    node_v6.map(|_| crate::neighbors::uplink_link_local(cfg.mac)),
                 )
             };
             let Some(mut f) = dev.alloc() else {
@@ -1425,7 +1428,7 @@ impl Pipeline<'_> {
             l.and_then(|l| <[u8; 6]>::try_from(l.as_bytes()).ok())
                 .unwrap_or(eth_src)
         };
-        let own_link_local = crate::state::uplink_link_local(cfg.mac);
+        let own_link_local = crate::neighbors::uplink_link_local(cfg.mac);
         let learn = |ip: Ipv6Addr, mac: [u8; 6]| {
             let ip = IpAddr::V6(ip);
             let ours = match cfg.role {
@@ -1586,7 +1589,7 @@ impl Pipeline<'_> {
         }
         self.shared
             .neighbors
-            .expire(self.now, 10 * crate::state::NEIGHBOR_REFRESH);
+            .expire(self.now, 10 * crate::neighbors::NEIGHBOR_REFRESH);
     }
 }
 

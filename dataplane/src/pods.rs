@@ -23,7 +23,8 @@ use pktio::xsk::{self, XdpMode, XdpProgram};
 use pktio::PortId;
 
 use crate::ports::{PodAttachment, Port};
-use crate::state::{PortConfig, PortRole, Shared};
+use crate::ports::{PortConfig, PortRole};
+use crate::state::Shared;
 
 /// The alias prefix `kxdp-cni` writes on a pod's host interface.
 pub const ALIAS_PREFIX: &str = "kxdp-cni ";

@@ -20,7 +20,32 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use pktio::PortId;
 
-use crate::state::PortConfig;
+/// What a port is attached to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortRole {
+    /// The node's link to the rest of the network.
+    Uplink,
+    /// The host side of a pod's veth.
+    Pod,
+    /// kxdp's end of the veth pair to the node's own kernel (the host network): host
+    /// processes reach pods and Services through it, and the node's addresses are reached
+    /// through it.
+    Host,
+}
+
+/// A port of the dataplane, the same on every worker (each worker has its own queue on it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortConfig {
+    /// Interface name.
+    pub name: String,
+    /// Its role.
+    pub role: PortRole,
+    /// Its MAC address: the source of every frame the dataplane sends there.
+    pub mac: [u8; 6],
+    /// Its MTU (IP packet size); the overlay's inner MTU is this less
+    /// [`crate::vxlan::VXLAN_OVERHEAD`] on the uplink.
+    pub mtu: u16,
+}
 
 /// A port attached at run time: the pod it belongs to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -365,7 +390,6 @@ impl Ports {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::PortRole;
 
     fn cfg(name: &str, role: PortRole) -> PortConfig {
         PortConfig {

@@ -453,7 +453,7 @@ fn connection(
 
 /// A CNI plugin's request to attach or detach a pod interface.
 fn pod_request(msg: Message, shared: &Shared, epoch: Instant) -> Message {
-    let Some(pods) = shared.pods.get() else {
+    let Some(pods) = shared.server.pods.get() else {
         return Message::Refused {
             reason: "this dataplane attaches no pod interfaces at run time".into(),
         };
@@ -506,6 +506,7 @@ fn handle_table_or(msg: Message, shared: &Shared, epoch: Instant) -> (Message, b
 
 fn refuse(shared: &Shared, reason: String) -> Message {
     shared
+        .server
         .refused_tables
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     log::error!("refusing {reason}; keeping the tables in use");
@@ -582,6 +583,7 @@ fn handover(mut stream: UnixStream, shared: &Shared, version: u32, peer: Peer) -
         );
     }
     let main = shared
+        .server
         .handover
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -729,6 +731,7 @@ fn answer_query(msg: Message, shared: &Shared, epoch: Instant) -> Message {
             workers: shared.counters.iter().map(|p| p.read().named()).collect(),
             policy_drops: shared.policy_drop_counts(),
             refused_tables: shared
+                .server
                 .refused_tables
                 .load(std::sync::atomic::Ordering::Relaxed),
         },
@@ -783,7 +786,8 @@ fn answer_query(msg: Message, shared: &Shared, epoch: Instant) -> Message {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{Limits, PortConfig, PortRole};
+    use crate::ports::{PortConfig, PortRole};
+    use crate::state::Limits;
 
     /// Sends a snapshot of `generation` on `s` and returns the answer.
     fn send_snapshot(s: &mut UnixStream, generation: u64) -> Message {
@@ -934,7 +938,7 @@ for frame in sys.argv[2:]:
         let shared = Arc::new(Shared::new(vec![], 1, Limits::default()));
         // What a handover request would reach: the main thread, which stops forwarding.
         let (to_main, at_main) = std::sync::mpsc::channel();
-        *shared.handover.lock().unwrap() = Some(to_main);
+        *shared.server.handover.lock().unwrap() = Some(to_main);
         let path = socket_path("group");
         let access = Access {
             group: Some(65534),
@@ -1205,6 +1209,7 @@ for frame in sys.argv[2:]:
         assert_eq!(shared.tables.load().generation, 1, "the tables in use stay");
         assert_eq!(
             shared
+                .server
                 .refused_tables
                 .load(std::sync::atomic::Ordering::Relaxed),
             1
@@ -1337,6 +1342,7 @@ for frame in sys.argv[2:]:
         assert_eq!(shared.tables.load().generation, 2);
         assert_eq!(
             shared
+                .server
                 .refused_tables
                 .load(std::sync::atomic::Ordering::Relaxed),
             1

@@ -9,7 +9,8 @@ use ipnet::IpNet;
 use nat::spec::{FrontendKind, Protocol};
 use pktio::xsk::{FilterTables, Protocol as XdpProtocol};
 
-use crate::state::{Limits, Tables};
+use crate::state::Limits;
+use crate::tables::Tables;
 
 /// The uplink filter's tables for `t`:
 /// - every Service address that is not a node address (ClusterIPs, load-balancer and
@@ -22,7 +23,7 @@ use crate::state::{Limits, Tables};
 ///   resolves its next hops on the uplink with ARP probes (RFC 5227, sender 0.0.0.0),
 ///   whose replies are addressed to 0.0.0.0 — the kernel's own ARP stays the kernel's;
 /// - neighbour discovery for kxdp's own link-local address on the uplink
-///   ([`crate::state::uplink_link_local`] of `uplink_mac`): kxdp solicits its IPv6 next
+///   ([`crate::neighbors::uplink_link_local`] of `uplink_mac`): kxdp solicits its IPv6 next
 ///   hops from it, so their advertisements come back to it, and answers for it.
 pub fn uplink_filter(t: &Tables, limits: &Limits, uplink_mac: [u8; 6]) -> FilterTables {
     let mut f = FilterTables::default();
@@ -59,7 +60,7 @@ pub fn uplink_filter(t: &Tables, limits: &Limits, uplink_mac: [u8; 6]) -> Filter
     f.vxlan_port = t.spec.cluster.vxlan_port;
     f.owned.insert(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
     f.owned
-        .insert(IpAddr::V6(crate::state::uplink_link_local(uplink_mac)));
+        .insert(IpAddr::V6(crate::neighbors::uplink_link_local(uplink_mac)));
     f
 }
 

@@ -34,7 +34,9 @@ use std::sync::Arc;
 
 use dataplane::counters::DropReason;
 use dataplane::pipeline::{HOLD_TIME, SECOND};
-use dataplane::state::{Limits, PortConfig, PortRole, Shared, UplinkRoutes};
+use dataplane::ports::{PortConfig, PortRole};
+use dataplane::routes::UplinkRoutes;
+use dataplane::state::{Limits, Shared};
 use dataplane::worker::Worker;
 use fuzzgen::layout::*;
 use fuzzgen::{check_frame, hex, Checked, Palette, Rng, Src, VxlanId};

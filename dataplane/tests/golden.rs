@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use dataplane::counters::DropReason;
 use dataplane::pipeline::SECOND;
-use dataplane::state::{Limits, PortConfig, PortRole, Shared};
+use dataplane::ports::{PortConfig, PortRole};
+use dataplane::state::{Limits, Shared};
 use dataplane::worker::Worker;
 use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
 use nat::spec::*;
@@ -1079,7 +1080,7 @@ fn routed_node() -> Worker<MemDevice> {
     let shared = shared();
     shared
         .uplink_routes
-        .store(Arc::new(dataplane::state::UplinkRoutes::new(vec![(
+        .store(Arc::new(dataplane::routes::UplinkRoutes::new(vec![(
             "0.0.0.0/0".parse().unwrap(),
             Some("192.168.0.1".parse().unwrap()),
         )])));

@@ -31,7 +31,8 @@ use std::sync::Arc;
 
 use dataplane::counters::DropReason;
 use dataplane::pipeline::SECOND;
-use dataplane::state::{Limits, PortConfig, PortRole, Shared};
+use dataplane::ports::{PortConfig, PortRole};
+use dataplane::state::{Limits, Shared};
 use dataplane::worker::{Worker, BURST};
 use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
 use nat::spec::*;

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use dataplane::state::{Limits, PortConfig, PortRole, Shared};
+use dataplane::ports::{PortConfig, PortRole};
+use dataplane::state::{Limits, Shared};
 use dataplane::worker::Worker;
 use pktio::xsk::{self, XdpMode, XdpProgram, XskConfig, XskDevice};
 
@@ -442,11 +443,14 @@ fn run(args: Args) -> Result<()> {
             }
         }
     }
-    if shared.pods.set(pods).is_err() {
+    if shared.server.pods.set(pods).is_err() {
         bail!("pod interfaces set up twice");
     }
     if let Some(up) = &args.uplink {
-        let routes = dataplane::state::UplinkRoutes::from_kernel(up);
+        // This namespace's routes; a file that cannot be read gives none.
+        let read = |path| std::fs::read_to_string(path).unwrap_or_default();
+        let (v4, v6) = (read("/proc/net/route"), read("/proc/net/ipv6_route"));
+        let routes = dataplane::routes::UplinkRoutes::from_proc(&v4, &v6, up);
         if routes.is_empty() {
             log::warn!("no route through {up} in this namespace: traffic leaving the cluster goes to the router outside traffic last came from");
         }
@@ -503,7 +507,7 @@ fn run(args: Args) -> Result<()> {
         );
     }
     let (handover_tx, handover_rx) = std::sync::mpsc::channel();
-    *shared.handover.lock().unwrap_or_else(|e| e.into_inner()) = Some(handover_tx);
+    shared.server.set_handover(handover_tx);
     let deadline = Duration::from_millis(args.handover_deadline_ms);
     // Conntrack expiry off the workers' path; a successor's handover request.
     let mut sweep_from = 0;
@@ -541,7 +545,7 @@ fn run(args: Args) -> Result<()> {
         // A fifth of the table per 200 ms tick: every entry looked at once a second, and
         // no tick walks a million entries (about 90 ms of a core when most are live).
         let now = epoch.elapsed().as_nanos() as u64;
-        if let Some(pods) = shared.pods.get() {
+        if let Some(pods) = shared.server.pods.get() {
             pods.prune(&shared, now);
         }
         let slice = shared.conntrack.capacity().div_ceil(5);
@@ -635,9 +639,9 @@ impl Attachment {
             let _ = h.join();
         }
         // The install hook holds the uplink's program and the host redirect.
-        *shared.on_install.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        shared.server.set_install_hook(None);
         drop(self.programs);
-        if let Some(pods) = shared.pods.get() {
+        if let Some(pods) = shared.server.pods.get() {
             pods.release();
         }
     }
@@ -740,7 +744,7 @@ impl Plan {
         }
         // Pod interfaces attached at run time (found at start, or attached before a
         // handover that failed): the new workers open them, then they are steered.
-        if let Some(pods) = shared.pods.get() {
+        if let Some(pods) = shared.server.pods.get() {
             pods.reattach(shared, self.epoch.elapsed().as_nanos() as u64);
         }
         Ok(Attachment {
@@ -779,7 +783,7 @@ impl Plan {
             return;
         }
         let limits = shared.limits.clone();
-        let sync = move |t: &dataplane::state::Tables| {
+        let sync = move |t: &dataplane::tables::Tables| {
             if let Some((uplink, mac)) = &uplink {
                 let want = dataplane::steering::uplink_filter(t, &limits, *mac);
                 if let Err(e) = uplink.replace_tables(&want) {
@@ -810,7 +814,7 @@ impl Plan {
             }
         };
         sync(&shared.tables.load());
-        *shared.on_install.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(sync));
+        shared.server.set_install_hook(Some(Box::new(sync)));
     }
 }
 

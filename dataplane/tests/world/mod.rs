@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use dataplane::counters::DropReason;
 use dataplane::pipeline::SECOND;
-use dataplane::state::{Limits, PortConfig, PortRole, Shared};
+use dataplane::ports::{PortConfig, PortRole};
+use dataplane::state::{Limits, Shared};
 use dataplane::worker::Worker;
 use etherparse::PacketBuilder;
 use nat::packet::{self, Headers};
@@ -322,7 +323,7 @@ impl World {
         // The node's default route, as kxdp-dataplane reads it from the kernel.
         shared
             .uplink_routes
-            .store(Arc::new(dataplane::state::UplinkRoutes::new(vec![(
+            .store(Arc::new(dataplane::routes::UplinkRoutes::new(vec![(
                 "0.0.0.0/0".parse().expect("literal"),
                 Some(ROUTER_IP.into()),
             )])));
