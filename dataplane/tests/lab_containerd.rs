@@ -637,7 +637,11 @@ fn churn_leaves_a_long_connection_flowing_and_nothing_behind() {
     let failed = failed.into_inner().unwrap();
     if !failed.is_empty() {
         a.dump_logs();
-        panic!("{} of 200 churned containers failed:\n{}", failed.len(), failed.join("\n"));
+        panic!(
+            "{} of 200 churned containers failed:\n{}",
+            failed.len(),
+            failed.join("\n")
+        );
     }
     assert!(
         Instant::now() < hold_end,
