@@ -217,23 +217,25 @@ impl Containerd {
             let from = system_plugin(p).expect("checked by available()");
             std::fs::copy(from, dir.join("bin").join(p)).unwrap();
         }
-        let plugin_conf = serde_json::json!({
-            "type": "kxdp",
-            "mtu": 1450,
-            "queues": 1,
-            "dataplaneSocket": cni.dataplane_socket,
-            "stateDir": dir.join("cni-state"),
-            "ipam": {
-                "type": "host-local",
-                "dataDir": dir.join("host-local"),
-                "ranges": [[{"subnet": cni.pod_cidr}]],
+        // The conflist kxdp-control writes for a node (control::cni_conf), with this
+        // test's network name and its own state folders: the one deploy/ installs is the
+        // one containerd and host-local are shown to take.
+        let rendered = control::cni_conf::render(
+            &[cni.pod_cidr.parse().expect("the lab's podCIDR")],
+            &control::cni_conf::CniConf {
+                mtu: 1450,
+                queues: 1,
+                dataplane_socket: cni.dataplane_socket.clone(),
             },
-        });
-        let conflist = serde_json::json!({
-            "cniVersion": "1.0.0",
-            "name": NETWORK,
-            "plugins": [plugin_conf.clone()],
-        });
+        )
+        .expect("a conflist for a node with a podCIDR");
+        let mut conflist: serde_json::Value =
+            serde_json::from_str(&rendered).expect("the rendered conflist is JSON");
+        conflist["name"] = NETWORK.into();
+        let plugin = &mut conflist["plugins"][0];
+        plugin["stateDir"] = serde_json::json!(dir.join("cni-state"));
+        plugin["ipam"]["dataDir"] = serde_json::json!(dir.join("host-local"));
+        let plugin_conf = plugin.clone();
         std::fs::write(
             dir.join("net.d/10-kxdp.conflist"),
             serde_json::to_string_pretty(&conflist).unwrap(),
