@@ -608,22 +608,29 @@ fn churn_leaves_a_long_connection_flowing_and_nothing_behind() {
     // `ctr run --rm` runs the DEL.
     let seen: std::sync::Mutex<BTreeSet<IpAddr>> = Default::default();
     let failed: std::sync::Mutex<Vec<String>> = Default::default();
+    let io_lost = std::sync::atomic::AtomicUsize::new(0);
     std::thread::scope(|s| {
         for t in 0..10 {
-            let (ctrd, target, seen, failed) = (&ctrd, &target, &seen, &failed);
+            let (ctrd, target, seen, failed, io_lost) = (&ctrd, &target, &seen, &failed, &io_lost);
             s.spawn(move || {
                 for k in 0..20 {
                     let id = format!("churn-{t}-{k}");
-                    let out = ctrd.run_once(
-                        &id,
-                        &["/bin/kxdp", "call", "--to", target, "--timeout-ms", "3000"],
-                    );
+                    let call = ["/bin/kxdp", "call", "--to", target, "--timeout-ms", "3000"];
+                    let mut out = ctrd.run_once(&id, &call);
+                    // ctr 1.6 sometimes loses a short task's output (its FIFO is read after
+                    // the task has exited): nothing on stdout or stderr. That cycle is run
+                    // again as another container, and such losses are counted.
+                    if out.stdout.is_empty() && out.stderr.is_empty() {
+                        io_lost.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        out = ctrd.run_once(&format!("{id}-again"), &call);
+                    }
                     let got = json_lines(&out.stdout);
                     let ok = out.status.success()
                         && answers(&got).first().map(|a| a.0.as_str()) == Some("default/target");
                     if !ok {
                         failed.lock().unwrap().push(format!(
-                            "{id}: {}\n{got:?}",
+                            "{id}: {} {}\n{got:?}",
+                            out.status,
                             String::from_utf8_lossy(&out.stderr)
                         ));
                         continue;
@@ -634,6 +641,11 @@ fn churn_leaves_a_long_connection_flowing_and_nothing_behind() {
             });
         }
     });
+    let io_lost = io_lost.into_inner();
+    assert!(
+        io_lost <= 5,
+        "ctr lost the output of {io_lost} churned containers: more than its occasional race"
+    );
     let failed = failed.into_inner().unwrap();
     if !failed.is_empty() {
         a.dump_logs();
