@@ -37,32 +37,93 @@ pub struct PodPorts {
     programs: Mutex<HashMap<PortId, XdpProgram>>,
 }
 
-/// What a pod interface looks like in sysfs.
-fn read_sys(ifname: &str, what: &str) -> Result<String, String> {
-    if ifname.is_empty() || ifname.contains('/') || ifname.len() > 15 || ifname.starts_with('.') {
-        return Err(format!("{ifname:?} is not an interface name"));
-    }
+/// Why an interface's sysfs attributes could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum SysfsError {
+    /// Not a name an interface can have.
+    #[error("{0:?} is not an interface name")]
+    Name(String),
+    /// The attribute's file could not be read.
+    #[error("read {path} (does {ifname} exist in this namespace?)")]
+    Read {
+        /// The file.
+        path: String,
+        /// The interface.
+        ifname: String,
+        /// What the kernel said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file does not hold what it should.
+    #[error("{ifname}: {text:?} is not {what}")]
+    Value {
+        /// The interface.
+        ifname: String,
+        /// What the file held.
+        text: String,
+        /// What it should have held.
+        what: &'static str,
+    },
+}
+
+/// What an interface looks like in sysfs.
+fn read_sys(ifname: &str, what: &str) -> Result<String, SysfsError> {
     let path = format!("/sys/class/net/{ifname}/{what}");
     std::fs::read_to_string(&path)
         .map(|s| s.trim().to_string())
-        .map_err(|e| format!("read {path}: {e}"))
+        .map_err(|source| SysfsError::Read {
+            path,
+            ifname: ifname.to_string(),
+            source,
+        })
+}
+
+/// The MAC address of interface `ifname` in this namespace.
+pub fn mac_of(ifname: &str) -> Result<[u8; 6], SysfsError> {
+    let text = read_sys(ifname, "address")?;
+    let bad = || SysfsError::Value {
+        ifname: ifname.to_string(),
+        text: text.clone(),
+        what: "a MAC address",
+    };
+    let bytes: Vec<u8> = text
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()
+        .map_err(|_| bad())?;
+    bytes.try_into().map_err(|_| bad())
+}
+
+/// The MTU of interface `ifname` in this namespace.
+pub fn mtu_of(ifname: &str) -> Result<u16, SysfsError> {
+    let text = read_sys(ifname, "mtu")?;
+    text.parse().map_err(|_| SysfsError::Value {
+        ifname: ifname.to_string(),
+        text: text.clone(),
+        what: "an MTU",
+    })
+}
+
+/// `e` with its causes, on one line (for a refusal's reason).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 /// The configuration of the pod interface `ifname` in this namespace.
 fn pod_config(ifname: &str) -> Result<(PortConfig, u32), String> {
-    let mac_text = read_sys(ifname, "address")?;
-    let bytes: Vec<u8> = mac_text
-        .split(':')
-        .map(|b| u8::from_str_radix(b, 16))
-        .collect::<Result<_, _>>()
-        .map_err(|_| format!("{ifname}: {mac_text:?} is not a MAC address"))?;
-    let mac: [u8; 6] = bytes
-        .try_into()
-        .map_err(|_| format!("{ifname}: {mac_text:?} is not a MAC address"))?;
-    let mtu_text = read_sys(ifname, "mtu")?;
-    let mtu: u16 = mtu_text
-        .parse()
-        .map_err(|_| format!("{ifname}: MTU {mtu_text:?}"))?;
+    // The name comes from a CNI plugin: nothing but an interface's name goes into a path.
+    if ifname.is_empty() || ifname.contains('/') || ifname.len() > 15 || ifname.starts_with('.') {
+        return Err(SysfsError::Name(ifname.to_string()).to_string());
+    }
+    let mac = mac_of(ifname).map_err(|e| with_causes(&e))?;
+    let mtu = mtu_of(ifname).map_err(|e| with_causes(&e))?;
     let ifindex = xsk::ifindex(ifname).map_err(|e| e.to_string())?;
     Ok((
         PortConfig {

@@ -208,21 +208,7 @@ fn port_range(s: &str) -> Result<(u16, u16), String> {
 }
 
 fn mac_of(ifname: &str) -> Result<[u8; 6]> {
-    let path = format!("/sys/class/net/{ifname}/address");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("read {path}: does {ifname} exist in this namespace?"))?;
-    let bytes: Vec<u8> = text
-        .trim()
-        .split(':')
-        .map(|b| u8::from_str_radix(b, 16))
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("{path}: not a MAC address"))?;
-    let mut mac = [0u8; 6];
-    if bytes.len() != 6 {
-        bail!("{path}: not a MAC address");
-    }
-    mac.copy_from_slice(&bytes);
-    Ok(mac)
+    Ok(dataplane::pods::mac_of(ifname)?)
 }
 
 /// The host redirect for the host pair whose kxdp end is `host`: redirecting to its peer
@@ -256,11 +242,7 @@ fn host_redirect(host: &str, uplink: Option<&str>) -> Result<pktio::xsk::HostRed
 }
 
 fn mtu_of(ifname: &str) -> Result<u16> {
-    let path = format!("/sys/class/net/{ifname}/mtu");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
-    text.trim()
-        .parse()
-        .with_context(|| format!("{path}: not an MTU"))
+    Ok(dataplane::pods::mtu_of(ifname)?)
 }
 
 fn main() -> std::process::ExitCode {
