@@ -18,7 +18,6 @@
 //! Node's podCIDRs ([`cni_conf`]).
 
 #![forbid(unsafe_code)]
-#![warn(missing_docs)]
 
 pub mod cni_conf;
 pub mod defaults;

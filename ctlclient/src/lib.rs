@@ -12,7 +12,6 @@
 //! thread.
 
 #![forbid(unsafe_code)]
-#![warn(missing_docs)]
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;

@@ -367,6 +367,7 @@ pub struct ExplainedVerdict {
     pub allowed_by: Option<String>,
 }
 
+/// Why a frame of the control stream was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
     /// The first bytes are not `KXDP`: the peer is not a kxdp control stream.

@@ -450,25 +450,19 @@ mod tests {
     fn bad_layouts_are_refused() {
         let map = mapping::<u64>(4, 0, 0);
         // SAFETY: nothing else uses the mapping.
-        assert!(
-            unsafe { ProdRing::<u64>::new(map, LAYOUT, 3) }.is_none(),
-            "not a power of two"
-        );
+        let refused = unsafe { ProdRing::<u64>::new(map, LAYOUT, 3) }.is_none();
+        assert!(refused, "not a power of two");
         let map = mapping::<u64>(4, 0, 0);
         // SAFETY: as above.
-        assert!(
-            unsafe { ProdRing::<u64>::new(map, LAYOUT, 1 << 20) }.is_none(),
-            "too big"
-        );
+        let refused = unsafe { ProdRing::<u64>::new(map, LAYOUT, 1 << 20) }.is_none();
+        assert!(refused, "too big");
         let map = mapping::<u64>(4, 0, 0);
         let odd = RingLayout {
             consumer: 66,
             ..LAYOUT
         };
         // SAFETY: as above.
-        assert!(
-            unsafe { ConsRing::<u64>::new(map, odd, 4) }.is_none(),
-            "misaligned"
-        );
+        let refused = unsafe { ConsRing::<u64>::new(map, odd, 4) }.is_none();
+        assert!(refused, "misaligned");
     }
 }
