@@ -270,6 +270,9 @@ impl Shared {
     /// Swaps `tables` in, then (when `filter`: frontends or the node may have changed)
     /// tells the install hook.
     fn swap_in_built(&self, tables: Tables, filter: bool) {
+        // Before workers see the generation, so the monitor can name its policies.
+        self.monitor
+            .tables_in_use(tables.generation, &tables.policy);
         let tables = Arc::new(tables);
         self.tables.store(tables.clone());
         if !filter {
