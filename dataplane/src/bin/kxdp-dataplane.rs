@@ -425,7 +425,8 @@ fn run(args: Args) -> Result<()> {
             }
         }
     }
-    if shared.server.pods.set(pods).is_err() {
+    let server = Arc::new(dataplane::server::ServerState::new(access));
+    if server.pods.set(pods).is_err() {
         bail!("pod interfaces set up twice");
     }
     if let Some(up) = &args.uplink {
@@ -449,6 +450,7 @@ fn run(args: Args) -> Result<()> {
         cores,
         idle_sleep: Duration::from_micros(args.idle_sleep_us),
         epoch,
+        server: server.clone(),
     };
     let takeover_started = Instant::now();
     let mut attached = if args.takeover {
@@ -475,7 +477,7 @@ fn run(args: Args) -> Result<()> {
     if let Some(dir) = args.socket.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    dataplane::server::serve_with(&args.socket, shared.clone(), epoch, access)
+    dataplane::server::serve_with(&args.socket, shared.clone(), epoch, server.clone())
         .with_context(|| format!("serve the control socket {}", args.socket.display()))?;
     log::info!(
         "kxdp-dataplane running: {} ports, {workers} workers, control socket {}",
@@ -489,7 +491,7 @@ fn run(args: Args) -> Result<()> {
         );
     }
     let (handover_tx, handover_rx) = std::sync::mpsc::channel();
-    shared.server.set_handover(handover_tx);
+    server.set_handover(handover_tx);
     let deadline = Duration::from_millis(args.handover_deadline_ms);
     // Conntrack expiry off the workers' path; a successor's handover request.
     let mut sweep_from = 0;
@@ -527,7 +529,7 @@ fn run(args: Args) -> Result<()> {
         // A fifth of the table per 200 ms tick: every entry looked at once a second, and
         // no tick walks a million entries (about 90 ms of a core when most are live).
         let now = epoch.elapsed().as_nanos() as u64;
-        if let Some(pods) = shared.server.pods.get() {
+        if let Some(pods) = server.pods.get() {
             pods.prune(&shared, now);
         }
         let slice = shared.conntrack.capacity().div_ceil(5);
@@ -602,6 +604,8 @@ struct Plan {
     cores: Vec<Option<usize>>,
     idle_sleep: Duration,
     epoch: Instant,
+    /// The control socket's server: its pod interfaces are attached with the rest.
+    server: Arc<dataplane::server::ServerState>,
 }
 
 /// The interfaces as this process holds them: XDP programs, AF_XDP sockets (owned by the
@@ -610,6 +614,7 @@ struct Attachment {
     programs: Vec<Arc<XdpProgram>>,
     workers: Vec<std::thread::JoinHandle<()>>,
     stop: Arc<AtomicBool>,
+    server: Arc<dataplane::server::ServerState>,
 }
 
 impl Attachment {
@@ -621,9 +626,9 @@ impl Attachment {
             let _ = h.join();
         }
         // The install hook holds the uplink's program and the host redirect.
-        shared.server.set_install_hook(None);
+        shared.installs.set_install_hook(None);
         drop(self.programs);
-        if let Some(pods) = shared.server.pods.get() {
+        if let Some(pods) = self.server.pods.get() {
             pods.release();
         }
     }
@@ -718,6 +723,7 @@ impl Plan {
                         programs,
                         workers: handles,
                         stop,
+                        server: self.server.clone(),
                     }
                     .release(shared);
                     return Err(e).context(format!("start worker {w}"));
@@ -726,13 +732,14 @@ impl Plan {
         }
         // Pod interfaces attached at run time (found at start, or attached before a
         // handover that failed): the new workers open them, then they are steered.
-        if let Some(pods) = shared.server.pods.get() {
+        if let Some(pods) = self.server.pods.get() {
             pods.reattach(shared, self.epoch.elapsed().as_nanos() as u64);
         }
         Ok(Attachment {
             programs,
             workers: handles,
             stop,
+            server: self.server.clone(),
         })
     }
 
@@ -796,7 +803,7 @@ impl Plan {
             }
         };
         sync(&shared.tables.load());
-        shared.server.set_install_hook(Some(Box::new(sync)));
+        shared.installs.set_install_hook(Some(Box::new(sync)));
     }
 }
 
