@@ -82,86 +82,133 @@ drop_reasons! {
     NoHeadroom => "no_headroom",
 }
 
-/// One worker's counters. Only that worker writes them.
-#[derive(Clone, Debug)]
-#[repr(align(64))]
-pub struct Counters {
-    /// Frames received.
-    pub rx: u64,
-    /// Frames transmitted (forwarded or built).
-    pub tx: u64,
-    /// Bytes of the frames received (Ethernet frames without FCS).
-    pub rx_bytes: u64,
-    /// Bytes of the frames transmitted.
-    pub tx_bytes: u64,
-    /// ARP requests and IPv6 neighbour solicitations answered.
-    pub arp_replies: u64,
-    /// ARP requests and neighbour solicitations sent to resolve a neighbour.
-    pub arp_requests: u64,
-    /// New Service connections translated.
-    pub nat_new: u64,
-    /// Packets of tracked connections translated.
-    pub nat_hits: u64,
-    /// Connections rejected for lack of endpoints (ICMP / RST sent).
-    pub rejects: u64,
-    /// Packets routed without translation.
-    pub routed: u64,
-    /// Packets sent into the overlay (VXLAN encapsulated).
-    pub encapsulated: u64,
-    /// Packets taken out of the overlay.
-    pub decapsulated: u64,
-    /// ICMP fragmentation-needed / packet-too-big sent.
-    pub too_big: u64,
-    /// ICMP time exceeded sent (a TTL ran out here).
-    pub time_exceeded: u64,
-    /// Echo requests to the pods' gateway answered.
-    pub echo_replies: u64,
-    /// New pod connections masqueraded out of the cluster (ipMasq).
-    pub masqueraded_out: u64,
-    /// Packets for the node's own addresses handed to its kernel (host port).
-    pub to_host: u64,
-    /// New untranslated connections of local pods tracked (with their policy verdict).
-    pub tracked_new: u64,
-    /// New connections of local pods, isolated by no policy, forwarded untracked because
-    /// the connection table refused them (full, or their reply tuple taken).
-    pub untracked: u64,
-    /// Connections evicted to make room for a new one, as the kernel's `early_drop`: not
-    /// assured (handshake unfinished, datagrams one way) or expired unswept, when the table
-    /// or a tuple's index windows were full or every masquerade port tried was taken.
-    pub conntrack_early_drop: u64,
-    /// Drops, indexed by [`DropReason`].
-    pub drops: [u64; DropReason::COUNT],
-    /// The device's own counters (TX ring full, pool empty, the kernel's XDP statistics),
-    /// refreshed at housekeeping.
-    pub device: pktio::DeviceStats,
+/// Declares every counter once. A plain counter is one line (its doc and field): its name in
+/// `kxdp stats` and in control's metrics (`kxdp_worker_<name>`, but for `rx`/`tx` and
+/// `rx_bytes`/`tx_bytes`, which control labels by direction) is the field's name. A device
+/// counter is its [`pktio::DeviceStats`] field and its published name. From this one list
+/// come the struct, its `Default`, [`Counters::named`] and the published slots, all in one
+/// order, so a value can never be read under another counter's name.
+macro_rules! counters {
+    (
+        plain { $($(#[doc = $doc:literal])* $field:ident,)* }
+        device { $($dev:ident => $dev_name:literal,)* }
+    ) => {
+        /// One worker's counters. Only that worker writes them.
+        #[derive(Clone, Debug)]
+        #[repr(align(64))]
+        pub struct Counters {
+            $($(#[doc = $doc])* pub $field: u64,)*
+            /// Drops, indexed by [`DropReason`].
+            pub drops: [u64; DropReason::COUNT],
+            /// The device's own counters (TX ring full, pool empty, the kernel's XDP
+            /// statistics), refreshed at housekeeping; those named in `device { .. }` are
+            /// published.
+            pub device: pktio::DeviceStats,
+        }
+
+        impl Default for Counters {
+            fn default() -> Self {
+                Counters {
+                    $($field: 0,)*
+                    drops: [0; DropReason::COUNT],
+                    device: pktio::DeviceStats::default(),
+                }
+            }
+        }
+
+        /// The plain counters, then one per drop reason, then the device's: the order of
+        /// [`Counters::named`] and of the published slots.
+        const SLOTS: usize = [$(stringify!($field),)*].len()
+            + DropReason::COUNT
+            + [$($dev_name,)*].len();
+
+        impl Counters {
+            /// Every published value, in slot order.
+            fn slots(&self) -> impl Iterator<Item = u64> {
+                [$(self.$field,)*]
+                    .into_iter()
+                    .chain(self.drops)
+                    .chain([$(self.device.$dev,)*])
+            }
+
+            /// Every published value's place, in slot order.
+            fn slots_mut(&mut self) -> impl Iterator<Item = &mut u64> {
+                let Counters { $($field,)* drops, device } = self;
+                [$($field,)*]
+                    .into_iter()
+                    .chain(drops.iter_mut())
+                    .chain([$(&mut device.$dev,)*])
+            }
+
+            /// Every published value's name (in `kxdp stats` and, through control, in the
+            /// metrics), in slot order.
+            fn slot_names() -> impl Iterator<Item = String> {
+                [$(stringify!($field),)*]
+                    .into_iter()
+                    .map(str::to_string)
+                    .chain(DropReason::ALL.iter().map(|r| format!("drop_{}", r.label())))
+                    .chain([$($dev_name,)*].into_iter().map(str::to_string))
+            }
+        }
+    };
 }
 
-impl Default for Counters {
-    fn default() -> Self {
-        Counters {
-            rx: 0,
-            tx: 0,
-            rx_bytes: 0,
-            tx_bytes: 0,
-            arp_replies: 0,
-            arp_requests: 0,
-            nat_new: 0,
-            nat_hits: 0,
-            rejects: 0,
-            routed: 0,
-            encapsulated: 0,
-            decapsulated: 0,
-            too_big: 0,
-            time_exceeded: 0,
-            echo_replies: 0,
-            masqueraded_out: 0,
-            to_host: 0,
-            tracked_new: 0,
-            untracked: 0,
-            conntrack_early_drop: 0,
-            drops: [0; DropReason::COUNT],
-            device: pktio::DeviceStats::default(),
-        }
+counters! {
+    plain {
+        /// Frames received.
+        rx,
+        /// Frames transmitted (forwarded or built).
+        tx,
+        /// Bytes of the frames received (Ethernet frames without FCS).
+        rx_bytes,
+        /// Bytes of the frames transmitted.
+        tx_bytes,
+        /// ARP requests and IPv6 neighbour solicitations answered.
+        arp_replies,
+        /// ARP requests and neighbour solicitations sent to resolve a neighbour.
+        arp_requests,
+        /// New Service connections translated.
+        nat_new,
+        /// Packets of tracked connections translated.
+        nat_hits,
+        /// Connections rejected for lack of endpoints (ICMP / RST sent).
+        rejects,
+        /// Packets routed without translation.
+        routed,
+        /// Packets sent into the overlay (VXLAN encapsulated).
+        encapsulated,
+        /// Packets taken out of the overlay.
+        decapsulated,
+        /// ICMP fragmentation-needed / packet-too-big sent.
+        too_big,
+        /// ICMP time exceeded sent (a TTL ran out here).
+        time_exceeded,
+        /// Echo requests to the pods' gateway answered.
+        echo_replies,
+        /// New pod connections masqueraded out of the cluster (ipMasq).
+        masqueraded_out,
+        /// Packets for the node's own addresses handed to its kernel (host port).
+        to_host,
+        /// New untranslated connections of local pods tracked (with their policy verdict).
+        tracked_new,
+        /// New connections of local pods, isolated by no policy, forwarded untracked because
+        /// the connection table refused them (full, or their reply tuple taken).
+        untracked,
+        /// Connections evicted to make room for a new one, as the kernel's `early_drop`: not
+        /// assured (handshake unfinished, datagrams one way) or expired unswept, when the table
+        /// or a tuple's index windows were full or every masquerade port tried was taken.
+        conntrack_early_drop,
+    }
+    device {
+        tx_ring_full => "dev_tx_ring_full",
+        alloc_failed => "dev_alloc_failed",
+        wakeups => "dev_wakeups",
+        kernel_rx_dropped => "kernel_rx_dropped",
+        kernel_rx_ring_full => "kernel_rx_ring_full",
+        kernel_rx_invalid => "kernel_rx_invalid",
+        kernel_tx_invalid => "kernel_tx_invalid",
+        kernel_fill_empty => "kernel_fill_empty",
+        frames_lost => "dev_frames_lost",
     }
 }
 
@@ -177,58 +224,16 @@ impl Counters {
         self.drops.iter().sum()
     }
 
-    /// Named values, for the stats message and printing.
+    /// Named values, for the stats message and printing: the plain counters, then
+    /// `drop_<reason>` for each [`DropReason`], then the device's.
     pub fn named(&self) -> Vec<(String, u64)> {
-        let mut out = vec![
-            ("rx".to_string(), self.rx),
-            ("tx".to_string(), self.tx),
-            ("rx_bytes".to_string(), self.rx_bytes),
-            ("tx_bytes".to_string(), self.tx_bytes),
-            ("arp_replies".to_string(), self.arp_replies),
-            ("arp_requests".to_string(), self.arp_requests),
-            ("nat_new".to_string(), self.nat_new),
-            ("nat_hits".to_string(), self.nat_hits),
-            ("rejects".to_string(), self.rejects),
-            ("routed".to_string(), self.routed),
-            ("encapsulated".to_string(), self.encapsulated),
-            ("decapsulated".to_string(), self.decapsulated),
-            ("too_big".to_string(), self.too_big),
-            ("time_exceeded".to_string(), self.time_exceeded),
-            ("echo_replies".to_string(), self.echo_replies),
-            ("masqueraded_out".to_string(), self.masqueraded_out),
-            ("to_host".to_string(), self.to_host),
-            ("tracked_new".to_string(), self.tracked_new),
-            ("untracked".to_string(), self.untracked),
-            (
-                "conntrack_early_drop".to_string(),
-                self.conntrack_early_drop,
-            ),
-        ];
-        for r in DropReason::ALL {
-            out.push((format!("drop_{}", r.label()), self.drops[*r as usize]));
-        }
-        let d = &self.device;
-        out.extend([
-            ("dev_tx_ring_full".to_string(), d.tx_ring_full),
-            ("dev_alloc_failed".to_string(), d.alloc_failed),
-            ("dev_wakeups".to_string(), d.wakeups),
-            ("kernel_rx_dropped".to_string(), d.kernel_rx_dropped),
-            ("kernel_rx_ring_full".to_string(), d.kernel_rx_ring_full),
-            ("kernel_rx_invalid".to_string(), d.kernel_rx_invalid),
-            ("kernel_tx_invalid".to_string(), d.kernel_tx_invalid),
-            ("kernel_fill_empty".to_string(), d.kernel_fill_empty),
-            ("dev_frames_lost".to_string(), d.frames_lost),
-        ]);
-        out
+        Counters::slot_names().zip(self.slots()).collect()
     }
 }
 
-const FIXED: usize = 20;
-const DEVICE: usize = 9;
-
 /// Where a worker publishes its counters for readers on other threads.
 pub struct Published {
-    values: [AtomicU64; FIXED + DropReason::COUNT + DEVICE],
+    values: [AtomicU64; SLOTS],
 }
 
 impl Default for Published {
@@ -242,91 +247,17 @@ impl Default for Published {
 impl Published {
     /// Copies `c` out (Relaxed: each value is independent and only ever grows).
     pub fn publish(&self, c: &Counters) {
-        let fixed = [
-            c.rx,
-            c.tx,
-            c.arp_replies,
-            c.arp_requests,
-            c.nat_new,
-            c.nat_hits,
-            c.rejects,
-            c.routed,
-            c.encapsulated,
-            c.decapsulated,
-            c.too_big,
-            c.tracked_new,
-            c.untracked,
-            c.time_exceeded,
-            c.echo_replies,
-            c.masqueraded_out,
-            c.to_host,
-            c.rx_bytes,
-            c.tx_bytes,
-            c.conntrack_early_drop,
-        ];
-        let d = &c.device;
-        let device = [
-            d.tx_ring_full,
-            d.alloc_failed,
-            d.wakeups,
-            d.kernel_rx_dropped,
-            d.kernel_rx_ring_full,
-            d.kernel_rx_invalid,
-            d.kernel_tx_invalid,
-            d.kernel_fill_empty,
-            d.frames_lost,
-        ];
-        let all = fixed.iter().chain(c.drops.iter()).chain(device.iter());
-        for (slot, v) in self.values.iter().zip(all) {
-            slot.store(*v, Ordering::Relaxed);
+        for (slot, v) in self.values.iter().zip(c.slots()) {
+            slot.store(v, Ordering::Relaxed);
         }
     }
 
     /// Reads the last published values.
     pub fn read(&self) -> Counters {
-        let v: Vec<u64> = self
-            .values
-            .iter()
-            .map(|a| a.load(Ordering::Relaxed))
-            .collect();
-        let mut c = Counters {
-            rx: v[0],
-            tx: v[1],
-            arp_replies: v[2],
-            arp_requests: v[3],
-            nat_new: v[4],
-            nat_hits: v[5],
-            rejects: v[6],
-            routed: v[7],
-            encapsulated: v[8],
-            decapsulated: v[9],
-            too_big: v[10],
-            tracked_new: v[11],
-            untracked: v[12],
-            time_exceeded: v[13],
-            echo_replies: v[14],
-            masqueraded_out: v[15],
-            to_host: v[16],
-            rx_bytes: v[17],
-            tx_bytes: v[18],
-            conntrack_early_drop: v[19],
-            ..Counters::default()
-        };
-        c.drops
-            .copy_from_slice(&v[FIXED..FIXED + DropReason::COUNT]);
-        let d = &v[FIXED + DropReason::COUNT..];
-        c.device = pktio::DeviceStats {
-            tx_ring_full: d[0],
-            alloc_failed: d[1],
-            wakeups: d[2],
-            kernel_rx_dropped: d[3],
-            kernel_rx_ring_full: d[4],
-            kernel_rx_invalid: d[5],
-            kernel_tx_invalid: d[6],
-            kernel_fill_empty: d[7],
-            frames_lost: d[8],
-            ..pktio::DeviceStats::default()
-        };
+        let mut c = Counters::default();
+        for (v, slot) in c.slots_mut().zip(&self.values) {
+            *v = slot.load(Ordering::Relaxed);
+        }
         c
     }
 }

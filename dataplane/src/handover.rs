@@ -30,7 +30,7 @@ use nat::conntrack::{Connection, FlowKey};
 use nat::wire::{self, HandedConnection, Message};
 
 use crate::neighbors::Neighbor;
-use crate::server::Peer;
+use crate::server::access::Peer;
 use crate::state::Shared;
 
 /// How long the running process waits for its successor's word after sending the state.

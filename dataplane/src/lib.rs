@@ -20,6 +20,7 @@ pub mod pods;
 pub mod ports;
 pub mod routes;
 pub mod server;
+pub mod startup;
 pub mod state;
 pub mod steering;
 pub mod tables;

@@ -114,7 +114,7 @@ fn random_seed() -> u64 {
 }
 
 /// What the workers of one dataplane read as they forward: its fields are on the packet
-/// path, but for [`Shared::server`], which holds what only the server and the binary use.
+/// path, but for [`Shared::installs`], which only installing a table generation uses.
 pub struct Shared {
     /// The current tables.
     pub tables: ArcSwap<Tables>,
@@ -145,14 +145,17 @@ pub struct Shared {
     pub uplink_routes: ArcSwap<UplinkRoutes>,
     /// The flow monitor's rings.
     pub monitor: crate::monitor::Monitor,
-    /// What the server and the binary own; never read per packet.
-    pub server: ServerState,
+    /// How table generations are installed; never read per packet.
+    pub installs: Installs,
 }
 
-/// The part of [`Shared`] that the control socket's server and the binary own: how tables
-/// are installed and refused, the handover, the pod interfaces. No worker reads it.
+/// How table generations are installed, beside the tables themselves: the policy drop
+/// counters each generation takes up, the refusals, and the hook the binary keeps its XDP
+/// filter in step with. No worker reads it. (What else the control socket's server owns,
+/// the pod interfaces and the handover, is `server::ServerState`: this module, which they
+/// build on, names neither.)
 #[derive(Default)]
-pub struct ServerState {
+pub struct Installs {
     /// NetworkPolicy drop counters by name (`pod ns/name ingress`, `policy ns/name`); each
     /// table generation holds those of its policy by index ([`PolicyDrops`]).
     pub policy_drops: Mutex<BTreeMap<String, Arc<AtomicU64>>>,
@@ -162,23 +165,12 @@ pub struct ServerState {
     /// may differ from the last one's (the binary keeps the uplink's XDP filter in step
     /// with them; a delta that only moves endpoints does not call it).
     pub on_install: Mutex<Option<InstallHook>>,
-    /// Where a handover request goes: the process's main thread, which is given the
-    /// successor's connection, stops the workers and writes the state on it.
-    pub handover: Mutex<Option<std::sync::mpsc::Sender<crate::handover::Successor>>>,
-    /// Attaches and detaches pod interfaces at run time (set by the binary, which owns
-    /// the interfaces; absent in memory).
-    pub pods: std::sync::OnceLock<crate::pods::PodPorts>,
 }
 
-impl ServerState {
+impl Installs {
     /// Sets the hook called with newly installed tables, or (`None`) drops it.
     pub fn set_install_hook(&self, hook: Option<InstallHook>) {
         *self.on_install.lock().unwrap_or_else(|e| e.into_inner()) = hook;
-    }
-
-    /// Sends handover requests to `main` from now on.
-    pub fn set_handover(&self, main: std::sync::mpsc::Sender<crate::handover::Successor>) {
-        *self.handover.lock().unwrap_or_else(|e| e.into_inner()) = Some(main);
     }
 }
 
@@ -201,7 +193,7 @@ impl Shared {
             limits,
             uplink_routes: ArcSwap::from_pointee(UplinkRoutes::default()),
             monitor: crate::monitor::Monitor::new(workers),
-            server: ServerState::default(),
+            installs: Installs::default(),
         }
     }
 
@@ -251,7 +243,7 @@ impl Shared {
         drop(current);
         let mut tables = tables;
         if policy_changed {
-            tables.policy_drops = PolicyDrops::build(&tables.policy, &self.server.policy_drops);
+            tables.policy_drops = PolicyDrops::build(&tables.policy, &self.installs.policy_drops);
         }
         self.swap_in_built(tables, filter);
         Ok(DeltaOutcome::Applied { retire })
@@ -263,7 +255,7 @@ impl Shared {
     }
 
     fn swap_in(&self, mut tables: Tables, filter: bool) {
-        tables.policy_drops = PolicyDrops::build(&tables.policy, &self.server.policy_drops);
+        tables.policy_drops = PolicyDrops::build(&tables.policy, &self.installs.policy_drops);
         self.swap_in_built(tables, filter);
     }
 
@@ -279,7 +271,7 @@ impl Shared {
             return;
         }
         if let Some(hook) = self
-            .server
+            .installs
             .on_install
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -292,7 +284,7 @@ impl Shared {
     /// The NetworkPolicy drop counters that are not zero, by name.
     pub fn policy_drop_counts(&self) -> Vec<(String, u64)> {
         let reg = self
-            .server
+            .installs
             .policy_drops
             .lock()
             .unwrap_or_else(|e| e.into_inner());

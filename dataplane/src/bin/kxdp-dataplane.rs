@@ -4,7 +4,6 @@
 
 #![forbid(unsafe_code)]
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,157 +11,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use dataplane::ports::{PortConfig, PortRole};
-use dataplane::state::{Limits, Shared};
+use dataplane::startup::{Action, Args, Fault, Step};
+use dataplane::state::Shared;
 use dataplane::worker::Worker;
 use pktio::xsk::{self, XdpMode, XdpProgram, XskConfig, XskDevice};
-
-#[derive(Parser)]
-#[command(name = "kxdp-dataplane", about = "kxdp's AF_XDP Service dataplane")]
-struct Args {
-    /// The node's uplink interface.
-    #[arg(long)]
-    uplink: Option<String>,
-    /// Pod interfaces (host side of each pod's veth), comma-separated.
-    #[arg(long, value_delimiter = ',')]
-    pods: Vec<String>,
-    /// kxdp's end of the veth pair to the node's own kernel: host processes reach pods and
-    /// Services through it (route the pod networks and the Service range to its peer), and
-    /// packets for the node's addresses are handed to the kernel through it.
-    #[arg(long)]
-    host: Option<String>,
-    /// Create the host pair instead of being given one: the kernel's end NAME (e.g.
-    /// `kxhost`), kxdp's end NAME-xdp, with their addresses, sysctls and offloads; the
-    /// routes to the pod networks and Service ranges follow the tables. Removed at a clean
-    /// exit. (`--host` takes a pair made by hand instead.)
-    #[arg(long, value_name = "NAME", conflicts_with = "host")]
-    host_pair: Option<String>,
-    /// When the uplink has more receive queues than --workers, set its channel count to
-    /// the worker count (`ethtool -L`; some NICs reset their link for it) instead of
-    /// refusing to start. Not restored at exit.
-    #[arg(long)]
-    set_channels: bool,
-    /// Worker threads; worker i serves queue i of every interface.
-    #[arg(long, default_value_t = 1)]
-    workers: u32,
-    /// The control socket kxdp-control connects to (mode 0600, root's).
-    #[arg(long, default_value = "/run/kxdp/dataplane.sock")]
-    socket: PathBuf,
-    /// Give the control socket to this group, mode 0660: its members may connect and
-    /// inspect (counters, Services, connections, flow events).
-    #[arg(long)]
-    socket_group: Option<String>,
-    /// The user kxdp-control runs as (name or uid): it may program the tables, as root
-    /// may. Without it only root programs. Handovers are root's alone.
-    #[arg(long)]
-    control_user: Option<String>,
-    /// XDP attach mode: auto (native, else generic), native or generic.
-    #[arg(long, default_value = "auto")]
-    xdp_mode: String,
-    /// Conntrack capacity (connections); a full table refuses new flows.
-    #[arg(long, default_value_t = 1 << 20)]
-    conntrack_capacity: usize,
-    /// Session-affinity records (clients remembered across all Services with ClientIP
-    /// affinity); a full bucket forgets the record that expires first.
-    #[arg(long, default_value_t = 1 << 16)]
-    affinity_capacity: usize,
-    /// Size each Maglev ring by its backend count (≥ 100 slots per backend, at most
-    /// --ring-size) instead of --ring-size for every Service: for very many Services, at
-    /// the cost of Maglev's minimal disruption when a backend count crosses a size step.
-    #[arg(long)]
-    scaled_rings: bool,
-    /// Maglev ring size (a prime).
-    #[arg(long, default_value_t = nat::maglev::DEFAULT_RING_SIZE)]
-    ring_size: u32,
-    /// UMEM frames per worker for the ports given at start: half of them wait in their
-    /// fill rings, shared evenly. Each pod that may be attached at run time (--max-pods)
-    /// adds 128 more (64 in its fill ring).
-    #[arg(long, default_value_t = 4096)]
-    frames: u32,
-    /// Pod interfaces that may be attached at run time (by kxdp-cni) beyond --pods.
-    #[arg(long, default_value_t = dataplane::state::DEFAULT_MAX_PODS)]
-    max_pods: usize,
-    /// Source ports for pods' traffic masqueraded out of the cluster to the node's address,
-    /// `FIRST-LAST`; keep it outside the kernel's `net.ipv4.ip_local_port_range` so the
-    /// node's own connections never collide with them.
-    #[arg(long, default_value = "61000-65535", value_parser = port_range)]
-    masquerade_ports: (u16, u16),
-    /// Microseconds an idle worker sleeps between polls once it has found nothing for a
-    /// while; 0 (the default) busy-polls always. For labs and shared machines.
-    #[arg(long, default_value_t = 0)]
-    idle_sleep_us: u64,
-    /// Take over from the kxdp-dataplane running on --socket: its tables, connections and
-    /// neighbours, then its interfaces (it stops and exits), so that established
-    /// connections survive a restart or an upgrade. Fails, leaving it running, if it
-    /// speaks another handover version.
-    #[arg(long)]
-    takeover: bool,
-    /// The handover version to ask for (tests use it to show a mismatch is refused).
-    #[arg(long, hide = true, default_value_t = dataplane::handover::VERSION)]
-    handover_version: u32,
-    /// Milliseconds a running dataplane waits for its successor's word after handing over
-    /// its state; then it takes its interfaces back.
-    #[arg(long, default_value_t = dataplane::handover::DEFAULT_DEADLINE.as_millis() as u64)]
-    handover_deadline_ms: u64,
-    /// Tests: make a successor fail at one step of a takeover, `STEP:ACTION` with STEP
-    /// `requested` (asked, state not read), `received` (state read, nothing attached) or
-    /// `attached` (forwarding, not yet reported) and ACTION `pause` (wait to be killed),
-    /// `exit` (die without a word) or `fail` (release and report the failure).
-    #[arg(long, hide = true, value_parser = fault)]
-    handover_fault: Option<Fault>,
-    /// Print errors with their full detail (a backtrace too, when RUST_BACKTRACE is set).
-    #[arg(long, short)]
-    verbose: bool,
-    /// Pin workers to cores (worker i on core i modulo the core count, or on the i-th
-    /// core of --cores).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    pin: bool,
-    /// The cores to pin the workers to, one per worker in order, as the kernel writes CPU
-    /// lists (`2,3`, `2-5`): give them cores isolated with `isolcpus=`/`nohz_full=`.
-    #[arg(long, value_parser = core_list)]
-    cores: Option<CoreList>,
-}
-
-/// Where a test makes a successor fail (`--handover-fault`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Step {
-    Requested,
-    Received,
-    Attached,
-}
-
-/// What the successor does there.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Action {
-    Pause,
-    Exit,
-    Fail,
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Fault(Step, Action);
-
-fn fault(s: &str) -> Result<Fault, String> {
-    let (step, action) = s
-        .split_once(':')
-        .ok_or_else(|| format!("{s:?}: write STEP:ACTION"))?;
-    let step = match step {
-        "requested" => Step::Requested,
-        "received" => Step::Received,
-        "attached" => Step::Attached,
-        other => {
-            return Err(format!(
-                "{other:?}: steps are requested, received, attached"
-            ))
-        }
-    };
-    let action = match action {
-        "pause" => Action::Pause,
-        "exit" => Action::Exit,
-        "fail" => Action::Fail,
-        other => return Err(format!("{other:?}: actions are pause, exit, fail")),
-    };
-    Ok(Fault(step, action))
-}
 
 /// Acts out `--handover-fault` at `step`: `Err` for `fail`; `pause` and `exit` never return.
 fn fault_at(fault: Option<Fault>, step: Step) -> Result<()> {
@@ -179,32 +31,6 @@ fn fault_at(fault: Option<Fault>, step: Step) -> Result<()> {
         }
         _ => Ok(()),
     }
-}
-
-/// `--cores`' value: one argument holding a whole list.
-#[derive(Clone, Debug)]
-struct CoreList(Vec<usize>);
-
-fn core_list(s: &str) -> Result<CoreList, String> {
-    dataplane::cores::parse_core_list(s)
-        .map(CoreList)
-        .map_err(|e| e.to_string())
-}
-
-fn port_range(s: &str) -> Result<(u16, u16), String> {
-    let (a, b) = s
-        .split_once('-')
-        .ok_or_else(|| format!("{s:?}: write FIRST-LAST, e.g. 61000-65535"))?;
-    let parse = |p: &str| {
-        p.trim()
-            .parse::<u16>()
-            .map_err(|_| format!("{p:?} is not a port number"))
-    };
-    let (a, b) = (parse(a)?, parse(b)?);
-    if a == 0 || a > b {
-        return Err(format!("{s:?}: need 0 < FIRST <= LAST"));
-    }
-    Ok((a, b))
 }
 
 fn mac_of(ifname: &str) -> Result<[u8; 6]> {
@@ -265,28 +91,15 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: Args) -> Result<()> {
-    let mode = match args.xdp_mode.as_str() {
-        "auto" => XdpMode::Auto,
-        "native" => XdpMode::Native,
-        "generic" => XdpMode::Generic,
-        other => bail!("--xdp-mode {other}: use auto, native or generic"),
-    };
-    let workers = args.workers.max(1);
+    let mode = args.xdp_mode()?;
+    let workers = args.workers();
     // The cores, checked before anything is looked up or attached.
-    if !args.pin && args.cores.is_some() {
-        bail!("--cores pins the workers: it cannot go with --pin false");
-    }
-    let cores = if args.pin {
-        let available: Vec<usize> = core_affinity::get_core_ids()
-            .unwrap_or_default()
-            .iter()
-            .map(|c| c.id)
-            .collect();
-        let wanted = args.cores.as_ref().map(|c| c.0.as_slice());
-        dataplane::cores::assign(workers as usize, wanted, &available)?
-    } else {
-        vec![None; workers as usize]
-    };
+    let available: Vec<usize> = core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .iter()
+        .map(|c| c.id)
+        .collect();
+    let cores = args.cores(&available)?;
     let host_pair = match &args.host_pair {
         Some(name) => Some(Arc::new(setup_host_pair(&args, name, workers)?)),
         None => None,
@@ -338,20 +151,7 @@ fn run(args: Args) -> Result<()> {
     if ports.is_empty() {
         bail!("no interfaces: give --uplink and/or --pods");
     }
-    if !nat::maglev::is_prime(args.ring_size) || args.ring_size < 251 {
-        bail!(
-            "--ring-size {}: Maglev needs a prime of at least 251 (e.g. 16381, 65521)",
-            args.ring_size
-        );
-    }
-    let limits = Limits {
-        ring_size: args.ring_size,
-        conntrack_capacity: args.conntrack_capacity,
-        affinity_capacity: args.affinity_capacity,
-        ring_scaled: args.scaled_rings,
-        egress_masquerade_ports: args.masquerade_ports,
-        max_pods: args.max_pods,
-    };
+    let limits = args.limits()?;
     // Everything this process can check alone, before it asks a running dataplane for
     // anything or attaches anywhere.
     for p in &ports {
@@ -425,7 +225,8 @@ fn run(args: Args) -> Result<()> {
             }
         }
     }
-    if shared.server.pods.set(pods).is_err() {
+    let server = Arc::new(dataplane::server::ServerState::new(access));
+    if server.pods.set(pods).is_err() {
         bail!("pod interfaces set up twice");
     }
     if let Some(up) = &args.uplink {
@@ -449,6 +250,7 @@ fn run(args: Args) -> Result<()> {
         cores,
         idle_sleep: Duration::from_micros(args.idle_sleep_us),
         epoch,
+        server: server.clone(),
     };
     let takeover_started = Instant::now();
     let mut attached = if args.takeover {
@@ -475,7 +277,7 @@ fn run(args: Args) -> Result<()> {
     if let Some(dir) = args.socket.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    dataplane::server::serve_with(&args.socket, shared.clone(), epoch, access)
+    dataplane::server::serve_with(&args.socket, shared.clone(), epoch, server.clone())
         .with_context(|| format!("serve the control socket {}", args.socket.display()))?;
     log::info!(
         "kxdp-dataplane running: {} ports, {workers} workers, control socket {}",
@@ -489,7 +291,7 @@ fn run(args: Args) -> Result<()> {
         );
     }
     let (handover_tx, handover_rx) = std::sync::mpsc::channel();
-    shared.server.set_handover(handover_tx);
+    server.set_handover(handover_tx);
     let deadline = Duration::from_millis(args.handover_deadline_ms);
     // Conntrack expiry off the workers' path; a successor's handover request.
     let mut sweep_from = 0;
@@ -527,7 +329,7 @@ fn run(args: Args) -> Result<()> {
         // A fifth of the table per 200 ms tick: every entry looked at once a second, and
         // no tick walks a million entries (about 90 ms of a core when most are live).
         let now = epoch.elapsed().as_nanos() as u64;
-        if let Some(pods) = shared.server.pods.get() {
+        if let Some(pods) = server.pods.get() {
             pods.prune(&shared, now);
         }
         let slice = shared.conntrack.capacity().div_ceil(5);
@@ -602,6 +404,8 @@ struct Plan {
     cores: Vec<Option<usize>>,
     idle_sleep: Duration,
     epoch: Instant,
+    /// The control socket's server: its pod interfaces are attached with the rest.
+    server: Arc<dataplane::server::ServerState>,
 }
 
 /// The interfaces as this process holds them: XDP programs, AF_XDP sockets (owned by the
@@ -610,6 +414,7 @@ struct Attachment {
     programs: Vec<Arc<XdpProgram>>,
     workers: Vec<std::thread::JoinHandle<()>>,
     stop: Arc<AtomicBool>,
+    server: Arc<dataplane::server::ServerState>,
 }
 
 impl Attachment {
@@ -621,9 +426,9 @@ impl Attachment {
             let _ = h.join();
         }
         // The install hook holds the uplink's program and the host redirect.
-        shared.server.set_install_hook(None);
+        shared.installs.set_install_hook(None);
         drop(self.programs);
-        if let Some(pods) = shared.server.pods.get() {
+        if let Some(pods) = self.server.pods.get() {
             pods.release();
         }
     }
@@ -718,6 +523,7 @@ impl Plan {
                         programs,
                         workers: handles,
                         stop,
+                        server: self.server.clone(),
                     }
                     .release(shared);
                     return Err(e).context(format!("start worker {w}"));
@@ -726,13 +532,14 @@ impl Plan {
         }
         // Pod interfaces attached at run time (found at start, or attached before a
         // handover that failed): the new workers open them, then they are steered.
-        if let Some(pods) = shared.server.pods.get() {
+        if let Some(pods) = self.server.pods.get() {
             pods.reattach(shared, self.epoch.elapsed().as_nanos() as u64);
         }
         Ok(Attachment {
             programs,
             workers: handles,
             stop,
+            server: self.server.clone(),
         })
     }
 
@@ -796,7 +603,7 @@ impl Plan {
             }
         };
         sync(&shared.tables.load());
-        shared.server.set_install_hook(Some(Box::new(sync)));
+        shared.installs.set_install_hook(Some(Box::new(sync)));
     }
 }
 
