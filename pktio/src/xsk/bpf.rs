@@ -21,7 +21,7 @@ use std::sync::Mutex;
 
 use libbpf_rs::{MapCore, ObjectBuilder, PrintLevel};
 
-use super::filter::{Installed, Steering};
+use super::config::{Installed, Steering};
 use super::iface::ifname;
 use super::{XskError, ATTACH, LOAD, UPDATE_MAP};
 

@@ -17,7 +17,8 @@ use std::os::fd::OwnedFd;
 use std::sync::Mutex;
 
 use super::bpf::{link_create, link_ids, load_object, map_of, percpu_counters, BpfMap};
-use super::filter::{port_key, Protocol};
+use super::config::Protocol;
+use super::filter::port_key;
 use super::iface::ifname;
 use super::{XskError, ATTACH, UPDATE_MAP};
 

@@ -15,6 +15,7 @@
 //! ([`XskDevice::socket_fd`]) at its queue.
 
 mod bpf;
+mod config;
 mod device;
 mod filter;
 mod host;
@@ -27,8 +28,9 @@ mod umem;
 use std::io;
 
 pub use bpf::{XdpMode, XdpProgram};
+pub use config::{FilterTables, Protocol, Steering};
 pub use device::XskDevice;
-pub use filter::{FilterStats, FilterTables, Protocol, Steering};
+pub use filter::FilterStats;
 pub use host::{HostRedirect, HostRedirectStats, HostTarget};
 pub use iface::{ifindex, ifname, ifname_of, queue_count};
 pub use sys::XDP_PACKET_HEADROOM;
