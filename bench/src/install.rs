@@ -22,33 +22,7 @@ use nat::spec::TableSpec;
 use crate::baseline::{self, iptables, nftables, KubeProxyConfig};
 use crate::dut::{self, Dut, DutKind};
 use crate::netns::{self, Bounded, NetnsGuard};
-use crate::suite::{Plan, SetupRecord};
-
-/// One system's install and change times.
-#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
-pub struct InstallRow {
-    /// What was measured.
-    pub system: String,
-    /// Seconds to install everything, `None` if it did not finish in the limit.
-    pub full_s: Option<f64>,
-    /// Seconds of each endpoint change.
-    pub change_s: Vec<f64>,
-    /// What was run, and anything unusual.
-    pub note: String,
-}
-
-/// Install and change times at one Service count.
-#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
-pub struct InstallPoint {
-    /// Services.
-    pub services: u32,
-    /// Endpoints in all.
-    pub endpoints: u64,
-    /// Seconds control took to compute the tables from the objects it holds.
-    pub compute_s: f64,
-    /// One row per system.
-    pub rows: Vec<InstallRow>,
-}
+use crate::record::{InstallPoint, InstallRow, Plan, SetupRecord};
 
 /// The tables after change `c`: endpoint 0 of a Service picked by `c` moves to a new
 /// address. Returns the changed Service port's name and its old endpoint.
@@ -81,11 +55,6 @@ pub fn change_endpoint(spec: &mut TableSpec, c: u32) -> Option<(String, (Ipv4Add
         }
     }
     Some((s.name.clone(), (old4, port)))
-}
-
-/// Median of a row's changes.
-pub fn change_median(row: &InstallRow) -> Option<f64> {
-    crate::report::median(row.change_s.iter().copied())
 }
 
 /// Measures install and change times at one Service count on every system, reusing the
@@ -147,7 +116,7 @@ pub fn measure(
     progress(&format!(
         "  kxdp: install {} s, one change {} s",
         opt(row.full_s),
-        opt(change_median(&row))
+        opt(row.change_median())
     ));
     point.rows.push(row);
 
@@ -165,7 +134,7 @@ pub fn measure(
             "  {}: install {} s, one change {} s; {}",
             row.system,
             opt(row.full_s),
-            opt(change_median(&row)),
+            opt(row.change_median()),
             row.note
         ));
         point.rows.push(row);
@@ -208,7 +177,7 @@ pub fn measure(
     progress(&format!(
         "  nft -f: install {} s, one change {} s; {}",
         opt(row.full_s),
-        opt(change_median(&row)),
+        opt(row.change_median()),
         row.note
     ));
     point.rows.push(row);

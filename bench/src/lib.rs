@@ -27,6 +27,7 @@ pub mod load;
 pub mod measure;
 pub mod netns;
 pub mod plot;
+pub mod record;
 pub mod remote;
 pub mod report;
 pub mod scenario;

@@ -18,6 +18,13 @@ use crate::sink::SinkConfig;
 use crate::sysinfo;
 use crate::topology::{Topology, GEN_IF, SINK_IF, SINK_MAC};
 
+/// Median of `xs` (the upper one of an even count); `None` when empty.
+pub fn median(xs: impl IntoIterator<Item = f64>) -> Option<f64> {
+    let mut v: Vec<f64> = xs.into_iter().filter(|x| x.is_finite()).collect();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
+}
+
 /// How long the sink answers ARP before the generator starts, so a dataplane that has not
 /// resolved the endpoints (or whose entries went stale between runs) has them before the
 /// first measured frame.

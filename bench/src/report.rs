@@ -6,16 +6,9 @@
 use std::fmt::Write as _;
 
 use crate::dut::DutKind;
-use crate::install::change_median;
+pub use crate::measure::median;
 use crate::measure::RunResult;
-use crate::suite::{Point, Results};
-
-/// Median of `xs` (the upper one of an even count); `None` when empty.
-pub fn median(xs: impl IntoIterator<Item = f64>) -> Option<f64> {
-    let mut v: Vec<f64> = xs.into_iter().filter(|x| x.is_finite()).collect();
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied()
-}
+use crate::record::{Point, Results};
 
 /// Runs of `dut` in `runs`.
 fn of<'a>(runs: &'a [RunResult], dut: &'a str) -> impl Iterator<Item = &'a RunResult> {
@@ -230,7 +223,7 @@ fn install_table(out: &mut String, res: &Results) {
             let change = if r.change_s.is_empty() {
                 "—".into()
             } else {
-                format!("{} (of {})", secs(change_median(r)), r.change_s.len())
+                format!("{} (of {})", secs(r.change_median()), r.change_s.len())
             };
             let _ = writeln!(
                 out,
@@ -580,7 +573,7 @@ pub fn readme_table(res: &Results) -> String {
             None => "—".into(),
         };
         let change = |system: &str| match row(system) {
-            Some(r) if !r.change_s.is_empty() => secs(change_median(r)),
+            Some(r) if !r.change_s.is_empty() => secs(r.change_median()),
             _ => "—".into(),
         };
         let limit = res.plan.as_ref().map_or(0, |p| p.restore_limit_s);
