@@ -15,13 +15,7 @@ impl Conntrack {
     /// Removes live entry `e` holding `conn`, read with state word `seen`, if `may` still
     /// allows it given the current word: only the caller that moves it from LIVE to DEAD
     /// frees it, and not once it holds another connection (a new generation).
-    fn kill(
-        &self,
-        e: u32,
-        seen: u64,
-        conn: &Connection,
-        may: impl Fn(u64) -> bool,
-    ) -> bool {
+    fn kill(&self, e: u32, seen: u64, conn: &Connection, may: impl Fn(u64) -> bool) -> bool {
         let entry = &self.entries[e as usize];
         let mut cur = entry.state.load(Ordering::Acquire);
         loop {
