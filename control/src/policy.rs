@@ -45,6 +45,9 @@ use crate::labels::NAMESPACE_NAME_LABEL;
 use crate::objects::{namespace_and_name, Objects};
 use crate::warning::Warning;
 
+mod selector;
+use selector::Selector;
+
 /// How a warning about a peer ends.
 const NOTHING: &str = "the peer matches nothing";
 
@@ -264,82 +267,6 @@ fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
         }
     }
     ips
-}
-
-/// One `matchExpressions` requirement.
-enum Requirement {
-    In(String, Vec<String>),
-    NotIn(String, Vec<String>),
-    Exists(String),
-    DoesNotExist(String),
-}
-
-/// A label selector, checked for what the API server would refuse.
-struct Selector {
-    labels: Vec<(String, String)>,
-    requirements: Vec<Requirement>,
-}
-
-impl Selector {
-    fn everything() -> Selector {
-        Selector {
-            labels: Vec::new(),
-            requirements: Vec::new(),
-        }
-    }
-
-    fn new(s: &LabelSelector) -> Result<Selector, String> {
-        let mut requirements = Vec::new();
-        for r in s.match_expressions.iter().flatten() {
-            let values = r.values.clone().unwrap_or_default();
-            let key = r.key.clone();
-            let req = match r.operator.as_str() {
-                "In" | "NotIn" if values.is_empty() => {
-                    return Err(format!(
-                        "matchExpressions {:?} {}: needs values",
-                        r.key, r.operator
-                    ))
-                }
-                "Exists" | "DoesNotExist" if !values.is_empty() => {
-                    return Err(format!(
-                        "matchExpressions {:?} {}: takes no values",
-                        r.key, r.operator
-                    ))
-                }
-                "In" => Requirement::In(key, values),
-                "NotIn" => Requirement::NotIn(key, values),
-                "Exists" => Requirement::Exists(key),
-                "DoesNotExist" => Requirement::DoesNotExist(key),
-                other => {
-                    let known = "In, NotIn, Exists, DoesNotExist";
-                    return Err(format!(
-                        "matchExpressions {:?}: unknown operator {other:?} ({known})",
-                        r.key
-                    ));
-                }
-            };
-            requirements.push(req);
-        }
-        Ok(Selector {
-            labels: s
-                .match_labels
-                .iter()
-                .flatten()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            requirements,
-        })
-    }
-
-    fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
-            && self.requirements.iter().all(|r| match r {
-                Requirement::In(k, vs) => labels.get(k).is_some_and(|v| vs.contains(v)),
-                Requirement::NotIn(k, vs) => labels.get(k).is_none_or(|v| !vs.contains(v)),
-                Requirement::Exists(k) => labels.contains_key(k),
-                Requirement::DoesNotExist(k) => !labels.contains_key(k),
-            })
-    }
 }
 
 /// The peers of one rule.

@@ -1,5 +1,5 @@
 //! An interface's channels (queues), as `ethtool -l` shows and `ethtool -L` sets them,
-//! through ethtool's generic-netlink family (`ETHTOOL_MSG_CHANNELS_GET`/`_SET`, Linux 5.6+).
+//! through ethtool's generic-netlink family (`ETHTOOL_MSG_CHANNELS_GET`/`_SET`, Linux 5.6).
 //!
 //! A driver counts its receive queues either as combined channels (one RX and one TX queue
 //! with one interrupt: most NICs) or as RX-only channels (veth, some older drivers); the

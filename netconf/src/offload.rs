@@ -1,6 +1,6 @@
 //! Turns off an interface's checksum and segmentation offloads, as `ethtool -K IF tx off
 //! rx off tso off gso off gro off` does, through ethtool's generic-netlink family
-//! (`ETHTOOL_MSG_FEATURES_SET`, Linux 5.6+).
+//! (`ETHTOOL_MSG_FEATURES_SET`, Linux 5.6).
 //!
 //! kxdp rewrites headers with incremental checksums and never segments: a partial
 //! checksum or a 64 KiB TSO frame from a pod (or from the node's kernel, on the host pair)

@@ -1,9 +1,9 @@
 //! One AF_XDP socket bound to an (interface, queue), with its four mapped rings.
 //!
 //! The first socket of a device registers the UMEM; the others bind with `XDP_SHARED_UMEM`
-//! to it, each with fill and completion rings of its own (Linux 5.10 and later, for sockets
-//! on other interfaces or queues). A shared bind may carry no other flag: copy/zero-copy and
-//! need-wakeup are inherited from the first socket.
+//! to it, each with fill and completion rings of its own (since Linux 5.10 for sockets on
+//! other interfaces or queues; README.md, "What a node needs"). A shared bind may carry no
+//! other flag: copy/zero-copy and need-wakeup are inherited from the first socket.
 
 use std::io;
 use std::mem::size_of;

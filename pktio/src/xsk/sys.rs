@@ -152,7 +152,7 @@ pub(crate) fn getsockopt<T: Plain>(
     }
     if (len as usize) < size_of::<T>() {
         return Err(io::Error::other(format!(
-            "kernel returned {len} bytes, expected {}: kernel older than 5.4?",
+            "kernel returned {len} bytes, expected {}: a kernel older than kxdp needs (README.md, \"What a node needs\")?",
             size_of::<T>()
         )));
     }

@@ -1,0 +1,185 @@
+//! Inserting a connection: publishing it under both tuples, settling a race with a twin
+//! inserted at the same time, and making room when the table or a window is full.
+//!
+//! An entry is `PENDING` from the moment its tuples are in the index until it has checked
+//! its windows for a twin: a live twin wins; a pending twin with a lower entry number wins;
+//! one with a higher number is waited for (it never waits for us, so it soon goes live, and
+//! wins, or gives up). Publishing and checking are sequentially consistent, so of two racers
+//! at least one sees the other. Where there is no room, the new flow may evict an entry
+//! indexed near its tuples ([`Conntrack::insert_evicting`], the kernel's `early_drop`).
+
+use std::sync::atomic::Ordering;
+
+use super::entry::{encode, generation, status, word, DEAD, FREE, LIVE, PENDING};
+use super::{Connection, Conntrack, Direction, InsertError, Inserted};
+
+/// Entries an insert may evict before it gives up (each eviction frees one entry, which a
+/// racing insert may take first).
+const EVICTIONS_MAX: u32 = 4;
+
+fn backoff(round: usize) {
+    if round < 64 {
+        std::hint::spin_loop();
+    } else {
+        std::thread::yield_now();
+    }
+}
+
+impl Conntrack {
+    /// Tracks `conn` until `now + timeout` unless refreshed. Returns the entry.
+    pub fn insert(&self, conn: Connection, now: u64, timeout: u64) -> Result<u32, InsertError> {
+        self.insert_with_state(conn, 0, now, timeout)
+    }
+
+    /// [`Conntrack::insert`] with an initial protocol state.
+    pub fn insert_with_state(
+        &self,
+        conn: Connection,
+        state: u8,
+        now: u64,
+        timeout: u64,
+    ) -> Result<u32, InsertError> {
+        let never = |_: u8, _: u64| None;
+        self.insert_inner(conn, state, now, timeout, &never)
+            .map(|i| i.entry)
+    }
+
+    /// [`Conntrack::insert_with_state`] that, when the table or a key's windows are full,
+    /// makes room by evicting an entry indexed near the new tuples: an expired one not yet
+    /// swept, else one that `last_seen(state, expires)` lets go, the earliest seen first.
+    /// `last_seen` gives when an entry in protocol state `state` expiring at `expires` last
+    /// saw a packet, or `None` for an entry that keeps its place (an established
+    /// connection). At most `EVICTIONS_MAX` (4) entries go for one insert.
+    pub fn insert_evicting(
+        &self,
+        conn: Connection,
+        state: u8,
+        now: u64,
+        timeout: u64,
+        last_seen: impl Fn(u8, u64) -> Option<u64>,
+    ) -> Result<Inserted, InsertError> {
+        self.insert_inner(conn, state, now, timeout, &last_seen)
+    }
+
+    fn insert_inner(
+        &self,
+        conn: Connection,
+        state: u8,
+        now: u64,
+        timeout: u64,
+        last_seen: &dyn Fn(u8, u64) -> Option<u64>,
+    ) -> Result<Inserted, InsertError> {
+        let mut evicted = 0;
+        'retry: loop {
+            if self.contains(&conn.original, now) || self.contains(&conn.reply, now) {
+                return Err(InsertError::Exists);
+            }
+            let Some(e) = self.free.pop() else {
+                let near = [&conn.original, &conn.reply];
+                if evicted < EVICTIONS_MAX && self.evict_near(&near, now, last_seen) {
+                    evicted += 1;
+                    continue;
+                }
+                return Err(InsertError::Full);
+            };
+            let entry = &self.entries[e as usize];
+            // A new generation before the new key, so a reader that sees the key sees it.
+            let generation =
+                generation(entry.state.load(Ordering::Relaxed)).wrapping_add(1) & 0xffff_ffff;
+            entry
+                .state
+                .store(word(FREE, 0, generation), Ordering::SeqCst);
+            entry.write(&encode(&conn));
+            entry.expires.store(now + timeout, Ordering::Relaxed);
+            entry
+                .state
+                .store(word(PENDING, state, generation), Ordering::SeqCst);
+            let mut claimed: [Option<usize>; 2] = [None, None];
+            for (n, dir) in [Direction::Original, Direction::Reply]
+                .into_iter()
+                .enumerate()
+            {
+                let key = conn.key(dir);
+                claimed[n] = self.index.claim(key, e, dir);
+                if claimed[n].is_none() {
+                    self.abandon(e, &claimed);
+                    if evicted < EVICTIONS_MAX && self.evict_near(&[key], now, last_seen) {
+                        evicted += 1;
+                        continue 'retry;
+                    }
+                    return Err(InsertError::Full);
+                }
+            }
+            match self.settle(e, &conn, now) {
+                None => {
+                    entry
+                        .state
+                        .store(word(LIVE, state, generation), Ordering::SeqCst);
+                    return Ok(Inserted { entry: e, evicted });
+                }
+                Some(twin) => {
+                    self.abandon(e, &claimed);
+                    // Wait for the twin to settle too. If it went live, the tuple is
+                    // tracked (the caller's lookup finds it); if it lost to yet another
+                    // racer that then gave up, try again.
+                    self.wait_while_pending(twin);
+                    if self.contains(&conn.original, now) || self.contains(&conn.reply, now) {
+                        return Err(InsertError::Exists);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Settles a race with twins of pending entry `e` (see the module comment): `None`
+    /// when `e` wins, else the twin it defers to. A higher pending twin is waited for: it
+    /// never waits on a lower one, so it soon goes live (it did not see us, we lose) or
+    /// gives up (it saw us).
+    fn settle(&self, e: u32, conn: &Connection, now: u64) -> Option<u32> {
+        for dir in [Direction::Original, Direction::Reply] {
+            let key = conn.key(dir);
+            loop {
+                let live_or_pending = |st: u8, other: u32| {
+                    st == PENDING
+                        || (st == LIVE
+                            && self.entries[other as usize].expires.load(Ordering::Relaxed) > now)
+                };
+                let Some((other, _, _, st)) = self.find(key, live_or_pending, Some(e)) else {
+                    break;
+                };
+                if status(st) == LIVE || other < e {
+                    return Some(other);
+                }
+                self.wait_while_pending(other);
+            }
+        }
+        None
+    }
+
+    /// Waits (spinning, then yielding the core in case the other thread was preempted)
+    /// until entry `e` is no longer pending. Only racing inserts of one tuple get here, and
+    /// a pending entry settles in a bounded number of its own steps.
+    fn wait_while_pending(&self, e: u32) {
+        let state = &self.entries[e as usize].state;
+        let mut round = 0usize;
+        while status(state.load(Ordering::Acquire)) == PENDING {
+            round += 1;
+            backoff(round);
+        }
+    }
+
+    fn abandon(&self, e: u32, claimed: &[Option<usize>; 2]) {
+        let entry = &self.entries[e as usize];
+        let generation = generation(entry.state.load(Ordering::Relaxed));
+        entry
+            .state
+            .store(word(DEAD, 0, generation), Ordering::SeqCst);
+        for at in claimed.iter().flatten() {
+            self.index.clear(*at);
+        }
+        entry
+            .state
+            .store(word(FREE, 0, generation), Ordering::Release);
+        self.free.push(e);
+    }
+}

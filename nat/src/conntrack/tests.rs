@@ -1,0 +1,514 @@
+//! The table through its public face: lookups, inserts and their races, eviction,
+//! sweeps, and a model check.
+
+use super::*;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+fn conn(sport: u16) -> Connection {
+    let original = FlowKey {
+        proto: 6,
+        src: "10.244.1.2".parse().unwrap(),
+        dst: "172.30.0.41".parse().unwrap(),
+        sport,
+        dport: 80,
+    };
+    let reply = FlowKey {
+        proto: 6,
+        src: "10.244.1.5".parse().unwrap(),
+        dst: "10.244.1.2".parse().unwrap(),
+        sport: 8080,
+        dport: sport,
+    };
+    Connection {
+        original,
+        reply,
+        service: 1,
+        policy: 0,
+    }
+}
+
+#[test]
+fn both_directions_found() {
+    let ct = Conntrack::new(10);
+    let c = conn(40000);
+    ct.insert(c, 0, 100).unwrap();
+    assert_eq!(
+        ct.lookup(&c.original, 1, 100),
+        Some((c, Direction::Original))
+    );
+    assert_eq!(ct.lookup(&c.reply, 1, 100), Some((c, Direction::Reply)));
+    assert_eq!(ct.insert(c, 2, 100), Err(InsertError::Exists));
+    assert_eq!(ct.len(), 1);
+}
+
+#[test]
+fn full_table_refuses_and_keeps_old() {
+    let ct = Conntrack::new(2);
+    ct.insert(conn(1), 0, 100).unwrap();
+    ct.insert(conn(2), 0, 100).unwrap();
+    assert_eq!(ct.insert(conn(3), 0, 100), Err(InsertError::Full));
+    assert!(ct.lookup(&conn(1).original, 5, 100).is_some());
+    assert!(ct.lookup(&conn(2).reply, 5, 100).is_some());
+}
+
+#[test]
+fn expiry_and_sweep() {
+    let ct = Conntrack::new(10);
+    ct.insert(conn(1), 0, 10).unwrap();
+    ct.insert(conn(2), 0, 100).unwrap();
+    assert!(ct.lookup(&conn(1).original, 20, 10).is_none());
+    assert_eq!(ct.sweep(20, |_| false), 1);
+    assert_eq!(ct.len(), 1);
+    assert_eq!(ct.sweep(20, |c| c.original.sport == 2), 1);
+    assert!(ct.is_empty());
+    // An expired entry's tuple can be reused.
+    ct.insert(conn(1), 200, 10).unwrap();
+}
+
+#[test]
+fn sweeping_in_slices_removes_exactly_the_expired() {
+    let ct = Conntrack::new(100);
+    for i in 0..50 {
+        ct.insert(conn(i), 0, 10).unwrap();
+    }
+    for i in 50..80 {
+        ct.insert(conn(i), 0, 1000).unwrap();
+    }
+    // A packet at 5 keeps this one alive until 105.
+    assert!(ct.lookup(&conn(3).original, 5, 100).is_some());
+    let (mut removed, mut from, mut calls) = (0, 0, 0);
+    loop {
+        let (r, next) = ct.sweep_expired(20, from, 16);
+        removed += r;
+        calls += 1;
+        if next == 0 {
+            break;
+        }
+        assert_eq!(next, from + 16, "each call covers its slice only");
+        from = next;
+    }
+    assert_eq!(calls, 100usize.div_ceil(16));
+    assert_eq!(removed, 49);
+    assert_eq!(ct.len(), 31);
+    assert!(ct.lookup(&conn(3).reply, 20, 100).is_some());
+    for i in 50..80 {
+        assert!(ct.lookup(&conn(i).original, 20, 1000).is_some(), "{i}");
+    }
+    // Out of range is nothing, and starts over.
+    assert_eq!(ct.sweep_expired(2000, 500, 16), (0, 0));
+}
+
+#[test]
+fn fills_to_capacity_without_refusals() {
+    let cap = 1 << 16;
+    let ct = Conntrack::new(cap);
+    let mut refused = 0;
+    for i in 0..cap as u32 {
+        let mut c = conn((i & 0xffff) as u16);
+        c.original.src = IpAddr::from((0x0a00_0000 | (i >> 16)).to_be_bytes());
+        c.reply.dst = c.original.src;
+        if ct.insert(c, 0, 100).is_err() {
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 0, "refused before reaching capacity");
+    assert_eq!(ct.len(), cap);
+    // Everything is found again.
+    for i in (0..cap as u32).step_by(97) {
+        let mut c = conn((i & 0xffff) as u16);
+        c.original.src = IpAddr::from((0x0a00_0000 | (i >> 16)).to_be_bytes());
+        c.reply.dst = c.original.src;
+        assert!(ct.get(&c.reply, 1).is_some());
+    }
+}
+
+#[test]
+fn memory_per_connection_is_bounded() {
+    let ct = Conntrack::new(1 << 16);
+    // 104-byte entries, 4 bytes of free list, 3 index slots of 8 bytes.
+    assert!(ct.memory_bytes() / (1 << 16) <= 104 + 4 + 8 * 3 + 1);
+    let million = Conntrack::new(1_000_000);
+    assert!(
+        million.memory_bytes() <= 128 << 20,
+        "{} bytes",
+        million.memory_bytes()
+    );
+}
+
+#[test]
+fn threads_inserting_looking_up_and_expiring_the_same_tuples() {
+    let ct = Arc::new(Conntrack::new(4096));
+    let barrier = Arc::new(std::sync::Barrier::new(4));
+    let rounds = 50u64;
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let ct = ct.clone();
+            let b = barrier.clone();
+            std::thread::spawn(move || {
+                // No assertion in here: a panicking thread would leave the others
+                // waiting at the barrier forever. Count, and assert after the join.
+                let (mut won, mut missing) = (0usize, 0usize);
+                for round in 0..rounds {
+                    let now = round * 1000;
+                    b.wait();
+                    for s in 0..64u16 {
+                        if ct.insert(conn(s), now, 500).is_ok() {
+                            won += 1;
+                        }
+                        // Whoever won, the tuple is tracked now, in both directions.
+                        if ct.lookup(&conn(s).reply, now, 500).is_none()
+                            || ct.get(&conn(s).original, now).is_none()
+                        {
+                            missing += 1;
+                        }
+                    }
+                    b.wait();
+                    // Everyone expires the round's flows at once; each is freed once.
+                    ct.sweep(now + 600, |_| false);
+                }
+                (won, missing)
+            })
+        })
+        .collect();
+    let results: Vec<(usize, usize)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let won: usize = results.iter().map(|r| r.0).sum();
+    let missing: usize = results.iter().map(|r| r.1).sum();
+    assert_eq!(missing, 0, "a tuple was not found right after its insert");
+    assert_eq!(
+        won,
+        64 * rounds as usize,
+        "exactly one insert per tuple per round"
+    );
+    assert_eq!(ct.len(), 0, "no entry leaked");
+    // The free list still holds every entry.
+    for s in 0..4096u16 {
+        ct.insert(conn(s), 0, 10).unwrap();
+    }
+    assert_eq!(ct.insert(conn(5000), 0, 10), Err(InsertError::Full));
+}
+
+#[test]
+fn concurrent_racers_never_leave_twins() {
+    for _ in 0..20 {
+        let ct = Arc::new(Conntrack::new(256));
+        let barrier = Arc::new(std::sync::Barrier::new(4));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let ct = ct.clone();
+                let b = barrier.clone();
+                std::thread::spawn(move || {
+                    b.wait();
+                    (0..32u16)
+                        .filter(|s| ct.insert(conn(*s), 0, 100).is_ok())
+                        .count()
+                })
+            })
+            .collect();
+        let won: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(won, 32, "exactly one winner per tuple");
+        assert_eq!(ct.len(), 32);
+        assert_eq!(ct.snapshot(1).len(), 32);
+    }
+}
+
+/// The eviction policy of the tests: state 3 keeps its place, any other was last seen
+/// 10 before it expires.
+fn policy(state: u8, expires: u64) -> Option<u64> {
+    (state != 3).then(|| expires.saturating_sub(10))
+}
+
+#[test]
+fn a_full_table_makes_room_from_unassured_and_expired_entries_only() {
+    let cap = 64;
+    let ct = Conntrack::new(cap);
+    for s in 0..32 {
+        ct.insert_with_state(conn(s), 3, 0, 1000).unwrap();
+    }
+    // Unassured, seen at 0..32.
+    for s in 32..64 {
+        ct.insert_with_state(conn(s), 1, s as u64 - 32, 100)
+            .unwrap();
+    }
+    assert_eq!(
+        ct.insert_with_state(conn(64), 1, 40, 100),
+        Err(InsertError::Full)
+    );
+    let mut evicted = 0;
+    for s in 64..96 {
+        let got = ct.insert_evicting(conn(s), 1, 40, 100, policy).unwrap();
+        evicted += got.evicted;
+    }
+    assert_eq!(evicted, 32);
+    assert_eq!(ct.len(), cap);
+    for s in 0..32 {
+        assert!(ct.get(&conn(s).reply, 40).is_some(), "assured {s} kept");
+    }
+    // The earliest seen go first: most of the older unassured ones (seen before 32) made
+    // room, most of the new ones (seen at 40) stay. (Eviction looks only near the new
+    // tuples, so a new one may yield to a newer one where no older one was near.)
+    let alive =
+        |r: std::ops::Range<u16>| r.filter(|s| ct.get(&conn(*s).reply, 40).is_some()).count();
+    let (old, new) = (alive(32..64), alive(64..96));
+    eprintln!("older unassured left {old}, new left {new}");
+    assert!(old <= 8 && new >= 24, "older left {old}, new left {new}");
+    // With only assured entries left, the table is full for real.
+    for s in (32..96).filter(|s| ct.get(&conn(*s).reply, 40).is_some()) {
+        let hit = ct.get(&conn(s).original, 40).unwrap();
+        assert!(ct.update(&hit, 3, 1000));
+    }
+    assert_eq!(
+        ct.insert_evicting(conn(200), 1, 41, 10, policy),
+        Err(InsertError::Full)
+    );
+    // Expired entries not yet swept give way whatever their state.
+    let got = ct.insert_evicting(conn(200), 1, 2000, 10, policy).unwrap();
+    assert_eq!(got.evicted, 1);
+    assert_eq!(ct.len(), cap);
+}
+
+#[test]
+fn streams_taken_up_mid_way_yield_until_answered() {
+    use crate::timeouts::{self, State, SECOND};
+    let (tcp, ack, syn) = (crate::packet::PROTO_TCP, 0x10, 0x02);
+    let ct = Conntrack::new(32);
+    // A full table of streams taken up without a SYN (a spoofed ACK flood), one a
+    // second; the last 8 are answered.
+    for s in 0..32u16 {
+        let state = timeouts::initial(tcp, ack);
+        let now = s as u64 * SECOND;
+        ct.insert_with_state(conn(s), state as u8, now, timeouts::timeout(tcp, state))
+            .unwrap();
+    }
+    let now = 40 * SECOND;
+    for s in 24..32u16 {
+        let hit = ct.get(&conn(s).reply, now).unwrap();
+        assert_eq!(State::from_u8(hit.state), State::PickedUp);
+        let state = timeouts::next(tcp, State::PickedUp, hit.dir, ack);
+        assert_eq!(state, State::Established);
+        assert!(ct.update(&hit, state as u8, now + timeouts::timeout(tcp, state)));
+    }
+    // New handshakes take the unanswered ones' places, the earliest seen first; the
+    // answered ones keep theirs.
+    let state = timeouts::initial(tcp, syn);
+    for s in 100..124u16 {
+        let got = ct
+            .insert_evicting(
+                conn(s),
+                state as u8,
+                now,
+                timeouts::timeout(tcp, state),
+                timeouts::last_seen,
+            )
+            .unwrap();
+        assert_eq!(got.evicted, 1, "{s}");
+    }
+    assert!((0..24).all(|s| ct.get(&conn(s).original, now).is_none()));
+    assert!((24..32).all(|s| ct.get(&conn(s).original, now).is_some()));
+    assert!((100..124).all(|s| ct.get(&conn(s).original, now).is_some()));
+    // Unanswered, one lives 300 s from its last packet, not a day.
+    let hit = ct.get(&conn(100).original, now).unwrap();
+    assert_eq!(hit.expires, now + 5 * SECOND, "a SYN gets 5 s");
+    assert_eq!(
+        timeouts::timeout(tcp, timeouts::initial(tcp, ack)),
+        300 * SECOND
+    );
+}
+
+#[test]
+fn evicting_a_hit_spares_a_connection_that_moved_on_or_was_replaced() {
+    let ct = Conntrack::new(4);
+    ct.insert_with_state(conn(1), 1, 0, 10).unwrap();
+    let hit = ct.get(&conn(1).reply, 1).unwrap();
+    assert_eq!(hit.expires, 10);
+    // Its handshake completed meanwhile: it keeps its place.
+    let later = ct.get(&conn(1).original, 2).unwrap();
+    assert!(ct.update(&later, 3, 1000));
+    assert!(!ct.evict(&hit, 3, policy));
+    assert!(ct.get(&conn(1).reply, 3).is_some());
+    // Removed and its entry reused by another connection: a stale hit touches neither.
+    assert!(ct.remove(&conn(1)));
+    let e = ct.insert_with_state(conn(2), 1, 3, 10).unwrap();
+    assert_eq!(e, hit.entry, "the freed entry is reused first");
+    assert!(
+        !ct.update(&hit, 3, 5000),
+        "no state change through a stale hit"
+    );
+    assert!(!ct.evict(&hit, 4, policy));
+    let now = ct.get(&conn(2).reply, 4).unwrap();
+    assert_eq!((now.state, now.expires), (1, 13));
+    assert!(ct.evict(&now, 4, policy));
+    assert!(ct.get(&conn(2).original, 4).is_none() && ct.is_empty());
+}
+
+#[test]
+fn threads_evicting_each_other_keep_both_tuples_and_assured_connections() {
+    let cap = 1024;
+    let ct = Arc::new(Conntrack::new(cap));
+    let tuple = |t: u32, i: u32| {
+        let mut c = conn(i as u16);
+        c.original.src = IpAddr::from([10, 1, t as u8, (i >> 16) as u8]);
+        c.reply.dst = c.original.src;
+        c
+    };
+    for i in 0..128 {
+        ct.insert_with_state(tuple(9, i), 3, 0, u64::MAX / 2)
+            .unwrap();
+    }
+    let barrier = Arc::new(std::sync::Barrier::new(4));
+    let threads: Vec<_> = (0..4u32)
+        .map(|t| {
+            let ct = ct.clone();
+            let b = barrier.clone();
+            std::thread::spawn(move || {
+                // Counted, asserted after the join (see above).
+                let (mut established, mut lost_assured) = (Vec::new(), 0usize);
+                b.wait();
+                for i in 0..6000u32 {
+                    let now = 1 + i as u64;
+                    let _ = ct.insert_evicting(tuple(t, i), 1, now, 50, policy);
+                    // Some complete their handshake, through a hit that may be stale
+                    // by the time it is used.
+                    if i % 8 == 0 {
+                        if let Some(hit) = ct.get(&tuple(t, i).reply, now) {
+                            if ct.update(&hit, 3, u64::MAX / 2) {
+                                established.push(i);
+                            }
+                        }
+                    }
+                    if ct.get(&tuple(9, i % 128).original, now).is_none() {
+                        lost_assured += 1;
+                    }
+                }
+                (t, established, lost_assured)
+            })
+        })
+        .collect();
+    let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let now = 7000;
+    for (t, established, lost) in &results {
+        assert_eq!(*lost, 0, "thread {t} missed an assured connection");
+        for i in established {
+            assert!(
+                ct.get(&tuple(*t, *i).original, now).is_some(),
+                "thread {t}: established {i} was evicted"
+            );
+        }
+    }
+    // Every entry is found under both its tuples, and only the connections that
+    // completed their handshake are assured.
+    let entries = ct.entries(now);
+    assert!(entries.len() <= cap);
+    for (c, state, _) in &entries {
+        let hit = ct.get(&c.reply, now).expect("reply tuple indexed");
+        assert_eq!(hit.conn, *c);
+        assert_eq!(ct.get(&c.original, now).map(|h| h.conn), Some(*c));
+        if *state == 3 {
+            let t = c.original.src.to_string();
+            let ok = t.starts_with("10.1.9.")
+                || results.iter().any(|(th, est, _)| {
+                    t.starts_with(&format!("10.1.{th}."))
+                        && est.contains(&(c.original.sport as u32))
+                });
+            assert!(ok, "{c:?} assured though its handshake never completed");
+        }
+    }
+    // Removing everything leaves no index slot behind.
+    ct.sweep(u64::MAX, |_| true);
+    assert!(ct.is_empty());
+    assert!(ct.index.is_clear());
+}
+
+proptest::proptest! {
+    /// The table behaves like a map with capacity, checked against a plain model.
+    #[test]
+    fn matches_a_simple_model(ops in proptest::collection::vec((0u8..6, 0u16..24, 1u64..50), 1..200)) {
+        let cap = 16;
+        let ct = Conntrack::new(cap);
+        let mut model: HashMap<u16, u64> = HashMap::new();
+        // Keys whose connection completed its handshake (state 3: never evicted).
+        let mut assured: std::collections::HashSet<u16> = Default::default();
+        let mut now = 0u64;
+        for (op, s, t) in ops {
+            match op {
+                4 => {
+                    // An insert that may evict an expired or unassured connection.
+                    let full = ct.len() >= cap;
+                    let live = model.get(&s).is_some_and(|e| *e > now);
+                    let got = ct.insert_evicting(conn(s), 1, now, t, policy);
+                    // Connections no longer in the table at all (expired ones stay
+                    // until a sweep, and are found at time 0).
+                    let gone: Vec<u16> = model
+                        .keys()
+                        .copied()
+                        .filter(|k| *k != s && ct.get(&conn(*k).reply, 0).is_none())
+                        .collect();
+                    match got {
+                        Err(InsertError::Exists) => proptest::prop_assert!(live),
+                        Err(InsertError::Full) => proptest::prop_assert!(!live && full),
+                        Ok(ins) => {
+                            proptest::prop_assert!(!live);
+                            proptest::prop_assert!(full || ins.evicted == 0);
+                            proptest::prop_assert!(ins.evicted as usize >= gone.len());
+                            for k in &gone {
+                                let expired = model[k] <= now;
+                                proptest::prop_assert!(expired || !assured.contains(k), "assured {} evicted", k);
+                                model.remove(k);
+                                assured.remove(k);
+                            }
+                            model.insert(s, now + t);
+                            assured.remove(&s);
+                        }
+                    }
+                    proptest::prop_assert!(gone.is_empty() || got.is_ok());
+                    proptest::prop_assert!(ct.len() <= cap);
+                }
+                5 => {
+                    // The handshake completes: assured from now on.
+                    if let Some(hit) = ct.get(&conn(s).original, now) {
+                        proptest::prop_assert!(ct.update(&hit, 3, now + t));
+                        model.insert(s, now + t);
+                        assured.insert(s);
+                    }
+                }
+                0 => {
+                    let want = if model.get(&s).is_some_and(|e| *e > now) {
+                        Err(InsertError::Exists)
+                    } else if ct.len() >= cap {
+                        // Expired entries hold their space until a sweep.
+                        Err(InsertError::Full)
+                    } else {
+                        Ok(())
+                    };
+                    let got = ct.insert(conn(s), now, t).map(|_| ());
+                    proptest::prop_assert_eq!(got, want);
+                    if got.is_ok() {
+                        model.insert(s, now + t);
+                        assured.remove(&s);
+                    }
+                }
+                1 => {
+                    let want = model.get(&s).is_some_and(|e| *e > now);
+                    let got = ct.get(&conn(s).reply, now).is_some();
+                    proptest::prop_assert_eq!(got, want);
+                }
+                2 => {
+                    now += t;
+                    ct.sweep(now, |_| false);
+                    model.retain(|_, e| *e > now);
+                    assured.retain(|k| model.contains_key(k));
+                    proptest::prop_assert_eq!(ct.len(), model.len());
+                    proptest::prop_assert_eq!(ct.snapshot(now).len(), model.len());
+                }
+                _ => {
+                    let removed = ct.remove(&conn(s));
+                    let want = model.get(&s).is_some_and(|e| *e > now) || (model.contains_key(&s) && removed);
+                    proptest::prop_assert_eq!(removed, want);
+                    model.remove(&s);
+                    assured.remove(&s);
+                }
+            }
+        }
+    }
+}
