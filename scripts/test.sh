@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 # The habits the house keeps by tooling: formatting and clippy's lints fail the run.
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
-# The namespace tests start kxdp-control and kxdp-dataplane as processes.
+# The namespace tests start kxdp-control and kxdp-dataplane as processes, and kxdp-lab
+# (the lab's echo servers and clients) inside the lab's namespaces.
 cargo build --workspace --bins
 cargo test --workspace -- --test-threads=1
 # The VM bench's Vagrantfile parses and validates (Debian's vagrant; no VM is started).

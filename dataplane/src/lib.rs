@@ -12,7 +12,6 @@ pub mod counters;
 pub mod handover;
 pub mod hostnet;
 pub mod inspect;
-pub mod lab;
 pub mod monitor;
 pub mod neighbors;
 pub mod pipeline;

@@ -10,6 +10,8 @@
 //!   and in the dataplane, which any client can ask (item 12).
 //! - An error is one line with its causes, without a backtrace even under
 //!   `RUST_BACKTRACE=1`; `--verbose` gives the full form (item 15).
+//! - `kxdp` is inspection and operation only: its `--help` lists no lab command, and
+//!   `kxdp-lab --help` lists them all (issue 18).
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixListener;
@@ -362,4 +364,56 @@ fn kxdp_dataplane_errors_are_one_line_without_a_backtrace_unless_verbose() {
     let out = run(dataplane().arg("--verbose"));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("Caused by:"), "{stderr}");
+}
+
+/// The subcommands a `--help` lists (the first word of each line under `Commands:`).
+fn subcommands(help: &str) -> Vec<String> {
+    help.lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The lab's commands, which moved from `kxdp` to `kxdp-lab` (issue 18).
+const LAB_COMMANDS: [&str; 9] = [
+    "up", "down", "status", "echo", "call", "hold", "blast", "flood", "demo",
+];
+
+#[test]
+fn kxdp_lists_no_lab_command_and_kxdp_lab_lists_them_all() {
+    let out = run(kxdp().arg("--help"));
+    assert!(out.status.success());
+    let kxdp_commands = subcommands(&String::from_utf8_lossy(&out.stdout));
+    for c in ["stats", "monitor", "services", "conntrack", "policy"] {
+        assert!(
+            kxdp_commands.iter().any(|k| k == c),
+            "kxdp --help lacks {c}: {kxdp_commands:?}"
+        );
+    }
+    for c in LAB_COMMANDS.iter().chain(&["lab"]) {
+        assert!(
+            !kxdp_commands.iter().any(|k| k == c),
+            "kxdp --help lists the lab command {c}: {kxdp_commands:?}"
+        );
+    }
+
+    // Built by `cargo build --workspace --bins` (scripts/test.sh), beside kxdp.
+    let lab = Path::new(env!("CARGO_BIN_EXE_kxdp")).with_file_name("kxdp-lab");
+    assert!(
+        lab.exists(),
+        "{} is not built: run `cargo build --workspace --bins` first",
+        lab.display()
+    );
+    let out = run(Command::new(&lab).arg("--help").stdin(Stdio::null()));
+    assert!(out.status.success());
+    let lab_commands = subcommands(&String::from_utf8_lossy(&out.stdout));
+    for c in LAB_COMMANDS {
+        assert!(
+            lab_commands.iter().any(|k| k == c),
+            "kxdp-lab --help lacks {c}: {lab_commands:?}"
+        );
+    }
 }

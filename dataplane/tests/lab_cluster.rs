@@ -17,7 +17,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{answers, is_root, repo, who, Running};
-use dataplane::lab::{LabNode, LabOutside, LabPod, LabSpec};
+use lab::{LabNode, LabOutside, LabPod, LabSpec};
 
 /// Dataplane arguments for a node sharing the machine with others.
 const SHARED_CORES: &[&str] = &["--idle-sleep-us", "50", "--pin", "false"];
@@ -312,7 +312,7 @@ ports:
         (&a, &client_a, "10.244.2.5:8080"),
         (&b, &client_b, "10.244.1.5:8080"),
     ] {
-        let held = node.kxdp_in(
+        let held = node.kxdp_lab_in(
             client,
             &[
                 "hold",

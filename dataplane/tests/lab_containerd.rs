@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use common::{answers, is_root, repo, who, Proc, Running};
 use ctrd::{CniSettings, Container, Containerd};
-use dataplane::lab::{Lab, LabNode, LabOutside, LabPod, LabSpec};
+use lab::{Lab, LabNode, LabOutside, LabPod, LabSpec};
 use nat::wire::{self, Message};
 
 /// Dataplane arguments for a node sharing the machine with others.
@@ -209,7 +209,7 @@ fn start_containerd(node: &Running) -> Containerd {
     Containerd::start(
         &node.lab().state_dir().join("containerd"),
         &node.lab().node_ns(),
-        &common::bin("kxdp"),
+        &common::bin("kxdp-lab"),
         &cni,
     )
 }
@@ -219,7 +219,7 @@ fn echo(ctrd: &Containerd, id: &str) -> Container {
     ctrd.spawn(
         id,
         &[
-            "/bin/kxdp",
+            "/bin/kxdp-lab",
             "echo",
             "--name",
             &format!("default/{id}"),
@@ -244,7 +244,7 @@ fn json_lines(out: &[u8]) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// `kxdp call` from inside container `id`: who answered, and the source they saw.
+/// `kxdp-lab call` from inside container `id`: who answered, and the source they saw.
 fn call_from(
     ctrd: &Containerd,
     id: &str,
@@ -256,7 +256,7 @@ fn call_from(
     let out = ctrd.exec(
         id,
         &[
-            "/bin/kxdp",
+            "/bin/kxdp-lab",
             "call",
             "--to",
             to,
@@ -398,7 +398,7 @@ fn containers_reach_each_other_services_another_node_and_the_outside() {
     let a = start_node_a("kca", &dir.0);
     let b = start_node_b(&a, "kcb", &dir.0);
     let nodes = [&a, &b];
-    let kxdp = common::bin("kxdp").to_string_lossy().to_string();
+    let kxdp = common::bin("kxdp-lab").to_string_lossy().to_string();
     let _outside = Proc(
         Lab::exec(&a.lab().outside_ns(), &kxdp)
             .args(["echo", "--name", "outside", "--ports", "9090"])
@@ -446,7 +446,7 @@ fn containers_reach_each_other_services_another_node_and_the_outside() {
             .map(|(_, t)| format!("{t}:{PORT}"))
             .collect();
         let script = format!(
-            "for t in {}; do /bin/kxdp call --to $t --proto tcp --timeout-ms 2000; done",
+            "for t in {}; do /bin/kxdp-lab call --to $t --proto tcp --timeout-ms 2000; done",
             targets.join(" ")
         );
         let out = ctrd.exec(id, &["/bin/sh", "-c", &script]);
@@ -529,7 +529,7 @@ fn containers_reach_each_other_services_another_node_and_the_outside() {
 
     // A host process on the node reaches the TCP ClusterIP (masqueraded to the node's
     // pod-network gateway, as kube-proxy does).
-    let got = a.kxdp_in(
+    let got = a.kxdp_lab_in(
         &a.lab().node_ns(),
         &[
             "call",
@@ -592,7 +592,7 @@ fn churn_leaves_a_long_connection_flowing_and_nothing_behind() {
     let hold = ctrd.exec_spawn(
         "client",
         &[
-            "/bin/kxdp",
+            "/bin/kxdp-lab",
             "hold",
             "--to",
             &server,
@@ -615,7 +615,14 @@ fn churn_leaves_a_long_connection_flowing_and_nothing_behind() {
             s.spawn(move || {
                 for k in 0..20 {
                     let id = format!("churn-{t}-{k}");
-                    let call = ["/bin/kxdp", "call", "--to", target, "--timeout-ms", "3000"];
+                    let call = [
+                        "/bin/kxdp-lab",
+                        "call",
+                        "--to",
+                        target,
+                        "--timeout-ms",
+                        "3000",
+                    ];
                     let mut out = ctrd.run_once(&id, &call);
                     // ctr 1.6 sometimes loses a short task's output (its FIFO is read after
                     // the task has exited): nothing on stdout or stderr. That cycle is run

@@ -44,15 +44,15 @@ fn clusterip_over_af_xdp_and_control_restart() {
     // keeps streaming while control is down and after a new one resyncs.
     let run_in_client = |args: Vec<&'static str>| {
         let ns = client.clone();
-        let kxdp = bin("kxdp");
+        let kxdp_lab = bin("kxdp-lab");
         std::thread::spawn(move || {
             let out = Command::new("ip")
                 .args(["netns", "exec", &ns])
-                .arg(&kxdp)
+                .arg(&kxdp_lab)
                 .args(&args)
                 .stdin(Stdio::null())
                 .output()
-                .expect("run kxdp");
+                .expect("run kxdp-lab");
             String::from_utf8_lossy(&out.stdout).into_owned()
         })
     };

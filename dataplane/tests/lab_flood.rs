@@ -11,7 +11,7 @@ mod common;
 use std::process::{Command, Stdio};
 
 use common::Running;
-use dataplane::lab::Lab;
+use lab::Lab;
 
 fn stats(node: &Running) -> serde_json::Value {
     let out = Command::new(common::bin("kxdp"))
@@ -63,7 +63,7 @@ fn a_syn_flood_fills_the_table_without_hurting_established_connections() {
     // Established connections first, held through the flood.
     let held = {
         let ns = client.clone();
-        let bin = common::bin("kxdp");
+        let bin = common::bin("kxdp-lab");
         std::thread::spawn(move || {
             Lab::exec(&ns, &bin.to_string_lossy())
                 .args(["hold", "--to", "172.30.0.41:80", "--connections", "5"])
@@ -76,7 +76,7 @@ fn a_syn_flood_fills_the_table_without_hurting_established_connections() {
     std::thread::sleep(std::time::Duration::from_millis(700));
 
     let flood = |kind: &str, count: &str, to: &str| {
-        let out = Lab::exec(&outside, &common::bin("kxdp").to_string_lossy())
+        let out = Lab::exec(&outside, &common::bin("kxdp-lab").to_string_lossy())
             .args(["flood", "--dst-mac", &mac, "--to", to])
             .args(["--kind", kind, "--count", count, "--seconds", "4"])
             .output()

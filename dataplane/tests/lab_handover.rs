@@ -11,9 +11,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{generation, Proc, Running};
-use dataplane::lab::Lab;
+use lab::Lab;
 
-/// `kxdp hold` with `connections` connections through the web ClusterIP, in the
+/// `kxdp-lab hold` with `connections` connections through the web ClusterIP, in the
 /// background; the JSON lines when joined.
 fn hold(
     node: &Running,
@@ -21,7 +21,7 @@ fn hold(
     millis: u64,
 ) -> std::thread::JoinHandle<Vec<serde_json::Value>> {
     let ns = node.ns("default/client");
-    let bin = common::bin("kxdp");
+    let bin = common::bin("kxdp-lab");
     std::thread::spawn(move || {
         let out = Lab::exec(&ns, &bin.to_string_lossy())
             .args(["hold", "--to", "172.30.0.41:80", "--interval-ms", "50"])

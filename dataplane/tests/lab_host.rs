@@ -11,9 +11,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{answers, Proc, Running};
-use dataplane::lab::Lab;
+use lab::Lab;
 
-/// `kxdp call` from `ns` to `to`, and whether every call was answered by `who` (seeing
+/// `kxdp-lab call` from `ns` to `to`, and whether every call was answered by `who` (seeing
 /// `peer`, when given).
 fn answered(node: &Running, ns: &str, to: &str, proto: &str, who: &str, peer: Option<&str>) {
     let got = node.call(ns, to, proto, "3");
@@ -88,11 +88,11 @@ fn the_whole_node_host_traffic_pods_outside_ping_and_traceroute() {
     let lab_node = node.lab().node_ns();
     let outside = node.lab().outside_ns();
     let client = node.ns("default/client");
-    let kxdp = common::bin("kxdp").to_string_lossy().to_string();
+    let kxdp_lab = common::bin("kxdp-lab").to_string_lossy().to_string();
 
     // The node's own server (SSH's stand-in) on its address, and a server outside.
     let _ssh = Proc(
-        Lab::exec(&lab_node, &kxdp)
+        Lab::exec(&lab_node, &kxdp_lab)
             .args(["echo", "--name", "node-sshd", "--ports", "2222"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -100,7 +100,7 @@ fn the_whole_node_host_traffic_pods_outside_ping_and_traceroute() {
             .unwrap(),
     );
     let _far = Proc(
-        Lab::exec(&outside, &kxdp)
+        Lab::exec(&outside, &kxdp_lab)
             .args(["echo", "--name", "far-server", "--ports", "9000"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -7,7 +7,7 @@ mod common;
 use std::process::{Command, Stdio};
 
 use common::Running;
-use dataplane::lab::Lab;
+use lab::Lab;
 
 fn kxdp(node: &Running, args: &[&str]) -> String {
     let out = Command::new(common::bin("kxdp"))
@@ -40,7 +40,7 @@ fn inspection_commands_against_a_running_lab() {
     // A connection held open through the web ClusterIP while we look, and some UDP.
     let held = {
         let ns = client.clone();
-        let bin = common::bin("kxdp");
+        let bin = common::bin("kxdp-lab");
         std::thread::spawn(move || {
             Lab::exec(&ns, &bin.to_string_lossy())
                 .args(["hold", "--to", "172.30.0.41:80", "--millis", "3000"])

@@ -149,7 +149,7 @@ fn pods_across_the_overlay_with_a_kernel_flannel_node() {
         .unwrap();
     assert!(sysctl.success());
     let _echo = common::Proc(
-        dataplane::lab::Lab::exec(&bpod, &common::bin("kxdp").to_string_lossy())
+        lab::Lab::exec(&bpod, &common::bin("kxdp-lab").to_string_lossy())
             .args(["echo", "--name", "default/web-b", "--ports", "8080"])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -233,7 +233,7 @@ ports:
     }
     // A large-payload stream from a 1500-MTU pod on A into the 1450-byte overlay: it only
     // completes if the too-big answers make path-MTU discovery work.
-    let held = node.kxdp_in(
+    let held = node.kxdp_lab_in(
         &client,
         &[
             "hold",

@@ -57,9 +57,9 @@ fn network_policy_through_af_xdp() {
     // A long-lived connection from dns-1 to web-1, established before any policy.
     let held = {
         let ns = dns1.clone();
-        let bin = kxdp.clone();
+        let bin = common::bin("kxdp-lab");
         std::thread::spawn(move || {
-            let out = dataplane::lab::Lab::exec(&ns, &bin.to_string_lossy())
+            let out = lab::Lab::exec(&ns, &bin.to_string_lossy())
                 .args([
                     "hold",
                     "--to",
@@ -70,7 +70,7 @@ fn network_policy_through_af_xdp() {
                     "20",
                 ])
                 .output()
-                .expect("run kxdp hold");
+                .expect("run kxdp-lab hold");
             String::from_utf8_lossy(&out.stdout).to_string()
         })
     };

@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{generation, Proc, Running};
-use dataplane::lab::Lab;
+use lab::Lab;
 use nat::wire::{self, Message};
 
 /// The runtime pod's address (in the lab's pod network, outside its static pods).
@@ -214,7 +214,7 @@ fn pods_attached_and_detached_at_run_time() {
 
     // The pod reaches a ClusterIP, and another pod reaches it.
     let echo = Proc(
-        Lab::exec(&pod_ns.0, &common::bin("kxdp").to_string_lossy())
+        Lab::exec(&pod_ns.0, &common::bin("kxdp-lab").to_string_lossy())
             .args(["echo", "--name", "default/runtime-pod", "--ports", "8080"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())

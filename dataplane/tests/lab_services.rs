@@ -75,11 +75,11 @@ fn services_through_af_xdp() {
     // A UDP flow moves to a live endpoint when its endpoint is deleted: one socket asks
     // every 50 ms; after a few answers dns-1 is replaced by dns-2 in the Service's slice.
     let ns = client.clone();
-    let kxdp = common::bin("kxdp");
+    let kxdp_lab = common::bin("kxdp-lab");
     let session = std::thread::spawn(move || {
         let out = std::process::Command::new("ip")
             .args(["netns", "exec", &ns])
-            .arg(&kxdp)
+            .arg(&kxdp_lab)
             .args([
                 "call",
                 "--to",
@@ -95,7 +95,7 @@ fn services_through_af_xdp() {
                 "500",
             ])
             .output()
-            .expect("run kxdp call");
+            .expect("run kxdp-lab call");
         String::from_utf8_lossy(&out.stdout).into_owned()
     });
     std::thread::sleep(Duration::from_millis(800));

@@ -1,6 +1,6 @@
 //! What the namespace tests share: the lab brought up under a unique name with
 //! `kxdp-dataplane` and `kxdp-control` running, torn down on drop (also on failure), and
-//! helpers to run `kxdp` inside the lab's namespaces.
+//! helpers to run `kxdp-lab` (echo server, clients) inside the lab's namespaces.
 
 #![allow(dead_code)]
 
@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use dataplane::lab::{Lab, LabSpec};
+use lab::{Lab, LabSpec};
 use nat::wire::{self, Message};
 
 /// Whether the test runs as root (effective uid 0).
@@ -121,7 +121,7 @@ impl Running {
         let node_name = spec.node.name.clone();
         let guard = LabGuard(Lab::new(spec));
         let lab = &guard.0;
-        lab.up(&bin("kxdp")).expect("lab up");
+        lab.up(&bin("kxdp-lab")).expect("lab up");
         std::fs::create_dir_all(manifests(lab)).unwrap();
         for f in std::fs::read_dir(manifests_from).unwrap() {
             let f = f.unwrap().path();
@@ -216,16 +216,16 @@ impl Running {
         self.lab().pod_ns(i)
     }
 
-    /// Runs `kxdp ARGS` in namespace `ns` and parses its JSON lines.
-    pub fn kxdp_in(&self, ns: &str, args: &[&str]) -> Vec<serde_json::Value> {
-        let out = Lab::exec(ns, &bin("kxdp").to_string_lossy())
+    /// Runs `kxdp-lab ARGS` in namespace `ns` and parses its JSON lines.
+    pub fn kxdp_lab_in(&self, ns: &str, args: &[&str]) -> Vec<serde_json::Value> {
+        let out = Lab::exec(ns, &bin("kxdp-lab").to_string_lossy())
             .args(args)
             .stdin(Stdio::null())
             .output()
-            .expect("run kxdp");
+            .expect("run kxdp-lab");
         assert!(
             out.status.success(),
-            "kxdp {args:?} failed: {}",
+            "kxdp-lab {args:?} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout)
@@ -234,10 +234,10 @@ impl Running {
             .collect()
     }
 
-    /// `kxdp call` from namespace `ns`: `count` connections to `to` over `proto`, each
+    /// `kxdp-lab call` from namespace `ns`: `count` connections to `to` over `proto`, each
     /// given two seconds.
     pub fn call(&self, ns: &str, to: &str, proto: &str, count: &str) -> Vec<serde_json::Value> {
-        self.kxdp_in(
+        self.kxdp_lab_in(
             ns,
             &[
                 "call",

@@ -24,7 +24,7 @@
 //!   kill`. A `ctr run` whose ADD failed leaves its container and created task behind:
 //!   [`Containerd::run_once`] removes them.
 //!
-//! Containers run `/bin/kxdp` (the workspace's, bind-mounted read-only, with the C
+//! Containers run `/bin/kxdp-lab` (the workspace's, bind-mounted read-only, with the C
 //! libraries it links copied into the root filesystem) for echo servers and calls, and
 //! busybox for the rest.
 //!
@@ -353,7 +353,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             .map(|s| s.to_string())
             .collect();
         a.push(format!(
-            "type=bind,src={},dst=/bin/kxdp,options=rbind:ro",
+            "type=bind,src={},dst=/bin/kxdp-lab,options=rbind:ro",
             self.kxdp.display()
         ));
         a.push("--rootfs".into());
@@ -739,7 +739,7 @@ fn walk_dirs(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// The containers' root filesystem: busybox and its applets, mount points for what runc
-/// mounts, the C libraries `kxdp` links (it is bind-mounted at /bin/kxdp per container).
+/// mounts, the C libraries `kxdp-lab` links (it is bind-mounted at /bin/kxdp-lab per container).
 fn make_rootfs(rootfs: &Path, kxdp: &Path) {
     for d in ["bin", "proc", "sys", "dev", "tmp", "etc", "run"] {
         std::fs::create_dir_all(rootfs.join(d)).unwrap();
@@ -750,7 +750,7 @@ fn make_rootfs(rootfs: &Path, kxdp: &Path) {
     ] {
         std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
     }
-    std::fs::write(rootfs.join("bin/kxdp"), b"").unwrap();
+    std::fs::write(rootfs.join("bin/kxdp-lab"), b"").unwrap();
     let ldd = run(Command::new("ldd").arg(kxdp)).expect("ldd kxdp");
     for lib in ldd
         .split_whitespace()

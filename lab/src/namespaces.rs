@@ -1,155 +1,21 @@
-//! The lab: a node, its pods and an outside host as network namespaces on veth pairs, built
-//! from a small description (`lab/lab.yaml`), so the dataplane can be run and tested with
-//! real kernels on one machine.
+//! The lab's network namespaces: building them from a [`LabSpec`] (veth pairs, addresses,
+//! routes, offloads, the pods' echo servers), naming them, reporting and removing them.
 //!
 //! Every namespace and interface the lab creates lives inside namespaces it made itself
 //! (both ends of every veth); nothing in the root namespace is touched. Names carry the
 //! lab's name, so two labs (or a rerun) never collide. Processes the lab starts are
 //! recorded by PID and ended by PID on `down`.
 
-use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::Ipv6Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use ipnet::Ipv4Net;
-use serde::Deserialize;
-
-/// A lab description.
-#[derive(Clone, Debug, Deserialize)]
-pub struct LabSpec {
-    /// The lab's name: every namespace is `kxdp-<name>-…`.
-    pub name: String,
-    /// The node under the dataplane.
-    pub node: LabNode,
-    /// The host on the other end of the node's uplink.
-    pub outside: LabOutside,
-    /// The node's pods.
-    pub pods: Vec<LabPod>,
-    /// Queues per veth (one per worker); default 1.
-    #[serde(default = "one")]
-    pub queues: u32,
-    /// The cluster's pod networks and Service range: the node's kernel routes them to
-    /// kxdp through the host veth pair.
-    #[serde(default = "default_host_routes", rename = "hostRoutes")]
-    pub host_routes: Vec<Ipv4Net>,
-    /// The same for IPv6 (used when the node has an IPv6 address).
-    #[serde(default = "default_host_routes6", rename = "hostRoutes6")]
-    pub host_routes6: Vec<ipnet::Ipv6Net>,
-}
-
-fn default_host_routes6() -> Vec<ipnet::Ipv6Net> {
-    vec![
-        "fd00:10:244::/48".parse().expect("literal"),
-        "fd00:172:30::/112".parse().expect("literal"),
-    ]
-}
-
-fn default_host_routes() -> Vec<Ipv4Net> {
-    vec![
-        "10.244.0.0/16".parse().expect("literal"),
-        "172.30.0.0/16".parse().expect("literal"),
-    ]
-}
+use crate::{LabError, LabSpec};
 
 /// The address of the kernel's end of the host pair (`kxhost`): link scope, never used as a
 /// source (the routes through the pair name the node's), there so that the reverse-path
 /// check accepts packets kxdp hands over from the node's own addresses.
 pub const HOST_PAIR_ADDRESS: &str = "169.254.42.1/32";
-
-fn one() -> u32 {
-    1
-}
-
-/// The lab's node.
-#[derive(Clone, Debug, Deserialize)]
-pub struct LabNode {
-    /// Kubernetes Node name (as in the manifests).
-    pub name: String,
-    /// Address on the uplink, with prefix.
-    pub address: Ipv4Net,
-    /// IPv6 address on the uplink, with prefix, if the node has one.
-    #[serde(default)]
-    pub address6: Option<ipnet::Ipv6Net>,
-    /// The node's pod network; its first address is the pods' gateway.
-    #[serde(rename = "podCIDR")]
-    pub pod_cidr: Ipv4Net,
-    /// The node's IPv6 pod network, if pods are dual-stack; its first address is their
-    /// IPv6 gateway.
-    #[serde(rename = "podCIDR6", default)]
-    pub pod_cidr6: Option<ipnet::Ipv6Net>,
-}
-
-/// The outside host.
-#[derive(Clone, Debug, Deserialize)]
-pub struct LabOutside {
-    /// Its address on the uplink, with prefix.
-    pub address: Ipv4Net,
-    /// Its IPv6 address on the uplink, with prefix, if any.
-    #[serde(default)]
-    pub address6: Option<ipnet::Ipv6Net>,
-}
-
-/// One pod.
-#[derive(Clone, Debug, Deserialize)]
-pub struct LabPod {
-    /// `namespace/name`, as in the manifests.
-    pub name: String,
-    /// Its IPv4 address.
-    pub ip: Ipv4Addr,
-    /// Its IPv6 address, if any.
-    #[serde(default)]
-    pub ip6: Option<Ipv6Addr>,
-    /// Ports its echo server answers on (TCP and UDP).
-    #[serde(default)]
-    pub ports: Vec<u16>,
-}
-
-/// Why a lab operation failed.
-#[derive(Debug, thiserror::Error)]
-pub enum LabError {
-    /// The description could not be read.
-    #[error("lab description {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The error.
-        source: io::Error,
-    },
-    /// The description is not valid YAML of the lab's shape.
-    #[error("lab description {path}: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// What was wrong.
-        message: String,
-    },
-    /// A command failed.
-    #[error("`{command}` failed: {stderr}")]
-    Command {
-        /// The command line.
-        command: String,
-        /// What it printed.
-        stderr: String,
-    },
-    /// Something else in the OS.
-    #[error("{0}")]
-    Io(#[from] io::Error),
-}
-
-impl LabSpec {
-    /// Reads a description file.
-    pub fn load(path: &Path) -> Result<LabSpec, LabError> {
-        let text = std::fs::read_to_string(path).map_err(|source| LabError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        serde_yaml::from_str(&text).map_err(|e| LabError::Parse {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })
-    }
-}
 
 /// Runs `ip` (or any command) and fails with its stderr.
 pub fn run(cmd: &mut Command) -> Result<String, LabError> {
