@@ -31,14 +31,16 @@ pub(super) enum Kind {
     TimeExceeded,
 }
 
-/// An ICMP error asked for about the packet being handled.
+/// An ICMP error asked for about the packet being handled (as the packet now is: the
+/// error quotes it translated, and is un-NATed on its way). Small, as every outcome is
+/// returned through the pipeline's calls; the packet's headers are read again when the
+/// error is built.
+#[derive(Clone, Copy, Debug)]
 pub(super) struct Request {
     /// Which error.
     pub(super) kind: Kind,
     /// The address it comes from.
     pub(super) from: IpAddr,
-    /// The offending packet's headers, as the packet now is.
-    pub(super) h: Headers,
     /// What the packet is counted as when no error is sent after all.
     pub(super) unsent: DropReason,
 }
@@ -51,7 +53,6 @@ impl Pipeline<'_> {
         Outcome::Icmp(Request {
             kind: Kind::PortUnreachable,
             from: h.dst,
-            h: *h,
             unsent: DropReason::NoRoute,
         })
     }
@@ -81,7 +82,6 @@ impl Pipeline<'_> {
         Outcome::Icmp(Request {
             kind: Kind::TimeExceeded,
             from,
-            h: *h,
             unsent: DropReason::TtlExceeded,
         })
     }
@@ -98,7 +98,6 @@ impl Pipeline<'_> {
             Some(from) => Outcome::Icmp(Request {
                 kind: Kind::TooBig(mtu),
                 from,
-                h: *h,
                 unsent: DropReason::TooBig,
             }),
             None => Outcome::Drop(DropReason::TooBig),
@@ -115,7 +114,10 @@ impl Pipeline<'_> {
             return Outcome::Drop(DropReason::NoRoute);
         };
         let client_mac = rx.sender_mac();
-        let total = match write_error(rx.room(), req) {
+        let Ok(h) = packet::parse(rx.pkt()) else {
+            return Outcome::Drop(DropReason::BadIpHeader);
+        };
+        let total = match write_error(rx.room(), &h, req) {
             Ok(total) => total,
             Err(reason) => return Outcome::Drop(reason),
         };
@@ -207,10 +209,9 @@ impl Pipeline<'_> {
     }
 }
 
-/// Writes the error `req` asks for over the packet in `pkt` (which runs to the end of the
+/// Writes the error `req` asks for over the packet in `pkt` (whose headers are `h`) (which runs to the end of the
 /// frame's chunk), from the IP header on; returns the new frame length.
-fn write_error(pkt: &mut [u8], req: &Request) -> Result<usize, DropReason> {
-    let h = &req.h;
+fn write_error(pkt: &mut [u8], h: &Headers, req: &Request) -> Result<usize, DropReason> {
     let caps = ChecksumCapabilities::default();
     // Errors sent back on the port they came from leave with the kernel's default TTL
     // (64); the others are routed like any packet, which takes one hop off.
