@@ -2,13 +2,16 @@
 //! inserted at the same time, and making room when the table or a window is full.
 //!
 //! An entry is `PENDING` from the moment its tuples are in the index until it has checked
-//! its windows for a twin: a live twin wins; a pending twin with a lower entry number wins;
-//! one with a higher number is waited for (it never waits for us, so it soon goes live, and
-//! wins, or gives up). Publishing and checking are sequentially consistent, so of two racers
-//! at least one sees the other. Where there is no room, the new flow may evict an entry
-//! indexed near its tuples ([`Conntrack::insert_evicting`], the kernel's `early_drop`).
+//! their buckets for a twin: a live twin wins; a pending twin with a lower entry number
+//! wins; one with a higher number is waited for (it never waits for us, so it soon goes
+//! live, and wins, or gives up). Between publishing and checking stands a sequentially
+//! consistent fence: two racers each store a slot and then load the other's (Dekker's
+//! pattern), which acquire and release alone allow both to miss; with the fence, of two
+//! racers at least one sees the other. The fence is on the insert path only; lookups use
+//! acquire loads. Where there is no room, the new flow may evict an entry indexed near its
+//! tuples ([`Conntrack::insert_evicting`], the kernel's `early_drop`).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{fence, Ordering};
 
 use super::entry::{encode, generation, status, word, DEAD, FREE, LIVE, PENDING};
 use super::{Connection, Conntrack, Direction, InsertError, Inserted};
@@ -16,6 +19,12 @@ use super::{Connection, Conntrack, Direction, InsertError, Inserted};
 /// Entries an insert may evict before it gives up (each eviction frees one entry, which a
 /// racing insert may take first).
 const EVICTIONS_MAX: u32 = 4;
+/// Buckets from each of a tuple's two (that one and the next ones) in which a full table
+/// looks for an entry to evict: 64 slots per tuple, eight lines, on the slow path of a
+/// full table only. A wider look finds an older victim; two buckets (32 slots, as many as
+/// the window of the table before buckets) let newer flows go first in a small table
+/// (`tests::streams_taken_up_mid_way_yield_until_answered`), three were just enough.
+const EVICTION_SPAN: usize = 4;
 
 fn backoff(round: usize) {
     if round < 64 {
@@ -75,46 +84,57 @@ impl Conntrack {
                 return Err(InsertError::Exists);
             }
             let Some(e) = self.free.pop() else {
-                let near = [&conn.original, &conn.reply];
-                if evicted < EVICTIONS_MAX && self.evict_near(&near, now, last_seen) {
+                let near = [
+                    self.index.place(&conn.original),
+                    self.index.place(&conn.reply),
+                ];
+                if evicted < EVICTIONS_MAX && self.evict_near(&near, EVICTION_SPAN, now, last_seen)
+                {
                     evicted += 1;
                     continue;
                 }
                 return Err(InsertError::Full);
             };
             let entry = &self.entries[e as usize];
-            // A new generation before the new key, so a reader that sees the key sees it.
+            // A new generation before the new words, so a reader that sees a word sees it
+            // (the fence orders the store before the word stores; the reader's Acquire
+            // fence in `read_entry` pairs with it).
             let generation =
                 generation(entry.state.load(Ordering::Relaxed)).wrapping_add(1) & 0xffff_ffff;
             entry
                 .state
-                .store(word(FREE, 0, generation), Ordering::SeqCst);
-            entry.write(&encode(&conn));
+                .store(word(FREE, 0, generation), Ordering::Relaxed);
+            fence(Ordering::Release);
+            entry.store(&self.cold[e as usize], &encode(&conn));
             entry.expires.store(now + timeout, Ordering::Relaxed);
+            // Release: a reader that sees PENDING (or the slots claimed after) sees the
+            // words.
             entry
                 .state
-                .store(word(PENDING, state, generation), Ordering::SeqCst);
+                .store(word(PENDING, state, generation), Ordering::Release);
             let mut claimed: [Option<usize>; 2] = [None, None];
             for (n, dir) in [Direction::Original, Direction::Reply]
                 .into_iter()
                 .enumerate()
             {
-                let key = conn.key(dir);
-                claimed[n] = self.index.claim(key, e, dir);
+                let place = self.index.place(conn.key(dir));
+                claimed[n] = self.index.claim(&place, e, dir);
                 if claimed[n].is_none() {
                     self.abandon(e, &claimed);
-                    if evicted < EVICTIONS_MAX && self.evict_near(&[key], now, last_seen) {
+                    if evicted < EVICTIONS_MAX && self.evict_near(&[place], 1, now, last_seen) {
                         evicted += 1;
                         continue 'retry;
                     }
                     return Err(InsertError::Full);
                 }
             }
+            // Our slots before the twins' (see the module comment).
+            fence(Ordering::SeqCst);
             match self.settle(e, &conn, now) {
                 None => {
                     entry
                         .state
-                        .store(word(LIVE, state, generation), Ordering::SeqCst);
+                        .store(word(LIVE, state, generation), Ordering::Release);
                     return Ok(Inserted { entry: e, evicted });
                 }
                 Some(twin) => {
@@ -173,7 +193,7 @@ impl Conntrack {
         let generation = generation(entry.state.load(Ordering::Relaxed));
         entry
             .state
-            .store(word(DEAD, 0, generation), Ordering::SeqCst);
+            .store(word(DEAD, 0, generation), Ordering::Relaxed);
         for at in claimed.iter().flatten() {
             self.index.clear(*at);
         }
