@@ -189,36 +189,34 @@ impl Conntrack {
         want: impl Fn(u8, u32) -> bool,
         skip: Option<u32>,
     ) -> Option<(u32, Connection, Direction, u64)> {
-        self.find_at(&self.index.place(key), key, want, skip)
+        let (e, w, dir, st) = self.find_at(&self.index.place(key), key, want, skip)?;
+        Some((e, decode(&w), dir, st))
     }
 
-    /// [`Conntrack::find`] at `key`'s place in the index.
+    /// [`Conntrack::find`] at `key`'s place in the index, with the entry's words rather
+    /// than its decoded connection.
     fn find_at(
         &self,
         place: &Place,
         key: &FlowKey,
         want: impl Fn(u8, u32) -> bool,
         skip: Option<u32>,
-    ) -> Option<(u32, Connection, Direction, u64)> {
-        for (e, dir) in self.index.candidates(place) {
+    ) -> Option<(u32, [u64; KEY_WORDS], Direction, u64)> {
+        // Both bucket lines on their way before the first is read.
+        std::hint::black_box(self.index.touch_second(place));
+        self.index.find_map(place, |e, dir| {
             if Some(e) == skip {
-                continue;
+                return None;
             }
             // Acquire pairs with the Release that made the entry PENDING or LIVE: its
             // words are seen.
             let st = self.entries[e as usize].state.load(Ordering::Acquire);
             if !want(status(st), e) {
-                continue;
+                return None;
             }
-            let Some((w, now_st)) = self.read_entry(e, st) else {
-                continue;
-            };
-            let conn = decode(&w);
-            if conn.key(dir) == key {
-                return Some((e, conn, dir, now_st));
-            }
-        }
-        None
+            let (w, now_st) = self.read_entry(e, st)?;
+            entry::matches(&w, key, dir).then_some((e, w, dir, now_st))
+        })
     }
 
     /// Looks a packet's tuple up; a live entry's expiry is pushed to `now + timeout`.
@@ -246,13 +244,18 @@ impl Conntrack {
                 *p = self.index.place(k);
             }
             let places = &places[..keys.len().min(out.len())];
+            // Each stage a short loop, so that many loads are in flight at once.
             let mut touched = 0u64;
             for p in places {
                 touched ^= self.index.touch(p);
             }
-            for p in places {
-                if let Some((e, _)) = self.index.candidates(p).next() {
-                    touched ^= self.entries[e as usize].expires.load(Ordering::Relaxed);
+            let mut first = [u32::MAX; BULK];
+            for (f, p) in first.iter_mut().zip(places) {
+                *f = self.index.find_map(p, |e, _| Some(e)).unwrap_or(u32::MAX);
+            }
+            for e in &first[..places.len()] {
+                if let Some(entry) = self.entries.get(*e as usize) {
+                    touched ^= entry.state.load(Ordering::Relaxed);
                 }
             }
             std::hint::black_box(touched);
@@ -269,13 +272,13 @@ impl Conntrack {
         let live = |s: u8, e: u32| {
             s == LIVE && self.entries[e as usize].expires.load(Ordering::Relaxed) > now
         };
-        let (e, conn, dir, st) = self.find_at(place, key, live, None)?;
+        let (e, w, dir, st) = self.find_at(place, key, live, None)?;
         let expires = self.entries[e as usize].expires.load(Ordering::Relaxed);
         if expires <= now {
             return None;
         }
         Some(Hit {
-            conn,
+            conn: decode(&w),
             dir,
             entry: e,
             state: proto_state(st),

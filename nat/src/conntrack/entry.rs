@@ -17,7 +17,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::flow::{Connection, FlowKey, POLICY_MAX};
+use super::flow::{Connection, Direction, FlowKey, POLICY_MAX};
 
 /// Status: on the free list, holding nothing.
 pub(super) const FREE: u8 = 0;
@@ -174,6 +174,32 @@ pub(super) fn encode(c: &Connection) -> [u64; KEY_WORDS] {
     w
 }
 
+/// Whether an entry's words hold `key` as the connection's tuple in direction `dir`: what
+/// `decode(w).key(dir) == key` says, without building the connection (a lookup compares
+/// every candidate its tag names, and decodes only the one that matches).
+pub(super) fn matches(w: &[u64; KEY_WORDS], key: &FlowKey, dir: Direction) -> bool {
+    let v6 = key.src.is_ipv6();
+    if v6 != key.dst.is_ipv6() {
+        // A tuple mixing families: as rare as it is odd, compared the long way.
+        return decode(w).key(dir) == key;
+    }
+    let meta = key.proto as u64 | if v6 { V6 } else { 0 };
+    let ports = key.sport as u64 | (key.dport as u64) << 16;
+    let reply = dir == Direction::Reply;
+    if w[1] & 0x1ff != meta || (w[0] >> if reply { 32 } else { 0 }) & 0xffff_ffff != ports {
+        return false;
+    }
+    match (key.src, key.dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            w[2 + reply as usize] == u32::from(s) as u64 | (u32::from(d) as u64) << 32
+        }
+        _ => {
+            let at = if reply { HOT_WORDS } else { 2 };
+            w[at..at + 2] == addr_words(key.src) && w[at + 2..at + 4] == addr_words(key.dst)
+        }
+    }
+}
+
 /// The connection of an entry's words.
 pub(super) fn decode(w: &[u64; KEY_WORDS]) -> Connection {
     let v6 = w[1] & V6 != 0;
@@ -244,5 +270,30 @@ mod tests {
         assert_eq!(decode(&encode(&c6)), c6);
         c6.policy = 0;
         assert_eq!(decode(&encode(&c6)), c6);
+        // `matches` says what comparing the decoded tuple says, for every pair of these,
+        // mixed families too.
+        let mut mixed = c;
+        mixed.original.dst = "::ffff:172.30.0.41".parse().unwrap();
+        mixed.reply.src = "fd00::5".parse().unwrap();
+        let mut other_port = c;
+        other_port.reply.dport += 1;
+        let mut other_proto = c6;
+        other_proto.original.proto = 17;
+        other_proto.reply.proto = 17;
+        let conns = [c, c6, mixed, other_port, other_proto];
+        for stored in &conns {
+            let w = encode(stored);
+            for looked in &conns {
+                for key in [looked.original, looked.reply, looked.original.reversed()] {
+                    for dir in [Direction::Original, Direction::Reply] {
+                        assert_eq!(
+                            matches(&w, &key, dir),
+                            decode(&w).key(dir) == &key,
+                            "{stored:?} {key:?} {dir:?}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }

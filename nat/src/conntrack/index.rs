@@ -47,7 +47,8 @@ struct Bucket([AtomicU64; BUCKET_SLOTS]);
 /// per key (a bulk lookup computes a burst's places first, then reads their buckets).
 #[derive(Clone, Copy, Debug, Default)]
 pub(super) struct Place {
-    buckets: [u32; 2],
+    /// The first choice, then the second.
+    pub(super) buckets: [u32; 2],
     tag: u32,
 }
 
@@ -101,26 +102,40 @@ impl Index {
     /// Loads one word of each of `place`'s buckets, so that a burst's bucket lines are on
     /// their way from memory together (a plain load, as `_mm_prefetch` is `unsafe` to call
     /// here); returns the words, for the caller to fold into `black_box`.
+    #[inline]
     pub(super) fn touch(&self, place: &Place) -> u64 {
-        self.bucket(place.buckets[0]).0[0].load(Ordering::Relaxed)
-            ^ self.bucket(place.buckets[1]).0[0].load(Ordering::Relaxed)
+        self.bucket(place.buckets[0]).0[0].load(Ordering::Relaxed) ^ self.touch_second(place)
     }
 
-    /// The entries (and directions) indexed at `place` under its tag: the candidates a
-    /// lookup reads, its first bucket's first.
-    pub(super) fn candidates(&self, place: &Place) -> impl Iterator<Item = (u32, Direction)> + '_ {
-        let tag = place.tag;
-        place.buckets.into_iter().flat_map(move |b| {
-            self.bucket(b).0.iter().filter_map(move |slot| {
+    /// [`Index::touch`] of `place`'s second bucket only: a lookup requests it before it
+    /// reads the first, so that the two misses overlap.
+    #[inline]
+    pub(super) fn touch_second(&self, place: &Place) -> u64 {
+        self.bucket(place.buckets[1]).0[0].load(Ordering::Relaxed)
+    }
+
+    /// Calls `f` on the entries (and directions) indexed at `place` under its tag, its
+    /// first bucket's first, until `f` returns something: the candidates a lookup reads.
+    #[inline]
+    pub(super) fn find_map<T>(
+        &self,
+        place: &Place,
+        mut f: impl FnMut(u32, Direction) -> Option<T>,
+    ) -> Option<T> {
+        for b in place.buckets {
+            for slot in &self.bucket(b).0 {
                 // Acquire pairs with the Release of the claim: the entry's state and tuples
                 // stored before the claim are seen.
                 let v = slot.load(Ordering::Acquire);
-                if v == 0 || (v >> 32) as u32 != tag {
-                    return None;
+                if (v >> 32) as u32 != place.tag {
+                    continue;
                 }
-                slot_entry(v)
-            })
-        })
+                if let Some(t) = slot_entry(v).and_then(|(e, dir)| f(e, dir)) {
+                    return Some(t);
+                }
+            }
+        }
+        None
     }
 
     /// Every entry indexed in `place`'s buckets and the `span - 1` buckets after each,
