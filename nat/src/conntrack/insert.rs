@@ -40,6 +40,31 @@ impl Conntrack {
         self.insert_with_state(conn, 0, now, timeout)
     }
 
+    /// [`Conntrack::insert`] of each of `conns` in order into `out` (`out[i]` for
+    /// `conns[i]`; connections past `out.len()` are not inserted), the same results as one
+    /// by one (a tuple twice in `conns` is `Exists` the second time). The index lines of a
+    /// group of `BULK` (32) connections' tuples are requested before the first insert, as
+    /// [`Conntrack::get_bulk`] does for lookups.
+    pub fn insert_bulk(
+        &self,
+        conns: &[Connection],
+        now: u64,
+        timeout: u64,
+        out: &mut [Result<u32, InsertError>],
+    ) {
+        for (conns, out) in conns.chunks(super::BULK).zip(out.chunks_mut(super::BULK)) {
+            let mut touched = 0u64;
+            for c in conns.iter().take(out.len()) {
+                touched ^= self.index.touch(&self.index.place(&c.original));
+                touched ^= self.index.touch(&self.index.place(&c.reply));
+            }
+            std::hint::black_box(touched);
+            for (c, o) in conns.iter().zip(out) {
+                *o = self.insert(*c, now, timeout);
+            }
+        }
+    }
+
     /// [`Conntrack::insert`] with an initial protocol state.
     pub fn insert_with_state(
         &self,

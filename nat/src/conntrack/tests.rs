@@ -640,3 +640,29 @@ proptest::proptest! {
         }
     }
 }
+
+proptest::proptest! {
+    /// A bulk insert does what inserts one by one do, duplicates and a full table too.
+    #[test]
+    fn insert_bulk_matches_insert_one_by_one(
+        before in proptest::collection::vec(0u16..60, 0..20),
+        batch in proptest::collection::vec(0u16..60, 0..80),
+        short in 0usize..4,
+    ) {
+        let (bulk, single) = (Conntrack::new(40), Conntrack::new(40));
+        for s in &before {
+            let _ = bulk.insert(conn_any(*s), 0, 100);
+            let _ = single.insert(conn_any(*s), 0, 100);
+        }
+        let conns: Vec<Connection> = batch.iter().map(|s| conn_any(*s)).collect();
+        let mut out = vec![Ok(0); conns.len().saturating_sub(short)];
+        bulk.insert_bulk(&conns, 1, 100, &mut out);
+        for (c, o) in conns.iter().zip(&out) {
+            proptest::prop_assert_eq!(*o, single.insert(*c, 1, 100));
+        }
+        proptest::prop_assert_eq!(bulk.len(), single.len());
+        for c in &conns {
+            proptest::prop_assert_eq!(bulk.get(&c.reply, 2), single.get(&c.reply, 2));
+        }
+    }
+}
