@@ -33,7 +33,8 @@
 //!   publishing and checking makes sure that of two racers at least one sees the other.
 //! - **Removal** (expiry, or a flush of flows to a deleted endpoint) is a compare-and-swap
 //!   of the entry's state from `LIVE` to `DEAD` (so two sweepers never free one entry),
-//!   then clearing its index slots, then returning it to a lock-free free list.
+//!   then clearing its index slots, then returning it to a lock-free free list, striped
+//!   so that workers inserting at once seldom meet on one head (`free_list`).
 //! - **Generations**: an entry's state word carries, in its high half, a count of the
 //!   connections it has held. Every removal and state change is a compare-and-swap against
 //!   the word the caller read with the connection, so one prepared on a connection that has
@@ -55,8 +56,8 @@
 //! stores a byte and asks a caller's function.
 //!
 //! Memory: a 64-byte entry and its 32-byte half line, 4 bytes of free list and three
-//! index slots (24 bytes): 124 bytes per connection, 1,000,000 connections in 119 MiB
-//! (`tests::memory_per_connection_is_bounded`).
+//! index slots (24 bytes): 124 bytes per connection (and 1 KiB of free-list heads),
+//! 1,000,000 connections in 119 MiB (`tests::memory_per_connection_is_bounded`).
 
 use std::sync::atomic::{fence, Ordering};
 

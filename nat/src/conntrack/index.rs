@@ -52,6 +52,14 @@ pub(super) struct Place {
     tag: u32,
 }
 
+impl Place {
+    /// The tag: hash bits the bucket choices did not use, also good for picking a stripe
+    /// of the free list.
+    pub(super) fn tag(&self) -> u32 {
+        self.tag
+    }
+}
+
 /// The index of a table of `capacity` entries.
 pub(super) struct Index {
     buckets: Box<[Bucket]>,

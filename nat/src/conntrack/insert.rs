@@ -14,6 +14,7 @@
 use std::sync::atomic::{fence, Ordering};
 
 use super::entry::{encode, generation, status, word, DEAD, FREE, LIVE, PENDING};
+use super::index::Place;
 use super::{Connection, Conntrack, Direction, InsertError, Inserted};
 
 /// Entries an insert may evict before it gives up (each eviction frees one entry, which a
@@ -104,16 +105,22 @@ impl Conntrack {
         last_seen: &dyn Fn(u8, u64) -> Option<u64>,
     ) -> Result<Inserted, InsertError> {
         let mut evicted = 0;
+        // Each tuple hashed once for the whole insert.
+        let places = [
+            self.index.place(&conn.original),
+            self.index.place(&conn.reply),
+        ];
+        let tracked = || {
+            self.get_at(&places[0], &conn.original, now).is_some()
+                || self.get_at(&places[1], &conn.reply, now).is_some()
+        };
         'retry: loop {
-            if self.contains(&conn.original, now) || self.contains(&conn.reply, now) {
+            if tracked() {
                 return Err(InsertError::Exists);
             }
-            let Some(e) = self.free.pop() else {
-                let near = [
-                    self.index.place(&conn.original),
-                    self.index.place(&conn.reply),
-                ];
-                if evicted < EVICTIONS_MAX && self.evict_near(&near, EVICTION_SPAN, now, last_seen)
+            let Some(e) = self.free.pop(places[0].tag() as usize) else {
+                if evicted < EVICTIONS_MAX
+                    && self.evict_near(&places, EVICTION_SPAN, now, last_seen)
                 {
                     evicted += 1;
                     continue;
@@ -142,11 +149,11 @@ impl Conntrack {
                 .into_iter()
                 .enumerate()
             {
-                let place = self.index.place(conn.key(dir));
-                claimed[n] = self.index.claim(&place, e, dir);
+                claimed[n] = self.index.claim(&places[n], e, dir);
                 if claimed[n].is_none() {
                     self.abandon(e, &claimed);
-                    if evicted < EVICTIONS_MAX && self.evict_near(&[place], 1, now, last_seen) {
+                    if evicted < EVICTIONS_MAX && self.evict_near(&places[n..=n], 1, now, last_seen)
+                    {
                         evicted += 1;
                         continue 'retry;
                     }
@@ -155,7 +162,7 @@ impl Conntrack {
             }
             // Our slots before the twins' (see the module comment).
             fence(Ordering::SeqCst);
-            match self.settle(e, &conn, now) {
+            match self.settle(e, &conn, &places, now) {
                 None => {
                     entry
                         .state
@@ -168,7 +175,7 @@ impl Conntrack {
                     // tracked (the caller's lookup finds it); if it lost to yet another
                     // racer that then gave up, try again.
                     self.wait_while_pending(twin);
-                    if self.contains(&conn.original, now) || self.contains(&conn.reply, now) {
+                    if tracked() {
                         return Err(InsertError::Exists);
                     }
                 }
@@ -180,8 +187,11 @@ impl Conntrack {
     /// when `e` wins, else the twin it defers to. A higher pending twin is waited for: it
     /// never waits on a lower one, so it soon goes live (it did not see us, we lose) or
     /// gives up (it saw us).
-    fn settle(&self, e: u32, conn: &Connection, now: u64) -> Option<u32> {
-        for dir in [Direction::Original, Direction::Reply] {
+    fn settle(&self, e: u32, conn: &Connection, places: &[Place; 2], now: u64) -> Option<u32> {
+        for (dir, place) in [Direction::Original, Direction::Reply]
+            .into_iter()
+            .zip(places)
+        {
             let key = conn.key(dir);
             loop {
                 let live_or_pending = |st: u8, other: u32| {
@@ -189,7 +199,8 @@ impl Conntrack {
                         || (st == LIVE
                             && self.entries[other as usize].expires.load(Ordering::Relaxed) > now)
                 };
-                let Some((other, _, _, st)) = self.find(key, live_or_pending, Some(e)) else {
+                let Some((other, _, _, st)) = self.find_at(place, key, live_or_pending, Some(e))
+                else {
                     break;
                 };
                 if status(st) == LIVE || other < e {
