@@ -4,43 +4,62 @@
 //! 64-bit slots under both its original and its reply 5-tuple, so a reply arriving on any
 //! queue finds its way back. Capacity is fixed at start; nothing allocates afterwards.
 //!
-//! - **Entries** are written only while their owner holds them exclusively (after taking
-//!   them from the free list, before publishing them in the index), under a sequence
-//!   counter: a reader that raced with a reuse sees the counter move and reads again, and
-//!   compares the key it read, so it can never take one connection for another.
-//! - **Index slots** map a tuple to its entry in windows of [`WINDOW`] slots
-//!   (four cache lines), claimed by compare-and-swap; nothing ever moves.
+//! - **Index buckets** are one 64-byte cache line of 8 slots (`tag | entry | direction`).
+//!   A tuple hashes to two buckets and is indexed in the emptier one, by compare-and-swap;
+//!   nothing ever moves (`index`).
+//! - **Entries** are one cache line: state word, expiry, ports, protocol, policy, Service,
+//!   and an IPv4 connection's four addresses; an IPv6 connection's reply addresses are in
+//!   a half line of their own (`entry`). An entry is written only while its owner holds it
+//!   exclusively (after taking it from the free list, before publishing it in the index),
+//!   after its generation has moved on: a reader that raced with a reuse sees the
+//!   generation move and passes the entry over, and compares the tuple it read, so it can
+//!   never take one connection for another.
+//! - **Lines touched.** A lookup reads the tuple's first bucket, its second one (always
+//!   on a miss; on a hit only when the first holds no slot of the tuple's tag) and the
+//!   line of the entry a tag names (two lines for IPv6): at most two index lines and one
+//!   entry line per candidate, and a wrong candidate takes a 32-bit tag collision. An
+//!   insert reads the two buckets of each tuple (four lines), looks both tuples up again
+//!   for a twin (the same lines) and writes its entry's line. Making room in a full table
+//!   (below) reads up to 16 index lines and the entries they name. [`Conntrack::get_bulk`]
+//!   requests a burst's bucket lines, then the entry lines, before it reads any.
+//! - **Memory ordering.** Lookups use acquire loads and relaxed ones under them, nothing
+//!   sequentially consistent; inserts publish with release stores and one sequentially
+//!   consistent fence (see the next point).
 //! - **Inserting the same tuple twice at once** (two workers, or two flows picking the same
 //!   masquerade port) is settled after publishing: an entry is `PENDING` until it has
-//!   checked its window for a twin. A live twin wins; a pending twin with a lower index
+//!   checked its buckets for a twin. A live twin wins; a pending twin with a lower index
 //!   wins; a pending twin with a higher index is waited for (it never waits for us, so it
-//!   soon goes live, and wins, or gives up). Publishing and checking are sequentially
-//!   consistent, so of two racers at least one sees the other.
+//!   soon goes live, and wins, or gives up). A sequentially consistent fence between
+//!   publishing and checking makes sure that of two racers at least one sees the other.
 //! - **Removal** (expiry, or a flush of flows to a deleted endpoint) is a compare-and-swap
 //!   of the entry's state from `LIVE` to `DEAD` (so two sweepers never free one entry),
-//!   then clearing its index slots, then returning it to a lock-free free list.
+//!   then clearing its index slots, then returning it to a lock-free free list, striped
+//!   so that workers inserting at once seldom meet on one head (`free_list`).
 //! - **Generations**: an entry's state word carries, in its high half, a count of the
 //!   connections it has held. Every removal and state change is a compare-and-swap against
 //!   the word the caller read with the connection, so one prepared on a connection that has
 //!   meanwhile gone (expired, evicted) never lands on the next one stored in its entry.
-//! - **A full table** (free list empty, or a key's window full) refuses the new flow with
-//!   [`InsertError::Full`]; established flows are untouched. Through
+//! - **A full table** (free list empty, or both of a key's buckets full) refuses the new
+//!   flow with [`InsertError::Full`]; established flows are untouched. Through
 //!   [`Conntrack::insert_evicting`] the new flow first takes the place of an expired entry
 //!   or of one the caller's policy lets go (the dataplane's: a connection whose handshake
 //!   has not completed), the longest idle of those indexed near its tuples, as the Linux
 //!   kernel's `early_drop` evicts an unassured entry of the new tuple's hash buckets.
+//! - **Handover**: a successor receives connections as values (`wire::HandedConnection`),
+//!   never this layout, so a new layout needs no new handover version.
 //!
-//! The rooms: what is tracked, as values (`flow`); one entry and its seqlock (`entry`);
+//! The rooms: what is tracked, as values (`flow`); one entry and its layout (`entry`);
 //! the tuple index (`index`); the free list (`free_list`); inserting, with its race and
 //! making room (`insert`); removing, one connection or by sweeps (`removal`); here, the
 //! table and its lookups. What a connection's protocol state is, when it expires and which
 //! one yields first is not the table's business: [`crate::timeouts`] decides, the table
 //! stores a byte and asks a caller's function.
 //!
-//! Memory: 104 bytes per entry, 4 of free list and three index slots (24 bytes), 132
-//! bytes per connection: 1,048,576 connections in 132 MiB (1M in 126 MiB).
+//! Memory: a 64-byte entry and its 32-byte half line, 4 bytes of free list and three
+//! index slots (24 bytes): 124 bytes per connection (and 1 KiB of free-list heads),
+//! 1,000,000 connections in 119 MiB (`tests::memory_per_connection_is_bounded`).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{fence, Ordering};
 
 mod entry;
 mod flow;
@@ -50,11 +69,17 @@ mod insert;
 mod removal;
 
 pub use flow::{Connection, Direction, FlowKey, POLICY_MAX};
-pub use index::WINDOW;
+pub use index::BUCKET_SLOTS;
 
-use entry::{decode, generation, proto_state, status, word, Entry, LIVE};
+use entry::{decode, generation, proto_state, status, word, Cold, Entry, KEY_WORDS, LIVE};
 use free_list::FreeList;
-use index::Index;
+use index::{Index, Place};
+
+/// Keys a bulk lookup resolves together: a receive burst (`dataplane`'s `BURST`, 64) is
+/// two of them. The bucket lines of all of them are requested before the first is read;
+/// more keys overlap more misses but a processor keeps only so many loads in flight
+/// (`bulk_lookup` in `nat/benches/conntrack.rs`).
+const BULK: usize = 32;
 
 /// A lookup's result: the connection, the packet's direction, and the entry (for state
 /// updates through [`Conntrack::update`]).
@@ -96,6 +121,8 @@ pub enum InsertError {
 /// The shared connection table.
 pub struct Conntrack {
     entries: Box<[Entry]>,
+    /// Per entry, the words of an IPv6 connection that do not fit its line.
+    cold: Box<[Cold]>,
     index: Index,
     free: FreeList,
 }
@@ -112,6 +139,7 @@ impl Conntrack {
         let capacity = capacity.clamp(1, (u32::MAX >> 1) as usize - 1);
         Conntrack {
             entries: (0..capacity).map(|_| Entry::new()).collect(),
+            cold: (0..capacity).map(|_| Cold::new()).collect(),
             index: Index::new(capacity, seed),
             free: FreeList::new(capacity),
         }
@@ -134,14 +162,24 @@ impl Conntrack {
 
     /// Bytes of memory the table holds.
     pub fn memory_bytes(&self) -> usize {
-        self.entries.len() * std::mem::size_of::<Entry>()
+        std::mem::size_of_val(&*self.entries)
+            + std::mem::size_of_val(&*self.cold)
             + self.free.memory_bytes()
             + self.index.memory_bytes()
     }
 
-    /// Reads entry `e`'s connection consistently; `None` if it kept changing.
-    fn read_entry(&self, e: u32) -> Option<[u64; entry::KEY_WORDS]> {
-        self.entries[e as usize].read()
+    /// Reads entry `e`'s connection, whose state word `st` the caller loaded (Acquire)
+    /// before; `None` if the entry has held another connection since (a new generation:
+    /// the words may be the next connection's). Returns the words and the state word as
+    /// it is after them.
+    fn read_entry(&self, e: u32, st: u64) -> Option<([u64; KEY_WORDS], u64)> {
+        let entry = &self.entries[e as usize];
+        let w = entry.load(&self.cold[e as usize]);
+        // Keeps the word loads above from moving below the re-check (a seqlock reader):
+        // a word stored by the next connection's insert comes after its new generation.
+        fence(Ordering::Acquire);
+        let now_st = entry.state.load(Ordering::Relaxed);
+        (generation(now_st) == generation(st)).then_some((w, now_st))
     }
 
     /// Finds `key` among entries in states accepted by `want`; returns the entry, its
@@ -152,30 +190,34 @@ impl Conntrack {
         want: impl Fn(u8, u32) -> bool,
         skip: Option<u32>,
     ) -> Option<(u32, Connection, Direction, u64)> {
-        for (e, dir) in self.index.candidates(key) {
+        let (e, w, dir, st) = self.find_at(&self.index.place(key), key, want, skip)?;
+        Some((e, decode(&w), dir, st))
+    }
+
+    /// [`Conntrack::find`] at `key`'s place in the index, with the entry's words rather
+    /// than its decoded connection.
+    fn find_at(
+        &self,
+        place: &Place,
+        key: &FlowKey,
+        want: impl Fn(u8, u32) -> bool,
+        skip: Option<u32>,
+    ) -> Option<(u32, [u64; KEY_WORDS], Direction, u64)> {
+        // Both bucket lines on their way before the first is read.
+        std::hint::black_box(self.index.touch_second(place));
+        self.index.find_map(place, |e, dir| {
             if Some(e) == skip {
-                continue;
+                return None;
             }
-            let state = &self.entries[e as usize].state;
-            let st = state.load(Ordering::Acquire);
+            // Acquire pairs with the Release that made the entry PENDING or LIVE: its
+            // words are seen.
+            let st = self.entries[e as usize].state.load(Ordering::Acquire);
             if !want(status(st), e) {
-                continue;
+                return None;
             }
-            let Some(w) = self.read_entry(e) else {
-                continue;
-            };
-            // A new generation means the entry was reused while we read it: the key may be
-            // the next connection's, and the word we hold is not its.
-            let now_st = state.load(Ordering::Acquire);
-            if generation(now_st) != generation(st) {
-                continue;
-            }
-            let conn = decode(&w);
-            if conn.key(dir) == key {
-                return Some((e, conn, dir, now_st));
-            }
-        }
-        None
+            let (w, now_st) = self.read_entry(e, st)?;
+            entry::matches(&w, key, dir).then_some((e, w, dir, now_st))
+        })
     }
 
     /// Looks a packet's tuple up; a live entry's expiry is pushed to `now + timeout`.
@@ -187,18 +229,57 @@ impl Conntrack {
 
     /// Looks a tuple up without refreshing it.
     pub fn get(&self, key: &FlowKey, now: u64) -> Option<Hit> {
+        self.get_at(&self.index.place(key), key, now)
+    }
+
+    /// [`Conntrack::get`] of each of `keys` into `out` (`out[i]` for `keys[i]`; keys past
+    /// `out.len()` are not looked up), the same results as one by one. The keys go in
+    /// groups of `BULK` (32): every key's place in the index first, then a load from each
+    /// of their buckets, then from the entry each first candidate names, and only then one
+    /// lookup after the other, so that the group's cache misses overlap instead of adding
+    /// up (DPDK's `rte_hash_lookup_bulk`).
+    pub fn get_bulk(&self, keys: &[FlowKey], now: u64, out: &mut [Option<Hit>]) {
+        for (keys, out) in keys.chunks(BULK).zip(out.chunks_mut(BULK)) {
+            let mut places = [Place::default(); BULK];
+            for (p, k) in places.iter_mut().zip(keys) {
+                *p = self.index.place(k);
+            }
+            let places = &places[..keys.len().min(out.len())];
+            // Each stage a short loop, so that many loads are in flight at once.
+            let mut touched = 0u64;
+            for p in places {
+                touched ^= self.index.touch(p);
+            }
+            let mut first = [u32::MAX; BULK];
+            for (f, p) in first.iter_mut().zip(places) {
+                *f = self.index.find_map(p, |e, _| Some(e)).unwrap_or(u32::MAX);
+            }
+            for e in &first[..places.len()] {
+                if let Some(entry) = self.entries.get(*e as usize) {
+                    touched ^= entry.state.load(Ordering::Relaxed);
+                }
+            }
+            std::hint::black_box(touched);
+            for ((k, p), o) in keys.iter().zip(places).zip(out) {
+                *o = self.get_at(p, k, now);
+            }
+        }
+    }
+
+    /// [`Conntrack::get`] at `key`'s place in the index.
+    fn get_at(&self, place: &Place, key: &FlowKey, now: u64) -> Option<Hit> {
         // An expired entry the sweep has not reached yet may share the tuple with a live
         // one inserted after it expired: look past it.
         let live = |s: u8, e: u32| {
             s == LIVE && self.entries[e as usize].expires.load(Ordering::Relaxed) > now
         };
-        let (e, conn, dir, st) = self.find(key, live, None)?;
+        let (e, w, dir, st) = self.find_at(place, key, live, None)?;
         let expires = self.entries[e as usize].expires.load(Ordering::Relaxed);
         if expires <= now {
             return None;
         }
         Some(Hit {
-            conn,
+            conn: decode(&w),
             dir,
             entry: e,
             state: proto_state(st),
@@ -261,7 +342,7 @@ impl Conntrack {
             if status(st) != LIVE || expires <= now {
                 continue;
             }
-            if let Some(w) = self.read_entry(e) {
+            if let Some((w, _)) = self.read_entry(e, st) {
                 out.push((decode(&w), proto_state(st), expires));
             }
         }
@@ -273,12 +354,11 @@ impl Conntrack {
         let mut out = Vec::new();
         for e in 0..self.entries.len() as u32 {
             let entry = &self.entries[e as usize];
-            if status(entry.state.load(Ordering::Acquire)) != LIVE
-                || entry.expires.load(Ordering::Relaxed) <= now
-            {
+            let st = entry.state.load(Ordering::Acquire);
+            if status(st) != LIVE || entry.expires.load(Ordering::Relaxed) <= now {
                 continue;
             }
-            if let Some(w) = self.read_entry(e) {
+            if let Some((w, _)) = self.read_entry(e, st) {
                 out.push(decode(&w));
             }
         }

@@ -1,19 +1,23 @@
-//! One connection's place in the table: its words, its state word, and the sequence counter
-//! that lets lock-free readers read it whole.
+//! One connection's place in the table: its state word, its expiry and its tuples, laid out
+//! so that a lookup's hit reads one cache line.
 //!
-//! An [`Entry`] is written only while its owner holds it exclusively (taken from the free
-//! list, not yet published in the index, or marked dead), under its sequence counter (a
-//! seqlock): a reader that raced with a rewrite sees the counter move and reads again. The
-//! state word packs the entry's status ([`FREE`], [`PENDING`], [`LIVE`], [`DEAD`]), the
+//! An [`Entry`] is one 64-byte line: the state word, the expiry, the ports, the protocol,
+//! policy and Service, and the addresses of an IPv4 connection (four of 4 bytes). An IPv6
+//! connection's four addresses (64 bytes) do not fit: the original tuple's two are in the
+//! line, the reply tuple's two in the entry's [`Cold`] half line, so an IPv6 hit reads two
+//! lines.
+//!
+//! An entry is written only while its owner holds it exclusively (taken from the free list,
+//! not yet published in the index), and its generation (in the state word) moves before the
+//! tuples do: a reader that read the state word, then the tuples, then sees the same
+//! generation again read one connection whole (a seqlock whose counter is the generation).
+//! The state word packs the entry's status ([`FREE`], [`PENDING`], [`LIVE`], [`DEAD`]), the
 //! connection's protocol state and the entry's generation (see [`word`]).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::flow::{Connection, FlowKey, POLICY_MAX};
-
-/// Re-reads of an entry that is being rewritten before a lookup gives up on it.
-const SEQ_RETRIES: usize = 16;
+use super::flow::{Connection, Direction, FlowKey, POLICY_MAX};
 
 /// Status: on the free list, holding nothing.
 pub(super) const FREE: u8 = 0;
@@ -42,63 +46,72 @@ pub(super) fn generation(w: u64) -> u64 {
     w >> 32
 }
 
-/// Words of an entry's connection: four addresses (2 words each), ports, proto + policy +
-/// service.
+/// Words of an entry's connection (see [`encode`]): ports, meta, four address words in the
+/// entry's line, four in its cold half line (IPv6 only).
 pub(super) const KEY_WORDS: usize = 10;
+/// Of those, the words in the entry's line.
+const HOT_WORDS: usize = 6;
+/// The IPv6 flag in the meta word (`KEY_WORDS[1]`).
+const V6: u64 = 1 << 8;
 
-/// One connection. Word layout of `key`: original src, original dst, reply src, reply dst
-/// (16 bytes each, IPv4 mapped), then the four ports, then proto | v6 flag | service.
+/// One connection's line. `key` holds words `0..HOT_WORDS` of [`encode`].
+#[repr(C, align(64))]
 pub(super) struct Entry {
-    /// Even: stable; odd: being written. Bumped around every rewrite of `key`.
-    seq: AtomicU64,
-    key: [AtomicU64; KEY_WORDS],
-    /// Expiry time (ns); refreshed by packets.
-    pub(super) expires: AtomicU64,
     /// `FREE`/`PENDING`/`LIVE`/`DEAD`, protocol state and generation (see [`word`]).
     pub(super) state: AtomicU64,
+    /// Expiry time (ns); refreshed by packets.
+    pub(super) expires: AtomicU64,
+    key: [AtomicU64; HOT_WORDS],
+}
+
+/// The rest of an IPv6 connection's words (`HOT_WORDS..KEY_WORDS` of [`encode`]): its reply
+/// tuple's addresses. Half a line, so it never straddles two.
+#[repr(align(32))]
+pub(super) struct Cold([AtomicU64; KEY_WORDS - HOT_WORDS]);
+
+impl Cold {
+    /// An unused half line.
+    pub(super) fn new() -> Cold {
+        Cold(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
 }
 
 impl Entry {
     /// A free entry.
     pub(super) fn new() -> Entry {
         Entry {
-            seq: AtomicU64::new(0),
-            key: std::array::from_fn(|_| AtomicU64::new(0)),
-            expires: AtomicU64::new(0),
             state: AtomicU64::new(FREE as u64),
+            expires: AtomicU64::new(0),
+            key: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
 
-    /// Reads the entry's connection consistently; `None` if it kept changing.
-    pub(super) fn read(&self) -> Option<[u64; KEY_WORDS]> {
-        for _ in 0..SEQ_RETRIES {
-            // Acquire pairs with the Release store that ended the last rewrite.
-            let s1 = self.seq.load(Ordering::Acquire);
-            if s1 & 1 == 1 {
-                std::hint::spin_loop();
-                continue;
-            }
-            let w: [u64; KEY_WORDS] = std::array::from_fn(|i| self.key[i].load(Ordering::Relaxed));
-            // Keeps the key loads above from moving below the re-check (seqlock reader).
-            fence(Ordering::Acquire);
-            if self.seq.load(Ordering::Relaxed) == s1 {
-                return Some(w);
+    /// Loads the entry's connection words (and `cold`'s, for IPv6), relaxed: the caller
+    /// brackets them with its loads of the state word (see the module comment).
+    pub(super) fn load(&self, cold: &Cold) -> [u64; KEY_WORDS] {
+        let mut w = [0u64; KEY_WORDS];
+        for (v, slot) in w.iter_mut().zip(&self.key) {
+            *v = slot.load(Ordering::Relaxed);
+        }
+        if w[1] & V6 != 0 {
+            for (v, slot) in w[HOT_WORDS..].iter_mut().zip(&cold.0) {
+                *v = slot.load(Ordering::Relaxed);
             }
         }
-        None
+        w
     }
 
-    /// Rewrites the entry's connection; only its exclusive owner calls it.
-    pub(super) fn write(&self, w: &[u64; KEY_WORDS]) {
-        let s = self.seq.load(Ordering::Relaxed);
-        self.seq.store(s + 1, Ordering::Relaxed);
-        // Orders the odd sequence before the key stores, for readers' first load.
-        fence(Ordering::Release);
+    /// Stores the entry's connection words, relaxed; only its exclusive owner calls it,
+    /// after moving the generation on (see the module comment).
+    pub(super) fn store(&self, cold: &Cold, w: &[u64; KEY_WORDS]) {
         for (slot, v) in self.key.iter().zip(w) {
             slot.store(*v, Ordering::Relaxed);
         }
-        // Release: a reader that sees `s + 2` sees every key word above.
-        self.seq.store(s + 2, Ordering::Release);
+        if w[1] & V6 != 0 {
+            for (slot, v) in cold.0.iter().zip(&w[HOT_WORDS..]) {
+                slot.store(*v, Ordering::Relaxed);
+            }
+        }
     }
 }
 
@@ -125,48 +138,96 @@ fn words_addr(w: [u64; 2], v6: bool) -> IpAddr {
     }
 }
 
-/// The words of `c`, as an entry stores them.
+/// The words of `c`, as an entry stores them: ports (original source and destination,
+/// reply source and destination, 16 bits each); meta (protocol | IPv6 flag | policy << 9 |
+/// Service << 32); then addresses. IPv4: original source | destination << 32, reply source
+/// | destination << 32, two zero words. IPv6: original source and destination (two words
+/// each), then reply source and destination (the cold words).
 pub(super) fn encode(c: &Connection) -> [u64; KEY_WORDS] {
     let mut w = [0u64; KEY_WORDS];
-    let addrs = [c.original.src, c.original.dst, c.reply.src, c.reply.dst];
-    for (i, a) in addrs.iter().enumerate() {
-        let [x, y] = addr_words(*a);
-        w[2 * i] = x;
-        w[2 * i + 1] = y;
-    }
-    w[8] = c.original.sport as u64
+    w[0] = c.original.sport as u64
         | (c.original.dport as u64) << 16
         | (c.reply.sport as u64) << 32
         | (c.reply.dport as u64) << 48;
-    w[9] = c.original.proto as u64
-        | (c.original.src.is_ipv6() as u64) << 8
+    let v6 = c.original.src.is_ipv6();
+    w[1] = c.original.proto as u64
+        | if v6 { V6 } else { 0 }
         | (c.policy.min(POLICY_MAX) as u64) << 9
         | (c.service as u64) << 32;
+    let addrs = [c.original.src, c.original.dst, c.reply.src, c.reply.dst];
+    if v6 {
+        for (i, a) in addrs.iter().enumerate() {
+            let [x, y] = addr_words(*a);
+            w[2 + 2 * i] = x;
+            w[3 + 2 * i] = y;
+        }
+    } else {
+        let v4 = |a: IpAddr| match a {
+            IpAddr::V4(a) => u32::from(a) as u64,
+            // A tuple mixing families: an IPv4-mapped address is kept, any other read
+            // back as 0.0.0.0.
+            IpAddr::V6(a) => a.to_ipv4_mapped().map_or(0, u32::from) as u64,
+        };
+        w[2] = v4(addrs[0]) | v4(addrs[1]) << 32;
+        w[3] = v4(addrs[2]) | v4(addrs[3]) << 32;
+    }
     w
+}
+
+/// Whether an entry's words hold `key` as the connection's tuple in direction `dir`: what
+/// `decode(w).key(dir) == key` says, without building the connection (a lookup compares
+/// every candidate its tag names, and decodes only the one that matches).
+pub(super) fn matches(w: &[u64; KEY_WORDS], key: &FlowKey, dir: Direction) -> bool {
+    let v6 = key.src.is_ipv6();
+    if v6 != key.dst.is_ipv6() {
+        // A tuple mixing families: as rare as it is odd, compared the long way.
+        return decode(w).key(dir) == key;
+    }
+    let meta = key.proto as u64 | if v6 { V6 } else { 0 };
+    let ports = key.sport as u64 | (key.dport as u64) << 16;
+    let reply = dir == Direction::Reply;
+    if w[1] & 0x1ff != meta || (w[0] >> if reply { 32 } else { 0 }) & 0xffff_ffff != ports {
+        return false;
+    }
+    match (key.src, key.dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            w[2 + reply as usize] == u32::from(s) as u64 | (u32::from(d) as u64) << 32
+        }
+        _ => {
+            let at = if reply { HOT_WORDS } else { 2 };
+            w[at..at + 2] == addr_words(key.src) && w[at + 2..at + 4] == addr_words(key.dst)
+        }
+    }
 }
 
 /// The connection of an entry's words.
 pub(super) fn decode(w: &[u64; KEY_WORDS]) -> Connection {
-    let v6 = (w[9] >> 8) & 1 == 1;
-    let proto = w[9] as u8;
-    let a = |i: usize| words_addr([w[2 * i], w[2 * i + 1]], v6);
+    let v6 = w[1] & V6 != 0;
+    let proto = w[1] as u8;
+    let a = |i: usize| {
+        if v6 {
+            words_addr([w[2 + 2 * i], w[3 + 2 * i]], true)
+        } else {
+            IpAddr::V4(Ipv4Addr::from((w[2 + i / 2] >> (32 * (i % 2))) as u32))
+        }
+    };
     Connection {
         original: FlowKey {
             proto,
             src: a(0),
             dst: a(1),
-            sport: w[8] as u16,
-            dport: (w[8] >> 16) as u16,
+            sport: w[0] as u16,
+            dport: (w[0] >> 16) as u16,
         },
         reply: FlowKey {
             proto,
             src: a(2),
             dst: a(3),
-            sport: (w[8] >> 32) as u16,
-            dport: (w[8] >> 48) as u16,
+            sport: (w[0] >> 32) as u16,
+            dport: (w[0] >> 48) as u16,
         },
-        service: (w[9] >> 32) as u32,
-        policy: ((w[9] >> 9) as u32) & POLICY_MAX,
+        service: (w[1] >> 32) as u32,
+        policy: ((w[1] >> 9) as u32) & POLICY_MAX,
     }
 }
 
@@ -209,5 +270,30 @@ mod tests {
         assert_eq!(decode(&encode(&c6)), c6);
         c6.policy = 0;
         assert_eq!(decode(&encode(&c6)), c6);
+        // `matches` says what comparing the decoded tuple says, for every pair of these,
+        // mixed families too.
+        let mut mixed = c;
+        mixed.original.dst = "::ffff:172.30.0.41".parse().unwrap();
+        mixed.reply.src = "fd00::5".parse().unwrap();
+        let mut other_port = c;
+        other_port.reply.dport += 1;
+        let mut other_proto = c6;
+        other_proto.original.proto = 17;
+        other_proto.reply.proto = 17;
+        let conns = [c, c6, mixed, other_port, other_proto];
+        for stored in &conns {
+            let w = encode(stored);
+            for looked in &conns {
+                for key in [looked.original, looked.reply, looked.original.reversed()] {
+                    for dir in [Direction::Original, Direction::Reply] {
+                        assert_eq!(
+                            matches(&w, &key, dir),
+                            decode(&w).key(dir) == &key,
+                            "{stored:?} {key:?} {dir:?}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }

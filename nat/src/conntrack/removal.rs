@@ -9,7 +9,8 @@
 use std::sync::atomic::Ordering;
 
 use super::entry::{decode, generation, proto_state, status, word, DEAD, FREE, LIVE};
-use super::{Connection, Conntrack, Direction, FlowKey, Hit};
+use super::index::Place;
+use super::{Connection, Conntrack, Direction, Hit};
 
 impl Conntrack {
     /// Removes live entry `e` holding `conn`, read with state word `seen`, if `may` still
@@ -25,7 +26,7 @@ impl Conntrack {
             let dead = word(DEAD, 0, generation(cur));
             match entry
                 .state
-                .compare_exchange(cur, dead, Ordering::SeqCst, Ordering::Acquire)
+                .compare_exchange(cur, dead, Ordering::AcqRel, Ordering::Acquire)
             {
                 Ok(_) => break,
                 // A state change raced with us: look again.
@@ -33,7 +34,7 @@ impl Conntrack {
             }
         }
         for dir in [Direction::Original, Direction::Reply] {
-            self.index.release(conn.key(dir), e, dir);
+            self.index.release(&self.index.place(conn.key(dir)), e, dir);
         }
         entry
             .state
@@ -64,18 +65,20 @@ impl Conntrack {
         })
     }
 
-    /// Evicts one entry indexed in the windows of `keys`: an expired one, else the one
-    /// `last_seen` lets go that was seen earliest. Returns whether one went.
+    /// Evicts one entry indexed in the buckets of `places` (and the `span - 1` after each,
+    /// see `Index::neighbours`): an expired one, else the one `last_seen` lets go that was
+    /// seen earliest. Returns whether one went.
     pub(super) fn evict_near(
         &self,
-        keys: &[&FlowKey],
+        places: &[Place],
+        span: usize,
         now: u64,
         last_seen: &dyn Fn(u8, u64) -> Option<u64>,
     ) -> bool {
         // (when last seen, entry, state word)
         let mut victim: Option<(u64, u32, u64)> = None;
-        for key in keys {
-            for e in self.index.neighbours(key) {
+        for place in places {
+            for e in self.index.neighbours(place, span) {
                 let entry = &self.entries[e as usize];
                 let st = entry.state.load(Ordering::Acquire);
                 if status(st) != LIVE {
@@ -97,13 +100,10 @@ impl Conntrack {
         let Some((_, e, st)) = victim else {
             return false;
         };
-        let Some(w) = self.read_entry(e) else {
+        let Some((w, _)) = self.read_entry(e, st) else {
             return false;
         };
         let entry = &self.entries[e as usize];
-        if generation(entry.state.load(Ordering::Acquire)) != generation(st) {
-            return false;
-        }
         self.kill(e, st, &decode(&w), |cur| {
             let expires = entry.expires.load(Ordering::Relaxed);
             expires <= now || last_seen(proto_state(cur), expires).is_some()
@@ -146,7 +146,7 @@ impl Conntrack {
             {
                 continue;
             }
-            let Some(w) = self.read_entry(e as u32) else {
+            let Some((w, _)) = self.read_entry(e as u32, st) else {
                 continue;
             };
             let conn = decode(&w);
