@@ -10,7 +10,6 @@ use crate::ask;
 
 /// Prints the tracked connections of the dataplane at `socket` that match the filters, or
 /// only their counts, as `output` (`table` or `json`).
-#[allow(clippy::too_many_arguments)]
 pub fn conntrack(
     socket: &Path,
     addr: Option<std::net::IpAddr>,

@@ -13,7 +13,6 @@ use crate::output::stdout_error;
 /// Streams the flow events of the dataplane at `socket` that match the filters, as
 /// `output` (`table` or `json`, one event per line), for `seconds` (0: until interrupted)
 /// or `count` events (0: no limit).
-#[allow(clippy::too_many_arguments)]
 pub fn monitor(
     socket: &Path,
     addr: Option<std::net::IpAddr>,
