@@ -1,7 +1,7 @@
 //! The client end of `kxdp-dataplane`'s control socket: connect to the Unix socket, send a
 //! request framed by [`nat::wire`], read the answer. The one client every user of the
-//! socket shares: `kxdp-control`'s table stream and its metrics, the `kxdp` CLI and the
-//! bench.
+//! socket shares: `kxdp-control`'s table stream and its metrics, the `kxdp` CLI (its
+//! `monitor` stream too), the CNI plugin and the bench.
 //!
 //! It is a crate of its own, depending only on `nat`, because its users sit on both sides
 //! of the workspace's layering: `control` must not link `dataplane` and `dataplane` must

@@ -193,8 +193,8 @@ fn run(command: Cmd) -> Result<()> {
     }
 }
 
-/// Sends one request to the dataplane and returns its answer.
-fn ask(socket: &Path, msg: &Message) -> Result<Message> {
+/// Connects to the dataplane's socket, giving up on a read or write after 5 s.
+fn connect(socket: &Path) -> Result<ctlclient::Client> {
     let mut client = ctlclient::Client::connect(socket).with_context(|| {
         format!(
             "connect to {} (is kxdp-dataplane running?)",
@@ -202,7 +202,12 @@ fn ask(socket: &Path, msg: &Message) -> Result<Message> {
         )
     })?;
     client.set_timeout(Duration::from_secs(5))?;
-    match client.ask(msg)? {
+    Ok(client)
+}
+
+/// Sends one request to the dataplane and returns its answer.
+fn ask(socket: &Path, msg: &Message) -> Result<Message> {
+    match connect(socket)?.ask(msg)? {
         Message::Refused { reason } => bail!("the dataplane refused: {reason}"),
         answer => Ok(answer),
     }

@@ -5,8 +5,8 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-use nat::wire::{self, Message};
+use anyhow::{bail, Result};
+use nat::wire::Message;
 
 use crate::output::stdout_error;
 
@@ -25,21 +25,12 @@ pub fn monitor(
     if !matches!(output, "table" | "json") {
         bail!("-o {output}: use table or json");
     }
-    let mut s = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
-        format!(
-            "connect to {} (is kxdp-dataplane running?)",
-            socket.display()
-        )
+    let mut client = crate::connect(socket)?;
+    client.send(&Message::Monitor {
+        addr,
+        port,
+        drops_only,
     })?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    wire::write_message(
-        &mut s,
-        &Message::Monitor {
-            addr,
-            port,
-            drops_only,
-        },
-    )?;
     let deadline = (seconds > 0).then(|| Instant::now() + Duration::from_secs(seconds));
     let mut shown = 0usize;
     let mut stdout = std::io::stdout().lock();
@@ -47,7 +38,7 @@ pub fn monitor(
         if deadline.is_some_and(|d| Instant::now() >= d) || (count > 0 && shown >= count) {
             return Ok(());
         }
-        let m = wire::read_message(&mut s)?;
+        let m = client.read()?;
         let (events, lost) = match m {
             Message::FlowEvents { events, lost } => (events, lost),
             Message::Refused { reason } => bail!("the dataplane refused: {reason}"),
