@@ -3,11 +3,10 @@
 
 use std::io;
 use std::net::IpAddr;
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use nat::wire::{self, Message};
+use nat::wire::Message;
 
 use crate::error::{code, CniError};
 
@@ -49,15 +48,9 @@ pub fn ask(socket: &Path, msg: &Message) -> Result<Message, DataplaneError> {
         socket: socket.display().to_string(),
         source,
     };
-    let mut stream = UnixStream::connect(socket).map_err(unreachable)?;
-    stream
-        .set_read_timeout(Some(TIMEOUT))
-        .map_err(unreachable)?;
-    stream
-        .set_write_timeout(Some(TIMEOUT))
-        .map_err(unreachable)?;
-    wire::write_message(&mut stream, msg).map_err(unreachable)?;
-    wire::read_message(&mut stream).map_err(unreachable)
+    let mut client = ctlclient::Client::connect(socket).map_err(unreachable)?;
+    client.set_timeout(TIMEOUT).map_err(unreachable)?;
+    client.ask(msg).map_err(unreachable)
 }
 
 /// Asks the dataplane to serve `ifname`.
