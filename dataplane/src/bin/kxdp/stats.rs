@@ -5,26 +5,24 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{bail, Result};
+use ctlclient::DataplaneStats;
 use nat::wire::Message;
 
 use crate::ask;
 
 /// Prints the counters of the dataplane at `socket` as `output` (`table` or `json`).
 pub fn stats(socket: &Path, output: &str) -> Result<()> {
-    let m = ask(socket, &Message::GetStats)?;
+    let s = DataplaneStats::from_answer(ask(socket, &Message::GetStats)?)?;
     match output {
         "json" => {
-            let Message::Stats {
+            let DataplaneStats {
                 generation,
                 conntrack,
                 conntrack_capacity,
                 workers,
                 policy_drops,
                 refused_tables,
-            } = &m
-            else {
-                bail!("unexpected answer: {m:?}");
-            };
+            } = &s;
             let workers: Vec<BTreeMap<&str, u64>> = workers
                 .iter()
                 .map(|w| w.iter().map(|(k, v)| (k.as_str(), *v)).collect())
@@ -42,24 +40,21 @@ pub fn stats(socket: &Path, output: &str) -> Result<()> {
                 }))?
             );
         }
-        "table" => print_stats(&m)?,
+        "table" => print_stats(&s)?,
         other => bail!("-o {other}: use table or json"),
     }
     Ok(())
 }
 
-fn print_stats(m: &Message) -> Result<()> {
-    let Message::Stats {
+fn print_stats(s: &DataplaneStats) -> Result<()> {
+    let DataplaneStats {
         generation,
         conntrack,
         conntrack_capacity,
         workers,
         policy_drops,
         refused_tables,
-    } = m
-    else {
-        bail!("unexpected answer: {m:?}");
-    };
+    } = s;
     outln!(
         "tables generation {generation}, conntrack {conntrack}/{conntrack_capacity}, tables refused {refused_tables}"
     );
