@@ -128,7 +128,15 @@ impl Running {
             std::fs::copy(&f, manifests(lab).join(f.file_name().unwrap())).unwrap();
         }
         let socket = lab.state_dir().join("dataplane.sock");
-        let dp_log = std::fs::File::create(lab.state_dir().join("dataplane.log")).unwrap();
+        // Append mode, as every later writer of the log (a handover's successor) opens it:
+        // a writer at its own offset would write over what the others appended.
+        let dp_log_path = lab.state_dir().join("dataplane.log");
+        let _ = std::fs::remove_file(&dp_log_path);
+        let dp_log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&dp_log_path)
+            .unwrap();
         let dataplane = Proc(
             lab.dataplane_command(&bin("kxdp-dataplane"), workers, &socket)
                 .args(extra)
