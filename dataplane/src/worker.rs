@@ -101,28 +101,19 @@ impl<D: Device> Worker<D> {
         }
         let tables = self.shared.tables.load();
         let ports = self.shared.ports.load();
-        let pipeline = Pipeline {
-            shared: &self.shared,
-            tables: &tables,
-            ports: &ports,
-            now,
-            worker: self.id,
-        };
+        let pipeline = Pipeline::new(&self.shared, &tables, &ports, now, self.id);
         let mut handled = 0;
         for port in 0..self.dev.port_count() {
             self.rx.clear();
             self.dev.recv(port, &mut self.rx, BURST);
             handled += self.rx.len();
-            for i in 0..self.rx.len() {
-                let frame = self.rx[i];
-                pipeline.handle(
-                    &mut self.dev,
-                    port,
-                    frame,
-                    &mut self.counters,
-                    &mut self.limiter,
-                );
-            }
+            pipeline.handle_burst(
+                &mut self.dev,
+                port,
+                &self.rx,
+                &mut self.counters,
+                &mut self.limiter,
+            );
         }
         pipeline.release_held(&mut self.dev, &mut self.counters, &mut self.limiter);
         if now >= self.last_housekeeping + HOUSEKEEPING {

@@ -79,7 +79,7 @@ use index::{Index, Place};
 /// two of them. The bucket lines of all of them are requested before the first is read;
 /// more keys overlap more misses but a processor keeps only so many loads in flight
 /// (`bulk_lookup` in `nat/benches/conntrack.rs`).
-const BULK: usize = 32;
+pub const BULK: usize = 32;
 
 /// A lookup's result: the connection, the packet's direction, and the entry (for state
 /// updates through [`Conntrack::update`]).
@@ -285,6 +285,16 @@ impl Conntrack {
             state: proto_state(st),
             expires,
             word: st,
+        })
+    }
+
+    /// Whether `hit`, looked up earlier (a burst's keys are looked up together, before the
+    /// packets ahead of a key have been handled), still stands at `now`: its entry holds
+    /// the same connection in the same protocol state, live and unexpired. Two loads from
+    /// the entry's line, which the lookup brought in.
+    pub fn still(&self, hit: &Hit, now: u64) -> bool {
+        self.entries.get(hit.entry as usize).is_some_and(|e| {
+            e.state.load(Ordering::Acquire) == hit.word && e.expires.load(Ordering::Relaxed) > now
         })
     }
 

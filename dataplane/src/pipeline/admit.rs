@@ -276,6 +276,8 @@ impl Pipeline<'_> {
             state,
             policy,
         } = new;
+        // Whatever follows may write the table: misses looked up before it no longer stand.
+        self.writes.set(self.writes.get().wrapping_add(1));
         let c = &mut *rx.c;
         let timeout = timeouts::timeout(key.proto, state);
         let mut evicted = false;

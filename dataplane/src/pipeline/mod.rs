@@ -8,6 +8,8 @@
 //!
 //! One room per concern, each a further `impl Pipeline`:
 //!
+//! - `burst`: a receive burst stage by stage ([`Pipeline::handle_burst`]): every frame
+//!   parsed, then the connection table asked for all of them at once, then each handled;
 //! - here: [`Pipeline::handle`], classification by EtherType, the IP dispatch, and what
 //!   becomes of an [`Outcome`] (the one place an ICMP error asked for is built and routed,
 //!   so routing never calls itself);
@@ -21,11 +23,13 @@
 //! - `eth`: Ethernet-level helpers.
 
 mod admit;
+mod burst;
 mod eth;
 mod forward;
 mod icmp;
 mod neighbor;
 
+use std::cell::Cell;
 use std::net::IpAddr;
 
 use nat::packet::{self, Headers, Malformed, ETH_ARP, ETH_IPV4, ETH_IPV6};
@@ -69,9 +73,24 @@ struct Rx<'f> {
     via: Via,
     /// The worker's counters.
     c: &'f mut Counters,
+    /// What the burst's first stages found for the frame (`burst`), until it is used.
+    early: Option<burst::Early>,
 }
 
-impl Rx<'_> {
+impl<'f> Rx<'f> {
+    /// A frame received on `port`, at `off` in `buf`.
+    fn new(buf: &'f mut [u8], off: usize, frame: Frame, port: PortId, c: &'f mut Counters) -> Self {
+        Rx {
+            buf,
+            off,
+            frame,
+            port,
+            via: Via::Port,
+            c,
+            early: None,
+        }
+    }
+
     /// The packet, from its Ethernet header to the end of the frame.
     fn pkt(&mut self) -> &mut [u8] {
         let len = self.frame.len as usize;
@@ -117,30 +136,49 @@ pub struct Pipeline<'a> {
     pub now: u64,
     /// The worker running it (its flow monitor ring).
     pub worker: usize,
+    /// Writes to the connection table this pipeline has made (inserts, and removals to make
+    /// room): an early lookup's miss stands only while none came after it (`burst`).
+    writes: Cell<u32>,
+}
+
+impl<'a> Pipeline<'a> {
+    /// The pipeline of worker `worker` for one pass at time `now`.
+    pub fn new(
+        shared: &'a Shared,
+        tables: &'a Tables,
+        ports: &'a crate::ports::PortList,
+        now: u64,
+        worker: usize,
+    ) -> Self {
+        Pipeline {
+            shared,
+            tables,
+            ports,
+            now,
+            worker,
+            writes: Cell::new(0),
+        }
+    }
 }
 
 impl Pipeline<'_> {
-    /// Handles one received frame; the frame is always sent or freed.
-    pub fn handle<D: Device>(
+    /// Handles one received frame, with what the burst's first stages found for it; the
+    /// frame is always sent or freed.
+    fn handle<D: Device>(
         &self,
         dev: &mut D,
         port: PortId,
         frame: Frame,
         c: &mut Counters,
         limiter: &mut Resolver,
+        early: Option<burst::Early>,
     ) {
         c.rx += 1;
         c.rx_bytes += u64::from(frame.len);
         let outcome = {
             let (buf, off) = dev.chunk_mut(frame);
-            let mut rx = Rx {
-                buf,
-                off,
-                frame,
-                port,
-                via: Via::Port,
-                c,
-            };
+            let mut rx = Rx::new(buf, off, frame, port, c);
+            rx.early = early;
             let outcome = self.classify(&mut rx);
             self.settle(&mut rx, outcome)
         };
@@ -206,9 +244,13 @@ impl Pipeline<'_> {
     /// about tracked connections, established connections, then a new connection's
     /// admission, the node's own addresses, and routing.
     fn ip(&self, rx: &mut Rx<'_>) -> Outcome {
-        let mut h = match packet::parse(rx.pkt()) {
-            Ok(h) => h,
-            Err(m) => return Outcome::Drop(malformed(m)),
+        let early = rx.early.take();
+        let mut h = match early {
+            Some(e) => e.h,
+            None => match packet::parse(rx.pkt()) {
+                Ok(h) => h,
+                Err(m) => return Outcome::Drop(malformed(m)),
+            },
         };
         let role = self.ports.get(rx.port).map(|p| p.role);
         self.learn_sender(rx, role, &h);
@@ -233,7 +275,7 @@ impl Pipeline<'_> {
             && packet::is_echo(h.v6, h.icmp_type));
         if tracked {
             let (key, flags) = tuple_of(rx.pkt(), &h);
-            if let Some(hit) = self.shared.conntrack.get(&key, self.now) {
+            if let Some(hit) = self.tracked(&key, early.and_then(|e| e.lookup)) {
                 let (conn, dir) = (hit.conn, hit.dir);
                 let before = State::from_u8(hit.state);
                 let state = timeouts::next(h.proto, before, dir, flags);

@@ -399,14 +399,8 @@ impl Pipeline<'_> {
             // Route it again: translation is done, the next hop is known (or never will be).
             let outcome = {
                 let (buf, off) = dev.chunk_mut(frame);
-                let mut rx = Rx {
-                    buf,
-                    off,
-                    frame,
-                    port: self.shared.uplink.unwrap_or(0),
-                    via: Via::Port,
-                    c: &mut *c,
-                };
+                let port = self.shared.uplink.unwrap_or(0);
+                let mut rx = Rx::new(buf, off, frame, port, &mut *c);
                 match packet::parse(rx.pkt()) {
                     Ok(mut h) if self.shared.neighbors.get(&ip).is_some() => {
                         let outcome = self.route(&mut rx, &mut h, true);

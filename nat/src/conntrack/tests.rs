@@ -668,3 +668,29 @@ proptest::proptest! {
         }
     }
 }
+
+/// A hit looked up ahead of its packet (a burst's bulk lookup) stands until its entry
+/// changes: a new protocol state, a removal, a reuse by another connection or expiry.
+#[test]
+fn an_early_hit_stands_until_its_entry_changes() {
+    let ct = Conntrack::new(16);
+    let c = conn(1000);
+    ct.insert(c, 0, 100).unwrap();
+    let hit = ct.get(&c.original, 1).unwrap();
+    assert!(ct.still(&hit, 1));
+    // A new expiry alone leaves the hit standing (the state is what a packet reads).
+    assert!(ct.update(&hit, hit.state, 200));
+    assert!(ct.still(&hit, 150));
+    assert!(!ct.still(&hit, 200), "expired");
+    assert!(ct.update(&hit, hit.state + 1, 300));
+    assert!(!ct.still(&hit, 1), "the state moved on");
+    let again = ct.get(&c.reply, 1).unwrap();
+    assert!(ct.still(&again, 1));
+    assert!(ct.remove(&c));
+    assert!(!ct.still(&again, 1), "removed");
+    // The entry reused by another connection: the old hit never stands for it.
+    ct.insert(c, 0, 100).unwrap();
+    let reused = ct.get(&c.original, 1).unwrap();
+    assert!(ct.still(&reused, 1));
+    assert!(!ct.still(&again, 1));
+}
