@@ -232,6 +232,11 @@ impl Conntrack {
         self.get_at(&self.index.place(key), key, now)
     }
 
+    /// [`Conntrack::get`] of a key whose [`FlowKey::flow_hash`] is `hash`.
+    pub fn get_hashed(&self, key: &FlowKey, hash: u64, now: u64) -> Option<Hit> {
+        self.get_at(&self.index.place_hashed(hash), key, now)
+    }
+
     /// [`Conntrack::get`] of each of `keys` into `out` (`out[i]` for `keys[i]`; keys past
     /// `out.len()` are not looked up), the same results as one by one. The keys go in
     /// groups of `BULK` (32): every key's place in the index first, then a load from each
@@ -240,11 +245,34 @@ impl Conntrack {
     /// up (DPDK's `rte_hash_lookup_bulk`).
     pub fn get_bulk(&self, keys: &[FlowKey], now: u64, out: &mut [Option<Hit>]) {
         for (keys, out) in keys.chunks(BULK).zip(out.chunks_mut(BULK)) {
-            let mut places = [Place::default(); BULK];
-            for (p, k) in places.iter_mut().zip(keys) {
-                *p = self.index.place(k);
+            let mut hashes = [0u64; BULK];
+            for (h, k) in hashes.iter_mut().zip(keys) {
+                *h = k.flow_hash();
             }
-            let places = &places[..keys.len().min(out.len())];
+            self.get_bulk_hashed(keys, &hashes[..keys.len()], now, out);
+        }
+    }
+
+    /// [`Conntrack::get_bulk`] of keys whose [`FlowKey::flow_hash`] the caller has
+    /// computed (`hashes[i]` of `keys[i]`), for the other uses it has for them: a new
+    /// connection's Maglev pick, and its insert.
+    pub fn get_bulk_hashed(
+        &self,
+        keys: &[FlowKey],
+        hashes: &[u64],
+        now: u64,
+        out: &mut [Option<Hit>],
+    ) {
+        for ((keys, hashes), out) in keys
+            .chunks(BULK)
+            .zip(hashes.chunks(BULK))
+            .zip(out.chunks_mut(BULK))
+        {
+            let mut places = [Place::default(); BULK];
+            for (p, h) in places.iter_mut().zip(hashes) {
+                *p = self.index.place_hashed(*h);
+            }
+            let places = &places[..keys.len().min(hashes.len()).min(out.len())];
             // Each stage a short loop, so that many loads are in flight at once.
             let mut touched = 0u64;
             for p in places {
@@ -264,6 +292,30 @@ impl Conntrack {
                 *o = self.get_at(p, k, now);
             }
         }
+    }
+
+    /// Requests, for new connections about to be inserted (original tuple `originals[i]`,
+    /// reply tuple `replies[i]`), the lines their inserts read and write first, without
+    /// waiting for them: both index buckets of each reply tuple (the original tuple's come
+    /// with its lookup) and the free entries the inserts will take (read off their
+    /// free-list stripes without taking them: an insert elsewhere meanwhile only makes the
+    /// guess wrong). A burst's new connections thus wait for memory together, not one by one.
+    /// The original tuples are given by their [`FlowKey::flow_hash`].
+    pub fn prefetch_inserts(&self, originals: &[u64], replies: &[FlowKey]) {
+        let mut touched = 0u64;
+        let mut depth = [0usize; free_list::STRIPES];
+        for (original, reply) in originals.iter().zip(replies) {
+            touched ^= self.index.touch(&self.index.place(reply));
+            let hint = self.index.place_hashed(*original).tag() as usize;
+            let d = &mut depth[hint % free_list::STRIPES];
+            if let Some(e) = self.free.peek(hint, *d) {
+                if let Some(entry) = self.entries.get(e as usize) {
+                    touched ^= entry.state.load(Ordering::Relaxed);
+                }
+            }
+            *d += 1;
+        }
+        std::hint::black_box(touched);
     }
 
     /// [`Conntrack::get`] at `key`'s place in the index.

@@ -72,6 +72,26 @@ pub struct Headers {
     pub icmp_type: u8,
 }
 
+impl Headers {
+    /// Headers of nothing (all zero, IPv4 unspecified addresses): a placeholder for arrays
+    /// a burst's parsed headers are written into.
+    pub const NONE: Headers = Headers {
+        l3: 0,
+        l4: 0,
+        end: 0,
+        v6: false,
+        proto: 0,
+        src: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        dst: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        sport: 0,
+        dport: 0,
+        later_fragment: false,
+        first_fragment: false,
+        ttl: 0,
+        icmp_type: 0,
+    };
+}
+
 /// The EtherType of a frame, or `None` when it is shorter than an Ethernet header.
 pub fn ethertype(frame: &[u8]) -> Option<u16> {
     (frame.len() >= ETH_LEN).then(|| u16::from_be_bytes([frame[12], frame[13]]))

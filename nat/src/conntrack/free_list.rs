@@ -11,7 +11,7 @@
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 
 /// Stripes of the free list: two workers' inserts meet on one head once in this many.
-const STRIPES: usize = 16;
+pub(super) const STRIPES: usize = 16;
 
 /// One stripe's stack head and count, alone on its cache line.
 #[repr(align(64))]
@@ -91,6 +91,22 @@ impl FreeList {
                 Err(h) => head = h,
             }
         }
+    }
+
+    /// The entry `depth` places below the top of stripe `hint % STRIPES` (the one the
+    /// `depth + 1`-th pop from that stripe would take if nothing else happened meanwhile),
+    /// read without taking anything: a guess for prefetching, which a racing pop or push
+    /// only makes wrong. `None` past the bottom.
+    pub(super) fn peek(&self, hint: usize, depth: usize) -> Option<u32> {
+        let head = self.stripes[hint % STRIPES].head.load(Ordering::Relaxed);
+        let mut e = (head & 0xffff_ffff) as u32;
+        for _ in 0..depth {
+            e = self
+                .next
+                .get(e.checked_sub(1)? as usize)?
+                .load(Ordering::Relaxed);
+        }
+        e.checked_sub(1)
     }
 
     /// Gives back an entry [`FreeList::pop`] took, once nothing refers to it any more.

@@ -86,7 +86,12 @@ impl Index {
 
     /// `key`'s two buckets and tag.
     pub(super) fn place(&self, key: &FlowKey) -> Place {
-        let h = key.flow_hash() ^ self.seed;
+        self.place_hashed(key.flow_hash())
+    }
+
+    /// The place of a key whose [`FlowKey::flow_hash`] is `hash`.
+    pub(super) fn place_hashed(&self, hash: u64) -> Place {
+        let h = hash ^ self.seed;
         let h = (h ^ (h >> 33)).wrapping_mul(0xff51_afd7_ed55_8ccd);
         let h = h ^ (h >> 33);
         let n = self.buckets.len() as u64;

@@ -75,7 +75,8 @@ impl Conntrack {
         timeout: u64,
     ) -> Result<u32, InsertError> {
         let never = |_: u8, _: u64| None;
-        self.insert_inner(conn, state, now, timeout, &never)
+        let hash = conn.original.flow_hash();
+        self.insert_inner(conn, hash, state, now, timeout, &never)
             .map(|i| i.entry)
     }
 
@@ -93,12 +94,28 @@ impl Conntrack {
         timeout: u64,
         last_seen: impl Fn(u8, u64) -> Option<u64>,
     ) -> Result<Inserted, InsertError> {
-        self.insert_inner(conn, state, now, timeout, &last_seen)
+        let hash = conn.original.flow_hash();
+        self.insert_inner(conn, hash, state, now, timeout, &last_seen)
+    }
+
+    /// [`Conntrack::insert_evicting`] of a connection whose original tuple's
+    /// [`FlowKey`](super::FlowKey)`::flow_hash` the caller has computed (`hash`).
+    pub fn insert_evicting_hashed(
+        &self,
+        conn: Connection,
+        hash: u64,
+        state: u8,
+        now: u64,
+        timeout: u64,
+        last_seen: impl Fn(u8, u64) -> Option<u64>,
+    ) -> Result<Inserted, InsertError> {
+        self.insert_inner(conn, hash, state, now, timeout, &last_seen)
     }
 
     fn insert_inner(
         &self,
         conn: Connection,
+        hash: u64,
         state: u8,
         now: u64,
         timeout: u64,
@@ -106,10 +123,7 @@ impl Conntrack {
     ) -> Result<Inserted, InsertError> {
         let mut evicted = 0;
         // Each tuple hashed once for the whole insert.
-        let places = [
-            self.index.place(&conn.original),
-            self.index.place(&conn.reply),
-        ];
+        let places = [self.index.place_hashed(hash), self.index.place(&conn.reply)];
         let tracked = || {
             self.get_at(&places[0], &conn.original, now).is_some()
                 || self.get_at(&places[1], &conn.reply, now).is_some()

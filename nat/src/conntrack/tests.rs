@@ -694,3 +694,25 @@ fn an_early_hit_stands_until_its_entry_changes() {
     assert!(ct.still(&reused, 1));
     assert!(!ct.still(&again, 1));
 }
+
+/// The free-list peek that prefetching relies on names the entries the next pops from a
+/// stripe take, and reads past the bottom of a stripe as nothing, never out of bounds.
+#[test]
+fn a_peek_at_the_free_list_names_the_entries_pops_take() {
+    let ct = Conntrack::new(64);
+    for hint in [0usize, 5, 17, 31] {
+        let guess = [ct.free.peek(hint, 0), ct.free.peek(hint, 1)];
+        assert!(guess.iter().all(Option::is_some));
+        assert_eq!(guess, [ct.free.pop(hint), ct.free.pop(hint)]);
+    }
+    assert_eq!(ct.free.peek(3, 4), None, "stripe 3 holds four entries");
+    let one = Conntrack::new(1);
+    assert_eq!(one.free.peek(0, 0), Some(0));
+    assert_eq!(one.free.peek(0, 1), None);
+    assert_eq!(one.free.peek(7, 0), None);
+    // Prefetching for inserts into a table with nothing free does nothing, harmlessly.
+    one.insert(conn(1), 0, 100).unwrap();
+    let c = conn(2);
+    one.prefetch_inserts(&[c.original.flow_hash()], &[c.reply]);
+    assert_eq!(one.insert(c, 0, 100), Err(InsertError::Full));
+}
