@@ -72,7 +72,7 @@ impl Pipeline<'_> {
         let decision = self.tables.services.decide_with_affinity(
             f,
             h.src,
-            key.flow_hash(),
+            self.flow_hash(&key),
             Some(&self.shared.affinity),
             self.now,
         );
@@ -286,7 +286,7 @@ impl Pipeline<'_> {
         let mut yielding: Option<(u64, Hit, u16)> = None;
         let (first, last) = (ports.0.min(ports.1), ports.0.max(ports.1));
         let span = (last - first) as u64 + 1;
-        let seed = key.flow_hash();
+        let seed = self.flow_hash(&key);
         let echo = matches!(key.proto, packet::PROTO_ICMP | packet::PROTO_ICMPV6);
         for i in 0..SNAT_TRIES {
             if let Some(ip) = snat {
@@ -306,8 +306,9 @@ impl Pipeline<'_> {
                 service,
                 policy,
             };
-            match self.shared.conntrack.insert_evicting(
+            match self.shared.conntrack.insert_evicting_hashed(
                 conn,
+                seed,
                 state as u8,
                 self.now,
                 timeout,
@@ -375,8 +376,9 @@ impl Pipeline<'_> {
                     service,
                     policy,
                 };
-                if let Ok(inserted) = self.shared.conntrack.insert_evicting(
+                if let Ok(inserted) = self.shared.conntrack.insert_evicting_hashed(
                     conn,
+                    seed,
                     state as u8,
                     self.now,
                     timeout,

@@ -3,7 +3,10 @@
 //! then their connection-table keys are looked up together ([`Pipeline::look_up`], whose
 //! bucket and entry lines are requested for the whole group before any is read, so the
 //! group's cache misses overlap instead of adding up), and only then is each frame handled
-//! to the end ([`Pipeline::handle`]), with what the first stages found.
+//! to the end ([`Pipeline::handle`]), with what the first stages found. Between the two,
+//! the frames the table did not know (new connections) have their Service decision taken
+//! ahead and the index lines of their reply tuples requested
+//! ([`Pipeline::prefetch_new`]), so that their inserts do not wait for memory one by one.
 //!
 //! The semantics are those of handling the frames one by one. A frame's early lookup is
 //! used only while it still stands: a hit whose entry an earlier frame of the burst has
@@ -11,8 +14,11 @@
 //! once an earlier frame has written the table (a SYN and its retransmission in one burst
 //! make one connection, not two).
 
+use std::net::{IpAddr, Ipv4Addr};
+
 use nat::conntrack::{FlowKey, Hit, BULK};
 use nat::packet::{self, Headers, ETH_IPV4, ETH_IPV6};
+use nat::tables::{Decision, FrontendKey};
 use pktio::{Device, Frame, PortId};
 
 use super::{tuple_of, Pipeline, Resolver, Rx};
@@ -23,34 +29,47 @@ use crate::counters::Counters;
 /// stack, in the first-level cache with the frames.
 const GROUP: usize = BULK;
 
-/// What the first stages found for one frame: its headers, parsed once, and its
-/// connection-table lookup.
+/// What the first stages found for one frame, lent to its handler.
 #[derive(Clone, Copy)]
-pub(super) struct Early {
+pub(super) struct Early<'g> {
     /// The frame's IP and transport headers.
-    pub h: Headers,
-    /// Its lookup: `None` when its tuple is not one the table keys (the handler then
-    /// looks nothing up early, and decides as if alone).
-    pub lookup: Option<Lookup>,
+    pub h: &'g Headers,
+    /// Its lookup, when its tuple is one the table keys (else the handler decides as if
+    /// alone).
+    pub lookup: Option<Lookup<'g>>,
 }
 
 /// A tuple looked up before its frame's turn.
 #[derive(Clone, Copy)]
-pub(super) struct Lookup {
+pub(super) struct Lookup<'g> {
     /// What the table held for it.
-    pub hit: Option<Hit>,
-    /// The pipeline's count of table writes when it was looked up ([`Pipeline::writes`]).
+    pub hit: &'g Option<Hit>,
+    /// The pipeline's count of table writes when it was looked up (`Pipeline::writes`).
     pub writes: u32,
+    /// The tuple's [`FlowKey::flow_hash`], computed once for the lookup, the Service's
+    /// decision and the insert.
+    pub hash: u64,
 }
 
 /// A placeholder key for the unused places of a group's arrays.
 const NO_KEY: FlowKey = FlowKey {
     proto: 0,
-    src: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
-    dst: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+    src: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+    dst: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
     sport: 0,
     dport: 0,
 };
+
+/// Where a group's frame stands after the first stage.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Not an IP packet the first stages take up: handled as if alone.
+    Alone,
+    /// Parsed, nothing to look up.
+    Parsed,
+    /// Parsed, its key the n-th of the group's lookup.
+    Keyed(u8),
+}
 
 impl Pipeline<'_> {
     /// Handles the frames of one receive burst from `port`; each is sent or freed.
@@ -62,92 +81,192 @@ impl Pipeline<'_> {
         c: &mut Counters,
         resolver: &mut Resolver,
     ) {
+        // The group's records live here, written in place by the first stages and lent to
+        // the last: nothing of them is copied per frame but the headers the handler edits.
+        let mut heads = [packet::Headers::NONE; GROUP];
+        let mut stages = [Stage::Alone; GROUP];
+        let mut keys = [NO_KEY; GROUP];
+        let mut hashes = [0u64; GROUP];
+        let mut hits: [Option<Hit>; GROUP] = [None; GROUP];
         for group in frames.chunks(GROUP) {
-            let mut early: [Option<Early>; GROUP] = [None; GROUP];
-            let mut keys = [NO_KEY; GROUP];
-            let mut of_key = [0u8; GROUP];
             let mut n = 0;
             for (i, frame) in group.iter().enumerate() {
-                early[i] = self.prepare(dev, port, *frame, c);
-                if let Some(e) = &early[i] {
-                    if e.lookup.is_some() {
-                        let (buf, off) = dev.chunk_mut(*frame);
-                        keys[n] = tuple_of(&buf[off..off + frame.len as usize], &e.h).0;
-                        of_key[n] = i as u8;
-                        n += 1;
-                    }
+                stages[i] = self.prepare(dev, port, *frame, c, &mut heads[i]);
+                if stages[i] == Stage::Keyed(0) {
+                    let (buf, off) = dev.chunk_mut(*frame);
+                    keys[n] = tuple_of(&buf[off..off + frame.len as usize], &heads[i]).0;
+                    hashes[n] = keys[n].flow_hash();
+                    stages[i] = Stage::Keyed(n as u8);
+                    n += 1;
                 }
             }
-            let mut hits = [None; GROUP];
-            self.look_up(&keys[..n], &mut hits[..n]);
-            for (k, hit) in hits[..n].iter().enumerate() {
-                if let Some(Early {
-                    lookup: Some(l), ..
-                }) = &mut early[of_key[k] as usize]
-                {
-                    l.hit = *hit;
-                }
-            }
-            for (frame, early) in group.iter().zip(early) {
+            let writes = self.writes.get();
+            self.look_up(&keys[..n], &hashes[..n], &mut hits[..n]);
+            self.prefetch_new(&heads[..group.len()], &stages, &hashes, &hits);
+            for (i, frame) in group.iter().enumerate() {
+                let early = match stages[i] {
+                    Stage::Alone => None,
+                    Stage::Parsed => Some(Early {
+                        h: &heads[i],
+                        lookup: None,
+                    }),
+                    Stage::Keyed(k) => Some(Early {
+                        h: &heads[i],
+                        lookup: Some(Lookup {
+                            hit: &hits[k as usize],
+                            writes,
+                            hash: hashes[k as usize],
+                        }),
+                    }),
+                };
                 self.handle(dev, port, *frame, c, resolver, early);
             }
         }
     }
 
     /// The first stage for one frame: an IP packet received as it is (not ARP, not VXLAN
-    /// for this node: those take their own ways) has its headers parsed, and a tuple the
-    /// connection table keys is marked for the lookup. `None` for every other frame,
-    /// including malformed ones, which the handler drops and counts as it would alone.
+    /// for this node: those take their own ways) has its headers parsed into `h`, and a
+    /// tuple the connection table keys is marked for the lookup (as `Keyed(0)`; the caller
+    /// numbers it). Every other frame, malformed ones included, stays `Alone`: the handler
+    /// drops and counts it as it would alone.
     fn prepare<D: Device>(
         &self,
         dev: &mut D,
         port: PortId,
         frame: Frame,
         c: &mut Counters,
-    ) -> Option<Early> {
+        h: &mut Headers,
+    ) -> Stage {
         let (buf, off) = dev.chunk_mut(frame);
         let mut rx = Rx::new(buf, off, frame, port, c);
         if rx.buf.len() < rx.off + frame.len as usize {
-            return None;
+            return Stage::Alone;
         }
         match packet::ethertype(rx.pkt()) {
             Some(ETH_IPV4) if !self.is_overlay_for_us(&mut rx) => {}
             Some(ETH_IPV6) => {}
-            _ => return None,
+            _ => return Stage::Alone,
         }
-        let h = packet::parse(rx.pkt()).ok()?;
+        match packet::parse(rx.pkt()) {
+            Ok(parsed) => *h = parsed,
+            Err(_) => return Stage::Alone,
+        }
         let keyed = !h.later_fragment
-            && !packet::is_icmp_error(&h)
+            && !packet::is_icmp_error(h)
             && (matches!(
                 h.proto,
                 packet::PROTO_TCP | packet::PROTO_UDP | packet::PROTO_SCTP
             ) || (matches!(h.proto, packet::PROTO_ICMP | packet::PROTO_ICMPV6)
                 && packet::is_echo(h.v6, h.icmp_type)));
-        Some(Early {
-            h,
-            lookup: keyed.then_some(Lookup {
-                hit: None,
-                writes: self.writes.get(),
-            }),
-        })
+        if keyed {
+            Stage::Keyed(0)
+        } else {
+            Stage::Parsed
+        }
     }
 
     /// The second stage: a group's keys looked up in the connection table at once.
-    fn look_up(&self, keys: &[FlowKey], hits: &mut [Option<Hit>]) {
+    fn look_up(&self, keys: &[FlowKey], hashes: &[u64], hits: &mut [Option<Hit>]) {
         if !keys.is_empty() {
-            self.shared.conntrack.get_bulk(keys, self.now, hits);
+            self.shared
+                .conntrack
+                .get_bulk_hashed(keys, hashes, self.now, hits);
+        }
+    }
+
+    /// `key`'s [`FlowKey::flow_hash`]: a new connection's tuple is hashed for its lookup,
+    /// its Service's decision, its masquerade port and its insert, so the pass keeps the
+    /// last one.
+    pub(super) fn flow_hash(&self, key: &FlowKey) -> u64 {
+        if let Some((k, hash)) = self.hash_memo.get() {
+            if k == *key {
+                return hash;
+            }
+        }
+        let hash = key.flow_hash();
+        self.hash_memo.set(Some((*key, hash)));
+        hash
+    }
+
+    /// The third stage, for the frames the table does not know (new connections, mostly):
+    /// their Service's decision taken ahead (the frontend lookup and the Maglev slot, which
+    /// brings those lines in too), and the lines their inserts will touch requested: the
+    /// reply tuple's index buckets and the free entry (`Conntrack::prefetch_inserts`), so
+    /// that the inserts find them in the cache. Nothing is decided here: the handler
+    /// decides again, with session affinity, and that decision is the one kept.
+    fn prefetch_new(
+        &self,
+        heads: &[Headers],
+        stages: &[Stage; GROUP],
+        hashes: &[u64; GROUP],
+        hits: &[Option<Hit>; GROUP],
+    ) {
+        let mut originals = [0u64; GROUP];
+        let mut replies = [NO_KEY; GROUP];
+        let mut n = 0;
+        for (h, stage) in heads.iter().zip(stages) {
+            let Stage::Keyed(k) = *stage else { continue };
+            if hits[k as usize].is_some() {
+                continue;
+            }
+            let Some(protocol) = nat::spec::Protocol::from_number(h.proto) else {
+                continue;
+            };
+            let fkey = FrontendKey {
+                ip: h.dst,
+                port: h.dport,
+                protocol,
+            };
+            let Some(f) = self.tables.services.frontend(&fkey) else {
+                continue;
+            };
+            let hash = hashes[k as usize];
+            if let Decision::Translate {
+                backend,
+                masquerade,
+            } = self.tables.services.decide(f, h.src, hash)
+            {
+                // The reply tuple of the first masquerade port an insert tries when the
+                // client's own port is in the range (a guess otherwise: only a prefetch).
+                let dst = if masquerade {
+                    self.tables.masquerade_source(h.v6).unwrap_or(h.src)
+                } else {
+                    h.src
+                };
+                originals[n] = hash;
+                replies[n] = FlowKey {
+                    proto: h.proto,
+                    src: backend.ip,
+                    dst,
+                    sport: backend.port,
+                    dport: h.sport,
+                };
+                n += 1;
+            }
+        }
+        if n > 0 {
+            self.shared
+                .conntrack
+                .prefetch_inserts(&originals[..n], &replies[..n]);
         }
     }
 
     /// The connection `key` belongs to, now: the early lookup when it still stands, else
     /// a lookup of its own (see the module comment).
-    pub(super) fn tracked(&self, key: &FlowKey, early: Option<Lookup>) -> Option<Hit> {
-        match early {
-            Some(Lookup { hit: Some(hit), .. }) if self.shared.conntrack.still(&hit, self.now) => {
-                Some(hit)
+    pub(super) fn tracked(&self, key: &FlowKey, early: Option<Lookup<'_>>) -> Option<Hit> {
+        let Some(early) = early else {
+            return self.shared.conntrack.get(key, self.now);
+        };
+        if let Some(hit) = early.hit {
+            if self.shared.conntrack.still(hit, self.now) {
+                return Some(*hit);
             }
-            Some(Lookup { hit: None, writes }) if writes == self.writes.get() => None,
-            _ => self.shared.conntrack.get(key, self.now),
         }
+        // A new connection, likely: its admission hashes the tuple again.
+        self.hash_memo.set(Some((*key, early.hash)));
+        if early.hit.is_none() && early.writes == self.writes.get() {
+            return None;
+        }
+        self.shared.conntrack.get_hashed(key, early.hash, self.now)
     }
 }

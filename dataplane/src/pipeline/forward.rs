@@ -39,7 +39,7 @@ impl Pipeline<'_> {
             }
         }
         let (port, mac) = if local {
-            let Some(n) = self.shared.neighbors.get(&h.dst) else {
+            let Some(n) = self.neighbor(&h.dst) else {
                 return Outcome::Resolve(DropReason::NeighborUnresolved, h.dst, rx.frame);
             };
             (n.port, n.mac)
@@ -52,7 +52,7 @@ impl Pipeline<'_> {
             // The node's own route (a connected network or its gateway), resolved by ARP;
             // without one, the router outside traffic last came from.
             match self.shared.uplink_routes.load().next_hop(h.dst) {
-                Some(hop) => match self.shared.neighbors.get(&hop).filter(|n| n.port == up) {
+                Some(hop) => match self.neighbor(&hop).filter(|n| n.port == up) {
                     Some(n) => (up, n.mac),
                     None => return Outcome::Resolve(DropReason::NeighborUnresolved, hop, rx.frame),
                 },
@@ -125,7 +125,7 @@ impl Pipeline<'_> {
             return Outcome::Drop(DropReason::NoRoute);
         };
         let vtep = IpAddr::V4(r.vtep);
-        let Some(next) = self.shared.neighbors.get(&vtep).filter(|n| n.port == up) else {
+        let Some(next) = self.neighbor(&vtep).filter(|n| n.port == up) else {
             return Outcome::Resolve(DropReason::NeighborUnresolved, vtep, rx.frame);
         };
         let ip_len = h.end - h.l3;
@@ -196,7 +196,7 @@ impl Pipeline<'_> {
         // kernel's end has one MAC. Its ARP answers name it, but its neighbour discovery
         // answers only for addresses on that very interface (the node's are on the
         // uplink), so for IPv6 the MAC its own frames came from serves.
-        let known = self.shared.neighbors.get(&h.dst).filter(|n| n.port == host);
+        let known = self.neighbor(&h.dst).filter(|n| n.port == host);
         let mac = match known {
             Some(n) => n.mac,
             None => match self.shared.host_kernel_mac.load(Ordering::Relaxed) {

@@ -32,12 +32,14 @@ mod neighbor;
 use std::cell::Cell;
 use std::net::IpAddr;
 
+use nat::conntrack::FlowKey;
 use nat::packet::{self, Headers, Malformed, ETH_ARP, ETH_IPV4, ETH_IPV6};
 use nat::timeouts::{self, State};
 use pktio::{Device, Frame, PortId};
 
 use crate::counters::{Counters, DropReason};
 use crate::monitor::{EventKind, FlowRecord};
+use crate::neighbors::Neighbor;
 use crate::ports::PortRole;
 use crate::state::Shared;
 use crate::tables::Tables;
@@ -74,7 +76,7 @@ struct Rx<'f> {
     /// The worker's counters.
     c: &'f mut Counters,
     /// What the burst's first stages found for the frame (`burst`), until it is used.
-    early: Option<burst::Early>,
+    early: Option<burst::Early<'f>>,
 }
 
 impl<'f> Rx<'f> {
@@ -139,6 +141,12 @@ pub struct Pipeline<'a> {
     /// Writes to the connection table this pipeline has made (inserts, and removals to make
     /// room): an early lookup's miss stands only while none came after it (`burst`).
     writes: Cell<u32>,
+    /// The pass's last neighbour lookup (`Pipeline::neighbor`).
+    neighbor_memo: Cell<Option<(IpAddr, Neighbor)>>,
+    /// The pass's last pod sender learned (`Pipeline::learn_sender`).
+    sender_memo: Cell<Option<(IpAddr, Neighbor)>>,
+    /// The last tuple hashed, with its hash (`Pipeline::flow_hash`).
+    hash_memo: Cell<Option<(FlowKey, u64)>>,
 }
 
 impl<'a> Pipeline<'a> {
@@ -157,6 +165,9 @@ impl<'a> Pipeline<'a> {
             now,
             worker,
             writes: Cell::new(0),
+            neighbor_memo: Cell::new(None),
+            sender_memo: Cell::new(None),
+            hash_memo: Cell::new(None),
         }
     }
 }
@@ -171,7 +182,7 @@ impl Pipeline<'_> {
         frame: Frame,
         c: &mut Counters,
         limiter: &mut Resolver,
-        early: Option<burst::Early>,
+        early: Option<burst::Early<'_>>,
     ) {
         c.rx += 1;
         c.rx_bytes += u64::from(frame.len);
@@ -246,7 +257,7 @@ impl Pipeline<'_> {
     fn ip(&self, rx: &mut Rx<'_>) -> Outcome {
         let early = rx.early.take();
         let mut h = match early {
-            Some(e) => e.h,
+            Some(e) => *e.h,
             None => match packet::parse(rx.pkt()) {
                 Ok(h) => h,
                 Err(m) => return Outcome::Drop(malformed(m)),

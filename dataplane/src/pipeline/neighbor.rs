@@ -85,6 +85,28 @@ impl Resolver {
 }
 
 impl Pipeline<'_> {
+    /// Where `ip` lives, if learned. The pass remembers its last answer: a burst's packets
+    /// mostly go to the same few pods, and the map is an `ArcSwap` load and a hash probe
+    /// away. What this pipeline learns clears it; what another thread changes meanwhile is
+    /// seen from the next pass on (a few microseconds), as it would be by a packet handled
+    /// just before the change.
+    pub(super) fn neighbor(&self, ip: &IpAddr) -> Option<Neighbor> {
+        if let Some((at, n)) = self.neighbor_memo.get() {
+            if at == *ip {
+                return Some(n);
+            }
+        }
+        let n = self.shared.neighbors.get(ip)?;
+        self.neighbor_memo.set(Some((*ip, n)));
+        Some(n)
+    }
+
+    /// Records `ip` at `n`, seen now.
+    fn learn(&self, ip: IpAddr, n: Neighbor) {
+        self.neighbor_memo.set(None);
+        self.shared.neighbors.learn(ip, n, self.now);
+    }
+
     /// Learns where an IP packet's sender is: a local pod on its port, the router outside
     /// traffic comes from on the uplink, the kernel's end of the host pair.
     pub(super) fn learn_sender(&self, rx: &Rx<'_>, role: Option<PortRole>, h: &Headers) {
@@ -93,14 +115,19 @@ impl Pipeline<'_> {
             // A pod is learned where its own addresses come from: those control lists, or
             // those its CNI plugin gave when it was attached (the Pod's status may come
             // later than its first packets).
-            (Some(PortRole::Pod), _)
+            (Some(PortRole::Pod), _) => {
+                let seen = (h.src, Neighbor { port: rx.port, mac });
+                // The same sender as the pass's last learned: nothing new (its packets
+                // mostly come in a row).
+                if self.sender_memo.get() == Some(seen) {
+                    return;
+                }
                 if self.tables.local_pods.contains_key(&h.src)
-                    || self.ports.pod_ips(rx.port).contains(&h.src) =>
-            {
-                let port = rx.port;
-                self.shared
-                    .neighbors
-                    .learn(h.src, Neighbor { port, mac }, self.now);
+                    || self.ports.pod_ips(rx.port).contains(&h.src)
+                {
+                    self.learn(seen.0, seen.1);
+                    self.sender_memo.set(Some(seen));
+                }
             }
             (Some(PortRole::Uplink), Via::Port) => {
                 // Replies to outside clients go back where their traffic came from.
@@ -154,9 +181,7 @@ impl Pipeline<'_> {
         };
         if learn {
             let mac = source_hardware_addr.0;
-            self.shared
-                .neighbors
-                .learn(sender, Neighbor { port, mac }, self.now);
+            self.learn(sender, Neighbor { port, mac });
         }
         if operation != ArpOperation::Request || source_protocol_addr == target_protocol_addr {
             return Outcome::Drop(DropReason::NeighborConsumed);
@@ -241,9 +266,7 @@ impl Pipeline<'_> {
                 }
             };
             if ours {
-                self.shared
-                    .neighbors
-                    .learn(ip, Neighbor { port, mac }, self.now);
+                self.learn(ip, Neighbor { port, mac });
             }
         };
         let (target_addr, lladdr) = match nd {
@@ -391,7 +414,7 @@ impl Pipeline<'_> {
             let Some((frame, ip, deadline)) = resolver.held[i] else {
                 continue;
             };
-            if self.shared.neighbors.get(&ip).is_none() && self.now < deadline {
+            if self.neighbor(&ip).is_none() && self.now < deadline {
                 continue;
             }
             resolver.held[i] = None;
@@ -402,7 +425,7 @@ impl Pipeline<'_> {
                 let port = self.shared.uplink.unwrap_or(0);
                 let mut rx = Rx::new(buf, off, frame, port, &mut *c);
                 match packet::parse(rx.pkt()) {
-                    Ok(mut h) if self.shared.neighbors.get(&ip).is_some() => {
+                    Ok(mut h) if self.neighbor(&ip).is_some() => {
                         let outcome = self.route(&mut rx, &mut h, true);
                         self.settle(&mut rx, outcome)
                     }
@@ -433,7 +456,7 @@ impl Pipeline<'_> {
         limiter: &mut Resolver,
     ) {
         for ip in self.tables.local_pods.keys() {
-            if self.shared.neighbors.get(ip).is_none() && limiter.allow(*ip, self.now) {
+            if self.neighbor(ip).is_none() && limiter.allow(*ip, self.now) {
                 self.solicit(dev, *ip, c);
             }
         }
