@@ -1,11 +1,15 @@
 //! Per-packet cost of the whole pipeline in memory, with 1, 10k and 100k ClusterIP
-//! Services installed (three local endpoints each), on one worker over a `MemDevice`:
+//! Services installed (three local endpoints each) and 1k, 100k and 1M live connections
+//! in the connection table, on one worker over a `MemDevice`. A benchmark's parameter is
+//! `SERVICES x CONNECTIONS`.
 //!
-//! - `established`: a TCP ACK of a tracked connection from the client pod to a ClusterIP,
-//!   DNATed and routed to the backend's port (conntrack hit, rewrite, route). 1024 flows,
-//!   spread over the Services, visited in turn.
+//! - `established`: a TCP ACK of a tracked connection from a client pod to a ClusterIP,
+//!   DNATed and routed to the backend's port (conntrack hit, rewrite, route). Every live
+//!   connection is one of these flows (spread over the Services, tracked as established
+//!   by inserting them into the table directly), visited in a scattered order, so at 1M
+//!   connections nearly every lookup goes to memory, as on a busy node.
 //! - `new_flow`: a TCP SYN of a connection not seen before (frontend lookup, Maglev pick,
-//!   conntrack insert, rewrite, route).
+//!   conntrack insert, rewrite, route), with the live connections in the table.
 //!
 //! Frames go in bursts of [`BURST`] (the worker's own burst): inject a burst into the client
 //! port, one `Worker::poll`, drain the backend port with `take_sent`. One criterion
@@ -20,6 +24,8 @@
 //!
 //! Run: `cargo bench -p dataplane --bench pipeline`. Each Service's Maglev rings (cluster
 //! and local set) are built at install; the install time per size is printed on stderr.
+//! `KXDP_BENCH_SERVICES` and `KXDP_BENCH_CONNECTIONS` (comma-separated) run a subset of
+//! the sizes, e.g. `KXDP_BENCH_SERVICES=1 KXDP_BENCH_CONNECTIONS=1000000`.
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
@@ -40,6 +46,11 @@ const GW_CLIENT: [u8; 6] = [2, 0, 0, 0, 1, 1];
 const GW_WEB: [u8; 6] = [2, 0, 0, 0, 1, 2];
 const CLIENT_MAC: [u8; 6] = [0x0a, 0x58, 10, 244, 1, 2];
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+/// The established flows come from this pod's addresses (`CLIENT_IPS` of them, from
+/// 10.244.1.64), `FLOW_PORTS` source ports each: room for 1.9M tuples.
+const CLIENT_IPS: u32 = 32;
+const FLOW_PORTS: u32 = 60_000;
+const FLOW_SPORT: u16 = 2048;
 /// The three backend pods every Service has (all behind the `web` port).
 const BACKENDS: [Ipv4Addr; 3] = [
     Ipv4Addr::new(10, 244, 1, 5),
@@ -52,21 +63,20 @@ const WEB_PORT: usize = 2;
 
 /// Services installed per run.
 const SIZES: [u32; 3] = [1, 10_000, 100_000];
+/// Live connections per run (grown in place for each number of Services).
+const CONNECTIONS: [u32; 3] = [1_000, 100_000, 1_000_000];
+/// The connection table's capacity: the largest fill, the pool of new flows, and room.
+const CAPACITY: usize = 1_200_000;
 /// Above this many Services the Maglev rings are at most 251 slots. With fixed 16381-slot
 /// rings, `Shared::install` of 100k Services (then two rings each: 200k rings of 32 KiB)
 /// took 80 s and peaked at 6.3 GiB resident on this 2-core machine (10k Services: 6.5 s).
 /// The ring size only changes the Maglev slot read of `new_flow`.
 /// `KXDP_BENCH_FULL_RINGS=1` allows 16381 at every size.
 const SMALL_RING_ABOVE: u32 = 10_000;
-/// Tracked flows `established` cycles through.
-const ESTABLISHED_FLOWS: u16 = 1024;
-/// Source ports of the established flows start here; new flows' start at `NEW_SPORT`, so
-/// the two never share a tuple.
-const ESTABLISHED_SPORT: u16 = 20000;
-/// New flows are drawn from a pool of this many distinct SYNs (source ports
-/// `NEW_SPORT..`); when the pool is used up, their connections are swept (outside the
-/// measured time) and the pool starts again. The table thus holds at most this many new
-/// flows besides the established ones.
+/// New flows are drawn from a pool of this many distinct SYNs (from `CLIENT`, source
+/// ports `NEW_SPORT..`); when the pool is used up, their connections are swept (outside
+/// the measured time) and the pool starts again. The table thus holds at most this many
+/// new flows besides the established ones.
 const NEW_FLOWS: u16 = 32768;
 const NEW_SPORT: u16 = 30000;
 /// Simulated time between two bursts.
@@ -104,6 +114,13 @@ fn spec(services: u32) -> TableSpec {
         labels: Default::default(),
     };
     let mut local_pods = vec![pod("default/client", CLIENT)];
+    local_pods.push(PodSpec {
+        name: "default/clients".into(),
+        ips: (0..CLIENT_IPS)
+            .map(|i| IpAddr::V4(flow_client(i)))
+            .collect(),
+        labels: Default::default(),
+    });
     local_pods.extend(
         BACKENDS
             .iter()
@@ -164,6 +181,21 @@ fn tcp(
     out
 }
 
+/// Address `i` of the pod the established flows come from.
+fn flow_client(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 244, 1, 64)) + i)
+}
+
+/// Established flow `k` of `services`: its client (address, port) and Service.
+fn flow(k: u32, services: u32) -> ((Ipv4Addr, u16), u32) {
+    let client = (
+        flow_client(k / FLOW_PORTS),
+        FLOW_SPORT + (k % FLOW_PORTS) as u16,
+    );
+    // Scattered over the Services, as real clients would be.
+    (client, k.wrapping_mul(40503) % services)
+}
+
 fn from_client(sport: u16, service: u32, syn: bool) -> Vec<u8> {
     tcp(
         (CLIENT_MAC, GW_CLIENT),
@@ -197,14 +229,17 @@ fn is_ipv4(frame: &[u8]) -> bool {
     frame.get(12..14) == Some(&[8, 0])
 }
 
-/// A node with `services` Services, its neighbours resolved, `ESTABLISHED_FLOWS`
-/// connections through the three-way handshake, and the frames of both benchmarks built.
+/// A node with `services` Services, its neighbours resolved, its established flows in the
+/// connection table, and the new flows' frames built.
 struct Node {
     worker: Worker<MemDevice>,
     shared: Arc<Shared>,
+    services: u32,
     now: u64,
-    established: Vec<Vec<u8>>,
-    established_at: usize,
+    /// Established flows in the table (flows `0..connections`).
+    connections: u32,
+    /// The next established flow's position in the scattered visit.
+    established_at: u32,
     syns: Vec<Vec<u8>>,
     syns_at: usize,
 }
@@ -236,6 +271,7 @@ impl Node {
                 // Rings sized by backend count (kxdp-dataplane --scaled-rings), the mode
                 // the README's figures were measured in.
                 ring_scaled: true,
+                conntrack_capacity: CAPACITY,
                 ..Limits::default()
             },
         ));
@@ -252,21 +288,19 @@ impl Node {
         let mut node = Node {
             worker: Worker::new(0, MemDevice::new(3, 4 * BURST), shared.clone()),
             shared,
+            services,
             now: 2 * SECOND,
-            established: Vec::new(),
+            connections: 0,
             established_at: 0,
             syns: Vec::new(),
             syns_at: 0,
         };
         node.resolve_neighbors();
-        // Spread the flows (established and new) over all the Services.
+        // A real handshake first: the connections inserted below are what it leaves.
+        let ((client, sport), service) = flow(0, services);
+        node.handshake(client, sport, service);
+        node.connections = 1;
         let service_of = |k: u32, of: u32| (k as u64 * services as u64 / of as u64) as u32;
-        for f in 0..ESTABLISHED_FLOWS {
-            let service = service_of(f as u32, ESTABLISHED_FLOWS as u32);
-            node.handshake(ESTABLISHED_SPORT + f, service);
-            node.established
-                .push(from_client(ESTABLISHED_SPORT + f, service, false));
-        }
         // New flows go to Services in a scattered order (as real clients would), not walking
         // the service table in order where the prefetcher would hide its misses.
         node.syns = (0..NEW_FLOWS)
@@ -326,17 +360,81 @@ impl Node {
     }
 
     /// SYN, SYN-ACK from whichever backend Maglev chose, ACK: the flow is established.
-    fn handshake(&mut self, sport: u16, service: u32) {
-        let out = self.exchange(CLIENT_PORT, &[from_client(sport, service, true)]);
+    fn handshake(&mut self, client: Ipv4Addr, sport: u16, service: u32) {
+        let from_client = |syn| {
+            tcp(
+                (CLIENT_MAC, GW_CLIENT),
+                (client, sport),
+                (cluster_ip(service), 80),
+                (syn, !syn),
+            )
+        };
+        let out = self.exchange(CLIENT_PORT, &[from_client(true)]);
         let backend = Ipv4Addr::new(out[0][30], out[0][31], out[0][32], out[0][33]);
         let syn_ack = tcp(
             (backend_mac(backend), GW_WEB),
             (backend, 8080),
-            (CLIENT, sport),
+            (client, sport),
             (true, true),
         );
         self.exchange(WEB_PORT, &[syn_ack]);
-        self.exchange(CLIENT_PORT, &[from_client(sport, service, false)]);
+        self.exchange(CLIENT_PORT, &[from_client(false)]);
+    }
+
+    /// Grows the table to `connections` established flows, inserted as the handshake of
+    /// flow 0 left its connection (the same Service id, state and timeout), each to one
+    /// of the three backends.
+    fn fill(&mut self, connections: u32) {
+        let ((client, sport), _) = flow(0, self.services);
+        let key = nat::conntrack::FlowKey {
+            proto: 6,
+            src: client.into(),
+            dst: cluster_ip(flow(0, self.services).1).into(),
+            sport,
+            dport: 80,
+        };
+        let first = self
+            .shared
+            .conntrack
+            .get(&key, self.now)
+            .expect("flow 0 is tracked");
+        let timeout = first.expires - self.now;
+        for k in self.connections..connections {
+            let ((client, sport), service) = flow(k, self.services);
+            let backend = BACKENDS[k as usize % BACKENDS.len()];
+            let mut conn = first.conn;
+            conn.original.src = client.into();
+            conn.original.sport = sport;
+            conn.original.dst = cluster_ip(service).into();
+            conn.reply.src = backend.into();
+            conn.reply.dst = client.into();
+            conn.reply.dport = sport;
+            self.shared
+                .conntrack
+                .insert_with_state(conn, first.state, self.now, timeout)
+                .expect("room in the table");
+        }
+        self.connections = connections;
+        self.established_at = 0;
+    }
+
+    /// The next established flow's ACK: the flows are visited in a scattered order (a
+    /// step coprime with their number), every one once per round.
+    fn next_established(&mut self) -> Vec<u8> {
+        let n = self.connections;
+        let mut step = 40503 % n.max(2);
+        while gcd(step, n) != 1 {
+            step += 1;
+        }
+        let k = ((self.established_at as u64 * step as u64) % n as u64) as u32;
+        self.established_at = (self.established_at + 1) % n;
+        let ((client, sport), service) = flow(k, self.services);
+        tcp(
+            (CLIENT_MAC, GW_CLIENT),
+            (client, sport),
+            (cluster_ip(service), 80),
+            (false, true),
+        )
     }
 
     /// Runs `packets` packets of the established flows (`new == false`) or new flows
@@ -347,23 +445,21 @@ impl Node {
         while left > 0 {
             let len = left.min(BURST as u64) as usize;
             left -= len as u64;
-            let (frames, at) = if new {
+            let established: Vec<Vec<u8>>;
+            let burst = if new {
                 if self.syns_at + len > self.syns.len() {
                     // Retire the pool's connections so its SYNs are new again.
                     self.shared
                         .conntrack
-                        .sweep(self.now, |c| c.original.sport >= NEW_SPORT);
+                        .sweep(self.now, |c| c.original.src == IpAddr::V4(CLIENT));
                     self.syns_at = 0;
                 }
-                (&self.syns, &mut self.syns_at)
+                self.syns_at += len;
+                &self.syns[self.syns_at - len..self.syns_at]
             } else {
-                if self.established_at + len > self.established.len() {
-                    self.established_at = 0;
-                }
-                (&self.established, &mut self.established_at)
+                established = (0..len).map(|_| self.next_established()).collect();
+                &established[..]
             };
-            let burst = &frames[*at..*at + len];
-            *at += len;
             self.now += TICK;
             let started = Instant::now();
             for f in burst {
@@ -391,32 +487,61 @@ impl Node {
     }
 }
 
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// The sizes in `var` (comma-separated) among `all`, or all of them.
+fn sizes(var: &str, all: &[u32]) -> Vec<u32> {
+    match std::env::var(var) {
+        Ok(v) => all
+            .iter()
+            .copied()
+            .filter(|n| v.split(',').any(|s| s.trim().parse() == Ok(*n)))
+            .collect(),
+        Err(_) => all.to_vec(),
+    }
+}
+
 fn bench(c: &mut Criterion) {
-    for services in SIZES {
+    for services in sizes("KXDP_BENCH_SERVICES", &SIZES) {
         let mut node = Node::new(services);
-        let mut g = c.benchmark_group("pipeline");
-        g.sample_size(10)
-            .warm_up_time(Duration::from_millis(500))
-            .measurement_time(Duration::from_secs(2))
-            .throughput(Throughput::Elements(1));
-        let mut cases = vec![("established", false, false), ("new_flow", true, false)];
-        if services == 1 {
-            cases.push(("established_with_io", false, true));
-            cases.push(("new_flow_with_io", true, true));
+        for connections in sizes("KXDP_BENCH_CONNECTIONS", &CONNECTIONS) {
+            let started = Instant::now();
+            node.fill(connections);
+            eprintln!(
+                "{services} Services: {connections} connections in {:.2?}",
+                started.elapsed()
+            );
+            let mut g = c.benchmark_group("pipeline");
+            g.sample_size(10)
+                .warm_up_time(Duration::from_millis(500))
+                .measurement_time(Duration::from_secs(2))
+                .throughput(Throughput::Elements(1));
+            let mut cases = vec![("established", false, false), ("new_flow", true, false)];
+            if services == 1 && connections == CONNECTIONS[0] {
+                cases.push(("established_with_io", false, true));
+                cases.push(("new_flow_with_io", true, true));
+            }
+            for (name, new, with_io) in cases {
+                let id = BenchmarkId::new(name, format!("{services}x{connections}"));
+                g.bench_function(id, |b| {
+                    b.iter_custom(|packets| node.run(packets, new, with_io))
+                });
+            }
+            g.finish();
+            let c = node.worker.counters();
+            eprintln!(
+                "{services} Services: {} new flows, {} tracked packets, conntrack holds {}",
+                c.nat_new,
+                c.nat_hits,
+                node.shared.conntrack.len()
+            );
         }
-        for (name, new, with_io) in cases {
-            g.bench_function(BenchmarkId::new(name, services), |b| {
-                b.iter_custom(|packets| node.run(packets, new, with_io))
-            });
-        }
-        g.finish();
-        let c = node.worker.counters();
-        eprintln!(
-            "{services} Services: {} new flows, {} tracked packets, conntrack holds {}",
-            c.nat_new,
-            c.nat_hits,
-            node.shared.conntrack.len()
-        );
     }
 }
 
