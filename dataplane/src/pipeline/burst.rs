@@ -5,8 +5,8 @@
 //! group's cache misses overlap instead of adding up), and only then is each frame handled
 //! to the end ([`Pipeline::handle`]), with what the first stages found. Between the two,
 //! the frames the table did not know (new connections) have their Service decision taken
-//! ahead and the index lines of their reply tuples requested
-//! ([`Pipeline::prefetch_new`]), so that their inserts do not wait for memory one by one.
+//! ahead and the lines their inserts will touch requested ([`Pipeline::prefetch_new`]), so
+//! that the inserts do not wait for memory one by one.
 //!
 //! The semantics are those of handling the frames one by one. A frame's early lookup is
 //! used only while it still stands: a hit whose entry an earlier frame of the burst has
