@@ -416,6 +416,52 @@ impl ServiceTable {
         self.frontends.get(key).copied()
     }
 
+    /// Brings in the lines the decisions of a burst's new connections will read
+    /// (`keys[i]` the frontend, `hashes[i]` the flow hash), one level at a time for all of
+    /// them: the frontend map's entries, each Service's place and the Service, its two
+    /// Maglev rings' headers, the slots the hashes fall on, and the backends they name. A
+    /// decision reads these one after the other, each address taken from the line before,
+    /// so one decision's misses never overlap; staged over a burst, each level's do.
+    /// Returns a value folded from what was read, for the caller's `black_box`.
+    pub fn warm(&self, keys: &[FrontendKey], hashes: &[u64]) -> u64 {
+        const MAX: usize = 64;
+        let n = keys.len().min(hashes.len()).min(MAX);
+        let mut ids = [0u32; MAX];
+        for (id, k) in ids.iter_mut().zip(&keys[..n]) {
+            *id = self.frontends.get(k).map_or(0, |f| f.service);
+        }
+        let mut services: [Option<&Service>; MAX] = [None; MAX];
+        for (s, id) in services.iter_mut().zip(&ids[..n]) {
+            *s = self.services.get(*id as usize).map(Arc::as_ref);
+        }
+        let mut sets: [[Option<&BackendSet>; 2]; MAX] = [[None; 2]; MAX];
+        let mut rings: [[Option<&MaglevRing>; 2]; MAX] = [[None; 2]; MAX];
+        for ((set, ring), s) in sets.iter_mut().zip(rings.iter_mut()).zip(&services[..n]) {
+            if let Some(s) = s {
+                *set = [Some(&s.cluster), Some(&s.local)];
+                *ring = [s.cluster.ring(), s.local.ring()];
+            }
+        }
+        let mut folded = 0u64;
+        for ring in rings[..n].iter().flatten().flatten() {
+            folded ^= ring.len() as u64;
+        }
+        let mut picks = [[0usize; 2]; MAX];
+        for ((pick, ring), hash) in picks.iter_mut().zip(&rings[..n]).zip(&hashes[..n]) {
+            for (p, r) in pick.iter_mut().zip(ring) {
+                *p = r.map_or(0, |r| r.pick(*hash));
+            }
+        }
+        for (set, pick) in sets[..n].iter().zip(&picks[..n]) {
+            for (s, p) in set.iter().zip(pick) {
+                if let Some(b) = s.and_then(|s| s.backends.get(*p)) {
+                    folded ^= u64::from(b.port);
+                }
+            }
+        }
+        folded
+    }
+
     /// Whether `ip` is a NodePort, LoadBalancer or external IP frontend address (the
     /// uplink answers ARP for these; ClusterIPs are not reachable from outside).
     pub fn is_frontend_ip(&self, ip: IpAddr) -> bool {
@@ -832,6 +878,44 @@ mod tests {
             chosen.insert(on_a.ip);
         }
         assert_eq!(chosen.len(), 4, "the flows spread over every backend");
+    }
+
+    /// Warming reads what the decisions will read and nothing else: any frontends (known or
+    /// not, Services with one backend and so no ring, more keys than it takes at once) are
+    /// fine, and the decisions after it are the same as without it.
+    #[test]
+    fn warming_a_burst_changes_no_decision() {
+        let (t, cip, _) = table(vec![ep("10.244.1.5", true), ep("10.244.2.5", false)], false);
+        let (single, single_cip, _) = table(vec![ep("10.244.1.5", true)], false);
+        let key = |ip: &str, port| FrontendKey {
+            ip: ip.parse().unwrap(),
+            port,
+            protocol: Protocol::Tcp,
+        };
+        let keys: Vec<FrontendKey> = (0..100u16)
+            .map(|i| match i % 3 {
+                0 => key("172.30.0.41", 80),
+                1 => key("192.168.0.2", 30080),
+                _ => key("172.30.0.99", 80 + i),
+            })
+            .collect();
+        let hashes: Vec<u64> = (0..100u64).map(|i| i.wrapping_mul(0x9e37_79b9)).collect();
+        let before: Vec<Decision> = hashes
+            .iter()
+            .map(|h| t.decide(cip, "10.244.1.2".parse().unwrap(), *h))
+            .collect();
+        std::hint::black_box(t.warm(&keys, &hashes));
+        std::hint::black_box(single.warm(&keys, &hashes[..7]));
+        std::hint::black_box(t.warm(&[], &hashes));
+        let after: Vec<Decision> = hashes
+            .iter()
+            .map(|h| t.decide(cip, "10.244.1.2".parse().unwrap(), *h))
+            .collect();
+        assert_eq!(before, after);
+        assert!(matches!(
+            single.decide(single_cip, "10.244.1.2".parse().unwrap(), 5),
+            Decision::Translate { .. }
+        ));
     }
 
     #[test]

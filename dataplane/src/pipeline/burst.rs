@@ -51,6 +51,13 @@ pub(super) struct Lookup<'g> {
     pub hash: u64,
 }
 
+/// A placeholder frontend for the unused places of a group's arrays.
+const NO_FRONTEND: FrontendKey = FrontendKey {
+    ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+    port: 0,
+    protocol: nat::spec::Protocol::Tcp,
+};
+
 /// A placeholder key for the unused places of a group's arrays.
 const NO_KEY: FlowKey = FlowKey {
     proto: 0,
@@ -189,10 +196,10 @@ impl Pipeline<'_> {
     }
 
     /// The third stage, for the frames the table does not know (new connections, mostly):
-    /// their Service's decision taken ahead (the frontend lookup and the Maglev slot, which
-    /// brings those lines in too), and the lines their inserts will touch requested: the
-    /// reply tuple's index buckets and the free entry (`Conntrack::prefetch_inserts`), so
-    /// that the inserts find them in the cache. Nothing is decided here: the handler
+    /// the lines their Services' decisions read brought in for all of them, a level at a
+    /// time (`ServiceTable::warm`), each decision taken ahead, and the lines their inserts
+    /// will touch requested: the reply tuple's index buckets and the free entry
+    /// (`Conntrack::prefetch_inserts`), so that the inserts find them in the cache. Nothing is decided here: the handler
     /// decides again, with session affinity, and that decision is the one kept.
     fn prefetch_new(
         &self,
@@ -201,10 +208,12 @@ impl Pipeline<'_> {
         hashes: &[u64; GROUP],
         hits: &[Option<Hit>; GROUP],
     ) {
-        let mut originals = [0u64; GROUP];
-        let mut replies = [NO_KEY; GROUP];
-        let mut n = 0;
-        for (h, stage) in heads.iter().zip(stages) {
+        // The group's new connections: which frame, its frontend, its hash.
+        let mut frame_of = [0usize; GROUP];
+        let mut frontends = [NO_FRONTEND; GROUP];
+        let mut new_hashes = [0u64; GROUP];
+        let mut m = 0;
+        for (i, (h, stage)) in heads.iter().zip(stages).enumerate() {
             let Stage::Keyed(k) = *stage else { continue };
             if hits[k as usize].is_some() {
                 continue;
@@ -212,19 +221,32 @@ impl Pipeline<'_> {
             let Some(protocol) = nat::spec::Protocol::from_number(h.proto) else {
                 continue;
             };
-            let fkey = FrontendKey {
+            frontends[m] = FrontendKey {
                 ip: h.dst,
                 port: h.dport,
                 protocol,
             };
-            let Some(f) = self.tables.services.frontend(&fkey) else {
+            new_hashes[m] = hashes[k as usize];
+            frame_of[m] = i;
+            m += 1;
+        }
+        if m == 0 {
+            return;
+        }
+        // Every decision's lines, a level at a time, before the first decision is taken.
+        std::hint::black_box(self.tables.services.warm(&frontends[..m], &new_hashes[..m]));
+        let mut originals = [0u64; GROUP];
+        let mut replies = [NO_KEY; GROUP];
+        let mut n = 0;
+        for ((fkey, hash), i) in frontends[..m].iter().zip(&new_hashes).zip(&frame_of) {
+            let h = &heads[*i];
+            let Some(f) = self.tables.services.frontend(fkey) else {
                 continue;
             };
-            let hash = hashes[k as usize];
             if let Decision::Translate {
                 backend,
                 masquerade,
-            } = self.tables.services.decide(f, h.src, hash)
+            } = self.tables.services.decide(f, h.src, *hash)
             {
                 // The reply tuple of the first masquerade port an insert tries when the
                 // client's own port is in the range (a guess otherwise: only a prefetch).
@@ -233,7 +255,7 @@ impl Pipeline<'_> {
                 } else {
                     h.src
                 };
-                originals[n] = hash;
+                originals[n] = *hash;
                 replies[n] = FlowKey {
                     proto: h.proto,
                     src: backend.ip,
