@@ -335,7 +335,7 @@ impl Pipeline<'_> {
                     if let Some(old) = taken.filter(|_| !evicted) {
                         let closed = old.conn.original.proto == packet::PROTO_TCP
                             && matches!(State::from_u8(old.state), State::Closing | State::Reset);
-                        if closed && self.shared.conntrack.remove(&old.conn) {
+                        if closed && self.shared.conntrack.remove_hit(&old) {
                             evicted = true;
                             continue;
                         }

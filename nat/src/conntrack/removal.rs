@@ -43,12 +43,37 @@ impl Conntrack {
         true
     }
 
-    /// Removes a connection (both tuples), if tracked.
+    /// Removes a connection (both tuples), if tracked: every entry that holds exactly
+    /// `conn`, expired or not. Candidates under its original tuple that hold another
+    /// connection (an expired one the sweep has not reached, with the same tuple) are
+    /// looked past, not taken for it.
     pub fn remove(&self, conn: &Connection) -> bool {
-        match self.find(&conn.original, |s, _| s == LIVE, None) {
-            Some((e, c, _, st)) if c == *conn => self.kill(e, st, &c, |_| true),
-            _ => false,
+        let mut removed = false;
+        // Bounded: each round frees an entry indexed at the tuple's place, or ends.
+        loop {
+            let found = self.find(
+                &conn.original,
+                |s, e| {
+                    s == LIVE
+                        && self
+                            .read_entry(e, self.entries[e as usize].state.load(Ordering::Acquire))
+                            .is_some_and(|(w, _)| decode(&w) == *conn)
+                },
+                None,
+            );
+            match found {
+                Some((e, c, _, st)) if c == *conn && self.kill(e, st, &c, |_| true) => {
+                    removed = true;
+                }
+                _ => return removed,
+            }
         }
+    }
+
+    /// Removes the connection of `hit` if its entry still holds it, as looked up (the same
+    /// generation and state): the precise way for a caller holding a lookup's result.
+    pub fn remove_hit(&self, hit: &Hit) -> bool {
+        self.kill(hit.entry, hit.word, &hit.conn, |_| true)
     }
 
     /// Removes a looked-up connection if it is still the one in its entry and

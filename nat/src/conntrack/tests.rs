@@ -716,3 +716,31 @@ fn a_peek_at_the_free_list_names_the_entries_pops_take() {
     one.prefetch_inserts(&[c.original.flow_hash()], &[c.reply]);
     assert_eq!(one.insert(c, 0, 100), Err(InsertError::Full));
 }
+
+/// An expired entry the sweep has not reached, under the same original tuple as a live
+/// connection, is looked past when the live one is removed (before, `remove` took the
+/// first candidate and gave up when it held another connection, so whether a closed
+/// connection gave way depended on the table's seed).
+#[test]
+fn remove_looks_past_an_expired_entry_with_the_same_tuple() {
+    for seed in 0..64 {
+        let ct = Conntrack::with_seed(64, seed);
+        let old = conn(7);
+        ct.insert(old, 0, 10).unwrap();
+        let mut new = conn(7);
+        new.reply.src = "10.244.1.6".parse().unwrap();
+        ct.insert(new, 20, 100).unwrap();
+        assert!(ct.remove(&new), "seed {seed}");
+        assert_eq!(ct.get(&new.original, 20), None, "seed {seed}");
+        assert!(!ct.remove(&new), "seed {seed}: removed twice");
+        // The precise way, by the lookup's result.
+        ct.insert(new, 30, 100).unwrap();
+        let hit = ct.get(&new.original, 30).unwrap();
+        assert!(ct.remove_hit(&hit), "seed {seed}");
+        assert!(
+            !ct.remove_hit(&hit),
+            "seed {seed}: its entry holds it no more"
+        );
+        assert_eq!(ct.get(&new.original, 30), None, "seed {seed}");
+    }
+}
