@@ -21,7 +21,7 @@ use nat::packet::{self, Headers, ETH_IPV4, ETH_IPV6};
 use nat::tables::{Decision, FrontendKey};
 use pktio::{Device, Frame, PortId};
 
-use super::{tuple_of, Pipeline, Resolver, Rx};
+use super::{is_tracked, tuple_of, Pipeline, Resolver, Rx};
 use crate::counters::Counters;
 
 /// Frames prepared and looked up together: one bulk lookup's worth. A 64-frame receive
@@ -158,13 +158,7 @@ impl Pipeline<'_> {
             Ok(parsed) => *h = parsed,
             Err(_) => return Stage::Alone,
         }
-        let keyed = !h.later_fragment
-            && !packet::is_icmp_error(h)
-            && (matches!(
-                h.proto,
-                packet::PROTO_TCP | packet::PROTO_UDP | packet::PROTO_SCTP
-            ) || (matches!(h.proto, packet::PROTO_ICMP | packet::PROTO_ICMPV6)
-                && packet::is_echo(h.v6, h.icmp_type)));
+        let keyed = !h.later_fragment && !packet::is_icmp_error(h) && is_tracked(h);
         if keyed {
             Stage::Keyed(0)
         } else {

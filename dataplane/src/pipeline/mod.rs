@@ -279,11 +279,7 @@ impl Pipeline<'_> {
         if packet::is_icmp_error(&h) && self.unnat_icmp_error(rx, &mut h) {
             return self.route(rx, &mut h, true);
         }
-        let tracked = matches!(
-            h.proto,
-            packet::PROTO_TCP | packet::PROTO_UDP | packet::PROTO_SCTP
-        ) || (matches!(h.proto, packet::PROTO_ICMP | packet::PROTO_ICMPV6)
-            && packet::is_echo(h.v6, h.icmp_type));
+        let tracked = is_tracked(&h);
         if tracked {
             let (key, flags) = tuple_of(rx.pkt(), &h);
             if let Some(hit) = self.tracked(&key, early.and_then(|e| e.lookup)) {
@@ -375,6 +371,15 @@ impl Pipeline<'_> {
             },
         );
     }
+}
+
+/// Whether the connection table keys a packet's protocol: TCP, UDP, SCTP and ICMP echo.
+fn is_tracked(h: &Headers) -> bool {
+    matches!(
+        h.proto,
+        packet::PROTO_TCP | packet::PROTO_UDP | packet::PROTO_SCTP
+    ) || (matches!(h.proto, packet::PROTO_ICMP | packet::PROTO_ICMPV6)
+        && packet::is_echo(h.v6, h.icmp_type))
 }
 
 /// A packet's tuple as conntrack keys it, and its TCP flags (0 for other protocols).

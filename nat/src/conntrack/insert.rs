@@ -95,7 +95,7 @@ impl Conntrack {
         last_seen: impl Fn(u8, u64) -> Option<u64>,
     ) -> Result<Inserted, InsertError> {
         let hash = conn.original.flow_hash();
-        self.insert_inner(conn, hash, state, now, timeout, &last_seen)
+        self.insert_evicting_hashed(conn, hash, state, now, timeout, last_seen)
     }
 
     /// [`Conntrack::insert_evicting`] of a connection whose original tuple's
