@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
+use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use nat::tables::BuildFastHasher;
@@ -37,11 +38,15 @@ pub struct Neighbor {
 /// meanwhile, like the kernel's STALE state). The kernel's `base_reachable_time` is 30 s.
 pub const NEIGHBOR_REFRESH: u64 = 30 * 1_000_000_000;
 
+/// The learned neighbours at one moment: each address with where it lives and when it was
+/// last confirmed.
+pub type NeighborMap = HashMap<IpAddr, (Neighbor, u64), BuildFastHasher>;
+
 /// Learned neighbours. Read per packet without locks; written (copy on write) only when a
 /// neighbour appears, moves, or is re-confirmed after [`NEIGHBOR_REFRESH`], which is rare.
 #[derive(Default)]
 pub struct Neighbors {
-    map: ArcSwap<HashMap<IpAddr, (Neighbor, u64), BuildFastHasher>>,
+    map: ArcSwap<NeighborMap>,
 }
 
 impl Neighbors {
@@ -51,18 +56,33 @@ impl Neighbors {
         self.map.load().get(ip).map(|e| e.0)
     }
 
-    /// Records `ip` at `n`, seen at `now`, unless that is already known and fresh.
-    pub fn learn(&self, ip: IpAddr, n: Neighbor, now: u64) {
-        if let Some((known, at)) = self.map.load().get(&ip) {
-            if *known == n && now.saturating_sub(*at) < NEIGHBOR_REFRESH / 2 {
-                return;
-            }
+    /// The neighbours as they are now, for a worker's pass to read without loading the
+    /// map per packet.
+    pub fn snapshot(&self) -> Arc<NeighborMap> {
+        self.map.load_full()
+    }
+
+    /// Whether `map` already has `ip` at `n`, confirmed recently enough at `now` that
+    /// [`Neighbors::learn`] would leave it as it is.
+    #[inline]
+    pub fn knows(map: &NeighborMap, ip: &IpAddr, n: Neighbor, now: u64) -> bool {
+        map.get(ip).is_some_and(|(known, at)| {
+            *known == n && now.saturating_sub(*at) < NEIGHBOR_REFRESH / 2
+        })
+    }
+
+    /// Records `ip` at `n`, seen at `now`, unless that is already known and fresh; returns
+    /// whether the map changed.
+    pub fn learn(&self, ip: IpAddr, n: Neighbor, now: u64) -> bool {
+        if Self::knows(&self.map.load(), &ip, n, now) {
+            return false;
         }
         self.map.rcu(|m| {
             let mut m = HashMap::clone(m);
             m.insert(ip, (n, now));
             m
         });
+        true
     }
 
     /// Neighbours not confirmed for [`NEIGHBOR_REFRESH`]: to be solicited again.

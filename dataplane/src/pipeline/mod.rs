@@ -29,8 +29,9 @@ mod forward;
 mod icmp;
 mod neighbor;
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use nat::conntrack::FlowKey;
 use nat::packet::{self, Headers, Malformed, ETH_ARP, ETH_IPV4, ETH_IPV6};
@@ -39,7 +40,7 @@ use pktio::{Device, Frame, PortId};
 
 use crate::counters::{Counters, DropReason};
 use crate::monitor::{EventKind, FlowRecord};
-use crate::neighbors::Neighbor;
+use crate::neighbors::{Neighbor, NeighborMap};
 use crate::ports::PortRole;
 use crate::state::Shared;
 use crate::tables::Tables;
@@ -141,8 +142,11 @@ pub struct Pipeline<'a> {
     /// Writes to the connection table this pipeline has made (inserts, and removals to make
     /// room): an early lookup's miss stands only while none came after it (`burst`).
     writes: Cell<u32>,
-    /// The pass's last neighbour lookup (`Pipeline::neighbor`).
-    neighbor_memo: Cell<Option<(IpAddr, Neighbor)>>,
+    /// The neighbours this pass reads: as they were when it began, and as it has learned
+    /// them since (`Pipeline::learn`).
+    neighbors: RefCell<Arc<NeighborMap>>,
+    /// The pass's last neighbour lookups (`Pipeline::neighbor`).
+    neighbor_memo: [Cell<Option<(IpAddr, Neighbor)>>; neighbor::NEIGHBOR_MEMO],
     /// The pass's last pod sender learned (`Pipeline::learn_sender`).
     sender_memo: Cell<Option<(IpAddr, Neighbor)>>,
     /// The last tuple hashed, with its hash (`Pipeline::flow_hash`).
@@ -165,7 +169,8 @@ impl<'a> Pipeline<'a> {
             now,
             worker,
             writes: Cell::new(0),
-            neighbor_memo: Cell::new(None),
+            neighbors: RefCell::new(shared.neighbors.snapshot()),
+            neighbor_memo: Default::default(),
             sender_memo: Cell::new(None),
             hash_memo: Cell::new(None),
         }

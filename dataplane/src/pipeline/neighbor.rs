@@ -16,7 +16,7 @@ use smoltcp::wire::{
 use super::eth::{mac_u64, set_macs};
 use super::{send_counted, Outcome, Pipeline, Rx, Via, SECOND};
 use crate::counters::{Counters, DropReason};
-use crate::neighbors::{uplink_link_local, Neighbor, NEIGHBOR_REFRESH};
+use crate::neighbors::{uplink_link_local, Neighbor, Neighbors, NEIGHBOR_REFRESH};
 use crate::ports::PortRole;
 
 /// Frames a worker holds while their next hop is being resolved, like the kernel's
@@ -84,27 +84,46 @@ impl Resolver {
     }
 }
 
+/// Slots of the pass's neighbour memo (`Pipeline::neighbor`).
+pub(super) const NEIGHBOR_MEMO: usize = 8;
+
+/// `ip`'s slot in the neighbour memo: its last byte's low bits (pods of a node differ there).
+fn memo_slot(ip: &IpAddr) -> usize {
+    let last = match ip {
+        IpAddr::V4(a) => a.octets()[3],
+        IpAddr::V6(a) => a.octets()[15],
+    };
+    last as usize % NEIGHBOR_MEMO
+}
+
 impl Pipeline<'_> {
-    /// Where `ip` lives, if learned. The pass remembers its last answer: a burst's packets
-    /// mostly go to the same few pods, and the map is an `ArcSwap` load and a hash probe
-    /// away. What this pipeline learns clears it; what another thread changes meanwhile is
-    /// seen from the next pass on (a few microseconds), as it would be by a packet handled
-    /// just before the change.
+    /// Where `ip` lives, if learned. The pass reads the neighbours as they were when it
+    /// began, and remembers its last answers in a few slots chosen by the address's last
+    /// byte (a burst's packets mostly go to a few pods, and a slot is cheaper than a hash
+    /// probe). What this pipeline learns is seen at once; what another thread changes
+    /// meanwhile is seen from the next pass on (a few microseconds), as it would be by a
+    /// packet handled just before the change.
     pub(super) fn neighbor(&self, ip: &IpAddr) -> Option<Neighbor> {
-        if let Some((at, n)) = self.neighbor_memo.get() {
+        let slot = &self.neighbor_memo[memo_slot(ip)];
+        if let Some((at, n)) = slot.get() {
             if at == *ip {
                 return Some(n);
             }
         }
-        let n = self.shared.neighbors.get(ip)?;
-        self.neighbor_memo.set(Some((*ip, n)));
+        let n = self.neighbors.borrow().get(ip)?.0;
+        slot.set(Some((*ip, n)));
         Some(n)
     }
 
     /// Records `ip` at `n`, seen now.
     fn learn(&self, ip: IpAddr, n: Neighbor) {
-        self.neighbor_memo.set(None);
-        self.shared.neighbors.learn(ip, n, self.now);
+        if Neighbors::knows(&self.neighbors.borrow(), &ip, n, self.now) {
+            return;
+        }
+        if self.shared.neighbors.learn(ip, n, self.now) {
+            self.neighbor_memo[memo_slot(&ip)].set(None);
+            *self.neighbors.borrow_mut() = self.shared.neighbors.snapshot();
+        }
     }
 
     /// Learns where an IP packet's sender is: a local pod on its port, the router outside
@@ -120,6 +139,11 @@ impl Pipeline<'_> {
                 // The same sender as the pass's last learned: nothing new (its packets
                 // mostly come in a row).
                 if self.sender_memo.get() == Some(seen) {
+                    return;
+                }
+                // Known there already: nothing to learn (and no need to ask whose it is).
+                if Neighbors::knows(&self.neighbors.borrow(), &seen.0, seen.1, self.now) {
+                    self.sender_memo.set(Some(seen));
                     return;
                 }
                 if self.tables.local_pods.contains_key(&h.src)
