@@ -4,8 +4,6 @@
 
 use std::net::IpAddr;
 
-use crate::tables::BuildFastHasher;
-
 /// A connection's 5-tuple as seen in one direction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlowKey {
@@ -33,14 +31,55 @@ impl FlowKey {
         }
     }
 
-    /// A hash of the tuple that every node computes alike (Maglev needs that).
+    /// A hash of the tuple that every node computes alike (Maglev needs that), and that the
+    /// connection table indexes by. Cheap because every packet pays it: the tuple is packed
+    /// into words (an IPv4 tuple into two) and mixed by 64x64->128-bit multiplies folded
+    /// in half (wyhash's `mum`), whose chains run side by side, then spread by splitmix64's
+    /// finaliser so that low-entropy tuples (consecutive ports) cover all 64 bits.
     pub fn flow_hash(&self) -> u64 {
-        use std::hash::BuildHasher;
-        let x = BuildFastHasher.hash_one(self);
-        // splitmix64 finaliser: spread low-entropy tuples over all 64 bits.
+        let ports = self.sport as u64 | (self.dport as u64) << 16 | (self.proto as u64) << 32;
+        let x = match (self.src, self.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => mum(
+                (u32::from(s) as u64 | (u32::from(d) as u64) << 32) ^ MIX[0],
+                ports ^ MIX[1],
+            ),
+            (s, d) => {
+                let (s, d) = (address_bits(s), address_bits(d));
+                let a = mum((s as u64) ^ MIX[0], (s >> 64) as u64 ^ MIX[1]);
+                let b = mum((d as u64) ^ MIX[2], (d >> 64) as u64 ^ MIX[3]);
+                // The family is in the ports word, so an IPv4 tuple and its IPv4-mapped
+                // IPv6 twin (different keys) do not always collide.
+                mum(a ^ ports ^ 1 << 40, b ^ MIX[1])
+            }
+        };
         let x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         let x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         x ^ (x >> 31)
+    }
+}
+
+/// Odd constants (wyhash's) mixed into the words [`FlowKey::flow_hash`] multiplies, so
+/// that a zero word does not zero the product.
+const MIX: [u64; 4] = [
+    0xa076_1d64_78bd_642f,
+    0xe703_7ed1_a0b4_28db,
+    0x8ebc_6af0_9c88_c6e3,
+    0x5899_65cc_7537_4cc3,
+];
+
+/// The 128-bit product of `a` and `b`, its halves xored.
+#[inline]
+fn mum(a: u64, b: u64) -> u64 {
+    let r = a as u128 * b as u128;
+    r as u64 ^ (r >> 64) as u64
+}
+
+/// An address as 128 bits: IPv4 as its IPv4-mapped IPv6 address.
+#[inline]
+fn address_bits(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(a) => u128::from(a.to_ipv6_mapped()),
+        IpAddr::V6(a) => u128::from(a),
     }
 }
 
