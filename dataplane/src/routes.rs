@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
-use nat::tables::BuildFastHasher;
+use nat::tables::{net_contains, BuildFastHasher};
 
 /// The node's routes out of the uplink (connected networks and gateways, IPv4 and IPv6),
 /// as the kernel of the node's namespace has them at start: where traffic leaving the
@@ -120,7 +120,7 @@ impl UplinkRoutes {
     pub fn next_hop(&self, dst: IpAddr) -> Option<IpAddr> {
         self.routes
             .iter()
-            .find(|(net, _)| net.contains(&dst))
+            .find(|(net, _)| net_contains(net, dst))
             .map(|(_, gw)| gw.unwrap_or(dst))
     }
 

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use ipnet::IpNet;
 use nat::policy::{PolicyTable, PolicyType};
 use nat::spec::{TableDelta, TableSpec};
-use nat::tables::{BuildFastHasher, ServiceTable};
+use nat::tables::{net_contains, BuildFastHasher, ServiceTable};
 
 use crate::routes::RemoteRoutes;
 
@@ -229,12 +229,15 @@ impl Tables {
 
     /// Whether `ip` is in this node's pod networks.
     pub fn in_local_pod_network(&self, ip: IpAddr) -> bool {
-        self.pod_cidrs.iter().any(|n| n.contains(&ip))
+        self.pod_cidrs.iter().any(|n| net_contains(n, ip))
     }
 
     /// Whether `ip` is in the cluster's pod networks (this node's or another's).
     pub fn in_cluster_network(&self, ip: IpAddr) -> bool {
-        self.services.cluster_cidrs.iter().any(|n| n.contains(&ip))
+        self.services
+            .cluster_cidrs
+            .iter()
+            .any(|n| net_contains(n, ip))
     }
 
     /// The address used as masquerade source towards pods of this node (the gateway of the

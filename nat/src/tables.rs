@@ -504,14 +504,14 @@ impl ServiceTable {
 
     /// Whether `ip` lies in the Service range (then an unknown address there is dropped).
     pub fn in_service_range(&self, ip: IpAddr) -> bool {
-        self.service_cidrs.iter().any(|n| n.contains(&ip))
+        self.service_cidrs.iter().any(|n| net_contains(n, ip))
     }
 
     /// How kube-proxy classifies a client address.
     pub fn origin(&self, src: IpAddr) -> Origin {
         if self.node_addresses.contains(&src) {
             Origin::Node
-        } else if self.cluster_cidrs.iter().any(|n| n.contains(&src)) {
+        } else if self.cluster_cidrs.iter().any(|n| net_contains(n, src)) {
             Origin::Pod
         } else {
             Origin::External
@@ -547,7 +547,7 @@ impl ServiceTable {
         let rejected_first = origin == Origin::Node && svc.cluster.backends.is_empty();
         if f.kind == FrontendKind::LoadBalancer
             && !svc.lb_source_ranges.is_empty()
-            && !svc.lb_source_ranges.iter().any(|n| n.contains(&src))
+            && !svc.lb_source_ranges.iter().any(|n| net_contains(n, src))
             && !rejected_first
         {
             return Decision::SourceFiltered;
@@ -666,6 +666,27 @@ fn compile(s: &ServiceSpec, ring_size: u32, scaled: bool) -> Service {
     }
 }
 
+/// Whether `net` holds `ip`, as ipnet's `contains` says, in a few instructions: the
+/// pipeline asks it of several networks per packet.
+#[inline]
+pub fn net_contains(net: &IpNet, ip: IpAddr) -> bool {
+    match (net, ip) {
+        (IpNet::V4(n), IpAddr::V4(a)) => {
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(n.prefix_len()))
+                .unwrap_or(0);
+            (u32::from(a) ^ u32::from(n.addr())) & mask == 0
+        }
+        (IpNet::V6(n), IpAddr::V6(a)) => {
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(n.prefix_len()))
+                .unwrap_or(0);
+            (u128::from(a) ^ u128::from(n.addr())) & mask == 0
+        }
+        _ => false,
+    }
+}
+
 /// A fast, deterministic hasher for small fixed keys (FxHash's multiply-rotate); table keys
 /// come from control, not from the wire, so flooding the map is not a concern here.
 #[derive(Clone, Copy, Debug, Default)]
@@ -720,6 +741,49 @@ impl std::hash::Hasher for FastHasher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn net_contains_agrees_with_ipnet() {
+        use ipnet::IpNet;
+        let nets: Vec<IpNet> = [
+            "0.0.0.0/0",
+            "10.244.1.0/24",
+            "10.244.1.7/32",
+            "10.244.1.9/31",
+            "172.16.0.0/12",
+            "::/0",
+            "fd00:10:244:1::/64",
+            "fd00::1/128",
+            "fd00::/7",
+            "::ffff:10.0.0.0/104",
+        ]
+        .iter()
+        .map(|n| n.parse().unwrap())
+        .collect();
+        let ips: Vec<IpAddr> = [
+            "10.244.1.7",
+            "10.244.1.8",
+            "10.244.2.1",
+            "172.31.255.255",
+            "172.32.0.0",
+            "0.0.0.0",
+            "255.255.255.255",
+            "fd00:10:244:1::5",
+            "fd00::1",
+            "fd00::2",
+            "fe80::1",
+            "::ffff:10.0.0.1",
+            "::",
+        ]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+        for n in &nets {
+            for ip in &ips {
+                assert_eq!(net_contains(n, *ip), n.contains(ip), "{n} {ip}");
+            }
+        }
+    }
     use crate::spec::{EndpointSpec, FrontendSpec};
 
     fn ep(ip: &str, local: bool) -> EndpointSpec {

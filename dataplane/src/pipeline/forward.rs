@@ -32,7 +32,7 @@ impl Pipeline<'_> {
             return self.time_exceeded(rx, h);
         }
         let local =
-            self.tables.local_pods.contains_key(&h.dst) || self.tables.in_local_pod_network(h.dst);
+            self.tables.in_local_pod_network(h.dst) || self.tables.local_pods.contains_key(&h.dst);
         if !local {
             if let Some(r) = self.tables.remote.lookup(h.dst) {
                 return self.encap(rx, h, r);
