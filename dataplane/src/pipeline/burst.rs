@@ -88,6 +88,10 @@ impl Pipeline<'_> {
         c: &mut Counters,
         resolver: &mut Resolver,
     ) {
+        if frames.is_empty() {
+            // Most ports of a pass have nothing: not even the group's records are set up.
+            return;
+        }
         // The group's records live here, written in place by the first stages and lent to
         // the last: nothing of them is copied per frame but the headers the handler edits.
         let mut heads = [packet::Headers::NONE; GROUP];
