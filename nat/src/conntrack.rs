@@ -71,7 +71,9 @@ mod removal;
 pub use flow::{Connection, Direction, FlowKey, POLICY_MAX};
 pub use index::BUCKET_SLOTS;
 
-use entry::{decode, generation, proto_state, status, word, Cold, Entry, KEY_WORDS, LIVE};
+use entry::{
+    decode, decode_into, generation, proto_state, status, word, Cold, Entry, KEY_WORDS, LIVE,
+};
 use free_list::FreeList;
 use index::{Index, Place};
 
@@ -97,6 +99,23 @@ pub struct Hit {
     pub expires: u64,
     /// The entry's state word as read with the connection (status, state, generation).
     word: u64,
+}
+
+impl Hit {
+    /// A placeholder, overwritten field by field by a lookup (`Conntrack::get_at_into`).
+    const NONE: Hit = Hit {
+        conn: Connection {
+            original: FlowKey::NONE,
+            reply: FlowKey::NONE,
+            service: 0,
+            policy: 0,
+        },
+        dir: Direction::Original,
+        entry: 0,
+        state: 0,
+        expires: 0,
+        word: 0,
+    };
 }
 
 /// A successful [`Conntrack::insert_evicting`].
@@ -289,7 +308,7 @@ impl Conntrack {
             }
             std::hint::black_box(touched);
             for ((k, p), o) in keys.iter().zip(places).zip(out) {
-                *o = self.get_at(p, k, now);
+                self.get_at_into(p, k, now, o);
             }
         }
     }
@@ -320,24 +339,37 @@ impl Conntrack {
 
     /// [`Conntrack::get`] at `key`'s place in the index.
     fn get_at(&self, place: &Place, key: &FlowKey, now: u64) -> Option<Hit> {
+        let mut out = None;
+        self.get_at_into(place, key, now, &mut out);
+        out
+    }
+
+    /// [`Conntrack::get_at`] into `out`, field by field: a bulk lookup's hits are built
+    /// where they are kept. (A `Hit` built elsewhere and copied in is read back in wide
+    /// words across the narrow stores of its addresses, at odd offsets, and the copy
+    /// stalls until they are done.)
+    fn get_at_into(&self, place: &Place, key: &FlowKey, now: u64, out: &mut Option<Hit>) {
         // An expired entry the sweep has not reached yet may share the tuple with a live
         // one inserted after it expired: look past it.
         let live = |s: u8, e: u32| {
             s == LIVE && self.entries[e as usize].expires.load(Ordering::Relaxed) > now
         };
-        let (e, w, dir, st) = self.find_at(place, key, live, None)?;
+        let Some((e, w, dir, st)) = self.find_at(place, key, live, None) else {
+            *out = None;
+            return;
+        };
         let expires = self.entries[e as usize].expires.load(Ordering::Relaxed);
         if expires <= now {
-            return None;
+            *out = None;
+            return;
         }
-        Some(Hit {
-            conn: decode(&w),
-            dir,
-            entry: e,
-            state: proto_state(st),
-            expires,
-            word: st,
-        })
+        let hit = out.insert(Hit::NONE);
+        decode_into(&w, &mut hit.conn);
+        hit.dir = dir;
+        hit.entry = e;
+        hit.state = proto_state(st);
+        hit.expires = expires;
+        hit.word = st;
     }
 
     /// Whether `hit`, looked up earlier (a burst's keys are looked up together, before the

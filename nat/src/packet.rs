@@ -99,15 +99,32 @@ pub fn ethertype(frame: &[u8]) -> Option<u16> {
 
 /// Parses the IP and transport headers of an Ethernet frame carrying IPv4 or IPv6.
 pub fn parse(frame: &[u8]) -> Result<Headers, Malformed> {
+    let mut h = Headers::NONE;
+    parse_into(frame, &mut h)?;
+    Ok(h)
+}
+
+/// [`parse`] into `h`, field by field (on an error, `h` holds some of the fields). A
+/// burst's headers are parsed in place: `Headers` built elsewhere and copied in is read
+/// back in wide words across its narrow stores (its addresses lie at odd offsets), which
+/// stalls the copy until the stores are done.
+pub fn parse_into(frame: &[u8], h: &mut Headers) -> Result<(), Malformed> {
     match ethertype(frame) {
-        Some(ETH_IPV4) => parse_v4(frame, ETH_LEN),
-        Some(ETH_IPV6) => parse_v6(frame, ETH_LEN),
+        Some(ETH_IPV4) => parse_v4_into(frame, ETH_LEN, h),
+        Some(ETH_IPV6) => parse_v6_into(frame, ETH_LEN, h),
         _ => Err(Malformed::Truncated),
     }
 }
 
 /// Parses an IPv4 packet that starts at `l3`.
 pub fn parse_v4(frame: &[u8], l3: usize) -> Result<Headers, Malformed> {
+    let mut h = Headers::NONE;
+    parse_v4_into(frame, l3, &mut h)?;
+    Ok(h)
+}
+
+/// [`parse_v4`] into `h`, field by field.
+fn parse_v4_into(frame: &[u8], l3: usize, h: &mut Headers) -> Result<(), Malformed> {
     let ip = frame.get(l3..l3 + 20).ok_or(Malformed::Truncated)?;
     if ip[0] >> 4 != 4 {
         return Err(Malformed::BadIpHeader);
@@ -127,32 +144,35 @@ pub fn parse_v4(frame: &[u8], l3: usize) -> Result<Headers, Malformed> {
     let frag = u16::from_be_bytes([ip[6], ip[7]]);
     let offset = frag & 0x1fff;
     let more = frag & 0x2000 != 0;
-    let src = IpAddr::V4(Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]));
-    let dst = IpAddr::V4(Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]));
-    let mut h = Headers {
-        l3,
-        l4: l3 + ihl,
-        end,
-        v6: false,
-        proto: ip[9],
-        src,
-        dst,
-        sport: 0,
-        dport: 0,
-        later_fragment: offset != 0,
-        first_fragment: offset == 0 && more,
-        ttl: ip[8],
-        icmp_type: 0,
-    };
+    h.l3 = l3;
+    h.l4 = l3 + ihl;
+    h.end = end;
+    h.v6 = false;
+    h.proto = ip[9];
+    h.src = IpAddr::V4(Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]));
+    h.dst = IpAddr::V4(Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]));
+    h.sport = 0;
+    h.dport = 0;
+    h.later_fragment = offset != 0;
+    h.first_fragment = offset == 0 && more;
+    h.ttl = ip[8];
+    h.icmp_type = 0;
     if offset == 0 {
-        transport(frame, &mut h)?;
+        transport(frame, h)?;
     }
-    Ok(h)
+    Ok(())
 }
 
 /// Parses an IPv6 packet that starts at `l3` (fragment headers are walked; other extension
 /// headers are refused).
 pub fn parse_v6(frame: &[u8], l3: usize) -> Result<Headers, Malformed> {
+    let mut h = Headers::NONE;
+    parse_v6_into(frame, l3, &mut h)?;
+    Ok(h)
+}
+
+/// [`parse_v6`] into `h`, field by field.
+fn parse_v6_into(frame: &[u8], l3: usize, h: &mut Headers) -> Result<(), Malformed> {
     let ip = frame.get(l3..l3 + 40).ok_or(Malformed::Truncated)?;
     if ip[0] >> 4 != 6 {
         return Err(Malformed::BadIpHeader);
@@ -166,21 +186,19 @@ pub fn parse_v6(frame: &[u8], l3: usize) -> Result<Headers, Malformed> {
     src.copy_from_slice(&ip[8..24]);
     let mut dst = [0u8; 16];
     dst.copy_from_slice(&ip[24..40]);
-    let mut h = Headers {
-        l3,
-        l4: l3 + 40,
-        end,
-        v6: true,
-        proto: ip[6],
-        src: IpAddr::V6(Ipv6Addr::from(src)),
-        dst: IpAddr::V6(Ipv6Addr::from(dst)),
-        sport: 0,
-        dport: 0,
-        later_fragment: false,
-        first_fragment: false,
-        ttl: ip[7],
-        icmp_type: 0,
-    };
+    h.l3 = l3;
+    h.l4 = l3 + 40;
+    h.end = end;
+    h.v6 = true;
+    h.proto = ip[6];
+    h.src = IpAddr::V6(Ipv6Addr::from(src));
+    h.dst = IpAddr::V6(Ipv6Addr::from(dst));
+    h.sport = 0;
+    h.dport = 0;
+    h.later_fragment = false;
+    h.first_fragment = false;
+    h.ttl = ip[7];
+    h.icmp_type = 0;
     if h.proto == 44 {
         // The fragment header must lie inside the packet, not in Ethernet padding.
         let fh = frame
@@ -199,9 +217,9 @@ pub fn parse_v6(frame: &[u8], l3: usize) -> Result<Headers, Malformed> {
         return Err(Malformed::UnsupportedExtension);
     }
     if !h.later_fragment {
-        transport(frame, &mut h)?;
+        transport(frame, h)?;
     }
-    Ok(h)
+    Ok(())
 }
 
 fn transport(frame: &[u8], h: &mut Headers) -> Result<(), Malformed> {

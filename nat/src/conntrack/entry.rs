@@ -202,6 +202,18 @@ pub(super) fn matches(w: &[u64; KEY_WORDS], key: &FlowKey, dir: Direction) -> bo
 
 /// The connection of an entry's words.
 pub(super) fn decode(w: &[u64; KEY_WORDS]) -> Connection {
+    let mut c = Connection {
+        original: FlowKey::NONE,
+        reply: FlowKey::NONE,
+        service: 0,
+        policy: 0,
+    };
+    decode_into(w, &mut c);
+    c
+}
+
+/// [`decode`] into `c`, field by field (see `Conntrack::get_at_into`).
+pub(super) fn decode_into(w: &[u64; KEY_WORDS], c: &mut Connection) {
     let v6 = w[1] & V6 != 0;
     let proto = w[1] as u8;
     let a = |i: usize| {
@@ -211,24 +223,18 @@ pub(super) fn decode(w: &[u64; KEY_WORDS]) -> Connection {
             IpAddr::V4(Ipv4Addr::from((w[2 + i / 2] >> (32 * (i % 2))) as u32))
         }
     };
-    Connection {
-        original: FlowKey {
-            proto,
-            src: a(0),
-            dst: a(1),
-            sport: w[0] as u16,
-            dport: (w[0] >> 16) as u16,
-        },
-        reply: FlowKey {
-            proto,
-            src: a(2),
-            dst: a(3),
-            sport: (w[0] >> 32) as u16,
-            dport: (w[0] >> 48) as u16,
-        },
-        service: (w[1] >> 32) as u32,
-        policy: ((w[1] >> 9) as u32) & POLICY_MAX,
-    }
+    c.original.proto = proto;
+    c.original.src = a(0);
+    c.original.dst = a(1);
+    c.original.sport = w[0] as u16;
+    c.original.dport = (w[0] >> 16) as u16;
+    c.reply.proto = proto;
+    c.reply.src = a(2);
+    c.reply.dst = a(3);
+    c.reply.sport = (w[0] >> 32) as u16;
+    c.reply.dport = (w[0] >> 48) as u16;
+    c.service = (w[1] >> 32) as u32;
+    c.policy = ((w[1] >> 9) as u32) & POLICY_MAX;
 }
 
 #[cfg(test)]

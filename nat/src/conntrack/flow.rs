@@ -20,6 +20,15 @@ pub struct FlowKey {
 }
 
 impl FlowKey {
+    /// A placeholder tuple (protocol 0, unspecified IPv4 addresses, ports 0).
+    pub const NONE: FlowKey = FlowKey {
+        proto: 0,
+        src: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        dst: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        sport: 0,
+        dport: 0,
+    };
+
     /// The same tuple seen from the other end.
     pub fn reversed(&self) -> FlowKey {
         FlowKey {
