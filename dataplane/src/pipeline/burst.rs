@@ -30,10 +30,9 @@ use crate::counters::Counters;
 const GROUP: usize = BULK;
 
 /// What the first stages found for one frame, lent to its handler.
-#[derive(Clone, Copy)]
 pub(super) struct Early<'g> {
-    /// The frame's IP and transport headers.
-    pub h: &'g Headers,
+    /// The frame's IP and transport headers, for the handler to use (and edit) in place.
+    pub h: &'g mut Headers,
     /// Its lookup, when its tuple is one the table keys (else the handler decides as if
     /// alone).
     pub lookup: Option<Lookup<'g>>,
@@ -56,15 +55,6 @@ const NO_FRONTEND: FrontendKey = FrontendKey {
     ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
     port: 0,
     protocol: nat::spec::Protocol::Tcp,
-};
-
-/// A placeholder key for the unused places of a group's arrays.
-const NO_KEY: FlowKey = FlowKey {
-    proto: 0,
-    src: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-    dst: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-    sport: 0,
-    dport: 0,
 };
 
 /// Where a group's frame stands after the first stage.
@@ -96,7 +86,7 @@ impl Pipeline<'_> {
         // the last: nothing of them is copied per frame but the headers the handler edits.
         let mut heads = [packet::Headers::NONE; GROUP];
         let mut stages = [Stage::Alone; GROUP];
-        let mut keys = [NO_KEY; GROUP];
+        let mut keys = [FlowKey::NONE; GROUP];
         let mut hashes = [0u64; GROUP];
         let mut hits: [Option<Hit>; GROUP] = [None; GROUP];
         for group in frames.chunks(GROUP) {
@@ -114,15 +104,12 @@ impl Pipeline<'_> {
             let writes = self.writes.get();
             self.look_up(&keys[..n], &hashes[..n], &mut hits[..n]);
             self.prefetch_new(&heads[..group.len()], &stages, &hashes, &hits);
-            for (i, frame) in group.iter().enumerate() {
-                let early = match stages[i] {
+            for ((frame, h), stage) in group.iter().zip(heads.iter_mut()).zip(&stages) {
+                let early = match *stage {
                     Stage::Alone => None,
-                    Stage::Parsed => Some(Early {
-                        h: &heads[i],
-                        lookup: None,
-                    }),
+                    Stage::Parsed => Some(Early { h, lookup: None }),
                     Stage::Keyed(k) => Some(Early {
-                        h: &heads[i],
+                        h,
                         lookup: Some(Lookup {
                             hit: &hits[k as usize],
                             writes,
@@ -158,9 +145,8 @@ impl Pipeline<'_> {
             Some(ETH_IPV6) => {}
             _ => return Stage::Alone,
         }
-        match packet::parse(rx.pkt()) {
-            Ok(parsed) => *h = parsed,
-            Err(_) => return Stage::Alone,
+        if packet::parse_into(rx.pkt(), h).is_err() {
+            return Stage::Alone;
         }
         let keyed = !h.later_fragment && !packet::is_icmp_error(h) && is_tracked(h);
         if keyed {
@@ -234,7 +220,7 @@ impl Pipeline<'_> {
         // Every decision's lines, a level at a time, before the first decision is taken.
         std::hint::black_box(self.tables.services.warm(&frontends[..m], &new_hashes[..m]));
         let mut originals = [0u64; GROUP];
-        let mut replies = [NO_KEY; GROUP];
+        let mut replies = [FlowKey::NONE; GROUP];
         let mut n = 0;
         for ((fkey, hash), i) in frontends[..m].iter().zip(&new_hashes).zip(&frame_of) {
             let h = &heads[*i];
@@ -272,14 +258,21 @@ impl Pipeline<'_> {
     }
 
     /// The connection `key` belongs to, now: the early lookup when it still stands, else
-    /// a lookup of its own (see the module comment).
-    pub(super) fn tracked(&self, key: &FlowKey, early: Option<Lookup<'_>>) -> Option<Hit> {
+    /// a lookup of its own (see the module comment), kept in `fresh`. Lent rather than
+    /// copied out: a `Hit` is some hundred bytes of addresses at odd offsets.
+    pub(super) fn tracked<'h>(
+        &self,
+        key: &FlowKey,
+        early: Option<Lookup<'h>>,
+        fresh: &'h mut Option<Hit>,
+    ) -> Option<&'h Hit> {
         let Some(early) = early else {
-            return self.shared.conntrack.get(key, self.now);
+            *fresh = self.shared.conntrack.get(key, self.now);
+            return fresh.as_ref();
         };
         if let Some(hit) = early.hit {
             if self.shared.conntrack.still(hit, self.now) {
-                return Some(*hit);
+                return Some(hit);
             }
         }
         // A new connection, likely: its admission hashes the tuple again.
@@ -287,6 +280,7 @@ impl Pipeline<'_> {
         if early.hit.is_none() && early.writes == self.writes.get() {
             return None;
         }
-        self.shared.conntrack.get_hashed(key, early.hash, self.now)
+        *fresh = self.shared.conntrack.get_hashed(key, early.hash, self.now);
+        fresh.as_ref()
     }
 }

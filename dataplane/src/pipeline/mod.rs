@@ -260,52 +260,57 @@ impl Pipeline<'_> {
     /// about tracked connections, established connections, then a new connection's
     /// admission, the node's own addresses, and routing.
     fn ip(&self, rx: &mut Rx<'_>) -> Outcome {
-        let early = rx.early.take();
-        let mut h = match early {
-            Some(e) => *e.h,
-            None => match packet::parse(rx.pkt()) {
-                Ok(h) => h,
-                Err(m) => return Outcome::Drop(malformed(m)),
-            },
+        // The first stage's headers are used in place (a copy of them, with its addresses
+        // at odd offsets, cost more than the rest of the dispatch).
+        let mut parsed;
+        let (h, lookup) = match rx.early.take() {
+            Some(e) => (e.h, e.lookup),
+            None => {
+                parsed = match packet::parse(rx.pkt()) {
+                    Ok(h) => h,
+                    Err(m) => return Outcome::Drop(malformed(m)),
+                };
+                (&mut parsed, None)
+            }
         };
         let role = self.ports.get(rx.port).map(|p| p.role);
-        self.learn_sender(rx, role, &h);
+        self.learn_sender(rx, role, h);
         // Untranslated traffic may leave through the uplink only if it came from there.
         let from_outside = role == Some(PortRole::Uplink) && rx.via == Via::Port;
         if h.proto == packet::PROTO_ICMPV6 && matches!(h.icmp_type, 133..=137) {
             if rx.via == Via::Overlay {
                 return Outcome::Drop(DropReason::NeighborConsumed);
             }
-            return self.ndp(rx, &h);
+            return self.ndp(rx, h);
         }
         if h.later_fragment {
             return Outcome::Drop(DropReason::Fragment);
         }
-        if packet::is_icmp_error(&h) && self.unnat_icmp_error(rx, &mut h) {
-            return self.route(rx, &mut h, true);
+        if packet::is_icmp_error(h) && self.unnat_icmp_error(rx, h) {
+            return self.route(rx, h, true);
         }
-        let tracked = is_tracked(&h);
+        let tracked = is_tracked(h);
         if tracked {
-            let (key, flags) = tuple_of(rx.pkt(), &h);
-            if let Some(hit) = self.tracked(&key, early.and_then(|e| e.lookup)) {
-                let (conn, dir) = (hit.conn, hit.dir);
+            let (key, flags) = tuple_of(rx.pkt(), h);
+            let mut fresh = None;
+            if let Some(hit) = self.tracked(&key, lookup, &mut fresh) {
                 let before = State::from_u8(hit.state);
-                let state = timeouts::next(h.proto, before, dir, flags);
+                let state = timeouts::next(h.proto, before, hit.dir, flags);
                 let expires = self.now + timeouts::timeout(h.proto, state);
-                self.shared.conntrack.update(&hit, state as u8, expires);
-                admit::translate(rx.pkt(), &mut h, &conn, dir);
+                self.shared.conntrack.update(hit, state as u8, expires);
+                admit::translate(rx.pkt(), h, &hit.conn, hit.dir);
                 rx.c.nat_hits += 1;
-                return self.route(rx, &mut h, true);
+                return self.route(rx, h, true);
             }
-            if let Some(outcome) = self.to_service(rx, &mut h, key, flags) {
+            if let Some(outcome) = self.to_service(rx, h, key, flags) {
                 return outcome;
             }
         }
-        if self.tables.services.is_cluster_ip(h.dst) && !packet::is_icmp_error(&h) {
+        if self.tables.services.is_cluster_ip(h.dst) && !packet::is_icmp_error(h) {
             // A held ClusterIP on a port or protocol none of its Service ports serves:
             // kube-proxy's nftables rejects it (the `cluster-ips` set), unlike an address
             // of the range nobody holds, which it drops.
-            return self.reject(rx, &h);
+            return self.reject(rx, h);
         }
         if self.tables.services.in_service_range(h.dst) {
             return Outcome::Drop(DropReason::NoService);
@@ -315,12 +320,12 @@ impl Pipeline<'_> {
                 && h.icmp_type == if h.v6 { 128 } else { 8 };
             if echo_request && !h.later_fragment && !h.first_fragment {
                 rx.c.echo_replies += 1;
-                return self.echo_reply(rx, &h);
+                return self.echo_reply(rx, h);
             }
             return Outcome::Drop(DropReason::ToHost);
         }
         if self.tables.node_addresses.contains(&h.dst) {
-            return self.to_host(rx, &h, tracked);
+            return self.to_host(rx, h, tracked);
         }
         if tracked
             && self.tables.spec.cluster.ip_masq
@@ -328,7 +333,7 @@ impl Pipeline<'_> {
             && !self.tables.in_cluster_network(h.dst)
             && !is_multicast(h.dst)
         {
-            if let Some(outcome) = self.masquerade_out(rx, &mut h) {
+            if let Some(outcome) = self.masquerade_out(rx, h) {
                 return outcome;
             }
         }
@@ -339,12 +344,12 @@ impl Pipeline<'_> {
             // Untranslated connections of local pods are tracked too, with their policy
             // verdict, so that replies of an allowed connection pass whatever policy says
             // about their direction, and a connection keeps its verdict until it ends.
-            if let Err(reason) = self.track_untranslated(rx, &h) {
+            if let Err(reason) = self.track_untranslated(rx, h) {
                 return Outcome::Drop(reason);
             }
         }
         rx.c.routed += 1;
-        self.route(rx, &mut h, from_outside)
+        self.route(rx, h, from_outside)
     }
 
     /// Records a flow event for the monitor (call only when it is active): a `Copy` record

@@ -135,12 +135,16 @@ impl Pipeline<'_> {
             // those its CNI plugin gave when it was attached (the Pod's status may come
             // later than its first packets).
             (Some(PortRole::Pod), _) => {
-                let seen = (h.src, Neighbor { port: rx.port, mac });
                 // The same sender as the pass's last learned: nothing new (its packets
-                // mostly come in a row).
-                if self.sender_memo.get() == Some(seen) {
-                    return;
+                // mostly come in a row). Compared field by field: a tuple with an `IpAddr`
+                // built on the stack to compare is read back at odd offsets, which stalls.
+                let seen = Neighbor { port: rx.port, mac };
+                if let Some((ip, n)) = self.sender_memo.get() {
+                    if n == seen && ip == h.src {
+                        return;
+                    }
                 }
+                let seen = (h.src, seen);
                 // Known there already: nothing to learn (and no need to ask whose it is).
                 if Neighbors::knows(&self.neighbors.borrow(), &seen.0, seen.1, self.now) {
                     self.sender_memo.set(Some(seen));
