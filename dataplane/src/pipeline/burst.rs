@@ -21,7 +21,7 @@ use nat::packet::{self, Headers, ETH_IPV4, ETH_IPV6};
 use nat::tables::{Decision, FrontendKey};
 use pktio::{Device, Frame, PortId};
 
-use super::{is_tracked, tuple_of, Pipeline, Resolver, Rx};
+use super::{is_tracked, key_of, Pipeline, Resolver, Rx};
 use crate::counters::Counters;
 
 /// Frames prepared and looked up together: one bulk lookup's worth. A 64-frame receive
@@ -90,14 +90,17 @@ impl Pipeline<'_> {
         let mut hashes = [0u64; GROUP];
         let mut hits: [Option<Hit>; GROUP] = [None; GROUP];
         for group in frames.chunks(GROUP) {
+            for ((frame, stage), h) in group.iter().zip(&mut stages).zip(&mut heads) {
+                *stage = self.prepare(dev, port, *frame, c, h);
+            }
+            // The keys in a loop of their own: a frame's headers are read back well after
+            // the stores that wrote them (read at once, the copy waits for those stores).
             let mut n = 0;
-            for (i, frame) in group.iter().enumerate() {
-                stages[i] = self.prepare(dev, port, *frame, c, &mut heads[i]);
-                if stages[i] == Stage::Keyed(0) {
-                    let (buf, off) = dev.chunk_mut(*frame);
-                    keys[n] = tuple_of(&buf[off..off + frame.len as usize], &heads[i]).0;
+            for (stage, h) in stages[..group.len()].iter_mut().zip(&heads) {
+                if *stage == Stage::Keyed(0) {
+                    keys[n] = key_of(h);
                     hashes[n] = keys[n].flow_hash();
-                    stages[i] = Stage::Keyed(n as u8);
+                    *stage = Stage::Keyed(n as u8);
                     n += 1;
                 }
             }

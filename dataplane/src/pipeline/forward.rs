@@ -5,12 +5,11 @@
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 
-use nat::conntrack::FlowKey;
 use nat::packet::{self, Headers, ETH_IPV4, ETH_IPV6, ETH_LEN};
 use pktio::{Frame, PortId};
 
 use super::eth::{mac_u64, set_macs, u64_mac};
-use super::{Outcome, Pipeline, Rx, Via};
+use super::{key_of, Outcome, Pipeline, Rx, Via};
 use crate::counters::DropReason;
 use crate::routes::RemoteRoute;
 use crate::vxlan;
@@ -136,14 +135,7 @@ impl Pipeline<'_> {
             return self.too_big(rx, h, inner_mtu as u16);
         }
         packet::decrement_ttl(rx.pkt(), h);
-        let flow = FlowKey {
-            proto: h.proto,
-            src: h.src,
-            dst: h.dst,
-            sport: h.sport,
-            dport: h.dport,
-        }
-        .flow_hash();
+        let flow = key_of(h).flow_hash();
         let remote = vxlan::RemoteVtep {
             ip: r.vtep,
             vtep_mac: r.vtep_mac,

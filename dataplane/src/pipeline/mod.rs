@@ -392,15 +392,20 @@ fn is_tracked(h: &Headers) -> bool {
         && packet::is_echo(h.v6, h.icmp_type))
 }
 
-/// A packet's tuple as conntrack keys it, and its TCP flags (0 for other protocols).
-fn tuple_of(pkt: &[u8], h: &Headers) -> (nat::conntrack::FlowKey, u8) {
-    let key = nat::conntrack::FlowKey {
+/// A packet's tuple as conntrack keys it.
+fn key_of(h: &Headers) -> FlowKey {
+    FlowKey {
         proto: h.proto,
         src: h.src,
         dst: h.dst,
         sport: h.sport,
         dport: h.dport,
-    };
+    }
+}
+
+/// A packet's tuple as conntrack keys it, and its TCP flags (0 for other protocols).
+fn tuple_of(pkt: &[u8], h: &Headers) -> (FlowKey, u8) {
+    let key = key_of(h);
     let flags = if h.proto == packet::PROTO_TCP {
         pkt.get(h.l4 + 13).copied().unwrap_or(0)
     } else {
