@@ -71,18 +71,16 @@ impl Neighbors {
         })
     }
 
-    /// Records `ip` at `n`, seen at `now`, unless that is already known and fresh; returns
-    /// whether the map changed.
-    pub fn learn(&self, ip: IpAddr, n: Neighbor, now: u64) -> bool {
+    /// Records `ip` at `n`, seen at `now`, unless that is already known and fresh.
+    pub fn learn(&self, ip: IpAddr, n: Neighbor, now: u64) {
         if Self::knows(&self.map.load(), &ip, n, now) {
-            return false;
+            return;
         }
         self.map.rcu(|m| {
             let mut m = HashMap::clone(m);
             m.insert(ip, (n, now));
             m
         });
-        true
     }
 
     /// Neighbours not confirmed for [`NEIGHBOR_REFRESH`]: to be solicited again.

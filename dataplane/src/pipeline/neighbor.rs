@@ -120,10 +120,10 @@ impl Pipeline<'_> {
         if Neighbors::knows(&self.neighbors.borrow(), &ip, n, self.now) {
             return;
         }
-        if self.shared.neighbors.learn(ip, n, self.now) {
-            self.neighbor_memo[memo_slot(&ip)].set(None);
-            *self.neighbors.borrow_mut() = self.shared.neighbors.snapshot();
-        }
+        self.shared.neighbors.learn(ip, n, self.now);
+        // Written now, or by another worker since the pass began: read the map again.
+        self.neighbor_memo[memo_slot(&ip)].set(None);
+        *self.neighbors.borrow_mut() = self.shared.neighbors.snapshot();
     }
 
     /// Learns where an IP packet's sender is: a local pod on its port, the router outside
