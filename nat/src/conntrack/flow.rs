@@ -131,3 +131,70 @@ impl Connection {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tuples of one client's connections to one Service port, the source port the
+    /// only difference: the least entropy real traffic has.
+    fn ports_of_one_client(v6: bool) -> impl Iterator<Item = FlowKey> {
+        let (src, dst): (IpAddr, IpAddr) = if v6 {
+            (
+                "fd00:10:244:1::2".parse().unwrap(),
+                "fd00:96::a".parse().unwrap(),
+            )
+        } else {
+            ("10.244.1.2".parse().unwrap(), "10.96.0.10".parse().unwrap())
+        };
+        (1..=u16::MAX).map(move |sport| FlowKey {
+            proto: 6,
+            src,
+            dst,
+            sport,
+            dport: 53,
+        })
+    }
+
+    #[test]
+    fn flow_hash_spreads_consecutive_ports() {
+        for v6 in [false, true] {
+            let hashes: Vec<u64> = ports_of_one_client(v6).map(|k| k.flow_hash()).collect();
+            let mut distinct = hashes.clone();
+            distinct.sort_unstable();
+            distinct.dedup();
+            assert_eq!(
+                distinct.len(),
+                hashes.len(),
+                "v6 {v6}: no two ports collide"
+            );
+            // Maglev takes the hash modulo its ring (a prime); the table takes high and
+            // low halves. Every residue, and every value of the top byte, about as often
+            // as any other: 65535 draws over 509 slots is 129 each, sigma about 11.
+            let mut slots = [0u32; 509];
+            let mut top = [0u32; 256];
+            for h in &hashes {
+                slots[(h % 509) as usize] += 1;
+                top[(h >> 56) as usize] += 1;
+            }
+            let (lo, hi) = (slots.iter().min().unwrap(), slots.iter().max().unwrap());
+            assert!(*lo > 70 && *hi < 190, "v6 {v6}: Maglev slots {lo}..{hi}");
+            let (lo, hi) = (top.iter().min().unwrap(), top.iter().max().unwrap());
+            assert!(*lo > 170 && *hi < 350, "v6 {v6}: top bytes {lo}..{hi}");
+        }
+    }
+
+    #[test]
+    fn flow_hash_tells_families_and_directions_apart() {
+        let k = ports_of_one_client(false).nth(1000).unwrap();
+        let IpAddr::V4(src) = k.src else {
+            unreachable!()
+        };
+        let mapped = FlowKey {
+            src: IpAddr::V6(src.to_ipv6_mapped()),
+            ..k
+        };
+        assert_ne!(k.flow_hash(), mapped.flow_hash());
+        assert_ne!(k.flow_hash(), k.reversed().flow_hash());
+    }
+}
