@@ -10,8 +10,8 @@
 //!
 //! - `burst`: a receive burst stage by stage ([`Pipeline::handle_burst`]): every frame
 //!   parsed, then the connection table asked for all of them at once, then each handled;
-//! - here: [`Pipeline::handle`], classification by EtherType, the IP dispatch, and what
-//!   becomes of an [`Outcome`] (the one place an ICMP error asked for is built and routed,
+//! - here: `Pipeline::handle`, classification by EtherType, the IP dispatch, and what
+//!   becomes of an `Outcome` (the one place an ICMP error asked for is built and routed,
 //!   so routing never calls itself);
 //! - `neighbor`: ARP and neighbour discovery answers, learning, solicitations, and the
 //!   frames held while a next hop is resolved ([`Resolver`]);
