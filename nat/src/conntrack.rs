@@ -104,12 +104,7 @@ pub struct Hit {
 impl Hit {
     /// A placeholder, overwritten field by field by a lookup (`Conntrack::get_at_into`).
     const NONE: Hit = Hit {
-        conn: Connection {
-            original: FlowKey::NONE,
-            reply: FlowKey::NONE,
-            service: 0,
-            policy: 0,
-        },
+        conn: Connection::NONE,
         dir: Direction::Original,
         entry: 0,
         state: 0,

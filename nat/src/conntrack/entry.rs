@@ -202,12 +202,7 @@ pub(super) fn matches(w: &[u64; KEY_WORDS], key: &FlowKey, dir: Direction) -> bo
 
 /// The connection of an entry's words.
 pub(super) fn decode(w: &[u64; KEY_WORDS]) -> Connection {
-    let mut c = Connection {
-        original: FlowKey::NONE,
-        reply: FlowKey::NONE,
-        service: 0,
-        policy: 0,
-    };
+    let mut c = Connection::NONE;
     decode_into(w, &mut c);
     c
 }

@@ -48,17 +48,14 @@ impl FlowKey {
     pub fn flow_hash(&self) -> u64 {
         let ports = self.sport as u64 | (self.dport as u64) << 16 | (self.proto as u64) << 32;
         let x = match (self.src, self.dst) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => mum(
-                (u32::from(s) as u64 | (u32::from(d) as u64) << 32) ^ MIX[0],
-                ports ^ MIX[1],
-            ),
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                mix(u32::from(s) as u64 | (u32::from(d) as u64) << 32, ports, 0)
+            }
             (s, d) => {
                 let (s, d) = (address_bits(s), address_bits(d));
-                let a = mum((s as u64) ^ MIX[0], (s >> 64) as u64 ^ MIX[1]);
-                let b = mum((d as u64) ^ MIX[2], (d >> 64) as u64 ^ MIX[3]);
-                // The family is in the ports word, so an IPv4 tuple and its IPv4-mapped
-                // IPv6 twin (different keys) do not always collide.
-                mum(a ^ ports ^ 1 << 40, b ^ MIX[1])
+                let a = mix(s as u64, (s >> 64) as u64, 0);
+                let b = mix(d as u64, (d >> 64) as u64, 2);
+                mix(a ^ ports, b, 0)
             }
         };
         let x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -67,8 +64,7 @@ impl FlowKey {
     }
 }
 
-/// Odd constants (wyhash's) mixed into the words [`FlowKey::flow_hash`] multiplies, so
-/// that a zero word does not zero the product.
+/// Odd constants (wyhash's) mixed into the words [`FlowKey::flow_hash`] multiplies.
 const MIX: [u64; 4] = [
     0xa076_1d64_78bd_642f,
     0xe703_7ed1_a0b4_28db,
@@ -76,11 +72,13 @@ const MIX: [u64; 4] = [
     0x5899_65cc_7537_4cc3,
 ];
 
-/// The 128-bit product of `a` and `b`, its halves xored.
+/// `a` and `b` mixed: the 128-bit product of each xored with a constant of `MIX` (from
+/// `at`), its halves xored, and the words themselves xored back in, so that the one pair of
+/// words whose product is zero does not lose the other's bits.
 #[inline]
-fn mum(a: u64, b: u64) -> u64 {
-    let r = a as u128 * b as u128;
-    r as u64 ^ (r >> 64) as u64
+fn mix(a: u64, b: u64, at: usize) -> u64 {
+    let r = (a ^ MIX[at]) as u128 * (b ^ MIX[at + 1]) as u128;
+    r as u64 ^ (r >> 64) as u64 ^ a ^ b
 }
 
 /// An address as 128 bits: IPv4 as its IPv4-mapped IPv6 address.
@@ -123,6 +121,14 @@ pub enum Direction {
 }
 
 impl Connection {
+    /// A placeholder connection (both tuples [`FlowKey::NONE`], no Service, no policy).
+    pub const NONE: Connection = Connection {
+        original: FlowKey::NONE,
+        reply: FlowKey::NONE,
+        service: 0,
+        policy: 0,
+    };
+
     /// Its tuple in direction `dir`.
     pub(super) fn key(&self, dir: Direction) -> &FlowKey {
         match dir {
@@ -187,14 +193,34 @@ mod tests {
     #[test]
     fn flow_hash_tells_families_and_directions_apart() {
         let k = ports_of_one_client(false).nth(1000).unwrap();
-        let IpAddr::V4(src) = k.src else {
+        let (IpAddr::V4(src), IpAddr::V4(dst)) = (k.src, k.dst) else {
             unreachable!()
         };
         let mapped = FlowKey {
             src: IpAddr::V6(src.to_ipv6_mapped()),
+            dst: IpAddr::V6(dst.to_ipv6_mapped()),
             ..k
         };
-        assert_ne!(k.flow_hash(), mapped.flow_hash());
+        assert_ne!(
+            k.flow_hash(),
+            mapped.flow_hash(),
+            "an IPv4 tuple and its mapped twin"
+        );
         assert_ne!(k.flow_hash(), k.reversed().flow_hash());
+    }
+
+    #[test]
+    fn flow_hash_has_no_zero_product_blind_spot() {
+        // The addresses whose packed word cancels the first multiplier's constant: with
+        // the product zero, the ports must still tell the tuples apart.
+        let w = MIX[0];
+        let k = |sport| FlowKey {
+            proto: 6,
+            src: IpAddr::V4((w as u32).into()),
+            dst: IpAddr::V4(((w >> 32) as u32).into()),
+            sport,
+            dport: 80,
+        };
+        assert_ne!(k(1).flow_hash(), k(2).flow_hash());
     }
 }
