@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, Guard};
 use nat::tables::BuildFastHasher;
 
 /// kxdp's own IPv6 link-local address on the uplink, from the uplink's MAC:
@@ -42,8 +42,9 @@ pub const NEIGHBOR_REFRESH: u64 = 30 * 1_000_000_000;
 /// last confirmed.
 pub type NeighborMap = HashMap<IpAddr, (Neighbor, u64), BuildFastHasher>;
 
-/// Learned neighbours. Read per packet without locks; written (copy on write) only when a
-/// neighbour appears, moves, or is re-confirmed after [`NEIGHBOR_REFRESH`], which is rare.
+/// Learned neighbours. Read without locks (a worker's pass takes the map once,
+/// [`Neighbors::snapshot`]); written (copy on write) only when a neighbour appears, moves,
+/// or is re-confirmed after [`NEIGHBOR_REFRESH`], which is rare.
 #[derive(Default)]
 pub struct Neighbors {
     map: ArcSwap<NeighborMap>,
@@ -57,9 +58,9 @@ impl Neighbors {
     }
 
     /// The neighbours as they are now, for a worker's pass to read without loading the
-    /// map per packet.
-    pub fn snapshot(&self) -> Arc<NeighborMap> {
-        self.map.load_full()
+    /// map per packet (a guard: no reference count is written to take it).
+    pub fn snapshot(&self) -> Guard<Arc<NeighborMap>> {
+        self.map.load()
     }
 
     /// Whether `map` already has `ip` at `n`, confirmed recently enough at `now` that

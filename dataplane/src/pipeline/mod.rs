@@ -33,6 +33,8 @@ use std::cell::{Cell, RefCell};
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use arc_swap::Guard;
+
 use nat::conntrack::FlowKey;
 use nat::packet::{self, Headers, Malformed, ETH_ARP, ETH_IPV4, ETH_IPV6};
 use nat::timeouts::{self, State};
@@ -142,12 +144,12 @@ pub struct Pipeline<'a> {
     /// Writes to the connection table this pipeline has made (inserts, and removals to make
     /// room): an early lookup's miss stands only while none came after it (`burst`).
     writes: Cell<u32>,
-    /// The neighbours this pass reads: as they were when it began, and as it has learned
-    /// them since (`Pipeline::learn`).
-    neighbors: RefCell<Arc<NeighborMap>>,
+    /// The neighbours this pass reads: the map as it was when the pass began, taken again
+    /// when the pass learns a neighbour or misses one (`Pipeline::neighbor`).
+    neighbors: RefCell<Guard<Arc<NeighborMap>>>,
     /// The pass's last neighbour lookups (`Pipeline::neighbor`).
     neighbor_memo: [Cell<Option<(IpAddr, Neighbor)>>; neighbor::NEIGHBOR_MEMO],
-    /// The pass's last pod sender learned (`Pipeline::learn_sender`).
+    /// The pass's last pod sender learned, or found known already (`Pipeline::learn_sender`).
     sender_memo: Cell<Option<(IpAddr, Neighbor)>>,
     /// The last tuple hashed, with its hash (`Pipeline::flow_hash`).
     hash_memo: Cell<Option<(FlowKey, u64)>>,
