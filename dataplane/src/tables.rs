@@ -234,10 +234,7 @@ impl Tables {
 
     /// Whether `ip` is in the cluster's pod networks (this node's or another's).
     pub fn in_cluster_network(&self, ip: IpAddr) -> bool {
-        self.services
-            .cluster_cidrs
-            .iter()
-            .any(|n| net_contains(n, ip))
+        self.services.in_cluster_network(ip)
     }
 
     /// The address used as masquerade source towards pods of this node (the gateway of the

@@ -507,11 +507,16 @@ impl ServiceTable {
         self.service_cidrs.iter().any(|n| net_contains(n, ip))
     }
 
+    /// Whether `ip` is in the cluster's pod networks (any node's).
+    pub fn in_cluster_network(&self, ip: IpAddr) -> bool {
+        self.cluster_cidrs.iter().any(|n| net_contains(n, ip))
+    }
+
     /// How kube-proxy classifies a client address.
     pub fn origin(&self, src: IpAddr) -> Origin {
         if self.node_addresses.contains(&src) {
             Origin::Node
-        } else if self.cluster_cidrs.iter().any(|n| net_contains(n, src)) {
+        } else if self.in_cluster_network(src) {
             Origin::Pod
         } else {
             Origin::External
@@ -741,10 +746,10 @@ impl std::hash::Hasher for FastHasher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spec::{EndpointSpec, FrontendSpec};
 
     #[test]
     fn net_contains_agrees_with_ipnet() {
-        use ipnet::IpNet;
         let nets: Vec<IpNet> = [
             "0.0.0.0/0",
             "10.244.1.0/24",
@@ -784,7 +789,6 @@ mod tests {
             }
         }
     }
-    use crate::spec::{EndpointSpec, FrontendSpec};
 
     fn ep(ip: &str, local: bool) -> EndpointSpec {
         EndpointSpec {

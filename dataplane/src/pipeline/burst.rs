@@ -186,8 +186,9 @@ impl Pipeline<'_> {
     /// the lines their Services' decisions read brought in for all of them, a level at a
     /// time (`ServiceTable::warm`), each decision taken ahead, and the lines their inserts
     /// will touch requested: the reply tuple's index buckets and the free entry
-    /// (`Conntrack::prefetch_inserts`), so that the inserts find them in the cache. Nothing is decided here: the handler
-    /// decides again, with session affinity, and that decision is the one kept.
+    /// (`Conntrack::prefetch_inserts`), so that the inserts find them in the cache.
+    /// Nothing is decided here: the handler decides again, with session affinity, and that
+    /// decision is the one kept.
     fn prefetch_new(
         &self,
         heads: &[Headers],
