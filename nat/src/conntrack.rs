@@ -204,12 +204,15 @@ impl Conntrack {
         want: impl Fn(u8, u32) -> bool,
         skip: Option<u32>,
     ) -> Option<(u32, Connection, Direction, u64)> {
-        let (e, w, dir, st) = self.find_at(&self.index.place(key), key, want, skip)?;
+        let place = self.index.place(key);
+        // Both bucket lines on their way before the first is read.
+        std::hint::black_box(self.index.touch_second(&place));
+        let (e, w, dir, st) = self.find_at(&place, key, want, skip)?;
         Some((e, decode(&w), dir, st))
     }
 
     /// [`Conntrack::find`] at `key`'s place in the index, with the entry's words rather
-    /// than its decoded connection.
+    /// than its decoded connection. The caller has requested the place's bucket lines.
     fn find_at(
         &self,
         place: &Place,
@@ -217,21 +220,31 @@ impl Conntrack {
         want: impl Fn(u8, u32) -> bool,
         skip: Option<u32>,
     ) -> Option<(u32, [u64; KEY_WORDS], Direction, u64)> {
-        // Both bucket lines on their way before the first is read.
-        std::hint::black_box(self.index.touch_second(place));
         self.index.find_map(place, |e, dir| {
             if Some(e) == skip {
                 return None;
             }
-            // Acquire pairs with the Release that made the entry PENDING or LIVE: its
-            // words are seen.
-            let st = self.entries[e as usize].state.load(Ordering::Acquire);
-            if !want(status(st), e) {
-                return None;
-            }
-            let (w, now_st) = self.read_entry(e, st)?;
-            entry::matches(&w, key, dir).then_some((e, w, dir, now_st))
+            self.candidate(e, dir, key, &want)
         })
+    }
+
+    /// Whether entry `e`, indexed under `key`'s tag in direction `dir`, holds `key` in a
+    /// state accepted by `want`: its words, direction and state word if so.
+    fn candidate(
+        &self,
+        e: u32,
+        dir: Direction,
+        key: &FlowKey,
+        want: impl Fn(u8, u32) -> bool,
+    ) -> Option<(u32, [u64; KEY_WORDS], Direction, u64)> {
+        // Acquire pairs with the Release that made the entry PENDING or LIVE: its words
+        // are seen.
+        let st = self.entries.get(e as usize)?.state.load(Ordering::Acquire);
+        if !want(status(st), e) {
+            return None;
+        }
+        let (w, now_st) = self.read_entry(e, st)?;
+        entry::matches(&w, key, dir).then_some((e, w, dir, now_st))
     }
 
     /// Looks a packet's tuple up; a live entry's expiry is pushed to `now + timeout`.
@@ -292,18 +305,18 @@ impl Conntrack {
             for p in places {
                 touched ^= self.index.touch(p);
             }
-            let mut first = [u32::MAX; BULK];
+            let mut first = [None; BULK];
             for (f, p) in first.iter_mut().zip(places) {
-                *f = self.index.find_map(p, |e, _| Some(e)).unwrap_or(u32::MAX);
+                *f = self.index.find_map(p, |e, dir| Some((e, dir)));
             }
-            for e in &first[..places.len()] {
+            for (e, _) in first[..places.len()].iter().flatten() {
                 if let Some(entry) = self.entries.get(*e as usize) {
                     touched ^= entry.state.load(Ordering::Relaxed);
                 }
             }
             std::hint::black_box(touched);
-            for ((k, p), o) in keys.iter().zip(places).zip(out) {
-                self.get_at_into(p, k, now, o);
+            for (((k, p), f), o) in keys.iter().zip(places).zip(first).zip(out) {
+                self.get_at_into(p, k, now, f, o);
             }
         }
     }
@@ -334,22 +347,36 @@ impl Conntrack {
 
     /// [`Conntrack::get`] at `key`'s place in the index.
     fn get_at(&self, place: &Place, key: &FlowKey, now: u64) -> Option<Hit> {
+        // Both bucket lines on their way before the first is read.
+        std::hint::black_box(self.index.touch_second(place));
         let mut out = None;
-        self.get_at_into(place, key, now, &mut out);
+        self.get_at_into(place, key, now, None, &mut out);
         out
     }
 
     /// [`Conntrack::get_at`] into `out`, field by field: a bulk lookup's hits are built
     /// where they are kept. (A `Hit` built elsewhere and copied in is read back in wide
     /// words across the narrow stores of its addresses, at odd offsets, and the copy
-    /// stalls until they are done.)
-    fn get_at_into(&self, place: &Place, key: &FlowKey, now: u64, out: &mut Option<Hit>) {
+    /// stalls until they are done.) `first`, the first entry indexed under the key's tag
+    /// as a bulk lookup found it, is tried before the buckets are read again; the caller
+    /// has requested the place's bucket lines.
+    fn get_at_into(
+        &self,
+        place: &Place,
+        key: &FlowKey,
+        now: u64,
+        first: Option<(u32, Direction)>,
+        out: &mut Option<Hit>,
+    ) {
         // An expired entry the sweep has not reached yet may share the tuple with a live
         // one inserted after it expired: look past it.
         let live = |s: u8, e: u32| {
             s == LIVE && self.entries[e as usize].expires.load(Ordering::Relaxed) > now
         };
-        let Some((e, w, dir, st)) = self.find_at(place, key, live, None) else {
+        let found = first
+            .and_then(|(e, dir)| self.candidate(e, dir, key, live))
+            .or_else(|| self.find_at(place, key, live, None));
+        let Some((e, w, dir, st)) = found else {
             *out = None;
             return;
         };

@@ -744,3 +744,31 @@ fn remove_looks_past_an_expired_entry_with_the_same_tuple() {
         assert_eq!(ct.get(&new.original, 30), None, "seed {seed}");
     }
 }
+
+/// A bulk lookup whose first candidate under a key's tag is an expired entry of the same
+/// tuple (the sweep has not reached it) finds the live connection after it, as a lookup
+/// one at a time does: the candidate the bulk lookup's early stage found is only a guess.
+#[test]
+fn get_bulk_looks_past_an_expired_entry_with_the_same_tuple() {
+    for seed in 0..64 {
+        let ct = Conntrack::with_seed(64, seed);
+        let old = conn(7);
+        ct.insert(old, 0, 10).unwrap();
+        let mut new = conn(7);
+        new.reply.src = "10.244.1.6".parse().unwrap();
+        ct.insert(new, 20, 100).unwrap();
+        let keys = [old.original, new.reply, conn(8).original];
+        let mut out = [None; 3];
+        ct.get_bulk(&keys, 20, &mut out);
+        let found: Vec<_> = out.iter().map(|h| h.map(|h| (h.conn, h.dir))).collect();
+        assert_eq!(
+            found,
+            [
+                Some((new, Direction::Original)),
+                Some((new, Direction::Reply)),
+                None
+            ],
+            "seed {seed}"
+        );
+    }
+}
