@@ -4,7 +4,8 @@
 //! new flow's entry and its expiry), lookups from two threads on one table (the workers
 //! share it), a worker's mix (a lookup, an insert and a remove) on one thread and on two
 //! at once, and bursts: of 32 and 64 lookups through `get_bulk` and one `get` at a time,
-//! of 32 inserts through `insert_bulk` and one `insert` at a time.
+//! of 32 inserts through `insert_bulk` and one `insert` at a time. Last, the machine's
+//! own cost of a random line (`memory`), the floor under a large table's lookups.
 //!
 //! Keys are visited in a scattered order, so the larger tables measure cache misses
 //! rather than one hot entry. Settings keep the whole file near a minute on two cores:
@@ -263,11 +264,55 @@ fn mix(ct: &Conntrack, n: u32, t: u32, iters: u64) {
     }
 }
 
+/// The machine's floor under the lookups of a large table: random 64-byte lines of an
+/// array the size of a full table's (128 MiB), read one after the other with each address
+/// taken from the line before (what a lookup's chain of misses costs when nothing
+/// overlaps) and in groups of [`nat::conntrack::BULK`] independent reads (what a bulk
+/// lookup can overlap at best); the throughput is per line.
+fn memory(c: &mut Criterion) {
+    const LINES: usize = (128 << 20) / 64;
+    let mut lines = vec![[0u64; 8]; LINES];
+    // Every line in a shuffled order, each naming the next: one cycle through all of them,
+    // so the chain never repeats a short loop the caches could hold.
+    let mut order: Vec<u32> = (0..LINES as u32).collect();
+    let mut s = Scatter(9);
+    for i in (1..LINES).rev() {
+        order.swap(i, s.next(i as u32) as usize);
+    }
+    for (i, line) in order.iter().enumerate() {
+        lines[*line as usize][0] = u64::from(order[(i + 1) % LINES]);
+    }
+    let mut g = c.benchmark_group("memory");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1))
+        .throughput(Throughput::Elements(1));
+    let mut at = u64::from(order[0]);
+    g.bench_function("dependent_line", |b| {
+        b.iter(|| {
+            at = lines[at as usize][0];
+            black_box(at)
+        })
+    });
+    g.throughput(Throughput::Elements(nat::conntrack::BULK as u64));
+    let mut s = Scatter(10);
+    g.bench_function("independent_lines_32", |b| {
+        b.iter(|| {
+            let mut x = 0;
+            for _ in 0..nat::conntrack::BULK {
+                x ^= lines[s.next(LINES as u32) as usize][1];
+            }
+            black_box(x)
+        })
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     // Fewer bootstrap resamples and no plots: the analysis otherwise takes longer than
     // the measurements on this 2-core machine.
     config = Criterion::default().nresamples(10_000).without_plots();
-    targets = bench
+    targets = bench, memory
 }
 criterion_main!(benches);
