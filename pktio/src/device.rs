@@ -45,6 +45,14 @@ pub trait Device {
     /// returned to the pool and counted, and `false` is returned.
     fn send(&mut self, port: PortId, frame: Frame) -> bool;
 
+    /// Asks for the first `bytes` bytes of each of `frames` (received, not yet read) to be
+    /// brought into the cache without waiting for them, so that a burst's frames come in
+    /// together rather than each at its first read. A hint with no other effect; devices
+    /// whose frames are in the cache already (the in-memory one) do nothing.
+    fn prefetch(&self, frames: &[Frame], bytes: usize) {
+        let _ = (frames, bytes);
+    }
+
     /// Pushes queued transmits to the kernel (waking it only when the ring asks), reaps
     /// completions and refills receive buffers.
     fn flush(&mut self);

@@ -199,6 +199,13 @@ impl Device for XskDevice {
         self.ports.len()
     }
 
+    fn prefetch(&self, frames: &[Frame], bytes: usize) {
+        for frame in frames {
+            self.umem
+                .prefetch(frame.addr, bytes.min(frame.len as usize));
+        }
+    }
+
     fn chunk_size(&self) -> usize {
         self.umem.frame_size() as usize
     }
