@@ -717,19 +717,27 @@ fn a_peek_at_the_free_list_names_the_entries_pops_take() {
     assert_eq!(one.insert(c, 0, 100), Err(InsertError::Full));
 }
 
+/// For each of 64 seeds, a table holding connection 7, expired at 10 and not swept, and
+/// under the same original tuple a live connection inserted at 20 with a reply tuple of its
+/// own; which of the two a lookup meets first depends on the seed.
+fn shadowed() -> impl Iterator<Item = (u64, Conntrack, Connection)> {
+    (0..64).map(|seed| {
+        let ct = Conntrack::with_seed(64, seed);
+        ct.insert(conn(7), 0, 10).unwrap();
+        let mut new = conn(7);
+        new.reply.src = "10.244.1.6".parse().unwrap();
+        ct.insert(new, 20, 100).unwrap();
+        (seed, ct, new)
+    })
+}
+
 /// An expired entry the sweep has not reached, under the same original tuple as a live
 /// connection, is looked past when the live one is removed (before, `remove` took the
 /// first candidate and gave up when it held another connection, so whether a closed
 /// connection gave way depended on the table's seed).
 #[test]
 fn remove_looks_past_an_expired_entry_with_the_same_tuple() {
-    for seed in 0..64 {
-        let ct = Conntrack::with_seed(64, seed);
-        let old = conn(7);
-        ct.insert(old, 0, 10).unwrap();
-        let mut new = conn(7);
-        new.reply.src = "10.244.1.6".parse().unwrap();
-        ct.insert(new, 20, 100).unwrap();
+    for (seed, ct, new) in shadowed() {
         assert!(ct.remove(&new), "seed {seed}");
         assert_eq!(ct.get(&new.original, 20), None, "seed {seed}");
         assert!(!ct.remove(&new), "seed {seed}: removed twice");
@@ -750,14 +758,8 @@ fn remove_looks_past_an_expired_entry_with_the_same_tuple() {
 /// one at a time does: the candidate the bulk lookup's early stage found is only a guess.
 #[test]
 fn get_bulk_looks_past_an_expired_entry_with_the_same_tuple() {
-    for seed in 0..64 {
-        let ct = Conntrack::with_seed(64, seed);
-        let old = conn(7);
-        ct.insert(old, 0, 10).unwrap();
-        let mut new = conn(7);
-        new.reply.src = "10.244.1.6".parse().unwrap();
-        ct.insert(new, 20, 100).unwrap();
-        let keys = [old.original, new.reply, conn(8).original];
+    for (seed, ct, new) in shadowed() {
+        let keys = [new.original, new.reply, conn(8).original];
         let mut out = [None; 3];
         ct.get_bulk(&keys, 20, &mut out);
         let found: Vec<_> = out.iter().map(|h| h.map(|h| (h.conn, h.dir))).collect();
