@@ -2,11 +2,11 @@
 //! program that steers a queue into its socket (everything on a pod-facing port, only what
 //! its filter tables name on the uplink) and an in-memory device with the same interface.
 //!
-//! This is the only crate of kxdp that holds `unsafe`: mapped rings, the UMEM and the
-//! syscalls that create them. Beyond the XDP program's header matching (in C, run by the
-//! kernel) it knows nothing about packets' contents: parsing and rewriting live in `nat`
-//! and `dataplane`. README.md says how the program is built, what it leaves when kxdp dies
-//! and how to remove it by hand.
+//! This is the only crate of kxdp that holds `unsafe`: mapped rings, the UMEM, the
+//! syscalls that create them and the prefetch of received frames' lines. Beyond the XDP
+//! program's header matching (in C, run by the kernel) it knows nothing about packets'
+//! contents: parsing and rewriting live in `nat` and `dataplane`. README.md says how the
+//! program is built, what it leaves when kxdp dies and how to remove it by hand.
 
 pub mod capture;
 pub mod device;
