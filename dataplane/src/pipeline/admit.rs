@@ -22,6 +22,8 @@ pub const SNAT_PORT_MAX: u16 = 60999;
 /// Ports tried before a masqueraded connection is refused; bounded so a crowded range
 /// costs a new flow at most this many conntrack probes.
 const SNAT_TRIES: u64 = 64;
+/// Masquerade ports looked up together once the first tried is taken.
+const SNAT_LOOKAHEAD: usize = 8;
 
 /// A new connection's NetworkPolicy admission.
 #[derive(Clone, Copy, Debug, Default)]
@@ -288,77 +290,117 @@ impl Pipeline<'_> {
         let span = (last - first) as u64 + 1;
         let seed = self.flow_hash(&key);
         let echo = matches!(key.proto, packet::PROTO_ICMP | packet::PROTO_ICMPV6);
+        // Lookups of the masquerade ports from try `ahead_from` on.
+        let mut ahead = [None; SNAT_LOOKAHEAD];
+        let mut ahead_from: Option<u64> = None;
         for i in 0..SNAT_TRIES {
             if let Some(ip) = snat {
                 reply.dst = ip;
                 reply.dport = if i == 0 && (first..=last).contains(&key.sport) {
                     key.sport
                 } else {
-                    first + ((seed.wrapping_add(i.wrapping_mul(0x9e37_79b9))) % span) as u16
+                    nth_port(seed, i, first, span)
                 };
                 if echo {
                     reply.sport = reply.dport;
                 }
             }
-            let conn = Connection {
-                original: key,
-                reply,
-                service,
-                policy,
-            };
-            match self.shared.conntrack.insert_evicting_hashed(
-                conn,
-                seed,
-                state as u8,
-                self.now,
-                timeout,
-                timeouts::last_seen,
-            ) {
-                Ok(inserted) => {
-                    c.conntrack_early_drop += inserted.evicted as u64;
-                    return Ok(conn);
+            // A port another connection holds costs a lookup to pass over, and once the
+            // first is taken the next `SNAT_LOOKAHEAD` are looked up together (their cache
+            // misses overlap: in a crowded range each lookup would wait for memory on its
+            // own). Only a port found free is inserted (whose insert looks both tuples up
+            // again, for a racer).
+            let mut taken = match snat {
+                Some(_) if i > 0 => {
+                    let from = match ahead_from {
+                        Some(from) if i < from + SNAT_LOOKAHEAD as u64 => from,
+                        _ => {
+                            let n = SNAT_LOOKAHEAD.min((SNAT_TRIES - i) as usize);
+                            let mut keys = [reply; SNAT_LOOKAHEAD];
+                            for (j, k) in keys[..n].iter_mut().enumerate() {
+                                k.dport = nth_port(seed, i + j as u64, first, span);
+                                if echo {
+                                    k.sport = k.dport;
+                                }
+                            }
+                            self.shared
+                                .conntrack
+                                .get_bulk(&keys[..n], self.now, &mut ahead[..n]);
+                            ahead_from = Some(i);
+                            i
+                        }
+                    };
+                    ahead[(i - from) as usize]
                 }
-                Err(InsertError::Full) => return Err(DropReason::ConntrackFull),
-                Err(InsertError::Exists) => {
-                    // Another worker tracked this very connection first: use its choice.
-                    if let Some(hit) = self.shared.conntrack.get(&key, self.now) {
-                        if hit.dir == Direction::Original {
-                            return Ok(hit.conn);
-                        }
+                _ => None,
+            };
+            if taken.is_none() {
+                let conn = Connection {
+                    original: key,
+                    reply,
+                    service,
+                    policy,
+                };
+                match self.shared.conntrack.insert_evicting_hashed(
+                    conn,
+                    seed,
+                    state as u8,
+                    self.now,
+                    timeout,
+                    timeouts::last_seen,
+                ) {
+                    Ok(inserted) => {
+                        c.conntrack_early_drop += inserted.evicted as u64;
+                        return Ok(conn);
                     }
-                    // Else the reply tuple is another connection's: the client reuses a
-                    // source port towards a backend it also reached directly. A closed TCP
-                    // connection's entry gives way (as the kernel's conntrack restarts a
-                    // TIME_WAIT tuple on a new SYN); else the source port is remapped, as
-                    // the kernel's NAT does on a clash (the backend sees another port).
-                    let taken = self.shared.conntrack.get(&reply, self.now);
-                    if let Some(old) = taken.filter(|_| !evicted) {
-                        let closed = old.conn.original.proto == packet::PROTO_TCP
-                            && matches!(State::from_u8(old.state), State::Closing | State::Reset);
-                        if closed && self.shared.conntrack.remove_hit(&old) {
-                            evicted = true;
-                            continue;
-                        }
-                    }
-                    if let (Some(old), Some(_)) = (taken, snat) {
-                        if let Some(seen) = timeouts::last_seen(old.state, old.expires) {
-                            if yielding.is_none_or(|(s, _, _)| seen < s) {
-                                yielding = Some((seen, old, reply.dport));
+                    Err(InsertError::Full) => return Err(DropReason::ConntrackFull),
+                    Err(InsertError::Exists) => {
+                        // Another worker tracked this very connection first: use its choice.
+                        if let Some(hit) = self.shared.conntrack.get_hashed(&key, seed, self.now) {
+                            if hit.dir == Direction::Original {
+                                return Ok(hit.conn);
                             }
                         }
-                    }
-                    if snat.is_none() {
-                        if echo {
-                            return Err(DropReason::TupleTaken);
-                        }
-                        snat = Some(key.src);
+                        taken = self.shared.conntrack.get(&reply, self.now);
                     }
                 }
+            }
+            // Else the reply tuple is another connection's: the client reuses a source port
+            // towards a backend it also reached directly, or another connection holds the
+            // masquerade port. A closed TCP connection's entry gives way (as the kernel's
+            // conntrack restarts a TIME_WAIT tuple on a new SYN); else the source port is
+            // remapped, as the kernel's NAT does on a clash (the backend sees another port).
+            if let Some(old) = taken.filter(|_| !evicted) {
+                let closed = old.conn.original.proto == packet::PROTO_TCP
+                    && matches!(State::from_u8(old.state), State::Closing | State::Reset);
+                if closed && self.shared.conntrack.remove_hit(&old) {
+                    evicted = true;
+                    continue;
+                }
+            }
+            if let (Some(old), Some(_)) = (taken, snat) {
+                if let Some(seen) = timeouts::last_seen(old.state, old.expires) {
+                    if yielding.is_none_or(|(s, _, _)| seen < s) {
+                        yielding = Some((seen, old, reply.dport));
+                    }
+                }
+            }
+            if snat.is_none() {
+                if echo {
+                    return Err(DropReason::TupleTaken);
+                }
+                snat = Some(key.src);
             }
         }
         // Every port tried is taken: the unassured connection seen earliest among their
         // holders gives its port up (a flood's SYN, never answered, ages while a real
-        // client's completes its handshake within a round trip).
+        // client's completes its handshake within a round trip). Unless another worker
+        // tracked this very connection while the ports were passed over.
+        if let Some(hit) = self.shared.conntrack.get_hashed(&key, seed, self.now) {
+            if hit.dir == Direction::Original {
+                return Ok(hit.conn);
+            }
+        }
         if let Some((_, old, port)) = yielding {
             if self
                 .shared
@@ -393,6 +435,17 @@ impl Pipeline<'_> {
     }
 }
 
+/// The `i`th masquerade port a connection whose flow hash is `seed` tries, from the `span`
+/// ports from `first`: each try an independent draw. Ports taken along one progression
+/// (`seed + i * step`, as the kernel's NAT walks them from a random offset) cluster, since
+/// connections whose progressions meet walk the same ports from there on: the tries a new
+/// flow needed grew as in linear probing, with the square of 1 / (the free share of the
+/// range), not with it (`tests::masquerade_ports_do_not_cluster`).
+fn nth_port(seed: u64, i: u64, first: u16, span: u64) -> u16 {
+    let h = (seed ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    first + (((h >> 32) * span) >> 32) as u16
+}
+
 /// Applies a tracked connection's translation to a packet of it.
 pub(super) fn translate(pkt: &mut [u8], h: &mut Headers, conn: &Connection, dir: Direction) {
     match dir {
@@ -418,5 +471,50 @@ pub(super) fn translate(pkt: &mut [u8], h: &mut Headers, conn: &Connection, dir:
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fills `SNAT_PORT_MIN..=SNAT_PORT_MAX` to 80% as `track` does (each connection takes
+    /// the first free port it tries; the flow hashes are a PRNG's) and returns the mean
+    /// tries of the connections that find the range 70-80% full, with `port` the `i`th
+    /// try of a flow hashed `seed`.
+    fn tries_when_crowded(port: impl Fn(u64, u64, u16, u64) -> u16) -> f64 {
+        let first = SNAT_PORT_MIN;
+        let span = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u64 + 1;
+        let mut taken = vec![false; span as usize];
+        let mut rng = 0x2026_1207_u64;
+        let (mut tries, mut counted) = (0u64, 0u64);
+        for n in 0..span * 8 / 10 {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let seed = rng ^ (rng >> 29);
+            let free = (0..4 * SNAT_TRIES)
+                .find(|&i| !taken[(port(seed, i, first, span) - first) as usize])
+                .expect("a free port within 256 tries at 80%");
+            taken[(port(seed, free, first, span) - first) as usize] = true;
+            if n >= span * 7 / 10 {
+                tries += free + 1;
+                counted += 1;
+            }
+        }
+        tries as f64 / counted as f64
+    }
+
+    #[test]
+    fn masquerade_ports_do_not_cluster() {
+        // Independent draws: 1 / (free share), 3.3-5 tries from 70% to 80% full (~4).
+        let drawn = tries_when_crowded(nth_port);
+        assert!(drawn < 5.0, "{drawn:.1} tries per new flow at 70-80%");
+        // One progression per flow (the ports before): clustered, about twice as many.
+        let progression = |seed: u64, i: u64, first: u16, span: u64| {
+            first + (seed.wrapping_add(i.wrapping_mul(0x9e37_79b9)) % span) as u16
+        };
+        let walked = tries_when_crowded(progression);
+        assert!(walked > drawn * 1.5, "{walked:.1} vs {drawn:.1}");
     }
 }
