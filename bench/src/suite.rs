@@ -13,6 +13,7 @@
 //! core 1 — kxdp's worker by `taskset`, the forwarder's thread by pinning, the kernel's
 //! forwarding by RPS on the uplink.
 
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -304,7 +305,8 @@ pub fn run(
 /// The Service set at `n` Services: its tables, the seconds control took to compute them
 /// from the objects it holds, and the probed Services (the middle one, then the ones after
 /// it: each new-flow repetition gets one of its own, so its connections and masquerade
-/// ports start empty).
+/// ports start empty; with fewer Services than repetitions, one on a Service used before
+/// waits for the earlier flows to expire, `expire_new_flows`).
 struct Built {
     set: ServiceSet,
     spec: nat::spec::TableSpec,
@@ -353,6 +355,28 @@ impl Built {
         ips.dedup();
         ips
     }
+}
+
+/// Waits until the flows of a new-flow repetition that ended at `ended` have expired in the
+/// device under test: none of them is ever answered, so kxdp (and the kernel's conntrack,
+/// `nf_conntrack_udp_timeout`) keep each 30 s, and until then they hold masquerade ports of
+/// the same endpoints. A repetition on the same Service before that would find the ports
+/// crowded and measure the search for a free one, which the first repetition did not.
+/// Returns the time waited.
+fn expire_new_flows(ended: Instant, progress: &mut impl FnMut(&str)) -> Duration {
+    let lifetime = Duration::from_nanos(nat::timeouts::timeout(
+        nat::packet::PROTO_UDP,
+        nat::timeouts::State::New,
+    )) + Duration::from_secs(1);
+    let left = lifetime.saturating_sub(ended.elapsed());
+    if !left.is_zero() {
+        progress(&format!(
+            "  waiting {:.0} s for the last new-flow repetition's flows on this Service to expire",
+            left.as_secs_f64()
+        ));
+        std::thread::sleep(left);
+    }
+    left
 }
 
 fn endpoints_of(sp: &ServicePort) -> Vec<SocketAddrV4> {
@@ -487,6 +511,9 @@ fn run_point(
     if plan.latency_services.contains(&n) {
         scenarios.push(Scenario::Latency);
     }
+    // When a new-flow repetition uses a Service earlier ones did, per device: the end of
+    // the last one (see `expire_new_flows`).
+    let mut new_flows_ended: HashMap<(usize, usize), Instant> = HashMap::new();
     for scenario in scenarios {
         for rep in 1..=plan.reps {
             if plan.idle_below > 0.0 && rep == 1 {
@@ -505,16 +532,35 @@ fn run_point(
                     load1,
                 });
             }
-            // A new-flow repetition sends to a Service of its own.
-            let (fe, eps) = if scenario == Scenario::NewFlows {
-                let (_, sp) = &b.probes[(rep as usize - 1) % b.probes.len()];
-                (SocketAddrV4::new(sp.cluster_ip, sp.port), endpoints_of(sp))
+            // A new-flow repetition sends to a Service of its own (while there are enough).
+            let (service, fe, eps) = if scenario == Scenario::NewFlows {
+                let (i, sp) = &b.probes[(rep as usize - 1) % b.probes.len()];
+                (
+                    *i,
+                    SocketAddrV4::new(sp.cluster_ip, sp.port),
+                    endpoints_of(sp),
+                )
             } else {
-                (frontend, endpoints.clone())
+                (*position, frontend, endpoints.clone())
             };
             let count = duts.len().max(1);
             for k in 0..duts.len() {
-                let d = &mut duts[(k + rep as usize - 1) % count];
+                let at = (k + rep as usize - 1) % count;
+                if scenario == Scenario::NewFlows {
+                    if let Some(ended) = new_flows_ended.get(&(service, at)) {
+                        let waited = expire_new_flows(*ended, progress);
+                        point.waits.push(WaitRecord {
+                            before: format!(
+                                "{} rep {rep} {}",
+                                scenario.name(),
+                                duts[at].kind.name()
+                            ),
+                            waited_s: waited.as_secs_f64(),
+                            load1: sysinfo::load1(),
+                        });
+                    }
+                }
+                let d = &mut duts[at];
                 let cfg = gen_config(plan, scenario, rep, fe, DUT_UPLINK_MAC);
                 let exclude: Vec<u32> = d.pid().into_iter().collect();
                 let name = d.kind.name();
@@ -562,7 +608,10 @@ fn run_point(
                 ));
                 match scenario {
                     Scenario::Throughput => point.throughput.push(rr),
-                    Scenario::NewFlows => point.new_flows.push(rr),
+                    Scenario::NewFlows => {
+                        new_flows_ended.insert((service, at), Instant::now());
+                        point.new_flows.push(rr)
+                    }
                     Scenario::Latency => point.latency.push(rr),
                 }
             }
