@@ -264,8 +264,9 @@ impl Pipeline<'_> {
     }
 
     /// Inserts a new connection, choosing a masquerade port from `new.ports` that no live
-    /// flow uses. The client's own port is kept when it is in the range; an ICMP echo's
-    /// identifier is both its "ports". When room runs out, a connection that is not assured
+    /// flow uses. The client's own port is kept when it is in the range and free, else
+    /// ports are drawn at random ([`nth_port`]); an ICMP echo's identifier is both its
+    /// "ports". When room runs out, a connection that is not assured
     /// yields its place (see `nat::timeouts`): near the new tuples in a full table, or, when
     /// every port tried is taken, the one seen earliest among those holding them.
     fn track(&self, rx: &mut Rx<'_>, new: NewConn) -> Result<Connection, DropReason> {
@@ -290,6 +291,26 @@ impl Pipeline<'_> {
         let span = (last - first) as u64 + 1;
         let seed = self.flow_hash(&key);
         let echo = matches!(key.proto, packet::PROTO_ICMP | packet::PROTO_ICMPV6);
+        // Tracks the connection with reply tuple `reply`: it, and the entries evicted for it.
+        let insert = |reply: FlowKey| {
+            let conn = Connection {
+                original: key,
+                reply,
+                service,
+                policy,
+            };
+            self.shared
+                .conntrack
+                .insert_evicting_hashed(
+                    conn,
+                    seed,
+                    state as u8,
+                    self.now,
+                    timeout,
+                    timeouts::last_seen,
+                )
+                .map(|inserted| (conn, inserted.evicted))
+        };
         // Lookups of the masquerade ports from try `ahead_from` on.
         let mut ahead = [None; SNAT_LOOKAHEAD];
         let mut ahead_from: Option<u64> = None;
@@ -335,22 +356,9 @@ impl Pipeline<'_> {
                 _ => None,
             };
             if taken.is_none() {
-                let conn = Connection {
-                    original: key,
-                    reply,
-                    service,
-                    policy,
-                };
-                match self.shared.conntrack.insert_evicting_hashed(
-                    conn,
-                    seed,
-                    state as u8,
-                    self.now,
-                    timeout,
-                    timeouts::last_seen,
-                ) {
-                    Ok(inserted) => {
-                        c.conntrack_early_drop += inserted.evicted as u64;
+                match insert(reply) {
+                    Ok((conn, evicted)) => {
+                        c.conntrack_early_drop += evicted as u64;
                         return Ok(conn);
                     }
                     Err(InsertError::Full) => return Err(DropReason::ConntrackFull),
@@ -412,21 +420,8 @@ impl Pipeline<'_> {
                 if echo {
                     reply.sport = port;
                 }
-                let conn = Connection {
-                    original: key,
-                    reply,
-                    service,
-                    policy,
-                };
-                if let Ok(inserted) = self.shared.conntrack.insert_evicting_hashed(
-                    conn,
-                    seed,
-                    state as u8,
-                    self.now,
-                    timeout,
-                    timeouts::last_seen,
-                ) {
-                    c.conntrack_early_drop += inserted.evicted as u64;
+                if let Ok((conn, evicted)) = insert(reply) {
+                    c.conntrack_early_drop += evicted as u64;
                     return Ok(conn);
                 }
             }
