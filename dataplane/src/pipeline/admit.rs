@@ -326,17 +326,20 @@ impl Pipeline<'_> {
                     reply.sport = reply.dport;
                 }
             }
-            // A port another connection holds costs a lookup to pass over, and once the
-            // first is taken the next `SNAT_LOOKAHEAD` are looked up together (their cache
-            // misses overlap: in a crowded range each lookup would wait for memory on its
-            // own). Only a port found free is inserted (whose insert looks both tuples up
-            // again, for a racer).
+            // A port another connection holds costs a lookup to pass over, and the ports
+            // after the first taken are looked up in growing groups, 1, 2, 4, then
+            // `SNAT_LOOKAHEAD` at a time (their cache misses overlap: in a crowded range
+            // each lookup would wait for memory on its own; in an empty one few are
+            // wasted). Only a port found free is inserted (whose insert looks both tuples
+            // up again, for a racer).
             let mut taken = match snat {
                 Some(_) if i > 0 => {
                     let from = match ahead_from {
                         Some(from) if i < from + SNAT_LOOKAHEAD as u64 => from,
                         _ => {
-                            let n = SNAT_LOOKAHEAD.min((SNAT_TRIES - i) as usize);
+                            let n = (i as usize)
+                                .min(SNAT_LOOKAHEAD)
+                                .min((SNAT_TRIES - i) as usize);
                             let mut keys = [reply; SNAT_LOOKAHEAD];
                             for (j, k) in keys[..n].iter_mut().enumerate() {
                                 k.dport = nth_port(seed, i + j as u64, first, span);
@@ -357,8 +360,8 @@ impl Pipeline<'_> {
             };
             if taken.is_none() {
                 match insert(reply) {
-                    Ok((conn, evicted)) => {
-                        c.conntrack_early_drop += evicted as u64;
+                    Ok((conn, dropped)) => {
+                        c.conntrack_early_drop += dropped as u64;
                         return Ok(conn);
                     }
                     Err(InsertError::Full) => return Err(DropReason::ConntrackFull),
@@ -383,7 +386,17 @@ impl Pipeline<'_> {
                     && matches!(State::from_u8(old.state), State::Closing | State::Reset);
                 if closed && self.shared.conntrack.remove_hit(&old) {
                     evicted = true;
-                    continue;
+                    // Its tuple is free now: take it (a look ahead past it is stale).
+                    ahead_from = None;
+                    match insert(reply) {
+                        Ok((conn, dropped)) => {
+                            c.conntrack_early_drop += dropped as u64;
+                            return Ok(conn);
+                        }
+                        Err(InsertError::Full) => return Err(DropReason::ConntrackFull),
+                        // Taken again at once (a racer): on to the next port.
+                        Err(InsertError::Exists) => continue,
+                    }
                 }
             }
             if let (Some(old), Some(_)) = (taken, snat) {
@@ -420,8 +433,8 @@ impl Pipeline<'_> {
                 if echo {
                     reply.sport = port;
                 }
-                if let Ok((conn, evicted)) = insert(reply) {
-                    c.conntrack_early_drop += evicted as u64;
+                if let Ok((conn, dropped)) = insert(reply) {
+                    c.conntrack_early_drop += dropped as u64;
                     return Ok(conn);
                 }
             }
@@ -498,6 +511,19 @@ mod tests {
             }
         }
         tries as f64 / counted as f64
+    }
+
+    #[test]
+    fn masquerade_ports_stay_in_their_range() {
+        for (first, last) in [(65535, 65535), (1, 65535), (61000, 65535), (32768, 60999)] {
+            let span = (last - first) as u64 + 1;
+            let mut seed = 0x2026_1207_u64;
+            for i in 0..10_000 {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+                let p = nth_port(seed, i % SNAT_TRIES, first, span);
+                assert!((first..=last).contains(&p), "{p} outside {first}-{last}");
+            }
+        }
     }
 
     #[test]
