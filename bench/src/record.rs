@@ -140,10 +140,11 @@ pub struct ProbeRecord {
     pub endpoints: Vec<String>,
 }
 
-/// A wait for the machine to calm down.
+/// A wait for the machine to calm down, or for a device's connections of an earlier new-flow
+/// repetition on the same Service to expire.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct WaitRecord {
-    /// Which scenario and repetition it preceded.
+    /// Which scenario and repetition it preceded (and for an expiry, which device).
     pub before: String,
     /// Seconds waited.
     pub waited_s: f64,
