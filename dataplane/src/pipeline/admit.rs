@@ -311,9 +311,9 @@ impl Pipeline<'_> {
                 )
                 .map(|inserted| (conn, inserted.evicted))
         };
-        // Lookups of the masquerade ports from try `ahead_from` on.
+        // The lookups of the masquerade ports of the tries in `group`.
         let mut ahead = [None; SNAT_LOOKAHEAD];
-        let mut ahead_from: Option<u64> = None;
+        let mut group: Option<Group> = None;
         for i in 0..SNAT_TRIES {
             if let Some(ip) = snat {
                 reply.dst = ip;
@@ -334,27 +334,22 @@ impl Pipeline<'_> {
             // up again, for a racer).
             let mut taken = match snat {
                 Some(_) if i > 0 => {
-                    let from = match ahead_from {
-                        Some(from) if i < from + SNAT_LOOKAHEAD as u64 => from,
-                        _ => {
-                            let n = (i as usize)
-                                .min(SNAT_LOOKAHEAD)
-                                .min((SNAT_TRIES - i) as usize);
-                            let mut keys = [reply; SNAT_LOOKAHEAD];
-                            for (j, k) in keys[..n].iter_mut().enumerate() {
-                                k.dport = nth_port(seed, i + j as u64, first, span);
-                                if echo {
-                                    k.sport = k.dport;
-                                }
+                    let (g, new) = Group::holding(group, i);
+                    group = Some(g);
+                    if new {
+                        let n = g.n as usize;
+                        let mut keys = [reply; SNAT_LOOKAHEAD];
+                        for (j, k) in keys[..n].iter_mut().enumerate() {
+                            k.dport = nth_port(seed, i + j as u64, first, span);
+                            if echo {
+                                k.sport = k.dport;
                             }
-                            self.shared
-                                .conntrack
-                                .get_bulk(&keys[..n], self.now, &mut ahead[..n]);
-                            ahead_from = Some(i);
-                            i
                         }
-                    };
-                    ahead[(i - from) as usize]
+                        self.shared
+                            .conntrack
+                            .get_bulk(&keys[..n], self.now, &mut ahead[..n]);
+                    }
+                    ahead[(i - g.from) as usize]
                 }
                 _ => None,
             };
@@ -387,7 +382,7 @@ impl Pipeline<'_> {
                 if closed && self.shared.conntrack.remove_hit(&old) {
                     evicted = true;
                     // Its tuple is free now: take it (a look ahead past it is stale).
-                    ahead_from = None;
+                    group = None;
                     match insert(reply) {
                         Ok((conn, dropped)) => {
                             c.conntrack_early_drop += dropped as u64;
@@ -440,6 +435,28 @@ impl Pipeline<'_> {
             }
         }
         Err(DropReason::SnatExhausted)
+    }
+}
+
+/// Tries whose masquerade ports were looked up together: `n` from try `from`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Group {
+    from: u64,
+    n: u64,
+}
+
+impl Group {
+    /// The group that holds try `i` (from 1) after `last`: `last` while it does, else a new
+    /// one from `i` (then `true`: its ports are to be looked up). Groups grow 1, 2, 4, then
+    /// `SNAT_LOOKAHEAD` tries, and end at `SNAT_TRIES`.
+    fn holding(last: Option<Group>, i: u64) -> (Group, bool) {
+        match last {
+            Some(g) if (g.from..g.from + g.n).contains(&i) => (g, false),
+            _ => {
+                let n = i.min(SNAT_LOOKAHEAD as u64).min(SNAT_TRIES - i);
+                (Group { from: i, n }, true)
+            }
+        }
     }
 }
 
@@ -511,6 +528,22 @@ mod tests {
             }
         }
         tries as f64 / counted as f64
+    }
+
+    #[test]
+    fn masquerade_lookups_grow_and_cover_every_try_once() {
+        let (mut last, mut sizes) = (None, Vec::new());
+        for i in 1..SNAT_TRIES {
+            let (g, new) = Group::holding(last, i);
+            assert!((g.from..g.from + g.n).contains(&i), "try {i} outside {g:?}");
+            if new {
+                assert_eq!(g.from, i, "a group starts where the last ended");
+                sizes.push(g.n);
+            }
+            last = Some(g);
+        }
+        assert_eq!(sizes, [1, 2, 4, 8, 8, 8, 8, 8, 8, 8]);
+        assert_eq!(sizes.iter().sum::<u64>(), SNAT_TRIES - 1);
     }
 
     #[test]
