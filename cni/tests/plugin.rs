@@ -92,6 +92,7 @@ impl FakeDataplane {
                         workers: vec![],
                         policy_drops: vec![],
                         refused_tables: 0,
+                        poll_mode: "adaptive".into(),
                     },
                     other => Message::Refused {
                         reason: format!("fake dataplane: {other:?}"),

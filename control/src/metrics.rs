@@ -472,6 +472,15 @@ impl prometheus_client::collector::Collector for Exposition {
             "Tables from control the dataplane's validation refused since it started (it keeps the tables in use)",
             d.refused_tables,
         )?;
+        if !d.poll_mode.is_empty() {
+            labelled(
+                &mut enc,
+                "kxdp_dataplane_poll_mode",
+                "How the dataplane's workers wait for packets (--poll-mode): busy, adaptive or interrupt; the time each worker spends awake and asleep is kxdp_worker_awake_ns and kxdp_worker_asleep_ns",
+                MetricType::Gauge,
+                &[(vec![label("mode", d.poll_mode.as_str())], 1)],
+            )?;
+        }
         // Group the workers' counters by metric, so each is described once.
         let mut counters: BTreeMap<String, Vec<(Labels, u64)>> = BTreeMap::new();
         for (w, named) in d.workers.iter().enumerate() {
@@ -650,6 +659,7 @@ mod tests {
                 ("policy default/deny-all".into(), 4),
             ],
             refused_tables: 1,
+            poll_mode: "adaptive".into(),
         }
     }
 
@@ -676,6 +686,7 @@ mod tests {
             "kxdp_dataplane_generation 7",
             "kxdp_conntrack_capacity 1024",
             "kxdp_dataplane_refused_tables_total 1",
+            "kxdp_dataplane_poll_mode{mode=\"adaptive\"} 1",
             "# TYPE kxdp_worker_packets counter",
             "kxdp_worker_packets_total{worker=\"0\",direction=\"rx\"} 10",
             "kxdp_worker_packets_total{worker=\"1\",direction=\"tx\"} 5",

@@ -97,6 +97,9 @@ pub struct DataplaneStats {
     pub policy_drops: Vec<(String, u64)>,
     /// Tables from control the dataplane's validation refused since it started.
     pub refused_tables: u64,
+    /// How its workers wait for packets (`busy`, `adaptive`, `interrupt`); empty when the
+    /// dataplane does not say.
+    pub poll_mode: String,
 }
 
 impl DataplaneStats {
@@ -110,6 +113,7 @@ impl DataplaneStats {
                 workers,
                 policy_drops,
                 refused_tables,
+                poll_mode,
             } => Ok(DataplaneStats {
                 generation,
                 conntrack,
@@ -117,6 +121,7 @@ impl DataplaneStats {
                 workers,
                 policy_drops,
                 refused_tables,
+                poll_mode,
             }),
             other => Err(io::Error::other(format!(
                 "the dataplane answered GetStats with {other:?}"
@@ -178,6 +183,7 @@ mod tests {
                 ],
                 policy_drops: vec![],
                 refused_tables: 1,
+                poll_mode: "adaptive".into(),
             },
         );
         let mut client = Client::connect(&path).unwrap();
@@ -186,6 +192,7 @@ mod tests {
         assert!(matches!(dataplane.join().unwrap(), Message::GetStats));
         assert_eq!(stats.generation, 3);
         assert_eq!(stats.refused_tables, 1);
+        assert_eq!(stats.poll_mode, "adaptive");
         assert_eq!(
             stats.summed(),
             vec![("rx".to_string(), 5), ("tx".to_string(), 10)]

@@ -198,6 +198,13 @@ counters! {
         /// assured (handshake unfinished, datagrams one way) or expired unswept, when the table
         /// or a tuple's index windows were full or every masquerade port tried was taken.
         conntrack_early_drop,
+        /// Nanoseconds the worker was awake (polling, with or without traffic).
+        awake_ns,
+        /// Nanoseconds the worker slept, waiting for a frame (`--poll-mode` adaptive or
+        /// interrupt).
+        asleep_ns,
+        /// Times the worker went to sleep.
+        sleeps,
     }
     device {
         tx_ring_full => "dev_tx_ring_full",

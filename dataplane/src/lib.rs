@@ -11,6 +11,7 @@ pub mod cores;
 pub mod counters;
 pub mod handover;
 pub mod hostnet;
+pub mod idle;
 pub mod inspect;
 pub mod monitor;
 pub mod neighbors;

@@ -188,6 +188,8 @@ pub struct Ports {
     changing: Mutex<()>,
     /// The most ports at once (ids beyond the start's count go to pods).
     capacity: usize,
+    /// Woken at every change, so that sleeping workers follow it.
+    wakers: Arc<crate::idle::Wakers>,
 }
 
 /// Why a change of the port list did not happen.
@@ -208,14 +210,21 @@ pub enum PortError {
 }
 
 /// How long a change waits for the workers (they look once per pass, every few µs when
-/// busy-polling, at least every idle sleep).
+/// busy-polling; a sleeping worker is woken by the change).
 pub const CATCH_UP: Duration = Duration::from_secs(2);
 
 impl Ports {
     /// The ports given at start, for `workers` workers, at most `capacity` ports in all.
-    pub fn new(ports: Vec<PortConfig>, workers: usize, capacity: usize) -> Ports {
+    /// `wakers` wake the workers when the list changes.
+    pub fn new(
+        ports: Vec<PortConfig>,
+        workers: usize,
+        capacity: usize,
+        wakers: Arc<crate::idle::Wakers>,
+    ) -> Ports {
         let capacity = capacity.max(ports.len());
         Ports {
+            wakers,
             list: ArcSwap::from_pointee(PortList::new(ports)),
             generation: AtomicU64::new(0),
             seen: (0..workers.max(1)).map(|_| AtomicU64::new(0)).collect(),
@@ -278,6 +287,7 @@ impl Ports {
         }
         self.list.store(Arc::new(next));
         let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        self.wakers.wake_all();
         let until = Instant::now() + CATCH_UP;
         for (w, seen) in self.seen.iter().enumerate() {
             while seen.load(Ordering::Acquire) < generation {
@@ -354,6 +364,7 @@ impl Ports {
         let (next, id) = now.with(port);
         self.list.store(Arc::new(next));
         self.generation.fetch_add(1, Ordering::AcqRel);
+        self.wakers.wake_all();
         Ok(id)
     }
 
@@ -452,6 +463,7 @@ mod tests {
             vec![cfg("up", PortRole::Uplink), cfg("host", PortRole::Host)],
             2,
             4,
+            Arc::new(crate::idle::Wakers::new(2)),
         ));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let workers: Vec<_> = (0..2)

@@ -85,10 +85,13 @@ pub struct Args {
     /// node's own connections never collide with them.
     #[arg(long, default_value = "61000-65535", value_parser = port_range)]
     pub masquerade_ports: (u16, u16),
-    /// Microseconds an idle worker sleeps between polls once it has found nothing for a
-    /// while; 0 (the default) busy-polls always. For labs and shared machines.
-    #[arg(long, default_value_t = 0)]
-    pub idle_sleep_us: u64,
+    /// How workers wait for packets: `busy` polls without pause (a core per worker,
+    /// always); `adaptive` polls while there is traffic and sleeps until the next frame
+    /// after 200 µs without one; `interrupt` sleeps whenever a poll finds nothing. The
+    /// default is adaptive where pods may be attached (--pods, or --max-pods above 0),
+    /// busy on a gateway without pods.
+    #[arg(long, value_enum)]
+    pub poll_mode: Option<crate::idle::PollMode>,
     /// Take over from the kxdp-dataplane running on --socket: its tables, connections and
     /// neighbours, then its interfaces (it stops and exits), so that established
     /// connections survive a restart or an upgrade. Fails, leaving it running, if it
@@ -119,6 +122,20 @@ pub struct Args {
     /// lists (`2,3`, `2-5`): give them cores isolated with `isolcpus=`/`nohz_full=`.
     #[arg(long, value_parser = core_list)]
     pub cores: Option<CoreList>,
+}
+
+impl Args {
+    /// The workers' [`PollMode`](crate::idle::PollMode): as given, else adaptive on a node
+    /// that serves pods and busy on a gateway without them.
+    pub fn poll_mode(&self) -> crate::idle::PollMode {
+        use crate::idle::PollMode;
+        self.poll_mode
+            .unwrap_or(if self.pods.is_empty() && self.max_pods == 0 {
+                PollMode::Busy
+            } else {
+                PollMode::Adaptive
+            })
+    }
 }
 
 /// Where a test makes a successor fail (`--handover-fault`).

@@ -147,6 +147,10 @@ pub struct Shared {
     pub monitor: crate::monitor::Monitor,
     /// How table generations are installed; never read per packet.
     pub installs: Installs,
+    /// Each worker's eventfd, written to wake it when it sleeps (`crate::idle`).
+    pub wakers: Arc<crate::idle::Wakers>,
+    /// How the workers wait for packets, once they are started (`kxdp stats` shows it).
+    pub poll_mode: std::sync::OnceLock<crate::idle::PollMode>,
 }
 
 /// How table generations are installed, beside the tables themselves: the policy drop
@@ -179,6 +183,7 @@ impl Shared {
     pub fn new(ports: Vec<PortConfig>, workers: usize, limits: Limits) -> Shared {
         let uplink = ports.iter().position(|p| p.role == PortRole::Uplink);
         let host = ports.iter().position(|p| p.role == PortRole::Host);
+        let wakers = Arc::new(crate::idle::Wakers::new(workers));
         Shared {
             uplink,
             host,
@@ -188,12 +193,19 @@ impl Shared {
             conntrack: Conntrack::with_seed(limits.conntrack_capacity, random_seed()),
             neighbors: Neighbors::default(),
             affinity: nat::affinity::AffinityTable::new(limits.affinity_capacity),
-            ports: crate::ports::Ports::new(ports.clone(), workers, ports.len() + limits.max_pods),
+            ports: crate::ports::Ports::new(
+                ports.clone(),
+                workers,
+                ports.len() + limits.max_pods,
+                wakers.clone(),
+            ),
             counters: (0..workers).map(|_| Published::default()).collect(),
             limits,
             uplink_routes: ArcSwap::from_pointee(UplinkRoutes::default()),
             monitor: crate::monitor::Monitor::new(workers),
             installs: Installs::default(),
+            wakers,
+            poll_mode: std::sync::OnceLock::new(),
         }
     }
 
@@ -267,6 +279,8 @@ impl Shared {
             .tables_in_use(tables.generation, &tables.policy);
         let tables = Arc::new(tables);
         self.tables.store(tables.clone());
+        // A sleeping worker takes them up now: worker 0 solicits new pods at once.
+        self.wakers.wake_all();
         if !filter {
             return;
         }

@@ -3,11 +3,12 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use pktio::{Device, Frame};
 
 use crate::counters::Counters;
+use crate::idle::{self, PollMode};
 use crate::pipeline::{Pipeline, Resolver, SECOND};
 use crate::state::Shared;
 
@@ -26,9 +27,6 @@ const HOUSEKEEPING: u64 = SECOND / 10;
 /// its packets (29% of its own time in the lab). Readers (the stats request, metrics) look
 /// seconds apart.
 const PUBLISH: u64 = SECOND / 100;
-
-/// Empty polls in a row after which a worker with an idle sleep starts sleeping.
-pub const IDLE_POLLS: u32 = 1024;
 
 /// A worker: its device, its counters, and a handle on the shared state.
 pub struct Worker<D: Device> {
@@ -160,30 +158,47 @@ impl<D: Device> Worker<D> {
         &self.counters
     }
 
-    /// Busy-polls until `stop` is set, with the time taken from a monotonic clock started
-    /// at `epoch` (all workers share one epoch, so conntrack times agree).
-    ///
-    /// With a non-zero `idle_sleep`, a worker that found nothing in [`IDLE_POLLS`] polls in
-    /// a row sleeps that long between polls until traffic returns: it gives the core back
-    /// (labs, shared machines) at the price of up to `idle_sleep` plus timer slack on the
-    /// first packet after a quiet spell. Zero keeps the pure busy poll.
-    pub fn run(mut self, stop: &AtomicBool, epoch: Instant, idle_sleep: Duration) -> Worker<D> {
-        let mut empty = 0u32;
+    /// Polls until `stop` is set, with the time taken from a monotonic clock started at
+    /// `epoch` (all workers share one epoch, so conntrack times agree), waiting for
+    /// packets as `mode` says (`crate::idle`): busy-polling throughout, or asleep on the
+    /// device's sockets and the worker's eventfd once a poll, or a spell of polls, found
+    /// nothing. Frames held for an unresolved neighbour keep the worker polling until
+    /// they are sent or dropped. The time awake and asleep is counted.
+    pub fn run(mut self, stop: &AtomicBool, epoch: Instant, mode: PollMode) -> Worker<D> {
+        let shared = self.shared.clone();
+        let waker = shared.wakers.of(self.id);
+        let mode = if waker.is_some() {
+            mode
+        } else {
+            PollMode::Busy
+        };
+        let clock = || epoch.elapsed().as_nanos() as u64;
+        let (mut last, mut last_frame) = (clock(), clock());
         while !stop.load(Ordering::Relaxed) {
-            let now = epoch.elapsed().as_nanos() as u64;
-            if self.poll(now) == 0 {
-                empty = empty.saturating_add(1);
-                if !idle_sleep.is_zero() && empty >= IDLE_POLLS {
-                    std::thread::sleep(idle_sleep);
-                } else {
-                    std::hint::spin_loop();
+            let now = clock();
+            self.counters.awake_ns += now - last;
+            last = now;
+            if self.poll(now) > 0 {
+                last_frame = now;
+                continue;
+            }
+            match waker {
+                Some(waker) if mode.sleeps_after(now - last_frame) && self.limiter.held() == 0 => {
+                    idle::sleep(&self.dev.wait_fds(), waker, idle::SLEEP_LONGEST);
+                    let woke = clock();
+                    self.counters.asleep_ns += woke - now;
+                    self.counters.sleeps += 1;
+                    // Woken by a frame, the poll finds it and a spell of polling follows;
+                    // by a timeout or its eventfd, the worker sleeps again after one pass.
+                    last = woke;
                 }
-            } else {
-                empty = 0;
+                _ => std::hint::spin_loop(),
             }
         }
-        // What the last busy polls counted.
-        self.publish(epoch.elapsed().as_nanos() as u64);
+        // What the last polls counted.
+        let now = clock();
+        self.counters.awake_ns += now - last;
+        self.publish(now);
         self
     }
 }

@@ -20,7 +20,7 @@ use common::{answers, is_root, repo, who, Running};
 use lab::{LabNode, LabOutside, LabPod, LabSpec};
 
 /// Dataplane arguments for a node sharing the machine with others.
-const SHARED_CORES: &[&str] = &["--idle-sleep-us", "50", "--pin", "false"];
+const SHARED_CORES: &[&str] = &["--poll-mode", "adaptive", "--pin", "false"];
 
 /// A lab node description: `name` (Node object), its uplink address and pod network.
 fn node_spec(

@@ -37,7 +37,7 @@ use lab::{Lab, LabNode, LabOutside, LabPod, LabSpec};
 use nat::wire::{self, Message};
 
 /// Dataplane arguments for a node sharing the machine with others.
-const SHARED_CORES: &[&str] = &["--idle-sleep-us", "50", "--pin", "false"];
+const SHARED_CORES: &[&str] = &["--poll-mode", "adaptive", "--pin", "false"];
 
 /// The containers' echo port (TCP and UDP).
 const PORT: &str = "8080";

@@ -68,6 +68,10 @@ pub enum Message {
         /// Tables from control refused by validation since start.
         #[serde(default)]
         refused_tables: u64,
+        /// How the workers wait for packets (`busy`, `adaptive`, `interrupt`); empty from a
+        /// dataplane that does not say.
+        #[serde(default)]
+        poll_mode: String,
     },
     /// inspection → dataplane: which NetworkPolicy decides a new connection from `src` to
     /// `dst`:`port`, as the dataplane would judge it now. A Service frontend is explained

@@ -346,6 +346,7 @@ fn message_gen(s: &mut Src) -> Message {
             workers: vec![vec![(text(s), s.u32() as u64)]],
             policy_drops: Vec::new(),
             refused_tables: 0,
+            poll_mode: text(s),
         },
     }
 }

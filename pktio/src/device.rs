@@ -60,6 +60,14 @@ pub trait Device {
     /// Counters of this device.
     fn stats(&self) -> DeviceStats;
 
+    /// The descriptors that turn readable when a frame arrives on one of the ports (the
+    /// AF_XDP sockets), for a worker to sleep on with `poll(2)`. Empty for a device nothing
+    /// wakes (the in-memory one): a worker sleeping on it wakes only when told to or when
+    /// its sleep times out.
+    fn wait_fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        Vec::new()
+    }
+
     /// Opens `port` at run time on queue `queue` of interface `ifindex` (a pod attached
     /// while the worker runs); returns the descriptor to steer the queue to, if the device
     /// has one. Devices with a fixed set of ports refuse.

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use dataplane::idle::PollMode;
 use dataplane::ports::{PortConfig, PortRole};
 use dataplane::startup::{Action, Args, Fault, Step};
 use dataplane::state::Shared;
@@ -210,6 +211,8 @@ fn run(args: Args) -> Result<()> {
     };
     // The connection table is allocated here, before a running dataplane is asked.
     let shared = Arc::new(Shared::new(ports.clone(), workers as usize, limits));
+    let _ = shared.poll_mode.set(args.poll_mode());
+    log::info!("workers poll in {} mode", args.poll_mode().name());
     let epoch = Instant::now();
     // Pod interfaces a CNI plugin attached (to this process or a predecessor): found by
     // their aliases, opened by the workers when they start.
@@ -248,7 +251,7 @@ fn run(args: Args) -> Result<()> {
         uplink: args.uplink.clone(),
         cfg,
         cores,
-        idle_sleep: Duration::from_micros(args.idle_sleep_us),
+        poll_mode: args.poll_mode(),
         epoch,
         server: server.clone(),
     };
@@ -402,7 +405,7 @@ struct Plan {
     uplink: Option<String>,
     cfg: XskConfig,
     cores: Vec<Option<usize>>,
-    idle_sleep: Duration,
+    poll_mode: PollMode,
     epoch: Instant,
     /// The control socket's server: its pod interfaces are attached with the rest.
     server: Arc<dataplane::server::ServerState>,
@@ -422,6 +425,7 @@ impl Attachment {
     /// detached, host redirect removed).
     fn release(self, shared: &Shared) {
         self.stop.store(true, Ordering::Relaxed);
+        shared.wakers.wake_all();
         for h in self.workers {
             let _ = h.join();
         }
@@ -504,7 +508,7 @@ impl Plan {
                 .copied()
                 .flatten()
                 .map(|id| core_affinity::CoreId { id });
-            let (epoch, idle_sleep) = (self.epoch, self.idle_sleep);
+            let (epoch, poll_mode) = (self.epoch, self.poll_mode);
             let spawned = std::thread::Builder::new()
                 .name(format!("kxdp-worker-{w}"))
                 .spawn(move || {
@@ -514,7 +518,7 @@ impl Plan {
                         }
                     }
                     log::info!("worker {w} polling {} ports", dev_ports(&dev));
-                    Worker::new(w, dev, worker_shared).run(&worker_stop, epoch, idle_sleep);
+                    Worker::new(w, dev, worker_shared).run(&worker_stop, epoch, poll_mode);
                 });
             match spawned {
                 Ok(h) => handles.push(h),

@@ -32,6 +32,10 @@ fn answer_query(msg: Message, shared: &Shared, epoch: Instant) -> Message {
                 .installs
                 .refused_tables
                 .load(std::sync::atomic::Ordering::Relaxed),
+            poll_mode: shared
+                .poll_mode
+                .get()
+                .map_or_else(String::new, |m| m.name().to_string()),
         },
         Message::ExplainPolicy {
             src,

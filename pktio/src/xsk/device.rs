@@ -5,7 +5,7 @@
 //! TX ring → (kernel transmits) → completion ring → free stack. A frame received on one port
 //! can go straight onto another port's TX ring: same UMEM, no copy.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 
 use crate::device::{Device, DeviceStats, Frame, PortId};
 
@@ -310,6 +310,10 @@ impl Device for XskDevice {
                 }
             }
         }
+    }
+
+    fn wait_fds(&self) -> Vec<BorrowedFd<'_>> {
+        self.ports.iter().flatten().map(|p| p.sock.fd()).collect()
     }
 
     fn open_port(

@@ -22,6 +22,7 @@ pub fn stats(socket: &Path, output: &str) -> Result<()> {
                 workers,
                 policy_drops,
                 refused_tables,
+                poll_mode,
             } = &s;
             let workers: Vec<BTreeMap<&str, u64>> = workers
                 .iter()
@@ -37,6 +38,7 @@ pub fn stats(socket: &Path, output: &str) -> Result<()> {
                     "workers": workers,
                     "policy_drops": drops,
                     "refused_tables": refused_tables,
+                    "poll_mode": poll_mode,
                 }))?
             );
         }
@@ -54,9 +56,15 @@ fn print_stats(s: &DataplaneStats) -> Result<()> {
         workers,
         policy_drops,
         refused_tables,
+        poll_mode,
     } = s;
+    let mode = if poll_mode.is_empty() {
+        String::new()
+    } else {
+        format!(", workers poll {poll_mode}")
+    };
     outln!(
-        "tables generation {generation}, conntrack {conntrack}/{conntrack_capacity}, tables refused {refused_tables}"
+        "tables generation {generation}, conntrack {conntrack}/{conntrack_capacity}, tables refused {refused_tables}{mode}"
     );
     out!("{:<28}", "counter");
     for i in 0..workers.len() {
@@ -78,6 +86,15 @@ fn print_stats(s: &DataplaneStats) -> Result<()> {
             }
             outln!();
         }
+        // The share of its time each worker slept (adaptive and interrupt modes).
+        out!("{:<28}", "asleep (% of the time)");
+        for w in workers {
+            let get = |n: &str| w.iter().find(|(k, _)| k == n).map_or(0, |(_, v)| *v);
+            let (awake, asleep) = (get("awake_ns"), get("asleep_ns"));
+            let share = asleep as f64 * 100.0 / (awake + asleep).max(1) as f64;
+            out!("{:>14}", format!("{share:.1}"));
+        }
+        outln!();
     }
     if !policy_drops.is_empty() {
         outln!("connections refused by NetworkPolicy");

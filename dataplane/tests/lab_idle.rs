@@ -1,0 +1,107 @@
+//! Adaptive polling through AF_XDP (issue 20): a worker with nothing to do sleeps — its
+//! thread uses next to no CPU, as `/proc/PID/task/TID/stat` counts it — and the next
+//! packet wakes it: connections to ClusterIPs (TCP, UDP) and a NodePort are answered
+//! after every quiet spell. (Pod interfaces attached while workers sleep are the CNI
+//! tests', which run in the default adaptive mode.) Not a timing check: a busy-polling worker uses its whole core, a sleeping one a few ticks;
+//! the measured figures are the benchmark's (`kxdp-bench idle`). Needs root; skips with a
+//! message otherwise.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{answers, Running};
+
+const WEB: [&str; 3] = ["default/web-1", "default/web-2", "default/web-3"];
+const DNS: [&str; 3] = ["default/dns-1", "default/dns-2", "default/dns-3"];
+
+/// `/proc` times are in these ticks per second (`USER_HZ`).
+const TICKS: f64 = 100.0;
+
+/// The thread of process `pid` named `name`.
+fn thread(pid: u32, name: &str) -> Option<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+        .find(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .and_then(|t| t.file_name().to_str()?.parse().ok())
+}
+
+/// User plus system ticks of thread `tid` of `pid`.
+fn ticks(pid: u32, tid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap();
+    // After the command (in parentheses, which may hold spaces): utime and stime are the
+    // stat's fields 14 and 15, the 12th and 13th after it.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// The share of a core worker `tid` used over `span`.
+fn cpu_share(pid: u32, tid: u32, span: Duration) -> f64 {
+    let before = ticks(pid, tid);
+    std::thread::sleep(span);
+    (ticks(pid, tid) - before) as f64 / TICKS / span.as_secs_f64()
+}
+
+/// Worker 0's counter `name`, from `kxdp stats -o json`.
+fn counter(node: &Running, name: &str) -> u64 {
+    let out = std::process::Command::new(common::bin("kxdp"))
+        .args(["stats", "-o", "json", "--socket"])
+        .arg(&node.socket)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["poll_mode"], "adaptive", "{v}");
+    v["workers"][0][name].as_u64().unwrap()
+}
+
+#[test]
+fn an_idle_adaptive_worker_sleeps_and_the_next_packet_wakes_it() {
+    let Some(node) = Running::start_args(
+        "an_idle_adaptive_worker_sleeps_and_the_next_packet_wakes_it",
+        "idle",
+        1,
+        &["--poll-mode", "adaptive"],
+    ) else {
+        return;
+    };
+    let pid = node.dataplane.0.id();
+    let worker = thread(pid, "kxdp-worker-0").expect("the worker thread");
+    let client = node.ns("default/client");
+    let outside = node.ns("outside");
+    for round in 0..3 {
+        // Quiet: the lab's own chatter (ARP refreshes) is rare.
+        let share = cpu_share(pid, worker, Duration::from_secs(3));
+        let slept = counter(&node, "sleeps");
+        eprintln!(
+            "round {round}: the idle worker used {:.2}% of a core",
+            share * 100.0
+        );
+        if share > 0.05 || slept == 0 {
+            node.dump_logs();
+        }
+        assert!(
+            share <= 0.05,
+            "round {round}: the idle worker used {:.1}% of a core",
+            share * 100.0
+        );
+        assert!(slept > 0, "round {round}: the worker never slept");
+        // Woken by the first packet: every connection answered, by an endpoint.
+        for (ns, to, proto, endpoints) in [
+            (&client, "172.30.0.41:80", "tcp", &WEB[..]),
+            (&client, "172.30.0.10:53", "udp", &DNS[..]),
+            (&outside, "192.168.0.2:30080", "tcp", &WEB[..]),
+        ] {
+            let got = answers(&node.call(ns, to, proto, "6"));
+            assert_eq!(got.len(), 6, "round {round}: {to} {proto}: {got:?}");
+            for (who, _) in &got {
+                assert!(
+                    endpoints.contains(&who.as_str()),
+                    "round {round}: {to} {proto} answered by {who}"
+                );
+            }
+        }
+    }
+    assert!(counter(&node, "asleep_ns") > counter(&node, "awake_ns"));
+}
