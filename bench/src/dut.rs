@@ -38,8 +38,10 @@ use crate::topology::{self, Topology, GEN_IP, GEN_MAC, POD_IF, SINK_MAC, UPLINK_
 )]
 #[serde(rename_all = "kebab-case")]
 pub enum DutKind {
-    /// kxdp-dataplane.
+    /// kxdp-dataplane, busy-polling (`--poll-mode busy`).
     Kxdp,
+    /// kxdp-dataplane, adaptive polling (`--poll-mode adaptive`).
+    KxdpAdaptive,
     /// The kernel with kube-proxy's iptables ruleset, nf_tables backend.
     Iptables,
     /// The kernel with kube-proxy's iptables ruleset, legacy xtables backend.
@@ -52,8 +54,9 @@ pub enum DutKind {
 
 impl DutKind {
     /// Every kind, in report order.
-    pub const ALL: [DutKind; 5] = [
+    pub const ALL: [DutKind; 6] = [
         DutKind::Kxdp,
+        DutKind::KxdpAdaptive,
         DutKind::Iptables,
         DutKind::IptablesLegacy,
         DutKind::Nftables,
@@ -64,6 +67,7 @@ impl DutKind {
     pub fn name(self) -> &'static str {
         match self {
             DutKind::Kxdp => "kxdp",
+            DutKind::KxdpAdaptive => "kxdp-adaptive",
             DutKind::Iptables => "iptables",
             DutKind::IptablesLegacy => "iptables-legacy",
             DutKind::Nftables => "nftables",
@@ -75,6 +79,7 @@ impl DutKind {
     pub fn label(self) -> &'static str {
         match self {
             DutKind::Kxdp => "kxdp",
+            DutKind::KxdpAdaptive => "kxdp, adaptive polling",
             DutKind::Iptables => "kernel + kube-proxy iptables (nft backend)",
             DutKind::IptablesLegacy => "kernel + kube-proxy iptables (legacy)",
             DutKind::Nftables => "kernel + kube-proxy nftables",
@@ -86,6 +91,7 @@ impl DutKind {
     pub fn short(self) -> &'static str {
         match self {
             DutKind::Kxdp => "kxdp",
+            DutKind::KxdpAdaptive => "kxdp adaptive",
             DutKind::Iptables => "iptables",
             DutKind::IptablesLegacy => "iptables-legacy",
             DutKind::Nftables => "nftables",
@@ -96,6 +102,11 @@ impl DutKind {
     /// Parses [`DutKind::name`].
     pub fn parse(s: &str) -> Option<DutKind> {
         DutKind::ALL.into_iter().find(|k| k.name() == s)
+    }
+
+    /// Whether this is kxdp (in either poll mode).
+    pub fn is_kxdp(self) -> bool {
+        matches!(self, DutKind::Kxdp | DutKind::KxdpAdaptive)
     }
 
     /// Whether the kernel forwards (and RPS moves it to the DUT core).
@@ -166,6 +177,8 @@ pub struct DutContext<'a> {
     /// XDP attach mode of kxdp and the forwarder: native on veth (the namespace lab);
     /// `Auto` on NICs whose driver may not have it (VMs).
     pub xdp_mode: XdpMode,
+    /// How long kxdp's worker is watched at rest once its tables are in (zero: not).
+    pub idle_cpu: Duration,
 }
 
 /// How the device's tables got in.
@@ -175,6 +188,9 @@ pub struct InstallReport {
     pub how: String,
     /// Seconds it took (the whole install: restore, transaction, or send until applied).
     pub seconds: f64,
+    /// kxdp: the share of a core its worker used with no traffic, watched for
+    /// [`DutContext::idle_cpu`] after the install.
+    pub idle_cpu: Option<f64>,
 }
 
 /// Why a device was not run.
@@ -250,15 +266,20 @@ impl Dut {
     ) -> anyhow::Result<Result<Dut, NotRun>> {
         let ns = topo.dut_ns();
         let (state, install) = match kind {
-            DutKind::Kxdp => {
+            DutKind::Kxdp | DutKind::KxdpAdaptive => {
                 let log = ctx.log_dir.join(format!("kxdp-dataplane-{tag}.log"));
+                let poll_mode = if kind == DutKind::Kxdp {
+                    "busy"
+                } else {
+                    "adaptive"
+                };
                 let mut p = KxdpProcess::start(
                     ns,
                     ctx.bin_dir,
                     &log,
                     tag,
                     (ctx.core, ctx.other_core),
-                    ctx.xdp_mode,
+                    (ctx.xdp_mode, poll_mode),
                 )?;
                 let took = p.install(1, ctx.spec, ctx.install_limit)?;
                 let Some(took) = took else {
@@ -267,12 +288,16 @@ impl Dut {
                         limit: ctx.install_limit,
                     }));
                 };
+                let idle_cpu = (!ctx.idle_cpu.is_zero())
+                    .then(|| p.worker_cpu_share(ctx.idle_cpu))
+                    .flatten();
                 p.suspend();
                 (
                     State::Kxdp(Box::new(p)),
                     InstallReport {
                         how: "control::Stream::send of the snapshot until Applied".into(),
                         seconds: took.as_secs_f64(),
+                        idle_cpu,
                     },
                 )
             }
@@ -288,6 +313,7 @@ impl Dut {
                 InstallReport {
                     how: "no tables".into(),
                     seconds: 0.0,
+                    idle_cpu: None,
                 },
             ),
         };
@@ -548,6 +574,7 @@ pub fn load_ruleset(
     Ok(Ok(InstallReport {
         how,
         seconds: started.elapsed().as_secs_f64(),
+        idle_cpu: None,
     }))
 }
 
@@ -587,7 +614,8 @@ fn signal(pid: u32, signal: &str) {
 }
 
 impl KxdpProcess {
-    /// Starts `kxdp-dataplane --uplink u0 --pods p0 --workers 1` in `ns` with Maglev rings
+    /// Starts `kxdp-dataplane --uplink u0 --pods p0 --workers 1 --poll-mode POLL_MODE` in
+    /// `ns` with Maglev rings
     /// scaled to their backends (`--scaled-rings`: 100k Services would otherwise need
     /// 3.2 GiB of rings), waits for its control socket, and places its threads: the worker
     /// alone on `core`, the others (control socket, conntrack sweep) on `other_core`.
@@ -600,7 +628,7 @@ impl KxdpProcess {
         log: &Path,
         tag: &str,
         (core, other_core): (usize, usize),
-        mode: XdpMode,
+        (mode, poll_mode): (XdpMode, &str),
     ) -> anyhow::Result<KxdpProcess> {
         let mode = match mode {
             XdpMode::Native => "native",
@@ -641,6 +669,8 @@ impl KxdpProcess {
                 "--xdp-mode",
                 mode,
                 "--scaled-rings",
+                "--poll-mode",
+                poll_mode,
                 "--socket",
             ])
             .arg(&socket)
@@ -691,6 +721,13 @@ impl KxdpProcess {
     /// Its PID.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The share of a core its worker uses over `span` (nothing else is sent meanwhile:
+    /// the worker at rest).
+    pub fn worker_cpu_share(&self, span: Duration) -> Option<f64> {
+        let tid = thread_named(self.pid(), "kxdp-worker-0")?;
+        crate::sysinfo::thread_cpu_share(self.pid(), tid, span)
     }
 
     /// Sends `spec` as `generation` and waits until the dataplane applied it; `None` if

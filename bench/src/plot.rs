@@ -50,6 +50,7 @@ pub fn load_font() -> Option<&'static str> {
 fn color(d: DutKind) -> RGBColor {
     match d {
         DutKind::Kxdp => RGBColor(0xd6, 0x27, 0x28),
+        DutKind::KxdpAdaptive => RGBColor(0xff, 0x7f, 0x0e),
         DutKind::Iptables => RGBColor(0x1f, 0x77, 0xb4),
         DutKind::IptablesLegacy => RGBColor(0x17, 0xbe, 0xcf),
         DutKind::Nftables => RGBColor(0x2c, 0xa0, 0x2c),

@@ -53,6 +53,10 @@ pub struct Plan {
     pub load_core: usize,
     /// The core of the device under test.
     pub dut_core: usize,
+    /// Seconds kxdp's worker is watched with no traffic, once its tables are in, for the
+    /// share of a core it uses at rest (0: not watched).
+    #[serde(default)]
+    pub idle_cpu_s: f64,
 }
 
 impl Plan {
@@ -88,6 +92,7 @@ impl Plan {
             retries: 0,
             load_core: 0,
             dut_core: 1,
+            idle_cpu_s: 3.0,
         }
     }
 
@@ -109,6 +114,7 @@ impl Plan {
             idle_wait_s: 1200,
             max_foreign_pct: 10.0,
             retries: 3,
+            idle_cpu_s: 10.0,
             ..Plan::quick()
         }
     }
@@ -125,6 +131,9 @@ pub struct SetupRecord {
     pub how: String,
     /// Why it was not run, if it was not.
     pub not_run: Option<String>,
+    /// kxdp: the share of a core its worker used with no traffic (`Plan::idle_cpu_s`).
+    #[serde(default)]
+    pub idle_cpu: Option<f64>,
 }
 
 /// The probed Service.

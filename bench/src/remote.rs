@@ -149,6 +149,7 @@ pub fn serve_dut(cfg: &VmDut, mut ready: impl FnMut(serde_json::Value)) -> anyho
         log_dir: &logs,
         install_limit: Duration::from_secs(600),
         xdp_mode: XdpMode::Auto,
+        idle_cpu: Duration::ZERO,
     };
     let topo = Topology::dut_only(ns)?;
     let mut dut = match Dut::set_up_on(cfg.kind, &ctx, "vm", topo)? {

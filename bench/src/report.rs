@@ -353,7 +353,56 @@ pub fn targets(res: &Results) -> Vec<Target> {
             });
         }
     }
+    if duts(res).contains(&DutKind::KxdpAdaptive) {
+        poll_mode_targets(res, &mut out);
+    }
     out
+}
+
+/// Issue 20's targets for adaptive polling: forwarding at saturation within 3% of busy
+/// polling's, at every Service count both ran; the worker at rest under 1% of a core.
+fn poll_mode_targets(res: &Results, out: &mut Vec<Target>) {
+    for p in &res.points {
+        let (a, b) = (
+            median_pps(&p.throughput, DutKind::KxdpAdaptive.name()),
+            median_pps(&p.throughput, DutKind::Kxdp.name()),
+        );
+        if a.is_none() && b.is_none() {
+            continue;
+        }
+        out.push(Target {
+            target: format!(
+                "adaptive polling forwards ≥ 97% of busy polling's rate ({})",
+                services_noun(p.services)
+            ),
+            measured: match (a, b) {
+                (Some(a), Some(b)) => format!(
+                    "{} / {} pps = {:.1}%",
+                    thousands(a),
+                    thousands(b),
+                    100.0 * a / b
+                ),
+                _ => "—".into(),
+            },
+            verdict: verdict(a.zip(b).map(|(a, b)| a >= 0.97 * b)),
+        });
+    }
+    let at_rest: Vec<f64> = res
+        .points
+        .iter()
+        .flat_map(|p| &p.setup)
+        .filter(|s| s.dut == DutKind::KxdpAdaptive.name())
+        .filter_map(|s| s.idle_cpu)
+        .collect();
+    let most = at_rest.iter().copied().reduce(f64::max);
+    out.push(Target {
+        target: "adaptive polling: the worker at rest uses ≤ 1% of a core".into(),
+        measured: most.map_or_else(
+            || "—".into(),
+            |m| format!("at most {:.2}% ({} watches)", m * 100.0, at_rest.len()),
+        ),
+        verdict: verdict(most.map(|m| m <= 0.01)),
+    });
 }
 
 /// The whole report.
@@ -432,20 +481,22 @@ pub fn markdown(res: &Results) -> String {
     let _ = writeln!(out, "\n## How each device's tables were loaded\n");
     let _ = writeln!(
         out,
-        "| Services | device | seconds | how |\n|---|---|---|---|"
+        "| Services | device | seconds | how | worker at rest (% of a core) |\n|---|---|---|---|---|"
     );
     for p in &res.points {
         for s in &p.setup {
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} |",
                 services_label(p.services),
                 s.dut,
                 s.install_seconds.map_or_else(
                     || s.not_run.clone().unwrap_or_default(),
                     |v| format!("{v:.2}")
                 ),
-                s.how
+                s.how,
+                s.idle_cpu
+                    .map_or_else(String::new, |c| format!("{:.2}", c * 100.0))
             );
         }
     }
@@ -658,11 +709,34 @@ mod tests {
         });
         res.points.push(p);
         let md = markdown(&res);
-        assert!(md.contains("| 10k | 500 | 100 |"), "{md}");
+        // Without a plan every device is a column: kxdp adaptive's is empty here.
+        assert!(md.contains("| 10k | 500 | — | 100 |"), "{md}");
         assert!(md.contains("5.00×"), "{md}");
         assert!(md.contains("not run: nft -f took > 60 s"), "{md}");
         let t = targets(&res);
         assert_eq!(t[0].verdict, "holds", "{t:?}");
         assert!(readme_table(&res).contains("kxdp / iptables"));
+
+        // Adaptive polling against busy polling, and its worker at rest.
+        let p = &mut res.points[0];
+        p.throughput.push(run("kxdp-adaptive", 480.0));
+        p.setup.push(crate::suite::SetupRecord {
+            dut: "kxdp-adaptive".into(),
+            idle_cpu: Some(0.004),
+            ..Default::default()
+        });
+        let t = targets(&res);
+        let find = |prefix: &str| {
+            t.iter()
+                .find(|t| t.target.starts_with(prefix))
+                .unwrap_or_else(|| panic!("no target {prefix}: {t:?}"))
+        };
+        let rate = find("adaptive polling forwards");
+        assert_eq!(rate.measured, "480 / 500 pps = 96.0%", "{t:?}");
+        assert_eq!(rate.verdict, "does not hold");
+        let rest = find("adaptive polling: the worker at rest");
+        assert_eq!(rest.measured, "at most 0.40% (1 watches)");
+        assert_eq!(rest.verdict, "holds");
+        assert!(markdown(&res).contains("| 10k | kxdp-adaptive |  |  | 0.40 |"));
     }
 }

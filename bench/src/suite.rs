@@ -410,6 +410,7 @@ fn set_up_all(
         log_dir: logs,
         install_limit: Duration::from_secs(plan.install_limit_s),
         xdp_mode: pktio::xsk::XdpMode::Native,
+        idle_cpu: Duration::from_secs_f64(plan.idle_cpu_s.clamp(0.0, 600.0)),
     };
     let mut duts = Vec::new();
     let mut setup = Vec::new();
@@ -420,16 +421,21 @@ fn set_up_all(
         {
             Ok(d) => {
                 progress(&format!(
-                    "  {}: tables loaded in {:.2} s ({})",
+                    "  {}: tables loaded in {:.2} s ({}){}",
                     kind.name(),
                     d.install.seconds,
-                    d.install.how
+                    d.install.how,
+                    d.install.idle_cpu.map_or_else(String::new, |c| format!(
+                        "; worker at rest {:.2}% of a core",
+                        c * 100.0
+                    ))
                 ));
                 setup.push(SetupRecord {
                     dut: kind.name().into(),
                     install_seconds: Some(d.install.seconds),
                     how: d.install.how.clone(),
                     not_run: None,
+                    idle_cpu: d.install.idle_cpu,
                 });
                 duts.push(d);
             }
@@ -441,6 +447,7 @@ fn set_up_all(
                     install_seconds: None,
                     how: String::new(),
                     not_run: Some(why.to_string()),
+                    idle_cpu: None,
                 });
             }
         }

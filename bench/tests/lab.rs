@@ -2,8 +2,9 @@
 //! `kxdp-bench run` sets it up (generator → DUT → sink, each in namespaces of its own),
 //! forwards the generator's frames at a modest fixed rate, and the sink sees them DNATed to
 //! the probed Service's endpoints — more than one of them — and masqueraded to the pod
-//! gateway (the kernel rulesets and kxdp), or untouched (the bare forwarder). Nothing here
-//! asserts a rate.
+//! gateway (the kernel rulesets and kxdp in both poll modes), or untouched (the bare
+//! forwarder); kxdp's worker at rest uses its core when busy-polling and next to nothing
+//! when polling adaptively. Nothing here asserts a rate.
 //!
 //! Root only (skips otherwise). kxdp needs `kxdp-dataplane`: `KXDP_BIN_DIR`, else
 //! `target/release`, else `target/debug`; without it the kxdp case says so and passes.
@@ -71,10 +72,21 @@ fn check(kind: DutKind) {
         log_dir: &logs,
         install_limit: Duration::from_secs(60),
         xdp_mode: pktio::xsk::XdpMode::Native,
+        idle_cpu: Duration::from_secs(2),
     };
-    let mut dut = Dut::set_up(kind, &ctx, &format!("t{}", &kind.name()[..2]))
+    let tag = format!("t{}{}", &kind.name()[..2], kind.name().len());
+    let mut dut = Dut::set_up(kind, &ctx, &tag)
         .expect("set up")
         .unwrap_or_else(|why| panic!("{}: {why}", kind.name()));
+    // kxdp's worker watched at rest: a busy-polling one uses its core, an adaptive one
+    // sleeps. Not a rate: the two differ a hundredfold.
+    match (kind, dut.install.idle_cpu) {
+        (DutKind::Kxdp, Some(share)) => assert!(share > 0.5, "busy polling at rest: {share}"),
+        (DutKind::KxdpAdaptive, Some(share)) => {
+            assert!(share < 0.05, "adaptive polling at rest: {share}")
+        }
+        (k, share) => assert!(!k.is_kxdp() && share.is_none(), "{k:?}: {share:?}"),
+    }
     let cfg = GenConfig {
         size: 64,
         flows: FlowSet {
@@ -169,4 +181,18 @@ fn kxdp_translates_and_masquerades() {
         return;
     }
     check(DutKind::Kxdp);
+}
+
+#[test]
+fn kxdp_polling_adaptively_translates_and_masquerades() {
+    if skip("kxdp_polling_adaptively_translates_and_masquerades") {
+        return;
+    }
+    if bin_dir().is_none() {
+        eprintln!(
+            "skipping kxdp_polling_adaptively_translates_and_masquerades: no kxdp-dataplane (build it with cargo build --release -p dataplane --bins, or set KXDP_BIN_DIR)"
+        );
+        return;
+    }
+    check(DutKind::KxdpAdaptive);
 }

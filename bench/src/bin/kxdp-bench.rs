@@ -80,7 +80,8 @@ enum Cmd {
         /// Where kxdp-dataplane is.
         #[arg(long, default_value = "target/release")]
         bin_dir: PathBuf,
-        /// Devices, comma-separated (kxdp, iptables, iptables-legacy, nftables, xdp-fwd).
+        /// Devices, comma-separated (kxdp, kxdp-adaptive, iptables, iptables-legacy, nftables,
+        /// xdp-fwd).
         #[arg(long, value_delimiter = ',')]
         duts: Option<Vec<String>>,
         /// Service counts for the forwarding runs, comma-separated.
