@@ -117,6 +117,10 @@ pub struct RunResult {
     pub gen_device: Vec<(String, u64)>,
     /// The sink device's counters.
     pub sink_device: Vec<(String, u64)>,
+    /// The generator's fixed rate (latency runs; none when flat out, and in results of
+    /// before the rate was kept: their plan's one latency rate).
+    #[serde(default)]
+    pub rate_pps: Option<u64>,
 }
 
 fn device_counters(d: &pktio::DeviceStats) -> Vec<(String, u64)> {

@@ -14,7 +14,7 @@ use plotters::style::FontStyle;
 
 use crate::dut::DutKind;
 use crate::measure::RunResult;
-use crate::report::{duts, median, median_latency, median_pps};
+use crate::report::{at_rate, duts, latency_rates, median, median_latency, median_pps};
 use crate::suite::{Point, Results};
 
 const WIDTH: u32 = 1100;
@@ -265,8 +265,13 @@ fn rate_plot(
     Ok(true)
 }
 
-/// Latency percentiles of every device at one Service count.
-fn latency_plot(res: &Results, p: &Point, path: &Path) -> anyhow::Result<bool> {
+/// Latency percentiles of every device at one Service count and one rate.
+fn latency_plot(res: &Results, p: &Point, rate: u64, path: &Path) -> anyhow::Result<bool> {
+    let rates = latency_rates(res);
+    let (ceiling, latency) = (
+        at_rate(&res.ceiling_latency, &rates, rate),
+        at_rate(&p.latency, &rates, rate),
+    );
     type Pick = fn(&RunResult) -> u64;
     let picks: [(&str, Pick); 5] = [
         ("p50", |r| r.latency_ns.p50),
@@ -288,10 +293,10 @@ fn latency_plot(res: &Results, p: &Point, path: &Path) -> anyhow::Result<bool> {
     series.push((
         "generator → sink (no device)".into(),
         CEILING,
-        line(&res.ceiling_latency, "ceiling"),
+        line(&ceiling, "ceiling"),
     ));
     for d in duts(res) {
-        series.push((d.short().into(), color(d), line(&p.latency, d.name())));
+        series.push((d.short().into(), color(d), line(&latency, d.name())));
     }
     let ymax = series
         .iter()
@@ -304,7 +309,6 @@ fn latency_plot(res: &Results, p: &Point, path: &Path) -> anyhow::Result<bool> {
         .fold(f64::INFINITY, f64::min)
         .clamp(0.1, 10.0)
         / 2.0;
-    let rate = res.plan.as_ref().map_or(0, |p| p.latency_pps);
     let title = format!(
         "One-way latency at {} pps, {} Services",
         crate::report::thousands(rate as f64),
@@ -381,11 +385,111 @@ pub fn all(res: &Results, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     {
         out.push(f);
     }
+    let rates = latency_rates(res);
     for p in res.points.iter().filter(|p| !p.latency.is_empty()) {
-        let f = dir.join(format!("latency-{}-services.png", p.services));
-        if latency_plot(res, p, &f)? {
-            out.push(f);
+        for &rate in &rates {
+            // One rate keeps the file name of the runs before the rate list.
+            let f = if rates.len() == 1 {
+                dir.join(format!("latency-{}-services.png", p.services))
+            } else {
+                dir.join(format!("latency-{}-services-{rate}-pps.png", p.services))
+            };
+            if latency_plot(res, p, rate, &f)? {
+                out.push(f);
+            }
+        }
+        if rates.len() > 1 {
+            let f = dir.join(format!("latency-vs-rate-{}-services.png", p.services));
+            if latency_rate_plot(res, p, &f)? {
+                out.push(f);
+            }
         }
     }
     Ok(out)
+}
+
+/// p50, p99 and p99.9 of every device against the offered rate at one Service count:
+/// three charts, one above the other, log scales.
+fn latency_rate_plot(res: &Results, p: &Point, path: &Path) -> anyhow::Result<bool> {
+    type Pick = fn(&RunResult) -> u64;
+    let picks: [(&str, Pick); 3] = [
+        ("p50", |r| r.latency_ns.p50),
+        ("p99", |r| r.latency_ns.p99),
+        ("p99.9", |r| r.latency_ns.p999),
+    ];
+    let rates = latency_rates(res);
+    /// A device's (rate, µs) points.
+    type Line = (DutKind, Vec<(f64, f64)>);
+    // Per percentile, per device.
+    let series: Vec<Vec<Line>> = picks
+        .iter()
+        .map(|(_, f)| {
+            duts(res)
+                .into_iter()
+                .map(|d| {
+                    let pts = rates
+                        .iter()
+                        .filter_map(|&r| {
+                            let runs = at_rate(&p.latency, &rates, r);
+                            Some((r as f64, median_latency(&runs, d.name(), *f)? / 1000.0))
+                        })
+                        .collect();
+                    (d, pts)
+                })
+                .collect()
+        })
+        .collect();
+    let all = || series.iter().flatten().flat_map(|(_, p)| p.iter().copied());
+    if all().next().is_none() {
+        return Ok(false);
+    }
+    let (xmin, xmax) = (
+        rates.iter().copied().min().unwrap_or(1) as f64 / 2.0,
+        rates.iter().copied().max().unwrap_or(1) as f64 * 2.0,
+    );
+    let ymax = all().map(|(_, y)| y).fold(1.0, f64::max) * 2.0;
+    let ymin = all()
+        .map(|(_, y)| y)
+        .fold(f64::INFINITY, f64::min)
+        .clamp(0.1, 10.0)
+        / 2.0;
+    png_with_legend(path, &[], |left| {
+        let mut entries: Vec<Entry> = Vec::new();
+        let panels = left.split_evenly((3, 1));
+        for (((name, _), per_dut), panel) in picks.iter().zip(&series).zip(&panels) {
+            let mut chart = ChartBuilder::on(panel)
+                .caption(
+                    format!(
+                        "One-way latency {name} against the rate, {} Services",
+                        crate::report::thousands(f64::from(p.services))
+                    ),
+                    (FONT, 18),
+                )
+                .margin(12)
+                .x_label_area_size(40)
+                .y_label_area_size(80)
+                .build_cartesian_2d((xmin..xmax).log_scale(), (ymin..ymax).log_scale())
+                .map_err(err)?;
+            chart
+                .configure_mesh()
+                .x_desc("offered packets per second (log scale)")
+                .y_desc("µs (log scale)")
+                .x_label_formatter(&|x| short_pps(*x))
+                .y_label_formatter(&|y| format!("{y:.0}"))
+                .label_style((FONT, 13))
+                .draw()
+                .map_err(err)?;
+            for (d, pts) in per_dut {
+                if pts.is_empty() {
+                    continue;
+                }
+                draw_line(&mut chart, pts, color(*d))?;
+                if !entries.iter().any(|e| e.0 == d.short()) {
+                    entries.push((d.short().to_string(), color(*d), false));
+                }
+            }
+        }
+        Ok(entries)
+    })?;
+    Ok(true)
 }

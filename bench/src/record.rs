@@ -26,8 +26,10 @@ pub struct Plan {
     pub new_flows: u64,
     /// Service counts at which the new-flow run is made.
     pub new_flow_services: Vec<u32>,
-    /// Frames per second of the latency run.
-    pub latency_pps: u64,
+    /// Frames per second of the latency runs: each rate is run at every latency Service
+    /// count (results of before the list hold one number, read as a list of one).
+    #[serde(deserialize_with = "one_or_many")]
+    pub latency_pps: Vec<u64>,
     /// Service counts at which the latency run is made.
     pub latency_services: Vec<u32>,
     /// Service counts whose install and one-endpoint-change times are measured.
@@ -59,6 +61,20 @@ pub struct Plan {
     pub idle_cpu_s: f64,
 }
 
+/// A number or a list of numbers, as a list.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(u64),
+        Many(Vec<u64>),
+    }
+    Ok(match serde::Deserialize::deserialize(d)? {
+        OneOrMany::One(n) => vec![n],
+        OneOrMany::Many(v) => v,
+    })
+}
+
 impl Plan {
     /// `--quick`: under 5 minutes on the 2-core machine.
     pub fn quick() -> Plan {
@@ -80,7 +96,7 @@ impl Plan {
             flows: 1024,
             new_flows: 50_000,
             new_flow_services: vec![10_000],
-            latency_pps: 50_000,
+            latency_pps: vec![50_000],
             latency_services: vec![10_000],
             install_services: vec![10_000],
             changes: 3,
@@ -108,6 +124,8 @@ impl Plan {
             seconds: 5.0,
             new_flow_services: vec![1, 10_000],
             latency_services: vec![1, 10_000],
+            // Issue 20: the tail from a trickle to a heavy load.
+            latency_pps: vec![1_000, 10_000, 50_000, 200_000],
             install_services: vec![10_000, 100_000],
             changes: 5,
             idle_below: 0.7,

@@ -85,6 +85,22 @@ pub(crate) fn duts(res: &Results) -> Vec<DutKind> {
         .unwrap_or_else(|| DutKind::ALL.to_vec())
 }
 
+/// The rates of `res`'s latency runs, in the plan's order.
+pub(crate) fn latency_rates(res: &Results) -> Vec<u64> {
+    res.plan
+        .as_ref()
+        .map_or_else(Vec::new, |p| p.latency_pps.clone())
+}
+
+/// The runs of `runs` made at `rate` frames per second; a run that kept no rate (results
+/// of before the rates were kept) was made at the plan's only rate, `rates[0]`.
+pub(crate) fn at_rate(runs: &[RunResult], rates: &[u64], rate: u64) -> Vec<RunResult> {
+    runs.iter()
+        .filter(|r| r.rate_pps.or(rates.first().copied()) == Some(rate))
+        .cloned()
+        .collect()
+}
+
 /// Whether kxdp's runs in `runs` were limited by the generator: it lost under 1% of what
 /// was offered, and the offer was within 10% of the generator's ceiling.
 fn generator_bound(runs: &[RunResult], ceiling: Option<f64>) -> bool {
@@ -162,18 +178,21 @@ fn us(ns: Option<f64>) -> String {
     ns.map_or("—".into(), |v| format!("{:.1}", v / 1000.0))
 }
 
-fn latency_table(out: &mut String, res: &Results, p: &Point) {
+fn latency_table(out: &mut String, res: &Results, p: &Point, rate: u64) {
+    let rates = latency_rates(res);
+    let ceiling = at_rate(&res.ceiling_latency, &rates, rate);
+    let latency = at_rate(&p.latency, &rates, rate);
     let _ = writeln!(
         out,
         "| device | received pps | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs |\n|---|---|---|---|---|---|---|"
     );
     let mut rows: Vec<(String, &[RunResult], String)> = vec![(
         "generator → sink, no device".into(),
-        &res.ceiling_latency,
+        &ceiling,
         "ceiling".into(),
     )];
     for d in duts(res) {
-        rows.push((d.short().into(), &p.latency, d.name().into()));
+        rows.push((d.short().into(), &latency, d.name().into()));
     }
     for (label, runs, key) in rows {
         if let Some(why) = not_run(p, &key) {
@@ -327,30 +346,59 @@ pub fn targets(res: &Results) -> Vec<Target> {
             verdict: verdict(k.zip(f).map(|(k, f)| k >= 0.8 * f)),
         });
     }
-    let plan_rate = res.plan.as_ref().map_or(0, |p| p.latency_pps);
+    let rates = latency_rates(res);
     for n in [1, 10_000] {
         let Some(p) = point(res, n) else { continue };
         if p.latency.is_empty() {
             continue;
         }
-        let k = median_latency(&p.latency, "kxdp", |r| r.latency_ns.p99);
-        for dut in ["iptables", "iptables-legacy", "nftables"] {
-            let o = median_latency(&p.latency, dut, |r| r.latency_ns.p99);
-            if o.is_none() && not_run(p, dut).is_none() {
-                continue;
+        for &rate in &rates {
+            let runs = at_rate(&p.latency, &rates, rate);
+            for kx in [DutKind::Kxdp, DutKind::KxdpAdaptive] {
+                let pick = |dut: &str, f: fn(&RunResult) -> u64| median_latency(&runs, dut, f);
+                let k = (
+                    pick(kx.name(), |r| r.latency_ns.p50),
+                    pick(kx.name(), |r| r.latency_ns.p99),
+                );
+                if k.1.is_none() && not_run(p, kx.name()).is_none() {
+                    continue;
+                }
+                for dut in ["iptables", "iptables-legacy", "nftables"] {
+                    let o = (
+                        pick(dut, |r| r.latency_ns.p50),
+                        pick(dut, |r| r.latency_ns.p99),
+                    );
+                    if o.1.is_none() && not_run(p, dut).is_none() {
+                        continue;
+                    }
+                    out.push(Target {
+                        target: format!(
+                            "latency at {} pps, {}: {} p99 ≤ {dut}'s, p50 lower",
+                            thousands(rate as f64),
+                            services_noun(n),
+                            kx.name()
+                        ),
+                        measured: match (k, o) {
+                            ((Some(k50), Some(k99)), (Some(o50), Some(o99))) => format!(
+                                "p50 {} vs {} µs, p99 {} vs {} µs",
+                                us(Some(k50)),
+                                us(Some(o50)),
+                                us(Some(k99)),
+                                us(Some(o99))
+                            ),
+                            _ => not_run(p, dut)
+                                .or_else(|| not_run(p, kx.name()))
+                                .unwrap_or_else(|| "—".into()),
+                        },
+                        verdict: verdict(match (k, o) {
+                            ((Some(k50), Some(k99)), (Some(o50), Some(o99))) => {
+                                Some(k99 <= o99 && k50 < o50)
+                            }
+                            _ => None,
+                        }),
+                    });
+                }
             }
-            out.push(Target {
-                target: format!(
-                    "latency p99 at {} pps, {}: kxdp ≤ {dut}",
-                    thousands(plan_rate as f64),
-                    services_noun(n)
-                ),
-                measured: match (k, o) {
-                    (Some(k), Some(o)) => format!("{} µs vs {} µs", us(Some(k)), us(Some(o))),
-                    _ => not_run(p, dut).unwrap_or_else(|| "—".into()),
-                },
-                verdict: verdict(k.zip(o).map(|(k, o)| k <= o)),
-            });
         }
     }
     if duts(res).contains(&DutKind::KxdpAdaptive) {
@@ -459,13 +507,15 @@ pub fn markdown(res: &Results) -> String {
         rate_table(&mut out, res, |p| &p.new_flows, false);
     }
     for p in res.points.iter().filter(|p| !p.latency.is_empty()) {
-        let _ = writeln!(
-            out,
-            "\n## One-way latency at {} pps, {} (generator to sink, one clock)\n",
-            thousands(plan.map_or(0, |p| p.latency_pps) as f64),
-            services_noun(p.services)
-        );
-        latency_table(&mut out, res, p);
+        for rate in latency_rates(res) {
+            let _ = writeln!(
+                out,
+                "\n## One-way latency at {} pps, {} (generator to sink, one clock)\n",
+                thousands(rate as f64),
+                services_noun(p.services)
+            );
+            latency_table(&mut out, res, p, rate);
+        }
     }
     if !res.install.is_empty() {
         let _ = writeln!(out, "\n## Installing Services and changing one endpoint\n");
@@ -536,7 +586,6 @@ fn limit_in(note: &str) -> Option<u64> {
 pub fn readme_table(res: &Results) -> String {
     let mut out = String::new();
     let reps = res.plan.as_ref().map_or(0, |p| p.reps);
-    let rate = res.plan.as_ref().map_or(0, |p| p.latency_pps);
     let ceiling = median(res.ceiling.iter().map(|r| r.received_pps));
     let _ = writeln!(
         out,
@@ -599,19 +648,23 @@ pub fn readme_table(res: &Results) -> String {
             &p.new_flows,
         );
     }
+    let rates = latency_rates(res);
     for p in res.points.iter().filter(|p| !p.latency.is_empty()) {
-        let _ = write!(
-            out,
-            "| latency p50 / p99 at {} pps, {} (µs) |",
-            thousands(rate as f64),
-            services_noun(p.services)
-        );
-        for d in duts {
-            let p50 = median_latency(&p.latency, d.name(), |r| r.latency_ns.p50);
-            let p99 = median_latency(&p.latency, d.name(), |r| r.latency_ns.p99);
-            let _ = write!(out, " {} / {} |", us(p50), us(p99));
+        for &rate in &rates {
+            let runs = at_rate(&p.latency, &rates, rate);
+            let _ = write!(
+                out,
+                "| latency p50 / p99 at {} pps, {} (µs) |",
+                thousands(rate as f64),
+                services_noun(p.services)
+            );
+            for d in duts {
+                let p50 = median_latency(&runs, d.name(), |r| r.latency_ns.p50);
+                let p99 = median_latency(&runs, d.name(), |r| r.latency_ns.p99);
+                let _ = write!(out, " {} / {} |", us(p50), us(p99));
+            }
+            out.push_str(" | |\n");
         }
-        out.push_str(" | |\n");
     }
     for ip in &res.install {
         let row = |system: &str| ip.rows.iter().find(|r| r.system == system);
@@ -673,6 +726,69 @@ mod tests {
             offered_pps: 1000.0,
             ..RunResult::default()
         }
+    }
+
+    #[test]
+    fn latency_runs_are_told_apart_by_rate_and_old_results_read_as_one_rate() {
+        // Results of before the rate list: the plan's one number, runs without a rate.
+        let old = include_str!("../results/results.json");
+        let res: Results = serde_json::from_str(old).expect("the committed results");
+        assert_eq!(latency_rates(&res), vec![50_000]);
+        let p = res.points.iter().find(|p| !p.latency.is_empty()).unwrap();
+        assert_eq!(
+            at_rate(&p.latency, &[50_000], 50_000).len(),
+            p.latency.len()
+        );
+        assert!(markdown(&res).contains("## One-way latency at 50,000 pps"));
+
+        // Runs at several rates: each table has its own.
+        let mut res = Results::default();
+        let mut plan = crate::record::Plan::quick();
+        plan.latency_pps = vec![1_000, 200_000];
+        plan.duts = vec![DutKind::KxdpAdaptive, DutKind::Nftables];
+        res.plan = Some(plan);
+        let at = |dut: &str, rate: u64, p50: u64, p99: u64| {
+            let mut r = run(dut, rate as f64);
+            r.rate_pps = Some(rate);
+            r.latency_ns.p50 = p50 * 1000;
+            r.latency_ns.p99 = p99 * 1000;
+            r
+        };
+        res.points.push(Point {
+            services: 1,
+            latency: vec![
+                at("kxdp-adaptive", 1_000, 40, 90),
+                at("nftables", 1_000, 50, 80),
+                at("kxdp-adaptive", 200_000, 20, 60),
+                at("nftables", 200_000, 30, 70),
+            ],
+            ..Point::default()
+        });
+        assert_eq!(
+            at_rate(&res.points[0].latency, &[1_000, 200_000], 1_000).len(),
+            2
+        );
+        let md = markdown(&res);
+        assert!(
+            md.contains("## One-way latency at 1,000 pps, 1 Service"),
+            "{md}"
+        );
+        assert!(
+            md.contains("## One-way latency at 200,000 pps, 1 Service"),
+            "{md}"
+        );
+        let t = targets(&res);
+        let verdict = |rate: &str| {
+            t.iter()
+                .find(|t| {
+                    t.target
+                        .starts_with(&format!("latency at {rate} pps, 1 Service: kxdp-adaptive"))
+                })
+                .map(|t| t.verdict.clone())
+                .unwrap_or_else(|| panic!("no target at {rate}: {t:?}"))
+        };
+        assert_eq!(verdict("1,000"), "does not hold", "p99 90 against 80 µs");
+        assert_eq!(verdict("200,000"), "holds", "p50 20 < 30, p99 60 ≤ 70 µs");
     }
 
     #[test]

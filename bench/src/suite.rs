@@ -106,16 +106,16 @@ pub enum Scenario {
     Throughput,
     /// Flat out, every frame a new flow.
     NewFlows,
-    /// Fixed rate.
-    Latency,
+    /// Fixed rate (frames per second).
+    Latency(u64),
 }
 
 impl Scenario {
-    fn name(self) -> &'static str {
+    fn name(self) -> String {
         match self {
-            Scenario::Throughput => "throughput",
-            Scenario::NewFlows => "new-flows",
-            Scenario::Latency => "latency",
+            Scenario::Throughput => "throughput".into(),
+            Scenario::NewFlows => "new-flows".into(),
+            Scenario::Latency(rate) => format!("latency at {rate} pps"),
         }
     }
 }
@@ -159,10 +159,10 @@ pub fn gen_config(
             duration: Duration::from_secs(30),
             count: Some(plan.new_flows),
         },
-        Scenario::Latency => GenConfig {
+        Scenario::Latency(rate) => GenConfig {
             size: plan.size,
             flows,
-            rate_pps: Some(plan.latency_pps),
+            rate_pps: Some(rate),
             duration,
             count: None,
         },
@@ -237,10 +237,9 @@ pub fn run(
         let topo = Topology::direct("ceil")?;
         let frontend = SocketAddrV4::new(Ipv4Addr::new(172, 16, 0, 10), 80);
         for rep in 1..=plan.reps {
-            for (scenario, out) in [
-                (Scenario::Throughput, &mut res.ceiling),
-                (Scenario::Latency, &mut res.ceiling_latency),
-            ] {
+            let scenarios = std::iter::once(Scenario::Throughput)
+                .chain(plan.latency_pps.iter().map(|r| Scenario::Latency(*r)));
+            for scenario in scenarios {
                 let cfg = gen_config(plan, scenario, rep, frontend, SINK_MAC);
                 let mut tries = 0;
                 // Bound: plan.retries.
@@ -263,6 +262,7 @@ pub fn run(
                 rr.load1_before = load1;
                 rr.foreign_cpu_pct = foreign;
                 rr.retries = tries;
+                rr.rate_pps = cfg.rate_pps;
                 progress(&format!(
                     "ceiling {} rep {rep}: {:.0} pps received of {:.0} offered, p99 {} µs",
                     scenario.name(),
@@ -270,7 +270,10 @@ pub fn run(
                     rr.offered_pps,
                     rr.latency_ns.p99 / 1000
                 ));
-                out.push(rr);
+                match scenario {
+                    Scenario::Latency(_) => res.ceiling_latency.push(rr),
+                    _ => res.ceiling.push(rr),
+                }
             }
         }
     }
@@ -516,7 +519,7 @@ fn run_point(
         scenarios.push(Scenario::NewFlows);
     }
     if plan.latency_services.contains(&n) {
-        scenarios.push(Scenario::Latency);
+        scenarios.extend(plan.latency_pps.iter().map(|r| Scenario::Latency(*r)));
     }
     // When a new-flow repetition uses a Service earlier ones did, per device: the end of
     // the last one (see `expire_new_flows`).
@@ -607,6 +610,7 @@ fn run_point(
                     rr.foreign_cpu_pct = foreign;
                     rr.dut_counters = counters.counters;
                     rr.retries = tries;
+                    rr.rate_pps = cfg.rate_pps;
                     break rr;
                 };
                 let load1 = rr.load1_before;
@@ -627,7 +631,7 @@ fn run_point(
                         new_flows_ended.insert((service, at), Instant::now());
                         point.new_flows.push(rr)
                     }
-                    Scenario::Latency => point.latency.push(rr),
+                    Scenario::Latency(_) => point.latency.push(rr),
                 }
             }
         }
@@ -676,7 +680,7 @@ mod tests {
         assert_eq!(a.count, Some(plan.new_flows));
         assert_eq!(u64::from(a.flows.flows), plan.new_flows);
         a.validate().unwrap();
-        let l = gen_config(&plan, Scenario::Latency, 1, fe, DUT_UPLINK_MAC);
-        assert_eq!(l.rate_pps, Some(plan.latency_pps));
+        let l = gen_config(&plan, Scenario::Latency(50_000), 1, fe, DUT_UPLINK_MAC);
+        assert_eq!(l.rate_pps, Some(50_000));
     }
 }

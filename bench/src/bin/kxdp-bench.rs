@@ -93,9 +93,10 @@ enum Cmd {
         /// Seconds per run.
         #[arg(long)]
         seconds: Option<f64>,
-        /// Frames per second of the latency runs.
-        #[arg(long)]
-        latency_pps: Option<u64>,
+        /// Frames per second of the latency runs, comma-separated: each rate is run at
+        /// every latency Service count.
+        #[arg(long, value_delimiter = ',')]
+        latency_pps: Option<Vec<u64>>,
         /// Wait until the 1-minute load average is below this before each round (0: no).
         #[arg(long)]
         idle_below: Option<f64>,
@@ -363,7 +364,7 @@ fn run(command: Cmd) -> anyhow::Result<()> {
                 plan.seconds = s;
             }
             if let Some(r) = latency_pps {
-                plan.latency_pps = r.max(1);
+                plan.latency_pps = r.into_iter().map(|r| r.max(1)).collect();
             }
             if let Some(l) = idle_below {
                 plan.idle_below = l;
