@@ -169,30 +169,30 @@ fn the_bare_forwarder_forwards_untouched() {
     check(DutKind::XdpForwarder);
 }
 
-#[test]
-fn kxdp_translates_and_masquerades() {
-    if skip("kxdp_translates_and_masquerades") {
+/// [`check`] of a kxdp device, when `kxdp-dataplane` is built (else `test` says so and
+/// passes).
+fn check_kxdp(test: &str, kind: DutKind) {
+    if skip(test) {
         return;
     }
     if bin_dir().is_none() {
         eprintln!(
-            "skipping kxdp_translates_and_masquerades: no kxdp-dataplane (build it with cargo build --release -p dataplane --bins, or set KXDP_BIN_DIR)"
+            "skipping {test}: no kxdp-dataplane (build it with cargo build --release -p dataplane --bins, or set KXDP_BIN_DIR)"
         );
         return;
     }
-    check(DutKind::Kxdp);
+    check(kind);
+}
+
+#[test]
+fn kxdp_translates_and_masquerades() {
+    check_kxdp("kxdp_translates_and_masquerades", DutKind::Kxdp);
 }
 
 #[test]
 fn kxdp_polling_adaptively_translates_and_masquerades() {
-    if skip("kxdp_polling_adaptively_translates_and_masquerades") {
-        return;
-    }
-    if bin_dir().is_none() {
-        eprintln!(
-            "skipping kxdp_polling_adaptively_translates_and_masquerades: no kxdp-dataplane (build it with cargo build --release -p dataplane --bins, or set KXDP_BIN_DIR)"
-        );
-        return;
-    }
-    check(DutKind::KxdpAdaptive);
+    check_kxdp(
+        "kxdp_polling_adaptively_translates_and_masquerades",
+        DutKind::KxdpAdaptive,
+    );
 }
