@@ -28,6 +28,10 @@ const HOUSEKEEPING: u64 = SECOND / 10;
 /// seconds apart.
 const PUBLISH: u64 = SECOND / 100;
 
+/// An interval between two polls of an awake worker above which it is counted as a gap
+/// (`poll_gaps_over_100us`): the worker was kept off its core, and its frames waited.
+const POLL_GAP: u64 = 100_000;
+
 /// A worker: its device, its counters, and a handle on the shared state.
 pub struct Worker<D: Device> {
     /// Index of the worker (its counters' slot in [`Shared::counters`]).
@@ -176,7 +180,14 @@ impl<D: Device> Worker<D> {
         let (mut last, mut last_frame) = (clock(), clock());
         while !stop.load(Ordering::Relaxed) {
             let now = clock();
-            self.counters.awake_ns += now - last;
+            let gap = now - last;
+            self.counters.awake_ns += gap;
+            if gap > POLL_GAP {
+                // Off its core since the last poll (a poll itself takes microseconds).
+                self.counters.poll_gaps_over_100us += 1;
+                self.counters.poll_gaps_over_1ms += u64::from(gap > 1_000_000);
+                self.counters.poll_gap_max_ns = self.counters.poll_gap_max_ns.max(gap);
+            }
             last = now;
             if self.poll(now) > 0 {
                 last_frame = now;
