@@ -85,11 +85,21 @@ pub(crate) fn duts(res: &Results) -> Vec<DutKind> {
         .unwrap_or_else(|| DutKind::ALL.to_vec())
 }
 
-/// The rates of `res`'s latency runs, in the plan's order.
+/// The rates of `res`'s latency runs, in the plan's order (without a plan, those the runs
+/// kept, in rising order).
 pub(crate) fn latency_rates(res: &Results) -> Vec<u64> {
-    res.plan
-        .as_ref()
-        .map_or_else(Vec::new, |p| p.latency_pps.clone())
+    if let Some(p) = &res.plan {
+        return p.latency_pps.clone();
+    }
+    let mut rates: Vec<u64> = res
+        .points
+        .iter()
+        .flat_map(|p| &p.latency)
+        .filter_map(|r| r.rate_pps)
+        .collect();
+    rates.sort_unstable();
+    rates.dedup();
+    rates
 }
 
 /// The runs of `runs` made at `rate` frames per second; a run that kept no rate (results
@@ -126,11 +136,9 @@ fn rate_table(
     with_ceiling: bool,
 ) {
     let duts = duts(res);
-    let others: Vec<DutKind> = duts
-        .iter()
-        .copied()
-        .filter(|d| *d != DutKind::Kxdp)
-        .collect();
+    // kxdp (busy polling) against every device but kxdp itself (adaptive polling is
+    // compared in the targets).
+    let others: Vec<DutKind> = duts.iter().copied().filter(|d| !d.is_kxdp()).collect();
     let _ = write!(out, "| Services |");
     for d in &duts {
         let _ = write!(out, " {} |", d.short());
@@ -410,6 +418,7 @@ pub fn targets(res: &Results) -> Vec<Target> {
 /// Issue 20's targets for adaptive polling: forwarding at saturation within 3% of busy
 /// polling's, at every Service count both ran; the worker at rest under 1% of a core.
 fn poll_mode_targets(res: &Results, out: &mut Vec<Target>) {
+    let ceiling = median(res.ceiling.iter().map(|r| r.received_pps));
     for p in &res.points {
         let (a, b) = (
             median_pps(&p.throughput, DutKind::KxdpAdaptive.name()),
@@ -424,15 +433,24 @@ fn poll_mode_targets(res: &Results, out: &mut Vec<Target>) {
                 services_noun(p.services)
             ),
             measured: match (a, b) {
-                (Some(a), Some(b)) => format!(
-                    "{} / {} pps = {:.1}%",
+                (Some(a), Some(b)) if b > 0.0 => format!(
+                    "{} / {} pps = {:.1}%{}",
                     thousands(a),
                     thousands(b),
-                    100.0 * a / b
+                    100.0 * a / b,
+                    if generator_bound(&p.throughput, ceiling) {
+                        " (busy polling was generator-bound)"
+                    } else {
+                        ""
+                    }
                 ),
                 _ => "—".into(),
             },
-            verdict: verdict(a.zip(b).map(|(a, b)| a >= 0.97 * b)),
+            verdict: verdict(
+                a.zip(b)
+                    .filter(|(_, b)| *b > 0.0)
+                    .map(|(a, b)| a >= 0.97 * b),
+            ),
         });
     }
     let at_rest: Vec<f64> = res

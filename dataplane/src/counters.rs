@@ -205,14 +205,12 @@ counters! {
         asleep_ns,
         /// Times the worker went to sleep.
         sleeps,
-        /// Times more than 100 µs passed between the starts of two polls of an awake worker
-        /// (a poll of full bursts takes tens of µs): it was off its core (preempted, or its
-        /// core's time taken by interrupts), and frames waited.
+        /// Times more than 100 µs passed between the end of one pass of an awake worker
+        /// and the start of the next: it was off its core (preempted, or its core's time
+        /// taken by interrupts), and frames waited.
         poll_gaps_over_100us,
         /// Of those, the ones over a millisecond: the latency tail's own count.
         poll_gaps_over_1ms,
-        /// The longest such interval (ns), since start.
-        poll_gap_max_ns,
     }
     device {
         tx_ring_full => "dev_tx_ring_full",

@@ -23,10 +23,10 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 /// How a worker waits for packets (`--poll-mode`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum PollMode {
-    /// Poll without pause: the lowest latency, a whole core always (gateway nodes).
+    /// Poll without pause: the lowest latency, a whole core always (dedicated gateways).
     Busy,
     /// Busy-poll while there is traffic; after [`ADAPTIVE_IDLE`] without a frame, sleep
-    /// until one arrives (nodes with pods).
+    /// until one arrives (the default: nodes with pods).
     #[default]
     Adaptive,
     /// Sleep as soon as a poll finds nothing: the least CPU, each quiet spell's first

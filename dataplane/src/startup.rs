@@ -85,13 +85,12 @@ pub struct Args {
     /// node's own connections never collide with them.
     #[arg(long, default_value = "61000-65535", value_parser = port_range)]
     pub masquerade_ports: (u16, u16),
-    /// How workers wait for packets: `busy` polls without pause (a core per worker,
-    /// always); `adaptive` polls while there is traffic and sleeps until the next frame
-    /// after 200 µs without one; `interrupt` sleeps whenever a poll finds nothing. The
-    /// default is adaptive where pods may be attached (--pods, or --max-pods above 0),
-    /// busy on a gateway without pods.
-    #[arg(long, value_enum)]
-    pub poll_mode: Option<crate::idle::PollMode>,
+    /// How workers wait for packets: `adaptive` polls while there is traffic and sleeps
+    /// until the next frame after 200 µs without one (a node's agent costs nothing at
+    /// rest); `busy` polls without pause, a core per worker always (dedicated gateways:
+    /// the lowest latency); `interrupt` sleeps whenever a poll finds nothing.
+    #[arg(long, value_enum, default_value_t = crate::idle::PollMode::Adaptive)]
+    pub poll_mode: crate::idle::PollMode,
     /// Take over from the kxdp-dataplane running on --socket: its tables, connections and
     /// neighbours, then its interfaces (it stops and exits), so that established
     /// connections survive a restart or an upgrade. Fails, leaving it running, if it
@@ -122,20 +121,6 @@ pub struct Args {
     /// lists (`2,3`, `2-5`): give them cores isolated with `isolcpus=`/`nohz_full=`.
     #[arg(long, value_parser = core_list)]
     pub cores: Option<CoreList>,
-}
-
-impl Args {
-    /// The workers' [`PollMode`](crate::idle::PollMode): as given, else adaptive on a node
-    /// that serves pods and busy on a gateway without them.
-    pub fn poll_mode(&self) -> crate::idle::PollMode {
-        use crate::idle::PollMode;
-        self.poll_mode
-            .unwrap_or(if self.pods.is_empty() && self.max_pods == 0 {
-                PollMode::Busy
-            } else {
-                PollMode::Adaptive
-            })
-    }
 }
 
 /// Where a test makes a successor fail (`--handover-fault`).

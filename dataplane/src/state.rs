@@ -279,7 +279,10 @@ impl Shared {
             .tables_in_use(tables.generation, &tables.policy);
         let tables = Arc::new(tables);
         self.tables.store(tables.clone());
-        // A sleeping worker takes them up now: worker 0 solicits new pods at once.
+        // Sleeping workers pass once with them. Nothing waits on it (a sleeping worker
+        // holds no frame for the tables to decide, and worker 0 solicits new pods at its
+        // next housekeeping, within 100 ms, awake or not): a wake-up is cheap, and a pass
+        // that begins with the new tables is what table changes promise.
         self.wakers.wake_all();
         if !filter {
             return;

@@ -28,8 +28,9 @@ const HOUSEKEEPING: u64 = SECOND / 10;
 /// seconds apart.
 const PUBLISH: u64 = SECOND / 100;
 
-/// An interval between two polls of an awake worker above which it is counted as a gap
-/// (`poll_gaps_over_100us`): the worker was kept off its core, and its frames waited.
+/// An interval between the end of one pass and the start of the next above which it is
+/// counted as a gap (`poll_gaps_over_100us`): the worker was kept off its core, and its
+/// frames waited.
 const POLL_GAP: u64 = 100_000;
 
 /// A worker: its device, its counters, and a handle on the shared state.
@@ -166,43 +167,47 @@ impl<D: Device> Worker<D> {
     /// `epoch` (all workers share one epoch, so conntrack times agree), waiting for
     /// packets as `mode` says (`crate::idle`): busy-polling throughout, or asleep on the
     /// device's sockets and the worker's eventfd once a poll, or a spell of polls, found
-    /// nothing. Frames held for an unresolved neighbour keep the worker polling until
-    /// they are sent or dropped. The time awake and asleep is counted.
+    /// nothing. Frames held for an unresolved neighbour, or queued for the kernel to send,
+    /// keep the worker polling until they are gone. The time awake and asleep is counted,
+    /// and so are the gaps between the end of one pass and the start of the next: the
+    /// worker off its core.
     pub fn run(mut self, stop: &AtomicBool, epoch: Instant, mode: PollMode) -> Worker<D> {
         let shared = self.shared.clone();
         let waker = shared.wakers.of(self.id);
-        let mode = if waker.is_some() {
-            mode
-        } else {
-            PollMode::Busy
-        };
         let clock = || epoch.elapsed().as_nanos() as u64;
+        // The end of the last pass (or sleep), and the start of the last pass with frames.
         let (mut last, mut last_frame) = (clock(), clock());
-        while !stop.load(Ordering::Relaxed) {
-            let now = clock();
-            let gap = now - last;
-            self.counters.awake_ns += gap;
+        while !stop.load(Ordering::Acquire) {
+            let start = clock();
+            let gap = start - last;
             if gap > POLL_GAP {
-                // Off its core since the last poll (a poll itself takes microseconds).
+                // Kept off its core: nothing between two passes takes this long.
                 self.counters.poll_gaps_over_100us += 1;
                 self.counters.poll_gaps_over_1ms += u64::from(gap > 1_000_000);
-                self.counters.poll_gap_max_ns = self.counters.poll_gap_max_ns.max(gap);
             }
-            last = now;
-            if self.poll(now) > 0 {
-                last_frame = now;
+            let handled = self.poll(start);
+            let end = clock();
+            self.counters.awake_ns += end - last;
+            last = end;
+            if handled > 0 {
+                last_frame = start;
                 continue;
             }
             match waker {
-                Some(waker) if mode.sleeps_after(now - last_frame) && self.limiter.held() == 0 => {
+                Some(waker)
+                    if mode.sleeps_after(start - last_frame)
+                        && self.limiter.held() == 0
+                        && !self.dev.tx_pending() =>
+                {
                     idle::sleep(&self.dev.wait_fds(), waker, idle::SLEEP_LONGEST);
                     let woke = clock();
-                    self.counters.asleep_ns += woke - now;
+                    self.counters.asleep_ns += woke - end;
                     self.counters.sleeps += 1;
                     // Woken by a frame, the poll finds it and a spell of polling follows;
                     // by a timeout or its eventfd, the worker sleeps again after one pass.
                     last = woke;
                 }
+                // No eventfd (descriptors exhausted at start): never sleeps.
                 _ => std::hint::spin_loop(),
             }
         }

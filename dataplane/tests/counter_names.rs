@@ -40,7 +40,6 @@ fn distinct() -> Counters {
         sleeps: 23,
         poll_gaps_over_100us: 24,
         poll_gaps_over_1ms: 25,
-        poll_gap_max_ns: 26,
         drops: std::array::from_fn(|i| 100 + i as u64),
         device: pktio::DeviceStats {
             rx_frames: 998,
@@ -86,7 +85,6 @@ fn expected() -> BTreeMap<String, u64> {
         ("sleeps", 23),
         ("poll_gaps_over_100us", 24),
         ("poll_gaps_over_1ms", 25),
-        ("poll_gap_max_ns", 26),
         ("dev_tx_ring_full", 201),
         ("dev_alloc_failed", 202),
         ("dev_wakeups", 203),

@@ -68,6 +68,13 @@ pub trait Device {
         Vec::new()
     }
 
+    /// Whether frames queued for transmission are still waiting for the kernel to take
+    /// them (an AF_XDP copy-mode socket sends a few dozen per wake-up): a worker that
+    /// sleeps now would leave them until something wakes it.
+    fn tx_pending(&mut self) -> bool {
+        false
+    }
+
     /// Opens `port` at run time on queue `queue` of interface `ifindex` (a pod attached
     /// while the worker runs); returns the descriptor to steer the queue to, if the device
     /// has one. Devices with a fixed set of ports refuse.

@@ -211,8 +211,8 @@ fn run(args: Args) -> Result<()> {
     };
     // The connection table is allocated here, before a running dataplane is asked.
     let shared = Arc::new(Shared::new(ports.clone(), workers as usize, limits));
-    let _ = shared.poll_mode.set(args.poll_mode());
-    log::info!("workers poll in {} mode", args.poll_mode().name());
+    let _ = shared.poll_mode.set(args.poll_mode);
+    log::info!("workers poll in {} mode", args.poll_mode.name());
     let epoch = Instant::now();
     // Pod interfaces a CNI plugin attached (to this process or a predecessor): found by
     // their aliases, opened by the workers when they start.
@@ -251,7 +251,7 @@ fn run(args: Args) -> Result<()> {
         uplink: args.uplink.clone(),
         cfg,
         cores,
-        poll_mode: args.poll_mode(),
+        poll_mode: args.poll_mode,
         epoch,
         server: server.clone(),
     };
@@ -395,8 +395,6 @@ fn take_over(args: &Args, plan: &Plan, shared: &Arc<Shared>) -> Result<(Attachme
     Ok((attached, pid))
 }
 
-/// What attaching means for this process: the same every time it attaches (at start, and
-/// again after a successor failed).
 /// How often the main thread sweeps a slice of the connection table (and looks for a
 /// successor's handover request).
 const SWEEP_TICK: Duration = Duration::from_millis(10);
@@ -410,6 +408,8 @@ const SWEEP_SLICES: usize = 100;
 /// Ticks between looks for pod interfaces that vanished without a CNI DEL (200 ms).
 const PRUNE_TICKS: u64 = 20;
 
+/// What attaching means for this process: the same every time it attaches (at start, and
+/// again after a successor failed).
 struct Plan {
     ports: Vec<PortConfig>,
     workers: u32,
@@ -439,7 +439,7 @@ impl Attachment {
     /// Stops the workers and lets go of every interface (sockets closed, programs
     /// detached, host redirect removed).
     fn release(self, shared: &Shared) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop.store(true, Ordering::Release);
         shared.wakers.wake_all();
         for h in self.workers {
             let _ = h.join();

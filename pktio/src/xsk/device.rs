@@ -316,6 +316,13 @@ impl Device for XskDevice {
         self.ports.iter().flatten().map(|p| p.sock.fd()).collect()
     }
 
+    fn tx_pending(&mut self) -> bool {
+        self.ports
+            .iter_mut()
+            .flatten()
+            .any(|p| p.sock.tx.outstanding() > 0)
+    }
+
     fn open_port(
         &mut self,
         port: PortId,
