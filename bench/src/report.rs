@@ -379,6 +379,13 @@ pub fn targets(res: &Results) -> Vec<Target> {
                     if o.1.is_none() && not_run(p, dut).is_none() {
                         continue;
                     }
+                    // (kxdp's p50, p99; the other's p50, p99) when all four were measured.
+                    let both = match (k, o) {
+                        ((Some(k50), Some(k99)), (Some(o50), Some(o99))) => {
+                            Some((k50, k99, o50, o99))
+                        }
+                        _ => None,
+                    };
                     out.push(Target {
                         target: format!(
                             "latency at {} pps, {}: {} p99 ≤ {dut}'s, p50 lower",
@@ -386,24 +393,19 @@ pub fn targets(res: &Results) -> Vec<Target> {
                             services_noun(n),
                             kx.name()
                         ),
-                        measured: match (k, o) {
-                            ((Some(k50), Some(k99)), (Some(o50), Some(o99))) => format!(
+                        measured: match both {
+                            Some((k50, k99, o50, o99)) => format!(
                                 "p50 {} vs {} µs, p99 {} vs {} µs",
                                 us(Some(k50)),
                                 us(Some(o50)),
                                 us(Some(k99)),
                                 us(Some(o99))
                             ),
-                            _ => not_run(p, dut)
+                            None => not_run(p, dut)
                                 .or_else(|| not_run(p, kx.name()))
                                 .unwrap_or_else(|| "—".into()),
                         },
-                        verdict: verdict(match (k, o) {
-                            ((Some(k50), Some(k99)), (Some(o50), Some(o99))) => {
-                                Some(k99 <= o99 && k50 < o50)
-                            }
-                            _ => None,
-                        }),
+                        verdict: verdict(both.map(|(k50, k99, o50, o99)| k99 <= o99 && k50 < o50)),
                     });
                 }
             }

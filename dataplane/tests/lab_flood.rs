@@ -13,20 +13,6 @@ use std::process::{Command, Stdio};
 use common::Running;
 use lab::Lab;
 
-fn stats(node: &Running) -> serde_json::Value {
-    let out = Command::new(common::bin("kxdp"))
-        .args([
-            "stats",
-            "-o",
-            "json",
-            "--socket",
-            &node.socket.to_string_lossy(),
-        ])
-        .output()
-        .unwrap();
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 fn counter(stats: &serde_json::Value, name: &str) -> u64 {
     stats["workers"]
         .as_array()
@@ -58,7 +44,7 @@ fn a_syn_flood_fills_the_table_without_hurting_established_connections() {
         .nth(2)
         .unwrap()
         .to_string();
-    let capacity = stats(&node)["conntrack"]["capacity"].as_u64().unwrap();
+    let capacity = node.stats()["conntrack"]["capacity"].as_u64().unwrap();
 
     // Established connections first, held through the flood.
     let held = {
@@ -89,7 +75,7 @@ fn a_syn_flood_fills_the_table_without_hurting_established_connections() {
     };
     flood("syn", "5000", "192.168.0.2:30080");
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let s = stats(&node);
+    let s = node.stats();
     let entries = s["conntrack"]["entries"].as_u64().unwrap();
     assert!(
         entries <= capacity,
@@ -105,17 +91,17 @@ fn a_syn_flood_fills_the_table_without_hurting_established_connections() {
         !common::answers(&got)[0].0.starts_with("error"),
         "a new flow into a table full of a flood's SYNs: {got:?}"
     );
-    assert!(counter(&stats(&node), "conntrack_early_drop") > early);
+    assert!(counter(&node.stats(), "conntrack_early_drop") > early);
 
     // Later fragments and malformed headers to a Service address (the uplink's filter
     // sends those to kxdp; to the node's own address they would be the kernel's).
-    let before = stats(&node);
+    let before = node.stats();
     flood("fragments", "3000", "172.30.0.41:80");
     flood("garbage", "3000", "172.30.0.41:80");
     // Wait until the worker has handled everything that arrived (bounded).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     let (s, arrived, fragments, malformed) = loop {
-        let s = stats(&node);
+        let s = node.stats();
         let lost = |s: &serde_json::Value| {
             counter(s, "kernel_rx_dropped") + counter(s, "kernel_rx_ring_full")
         };
@@ -156,7 +142,7 @@ fn a_syn_flood_fills_the_table_without_hurting_established_connections() {
     }
     eprintln!(
         "flood: table {entries}/{capacity}, {} entries evicted for new flows; established connections' longest echo wait {:.0} ms",
-        counter(&stats(&node), "conntrack_early_drop"),
+        counter(&node.stats(), "conntrack_early_drop"),
         lines
             .iter()
             .map(|l| l["max_gap_ms"].as_f64().unwrap())

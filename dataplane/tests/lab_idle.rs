@@ -46,12 +46,7 @@ fn cpu_share(pid: u32, tid: u32, span: Duration) -> f64 {
 
 /// Worker 0's counter `name`, from `kxdp stats -o json`.
 fn counter(node: &Running, name: &str) -> u64 {
-    let out = std::process::Command::new(common::bin("kxdp"))
-        .args(["stats", "-o", "json", "--socket"])
-        .arg(&node.socket)
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = node.stats();
     assert_eq!(v["poll_mode"], "adaptive", "{v}");
     v["workers"][0][name].as_u64().unwrap()
 }

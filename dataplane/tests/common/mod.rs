@@ -212,6 +212,21 @@ impl Running {
         }
     }
 
+    /// `kxdp stats -o json` of the dataplane.
+    pub fn stats(&self) -> serde_json::Value {
+        let out = Command::new(bin("kxdp"))
+            .args(["stats", "-o", "json", "--socket"])
+            .arg(&self.socket)
+            .output()
+            .expect("run kxdp stats");
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "kxdp stats -o json: {e}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
     /// The namespace of pod `name`, or of "outside".
     pub fn ns(&self, name: &str) -> String {
         if name == "outside" {
