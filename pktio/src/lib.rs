@@ -10,6 +10,7 @@
 
 pub mod capture;
 pub mod device;
+pub mod fdpass;
 pub mod mem;
 pub mod netns;
 pub mod xsk;

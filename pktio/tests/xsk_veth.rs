@@ -348,6 +348,116 @@ fn removing_and_detaching_stops_the_redirect() {
     });
 }
 
+/// What a successor process does with a running device (issue 20): the same sockets, UMEM
+/// and link, taken over in place. Frames waiting in the RX ring and frames queued on the
+/// TX ring at the handover are all delivered, the interface keeps its link (now running
+/// the successor's program), and every chunk is accounted for.
+#[test]
+fn a_successor_takes_the_rings_and_the_link_in_place_and_loses_no_frame() {
+    if skip("a_successor_takes_the_rings_and_the_link_in_place_and_loses_no_frame") {
+        return;
+    }
+    let ns = NetnsGuard::new("kxdp-xsk").unwrap();
+    veth(&ns, "va", "vb");
+    in_ns(&ns, || {
+        let a = xsk::ifindex("va").unwrap();
+        let prog = XdpProgram::attach(a, 1, XdpMode::Auto).unwrap();
+        let (link_id, old_program) = (prog.link_id().unwrap(), prog.program_id().unwrap());
+        let cfg = small_config();
+        let mut dev = XskDevice::new(&[(a, 0)], &cfg).unwrap();
+        prog.insert(0, dev.socket_fd(0)).unwrap();
+        let b = PacketSocket::open("vb");
+        let capture_b = PacketSocket::open("vb");
+
+        // Some frames taken by the predecessor, some left waiting in its RX ring, some
+        // queued for sending and not yet flushed.
+        for seq in 0..8 {
+            b.send(&test_frame(seq));
+        }
+        assert_eq!(recv_test_frames(&mut dev, 0, 8, DEADLINE).len(), 8);
+        let waiting: Vec<Vec<u8>> = (100..100 + N).map(test_frame).collect();
+        for f in &waiting {
+            b.send(f);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let queued: Vec<Vec<u8>> = (200..200 + N / 2).map(test_frame).collect();
+        for f in &queued {
+            let mut frame = dev.alloc().expect("a free frame");
+            frame.len = f.len() as u32;
+            dev.packet_mut(frame).copy_from_slice(f);
+            assert!(dev.send(0, frame));
+        }
+
+        // The handover: duplicates stand for the descriptors passed over a socket.
+        let umem = xsk::HandedUmem::map(dev.umem_fd().try_clone_to_owned().unwrap(), &cfg).unwrap();
+        let (state, fds) = dev.handover();
+        let fds: Vec<_> = fds
+            .iter()
+            .map(|f| f.try_clone_to_owned().unwrap())
+            .collect();
+        let next_prog = XdpProgram::load_detached(a, 1, xsk::Steering::RedirectAll).unwrap();
+        let mut next =
+            XskDevice::adopt(state, umem, fds, |i, q| (i == a && q == 0).then_some(0)).unwrap();
+        next_prog.insert(0, next.socket_fd(0)).unwrap();
+        let link = prog.link_fd().unwrap().try_clone_to_owned().unwrap();
+        next_prog.take_link(link, prog.mode()).unwrap();
+        drop(dev);
+        drop(prog);
+        assert_eq!(next_prog.link_id().unwrap(), link_id, "the same link");
+        assert_ne!(
+            next_prog.program_id().unwrap(),
+            old_program,
+            "running the new program"
+        );
+
+        // Compared by sequence number: a failure prints a line, not kilobytes.
+        let seqs = |frames: &[Vec<u8>]| -> Vec<u32> {
+            frames
+                .iter()
+                .map(|f| u32::from_be_bytes([f[14], f[15], f[16], f[17]]))
+                .collect()
+        };
+        let got = recv_test_frames(&mut next, 0, N, DEADLINE);
+        assert_eq!(
+            got,
+            waiting,
+            "the frames waiting in the RX ring, in order: {:?}",
+            seqs(&got)
+        );
+        let out = capture(&mut next, &capture_b, N / 2);
+        assert_eq!(
+            out,
+            queued,
+            "the frames queued on the TX ring, sent: {:?}",
+            seqs(&out)
+        );
+        let after: Vec<Vec<u8>> = (300..300 + N).map(test_frame).collect();
+        for f in &after {
+            b.send(f);
+        }
+        let got = recv_test_frames(&mut next, 0, N, DEADLINE);
+        assert_eq!(
+            got,
+            after,
+            "redirected to the same socket after the predecessor let go: {:?}",
+            seqs(&got)
+        );
+        // Every chunk comes home to the successor.
+        for _ in 0..MAX_ROUNDS {
+            next.flush();
+            if next.free_frames() + next.fill_share() as usize == cfg.frame_count as usize {
+                break;
+            }
+            std::thread::sleep(ROUND);
+        }
+        assert_eq!(
+            next.free_frames() + next.fill_share() as usize,
+            cfg.frame_count as usize
+        );
+        assert_eq!(next.stats().frames_lost, 0);
+    });
+}
+
 #[test]
 fn binding_a_missing_queue_says_what_to_check() {
     if skip("binding_a_missing_queue_says_what_to_check") {

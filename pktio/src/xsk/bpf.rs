@@ -16,8 +16,8 @@
 use std::cell::RefCell;
 use std::io;
 use std::mem::size_of;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::Mutex;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::{Mutex, OnceLock};
 
 use libbpf_rs::{MapCore, ObjectBuilder, PrintLevel};
 
@@ -37,6 +37,9 @@ const BPF_MAP_UPDATE_ELEM: libc::c_int = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_int = 3;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_int = 15;
 const BPF_LINK_CREATE: libc::c_int = 28;
+const BPF_LINK_UPDATE: libc::c_int = 29;
+/// `enum bpf_link_type`'s `BPF_LINK_TYPE_XDP`.
+const BPF_LINK_TYPE_XDP: u32 = 6;
 const BPF_XDP: u32 = 37;
 const BPF_ANY: u64 = 0;
 const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
@@ -74,6 +77,16 @@ struct LinkCreateAttr {
     flags: u32,
 }
 
+/// `union bpf_attr` for BPF_LINK_UPDATE.
+#[repr(C)]
+#[derive(Default)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+}
+
 /// `union bpf_attr` for BPF_OBJ_GET_INFO_BY_FD.
 #[repr(C)]
 #[derive(Default)]
@@ -91,6 +104,9 @@ struct LinkInfo {
     id: u32,
     prog_id: u32,
     _pad: u32,
+    /// The first word of the type's part: an XDP link's interface index.
+    ifindex: u32,
+    _pad2: u32,
 }
 
 /// `bpf(cmd, attr, sizeof attr)`; returns the new descriptor (or 0) on success.
@@ -203,15 +219,19 @@ pub(super) struct Maps {
 ///
 /// Dropping it closes the link (the program detaches), the program and the maps.
 pub struct XdpProgram {
-    /// Declared first so the program detaches before the rest closes.
-    link: OwnedFd,
+    /// Declared first so the program detaches before the rest closes. `None` for a
+    /// program loaded to take over a predecessor's link ([`XdpProgram::load_detached`]).
+    link: OnceLock<OwnedFd>,
     _prog: OwnedFd,
     pub(super) maps: Maps,
     /// What the filter tables hold, kept to compute differences and to write the config
     /// array whole; the lock also serialises updates.
     pub(super) installed: Mutex<Installed>,
     queues: u32,
-    mode: XdpMode,
+    /// `Native` or `Generic` once attached.
+    mode: OnceLock<XdpMode>,
+    /// The interface.
+    ifindex: u32,
     /// Interface name, for messages.
     pub(super) target: String,
 }
@@ -273,12 +293,13 @@ impl XdpProgram {
                         ),
                     }
                     return Ok(XdpProgram {
-                        link,
+                        link: OnceLock::from(link),
                         _prog: prog,
                         maps,
                         installed: Mutex::new(installed),
                         queues,
-                        mode: m,
+                        mode: OnceLock::from(m),
+                        ifindex,
                         target,
                     });
                 }
@@ -294,24 +315,105 @@ impl XdpProgram {
         Err(XskError::os(ATTACH, target, err))
     }
 
-    /// The mode in effect: `Native` or `Generic`.
+    /// Loads the program as [`XdpProgram::attach_steering`] does, for interface `ifindex`,
+    /// without attaching it: fill its XSKMAP and tables, then [`XdpProgram::take_link`] a
+    /// predecessor's link, which puts it in place of the predecessor's program in one step.
+    pub fn load_detached(
+        ifindex: u32,
+        queues: u32,
+        steering: Steering,
+    ) -> Result<XdpProgram, XskError> {
+        let target = ifname(ifindex);
+        let queues = queues.max(1);
+        let (prog, maps) = load(queues, &target)?;
+        let installed = Installed::new(steering);
+        maps.config
+            .update(&[0u8; 4], &installed.config_value())
+            .map_err(|e| XskError::os(UPDATE_MAP, target.clone(), e))?;
+        Ok(XdpProgram {
+            link: OnceLock::new(),
+            _prog: prog,
+            maps,
+            installed: Mutex::new(installed),
+            queues,
+            mode: OnceLock::new(),
+            ifindex,
+            target,
+        })
+    }
+
+    /// Makes `link`, a predecessor's XDP link on this program's interface attached in
+    /// `mode`, run this program (`BPF_LINK_UPDATE`): every frame after the call sees this
+    /// program, every frame before it the old one; the interface is never without one.
+    /// The link is this program's from now on. Fails for a program attached already.
+    pub fn take_link(&self, link: OwnedFd, mode: XdpMode) -> Result<(), XskError> {
+        if self.link.get().is_some() {
+            return Err(XskError::os(
+                ATTACH,
+                self.target.clone(),
+                io::Error::other("the program is attached already"),
+            ));
+        }
+        let info = link_info(&link).map_err(|e| XskError::os(ATTACH, self.target.clone(), e))?;
+        if info.link_type != BPF_LINK_TYPE_XDP || info.ifindex != self.ifindex {
+            return Err(XskError::os(
+                ATTACH,
+                self.target.clone(),
+                io::Error::other(format!(
+                    "the handed link {} is not an XDP link on this interface (type {}, ifindex {})",
+                    info.id, info.link_type, info.ifindex
+                )),
+            ));
+        }
+        let mut attr = LinkUpdateAttr {
+            link_fd: link.as_raw_fd() as u32,
+            new_prog_fd: self._prog.as_raw_fd() as u32,
+            ..LinkUpdateAttr::default()
+        };
+        // SAFETY: LinkUpdateAttr is the BPF_LINK_UPDATE layout and holds no pointers.
+        unsafe { bpf(BPF_LINK_UPDATE, &mut attr) }
+            .map_err(|e| XskError::os(ATTACH, self.target.clone(), e))?;
+        let _ = self.link.set(link);
+        let _ = self.mode.set(mode);
+        log::info!(
+            "{}: kxdp XDP program {} took over BPF link {} in {mode:?} mode",
+            self.target,
+            self.program_id().unwrap_or(0),
+            info.id
+        );
+        Ok(())
+    }
+
+    /// The link that holds the attachment, for a successor ([`XdpProgram::take_link`]).
+    pub fn link_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.link.get().map(AsFd::as_fd)
+    }
+
+    /// The mode in effect: `Native` or `Generic` (`Auto` while detached).
     pub fn mode(&self) -> XdpMode {
-        self.mode
+        self.mode.get().copied().unwrap_or(XdpMode::Auto)
+    }
+
+    fn attached_info(&self) -> Result<LinkInfo, XskError> {
+        let link = self.link.get().ok_or_else(|| {
+            XskError::os(
+                ATTACH,
+                self.target.clone(),
+                io::Error::other("the program is not attached"),
+            )
+        })?;
+        link_info(link).map_err(|e| XskError::os(ATTACH, self.target.clone(), e))
     }
 
     /// The kernel's id of the BPF link that holds the attachment, as `bpftool link show`
     /// lists it: `bpftool link detach id ID` detaches the program by hand.
     pub fn link_id(&self) -> Result<u32, XskError> {
-        link_info(&self.link)
-            .map(|i| i.id)
-            .map_err(|e| XskError::os(ATTACH, self.target.clone(), e))
+        self.attached_info().map(|i| i.id)
     }
 
     /// The kernel's id of the attached program, as `ip link show` prints it (`prog/xdp id`).
     pub fn program_id(&self) -> Result<u32, XskError> {
-        link_info(&self.link)
-            .map(|i| i.prog_id)
-            .map_err(|e| XskError::os(ATTACH, self.target.clone(), e))
+        self.attached_info().map(|i| i.prog_id)
     }
 
     /// Steers receive queue `queue` into AF_XDP socket `socket_fd` (bound to that queue of
@@ -531,7 +633,9 @@ mod tests {
         assert_eq!(size_of::<MapElemAttr>(), 32);
         assert_eq!(size_of::<LinkCreateAttr>(), 16);
         assert_eq!(size_of::<InfoAttr>(), 16);
+        assert_eq!(size_of::<LinkUpdateAttr>(), 16);
         assert_eq!(std::mem::offset_of!(LinkInfo, prog_id), 8);
+        assert_eq!(std::mem::offset_of!(LinkInfo, ifindex), 16);
     }
 
     #[test]

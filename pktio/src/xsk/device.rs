@@ -5,7 +5,7 @@
 //! TX ring → (kernel transmits) → completion ring → free stack. A frame received on one port
 //! can go straight onto another port's TX ring: same UMEM, no copy.
 
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use crate::device::{Device, DeviceStats, Frame, PortId};
 
@@ -25,6 +25,9 @@ const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 
 struct Port {
     sock: XskSocket,
+    /// The interface and queue it is bound to.
+    ifindex: u32,
+    queue: u32,
     /// Completions reaped from this socket: with the TX ring's consumer index, how many
     /// transmitted frames the kernel still holds.
     completed: u32,
@@ -117,16 +120,124 @@ impl XskDevice {
         }
         self.ports[port] = Some(Port {
             sock,
+            ifindex,
+            queue,
             completed: 0,
             fill_share,
         });
         Ok(())
     }
 
+    /// The UMEM's memfd, for a successor to map ahead of the handover ([`HandedUmem`]).
+    pub fn umem_fd(&self) -> BorrowedFd<'_> {
+        self.umem.fd()
+    }
+
+    /// What a successor process needs to take this device over, with the descriptors to
+    /// pass it: one socket per entry of [`DeviceHandover::sockets`] (the UMEM's went
+    /// before, [`XskDevice::umem_fd`]). Frames sent since the last flush are published on
+    /// the TX rings first, for the successor to flush. Call with the device idle (its
+    /// worker stopped, no frame held outside the free stack and the rings); the device must
+    /// not be used again once the successor has taken it.
+    pub fn handover(&mut self) -> (DeviceHandover, Vec<BorrowedFd<'_>>) {
+        for p in self.ports.iter_mut().flatten() {
+            p.sock.tx.submit();
+            p.sock.fill.submit();
+        }
+        let mut fds = Vec::new();
+        let mut sockets = Vec::new();
+        for p in self.ports.iter().flatten() {
+            fds.push(p.sock.fd());
+            sockets.push(HandedSocket {
+                ifindex: p.ifindex,
+                queue: p.queue,
+                completed: p.completed,
+                fill_share: p.fill_share,
+            });
+        }
+        let state = DeviceHandover {
+            cfg: self.cfg.clone(),
+            fill_share: self.fill_share,
+            start_ports: self.start_ports,
+            sockets,
+            free: self.free.chunks().to_vec(),
+        };
+        (state, fds)
+    }
+
+    /// Takes over a predecessor's device: its UMEM, mapped already, and its sockets `fds`
+    /// as [`XskDevice::handover`] gave them, placed at the port ids `place` gives their
+    /// (interface, queue). A socket with no place is closed and the frames it held are
+    /// counted lost (its interface may still steer to it until the predecessor lets go, so
+    /// they cannot be taken back).
+    pub fn adopt(
+        state: DeviceHandover,
+        umem: HandedUmem,
+        fds: Vec<OwnedFd>,
+        place: impl Fn(u32, u32) -> Option<PortId>,
+    ) -> Result<XskDevice, XskError> {
+        let cfg = state.cfg;
+        cfg.validate()?;
+        let handed = |what: &str| XskError::Config(format!("the handed device: {what}"));
+        if fds.len() != state.sockets.len() {
+            return Err(handed(&format!(
+                "{} descriptors for {} sockets",
+                fds.len(),
+                state.sockets.len()
+            )));
+        }
+        let total = cfg.umem_frames() as u32;
+        let umem = umem.0;
+        if umem.frame_size() != cfg.frame_size || umem.frames() != total {
+            return Err(handed("its UMEM has another size"));
+        }
+        let free = FreeFrames::from_list(&state.free, total, cfg.frame_size)
+            .ok_or_else(|| handed("its free frames are not chunks of its UMEM"))?;
+        let mut dev = XskDevice {
+            ports: Vec::new(),
+            umem,
+            free,
+            fill_share: state.fill_share,
+            cfg,
+            start_ports: state.start_ports,
+            stats: DeviceStats::default(),
+        };
+        for (h, fd) in state.sockets.into_iter().zip(fds) {
+            let mut sock = XskSocket::adopt(fd, h.ifindex, h.queue, &dev.cfg)?;
+            let Some(port) = place(h.ifindex, h.queue) else {
+                let lent = sock.held(h.completed);
+                dev.stats.frames_lost += u64::from(lent);
+                continue;
+            };
+            if dev.ports.get(port).is_some_and(Option::is_some) {
+                return Err(handed(&format!("two sockets for port {port}")));
+            }
+            if dev.ports.len() <= port {
+                dev.ports.resize_with(port + 1, || None);
+            }
+            dev.ports[port] = Some(Port {
+                sock,
+                ifindex: h.ifindex,
+                queue: h.queue,
+                completed: h.completed,
+                fill_share: h.fill_share,
+            });
+        }
+        Ok(dev)
+    }
+
     /// The AF_XDP socket of `port`, to insert into the interface's XSKMAP
     /// ([`super::XdpProgram::insert`]). Panics if `port >= port_count()`.
     pub fn socket_fd(&self, port: PortId) -> RawFd {
         self.open(port).sock.fd().as_raw_fd()
+    }
+
+    /// The AF_XDP socket of `port`, if it is open.
+    pub fn port_fd(&self, port: PortId) -> Option<RawFd> {
+        match self.ports.get(port) {
+            Some(Some(p)) => Some(p.sock.fd().as_raw_fd()),
+            _ => None,
+        }
     }
 
     fn open(&self, port: PortId) -> &Port {
@@ -192,6 +303,50 @@ impl XskDevice {
         p.sock.fill.submit();
         want
     }
+}
+
+/// A predecessor's UMEM mapped by its successor ahead of the handover, for
+/// [`XskDevice::adopt`].
+pub struct HandedUmem(Umem);
+
+impl HandedUmem {
+    /// Maps memfd `fd`, the UMEM of a device sized as `cfg` says
+    /// ([`XskDevice::umem_fd`]).
+    pub fn map(fd: OwnedFd, cfg: &XskConfig) -> Result<HandedUmem, XskError> {
+        let total = cfg.umem_frames() as u32;
+        Umem::adopt(fd, total, cfg.frame_size)
+            .map(HandedUmem)
+            .map_err(|e| XskError::os(MAP_UMEM, format!("{total} handed frames"), e))
+    }
+}
+
+/// One worker's AF_XDP device as a successor process takes it over
+/// ([`XskDevice::handover`], [`XskDevice::adopt`]); its descriptors travel beside it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceHandover {
+    /// Sizes of the UMEM and of every socket's rings.
+    pub cfg: XskConfig,
+    /// Chunks each fill ring of a port given at start is kept topped up to.
+    pub fill_share: u32,
+    /// Ports given at start.
+    pub start_ports: u32,
+    /// The sockets, in the order of their descriptors.
+    pub sockets: Vec<HandedSocket>,
+    /// The chunks free in user space, last out first.
+    pub free: Vec<u64>,
+}
+
+/// One socket of a [`DeviceHandover`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HandedSocket {
+    /// The interface it is bound to.
+    pub ifindex: u32,
+    /// Its queue.
+    pub queue: u32,
+    /// Completions reaped so far (with the TX ring's consumer index: what the kernel holds).
+    pub completed: u32,
+    /// Chunks its fill ring is kept topped up to.
+    pub fill_share: u32,
 }
 
 impl Device for XskDevice {

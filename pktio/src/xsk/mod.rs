@@ -29,7 +29,7 @@ use std::io;
 
 pub use bpf::{XdpMode, XdpProgram};
 pub use config::{FilterTables, Protocol, Steering};
-pub use device::XskDevice;
+pub use device::{DeviceHandover, HandedSocket, HandedUmem, XskDevice};
 pub use filter::FilterStats;
 pub use host::{HostRedirect, HostRedirectStats, HostTarget};
 pub use iface::{ifindex, ifname, ifname_of, queue_count};

@@ -66,6 +66,54 @@ impl XskSocket {
             sys::setsockopt(fd.as_fd(), libc::SOL_XDP, opt, &size)
                 .map_err(|e| os(SIZE_RINGS, e))?;
         }
+        let sock = XskSocket::map(fd, cfg, &target)?;
+        let (flags, shared_fd) = match umem {
+            UmemRole::Owner(_) => {
+                let mode = if cfg.zero_copy {
+                    libc::XDP_ZEROCOPY
+                } else {
+                    libc::XDP_COPY
+                };
+                (libc::XDP_USE_NEED_WAKEUP | mode, 0)
+            }
+            UmemRole::SharedWith(first) => (libc::XDP_SHARED_UMEM, first as u32),
+        };
+        let addr = libc::sockaddr_xdp {
+            sxdp_family: libc::AF_XDP as u16,
+            sxdp_flags: flags,
+            sxdp_ifindex: ifindex,
+            sxdp_queue_id: queue,
+            sxdp_shared_umem_fd: shared_fd,
+        };
+        // SAFETY: `addr` is a valid sockaddr_xdp for the length given, alive for the call.
+        let rc = unsafe {
+            libc::bind(
+                sock.fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_xdp).cast(),
+                size_of::<libc::sockaddr_xdp>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(os(BIND, io::Error::last_os_error()));
+        }
+        Ok(sock)
+    }
+
+    /// Takes over `fd`, a bound AF_XDP socket (a predecessor's) whose rings have the sizes
+    /// of `cfg`, on `ifindex`/`queue` (for messages): its rings are mapped again, with the
+    /// indexes where the predecessor left them.
+    pub fn adopt(
+        fd: OwnedFd,
+        ifindex: u32,
+        queue: u32,
+        cfg: &XskConfig,
+    ) -> Result<XskSocket, XskError> {
+        XskSocket::map(fd, cfg, &format!("{} queue {queue}", ifname(ifindex)))
+    }
+
+    /// Maps the four rings of socket `fd`, sized as `cfg` says.
+    fn map(fd: OwnedFd, cfg: &XskConfig, target: &str) -> Result<XskSocket, XskError> {
+        let os = |what, err| XskError::os(what, target.to_string(), err);
         let off: libc::xdp_mmap_offsets =
             sys::getsockopt(fd.as_fd(), libc::SOL_XDP, libc::XDP_MMAP_OFFSETS)
                 .map_err(|e| os(MAP_RINGS, e))?;
@@ -117,35 +165,6 @@ impl XskSocket {
         // SAFETY: the TX ring of this socket, consumed by the kernel; only producer.
         let tx = unsafe { ProdRing::new(m, l, cfg.tx_size) }.ok_or_else(bad_layout)?;
 
-        let (flags, shared_fd) = match umem {
-            UmemRole::Owner(_) => {
-                let mode = if cfg.zero_copy {
-                    libc::XDP_ZEROCOPY
-                } else {
-                    libc::XDP_COPY
-                };
-                (libc::XDP_USE_NEED_WAKEUP | mode, 0)
-            }
-            UmemRole::SharedWith(first) => (libc::XDP_SHARED_UMEM, first as u32),
-        };
-        let addr = libc::sockaddr_xdp {
-            sxdp_family: libc::AF_XDP as u16,
-            sxdp_flags: flags,
-            sxdp_ifindex: ifindex,
-            sxdp_queue_id: queue,
-            sxdp_shared_umem_fd: shared_fd,
-        };
-        // SAFETY: `addr` is a valid sockaddr_xdp for the length given, alive for the call.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&addr as *const libc::sockaddr_xdp).cast(),
-                size_of::<libc::sockaddr_xdp>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(os(BIND, io::Error::last_os_error()));
-        }
         Ok(XskSocket {
             rx,
             tx,
@@ -197,6 +216,17 @@ impl XskSocket {
                 std::ptr::null_mut(),
             );
         }
+    }
+
+    /// Chunks this socket holds outside user space's free stack, `completed` having been
+    /// reaped from its completion ring so far: lent on the fill ring, received and not
+    /// taken, on the TX ring, transmitted and not yet reaped.
+    pub fn held(&mut self, completed: u32) -> u32 {
+        let received = self.rx.peek(self.rx.size()).1;
+        self.fill.outstanding()
+            + received
+            + self.tx.outstanding()
+            + self.tx.consumed().wrapping_sub(completed)
     }
 
     /// Kernel counters of this socket (XDP_STATISTICS).

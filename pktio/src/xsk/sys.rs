@@ -6,7 +6,7 @@
 
 use std::io;
 use std::mem::size_of;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 
 /// `XDP_PACKET_HEADROOM` (include/uapi/linux/bpf.h): the kernel puts received packets this
@@ -24,7 +24,9 @@ pub(crate) struct Mmap {
 unsafe impl Send for Mmap {}
 
 impl Mmap {
-    /// A private anonymous read-write mapping of `len` bytes (the UMEM), zeroed and populated.
+    /// A private anonymous read-write mapping of `len` bytes, zeroed and populated (the
+    /// tests' rings).
+    #[cfg(test)]
     pub fn anonymous(len: usize) -> io::Result<Mmap> {
         // SAFETY: a fresh anonymous mapping aliases nothing; the result is checked below.
         let ptr = unsafe {
@@ -40,7 +42,8 @@ impl Mmap {
         Mmap::checked(ptr, len)
     }
 
-    /// A shared mapping of `len` bytes of `fd` at page offset `offset` (an AF_XDP ring).
+    /// A shared read-write mapping of `len` bytes of `fd` at offset `offset`, populated: an
+    /// AF_XDP ring (at its page offset) or the UMEM's memfd.
     pub fn shared(fd: BorrowedFd<'_>, len: usize, offset: u64) -> io::Result<Mmap> {
         // SAFETY: mapping a kernel object at a fresh address aliases no Rust memory; the
         // kernel checks `offset` and `len` against the ring and the result is checked below.
@@ -84,6 +87,34 @@ impl Drop for Mmap {
             libc::munmap(self.ptr.as_ptr().cast(), self.len);
         }
     }
+}
+
+/// A memfd of `len` zeroed bytes named `name` (close-on-exec).
+pub(crate) fn memfd(name: &str, len: usize) -> io::Result<OwnedFd> {
+    let name = std::ffi::CString::new(name).map_err(io::Error::other)?;
+    // SAFETY: `name` is NUL-terminated and outlives the call; the result is checked.
+    let raw = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: a plain call on the descriptor just made; the result is checked.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// The size of the file `fd` in bytes.
+pub(crate) fn file_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    // SAFETY: all-zero bytes are a valid `stat`, which fstat overwrites.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is writable for the whole struct for the call.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.st_size as u64)
 }
 
 /// Types for which every bit pattern is a valid value, so the kernel may fill them.

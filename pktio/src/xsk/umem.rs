@@ -1,18 +1,22 @@
-//! The UMEM: one worker's packet memory, an anonymous mapping cut into equal power-of-two
-//! chunks, registered with the kernel through the first socket and shared by the others.
+//! The UMEM: one worker's packet memory, a memfd mapped shared and cut into equal
+//! power-of-two chunks, registered with the kernel through the first socket and shared by
+//! the others. A memfd rather than anonymous memory so that a successor process handed the
+//! descriptor (`super::handover`) maps the same frames the kernel holds.
 //!
 //! Addresses are byte offsets into the UMEM. A packet's address may lie anywhere inside its
 //! chunk (the kernel puts received packets `XDP_PACKET_HEADROOM` in); its chunk is
 //! `addr & !(frame_size - 1)`.
 
 use std::io;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use super::sys::{self, Mmap};
 
 /// The mapped packet memory of one worker.
 pub(crate) struct Umem {
     map: Mmap,
+    /// The memory's descriptor, for a successor ([`Umem::fd`]).
+    fd: OwnedFd,
     frame_size: u32,
 }
 
@@ -20,10 +24,30 @@ impl Umem {
     /// Maps `frame_count` chunks of `frame_size` bytes (a power of two, checked by the caller).
     pub fn new(frame_count: u32, frame_size: u32) -> io::Result<Umem> {
         let len = frame_count as usize * frame_size as usize;
+        let fd = sys::memfd("kxdp-umem", len)?;
+        Umem::adopt(fd, frame_count, frame_size)
+    }
+
+    /// Maps the UMEM of `frame_count` chunks of `frame_size` bytes held by memfd `fd` (a
+    /// predecessor's); fails unless the memory has exactly that size.
+    pub fn adopt(fd: OwnedFd, frame_count: u32, frame_size: u32) -> io::Result<Umem> {
+        let len = frame_count as usize * frame_size as usize;
+        let size = sys::file_size(fd.as_fd())?;
+        if size != len as u64 {
+            return Err(io::Error::other(format!(
+                "the handed UMEM has {size} bytes, {frame_count} chunks of {frame_size} need {len}"
+            )));
+        }
         Ok(Umem {
-            map: Mmap::anonymous(len)?,
+            map: Mmap::shared(fd.as_fd(), len, 0)?,
+            fd,
             frame_size,
         })
+    }
+
+    /// The memory's descriptor.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 
     /// Registers the UMEM with the AF_XDP socket `fd` (XDP_UMEM_REG): aligned chunks, no
@@ -43,6 +67,11 @@ impl Umem {
     /// Size of one chunk.
     pub fn frame_size(&self) -> u32 {
         self.frame_size
+    }
+
+    /// Number of chunks.
+    pub fn frames(&self) -> u32 {
+        (self.map.len() / self.frame_size as usize) as u32
     }
 
     /// Asks the processor for the lines that hold `bytes` bytes from `addr` (the first and
@@ -129,6 +158,34 @@ impl FreeFrames {
     pub fn len(&self) -> usize {
         self.stack.len()
     }
+
+    /// The free chunks, last out first.
+    pub fn chunks(&self) -> &[u64] {
+        &self.stack
+    }
+
+    /// The chunks `list` names (a predecessor's free stack, last out first) of a UMEM of
+    /// `frame_count` chunks of `frame_size` bytes; `None` if one is not a chunk's start
+    /// inside it, or is named twice.
+    pub fn from_list(list: &[u64], frame_count: u32, frame_size: u32) -> Option<FreeFrames> {
+        let size = u64::from(frame_size);
+        let mut seen = vec![false; frame_count as usize];
+        for &base in list {
+            let slot = seen.get_mut(usize::try_from(base / size).ok()?)?;
+            if base % size != 0 || *slot {
+                return None;
+            }
+            *slot = true;
+        }
+        Some(FreeFrames {
+            stack: {
+                let mut stack = Vec::with_capacity(frame_count as usize);
+                stack.extend_from_slice(list);
+                stack
+            },
+            limit: frame_count as usize,
+        })
+    }
 }
 
 /// Requests the cache line holding `p` (a prefetch: the processor does not wait for it,
@@ -168,6 +225,24 @@ mod tests {
             umem.prefetch(addr, bytes);
         }
         assert!(umem.chunk_mut(0).0[256..330].iter().all(|b| *b == 9));
+    }
+
+    #[test]
+    fn a_handed_umem_shows_the_same_bytes_and_a_free_list_is_checked() {
+        let mut umem = Umem::new(2, 4096).unwrap();
+        umem.chunk_mut(4096 + 256).0[256] = 42;
+        let fd = umem.fd().try_clone_to_owned().unwrap();
+        let mut again = Umem::adopt(fd, 2, 4096).unwrap();
+        assert_eq!(again.chunk_mut(4096 + 256).0[256], 42);
+        let fd = umem.fd().try_clone_to_owned().unwrap();
+        let err = Umem::adopt(fd, 3, 4096).err().unwrap().to_string();
+        assert!(err.contains("8192 bytes"), "{err}");
+
+        let free = FreeFrames::from_list(&[4096, 0], 2, 4096).unwrap();
+        assert_eq!(free.chunks(), &[4096, 0]);
+        for bad in [&[0, 0][..], &[8192], &[100]] {
+            assert!(FreeFrames::from_list(bad, 2, 4096).is_none(), "{bad:?}");
+        }
     }
 
     #[test]
