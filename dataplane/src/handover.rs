@@ -1,33 +1,50 @@
-//! Handing a running dataplane's state to its successor, so that a restart or an upgrade
-//! keeps established connections.
+//! Handing a running dataplane's state and interfaces to its successor, so that a restart
+//! or an upgrade keeps established connections and the interfaces never stop forwarding.
 //!
-//! Two phases, so that a successor that fails never leaves the node without a dataplane:
+//! The successor (`kxdp-dataplane --takeover`, as root) checks what it can alone — its
+//! interfaces, their queues against its workers, the memory its connection table and
+//! frames need — and then connects to the running process's control socket and asks for a
+//! [`Message::Handover`] of its own [`VERSION`]. The running process refuses a version it
+//! does not speak and carries on. Otherwise:
 //!
-//! 1. The successor (`kxdp-dataplane --takeover`, as root) checks what it can alone — its
-//!    interfaces, their queues against its workers, the memory its connection table and
-//!    frames need — and then connects to the running process's control socket and asks
-//!    for a [`Message::Handover`] of its own [`VERSION`]. The running process refuses a
-//!    version it does not speak and carries on.
-//! 2. Otherwise the running process stops its workers, closes its AF_XDP sockets, detaches
-//!    its XDP programs (an interface takes one program and a queue one socket), and sends
-//!    its tables, connections and neighbours ([`Message::HandoverState`]). It keeps all of
-//!    them and waits on the same connection for the successor's word:
-//!    [`Message::HandoverDone`] once the successor's workers forward on every interface
-//!    (then it exits), or [`Message::HandoverAborted`]. Without the word within a deadline,
-//!    or if the connection drops, it kills a successor that is still there (it may hold
-//!    the interfaces), attaches again and forwards as before: a successor killed or failing
-//!    at any step costs a gap, never the node's forwarding.
-//!
-//! Packets arriving while the interfaces belong to nobody are lost, and TCP retransmits
-//! them; the gap is logged.
+//! 1. The running process, still forwarding, offers its tables and the shape of its rings
+//!    ([`Message::HandoverOffer`]: workers, UMEM and ring sizes, interfaces). The
+//!    successor installs the tables and prepares all it can: its XDP programs loaded but
+//!    not attached, the uplink's filter tables filled, the host redirect attached.
+//! 2. The successor asks for the rest ([`Message::HandoverTake`]). When its workers and
+//!    ring sizes match the running process's, and the interfaces it serves are among the
+//!    running one's, it asks for the rings: the running process stops its workers and
+//!    sends its connections and neighbours with every worker's UMEM (a memfd) and AF_XDP
+//!    sockets and every interface's XDP link, as descriptors (`SCM_RIGHTS`,
+//!    `pktio::fdpass`), with each device's free frames ([`Message::HandoverState`]). The
+//!    successor maps the same rings and frames, puts the sockets into its programs' maps,
+//!    swaps its programs into the links (`BPF_LINK_UPDATE`: no frame meets an interface
+//!    without a program), and starts its workers where the old ones stopped. Frames
+//!    arriving meanwhile wait in the rings; none is lost. Otherwise the running process
+//!    releases its interfaces (sockets closed, programs detached) before it sends its
+//!    state, and the successor attaches them again: packets arriving in between are lost
+//!    and TCP retransmits them (a gap of tenths of a second).
+//! 3. The running process keeps everything and waits on the same connection for the
+//!    successor's word: [`Message::HandoverDone`] once the successor forwards (then it
+//!    exits), or [`Message::HandoverAborted`]. Without the word within a deadline, or if
+//!    the connection drops, it kills a successor that is still there (it may hold the
+//!    interfaces), lets go of everything, attaches again and forwards as before: a
+//!    successor killed or failing at any step costs a gap, never the node's forwarding.
+//!    A successor that fails before step 2 costs nothing: the running process never
+//!    stopped.
 
 use std::io;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use std::os::fd::OwnedFd;
+
 use nat::conntrack::{Connection, FlowKey};
-use nat::wire::{self, HandedConnection, Message};
+use nat::wire::{
+    self, HandedConnection, HandedDevice, HandedRings, HandedSocket, Message, RingShape, RingSizes,
+};
+use pktio::xsk::{DeviceHandover, XskConfig};
 
 use crate::neighbors::Neighbor;
 use crate::server::access::Peer;
@@ -44,6 +61,14 @@ pub struct Successor {
     pub peer: Peer,
 }
 
+/// What the successor said next.
+enum Word {
+    /// A message other than an abort.
+    Said(Message),
+    /// It gave up, went away or kept silent: why.
+    Failed(String),
+}
+
 /// How a handover ended for the running process.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -54,35 +79,79 @@ pub enum Outcome {
 }
 
 impl Successor {
-    /// Sends `state` (the workers stopped and the interfaces released), then waits up to
-    /// `deadline` for the successor's word. A successor that says nothing in time, or says
-    /// something else, is killed, and waited for until its connection closes: whatever it
-    /// had attached is released when it is gone.
-    pub fn hand_over(mut self, state: &Message, deadline: Duration) -> Outcome {
-        // A successor that does not read blocks the write no longer than the deadline.
+    /// Sends the offer with the workers' UMEMs `umems` (the workers still forwarding) and
+    /// waits up to `deadline` for the successor's answer: `Ok(rings)`, whether it asks for
+    /// the rings in place, or `Err` with why it will not take over (a silent successor is
+    /// killed).
+    pub fn offer(
+        &mut self,
+        offer: &Message,
+        umems: &[std::os::fd::BorrowedFd<'_>],
+        deadline: Duration,
+    ) -> Result<bool, String> {
         let _ = self.stream.set_write_timeout(Some(deadline));
+        if let Err(e) = wire::write_message(&mut self.stream, offer) {
+            return Err(format!("the offer could not be sent ({e})"));
+        }
+        if let Err(e) = pktio::fdpass::send(&self.stream, umems) {
+            return Err(format!("the UMEMs could not be sent ({e})"));
+        }
+        match self.word(deadline) {
+            Word::Said(Message::HandoverTake { rings }) => Ok(rings),
+            Word::Said(other) => {
+                self.kill();
+                Err(format!("the successor answered {}", short(&other)))
+            }
+            Word::Failed(why) => Err(why),
+        }
+    }
+
+    /// Sends `state` (the workers stopped; with the rings, their descriptors `fds` follow),
+    /// then waits up to `deadline` for the successor's word. A successor that says nothing
+    /// in time, or says something else, is killed, and waited for until its connection
+    /// closes: whatever it had attached is released when it is gone.
+    pub fn hand_over(
+        mut self,
+        state: &Message,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+        deadline: Duration,
+    ) -> Outcome {
         if let Err(e) = wire::write_message(&mut self.stream, state) {
             return Outcome::Resume(format!("the state could not be sent ({e})"));
         }
-        let _ = self.stream.set_read_timeout(Some(deadline));
-        let why = match wire::read_message(&mut self.stream) {
-            Ok(Message::HandoverDone) => return Outcome::Done,
-            Ok(Message::HandoverAborted { reason }) => {
-                return Outcome::Resume(format!("the successor gave up: {reason}"));
+        if let Err(e) = pktio::fdpass::send(&self.stream, fds) {
+            return Outcome::Resume(format!("the rings could not be sent ({e})"));
+        }
+        match self.word(deadline) {
+            Word::Said(Message::HandoverDone) => Outcome::Done,
+            Word::Said(other) => {
+                self.kill();
+                Outcome::Resume(format!("the successor answered {}", short(&other)))
             }
-            Ok(other) => format!("the successor answered {}", short(&other)),
+            Word::Failed(why) => Outcome::Resume(why),
+        }
+    }
+
+    /// The successor's next message; an abort, a silence (the successor killed then) or a
+    /// broken connection as [`Word::Failed`].
+    fn word(&mut self, deadline: Duration) -> Word {
+        let _ = self.stream.set_read_timeout(Some(deadline));
+        match wire::read_message(&mut self.stream) {
+            Ok(Message::HandoverAborted { reason }) => {
+                Word::Failed(format!("the successor gave up: {reason}"))
+            }
+            Ok(msg) => Word::Said(msg),
             Err(e)
                 if matches!(
                     e.kind(),
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                format!("no word from the successor within {deadline:?}")
+                self.kill();
+                Word::Failed(format!("no word from the successor within {deadline:?}"))
             }
-            Err(e) => return Outcome::Resume(format!("the successor went away ({e})")),
-        };
-        self.kill();
-        Outcome::Resume(why)
+            Err(e) => Word::Failed(format!("the successor went away ({e})")),
+        }
     }
 
     /// Kills the successor and waits (up to 5 s) until its end of the connection closes.
@@ -127,10 +196,23 @@ fn short(msg: &Message) -> String {
 }
 
 /// The handover format this binary speaks (the table format's version is part of it).
-pub const VERSION: u32 = 1_000 + nat::spec::SPEC_VERSION;
+/// 2000s: the rings are offered in place.
+pub const VERSION: u32 = 2_000 + nat::spec::SPEC_VERSION;
 
-/// The running process's state, for its successor (call with the workers stopped).
-pub fn export(shared: &Shared, now: u64) -> Message {
+/// The running process's offer: its tables and `shape`.
+pub fn offer(shared: &Shared, shape: RingShape) -> Message {
+    let tables = shared.tables.load();
+    Message::HandoverOffer {
+        version: VERSION,
+        generation: tables.generation,
+        tables: Box::new(tables.spec.clone()),
+        shape,
+    }
+}
+
+/// The running process's state for its successor (call with the workers stopped), the
+/// tables only if they changed since `offered` (their generation in the offer).
+pub fn export(shared: &Shared, now: u64, offered: u64, rings: Option<HandedRings>) -> Message {
     let tables = shared.tables.load();
     let connections = shared
         .conntrack
@@ -161,23 +243,23 @@ pub fn export(shared: &Shared, now: u64) -> Message {
     Message::HandoverState {
         version: VERSION,
         generation: tables.generation,
-        tables: Box::new(tables.spec.clone()),
+        tables: (tables.generation != offered).then(|| Box::new(tables.spec.clone())),
         connections,
         neighbors,
+        rings,
     }
 }
 
-/// Installs a predecessor's state; returns how many connections were taken over.
-pub fn import(shared: &Shared, state: Message, now: u64) -> Result<usize, String> {
-    let Message::HandoverState {
+/// Installs a predecessor's offered tables; returns the shape of its rings.
+pub fn import_offer(shared: &Shared, offer: Message, now: u64) -> Result<RingShape, String> {
+    let Message::HandoverOffer {
         version,
         generation,
         tables,
-        connections,
-        neighbors,
-    } = state
+        shape,
+    } = offer
     else {
-        return Err(format!("expected the handed state, got {state:?}"));
+        return Err(format!("expected the offer, got {}", short(&offer)));
     };
     if version != VERSION {
         return Err(format!(
@@ -185,6 +267,35 @@ pub fn import(shared: &Shared, state: Message, now: u64) -> Result<usize, String
         ));
     }
     shared.install(generation, *tables, now);
+    Ok(shape)
+}
+
+/// Installs a predecessor's state; returns how many connections were taken over, and
+/// the rings if they were handed.
+pub fn import(
+    shared: &Shared,
+    state: Message,
+    now: u64,
+) -> Result<(usize, Option<HandedRings>), String> {
+    let Message::HandoverState {
+        version,
+        generation,
+        tables,
+        connections,
+        neighbors,
+        rings,
+    } = state
+    else {
+        return Err(format!("expected the handed state, got {}", short(&state)));
+    };
+    if version != VERSION {
+        return Err(format!(
+            "handover version {version}, this binary speaks {VERSION}"
+        ));
+    }
+    if let Some(tables) = tables {
+        shared.install(generation, *tables, now);
+    }
     let key = |proto, t: (std::net::IpAddr, std::net::IpAddr, u16, u16)| FlowKey {
         proto,
         src: t.0,
@@ -214,7 +325,80 @@ pub fn import(shared: &Shared, state: Message, now: u64) -> Result<usize, String
             shared.neighbors.learn(ip, Neighbor { port, mac }, now);
         }
     }
-    Ok(taken)
+    Ok((taken, rings))
+}
+
+/// Descriptors the handed `rings` come with: each device's sockets, each link.
+pub fn descriptor_count(rings: &HandedRings) -> usize {
+    rings.devices.iter().map(|d| d.sockets.len()).sum::<usize>() + rings.links.len()
+}
+
+/// A device's sizes as they travel.
+pub fn ring_sizes(cfg: &XskConfig) -> RingSizes {
+    RingSizes {
+        frame_count: cfg.frame_count,
+        frame_size: cfg.frame_size,
+        rx_size: cfg.rx_size,
+        tx_size: cfg.tx_size,
+        fill_size: cfg.fill_size,
+        comp_size: cfg.comp_size,
+        zero_copy: cfg.zero_copy,
+        runtime_ports: cfg.runtime_ports,
+    }
+}
+
+/// A device's sizes as pktio takes them.
+pub fn xsk_config(s: &RingSizes) -> XskConfig {
+    XskConfig {
+        frame_count: s.frame_count,
+        frame_size: s.frame_size,
+        rx_size: s.rx_size,
+        tx_size: s.tx_size,
+        fill_size: s.fill_size,
+        comp_size: s.comp_size,
+        zero_copy: s.zero_copy,
+        runtime_ports: s.runtime_ports,
+    }
+}
+
+/// A worker's device as it travels.
+pub fn handed_device(d: DeviceHandover) -> HandedDevice {
+    HandedDevice {
+        sizes: ring_sizes(&d.cfg),
+        fill_share: d.fill_share,
+        start_ports: d.start_ports,
+        sockets: d
+            .sockets
+            .iter()
+            .map(|s| HandedSocket {
+                ifindex: s.ifindex,
+                queue: s.queue,
+                completed: s.completed,
+                fill_share: s.fill_share,
+            })
+            .collect(),
+        free: d.free,
+    }
+}
+
+/// A worker's device as pktio takes it over.
+pub fn device_handover(d: HandedDevice) -> DeviceHandover {
+    DeviceHandover {
+        cfg: xsk_config(&d.sizes),
+        fill_share: d.fill_share,
+        start_ports: d.start_ports,
+        sockets: d
+            .sockets
+            .iter()
+            .map(|s| pktio::xsk::HandedSocket {
+                ifindex: s.ifindex,
+                queue: s.queue,
+                completed: s.completed,
+                fill_share: s.fill_share,
+            })
+            .collect(),
+        free: d.free,
+    }
 }
 
 /// The successor's end of a handover: the connection on which the running process waits
@@ -226,14 +410,42 @@ pub struct Predecessor {
 }
 
 impl Predecessor {
-    /// The running process's state (it has stopped forwarding when this returns `Ok`).
-    pub fn state(&mut self) -> Result<Message, String> {
-        match wire::read_message(&mut self.stream)
-            .map_err(|e| format!("reading the handed state: {e}"))?
+    /// The running process's offer (it still forwards), with its workers' UMEMs.
+    pub fn offer(&mut self) -> Result<(Message, Vec<OwnedFd>), String> {
+        let offer = match wire::read_message(&mut self.stream)
+            .map_err(|e| format!("reading the offer: {e}"))?
         {
-            Message::Refused { reason } => Err(format!("the running dataplane refused: {reason}")),
-            m => Ok(m),
-        }
+            Message::Refused { reason } => {
+                return Err(format!("the running dataplane refused: {reason}"))
+            }
+            m => m,
+        };
+        let count = match &offer {
+            Message::HandoverOffer { shape, .. } => shape.workers as usize,
+            _ => 0,
+        };
+        let umems = pktio::fdpass::recv(&self.stream, count)
+            .map_err(|e| format!("receiving the UMEMs: {e}"))?;
+        Ok((offer, umems))
+    }
+
+    /// Asks for the state, with the rings in place or not; returns it, with the rings'
+    /// descriptors when they came (the running process has stopped forwarding once this
+    /// returns `Ok`, and with `rings: false` released its interfaces).
+    pub fn take(&mut self, rings: bool) -> Result<(Message, Vec<OwnedFd>), String> {
+        wire::write_message(&mut self.stream, &Message::HandoverTake { rings })
+            .map_err(|e| format!("asking for the state: {e}"))?;
+        let state = wire::read_message(&mut self.stream)
+            .map_err(|e| format!("reading the handed state: {e}"))?;
+        let count = match &state {
+            Message::HandoverState {
+                rings: Some(rings), ..
+            } => descriptor_count(rings),
+            _ => 0,
+        };
+        let fds = pktio::fdpass::recv(&self.stream, count)
+            .map_err(|e| format!("receiving the rings: {e}"))?;
+        Ok((state, fds))
     }
 
     /// Tells the running process that this one forwards, and waits (up to

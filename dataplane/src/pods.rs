@@ -338,10 +338,25 @@ impl PodPorts {
     /// Lets go of every pod interface's program (the workers, stopping, close the
     /// sockets); the port list keeps them, for [`PodPorts::reattach`] or a successor.
     pub fn release(&self) {
+        drop(self.take_programs());
+    }
+
+    /// Takes every pod interface's program out, by port id: for a handover, which passes
+    /// their links on and drops them after. The port list keeps the pods.
+    pub fn take_programs(&self) -> Vec<(PortId, XdpProgram)> {
         self.programs
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clear();
+            .drain()
+            .collect()
+    }
+
+    /// Makes `program` (attached, steering to the workers' sockets) pod port `id`'s.
+    pub fn adopt(&self, id: PortId, program: XdpProgram) {
+        self.programs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, program);
     }
 
     /// Attaches every pod interface of the port list again, with workers that started

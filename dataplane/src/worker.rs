@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use pktio::{Device, Frame};
+use pktio::{Device, Frame, PortId};
 
 use crate::counters::Counters;
 use crate::idle::{self, PollMode};
@@ -161,6 +161,33 @@ impl<D: Device> Worker<D> {
     /// This worker's counters.
     pub fn counters(&self) -> &Counters {
         &self.counters
+    }
+
+    /// Port `id` of the device is a pod's socket opened already (by a predecessor whose
+    /// device this worker took over), with descriptor `fd`.
+    pub fn opened_already(&mut self, id: PortId, fd: std::os::fd::RawFd) {
+        if self.opened.len() <= id {
+            self.opened.resize(id + 1, None);
+        }
+        self.opened[id] = Some(Some(fd));
+    }
+
+    /// The device, once the worker stopped: frames held for unresolved neighbours are
+    /// dropped (counted as such) and back in its pool, so that every frame is free or
+    /// in a ring.
+    pub fn into_device(mut self) -> D {
+        let dev = &mut self.dev;
+        let counters = &mut self.counters;
+        let dropped = self.limiter.forget_held(|f| {
+            dev.free(f);
+            counters.drop(crate::counters::DropReason::NeighborUnresolved);
+        });
+        if dropped > 0 {
+            if let Some(p) = self.shared.counters.get(self.id) {
+                p.publish(&self.counters);
+            }
+        }
+        self.dev
     }
 
     /// Polls until `stop` is set, with the time taken from a monotonic clock started at

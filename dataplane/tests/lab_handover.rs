@@ -1,9 +1,11 @@
-//! Upgrades without dropping connections (issue 10): 50 established TCP connections
-//! through a ClusterIP stream data while `kxdp-dataplane` is replaced by a new process 10
-//! times (`--takeover`); every connection completes with all its bytes, and the longest
-//! gap an echo waited is printed. A successor of another handover version is refused and
-//! the running one carries on. Then `kxdp-control` is killed and restarted 100 times
-//! under the same load: nothing is lost. Needs root; skips with a message otherwise.
+//! Upgrades without dropping connections (issue 10) and without a gap (issue 20): 50
+//! established TCP connections through a ClusterIP stream data, and a UDP probe sends a
+//! datagram every millisecond through another, while `kxdp-dataplane` is replaced by a
+//! new process 10 times (`--takeover`, the rings handed over in place); every connection
+//! completes with all its bytes, and the longest interval without a probe's answer is at
+//! most 10 ms. A successor of another handover version is refused and the running one
+//! carries on. Then `kxdp-control` is killed and restarted 100 times under the same load:
+//! nothing is lost. Needs root; skips with a message otherwise.
 
 mod common;
 
@@ -34,6 +36,28 @@ fn hold(
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
+    })
+}
+
+/// `kxdp-lab probe` at 1000 datagrams a second to the DNS ClusterIP for `millis`, in the
+/// background; its JSON line when joined.
+fn probe(node: &Running, millis: u64) -> std::thread::JoinHandle<serde_json::Value> {
+    let ns = node.ns("default/client");
+    let bin = common::bin("kxdp-lab");
+    std::thread::spawn(move || {
+        let out = Lab::exec(&ns, &bin.to_string_lossy())
+            .args(["probe", "--to", "172.30.0.10:53", "--pps", "1000"])
+            .args(["--millis", &millis.to_string()])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "probe: {e}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
     })
 }
 
@@ -84,6 +108,7 @@ fn dataplane_replaced_ten_times_and_control_killed_a_hundred_times_under_load() 
     );
 
     let held = hold(&node, 50, 14_000);
+    let probed = probe(&node, 13_000);
     std::thread::sleep(Duration::from_secs(1));
     for round in 0..10 {
         let log = std::fs::OpenOptions::new()
@@ -133,6 +158,21 @@ fn dataplane_replaced_ten_times_and_control_killed_a_hundred_times_under_load() 
     eprintln!(
         "dataplane replaced 10 times: 50 connections complete, longest echo wait {gap:.0} ms"
     );
+    let probed = probed.join().unwrap();
+    let (sent, received) = (
+        probed["sent"].as_u64().unwrap(),
+        probed["received"].as_u64().unwrap(),
+    );
+    let longest = probed["max_gap_ms"].as_f64().unwrap();
+    eprintln!(
+        "UDP probe: {received} of {sent} answered, longest interval without an answer {longest:.1} ms; over 3 ms: {}",
+        probed["gaps"]
+    );
+    assert!(
+        longest <= 10.0,
+        "forwarding stopped for {longest:.1} ms during a handover: {probed}"
+    );
+    assert!(received * 100 >= sent * 99, "probes lost: {probed}");
     for line in std::fs::read_to_string(&lab_log)
         .unwrap_or_default()
         .lines()

@@ -139,7 +139,7 @@ fn a_successor_failing_at_any_step_leaves_the_old_dataplane_forwarding() {
     still_running(&mut node, "bare handover request");
     forwarding_again(&node, "bare handover request");
 
-    // The same, reading the state and then hanging up without a word.
+    // The same, reading the offer and then hanging up without a word.
     {
         let mut raw = std::os::unix::net::UnixStream::connect(&node.socket).unwrap();
         wire::write_message(
@@ -150,7 +150,7 @@ fn a_successor_failing_at_any_step_leaves_the_old_dataplane_forwarding() {
         )
         .unwrap();
         let state = wire::read_message(&mut raw).unwrap();
-        assert!(matches!(state, Message::HandoverState { .. }), "{state:?}");
+        assert!(matches!(state, Message::HandoverOffer { .. }), "{state:?}");
     }
     std::thread::sleep(Duration::from_millis(300));
     still_running(&mut node, "state read, then hang-up");
@@ -215,23 +215,35 @@ fn a_successor_failing_at_any_step_leaves_the_old_dataplane_forwarding() {
         .unwrap();
     assert!(text.contains("no word from the successor"), "{text}");
 
-    // A successor that does its part takes over, and the old one exits.
-    let next = successor(&node, 1, &[]);
-    let mut old = std::mem::replace(&mut node.dataplane, next);
-    assert!(
-        exits_within(&mut old.0, Duration::from_secs(15)),
-        "the old dataplane did not hand over to a working successor"
-    );
-    // Reaped already: not to be signalled by its guard.
-    std::mem::forget(old);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while generation(&node.socket).is_none() {
-        if Instant::now() > deadline {
-            node.dump_logs();
-            panic!("the successor does not answer");
+    // A successor that does its part takes over, the rings in place, and the old one
+    // exits; then one whose rings are sized otherwise takes over by attaching again.
+    for (extra, how) in [
+        (&[][..], "the rings in place"),
+        (&["--frames", "2048"][..], "the interfaces, attached again"),
+    ] {
+        let next = successor(&node, 1, extra);
+        let mut old = std::mem::replace(&mut node.dataplane, next);
+        assert!(
+            exits_within(&mut old.0, Duration::from_secs(15)),
+            "the old dataplane did not hand over to a working successor ({how})"
+        );
+        // Reaped already: not to be signalled by its guard.
+        std::mem::forget(old);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while generation(&node.socket).is_none() {
+            if Instant::now() > deadline {
+                node.dump_logs();
+                panic!("the successor does not answer ({how})");
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
-        std::thread::sleep(Duration::from_millis(50));
+        forwarding_again(&node, how);
+        still_running(&mut node, how);
+        let text = std::fs::read_to_string(&log).unwrap();
+        let took = text
+            .lines()
+            .rfind(|l| l.contains("took over") && l.contains("connections"))
+            .unwrap_or_default();
+        assert!(took.contains(how), "{took}");
     }
-    forwarding_again(&node, "after a good takeover");
-    still_running(&mut node, "the successor");
 }

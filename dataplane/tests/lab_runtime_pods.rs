@@ -330,8 +330,8 @@ fn pods_attached_and_detached_at_run_time() {
         },
     );
 
-    // A successor taking over (an upgrade) serves it too: it finds it by its alias, as the
-    // old one releases it.
+    // A successor taking over (an upgrade) serves it too: it finds it by its alias and
+    // takes its socket and XDP link over in place with the rest.
     let log = std::fs::OpenOptions::new()
         .append(true)
         .open(node.lab().state_dir().join("dataplane.log"))
@@ -361,6 +361,12 @@ fn pods_attached_and_detached_at_run_time() {
             3,
         )
     });
+    let text = std::fs::read_to_string(node.lab().state_dir().join("dataplane.log")).unwrap();
+    assert!(
+        text.contains("the rings in place")
+            && text.contains(&format!("{host_if}: kxdp XDP program")),
+        "the pod's ring was not taken over in place: {text}"
+    );
 
     // The pod's namespace goes without a DEL (its veth with it): detached by itself.
     drop(echo);

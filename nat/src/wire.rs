@@ -130,33 +130,61 @@ pub enum Message {
         /// Events the workers could not record since the last batch.
         lost: u64,
     },
-    /// new dataplane → running dataplane: stop forwarding and hand me your state. The
-    /// running one refuses (and keeps forwarding) unless `version` is its own.
+    /// new dataplane → running dataplane: hand over to me. The running one refuses (and
+    /// keeps forwarding) unless `version` is its own; else it answers
+    /// [`Message::HandoverOffer`], still forwarding.
     Handover {
         /// The successor's handover format version.
         version: u32,
     },
-    /// running dataplane → new dataplane: everything it needs to carry on, sent after the
-    /// old workers stopped and its XDP programs and sockets were released.
-    HandoverState {
+    /// running dataplane → new dataplane: its tables and the shape of its rings, sent while
+    /// it still forwards, so that the successor prepares everything it can before it asks
+    /// for the rest ([`Message::HandoverTake`]). Each worker's UMEM (a memfd) follows as a
+    /// descriptor (`pktio::fdpass`), in worker order.
+    HandoverOffer {
         /// The handover format version.
         version: u32,
         /// Generation of the tables.
         generation: u64,
         /// The tables.
         tables: Box<TableSpec>,
+        /// Its workers' AF_XDP devices and interfaces.
+        shape: RingShape,
+    },
+    /// new dataplane → running dataplane, after [`Message::HandoverOffer`]: stop forwarding
+    /// and send the state. With `rings` the running one hands over its AF_XDP sockets,
+    /// UMEMs and XDP links as they are (the successor takes over the rings in place: no
+    /// gap); without, it releases its interfaces for the successor to attach again.
+    HandoverTake {
+        /// Hand over the rings in place.
+        rings: bool,
+    },
+    /// running dataplane → new dataplane, after [`Message::HandoverTake`]: everything it
+    /// needs to carry on, sent once the old workers stopped. With `rings`, the descriptors
+    /// follow on the same connection (`pktio::fdpass`): each device's sockets in order,
+    /// then each link.
+    HandoverState {
+        /// The handover format version.
+        version: u32,
+        /// Generation of the tables.
+        generation: u64,
+        /// The tables, if they changed since the offer.
+        tables: Option<Box<TableSpec>>,
         /// Every live connection.
         connections: Vec<HandedConnection>,
         /// Learned neighbours: address, port name, MAC.
         neighbors: Vec<(std::net::IpAddr, String, [u8; 6])>,
+        /// The rings, when asked for.
+        rings: Option<HandedRings>,
     },
-    /// new dataplane → old dataplane, after [`Message::HandoverState`]: the successor has
-    /// attached every interface and its workers forward; the old process exits. Until this
-    /// arrives the old process has not given up: without it (a deadline passes, or the
-    /// connection drops) it takes its interfaces back and forwards again.
+    /// new dataplane → old dataplane, after [`Message::HandoverState`]: the successor
+    /// forwards on every interface; the old process exits. Until this arrives the old
+    /// process has not given up: without it (a deadline passes, or the connection drops) it
+    /// takes its interfaces back and forwards again.
     HandoverDone,
-    /// new dataplane → old dataplane, after [`Message::HandoverState`]: the successor could
-    /// not take over (it released whatever it had attached); the old process resumes now.
+    /// new dataplane → old dataplane, after [`Message::HandoverOffer`] or
+    /// [`Message::HandoverState`]: the successor could not take over (it released whatever
+    /// it had attached); the old process resumes now.
     HandoverAborted {
         /// What went wrong.
         reason: String,
@@ -274,6 +302,88 @@ pub struct HandedConnection {
     pub state: u8,
     /// Nanoseconds it had left to live.
     pub remaining_ns: u64,
+}
+
+/// The sizes of one worker's AF_XDP device: its UMEM and each socket's rings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingSizes {
+    /// Chunks of the UMEM for the ports given at start.
+    pub frame_count: u32,
+    /// Bytes per chunk.
+    pub frame_size: u32,
+    /// Entries of each RX ring.
+    pub rx_size: u32,
+    /// Entries of each TX ring.
+    pub tx_size: u32,
+    /// Entries of each fill ring.
+    pub fill_size: u32,
+    /// Entries of each completion ring.
+    pub comp_size: u32,
+    /// Zero-copy sockets.
+    pub zero_copy: bool,
+    /// Ports that may be opened at run time.
+    pub runtime_ports: u32,
+}
+
+/// What a running dataplane's rings look like, for a successor to decide whether it can
+/// take them over in place.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingShape {
+    /// Workers (one device each; worker i serves queue i of every interface).
+    pub workers: u32,
+    /// Every device's sizes.
+    pub sizes: RingSizes,
+    /// The interfaces it holds with an XDP link: name, ifindex.
+    pub interfaces: Vec<(String, u32)>,
+}
+
+/// A running dataplane's AF_XDP devices and XDP links, handed to its successor; the
+/// descriptors follow the message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandedRings {
+    /// One per worker, in order.
+    pub devices: Vec<HandedDevice>,
+    /// One per interface.
+    pub links: Vec<HandedLink>,
+}
+
+/// One worker's device (its UMEM went with the offer); one descriptor per socket follows.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandedDevice {
+    /// Sizes of the UMEM and rings.
+    pub sizes: RingSizes,
+    /// Chunks each fill ring of a port given at start is kept topped up to.
+    pub fill_share: u32,
+    /// Ports given at start.
+    pub start_ports: u32,
+    /// Its sockets, in the order of their descriptors.
+    pub sockets: Vec<HandedSocket>,
+    /// The chunks free in user space (offsets into the UMEM), last out first.
+    pub free: Vec<u64>,
+}
+
+/// One AF_XDP socket of a [`HandedDevice`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandedSocket {
+    /// Interface index it is bound to.
+    pub ifindex: u32,
+    /// Queue.
+    pub queue: u32,
+    /// Completions reaped so far.
+    pub completed: u32,
+    /// Chunks its fill ring is kept topped up to.
+    pub fill_share: u32,
+}
+
+/// One interface's XDP link; its descriptor follows the devices'.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandedLink {
+    /// The interface.
+    pub name: String,
+    /// Its index.
+    pub ifindex: u32,
+    /// Attached in native (driver) mode, else generic.
+    pub native: bool,
 }
 
 /// One Service port, as inspected.

@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -301,32 +302,10 @@ fn run(args: Args) -> Result<()> {
     let mut ticks = 0u64;
     while !stop.load(Ordering::Relaxed) {
         match handover_rx.recv_timeout(SWEEP_TICK) {
-            Ok(successor) => {
-                let started = Instant::now();
-                let pid = successor.peer.pid;
-                attached.release(&shared);
-                let now = epoch.elapsed().as_nanos() as u64;
-                let state = dataplane::handover::export(&shared, now);
-                match successor.hand_over(&state, deadline) {
-                    dataplane::handover::Outcome::Done => {
-                        log::info!(
-                            "handed over to a successor (pid {pid}) in {:?}: it forwards; exiting",
-                            started.elapsed()
-                        );
-                        return Ok(());
-                    }
-                    dataplane::handover::Outcome::Resume(why) => {
-                        log::warn!(
-                            "handover to pid {pid} failed ({why}): taking the interfaces back"
-                        );
-                        attached = plan.attach_retrying(&shared)?;
-                        log::warn!(
-                            "forwarding again {:?} after the failed handover began",
-                            started.elapsed()
-                        );
-                    }
-                }
-            }
+            Ok(successor) => match hand_over(successor, attached, &plan, &shared, deadline)? {
+                Some(still) => attached = still,
+                None => return Ok(()),
+            },
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
         }
@@ -349,40 +328,154 @@ fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// `--takeover`: asks the dataplane on `--socket` for its state and interfaces, attaches,
-/// and tells it so. A failure at any step lets it carry on (see `dataplane::handover`).
-/// Returns the attachment and the predecessor's pid.
+/// The running process's side of a handover (`dataplane::handover`): offers its tables
+/// while forwarding, then stops and hands over its state with its rings, or releases its
+/// interfaces when the successor cannot take the rings. `None` once the successor
+/// forwards (this process exits); the attachment to go on with otherwise.
+fn hand_over(
+    mut successor: dataplane::handover::Successor,
+    attached: Attachment,
+    plan: &Plan,
+    shared: &Arc<Shared>,
+    deadline: Duration,
+) -> Result<Option<Attachment>> {
+    let started = Instant::now();
+    let pid = successor.peer.pid;
+    let offered = shared.tables.load().generation;
+    let offer = dataplane::handover::offer(shared, plan.shape(shared));
+    let umems: Vec<_> = attached.umems.iter().map(AsFd::as_fd).collect();
+    let rings = match successor.offer(&offer, &umems, deadline) {
+        Ok(rings) => rings,
+        Err(why) => {
+            log::warn!("handover to pid {pid} abandoned ({why}); forwarding throughout");
+            return Ok(Some(attached));
+        }
+    };
+    let mut stopped = Some(attached.stop(shared));
+    let stopped_at = Instant::now();
+    let handed = match &mut stopped {
+        Some(s) if rings => s.rings(plan, shared),
+        _ => None,
+    };
+    let in_place = handed.is_some();
+    let outcome = match handed {
+        Some((handed, fds)) => {
+            let now = plan.epoch.elapsed().as_nanos() as u64;
+            let state = dataplane::handover::export(shared, now, offered, Some(handed));
+            successor.hand_over(&state, &fds, deadline)
+        }
+        None => {
+            // Nothing in place: the successor attaches again, so let go first.
+            if let Some(s) = stopped.take() {
+                s.release(shared);
+            }
+            let now = plan.epoch.elapsed().as_nanos() as u64;
+            let state = dataplane::handover::export(shared, now, offered, None);
+            successor.hand_over(&state, &[], deadline)
+        }
+    };
+    match outcome {
+        dataplane::handover::Outcome::Done => {
+            log::info!(
+                "handed over to a successor (pid {pid}) in {:?}{}: it forwards; exiting",
+                started.elapsed(),
+                if in_place {
+                    format!(
+                        ", the rings in place (its word came {:?} after the workers stopped)",
+                        stopped_at.elapsed()
+                    )
+                } else {
+                    String::new()
+                }
+            );
+            Ok(None)
+        }
+        dataplane::handover::Outcome::Resume(why) => {
+            log::warn!("handover to pid {pid} failed ({why}): taking the interfaces back");
+            if let Some(s) = stopped.take() {
+                s.release(shared);
+            }
+            let again = plan.attach_retrying(shared)?;
+            log::warn!(
+                "forwarding again {:?} after the failed handover began",
+                started.elapsed()
+            );
+            Ok(Some(again))
+        }
+    }
+}
+
+/// `--takeover`: asks the dataplane on `--socket` for its tables, prepares, then asks for
+/// its state with its rings in place (or its interfaces released, when this process
+/// cannot take the rings as they are), takes over, and tells it so. A failure at any step
+/// lets it carry on (see `dataplane::handover`). Returns the attachment and the
+/// predecessor's pid.
 fn take_over(args: &Args, plan: &Plan, shared: &Arc<Shared>) -> Result<(Attachment, i32)> {
     let started = Instant::now();
     let mut predecessor = dataplane::handover::request(&args.socket, args.handover_version)
         .map_err(|e| anyhow::anyhow!("takeover: {e}"))?;
     fault_at(args.handover_fault, Step::Requested)?;
-    let state = predecessor
-        .state()
+    let (offer, umems) = predecessor
+        .offer()
         .map_err(|e| anyhow::anyhow!("takeover: {e}"))?;
     let now = plan.epoch.elapsed().as_nanos() as u64;
-    let imported = dataplane::handover::import(shared, state, now)
-        .map_err(|e| anyhow::anyhow!("takeover: {e}"));
-    let taken =
-        match imported.and_then(|t| fault_at(args.handover_fault, Step::Received).map(|()| t)) {
-            Ok(taken) => taken,
+    let shape = dataplane::handover::import_offer(shared, offer, now)
+        .map_err(|e| anyhow::anyhow!("takeover: {e}"))
+        .and_then(|shape| fault_at(args.handover_fault, Step::Received).map(|()| shape));
+    let shape = match shape {
+        Ok(shape) => shape,
+        Err(e) => {
+            predecessor.abort(&format!("{e:#}"));
+            return Err(e);
+        }
+    };
+    let prepared = match plan.fits(&shape, umems.len()) {
+        Ok(()) => match plan.prepare(shared, umems) {
+            Ok(p) => Some(p),
             Err(e) => {
-                predecessor.abort(&format!("{e:#}"));
-                return Err(e);
+                log::warn!("takeover: the rings cannot be taken in place ({e:#}): the interfaces are attached again");
+                None
             }
-        };
-    log::info!(
-        "took over {taken} connections and the tables (generation {}) in {:?}",
-        shared.tables.load().generation,
-        started.elapsed()
-    );
-    let attached = match plan.attach_retrying(shared) {
+        },
+        Err(why) => {
+            log::warn!("takeover: the rings cannot be taken in place ({why}): the interfaces are attached again");
+            None
+        }
+    };
+    let asked = Instant::now();
+    let (state, fds) = predecessor
+        .take(prepared.is_some())
+        .map_err(|e| anyhow::anyhow!("takeover: {e}"))?;
+    let now = plan.epoch.elapsed().as_nanos() as u64;
+    let (taken, rings) = match dataplane::handover::import(shared, state, now) {
+        Ok(t) => t,
+        Err(e) => {
+            predecessor.abort(&e);
+            bail!("takeover: {e}");
+        }
+    };
+    let in_place = rings.is_some() && prepared.is_some();
+    let attached = match (prepared, rings) {
+        (Some(prepared), Some(rings)) => plan.adopt(shared, prepared, rings, fds, asked),
+        _ => plan.attach_retrying(shared),
+    };
+    let attached = match attached {
         Ok(a) => a,
         Err(e) => {
             predecessor.abort(&format!("{e:#}"));
             return Err(e.context("takeover: attach (the running dataplane resumes)"));
         }
     };
+    log::info!(
+        "took over {taken} connections, the tables (generation {}) and {} in {:?}",
+        shared.tables.load().generation,
+        if in_place {
+            "the rings in place"
+        } else {
+            "the interfaces, attached again"
+        },
+        started.elapsed()
+    );
     if let Err(e) = fault_at(args.handover_fault, Step::Attached) {
         attached.release(shared);
         predecessor.abort(&format!("{e:#}"));
@@ -393,6 +486,15 @@ fn take_over(args: &Args, plan: &Plan, shared: &Arc<Shared>) -> Result<(Attachme
         log::warn!("takeover: {e}");
     }
     Ok((attached, pid))
+}
+
+/// A successor's XDP programs, loaded and not attached, ready to take over the running
+/// process's links: one per port given at start, in order, and one per pod port.
+struct Prepared {
+    /// The workers' UMEMs, mapped.
+    umems: Vec<pktio::xsk::HandedUmem>,
+    programs: Vec<Arc<XdpProgram>>,
+    pods: Vec<(pktio::PortId, XdpProgram)>,
 }
 
 /// How often the main thread sweeps a slice of the connection table (and looks for a
@@ -430,26 +532,92 @@ struct Plan {
 /// workers), the host redirect (owned by the install hook) and the workers.
 struct Attachment {
     programs: Vec<Arc<XdpProgram>>,
-    workers: Vec<std::thread::JoinHandle<()>>,
+    /// Each returns its device when it stops.
+    workers: Vec<std::thread::JoinHandle<XskDevice>>,
+    /// The workers' UMEMs (duplicates), offered to a successor while they run.
+    umems: Vec<std::os::fd::OwnedFd>,
     stop: Arc<AtomicBool>,
     server: Arc<dataplane::server::ServerState>,
 }
 
+/// An attachment whose workers stopped: everything still held, nothing forwarding.
+struct Stopped {
+    /// By worker; `None` for one that panicked.
+    devices: Vec<Option<XskDevice>>,
+    programs: Vec<Arc<XdpProgram>>,
+    pods: Vec<(pktio::PortId, XdpProgram)>,
+}
+
 impl Attachment {
+    /// Stops the workers and takes their devices back; the interfaces stay attached.
+    fn stop(self, shared: &Shared) -> Stopped {
+        self.stop.store(true, Ordering::Release);
+        shared.wakers.wake_all();
+        let devices = self.workers.into_iter().map(|h| h.join().ok()).collect();
+        let pods = self
+            .server
+            .pods
+            .get()
+            .map(|p| p.take_programs())
+            .unwrap_or_default();
+        Stopped {
+            devices,
+            programs: self.programs,
+            pods,
+        }
+    }
+
     /// Stops the workers and lets go of every interface (sockets closed, programs
     /// detached, host redirect removed).
     fn release(self, shared: &Shared) {
-        self.stop.store(true, Ordering::Release);
-        shared.wakers.wake_all();
-        for h in self.workers {
-            let _ = h.join();
-        }
+        self.stop(shared).release(shared);
+    }
+}
+
+impl Stopped {
+    /// Lets go of every interface.
+    fn release(self, shared: &Shared) {
         // The install hook holds the uplink's program and the host redirect.
         shared.installs.set_install_hook(None);
+        drop(self.devices);
+        drop(self.pods);
         drop(self.programs);
-        if let Some(pods) = self.server.pods.get() {
-            pods.release();
+    }
+
+    /// The rings for a successor: every device and link as it travels, with their
+    /// descriptors in order. `None` if a worker is gone (its device with it).
+    fn rings(
+        &mut self,
+        plan: &Plan,
+        shared: &Shared,
+    ) -> Option<(nat::wire::HandedRings, Vec<std::os::fd::BorrowedFd<'_>>)> {
+        let mut fds = Vec::new();
+        let mut devices = Vec::new();
+        for dev in &mut self.devices {
+            let (state, dev_fds) = dev.as_mut()?.handover();
+            devices.push(dataplane::handover::handed_device(state));
+            fds.extend(dev_fds);
         }
+        let ports = shared.ports.load();
+        let statics =
+            self.programs.iter().zip(&plan.ports).map(|(prog, p)| {
+                Some((prog.as_ref(), p.name.clone(), xsk::ifindex(&p.name).ok()?))
+            });
+        let pods = self.pods.iter().map(|(id, prog)| {
+            let port = ports.port(*id)?;
+            Some((prog, port.cfg.name.clone(), port.pod.as_ref()?.ifindex))
+        });
+        let mut links = Vec::new();
+        for (prog, name, ifindex) in statics.chain(pods).flatten() {
+            let Some(fd) = prog.link_fd() else { continue };
+            links.push(nat::wire::HandedLink {
+                name,
+                ifindex,
+                native: prog.mode() == XdpMode::Native,
+            });
+            fds.push(fd);
+        }
+        Some((nat::wire::HandedRings { devices, links }, fds))
     }
 }
 
@@ -512,9 +680,37 @@ impl Plan {
             devices.push(dev);
         }
         self.install_hook(shared, &programs);
+        let attached = self.start_workers(shared, programs, devices, Vec::new())?;
+        // Pod interfaces attached at run time (found at start, or attached before a
+        // handover that failed): the new workers open them, then they are steered.
+        if let Some(pods) = self.server.pods.get() {
+            pods.reattach(shared, self.epoch.elapsed().as_nanos() as u64);
+        }
+        Ok(attached)
+    }
+
+    /// Starts one worker per device (`opened[w]`: pod ports worker `w`'s device has open
+    /// already, with their sockets). On an error nothing stays attached.
+    fn start_workers(
+        &self,
+        shared: &Arc<Shared>,
+        programs: Vec<Arc<XdpProgram>>,
+        devices: Vec<XskDevice>,
+        mut opened: Vec<Vec<(pktio::PortId, std::os::fd::RawFd)>>,
+    ) -> Result<Attachment> {
         let stop = Arc::new(AtomicBool::new(false));
         let mut handles = Vec::new();
-        for (w, dev) in devices.into_iter().enumerate() {
+        // Without duplicates of the UMEMs a handover releases the interfaces instead.
+        let umems = devices
+            .iter()
+            .map(|d| d.umem_fd().try_clone_to_owned())
+            .collect::<std::io::Result<Vec<_>>>()
+            .unwrap_or_else(|e| {
+                log::warn!("the UMEMs' descriptors not duplicated ({e}): a handover will release the interfaces");
+                Vec::new()
+            });
+        opened.resize_with(devices.len(), Vec::new);
+        for ((w, dev), opened) in devices.into_iter().enumerate().zip(opened) {
             let worker_shared = shared.clone();
             let worker_stop = stop.clone();
             let core = self
@@ -533,7 +729,11 @@ impl Plan {
                         }
                     }
                     log::info!("worker {w} polling {} ports", dev_ports(&dev));
-                    Worker::new(w, dev, worker_shared).run(&worker_stop, epoch, poll_mode);
+                    let mut worker = Worker::new(w, dev, worker_shared);
+                    for (id, fd) in opened {
+                        worker.opened_already(id, fd);
+                    }
+                    worker.run(&worker_stop, epoch, poll_mode).into_device()
                 });
             match spawned {
                 Ok(h) => handles.push(h),
@@ -541,6 +741,7 @@ impl Plan {
                     Attachment {
                         programs,
                         workers: handles,
+                        umems,
                         stop,
                         server: self.server.clone(),
                     }
@@ -549,17 +750,219 @@ impl Plan {
                 }
             }
         }
-        // Pod interfaces attached at run time (found at start, or attached before a
-        // handover that failed): the new workers open them, then they are steered.
-        if let Some(pods) = self.server.pods.get() {
-            pods.reattach(shared, self.epoch.elapsed().as_nanos() as u64);
-        }
         Ok(Attachment {
             programs,
             workers: handles,
+            umems,
             stop,
             server: self.server.clone(),
         })
+    }
+
+    /// What this process's rings look like, for a successor.
+    fn shape(&self, shared: &Shared) -> nat::wire::RingShape {
+        let statics = self
+            .ports
+            .iter()
+            .filter_map(|p| Some((p.name.clone(), xsk::ifindex(&p.name).ok()?)));
+        let ports = shared.ports.load();
+        let pods = ports
+            .pods()
+            .filter_map(|(_, p)| Some((p.cfg.name.clone(), p.pod.as_ref()?.ifindex)));
+        nat::wire::RingShape {
+            workers: self.workers,
+            sizes: dataplane::handover::ring_sizes(&self.cfg),
+            interfaces: statics.chain(pods).collect(),
+        }
+    }
+
+    /// Whether this process can take over rings of `shape` (with `umems` UMEMs) in place:
+    /// as many workers, the same sizes, and every interface given at start among the
+    /// predecessor's.
+    fn fits(&self, shape: &nat::wire::RingShape, umems: usize) -> Result<(), String> {
+        if shape.workers != self.workers {
+            return Err(format!(
+                "{} workers there, {} here",
+                shape.workers, self.workers
+            ));
+        }
+        if umems != self.workers as usize {
+            return Err(format!(
+                "{umems} UMEMs offered for {} workers",
+                self.workers
+            ));
+        }
+        let here = dataplane::handover::ring_sizes(&self.cfg);
+        if shape.sizes != here {
+            return Err(format!("its rings are {:?}, here {here:?}", shape.sizes));
+        }
+        for p in &self.ports {
+            let ifindex = xsk::ifindex(&p.name).map_err(|e| e.to_string())?;
+            if !shape.interfaces.contains(&(p.name.clone(), ifindex)) {
+                return Err(format!("it does not serve {}", p.name));
+            }
+        }
+        Ok(())
+    }
+
+    /// Maps the predecessor's `umems`, loads the XDP programs to swap into its links,
+    /// without attaching them, and fills the uplink's filter and the host redirect from the
+    /// tables (the offer's): everything that can be done while the predecessor still
+    /// forwards.
+    fn prepare(&self, shared: &Arc<Shared>, umems: Vec<std::os::fd::OwnedFd>) -> Result<Prepared> {
+        let umems = umems
+            .into_iter()
+            .map(|fd| pktio::xsk::HandedUmem::map(fd, &self.cfg))
+            .collect::<Result<Vec<_>, _>>()
+            .context("map the offered UMEMs")?;
+        let mut programs = Vec::new();
+        for p in &self.ports {
+            let idx = xsk::ifindex(&p.name)?;
+            let steering = if p.role == PortRole::Uplink {
+                xsk::Steering::Filter
+            } else {
+                xsk::Steering::RedirectAll
+            };
+            let prog = XdpProgram::load_detached(idx, self.workers, steering)
+                .with_context(|| format!("load XDP for {}", p.name))?;
+            programs.push(Arc::new(prog));
+        }
+        let mut pods = Vec::new();
+        for (id, port) in shared.ports.load().pods() {
+            let ifindex = port.pod.as_ref().map_or(0, |p| p.ifindex);
+            let prog = XdpProgram::load_detached(ifindex, self.workers, xsk::Steering::RedirectAll)
+                .with_context(|| format!("load XDP for pod interface {}", port.cfg.name))?;
+            pods.push((id, prog));
+        }
+        self.install_hook(shared, &programs);
+        Ok(Prepared {
+            umems,
+            programs,
+            pods,
+        })
+    }
+
+    /// Takes over a predecessor's `rings` with their descriptors `fds`: its devices with
+    /// their sockets at this process's port ids, steered by the prepared programs, which
+    /// then take over its links; then the workers start where the predecessor's stopped.
+    fn adopt(
+        &self,
+        shared: &Arc<Shared>,
+        prepared: Prepared,
+        rings: nat::wire::HandedRings,
+        fds: Vec<std::os::fd::OwnedFd>,
+        asked: Instant,
+    ) -> Result<Attachment> {
+        let Prepared {
+            umems,
+            programs,
+            pods,
+        } = prepared;
+        if rings.devices.len() != self.workers as usize {
+            bail!(
+                "{} devices handed for {} workers",
+                rings.devices.len(),
+                self.workers
+            );
+        }
+        // Every port by interface index: those given at start, then the pods.
+        let mut by_ifindex = std::collections::HashMap::new();
+        for (id, p) in self.ports.iter().enumerate() {
+            by_ifindex.insert(xsk::ifindex(&p.name)?, id);
+        }
+        for (id, port) in shared.ports.load().pods() {
+            if let Some(pod) = &port.pod {
+                by_ifindex.insert(pod.ifindex, id);
+            }
+        }
+        let mut fds = fds.into_iter();
+        let mut devices = Vec::new();
+        let mut opened = Vec::new();
+        for ((w, handed), umem) in rings.devices.into_iter().enumerate().zip(umems) {
+            let dev_fds: Vec<_> = fds.by_ref().take(handed.sockets.len()).collect();
+            let place = |ifindex: u32, queue: u32| {
+                (queue as usize == w)
+                    .then(|| by_ifindex.get(&ifindex).copied())
+                    .flatten()
+            };
+            let dev = XskDevice::adopt(
+                dataplane::handover::device_handover(handed),
+                umem,
+                dev_fds,
+                place,
+            )
+            .with_context(|| format!("take over worker {w}'s device"))?;
+            for (i, prog) in programs.iter().enumerate() {
+                let fd = dev.port_fd(i).with_context(|| {
+                    format!("worker {w}: no socket handed for {}", self.ports[i].name)
+                })?;
+                prog.insert(w as u32, fd)
+                    .with_context(|| format!("steer {} queue {w}", self.ports[i].name))?;
+            }
+            let mut pods_open = Vec::new();
+            for (id, prog) in &pods {
+                if let Some(fd) = dev.port_fd(*id) {
+                    prog.insert(w as u32, fd)
+                        .with_context(|| format!("steer pod port {id} queue {w}"))?;
+                    pods_open.push((*id, fd));
+                }
+            }
+            opened.push(pods_open);
+            devices.push(dev);
+        }
+        // The workers start at once: the predecessor's programs steer to these very
+        // sockets until the links run this process's programs.
+        let attached = self.start_workers(shared, programs.clone(), devices, opened)?;
+        log::info!(
+            "workers forwarding on the handed rings {:?} after the state was asked for",
+            asked.elapsed()
+        );
+        let pods: std::collections::HashMap<_, _> = pods.into_iter().collect();
+        let taken = (|| -> Result<()> {
+            for (link, fd) in rings.links.into_iter().zip(fds) {
+                let mode = if link.native {
+                    XdpMode::Native
+                } else {
+                    XdpMode::Generic
+                };
+                let prog = match by_ifindex.get(&link.ifindex).copied() {
+                    Some(id) if id < programs.len() => Some(programs[id].as_ref()),
+                    Some(id) => pods.get(&id),
+                    None => None,
+                };
+                match prog {
+                    Some(prog) => prog
+                        .take_link(fd, mode)
+                        .with_context(|| format!("take over {}'s XDP link", link.name))?,
+                    None => log::warn!(
+                        "{}: handed over but not served here; it goes back to the kernel",
+                        link.name
+                    ),
+                }
+            }
+            if let Some((_, p)) = programs
+                .iter()
+                .zip(&self.ports)
+                .find(|(prog, _)| prog.link_fd().is_none())
+            {
+                bail!("no XDP link handed over for {}", p.name);
+            }
+            Ok(())
+        })();
+        if let Err(e) = taken {
+            attached.release(shared);
+            return Err(e);
+        }
+        if let Some(server_pods) = self.server.pods.get() {
+            for (id, prog) in pods {
+                if prog.link_fd().is_some() {
+                    server_pods.adopt(id, prog);
+                } else {
+                    log::warn!("pod port {id}: no link handed over; not steered");
+                }
+            }
+        }
+        Ok(attached)
     }
 
     /// Keeps the uplink's XDP filter and the host redirect in step with the tables: once

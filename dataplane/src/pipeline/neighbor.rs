@@ -82,6 +82,18 @@ impl Resolver {
     pub fn held(&self) -> usize {
         self.held_count
     }
+
+    /// Lets go of every held frame, handing each to `free`; returns how many there were.
+    pub fn forget_held(&mut self, mut free: impl FnMut(Frame)) -> usize {
+        let n = self.held_count;
+        for slot in &mut self.held {
+            if let Some((frame, _, _)) = slot.take() {
+                free(frame);
+            }
+        }
+        self.held_count = 0;
+        n
+    }
 }
 
 /// Slots of the pass's neighbour memo (`Pipeline::neighbor`): with one, packets to three

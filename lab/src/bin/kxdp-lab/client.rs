@@ -87,6 +87,67 @@ pub fn hold_all(
     Ok(())
 }
 
+/// `probe`: datagrams at `pps` to `to` for `millis` from one socket; the answers timed.
+pub fn probe(to: SocketAddr, pps: u32, millis: u64, report_ms: f64) -> Result<()> {
+    let bind: SocketAddr = if to.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
+    let sock = UdpSocket::bind(bind).context("bind")?;
+    sock.connect(to).context("connect")?;
+    let receiver = sock.try_clone()?;
+    let total = Duration::from_millis(millis);
+    let interval = Duration::from_secs(1) / pps.clamp(1, 100_000);
+    let start = Instant::now();
+    // Answers until a second after the last datagram went out.
+    receiver.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let listen = std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        let (mut received, mut last, mut longest) = (0u64, None::<Duration>, Duration::ZERO);
+        let mut gaps = Vec::new();
+        while start.elapsed() < total + Duration::from_secs(1) {
+            if receiver.recv(&mut buf).is_err() {
+                continue;
+            }
+            let now = start.elapsed();
+            if let Some(prev) = last {
+                let gap = now - prev;
+                longest = longest.max(gap);
+                if gap.as_secs_f64() * 1e3 > report_ms {
+                    gaps.push((prev.as_secs_f64() * 1e3, gap.as_secs_f64() * 1e3));
+                }
+            }
+            last = Some(now);
+            received += 1;
+        }
+        (received, longest, gaps)
+    });
+    let mut sent = 0u64;
+    let mut next = start;
+    while start.elapsed() < total {
+        // Sends are paced from the start, not from each other: a late one does not
+        // delay the rest.
+        let now = Instant::now();
+        if now < next {
+            std::thread::sleep(next - now);
+        }
+        let _ = sock.send(&sent.to_be_bytes());
+        sent += 1;
+        next += interval;
+    }
+    let (received, longest, gaps) = listen
+        .join()
+        .map_err(|_| anyhow::anyhow!("the probe's receiver panicked"))?;
+    let line = serde_json::json!({
+        "sent": sent, "received": received,
+        "max_gap_ms": longest.as_secs_f64() * 1e3,
+        "gaps": gaps.iter().map(|(at, gap)| serde_json::json!({"at_ms": at, "gap_ms": gap})).collect::<Vec<_>>(),
+    });
+    outln!("{line}");
+    Ok(())
+}
+
 /// An echo server's answer: who answered and which source address it saw.
 fn split_answer(text: &str) -> (String, String) {
     let mut parts = text.split_whitespace();

@@ -127,6 +127,24 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         connections: usize,
     },
+    /// Send UDP datagrams to an echo server at a constant rate from one socket (one flow)
+    /// for a bounded time, and time the answers: prints one JSON line with how many were
+    /// sent and answered, the longest interval without an answer, and every interval over
+    /// `--report-ms` with when it began. Shows how long forwarding stopped (a handover).
+    Probe {
+        /// Destination address:port.
+        #[arg(long)]
+        to: SocketAddr,
+        /// Datagrams per second.
+        #[arg(long, default_value_t = 1000)]
+        pps: u32,
+        /// How long to send, in milliseconds.
+        #[arg(long, default_value_t = 5000)]
+        millis: u64,
+        /// Report every interval without an answer longer than this, in milliseconds.
+        #[arg(long, default_value_t = 3.0)]
+        report_ms: f64,
+    },
     /// Send UDP datagrams to an address as fast as one socket can, for a bounded time.
     Blast {
         /// Destination address:port.
@@ -239,6 +257,12 @@ fn run(command: Cmd) -> Result<()> {
             size,
             connections,
         } => client::hold_all(to, millis, interval_ms, size, connections),
+        Cmd::Probe {
+            to,
+            pps,
+            millis,
+            report_ms,
+        } => client::probe(to, pps, millis, report_ms),
         Cmd::Blast {
             to,
             seconds,
