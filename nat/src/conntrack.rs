@@ -72,7 +72,7 @@ pub use flow::{Connection, Direction, FlowKey, POLICY_MAX};
 pub use index::BUCKET_SLOTS;
 
 use entry::{
-    decode, decode_into, generation, proto_state, status, word, Cold, Entry, KEY_WORDS, LIVE,
+    decode, decode_into, generation, proto_state, status, word, Cold, Entry, FREE, KEY_WORDS, LIVE,
 };
 use free_list::FreeList;
 use index::{Index, Place};
@@ -446,14 +446,22 @@ impl Conntrack {
         self.get(key, now).is_some()
     }
 
-    /// Every live connection with its protocol state and expiry time (ns), for inspection:
-    /// one pass over the entries, off the packet path; a connection rewritten meanwhile
-    /// may be missed.
+    /// Every live connection with its protocol state and expiry time (ns), for inspection
+    /// and handovers: one pass over the entries, off the packet path; a connection
+    /// rewritten meanwhile may be missed. The pass ends once it has met as many entries in
+    /// use as the table held when it began: the free lists hand out the lowest entries
+    /// first, so it covers the table's high-water mark, not its capacity (a handover
+    /// scans this with the workers stopped).
     pub fn entries(&self, now: u64) -> Vec<(Connection, u8, u64)> {
         let mut out = Vec::new();
+        let (taken, mut met) = (self.len(), 0);
         for e in 0..self.entries.len() as u32 {
+            if met >= taken {
+                break;
+            }
             let entry = &self.entries[e as usize];
             let st = entry.state.load(Ordering::Acquire);
+            met += usize::from(status(st) != FREE);
             let expires = entry.expires.load(Ordering::Relaxed);
             if status(st) != LIVE || expires <= now {
                 continue;

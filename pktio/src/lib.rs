@@ -13,6 +13,7 @@ pub mod device;
 pub mod fdpass;
 pub mod mem;
 pub mod netns;
+pub mod sched;
 pub mod xsk;
 
 pub use device::{Device, DeviceExt, DeviceStats, Frame, PortId};

@@ -93,6 +93,15 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: Args) -> Result<()> {
+    // A successor shares the cores with its predecessor's workers until it takes over:
+    // it prepares (its tables, its programs, its connection table's memory) at a lower
+    // priority, and is back at its own before its workers start (`take_over`).
+    let own_nice = pktio::sched::nice().unwrap_or(0);
+    if args.takeover {
+        if let Err(e) = pktio::sched::set_nice((own_nice + PREPARE_NICE).min(19)) {
+            log::debug!("takeover: preparing at the usual priority ({e})");
+        }
+    }
     let mode = args.xdp_mode()?;
     let workers = args.workers();
     // The cores, checked before anything is looked up or attached.
@@ -258,7 +267,7 @@ fn run(args: Args) -> Result<()> {
     };
     let takeover_started = Instant::now();
     let mut attached = if args.takeover {
-        let (attached, predecessor) = take_over(&args, &plan, &shared)?;
+        let (attached, predecessor) = take_over(&args, &plan, &shared, own_nice)?;
         // The predecessor has closed our connection; its control socket goes with the
         // rest of the process a moment later.
         let until = Instant::now() + dataplane::handover::DEFAULT_DEADLINE;
@@ -410,7 +419,12 @@ fn hand_over(
 /// cannot take the rings as they are), takes over, and tells it so. A failure at any step
 /// lets it carry on (see `dataplane::handover`). Returns the attachment and the
 /// predecessor's pid.
-fn take_over(args: &Args, plan: &Plan, shared: &Arc<Shared>) -> Result<(Attachment, i32)> {
+fn take_over(
+    args: &Args,
+    plan: &Plan,
+    shared: &Arc<Shared>,
+    own_nice: i32,
+) -> Result<(Attachment, i32)> {
     let started = Instant::now();
     let mut predecessor = dataplane::handover::request(&args.socket, args.handover_version)
         .map_err(|e| anyhow::anyhow!("takeover: {e}"))?;
@@ -455,6 +469,10 @@ fn take_over(args: &Args, plan: &Plan, shared: &Arc<Shared>) -> Result<(Attachme
         }
     };
     let in_place = rings.is_some() && prepared.is_some();
+    // The workers inherit this thread's priority: its own again.
+    if let Err(e) = pktio::sched::set_nice(own_nice) {
+        log::warn!("takeover: priority not restored to nice {own_nice} ({e}): the workers run at the preparing priority");
+    }
     let attached = match (prepared, rings) {
         (Some(prepared), Some(rings)) => plan.adopt(shared, prepared, rings, fds, asked),
         _ => plan.attach_retrying(shared),
@@ -496,6 +514,9 @@ struct Prepared {
     programs: Vec<Arc<XdpProgram>>,
     pods: Vec<(pktio::PortId, XdpProgram)>,
 }
+
+/// How much lower a successor's priority is while it prepares (nice levels).
+const PREPARE_NICE: i32 = 10;
 
 /// How often the main thread sweeps a slice of the connection table (and looks for a
 /// successor's handover request).

@@ -774,3 +774,28 @@ fn get_bulk_looks_past_an_expired_entry_with_the_same_tuple() {
         );
     }
 }
+
+#[test]
+fn entries_lists_every_connection_however_the_free_lists_left_them() {
+    let ct = Conntrack::new(4096);
+    for s in 1..=300 {
+        ct.insert(conn(s), 0, 1_000).unwrap();
+    }
+    // Holes in the front, and new connections in some of them.
+    for s in (1..=300).step_by(3) {
+        assert!(ct.remove(&conn(s)));
+    }
+    for s in 1000..1050 {
+        ct.insert(conn(s), 0, 1_000).unwrap();
+    }
+    let mut want: Vec<u16> = (1..=300).filter(|s| s % 3 != 1).chain(1000..1050).collect();
+    let mut got: Vec<u16> = ct
+        .entries(10)
+        .iter()
+        .map(|(c, _, _)| c.original.sport)
+        .collect();
+    want.sort_unstable();
+    got.sort_unstable();
+    assert_eq!(got, want);
+    assert_eq!(ct.len(), want.len());
+}

@@ -100,6 +100,9 @@ pub fn probe(to: SocketAddr, pps: u32, millis: u64, report_ms: f64) -> Result<()
     let total = Duration::from_millis(millis);
     let interval = Duration::from_secs(1) / pps.clamp(1, 100_000);
     let start = Instant::now();
+    let start_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     // Answers until a second after the last datagram went out.
     receiver.set_read_timeout(Some(Duration::from_millis(100)))?;
     let listen = std::thread::spawn(move || {
@@ -140,6 +143,7 @@ pub fn probe(to: SocketAddr, pps: u32, millis: u64, report_ms: f64) -> Result<()
         .join()
         .map_err(|_| anyhow::anyhow!("the probe's receiver panicked"))?;
     let line = serde_json::json!({
+        "start_unix_ms": start_unix.as_secs_f64() * 1e3,
         "sent": sent, "received": received,
         "max_gap_ms": longest.as_secs_f64() * 1e3,
         "gaps": gaps.iter().map(|(at, gap)| serde_json::json!({"at_ms": at, "gap_ms": gap})).collect::<Vec<_>>(),

@@ -128,9 +128,10 @@ enum Cmd {
         connections: usize,
     },
     /// Send UDP datagrams to an echo server at a constant rate from one socket (one flow)
-    /// for a bounded time, and time the answers: prints one JSON line with how many were
-    /// sent and answered, the longest interval without an answer, and every interval over
-    /// `--report-ms` with when it began. Shows how long forwarding stopped (a handover).
+    /// for a bounded time, and time the answers: prints one JSON line with when it started
+    /// (Unix time), how many were sent and answered, the longest interval without an
+    /// answer, and every interval over `--report-ms` with when it began (from the start).
+    /// Shows how long forwarding stopped (a handover).
     Probe {
         /// Destination address:port.
         #[arg(long)]
