@@ -250,6 +250,16 @@ pub fn export(shared: &Shared, now: u64, offered: u64, rings: Option<HandedRings
     }
 }
 
+/// `Ok` if `version` is this binary's handover format.
+fn speaks(version: u32) -> Result<(), String> {
+    if version != VERSION {
+        return Err(format!(
+            "handover version {version}, this binary speaks {VERSION}"
+        ));
+    }
+    Ok(())
+}
+
 /// Installs a predecessor's offered tables; returns the shape of its rings.
 pub fn import_offer(shared: &Shared, offer: Message, now: u64) -> Result<RingShape, String> {
     let Message::HandoverOffer {
@@ -261,11 +271,7 @@ pub fn import_offer(shared: &Shared, offer: Message, now: u64) -> Result<RingSha
     else {
         return Err(format!("expected the offer, got {}", short(&offer)));
     };
-    if version != VERSION {
-        return Err(format!(
-            "handover version {version}, this binary speaks {VERSION}"
-        ));
-    }
+    speaks(version)?;
     shared.install(generation, *tables, now);
     Ok(shape)
 }
@@ -288,11 +294,7 @@ pub fn import(
     else {
         return Err(format!("expected the handed state, got {}", short(&state)));
     };
-    if version != VERSION {
-        return Err(format!(
-            "handover version {version}, this binary speaks {VERSION}"
-        ));
-    }
+    speaks(version)?;
     if let Some(tables) = tables {
         shared.install(generation, *tables, now);
     }

@@ -91,6 +91,15 @@ pub struct Args {
     /// the lowest latency); `interrupt` sleeps whenever a poll finds nothing.
     #[arg(long, value_enum, default_value_t = crate::idle::PollMode::Adaptive)]
     pub poll_mode: crate::idle::PollMode,
+    /// Run the workers in the real-time class SCHED_FIFO at this priority (1–99): a worker
+    /// woken by a frame takes its core from ordinary threads at once instead of waiting
+    /// for its turn (the latency tail of a sleeping worker sharing its core). Only for
+    /// workers that sleep (`interrupt`, `adaptive` at low rates): a polling worker in
+    /// SCHED_FIFO keeps its core from every ordinary thread, ksoftirqd included, which on
+    /// veth sends the worker's frames (tens of milliseconds of latency). Needs
+    /// CAP_SYS_NICE.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=99))]
+    pub worker_priority: Option<u8>,
     /// Take over from the kxdp-dataplane running on --socket: its tables, connections and
     /// neighbours, then its interfaces (it stops and exits), so that established
     /// connections survive a restart or an upgrade. Fails, leaving it running, if it
@@ -299,6 +308,8 @@ mod tests {
             (["--handover-fault", "attached"], "STEP:ACTION"),
             (["--handover-fault", "later:exit"], "steps are"),
             (["--handover-fault", "attached:cry"], "actions are"),
+            (["--worker-priority", "0"], "not in 1..=99"),
+            (["--worker-priority", "100"], "not in 1..=99"),
         ] {
             let e = args(&bad).err().expect(bad[1]).to_string();
             assert!(e.contains(says), "{bad:?}: {e}");

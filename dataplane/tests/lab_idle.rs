@@ -1,7 +1,8 @@
 //! Adaptive polling through AF_XDP (issue 20): a worker with nothing to do sleeps — its
 //! thread uses next to no CPU, as `/proc/PID/task/TID/stat` counts it — and the next
 //! packet wakes it: connections to ClusterIPs (TCP, UDP) and a NodePort are answered
-//! after every quiet spell. (Pod interfaces attached while workers sleep are the CNI
+//! after every quiet spell. The worker runs in SCHED_FIFO (`--worker-priority`), the
+//! class meant for sleeping workers. (Pod interfaces attached while workers sleep are the CNI
 //! tests', which run in the default adaptive mode.) Not a timing check: a busy-polling worker uses its whole core, a sleeping one a few ticks;
 //! the measured figures are the benchmark's (`kxdp-bench idle`). Needs root; skips with a
 //! message otherwise.
@@ -27,14 +28,17 @@ fn thread(pid: u32, name: &str) -> Option<u32> {
         .and_then(|t| t.file_name().to_str()?.parse().ok())
 }
 
-/// User plus system ticks of thread `tid` of `pid`.
-fn ticks(pid: u32, tid: u32) -> u64 {
+/// Field `n` (numbered from 1 as `proc(5)` does) of thread `tid`'s stat, `n` > 2.
+fn stat_field(pid: u32, tid: u32, n: usize) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap();
-    // After the command (in parentheses, which may hold spaces): utime and stime are the
-    // stat's fields 14 and 15, the 12th and 13th after it.
+    // After the command (field 2, in parentheses, which may hold spaces) come fields 3 on.
     let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    rest.split_whitespace().nth(n - 3).unwrap().parse().unwrap()
+}
+
+/// User plus system ticks of thread `tid` of `pid` (stat fields 14 and 15).
+fn ticks(pid: u32, tid: u32) -> u64 {
+    stat_field(pid, tid, 14) + stat_field(pid, tid, 15)
 }
 
 /// The share of a core worker `tid` used over `span`.
@@ -57,12 +61,17 @@ fn an_idle_adaptive_worker_sleeps_and_the_next_packet_wakes_it() {
         "an_idle_adaptive_worker_sleeps_and_the_next_packet_wakes_it",
         "idle",
         1,
-        &["--poll-mode", "adaptive"],
+        &["--poll-mode", "adaptive", "--worker-priority", "10"],
     ) else {
         return;
     };
     let pid = node.dataplane.0.id();
     let worker = thread(pid, "kxdp-worker-0").expect("the worker thread");
+    assert_eq!(
+        (stat_field(pid, worker, 40), stat_field(pid, worker, 41)),
+        (10, 1),
+        "the worker's rt_priority and policy (SCHED_FIFO)"
+    );
     let client = node.ns("default/client");
     let outside = node.ns("outside");
     for round in 0..3 {

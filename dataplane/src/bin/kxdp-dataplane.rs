@@ -223,6 +223,11 @@ fn run(args: Args) -> Result<()> {
     let shared = Arc::new(Shared::new(ports.clone(), workers as usize, limits));
     let _ = shared.poll_mode.set(args.poll_mode);
     log::info!("workers poll in {} mode", args.poll_mode.name());
+    if args.worker_priority.is_some() && args.poll_mode == PollMode::Busy {
+        log::warn!(
+            "--worker-priority with --poll-mode busy: each worker keeps its core from every ordinary thread, ksoftirqd included (the kernel leaves them 5% of it, in slices that stall the worker and whatever they were sending); give the workers cores of their own (--cores) whose softirqs run elsewhere"
+        );
+    }
     let epoch = Instant::now();
     // Pod interfaces a CNI plugin attached (to this process or a predecessor): found by
     // their aliases, opened by the workers when they start.
@@ -262,6 +267,7 @@ fn run(args: Args) -> Result<()> {
         cfg,
         cores,
         poll_mode: args.poll_mode,
+        worker_priority: args.worker_priority,
         epoch,
         server: server.clone(),
     };
@@ -544,6 +550,8 @@ struct Plan {
     cfg: XskConfig,
     cores: Vec<Option<usize>>,
     poll_mode: PollMode,
+    /// `--worker-priority`: the workers' SCHED_FIFO priority.
+    worker_priority: Option<u8>,
     epoch: Instant,
     /// The control socket's server: its pod interfaces are attached with the rest.
     server: Arc<dataplane::server::ServerState>,
@@ -740,13 +748,21 @@ impl Plan {
                 .copied()
                 .flatten()
                 .map(|id| core_affinity::CoreId { id });
-            let (epoch, poll_mode) = (self.epoch, self.poll_mode);
+            let (epoch, poll_mode, priority) = (self.epoch, self.poll_mode, self.worker_priority);
             let spawned = std::thread::Builder::new()
                 .name(format!("kxdp-worker-{w}"))
                 .spawn(move || {
                     if let Some(core) = core {
                         if !core_affinity::set_for_current(core) {
                             log::warn!("worker {w}: could not pin to core {}", core.id);
+                        }
+                    }
+                    if let Some(p) = priority {
+                        match pktio::sched::set_fifo(i32::from(p)) {
+                            Ok(()) => log::info!("worker {w}: SCHED_FIFO priority {p}"),
+                            Err(e) => log::warn!(
+                                "worker {w}: SCHED_FIFO priority {p} refused ({e}): an ordinary thread"
+                            ),
                         }
                     }
                     log::info!("worker {w} polling {} ports", dev_ports(&dev));

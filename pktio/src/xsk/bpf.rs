@@ -259,13 +259,8 @@ impl XdpProgram {
         mode: XdpMode,
         steering: Steering,
     ) -> Result<XdpProgram, XskError> {
-        let target = ifname(ifindex);
-        let queues = queues.max(1);
-        let (prog, maps) = load(queues, &target)?;
-        let installed = Installed::new(steering);
-        maps.config
-            .update(&[0u8; 4], &installed.config_value())
-            .map_err(|e| XskError::os(UPDATE_MAP, target.clone(), e))?;
+        let program = XdpProgram::load_detached(ifindex, queues, steering)?;
+        let target = &program.target;
         let tries: &[(XdpMode, u32)] = match mode {
             XdpMode::Auto => &[
                 (XdpMode::Native, XDP_FLAGS_DRV_MODE),
@@ -276,7 +271,7 @@ impl XdpProgram {
         };
         let mut last = None;
         for &(m, flags) in tries {
-            match link_create(&prog, ifindex, BPF_XDP, flags) {
+            match link_create(&program._prog, ifindex, BPF_XDP, flags) {
                 Ok(link) => {
                     match link_info(&link) {
                         Ok(info) => log::info!(
@@ -292,16 +287,9 @@ impl XdpProgram {
                              (link id unknown: {e})"
                         ),
                     }
-                    return Ok(XdpProgram {
-                        link: OnceLock::from(link),
-                        _prog: prog,
-                        maps,
-                        installed: Mutex::new(installed),
-                        queues,
-                        mode: OnceLock::from(m),
-                        ifindex,
-                        target,
-                    });
+                    let _ = program.link.set(link);
+                    let _ = program.mode.set(m);
+                    return Ok(program);
                 }
                 Err(e) => {
                     if mode == XdpMode::Auto && m == XdpMode::Native {
@@ -312,11 +300,11 @@ impl XdpProgram {
             }
         }
         let err = last.unwrap_or_else(|| io::Error::other("no attach mode tried"));
-        Err(XskError::os(ATTACH, target, err))
+        Err(XskError::os(ATTACH, target.clone(), err))
     }
 
-    /// Loads the program as [`XdpProgram::attach_steering`] does, for interface `ifindex`,
-    /// without attaching it: fill its XSKMAP and tables, then [`XdpProgram::take_link`] a
+    /// Loads the program with an XSKMAP of `queues` slots for interface `ifindex`, its
+    /// steering written, without attaching it: fill its XSKMAP and tables, then [`XdpProgram::take_link`] a
     /// predecessor's link, which puts it in place of the predecessor's program in one step.
     pub fn load_detached(
         ifindex: u32,
