@@ -11,5 +11,10 @@ cargo clippy --workspace --all-targets -- -D warnings
 # (the lab's echo servers and clients) inside the lab's namespaces.
 cargo build --workspace --bins
 cargo test --workspace -- --test-threads=1
+# A handover's interval without forwarding is held to issue 20's 10 ms with the binaries
+# as they ship, optimized (a debug build's successor takes 12-16 ms to start forwarding
+# where an optimized one takes 2): the run above checks the rest of that test.
+cargo build --release --workspace --bins
+cargo test --release -p dataplane --test lab_handover -- --test-threads=1
 # The VM bench's Vagrantfile parses and validates (Debian's vagrant; no VM is started).
 (cd vagrant && vagrant validate)

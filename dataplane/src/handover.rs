@@ -379,12 +379,37 @@ pub fn handed_device(d: DeviceHandover) -> HandedDevice {
                 fill_share: s.fill_share,
             })
             .collect(),
-        free: d.free,
+        free: runs(d.free, d.cfg.frame_size),
     }
+}
+
+/// `free`'s chunks (of `size` bytes) as runs of consecutive ones: first offset and count.
+fn runs(mut free: Vec<u64>, size: u32) -> Vec<(u64, u32)> {
+    free.sort_unstable();
+    let size = u64::from(size);
+    let mut out: Vec<(u64, u32)> = Vec::new();
+    for chunk in free {
+        match out.last_mut() {
+            Some((first, n)) if *first + u64::from(*n) * size == chunk => *n += 1,
+            _ => out.push((chunk, 1)),
+        }
+    }
+    out
+}
+
+/// The chunks of `runs` (of `size` bytes each), one by one, at most `at_most` of them.
+fn chunks(runs: &[(u64, u32)], size: u32, at_most: usize) -> Vec<u64> {
+    let size = u64::from(size);
+    runs.iter()
+        .flat_map(|&(first, n)| (0..u64::from(n)).map(move |i| first.saturating_add(i * size)))
+        .take(at_most)
+        .collect()
 }
 
 /// A worker's device as pktio takes it over.
 pub fn device_handover(d: HandedDevice) -> DeviceHandover {
+    // More chunks than the UMEM holds are refused by pktio; a bad count stops here.
+    let at_most = xsk_config(&d.sizes).umem_frames() as usize + 1;
     DeviceHandover {
         cfg: xsk_config(&d.sizes),
         fill_share: d.fill_share,
@@ -399,7 +424,7 @@ pub fn device_handover(d: HandedDevice) -> DeviceHandover {
                 fill_share: s.fill_share,
             })
             .collect(),
-        free: d.free,
+        free: chunks(&d.free, d.sizes.frame_size, at_most),
     }
 }
 
@@ -494,4 +519,23 @@ pub fn request(socket: &Path, version: u32) -> Result<Predecessor, String> {
     let pid = Peer::of(&stream).map(|p| p.pid).unwrap_or(0);
     wire::write_message(&mut stream, &Message::Handover { version }).map_err(|e| e.to_string())?;
     Ok(Predecessor { stream, pid })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_chunks_travel_as_runs_and_come_back_the_same() {
+        let free = vec![4096 * 7, 0, 4096, 4096 * 2, 4096 * 9, 4096 * 8];
+        let r = runs(free.clone(), 4096);
+        assert_eq!(r, vec![(0, 3), (4096 * 7, 3)]);
+        let mut back = chunks(&r, 4096, usize::MAX);
+        let mut want = free;
+        back.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(back, want);
+        // A count beyond reason is cut short, not expanded.
+        assert_eq!(chunks(&[(0, u32::MAX)], 4096, 10).len(), 10);
+    }
 }

@@ -358,8 +358,9 @@ pub struct HandedDevice {
     pub start_ports: u32,
     /// Its sockets, in the order of their descriptors.
     pub sockets: Vec<HandedSocket>,
-    /// The chunks free in user space (offsets into the UMEM), last out first.
-    pub free: Vec<u64>,
+    /// The chunks free in user space, as runs of consecutive chunks: the offset of the
+    /// first into the UMEM and how many (a free list is mostly a few long runs).
+    pub free: Vec<(u64, u32)>,
 }
 
 /// One AF_XDP socket of a [`HandedDevice`].
