@@ -25,6 +25,18 @@ fn control_words(n: usize) -> usize {
     bytes.div_ceil(size_of::<u64>())
 }
 
+/// A message header for one byte in `iov` and the control buffer `control`; both must
+/// outlive every use of the header.
+fn message(iov: &mut libc::iovec, control: &mut [u64]) -> libc::msghdr {
+    // SAFETY: all-zero bytes are a valid msghdr (null pointers, zero lengths).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(control);
+    msg
+}
+
 /// Sends `fds` over `stream`, in batches; the peer takes them with [`recv`].
 pub fn send(stream: &UnixStream, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
     for batch in fds.chunks(BATCH) {
@@ -35,12 +47,7 @@ pub fn send(stream: &UnixStream, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
             iov_base: byte.as_ptr() as *mut libc::c_void,
             iov_len: 1,
         };
-        // SAFETY: all-zero bytes are a valid msghdr (null pointers, zero lengths).
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = control.len() * size_of::<u64>();
+        let msg = message(&mut iov, &mut control);
         // SAFETY: `msg` points at `control`, which has CMSG_SPACE bytes for `raws`: the
         // first header fits, and its data holds `raws.len()` descriptors.
         unsafe {
@@ -82,12 +89,7 @@ pub fn recv(stream: &UnixStream, count: usize) -> io::Result<Vec<OwnedFd>> {
             iov_base: byte.as_mut_ptr().cast(),
             iov_len: 1,
         };
-        // SAFETY: all-zero bytes are a valid msghdr.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = control.len() * size_of::<u64>();
+        let mut msg = message(&mut iov, &mut control);
         // SAFETY: `msg` points at a writable byte and control buffer, alive for the call.
         let got = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
         if got < 0 {
