@@ -163,6 +163,7 @@ pub fn gen_xsk_config() -> XskConfig {
         comp_size: 2048,
         zero_copy: false,
         runtime_ports: 0,
+        stamped: false,
     }
 }
 
@@ -180,6 +181,7 @@ pub fn sink_xsk_config() -> XskConfig {
         comp_size: 64,
         zero_copy: false,
         runtime_ports: 0,
+        stamped: false,
     }
 }
 

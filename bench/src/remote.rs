@@ -231,6 +231,7 @@ pub fn run_gen(cfg: &VmGen) -> anyhow::Result<serde_json::Value> {
             comp_size: 2048,
             zero_copy: false,
             runtime_ports: 0,
+            stamped: false,
         },
     )?;
     prog.insert(0, dev.socket_fd(0))?;

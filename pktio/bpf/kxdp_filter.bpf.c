@@ -27,6 +27,14 @@
  *
  * A redirect to an empty XSKMAP slot falls back to XDP_PASS (bpf_redirect_map's flags).
  *
+ * With kxdp_config.stamp set, every frame redirected to a socket gets 8 bytes in front of
+ * its Ethernet header: the time the program saw it (bpf_ktime_get_ns, CLOCK_MONOTONIC, in
+ * host order), which the sockets' reader strips (pktio's XskConfig::stamped) to tell how
+ * long the frame waited in the receive ring. A prefix and not XDP metadata: this kernel
+ * refuses bpf_xdp_adjust_meta to XDP programs. Frames passed to the kernel are never
+ * touched; a frame with no headroom for the stamp (no driver gives less than 256 bytes)
+ * is aborted (the xdp:xdp_exception tracepoint shows it) rather than sent unstamped.
+ *
  * The key layouts are mirrored in pktio/src/xsk/filter.rs; change both together.
  */
 #include <linux/bpf.h>
@@ -71,6 +79,8 @@ struct kxdp_config {
 	__u32 steering;
 	/* Host byte order; 0: no VXLAN is redirected. */
 	__u32 vxlan_port;
+	/* Non-zero: every frame redirected to a socket is stamped (see the top). */
+	__u32 stamp;
 };
 
 struct lpm4_key {
@@ -224,8 +234,25 @@ static __always_inline int pass(void)
 
 static __always_inline int redirect(struct xdp_md *ctx, __u32 counter)
 {
+	__u32 zero = 0;
+	const struct kxdp_config *cfg;
+	__u64 *stamp;
+	int action = bpf_redirect_map(&kxdp_xsks, ctx->rx_queue_index, XDP_PASS);
+
 	count(counter);
-	return bpf_redirect_map(&kxdp_xsks, ctx->rx_queue_index, XDP_PASS);
+	if (action != XDP_REDIRECT)
+		return action;
+	cfg = bpf_map_lookup_elem(&kxdp_config, &zero);
+	if (!cfg || !cfg->stamp)
+		return action;
+	/* The redirect happens after the program returns, with the frame as it is then. */
+	if (bpf_xdp_adjust_head(ctx, -(int)sizeof(__u64)))
+		return XDP_ABORTED;
+	stamp = (__u64 *)(long)ctx->data;
+	if ((const void *)(stamp + 1) > (const void *)(long)ctx->data_end)
+		return XDP_ABORTED;
+	*stamp = bpf_ktime_get_ns();
+	return action;
 }
 
 static __always_inline int is_owned(const __u8 *addr, __u8 family)
@@ -439,14 +466,16 @@ static __always_inline int ipv6(struct xdp_md *ctx, const __u8 *ip, const void *
 SEC("xdp")
 int kxdp_filter(struct xdp_md *ctx)
 {
-	const void *data = (const void *)(long)ctx->data;
-	const void *end = (const void *)(long)ctx->data_end;
-	const struct ethhdr *eth = data;
 	__u32 zero = 0;
 	struct kxdp_config *cfg = bpf_map_lookup_elem(&kxdp_config, &zero);
+	const void *data, *end;
+	const struct ethhdr *eth;
 
 	if (!cfg)
 		return pass();
+	data = (const void *)(long)ctx->data;
+	end = (const void *)(long)ctx->data_end;
+	eth = data;
 	if (cfg->steering == STEER_REDIRECT_ALL)
 		return redirect(ctx, C_REDIRECT_ALL);
 	if ((const void *)(eth + 1) > end)

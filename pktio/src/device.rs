@@ -108,9 +108,33 @@ pub trait DeviceExt: Device {
     fn headroom(&mut self, frame: Frame) -> usize {
         self.chunk_mut(frame).1
     }
+
+    /// The 8 bytes before the packet of a received `frame`, where a device whose frames
+    /// come stamped leaves the stamp ([`crate::xsk::XskConfig::stamped`],
+    /// [`crate::xsk::XdpProgram::set_stamp`]): the time kxdp's XDP program saw the frame,
+    /// on the clock of [`stamp_clock`]. Whatever the headroom held for a
+    /// frame that was not stamped; `None` when the headroom is shorter.
+    fn rx_stamp(&mut self, frame: Frame) -> Option<u64> {
+        let (chunk, off) = self.chunk_mut(frame);
+        let bytes = chunk.get(off.checked_sub(8)?..off)?;
+        Some(u64::from_ne_bytes(bytes.try_into().ok()?))
+    }
 }
 
 impl<D: Device + ?Sized> DeviceExt for D {}
+
+/// The time now on the clock kxdp's XDP program stamps frames with (`bpf_ktime_get_ns`:
+/// `CLOCK_MONOTONIC`), in nanoseconds; see [`DeviceExt::rx_stamp`].
+pub fn stamp_clock() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write; CLOCK_MONOTONIC always exists.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    debug_assert_eq!(rc, 0);
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
 
 /// Counters kept by a device; plain numbers, summed by whoever reads them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

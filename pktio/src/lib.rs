@@ -16,5 +16,5 @@ pub mod netns;
 pub mod sched;
 pub mod xsk;
 
-pub use device::{Device, DeviceExt, DeviceStats, Frame, PortId};
+pub use device::{stamp_clock, Device, DeviceExt, DeviceStats, Frame, PortId};
 pub use mem::MemDevice;

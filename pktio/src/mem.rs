@@ -50,6 +50,19 @@ impl MemDevice {
         true
     }
 
+    /// As [`MemDevice::inject`], with `stamp` in the 8 bytes before the packet, as kxdp's
+    /// XDP program writes them when it stamps frames ([`crate::DeviceExt::rx_stamp`]).
+    pub fn inject_stamped(&mut self, port: PortId, bytes: &[u8], stamp: u64) -> bool {
+        if !self.inject(port, bytes) {
+            return false;
+        }
+        if let Some(frame) = self.rx[port].back() {
+            let start = frame.addr as usize;
+            self.pool[start - 8..start].copy_from_slice(&stamp.to_ne_bytes());
+        }
+        true
+    }
+
     /// Takes every frame transmitted on `port` so far, as byte vectors, freeing the frames.
     pub fn take_sent(&mut self, port: PortId) -> Vec<Vec<u8>> {
         let mut out = Vec::new();

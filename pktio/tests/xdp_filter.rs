@@ -124,6 +124,28 @@ impl Lab {
         })
     }
 
+    /// A filtering program that stamps the frames it redirects, and a device that expects
+    /// them.
+    fn attach_stamping_filter(&self) -> (XdpProgram, XskDevice) {
+        in_ns(&self.node, || {
+            let va = xsk::ifindex("va").unwrap();
+            let queues = xsk::queue_count("va");
+            let prog = XdpProgram::load_detached(va, queues, Steering::Filter).unwrap();
+            prog.set_stamp(true).unwrap();
+            let prog = prog.link_to(XdpMode::Auto).unwrap();
+            let pairs: Vec<(u32, u32)> = (0..queues).map(|q| (va, q)).collect();
+            let cfg = XskConfig {
+                stamped: true,
+                ..small_config()
+            };
+            let dev = XskDevice::new(&pairs, &cfg).unwrap();
+            for q in 0..queues {
+                prog.insert(q, dev.socket_fd(q as usize)).unwrap();
+            }
+            (prog, dev)
+        })
+    }
+
     /// Whether `ip link show dev va` in the node shows an XDP program (`prog/xdp id N`; the
     /// peer's namespace name, also printed, contains "xdp" too).
     fn va_has_xdp(&self) -> bool {
@@ -486,6 +508,61 @@ fn service_prefix_goes_to_the_socket_not_the_kernel() {
     assert_eq!(&buf[..n], b"query 2");
     let seen = xsk_frames(&mut dev, QUIET, |_| false);
     assert!(!seen.iter().any(|f| is_flow(f, 17, CLUSTER_IP, 53)));
+}
+
+#[test]
+fn a_stamping_program_writes_the_time_it_saw_each_frame_before_the_packet() {
+    if skip("a_stamping_program_writes_the_time_it_saw_each_frame_before_the_packet") {
+        return;
+    }
+    let lab = Lab::new();
+    let (prog, mut dev) = lab.attach_stamping_filter();
+    prog.allow_prefix("10.96.0.10/32".parse().unwrap()).unwrap();
+    // The node's kernel listens on the ClusterIP: what passes reaches it untouched.
+    let kernel = lab.node_udp(CLUSTER_IP, 53);
+    let mut stamped = Vec::new();
+    for i in 0..3 {
+        let payload = format!("stamped {i}");
+        let sent = pktio::stamp_clock();
+        lab.udp_from_outside(CLUSTER_IP, 53, payload.as_bytes());
+        let start = Instant::now();
+        let mut burst = Vec::with_capacity(BURST);
+        let mut found = None;
+        while found.is_none() && start.elapsed() < DEADLINE {
+            for port in 0..dev.port_count() {
+                burst.clear();
+                dev.recv(port, &mut burst, BURST);
+                for &f in &burst {
+                    let taken = pktio::stamp_clock();
+                    let packet = dev.packet_mut(f);
+                    // The whole frame as sent, from its Ethernet header: the stamp is off.
+                    if is_flow(packet, 17, CLUSTER_IP, 53) && packet.ends_with(payload.as_bytes()) {
+                        found = Some((dev.rx_stamp(f), sent, taken));
+                    }
+                    dev.free(f);
+                }
+            }
+            dev.flush();
+            std::thread::sleep(ROUND);
+        }
+        let (stamp, sent, taken) = found.expect("the datagram reached AF_XDP");
+        let stamp = stamp.expect("room for the stamp in the headroom");
+        assert!(
+            sent <= stamp && stamp <= taken,
+            "stamped between sending and taking: {sent} <= {stamp} <= {taken}"
+        );
+        stamped.push(stamp);
+    }
+    assert!(stamped.windows(2).all(|w| w[0] < w[1]), "{stamped:?}");
+    assert_eq!(prog.stats().unwrap().prefix, 3);
+    // What the filter passes is the kernel's, untouched.
+    prog.remove_prefix("10.96.0.10/32".parse().unwrap())
+        .unwrap();
+    lab.udp_from_outside(CLUSTER_IP, 53, b"passed");
+    kernel.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut buf = [0u8; 64];
+    let (n, _) = kernel.recv_from(&mut buf).expect("the kernel gets it");
+    assert_eq!(&buf[..n], b"passed");
 }
 
 #[test]

@@ -259,7 +259,16 @@ impl XdpProgram {
         mode: XdpMode,
         steering: Steering,
     ) -> Result<XdpProgram, XskError> {
-        let program = XdpProgram::load_detached(ifindex, queues, steering)?;
+        XdpProgram::load_detached(ifindex, queues, steering)?.link_to(mode)
+    }
+
+    /// Attaches a program loaded by [`XdpProgram::load_detached`] (its maps written as
+    /// wanted: every frame sees them) to its interface in `mode`, as
+    /// [`XdpProgram::attach`] does.
+    pub fn link_to(self, mode: XdpMode) -> Result<XdpProgram, XskError> {
+        let program = self;
+        let steering = program.steering();
+        let ifindex = program.ifindex;
         let target = &program.target;
         let tries: &[(XdpMode, u32)] = match mode {
             XdpMode::Auto => &[

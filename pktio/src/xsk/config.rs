@@ -80,6 +80,8 @@ pub struct FilterTables {
 pub(super) struct Installed {
     pub(super) steering: Steering,
     pub(super) tables: FilterTables,
+    /// Whether frames are stamped with the time the program saw them.
+    pub(super) stamp: bool,
 }
 
 impl Installed {
@@ -87,18 +89,23 @@ impl Installed {
         Installed {
             steering,
             tables: FilterTables::default(),
+            stamp: false,
         }
     }
 
-    /// `struct kxdp_config`: steering, then the VXLAN port (host order), as u32s.
-    pub(super) fn config_value(&self) -> [u8; 8] {
-        config_value(self.steering, self.tables.vxlan_port)
+    /// `struct kxdp_config` with the steering, the VXLAN port and the stamping as
+    /// installed.
+    pub(super) fn config_value(&self) -> [u8; 12] {
+        config_value(self.steering, self.tables.vxlan_port, self.stamp)
     }
 }
 
-pub(super) fn config_value(steering: Steering, vxlan_port: u16) -> [u8; 8] {
-    let mut v = [0u8; 8];
+/// `struct kxdp_config`: the steering, the VXLAN port (host order) and the stamping, as
+/// u32s.
+pub(super) fn config_value(steering: Steering, vxlan_port: u16, stamp: bool) -> [u8; 12] {
+    let mut v = [0u8; 12];
     v[..4].copy_from_slice(&steering.code().to_ne_bytes());
-    v[4..].copy_from_slice(&u32::from(vxlan_port).to_ne_bytes());
+    v[4..8].copy_from_slice(&u32::from(vxlan_port).to_ne_bytes());
+    v[8..].copy_from_slice(&u32::from(stamp).to_ne_bytes());
     v
 }

@@ -171,7 +171,7 @@ impl XdpProgram {
     /// frame; the tables are kept either way.
     pub fn set_steering(&self, steering: Steering) -> Result<(), XskError> {
         let mut inst = self.lock();
-        let value = config_value(steering, inst.tables.vxlan_port);
+        let value = config_value(steering, inst.tables.vxlan_port, inst.stamp);
         self.maps
             .config
             .update(&0u32.to_ne_bytes(), &value)
@@ -183,6 +183,24 @@ impl XdpProgram {
     /// The steering in effect.
     pub fn steering(&self) -> Steering {
         self.lock().steering
+    }
+
+    /// Stamps every frame redirected to a socket, from the next one on, with the time the
+    /// program saw it, in 8 bytes in front of its Ethernet header; or stops. The sockets'
+    /// device must expect them ([`super::XskConfig::stamped`]), which takes them off and
+    /// leaves them for [`crate::DeviceExt::rx_stamp`]: how long frames wait in the receive
+    /// ring for their worker, measured. Set it before the program is attached
+    /// ([`XdpProgram::load_detached`], [`XdpProgram::link_to`]) and leave it: a frame
+    /// already in a ring keeps the layout it came with.
+    pub fn set_stamp(&self, on: bool) -> Result<(), XskError> {
+        let mut inst = self.lock();
+        let value = config_value(inst.steering, inst.tables.vxlan_port, on);
+        self.maps
+            .config
+            .update(&0u32.to_ne_bytes(), &value)
+            .map_err(|e| self.failed(format!("stamping {on}"), e))?;
+        inst.stamp = on;
+        Ok(())
     }
 
     /// Sends every packet to an address in `net` to AF_XDP (host bits are ignored).
@@ -353,7 +371,10 @@ impl XdpProgram {
         let mut inst = self.lock();
         self.maps
             .config
-            .update(&0u32.to_ne_bytes(), &config_value(inst.steering, port))
+            .update(
+                &0u32.to_ne_bytes(),
+                &config_value(inst.steering, port, inst.stamp),
+            )
             .map_err(|e| self.failed(format!("VXLAN port {port}"), e))?;
         inst.tables.vxlan_port = port;
         Ok(())
@@ -411,7 +432,7 @@ impl XdpProgram {
                 .config
                 .update(
                     &0u32.to_ne_bytes(),
-                    &config_value(inst.steering, want.vxlan_port),
+                    &config_value(inst.steering, want.vxlan_port, inst.stamp),
                 )
                 .map_err(|e| self.failed(format!("VXLAN port {}", want.vxlan_port), e))?;
             inst.tables.vxlan_port = want.vxlan_port;
@@ -532,11 +553,12 @@ mod tests {
     }
 
     #[test]
-    fn config_is_steering_then_vxlan_port() {
-        let v = config_value(Steering::RedirectAll, 8472);
+    fn config_is_steering_then_vxlan_port_then_stamping() {
+        let v = config_value(Steering::RedirectAll, 8472, true);
         assert_eq!(u32::from_ne_bytes(v[..4].try_into().unwrap()), 1);
-        assert_eq!(u32::from_ne_bytes(v[4..].try_into().unwrap()), 8472);
-        assert_eq!(&config_value(Steering::Filter, 0), &[0u8; 8]);
+        assert_eq!(u32::from_ne_bytes(v[4..8].try_into().unwrap()), 8472);
+        assert_eq!(u32::from_ne_bytes(v[8..].try_into().unwrap()), 1);
+        assert_eq!(&config_value(Steering::Filter, 0, false), &[0u8; 12]);
     }
 
     #[test]

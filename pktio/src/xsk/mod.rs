@@ -61,6 +61,11 @@ pub struct XskConfig {
     /// [`RUNTIME_PORT_FRAMES`] more chunks for each, half for its fill ring and half for its
     /// frames in flight, so opening one never takes chunks from the other ports.
     pub runtime_ports: u32,
+    /// Frames arrive stamped: kxdp's XDP program puts the time it saw each one in 8 bytes
+    /// before its Ethernet header ([`XdpProgram::set_stamp`], set on every program steering
+    /// to these sockets). The device takes them off on receipt and leaves them just before
+    /// the packet, where [`crate::DeviceExt::rx_stamp`] reads them.
+    pub stamped: bool,
 }
 
 /// Chunks a port opened at run time brings to the UMEM: its fill ring keeps half of them
@@ -86,6 +91,7 @@ impl Default for XskConfig {
             comp_size: 2048,
             zero_copy: false,
             runtime_ports: 0,
+            stamped: false,
         }
     }
 }
