@@ -211,6 +211,28 @@ counters! {
         poll_gaps_over_100us,
         /// Of those, the ones over a millisecond: the latency tail's own count.
         poll_gaps_over_1ms,
+        /// Frames whose wait in the receive ring was measured (`--measure-ring-wait`): the
+        /// time from kxdp's XDP program seeing the frame to the start of the worker's pass
+        /// that took it, the part of a packet's latency that is the worker's.
+        rx_wait_timed,
+        /// Their waits summed, in nanoseconds (over `rx_wait_timed`: the mean).
+        rx_wait_ns,
+        /// Of the frames timed, those that waited over 10 µs.
+        rx_waited_over_10us,
+        /// ... over 20 µs.
+        rx_waited_over_20us,
+        /// ... over 50 µs.
+        rx_waited_over_50us,
+        /// ... over 100 µs.
+        rx_waited_over_100us,
+        /// ... over 200 µs.
+        rx_waited_over_200us,
+        /// ... over 500 µs.
+        rx_waited_over_500us,
+        /// ... over a millisecond.
+        rx_waited_over_1ms,
+        /// ... over 5 ms.
+        rx_waited_over_5ms,
     }
     device {
         tx_ring_full => "dev_tx_ring_full",
@@ -230,6 +252,28 @@ impl Counters {
     #[inline]
     pub fn drop(&mut self, reason: DropReason) {
         self.drops[reason as usize] += 1;
+    }
+
+    /// Counts a frame that waited `ns` in its receive ring.
+    #[inline]
+    pub fn rx_waited(&mut self, ns: u64) {
+        self.rx_wait_timed += 1;
+        self.rx_wait_ns += ns;
+        for (over, count) in [
+            (10_000, &mut self.rx_waited_over_10us),
+            (20_000, &mut self.rx_waited_over_20us),
+            (50_000, &mut self.rx_waited_over_50us),
+            (100_000, &mut self.rx_waited_over_100us),
+            (200_000, &mut self.rx_waited_over_200us),
+            (500_000, &mut self.rx_waited_over_500us),
+            (1_000_000, &mut self.rx_waited_over_1ms),
+            (5_000_000, &mut self.rx_waited_over_5ms),
+        ] {
+            if ns <= over {
+                break;
+            }
+            *count += 1;
+        }
     }
 
     /// Total drops.

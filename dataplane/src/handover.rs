@@ -346,6 +346,7 @@ pub fn ring_sizes(cfg: &XskConfig) -> RingSizes {
         comp_size: cfg.comp_size,
         zero_copy: cfg.zero_copy,
         runtime_ports: cfg.runtime_ports,
+        stamped: cfg.stamped,
     }
 }
 
@@ -360,6 +361,7 @@ pub fn xsk_config(s: &RingSizes) -> XskConfig {
         comp_size: s.comp_size,
         zero_copy: s.zero_copy,
         runtime_ports: s.runtime_ports,
+        stamped: s.stamped,
     }
 }
 

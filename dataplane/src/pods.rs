@@ -19,20 +19,20 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Mutex, PoisonError};
 
-use pktio::xsk::{self, XdpMode, XdpProgram};
+use pktio::xsk::{self, Steering, XdpProgram};
 use pktio::PortId;
 
 use crate::ports::{PodAttachment, Port};
 use crate::ports::{PortConfig, PortRole};
 use crate::state::Shared;
+use crate::steering::XdpSetup;
 
 /// The alias prefix `kxdp-cni` writes on a pod's host interface.
 pub const ALIAS_PREFIX: &str = "kxdp-cni ";
 
 /// The pod interfaces attached at run time and their XDP programs.
 pub struct PodPorts {
-    workers: u32,
-    mode: XdpMode,
+    xdp: XdpSetup,
     /// By port id. The lock also makes attach and detach one at a time.
     programs: Mutex<HashMap<PortId, XdpProgram>>,
 }
@@ -156,11 +156,10 @@ pub fn discover() -> Vec<(String, String)> {
 }
 
 impl PodPorts {
-    /// Pods for `workers` workers, their programs attached in `mode`.
-    pub fn new(workers: u32, mode: XdpMode) -> PodPorts {
+    /// Pods whose programs are attached as `xdp` says (one queue per worker).
+    pub fn new(xdp: XdpSetup) -> PodPorts {
         PodPorts {
-            workers,
-            mode,
+            xdp,
             programs: Mutex::new(HashMap::new()),
         }
     }
@@ -168,10 +167,10 @@ impl PodPorts {
     fn check(&self, ifname: &str) -> Result<(PortConfig, u32), String> {
         let (cfg, ifindex) = pod_config(ifname)?;
         let queues = xsk::queue_count(ifname);
-        if queues < self.workers {
+        if queues < self.xdp.queues {
             return Err(format!(
                 "{ifname} has {queues} receive queue(s) and this dataplane {} workers: create the pod's veth with one queue per worker (kxdp-cni's \"queues\" setting)",
-                self.workers
+                self.xdp.queues
             ));
         }
         Ok((cfg, ifindex))
@@ -224,7 +223,9 @@ impl PodPorts {
             ));
         }
         let (cfg, ifindex) = self.check(ifname)?;
-        let program = XdpProgram::attach(ifindex, self.workers, self.mode)
+        let program = self
+            .xdp
+            .attach(ifindex, Steering::RedirectAll)
             .map_err(|e| format!("attach XDP to {ifname}: {e}"))?;
         let (id, fds) = shared
             .ports
@@ -366,7 +367,7 @@ impl PodPorts {
         let list = shared.ports.load_full();
         for (id, port) in list.pods() {
             let ifindex = port.pod.as_ref().map_or(0, |p| p.ifindex);
-            match XdpProgram::attach(ifindex, self.workers, self.mode) {
+            match self.xdp.attach(ifindex, Steering::RedirectAll) {
                 Ok(p) => {
                     programs.insert(id, p);
                 }

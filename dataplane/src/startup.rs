@@ -100,6 +100,13 @@ pub struct Args {
     /// CAP_SYS_NICE.
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..=99))]
     pub worker_priority: Option<u8>,
+    /// Measure how long frames wait in the receive rings for their worker: the XDP program
+    /// stamps every frame with the time it saw it (8 bytes of metadata), and each worker
+    /// counts the frames it took after 10 µs, 20 µs, ... 5 ms (`rx_waited_over_*` in
+    /// `kxdp stats`), the part of a packet's latency that is the worker's. Costs the
+    /// program a clock read per frame; off by default.
+    #[arg(long)]
+    pub measure_ring_wait: bool,
     /// Take over from the kxdp-dataplane running on --socket: its tables, connections and
     /// neighbours, then its interfaces (it stops and exits), so that established
     /// connections survive a restart or an upgrade. Fails, leaving it running, if it

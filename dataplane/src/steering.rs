@@ -7,10 +7,40 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::IpNet;
 use nat::spec::{FrontendKind, Protocol};
-use pktio::xsk::{FilterTables, Protocol as XdpProtocol};
+use pktio::xsk::{FilterTables, Protocol as XdpProtocol, Steering, XdpMode, XdpProgram, XskError};
 
 use crate::state::Limits;
 use crate::tables::Tables;
+
+/// How this dataplane loads kxdp's XDP program on an interface: the same for the uplink,
+/// host ports and pods, at start, when a pod comes and when a successor takes over.
+#[derive(Clone, Copy, Debug)]
+pub struct XdpSetup {
+    /// XSKMAP slots: one per worker (queue `w` to worker `w`).
+    pub queues: u32,
+    /// Native, generic, or native falling back to generic.
+    pub mode: XdpMode,
+    /// Whether every frame is stamped with the time the program saw it, for the workers'
+    /// `rx_waited_*` counters (`--measure-ring-wait`).
+    pub stamp: bool,
+}
+
+impl XdpSetup {
+    /// The program for `ifindex`, its steering and stamping written, not attached (a
+    /// successor's, to take a predecessor's link).
+    pub fn load(&self, ifindex: u32, steering: Steering) -> Result<XdpProgram, XskError> {
+        let program = XdpProgram::load_detached(ifindex, self.queues, steering)?;
+        if self.stamp {
+            program.set_stamp(true)?;
+        }
+        Ok(program)
+    }
+
+    /// The program for `ifindex`, loaded as [`XdpSetup::load`] does and attached.
+    pub fn attach(&self, ifindex: u32, steering: Steering) -> Result<XdpProgram, XskError> {
+        self.load(ifindex, steering)?.link_to(self.mode)
+    }
+}
 
 /// The uplink filter's tables for `t`:
 /// - every Service address that is not a node address (ClusterIPs, load-balancer and

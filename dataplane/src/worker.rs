@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use pktio::{Device, Frame, PortId};
+use pktio::{Device, DeviceExt, Frame, PortId};
 
 use crate::counters::Counters;
 use crate::idle::{self, PollMode};
@@ -33,6 +33,13 @@ const PUBLISH: u64 = SECOND / 100;
 /// frames waited.
 const POLL_GAP: u64 = 100_000;
 
+/// How far ahead of a pass's start a frame's stamp may be and still count as its wait
+/// (none: it came during the pass), and how far behind: a stamp outside these, or zero, is
+/// not one (the headroom of a frame that the program did not stamp: a predecessor's, or
+/// one in a fresh pool).
+const STAMP_AHEAD: u64 = 1_000_000;
+const STAMP_BEHIND: u64 = 10_000_000_000;
+
 /// A worker: its device, its counters, and a handle on the shared state.
 pub struct Worker<D: Device> {
     /// Index of the worker (its counters' slot in [`Shared::counters`]).
@@ -51,6 +58,10 @@ pub struct Worker<D: Device> {
     ports_seen: u64,
     /// Ports this worker opened at run time, by id, with their sockets.
     opened: Vec<Option<Option<std::os::fd::RawFd>>>,
+    /// Whether frames come stamped and their wait is counted (`--measure-ring-wait`), and
+    /// then, while running, what turns the worker's clock into the stamps'.
+    measure_wait: bool,
+    stamp_offset: Option<u64>,
 }
 
 impl<D: Device> Worker<D> {
@@ -68,7 +79,16 @@ impl<D: Device> Worker<D> {
             unpublished: true,
             ports_seen: 0,
             opened: Vec::new(),
+            measure_wait: false,
+            stamp_offset: None,
         }
+    }
+
+    /// Counts how long each frame waited in its receive ring (`rx_waited_*`), from the
+    /// stamp the XDP program put before it ([`pktio::xsk::XdpProgram::set_stamp`]), once
+    /// the worker runs.
+    pub fn measure_ring_wait(&mut self, on: bool) {
+        self.measure_wait = on;
     }
 
     /// Opens the sockets of pods the port list gained and closes those of pods it lost
@@ -123,6 +143,9 @@ impl<D: Device> Worker<D> {
             self.rx.clear();
             self.dev.recv(port, &mut self.rx, BURST);
             handled += self.rx.len();
+            if let Some(offset) = self.stamp_offset {
+                time_waits(&mut self.dev, &self.rx, &mut self.counters, now + offset);
+            }
             pipeline.handle_burst(
                 &mut self.dev,
                 port,
@@ -202,6 +225,9 @@ impl<D: Device> Worker<D> {
         let shared = self.shared.clone();
         let waker = shared.wakers.of(self.id);
         let clock = || epoch.elapsed().as_nanos() as u64;
+        if self.measure_wait {
+            self.stamp_offset = Some(pktio::stamp_clock().saturating_sub(clock()));
+        }
         // The end of the last pass (or sleep), and the start of the last pass with frames.
         let (mut last, mut last_frame) = (clock(), clock());
         while !stop.load(Ordering::Acquire) {
@@ -243,6 +269,22 @@ impl<D: Device> Worker<D> {
         self.counters.awake_ns += now - last;
         self.publish(now);
         self
+    }
+}
+
+/// Counts the wait of each of `frames`, just received by a pass that started at `start`
+/// on the stamps' clock.
+fn time_waits<D: Device>(dev: &mut D, frames: &[Frame], counters: &mut Counters, start: u64) {
+    for &f in frames {
+        let Some(stamp) = dev.rx_stamp(f) else {
+            continue;
+        };
+        if stamp != 0
+            && stamp <= start.saturating_add(STAMP_AHEAD)
+            && stamp.saturating_add(STAMP_BEHIND) >= start
+        {
+            counters.rx_waited(start.saturating_sub(stamp));
+        }
     }
 }
 
@@ -292,5 +334,55 @@ mod tests {
         assert!(w.dev.inject(0, &runt));
         assert_eq!(w.poll(t + 2 + PUBLISH), 1);
         assert_eq!(published_rx(&shared), 5);
+    }
+
+    #[test]
+    fn a_measuring_worker_counts_how_long_stamped_frames_waited() {
+        let uplink = PortConfig {
+            name: "uplink".into(),
+            role: PortRole::Uplink,
+            mac: [2, 0, 0, 0, 0, 1],
+            mtu: 1500,
+        };
+        let shared = Arc::new(Shared::new(vec![uplink], 1, Limits::default()));
+        let mut w = Worker::new(0, MemDevice::new(1, 64), shared);
+        // The stamps' clock reads 5 s when the worker's reads 1 s.
+        w.measure_ring_wait(true);
+        w.stamp_offset = Some(4 * SECOND);
+        let start = 5 * SECOND;
+        let runt = [0u8; 10];
+        for (stamp, what) in [
+            (start - 150_000, "waited 150 µs"),
+            (start - 3_000, "waited 3 µs"),
+            (start + 500, "came during the pass: no wait"),
+            (start - 7_000_000, "waited 7 ms"),
+            (0, "unstamped: not counted"),
+            (start + 2_000_000, "from the future: not a stamp"),
+        ] {
+            assert!(w.dev.inject_stamped(0, &runt, stamp), "{what}");
+        }
+        assert!(w.dev.inject(0, &runt), "no stamp at all");
+        assert_eq!(w.poll(SECOND), 7);
+        let c = w.counters();
+        assert_eq!(c.rx_wait_timed, 4);
+        assert_eq!(c.rx_wait_ns, 150_000 + 3_000 + 7_000_000);
+        let over: Vec<u64> = [
+            c.rx_waited_over_10us,
+            c.rx_waited_over_20us,
+            c.rx_waited_over_50us,
+            c.rx_waited_over_100us,
+            c.rx_waited_over_200us,
+            c.rx_waited_over_500us,
+            c.rx_waited_over_1ms,
+            c.rx_waited_over_5ms,
+        ]
+        .to_vec();
+        assert_eq!(over, [2, 2, 2, 2, 1, 1, 1, 1]);
+
+        // Not measuring: the same frames count nothing.
+        let mut quiet = Worker::new(0, MemDevice::new(1, 64), w.shared.clone());
+        assert!(quiet.dev.inject_stamped(0, &runt, start - 150_000));
+        assert_eq!(quiet.poll(SECOND), 1);
+        assert_eq!(quiet.counters().rx_wait_timed, 0);
     }
 }

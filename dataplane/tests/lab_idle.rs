@@ -3,7 +3,8 @@
 //! packet wakes it: connections to ClusterIPs (TCP, UDP) and a NodePort are answered
 //! after every quiet spell. The worker runs in SCHED_FIFO (`--worker-priority`), the
 //! class meant for sleeping workers. (Pod interfaces attached while workers sleep are the CNI
-//! tests', which run in the default adaptive mode.) Not a timing check: a busy-polling worker uses its whole core, a sleeping one a few ticks;
+//! tests', which run in the default adaptive mode.) With `--measure-ring-wait` every frame
+//! comes stamped and is timed, and the traffic is the same. Not a timing check: a busy-polling worker uses its whole core, a sleeping one a few ticks;
 //! the measured figures are the benchmark's (`kxdp-bench idle`). Needs root; skips with a
 //! message otherwise.
 
@@ -108,4 +109,41 @@ fn an_idle_adaptive_worker_sleeps_and_the_next_packet_wakes_it() {
         }
     }
     assert!(counter(&node, "asleep_ns") > counter(&node, "awake_ns"));
+}
+
+#[test]
+fn with_ring_waits_measured_every_frame_is_timed_and_the_traffic_is_unchanged() {
+    let Some(node) = Running::start_args(
+        "with_ring_waits_measured_every_frame_is_timed_and_the_traffic_is_unchanged",
+        "stamp",
+        1,
+        &["--measure-ring-wait"],
+    ) else {
+        return;
+    };
+    let client = node.ns("default/client");
+    let outside = node.ns("outside");
+    for (ns, to, proto, endpoints) in [
+        (&client, "172.30.0.41:80", "tcp", &WEB[..]),
+        (&client, "172.30.0.10:53", "udp", &DNS[..]),
+        (&outside, "192.168.0.2:30080", "tcp", &WEB[..]),
+    ] {
+        let got = answers(&node.call(ns, to, proto, "6"));
+        assert_eq!(got.len(), 6, "{to} {proto}: {got:?}");
+        for (who, _) in &got {
+            assert!(
+                endpoints.contains(&who.as_str()),
+                "{to} {proto} answered by {who}"
+            );
+        }
+    }
+    let (rx, timed) = (counter(&node, "rx"), counter(&node, "rx_wait_timed"));
+    eprintln!(
+        "{rx} frames received, {timed} timed, {} ns waited, {} over 10 µs",
+        counter(&node, "rx_wait_ns"),
+        counter(&node, "rx_waited_over_10us")
+    );
+    assert!(rx >= 36, "every call's frames: {rx}");
+    assert_eq!(timed, rx, "every frame received came stamped");
+    assert!(counter(&node, "rx_waited_over_10us") <= timed);
 }

@@ -323,6 +323,10 @@ pub struct RingSizes {
     pub zero_copy: bool,
     /// Ports that may be opened at run time.
     pub runtime_ports: u32,
+    /// Frames arrive with the XDP program's stamp in front (`--measure-ring-wait`); absent
+    /// from a predecessor that never stamps.
+    #[serde(default)]
+    pub stamped: bool,
 }
 
 /// What a running dataplane's rings look like, for a successor to decide whether it can

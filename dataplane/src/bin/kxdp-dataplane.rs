@@ -15,6 +15,7 @@ use dataplane::idle::PollMode;
 use dataplane::ports::{PortConfig, PortRole};
 use dataplane::startup::{Action, Args, Fault, Step};
 use dataplane::state::Shared;
+use dataplane::steering::XdpSetup;
 use dataplane::worker::Worker;
 use pktio::xsk::{self, XdpMode, XdpProgram, XskConfig, XskDevice};
 
@@ -182,6 +183,7 @@ fn run(args: Args) -> Result<()> {
     let cfg = XskConfig {
         frame_count: args.frames,
         runtime_ports: args.max_pods as u32,
+        stamped: args.measure_ring_wait,
         ..XskConfig::default()
     };
     cfg.validate().context("--frames")?;
@@ -231,7 +233,12 @@ fn run(args: Args) -> Result<()> {
     let epoch = Instant::now();
     // Pod interfaces a CNI plugin attached (to this process or a predecessor): found by
     // their aliases, opened by the workers when they start.
-    let pods = dataplane::pods::PodPorts::new(workers, mode);
+    let xdp = XdpSetup {
+        queues: workers,
+        mode,
+        stamp: cfg.stamped,
+    };
+    let pods = dataplane::pods::PodPorts::new(xdp);
     for (ifname, container) in dataplane::pods::discover() {
         if args.pods.contains(&ifname) {
             continue;
@@ -260,7 +267,7 @@ fn run(args: Args) -> Result<()> {
     let plan = Plan {
         ports: ports.clone(),
         workers,
-        mode,
+        xdp,
         host: host.clone(),
         host_pair: host_pair.clone(),
         uplink: args.uplink.clone(),
@@ -537,12 +544,23 @@ const SWEEP_SLICES: usize = 100;
 /// Ticks between looks for pod interfaces that vanished without a CNI DEL (200 ms).
 const PRUNE_TICKS: u64 = 20;
 
+/// What a port's program sends to kxdp: the uplink's only what kxdp serves (the node's own
+/// traffic passes to the kernel); pod and host ports are kxdp's alone.
+fn steering(role: PortRole) -> xsk::Steering {
+    if role == PortRole::Uplink {
+        xsk::Steering::Filter
+    } else {
+        xsk::Steering::RedirectAll
+    }
+}
+
 /// What attaching means for this process: the same every time it attaches (at start, and
 /// again after a successor failed).
 struct Plan {
     ports: Vec<PortConfig>,
     workers: u32,
-    mode: XdpMode,
+    /// How programs are loaded (one XSKMAP slot per worker).
+    xdp: XdpSetup,
     host: Option<String>,
     /// The host pair this process set up (`--host-pair`): its routes follow the tables.
     host_pair: Option<Arc<dataplane::hostnet::HostPair>>,
@@ -670,20 +688,16 @@ impl Plan {
     /// Attaches to every interface and starts the workers. On an error nothing stays
     /// attached.
     fn attach(&self, shared: &Arc<Shared>) -> Result<Attachment> {
-        let (ports, workers) = (&self.ports, self.workers);
+        let ports = &self.ports;
         // One XDP program per interface, steering queue i to worker i's socket.
         let mut programs = Vec::new();
         let mut ifindexes = Vec::new();
         for p in ports {
             let idx = xsk::ifindex(&p.name)?;
-            // The uplink's program takes only what kxdp serves and passes the node's own
-            // traffic to the kernel; pod and host ports are kxdp's alone.
-            let prog = if p.role == PortRole::Uplink {
-                XdpProgram::attach_filter(idx, workers, self.mode)
-            } else {
-                XdpProgram::attach(idx, workers, self.mode)
-            }
-            .with_context(|| format!("attach XDP to {}", p.name))?;
+            let prog = self
+                .xdp
+                .attach(idx, steering(p.role))
+                .with_context(|| format!("attach XDP to {}", p.name))?;
             log::info!(
                 "{}: XDP attached in {:?} mode{}",
                 p.name,
@@ -698,7 +712,7 @@ impl Plan {
             ifindexes.push(idx);
         }
         let mut devices = Vec::new();
-        for w in 0..workers {
+        for w in 0..self.workers {
             let pairs: Vec<(u32, u32)> = ifindexes.iter().map(|i| (*i, w)).collect();
             let dev = XskDevice::new(&pairs, &self.cfg)
                 .with_context(|| format!("AF_XDP sockets for worker {w}"))?;
@@ -749,6 +763,7 @@ impl Plan {
                 .flatten()
                 .map(|id| core_affinity::CoreId { id });
             let (epoch, poll_mode, priority) = (self.epoch, self.poll_mode, self.worker_priority);
+            let measure_wait = self.xdp.stamp;
             let spawned = std::thread::Builder::new()
                 .name(format!("kxdp-worker-{w}"))
                 .spawn(move || {
@@ -767,6 +782,7 @@ impl Plan {
                     }
                     log::info!("worker {w} polling {} ports", dev_ports(&dev));
                     let mut worker = Worker::new(w, dev, worker_shared);
+                    worker.measure_ring_wait(measure_wait);
                     for (id, fd) in opened {
                         worker.opened_already(id, fd);
                     }
@@ -855,19 +871,18 @@ impl Plan {
         let mut programs = Vec::new();
         for p in &self.ports {
             let idx = xsk::ifindex(&p.name)?;
-            let steering = if p.role == PortRole::Uplink {
-                xsk::Steering::Filter
-            } else {
-                xsk::Steering::RedirectAll
-            };
-            let prog = XdpProgram::load_detached(idx, self.workers, steering)
+            let prog = self
+                .xdp
+                .load(idx, steering(p.role))
                 .with_context(|| format!("load XDP for {}", p.name))?;
             programs.push(Arc::new(prog));
         }
         let mut pods = Vec::new();
         for (id, port) in shared.ports.load().pods() {
             let ifindex = port.pod.as_ref().map_or(0, |p| p.ifindex);
-            let prog = XdpProgram::load_detached(ifindex, self.workers, xsk::Steering::RedirectAll)
+            let prog = self
+                .xdp
+                .load(ifindex, xsk::Steering::RedirectAll)
                 .with_context(|| format!("load XDP for pod interface {}", port.cfg.name))?;
             pods.push((id, prog));
         }
