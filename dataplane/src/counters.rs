@@ -244,6 +244,7 @@ counters! {
         kernel_tx_invalid => "kernel_tx_invalid",
         kernel_fill_empty => "kernel_fill_empty",
         frames_lost => "dev_frames_lost",
+        busy_polls => "dev_busy_polls",
     }
 }
 

@@ -100,6 +100,16 @@ pub struct Args {
     /// CAP_SYS_NICE.
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..=99))]
     pub worker_priority: Option<u8>,
+    /// Use the kernel's preferred busy polling, up to this many frames per poll of a queue
+    /// (64 is a NAPI instance's usual weight): a worker whose poll finds a receive ring
+    /// empty runs the queue's driver in its own thread (SO_PREFER_BUSY_POLL,
+    /// SO_BUSY_POLL_BUDGET) instead of waiting for the interrupt and softirq. Set the
+    /// interface's napi_defer_hard_irqs and gro_flush_timeout too, so the kernel leaves the
+    /// queue to the worker while it polls. Does nothing where the kernel knows no NAPI
+    /// instance for a socket (veth, generic XDP): the dataplane says so at start. Needs
+    /// CAP_NET_ADMIN.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub busy_poll_budget: Option<u16>,
     /// Measure how long frames wait in the receive rings for their worker: the XDP program
     /// stamps every frame with the time it saw it (8 bytes of metadata), and each worker
     /// counts the frames it took after 10 µs, 20 µs, ... 5 ms (`rx_waited_over_*` in

@@ -63,6 +63,7 @@ fn distinct() -> Counters {
             kernel_tx_invalid: 207,
             kernel_fill_empty: 208,
             frames_lost: 209,
+            busy_polls: 210,
         },
     }
 }
@@ -114,6 +115,7 @@ fn expected() -> BTreeMap<String, u64> {
         ("kernel_tx_invalid", 207),
         ("kernel_fill_empty", 208),
         ("dev_frames_lost", 209),
+        ("dev_busy_polls", 210),
     ];
     let drops = DropReason::ALL
         .iter()

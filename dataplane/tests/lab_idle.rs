@@ -4,7 +4,8 @@
 //! after every quiet spell. The worker runs in SCHED_FIFO (`--worker-priority`), the
 //! class meant for sleeping workers. (Pod interfaces attached while workers sleep are the CNI
 //! tests', which run in the default adaptive mode.) With `--measure-ring-wait` every frame
-//! comes stamped and is timed, and the traffic is the same. Not a timing check: a busy-polling worker uses its whole core, a sleeping one a few ticks;
+//! comes stamped and is timed, and the traffic is the same; so it is with the kernel's
+//! preferred busy polling (`--busy-poll-budget`), which the dataplane says veth cannot use. Not a timing check: a busy-polling worker uses its whole core, a sleeping one a few ticks;
 //! the measured figures are the benchmark's (`kxdp-bench idle`). Needs root; skips with a
 //! message otherwise.
 
@@ -146,4 +147,56 @@ fn with_ring_waits_measured_every_frame_is_timed_and_the_traffic_is_unchanged() 
     assert!(rx >= 36, "every call's frames: {rx}");
     assert_eq!(timed, rx, "every frame received came stamped");
     assert!(counter(&node, "rx_waited_over_10us") <= timed);
+}
+
+#[test]
+fn with_preferred_busy_polling_the_traffic_is_unchanged_and_every_port_is_accounted_for() {
+    let Some(node) = Running::start_args(
+        "with_preferred_busy_polling_the_traffic_is_unchanged_and_every_port_is_accounted_for",
+        "bpoll",
+        1,
+        &["--poll-mode", "busy", "--busy-poll-budget", "64"],
+    ) else {
+        return;
+    };
+    let client = node.ns("default/client");
+    let outside = node.ns("outside");
+    for (ns, to, proto, endpoints) in [
+        (&client, "172.30.0.41:80", "tcp", &WEB[..]),
+        (&client, "172.30.0.10:53", "udp", &DNS[..]),
+        (&outside, "192.168.0.2:30080", "tcp", &WEB[..]),
+    ] {
+        let got = answers(&node.call(ns, to, proto, "6"));
+        assert_eq!(got.len(), 6, "{to} {proto}: {got:?}");
+        for (who, _) in &got {
+            assert!(
+                endpoints.contains(&who.as_str()),
+                "{to} {proto} answered by {who}"
+            );
+        }
+    }
+    let v = node.stats();
+    let busy_polls = v["workers"][0]["dev_busy_polls"].as_u64().unwrap();
+    assert!(
+        busy_polls > 0,
+        "a polling worker's empty polls busy-poll: {v}"
+    );
+    // Each port is named once: busy-polled by NAPI id, or said to gain nothing (veth).
+    let log = std::fs::read_to_string(node.lab().state_dir().join("dataplane.log")).unwrap();
+    let said: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            l.contains("preferred busy polling, budget 64")
+                || l.contains("busy polling does nothing on")
+        })
+        .collect();
+    eprintln!("{}", said.join("\n"));
+    if said.is_empty() || log.contains("busy polling refused") {
+        node.dump_logs();
+    }
+    assert!(
+        !said.is_empty(),
+        "the dataplane says what busy polling does"
+    );
+    assert!(!log.contains("busy polling refused"));
 }

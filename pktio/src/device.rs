@@ -163,6 +163,9 @@ pub struct DeviceStats {
     /// Frames a closed port could not give back: transmitted by the kernel but not yet
     /// completed when the port closed (they leave the pool for good).
     pub frames_lost: u64,
+    /// Receive calls made to run the queue's driver in the caller's thread (preferred busy
+    /// polling, [`crate::xsk::XskDevice::set_busy_poll`]): one per empty poll of a port.
+    pub busy_polls: u64,
 }
 
 impl DeviceStats {
@@ -193,6 +196,7 @@ impl DeviceStats {
                 .saturating_sub(before.kernel_fill_empty),
             wakeups: self.wakeups.saturating_sub(before.wakeups),
             frames_lost: self.frames_lost.saturating_sub(before.frames_lost),
+            busy_polls: self.busy_polls.saturating_sub(before.busy_polls),
         }
     }
 }
@@ -215,6 +219,7 @@ mod tests {
             kernel_fill_empty: 9,
             wakeups: 10,
             frames_lost: 11,
+            busy_polls: 12,
         };
         let after = DeviceStats {
             rx_frames: 11,
@@ -228,6 +233,7 @@ mod tests {
             kernel_fill_empty: 9,
             wakeups: 0,
             frames_lost: 11,
+            busy_polls: 24,
         };
         assert_eq!(
             after.since(before),
@@ -243,6 +249,7 @@ mod tests {
                 kernel_fill_empty: 0,
                 wakeups: 0,
                 frames_lost: 0,
+                busy_polls: 12,
             },
             "unchanged reads 0, and a counter lower than before saturates"
         );

@@ -459,6 +459,52 @@ fn a_successor_takes_the_rings_and_the_link_in_place_and_loses_no_frame() {
 }
 
 #[test]
+fn preferred_busy_polling_is_set_and_frames_still_flow() {
+    if skip("preferred_busy_polling_is_set_and_frames_still_flow") {
+        return;
+    }
+    let ns = NetnsGuard::new("kxdp-xsk").unwrap();
+    veth(&ns, "va", "vb");
+    in_ns(&ns, || {
+        let a = xsk::ifindex("va").unwrap();
+        let prog = XdpProgram::attach(a, xsk::queue_count("va"), XdpMode::Auto).unwrap();
+        let mut dev = XskDevice::new(&[(a, 0)], &small_config()).unwrap();
+        prog.insert(0, dev.socket_fd(0)).unwrap();
+        let ids = dev.set_busy_poll(Some(64)).expect("busy polling set");
+        // What veth gives an AF_XDP socket to busy-poll (README: none on current kernels).
+        eprintln!("veth va in {:?} mode: NAPI ids {ids:?}", prog.mode());
+        assert_eq!(ids.len(), 1, "one per port");
+
+        let sent: Vec<Vec<u8>> = (0..N).map(test_frame).collect();
+        let b = PacketSocket::open("vb");
+        for f in &sent {
+            b.send(f);
+        }
+        assert_eq!(recv_test_frames(&mut dev, 0, N, DEADLINE), sent);
+        // A poll that finds the ring empty asks the kernel to poll the queue.
+        let mut none = Vec::with_capacity(N);
+        let before = dev.stats().busy_polls;
+        dev.recv(0, &mut none, N);
+        assert!(none.iter().all(|&f| !is_test_frame(dev.packet_mut(f))));
+        let with = dev.stats().busy_polls;
+        assert!(
+            with > before || !none.is_empty(),
+            "an empty poll busy-polls: {before} -> {with}"
+        );
+        for &f in &none {
+            dev.free(f);
+        }
+        // Off again: an empty poll asks nothing.
+        dev.set_busy_poll(None).expect("busy polling off");
+        none.clear();
+        dev.recv(0, &mut none, N);
+        if none.is_empty() {
+            assert_eq!(dev.stats().busy_polls, with);
+        }
+    });
+}
+
+#[test]
 fn binding_a_missing_queue_says_what_to_check() {
     if skip("binding_a_missing_queue_says_what_to_check") {
         return;

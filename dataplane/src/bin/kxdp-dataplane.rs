@@ -275,6 +275,7 @@ fn run(args: Args) -> Result<()> {
         cores,
         poll_mode: args.poll_mode,
         worker_priority: args.worker_priority,
+        busy_poll: args.busy_poll_budget,
         epoch,
         server: server.clone(),
     };
@@ -570,6 +571,8 @@ struct Plan {
     poll_mode: PollMode,
     /// `--worker-priority`: the workers' SCHED_FIFO priority.
     worker_priority: Option<u8>,
+    /// `--busy-poll-budget`: the kernel's preferred busy polling.
+    busy_poll: Option<u16>,
     epoch: Instant,
     /// The control socket's server: its pod interfaces are attached with the rest.
     server: Arc<dataplane::server::ServerState>,
@@ -753,7 +756,10 @@ impl Plan {
                 Vec::new()
             });
         opened.resize_with(devices.len(), Vec::new);
-        for ((w, dev), opened) in devices.into_iter().enumerate().zip(opened) {
+        for ((w, mut dev), opened) in devices.into_iter().enumerate().zip(opened) {
+            if let Some(budget) = self.busy_poll {
+                busy_poll(w, &mut dev, budget, shared);
+            }
             let worker_shared = shared.clone();
             let worker_stop = stop.clone();
             let core = self
@@ -1140,6 +1146,41 @@ fn mem_available() -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// Turns preferred busy polling on for worker `w`'s sockets, and says which of them it
+/// does nothing for (no NAPI id: veth, generic XDP).
+fn busy_poll(w: usize, dev: &mut XskDevice, budget: u16, shared: &Shared) {
+    match dev.set_busy_poll(Some(budget)) {
+        Ok(ids) => {
+            let ports = shared.ports.load();
+            let name = |id| {
+                ports
+                    .port(id)
+                    .map_or_else(|| format!("port {id}"), |p| p.cfg.name.clone())
+            };
+            let (with, without): (Vec<_>, Vec<_>) =
+                ids.into_iter().partition(|&(_, napi)| napi != 0);
+            if !with.is_empty() {
+                let with: Vec<String> = with
+                    .iter()
+                    .map(|&(id, napi)| format!("{} (NAPI {napi})", name(id)))
+                    .collect();
+                log::info!(
+                    "worker {w}: preferred busy polling, budget {budget}: {}",
+                    with.join(", ")
+                );
+            }
+            if !without.is_empty() {
+                let without: Vec<String> = without.iter().map(|&(id, _)| name(id)).collect();
+                log::warn!(
+                    "worker {w}: busy polling does nothing on {}: the kernel knows no NAPI instance for their sockets (veth and generic XDP give none); it receives for them in its softirq as without",
+                    without.join(", ")
+                );
+            }
+        }
+        Err(e) => log::warn!("worker {w}: busy polling refused ({e}): the worker polls without it"),
+    }
 }
 
 fn dev_ports(dev: &XskDevice) -> usize {

@@ -12,7 +12,7 @@ use crate::device::{Device, DeviceStats, Frame, PortId};
 use super::socket::{UmemRole, XskSocket};
 use super::sys::XDP_PACKET_HEADROOM;
 use super::umem::{FreeFrames, Umem};
-use super::{XskConfig, XskError, MAP_UMEM};
+use super::{ifname, XskConfig, XskError, BUSY_POLL, MAP_UMEM};
 
 /// Wake-up calls per socket per flush while the kernel answers EAGAIN. In copy mode one
 /// sendto transmits at most the kernel's TX budget (32 frames, `max_tx_budget`), so 4 calls
@@ -52,6 +52,8 @@ pub struct XskDevice {
     /// Ports given at start.
     start_ports: u32,
     stats: DeviceStats,
+    /// Preferred busy polling's budget, when it is on ([`XskDevice::set_busy_poll`]).
+    busy_poll: Option<u16>,
 }
 
 impl XskDevice {
@@ -67,7 +69,7 @@ impl XskDevice {
             if pairs[..i].contains(p) {
                 return Err(XskError::Config(format!(
                     "{} queue {} given twice: one socket per queue",
-                    super::ifname(p.0),
+                    ifname(p.0),
                     p.1
                 )));
             }
@@ -88,6 +90,7 @@ impl XskDevice {
             cfg: cfg.clone(),
             start_ports: pairs.len() as u32,
             stats: DeviceStats::default(),
+            busy_poll: None,
         };
         for (port, &(ifindex, queue)) in pairs.iter().enumerate() {
             dev.bind(port, ifindex, queue, dev.fill_share)?;
@@ -115,6 +118,10 @@ impl XskDevice {
             Some(first) => UmemRole::SharedWith(first.sock.fd().as_raw_fd()),
         };
         let sock = XskSocket::new(ifindex, queue, &self.cfg, role)?;
+        if self.busy_poll.is_some() {
+            sock.set_busy_poll(self.busy_poll)
+                .map_err(|e| XskError::os(BUSY_POLL, ifname(ifindex), e))?;
+        }
         if self.ports.len() <= port {
             self.ports.resize_with(port + 1, || None);
         }
@@ -126,6 +133,26 @@ impl XskDevice {
             fill_share,
         });
         Ok(())
+    }
+
+    /// Turns the kernel's preferred busy polling on for every socket, now and opened later,
+    /// with at most `budget` frames per poll of a queue, or off (`None`). While it is on, a
+    /// poll of a port that finds its receive ring empty asks the kernel to run the queue's
+    /// driver in this thread (a non-blocking `recvfrom`, counted as `busy_polls`) instead of
+    /// waiting for its interrupt and softirq: with the interface's `napi_defer_hard_irqs`
+    /// and `gro_flush_timeout` set, the kernel leaves the queue to this thread while it
+    /// polls. Returns each open port's NAPI id; 0 means the kernel knows no NAPI instance
+    /// for the socket (veth, generic XDP) and busy polling does nothing there.
+    pub fn set_busy_poll(&mut self, budget: Option<u16>) -> Result<Vec<(PortId, u32)>, XskError> {
+        self.busy_poll = budget;
+        let mut ids = Vec::new();
+        for (id, p) in self.ports.iter().enumerate() {
+            let Some(p) = p else { continue };
+            let failed = |e| XskError::os(BUSY_POLL, ifname(p.ifindex), e);
+            p.sock.set_busy_poll(budget).map_err(failed)?;
+            ids.push((id, p.sock.napi_id().map_err(failed)?));
+        }
+        Ok(ids)
     }
 
     /// The UMEM's memfd, for a successor to map ahead of the handover ([`HandedUmem`]).
@@ -201,6 +228,7 @@ impl XskDevice {
             cfg,
             start_ports: state.start_ports,
             stats: DeviceStats::default(),
+            busy_poll: None,
         };
         for (h, fd) in state.sockets.into_iter().zip(fds) {
             let mut sock = XskSocket::adopt(fd, h.ifindex, h.queue, &dev.cfg)?;
@@ -379,6 +407,9 @@ impl Device for XskDevice {
             if p.sock.fill.needs_wakeup() {
                 p.sock.kick_rx();
                 self.stats.wakeups += 1;
+            } else if self.busy_poll.is_some() {
+                p.sock.kick_rx();
+                self.stats.busy_polls += 1;
             }
             return;
         }

@@ -193,6 +193,7 @@ pub(crate) const LOAD: &str = "load the XDP program for";
 pub(crate) const ATTACH: &str = "attach XDP program to";
 pub(crate) const UPDATE_MAP: &str = "update the XSKMAP of";
 pub(crate) const UPDATE_FILTER: &str = "update the XDP filter tables of";
+pub(crate) const BUSY_POLL: &str = "set busy polling on the AF_XDP socket of";
 
 fn hint(what: &str, errno: i32) -> &'static str {
     match (what, errno) {

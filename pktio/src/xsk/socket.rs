@@ -23,6 +23,11 @@ pub(crate) enum UmemRole<'a> {
     SharedWith(RawFd),
 }
 
+/// How long a blocking call on a busy-polling socket polls the queue before it sleeps
+/// (`SO_BUSY_POLL`, in µs; kxdp's own calls do not block and poll once): what the kernel's
+/// AF_XDP example uses.
+pub const BUSY_POLL_USECS: u32 = 20;
+
 /// A bound AF_XDP socket and its rings.
 pub(crate) struct XskSocket {
     /// Received descriptors (kernel produces).
@@ -227,6 +232,30 @@ impl XskSocket {
             + received
             + self.tx.outstanding()
             + self.tx.consumed().wrapping_sub(completed)
+    }
+
+    /// Turns the kernel's preferred busy polling on, with at most `budget` frames per poll
+    /// of the queue (`SO_PREFER_BUSY_POLL`, `SO_BUSY_POLL` at [`BUSY_POLL_USECS`],
+    /// `SO_BUSY_POLL_BUDGET`), or off with `None`. Needs `CAP_NET_ADMIN`.
+    pub fn set_busy_poll(&self, budget: Option<u16>) -> io::Result<()> {
+        let (prefer, usecs) = match budget {
+            Some(_) => (1u32, BUSY_POLL_USECS),
+            None => (0, 0),
+        };
+        let fd = self.fd.as_fd();
+        sys::setsockopt(fd, libc::SOL_SOCKET, sys::SO_PREFER_BUSY_POLL, &prefer)?;
+        sys::setsockopt(fd, libc::SOL_SOCKET, sys::SO_BUSY_POLL, &usecs)?;
+        if let Some(budget) = budget {
+            let budget = u32::from(budget);
+            sys::setsockopt(fd, libc::SOL_SOCKET, sys::SO_BUSY_POLL_BUDGET, &budget)?;
+        }
+        Ok(())
+    }
+
+    /// The id of the NAPI instance the kernel busy-polls for this socket
+    /// (`SO_INCOMING_NAPI_ID`); 0 when it knows none, and busy polling does nothing.
+    pub fn napi_id(&self) -> io::Result<u32> {
+        sys::getsockopt(self.fd.as_fd(), libc::SOL_SOCKET, sys::SO_INCOMING_NAPI_ID)
     }
 
     /// Kernel counters of this socket (XDP_STATISTICS).

@@ -133,6 +133,13 @@ unsafe impl Plain for libc::xdp_statistics {}
 // SAFETY: as above (the struct has no padding: 2×u64 + 4×u32).
 unsafe impl Plain for libc::xdp_umem_reg {}
 
+/// Socket options of the kernel's busy polling (`asm-generic/socket.h`), which the libc
+/// crate does not name for Linux.
+pub(crate) const SO_BUSY_POLL: libc::c_int = 46;
+pub(crate) const SO_INCOMING_NAPI_ID: libc::c_int = 56;
+pub(crate) const SO_PREFER_BUSY_POLL: libc::c_int = 69;
+pub(crate) const SO_BUSY_POLL_BUDGET: libc::c_int = 70;
+
 /// `setsockopt(fd, level, name, value)`.
 pub(crate) fn setsockopt<T: Plain>(
     fd: BorrowedFd<'_>,
