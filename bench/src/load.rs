@@ -124,6 +124,7 @@ mod tests {
             mac: [2, 0, 0, 0, 0, 2],
             arp: vec![Ipv4Addr::new(10, 0, 1, 10)],
             reflect: false,
+            stamped: false,
         };
         let mut sink = Sink::new(&s, 0, sink_cfg);
         sink.announce(&mut s);

@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use pktio::xsk::{self, XdpMode, XdpProgram, XskConfig, XskDevice};
+use pktio::xsk::{self, Steering, XdpMode, XdpProgram, XskConfig, XskDevice};
 use pktio::Device;
 
 use crate::gen::GenConfig;
@@ -93,6 +93,15 @@ pub struct RunResult {
     pub loss_pct: f64,
     /// One-way latency, generator to sink.
     pub latency_ns: Percentiles,
+    /// That latency's first part: generator to the sink interface's XDP program (the
+    /// device under test and the kernel on either side of it); none from a sink whose
+    /// frames came unstamped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_sink_ns: Option<Percentiles>,
+    /// Its second part: the sink interface's XDP program to the sink taking the frame (the
+    /// bench's own, the same for every device).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sink_wait_ns: Option<Percentiles>,
     /// Frames that arrived at one of the probed Service's endpoints (translated).
     pub translated: u64,
     /// Distinct destinations seen (a Service spreads over its endpoints).
@@ -157,6 +166,8 @@ impl RunResult {
                 100.0 * (1.0 - s.frames as f64 / r.gen.sent as f64)
             },
             latency_ns: Percentiles::of(&s.latency),
+            to_sink_ns: s.split.as_ref().map(|(path, _)| Percentiles::of(path)),
+            sink_wait_ns: s.split.as_ref().map(|(_, wait)| Percentiles::of(wait)),
             translated: s.frames_to(endpoints),
             destinations: s.destinations.len(),
             sources: s
@@ -203,9 +214,16 @@ pub fn run(
         s.spawn(|| -> anyhow::Result<LoadReport> {
             netns::enter_thread(topo.sink.name())?;
             let sidx = xsk::ifindex(SINK_IF)?;
-            let prog =
-                XdpProgram::attach(sidx, 1, XdpMode::Native).context("attach XDP to the sink")?;
-            let mut sink_dev = XskDevice::new(&[(sidx, 0)], &sink_xsk_config())?;
+            // Stamping: each latency splits at the sink's interface.
+            let prog = XdpProgram::load_detached(sidx, 1, Steering::RedirectAll)
+                .and_then(|p| p.set_stamp(true).map(|()| p))
+                .and_then(|p| p.link_to(XdpMode::Native))
+                .context("attach XDP to the sink")?;
+            let stamped = XskConfig {
+                stamped: true,
+                ..sink_xsk_config()
+            };
+            let mut sink_dev = XskDevice::new(&[(sidx, 0)], &stamped)?;
             prog.insert(0, sink_dev.socket_fd(0))?;
             netns::enter_thread(topo.gen.name())?;
             let gidx = xsk::ifindex(GEN_IF)?;
@@ -216,6 +234,7 @@ pub fn run(
                 mac: SINK_MAC,
                 arp: arp.to_vec(),
                 reflect: false,
+                stamped: true,
             };
             let epoch = Instant::now();
             // Announce the endpoints and answer ARP for a moment before measuring.

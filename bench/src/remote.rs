@@ -296,6 +296,7 @@ pub fn run_sink(
             mac: mac_of(iface)?,
             arp: arp.to_vec(),
             reflect,
+            stamped: false,
         },
     );
     let epoch = Instant::now();

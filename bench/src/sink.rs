@@ -42,6 +42,10 @@ pub struct SinkConfig {
     /// Send every bench frame back where it came from (MACs, addresses and ports swapped):
     /// a reflector, so a generator on another machine measures round trips on its clock.
     pub reflect: bool,
+    /// Frames arrive stamped by the sink interface's XDP program (its device made with
+    /// `XskConfig::stamped`): each latency is split at the sink's interface into the path
+    /// there and the wait in the sink's own ring ([`SinkReport::split`]).
+    pub stamped: bool,
 }
 
 /// What the sink saw.
@@ -78,6 +82,11 @@ pub struct SinkReport {
     pub sources: Vec<(Ipv4Addr, u64)>,
     /// Bench frames whose destination or source did not fit the tallies.
     pub untallied: u64,
+    /// With [`SinkConfig::stamped`], every bench frame's latency in two: generator to the
+    /// sink interface's XDP program (the device under test's part, and the kernel's on
+    /// both sides of it), then that program to the sink taking the frame (the bench's own
+    /// part, the same for every device), ns.
+    pub split: Option<(Histogram<u64>, Histogram<u64>)>,
 }
 
 impl SinkReport {
@@ -183,6 +192,14 @@ pub struct Sink {
     last: u64,
     before: DeviceStats,
     burst: Vec<Frame>,
+    /// The stamps' clock minus the run's epoch, ns, once known.
+    stamp_offset: Option<u64>,
+}
+
+/// An empty latency histogram: 1 ns to [`MAX_LATENCY`], 3 significant digits.
+fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_LATENCY.as_nanos() as u64, 3)
+        .expect("static histogram bounds")
 }
 
 /// Bursts a [`Sink::step`] takes at most before it returns, so a generator on the same
@@ -193,6 +210,9 @@ const BURSTS_PER_STEP: usize = 4;
 impl Sink {
     /// A sink on `port` of `dev`.
     pub fn new<D: Device>(dev: &D, port: PortId, cfg: SinkConfig) -> Sink {
+        let split = cfg
+            .stamped
+            .then(|| (latency_histogram(), latency_histogram()));
         Sink {
             cfg,
             port,
@@ -204,8 +224,7 @@ impl Sink {
                 bad_timestamps: 0,
                 reordered: 0,
                 max_seq: None,
-                latency: Histogram::new_with_bounds(1, MAX_LATENCY.as_nanos() as u64, 3)
-                    .expect("static histogram bounds"),
+                latency: latency_histogram(),
                 span_ns: 0,
                 device: DeviceStats::default(),
                 arp_replies: 0,
@@ -213,11 +232,13 @@ impl Sink {
                 destinations: Vec::with_capacity(TALLY),
                 sources: Vec::with_capacity(TALLY),
                 untallied: 0,
+                split,
             },
             first: None,
             last: 0,
             before: dev.stats(),
             burst: Vec::with_capacity(BURST),
+            stamp_offset: None,
         }
     }
 
@@ -257,6 +278,9 @@ impl Sink {
             }
             handled += self.burst.len();
             let now = epoch.elapsed().as_nanos() as u64;
+            if self.cfg.stamped && self.stamp_offset.is_none() {
+                self.stamp_offset = Some(pktio::stamp_clock().saturating_sub(now));
+            }
             for i in 0..self.burst.len() {
                 let f = self.burst[i];
                 self.frame(dev, f, now);
@@ -267,6 +291,11 @@ impl Sink {
     }
 
     fn frame<D: Device>(&mut self, dev: &mut D, f: Frame, now: u64) {
+        let stamp = if self.cfg.stamped {
+            dev.rx_stamp(f)
+        } else {
+            None
+        };
         let r = &mut self.report;
         let pkt = dev.packet_mut(f);
         match frame::parse(pkt) {
@@ -283,6 +312,17 @@ impl Sink {
                 match now.checked_sub(p.tx_ns) {
                     Some(lat) if r.latency.record(lat.max(1)).is_ok() => {}
                     _ => r.bad_timestamps += 1,
+                }
+                if let (Some((path, wait)), Some(offset)) = (&mut r.split, self.stamp_offset) {
+                    // The program's stamp on the run's clock; one outside the frame's own
+                    // span is not a stamp and splits nothing.
+                    let at = stamp
+                        .and_then(|stamp| stamp.checked_sub(offset))
+                        .filter(|at| (p.tx_ns..=now).contains(at));
+                    if let Some(at) = at {
+                        let _ = path.record((at - p.tx_ns).max(1));
+                        let _ = wait.record((now - at).max(1));
+                    }
                 }
                 if !tally(&mut r.destinations, p.dst) | !tally(&mut r.sources, *p.src.ip()) {
                     r.untallied += 1;
@@ -398,5 +438,46 @@ mod tests {
             "stamped 1 ms after an epoch 5 ms ago"
         );
         assert_eq!(r.max_seq, Some(9));
+    }
+
+    #[test]
+    fn a_stamped_frame_latency_splits_at_the_sink_interface() {
+        let mut dev = MemDevice::new(1, 64);
+        let flows = FlowSet {
+            src_mac: [2, 0, 0, 0, 0, 1],
+            dst_mac: [2, 0, 0, 0, 0, 2],
+            src_ip: Ipv4Addr::new(10, 0, 0, 1),
+            src_port: 1024,
+            flows: 1,
+            dests: vec!["10.0.0.2:9".parse().unwrap()],
+        };
+        // The run began 10 ms ago; frames sent 1 ms in reached the sink interface 2 ms in.
+        let epoch = Instant::now() - Duration::from_millis(10);
+        let offset = pktio::stamp_clock() - epoch.elapsed().as_nanos() as u64;
+        let mut buf = [0u8; 64];
+        for seq in 0..4 {
+            let n = frame::write(&mut buf, 64, &flows, seq, 1_000_000);
+            assert!(dev.inject_stamped(0, &buf[..n], offset + 2_000_000));
+        }
+        let n = frame::write(&mut buf, 64, &flows, 4, 1_000_000);
+        assert!(dev.inject_stamped(0, &buf[..n], 0), "not a stamp: no split");
+        let cfg = SinkConfig {
+            expect_size: 64,
+            stamped: true,
+            ..SinkConfig::default()
+        };
+        let mut sink = Sink::new(&dev, 0, cfg);
+        assert_eq!(sink.step(&mut dev, epoch), 5);
+        let r = sink.finish(&mut dev);
+        assert_eq!(r.latency.len(), 5);
+        let (path, wait) = r.split.expect("split");
+        assert_eq!((path.len(), wait.len()), (4, 4));
+        // 1 ms to the interface (within the clocks' reading apart), 8 ms and more waiting.
+        assert!(
+            (990_000..=1_010_000).contains(&path.max()),
+            "{}",
+            path.max()
+        );
+        assert!(wait.min() >= 7_990_000, "{}", wait.min());
     }
 }
