@@ -295,6 +295,17 @@ mod tests {
     use crate::state::Limits;
     use pktio::MemDevice;
 
+    /// Shared state for one worker with one port, an uplink.
+    fn one_uplink() -> Arc<Shared> {
+        let uplink = PortConfig {
+            name: "uplink".into(),
+            role: PortRole::Uplink,
+            mac: [2, 0, 0, 0, 0, 1],
+            mtu: 1500,
+        };
+        Arc::new(Shared::new(vec![uplink], 1, Limits::default()))
+    }
+
     /// Frames received as the published counters tell it.
     fn published_rx(shared: &Shared) -> u64 {
         shared.counters[0].read().rx
@@ -302,13 +313,7 @@ mod tests {
 
     #[test]
     fn counters_are_published_when_idle_and_at_least_every_interval_under_load() {
-        let uplink = PortConfig {
-            name: "uplink".into(),
-            role: PortRole::Uplink,
-            mac: [2, 0, 0, 0, 0, 1],
-            mtu: 1500,
-        };
-        let shared = Arc::new(Shared::new(vec![uplink], 1, Limits::default()));
+        let shared = one_uplink();
         let mut w = Worker::new(0, MemDevice::new(1, 64), shared.clone());
         // A runt: received, counted and dropped.
         let runt = [0u8; 10];
@@ -338,13 +343,7 @@ mod tests {
 
     #[test]
     fn a_measuring_worker_counts_how_long_stamped_frames_waited() {
-        let uplink = PortConfig {
-            name: "uplink".into(),
-            role: PortRole::Uplink,
-            mac: [2, 0, 0, 0, 0, 1],
-            mtu: 1500,
-        };
-        let shared = Arc::new(Shared::new(vec![uplink], 1, Limits::default()));
+        let shared = one_uplink();
         let mut w = Worker::new(0, MemDevice::new(1, 64), shared);
         // The stamps' clock reads 5 s when the worker's reads 1 s.
         w.measure_ring_wait(true);

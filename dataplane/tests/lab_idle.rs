@@ -50,6 +50,27 @@ fn cpu_share(pid: u32, tid: u32, span: Duration) -> f64 {
     (ticks(pid, tid) - before) as f64 / TICKS / span.as_secs_f64()
 }
 
+/// Connections to a ClusterIP over TCP and UDP from a pod and to a NodePort from outside,
+/// six each: every one answered, by one of the Service's endpoints.
+fn every_call_answered(node: &Running, when: &str) {
+    let client = node.ns("default/client");
+    let outside = node.ns("outside");
+    for (ns, to, proto, endpoints) in [
+        (&client, "172.30.0.41:80", "tcp", &WEB[..]),
+        (&client, "172.30.0.10:53", "udp", &DNS[..]),
+        (&outside, "192.168.0.2:30080", "tcp", &WEB[..]),
+    ] {
+        let got = answers(&node.call(ns, to, proto, "6"));
+        assert_eq!(got.len(), 6, "{when}: {to} {proto}: {got:?}");
+        for (who, _) in &got {
+            assert!(
+                endpoints.contains(&who.as_str()),
+                "{when}: {to} {proto} answered by {who}"
+            );
+        }
+    }
+}
+
 /// Worker 0's counter `name`, from `kxdp stats -o json`.
 fn counter(node: &Running, name: &str) -> u64 {
     let v = node.stats();
@@ -74,8 +95,6 @@ fn an_idle_adaptive_worker_sleeps_and_the_next_packet_wakes_it() {
         (10, 1),
         "the worker's rt_priority and policy (SCHED_FIFO)"
     );
-    let client = node.ns("default/client");
-    let outside = node.ns("outside");
     for round in 0..3 {
         // Quiet: the lab's own chatter (ARP refreshes) is rare.
         let share = cpu_share(pid, worker, Duration::from_secs(3));
@@ -94,20 +113,7 @@ fn an_idle_adaptive_worker_sleeps_and_the_next_packet_wakes_it() {
         );
         assert!(slept > 0, "round {round}: the worker never slept");
         // Woken by the first packet: every connection answered, by an endpoint.
-        for (ns, to, proto, endpoints) in [
-            (&client, "172.30.0.41:80", "tcp", &WEB[..]),
-            (&client, "172.30.0.10:53", "udp", &DNS[..]),
-            (&outside, "192.168.0.2:30080", "tcp", &WEB[..]),
-        ] {
-            let got = answers(&node.call(ns, to, proto, "6"));
-            assert_eq!(got.len(), 6, "round {round}: {to} {proto}: {got:?}");
-            for (who, _) in &got {
-                assert!(
-                    endpoints.contains(&who.as_str()),
-                    "round {round}: {to} {proto} answered by {who}"
-                );
-            }
-        }
+        every_call_answered(&node, &format!("round {round}"));
     }
     assert!(counter(&node, "asleep_ns") > counter(&node, "awake_ns"));
 }
@@ -122,22 +128,7 @@ fn with_ring_waits_measured_every_frame_is_timed_and_the_traffic_is_unchanged() 
     ) else {
         return;
     };
-    let client = node.ns("default/client");
-    let outside = node.ns("outside");
-    for (ns, to, proto, endpoints) in [
-        (&client, "172.30.0.41:80", "tcp", &WEB[..]),
-        (&client, "172.30.0.10:53", "udp", &DNS[..]),
-        (&outside, "192.168.0.2:30080", "tcp", &WEB[..]),
-    ] {
-        let got = answers(&node.call(ns, to, proto, "6"));
-        assert_eq!(got.len(), 6, "{to} {proto}: {got:?}");
-        for (who, _) in &got {
-            assert!(
-                endpoints.contains(&who.as_str()),
-                "{to} {proto} answered by {who}"
-            );
-        }
-    }
+    every_call_answered(&node, "measured");
     let (rx, timed) = (counter(&node, "rx"), counter(&node, "rx_wait_timed"));
     eprintln!(
         "{rx} frames received, {timed} timed, {} ns waited, {} over 10 µs",
@@ -159,22 +150,7 @@ fn with_preferred_busy_polling_the_traffic_is_unchanged_and_every_port_is_accoun
     ) else {
         return;
     };
-    let client = node.ns("default/client");
-    let outside = node.ns("outside");
-    for (ns, to, proto, endpoints) in [
-        (&client, "172.30.0.41:80", "tcp", &WEB[..]),
-        (&client, "172.30.0.10:53", "udp", &DNS[..]),
-        (&outside, "192.168.0.2:30080", "tcp", &WEB[..]),
-    ] {
-        let got = answers(&node.call(ns, to, proto, "6"));
-        assert_eq!(got.len(), 6, "{to} {proto}: {got:?}");
-        for (who, _) in &got {
-            assert!(
-                endpoints.contains(&who.as_str()),
-                "{to} {proto} answered by {who}"
-            );
-        }
-    }
+    every_call_answered(&node, "busy-polled");
     let v = node.stats();
     let busy_polls = v["workers"][0]["dev_busy_polls"].as_u64().unwrap();
     assert!(

@@ -167,15 +167,27 @@ impl XdpProgram {
         }
     }
 
+    /// Writes `kxdp_config` with these values (`what` names the change for an error).
+    fn write_config(
+        &self,
+        (steering, vxlan_port, stamp): (Steering, u16, bool),
+        what: impl FnOnce() -> String,
+    ) -> Result<(), XskError> {
+        self.maps
+            .config
+            .update(
+                &0u32.to_ne_bytes(),
+                &config_value(steering, vxlan_port, stamp),
+            )
+            .map_err(|e| self.failed(what(), e))
+    }
+
     /// Switches between filtering and redirecting everything. Takes effect with the next
     /// frame; the tables are kept either way.
     pub fn set_steering(&self, steering: Steering) -> Result<(), XskError> {
         let mut inst = self.lock();
-        let value = config_value(steering, inst.tables.vxlan_port, inst.stamp);
-        self.maps
-            .config
-            .update(&0u32.to_ne_bytes(), &value)
-            .map_err(|e| self.failed(format!("steering {steering:?}"), e))?;
+        let values = (steering, inst.tables.vxlan_port, inst.stamp);
+        self.write_config(values, || format!("steering {steering:?}"))?;
         inst.steering = steering;
         Ok(())
     }
@@ -194,11 +206,8 @@ impl XdpProgram {
     /// already in a ring keeps the layout it came with.
     pub fn set_stamp(&self, on: bool) -> Result<(), XskError> {
         let mut inst = self.lock();
-        let value = config_value(inst.steering, inst.tables.vxlan_port, on);
-        self.maps
-            .config
-            .update(&0u32.to_ne_bytes(), &value)
-            .map_err(|e| self.failed(format!("stamping {on}"), e))?;
+        let values = (inst.steering, inst.tables.vxlan_port, on);
+        self.write_config(values, || format!("stamping {on}"))?;
         inst.stamp = on;
         Ok(())
     }
@@ -369,13 +378,8 @@ impl XdpProgram {
     /// 8472, IANA 4789); 0 redirects no VXLAN.
     pub fn set_vxlan_port(&self, port: u16) -> Result<(), XskError> {
         let mut inst = self.lock();
-        self.maps
-            .config
-            .update(
-                &0u32.to_ne_bytes(),
-                &config_value(inst.steering, port, inst.stamp),
-            )
-            .map_err(|e| self.failed(format!("VXLAN port {port}"), e))?;
+        let values = (inst.steering, port, inst.stamp);
+        self.write_config(values, || format!("VXLAN port {port}"))?;
         inst.tables.vxlan_port = port;
         Ok(())
     }
@@ -428,13 +432,8 @@ impl XdpProgram {
             }
         }
         if inst.tables.vxlan_port != want.vxlan_port {
-            self.maps
-                .config
-                .update(
-                    &0u32.to_ne_bytes(),
-                    &config_value(inst.steering, want.vxlan_port, inst.stamp),
-                )
-                .map_err(|e| self.failed(format!("VXLAN port {}", want.vxlan_port), e))?;
+            let values = (inst.steering, want.vxlan_port, inst.stamp);
+            self.write_config(values, || format!("VXLAN port {}", want.vxlan_port))?;
             inst.tables.vxlan_port = want.vxlan_port;
         }
         // Then removals of whatever `want` lacks.
