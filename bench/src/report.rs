@@ -220,6 +220,58 @@ fn latency_table(out: &mut String, res: &Results, p: &Point, rate: u64) {
     }
 }
 
+/// Where the latency of the runs at `rate` went, for runs that can tell: to the sink's
+/// interface and in the sink (the sink's own stamps), and, for a kxdp run with
+/// `--measure-ring-wait`, how many frames waited long in kxdp's receive ring. Nothing for
+/// results without the sink's stamps.
+fn split_table(out: &mut String, res: &Results, p: &Point, rate: u64) {
+    let rates = latency_rates(res);
+    let latency = at_rate(&p.latency, &rates, rate);
+    if latency.iter().all(|r| r.to_sink_ns.is_none()) {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\nWhere it went: generator to the sink's interface (the device and the kernel around it), \
+         then in the sink (the bench's own part); and the share of frames that waited in kxdp's \
+         receive ring for a worker longer than 10 µs, 100 µs, 1 ms (`--measure-ring-wait`).\n\n\
+         | device | to the sink's interface p50 / p99 / p99.9 µs | in the sink p99 / p99.9 µs | waited in kxdp's ring > 10 µs / 100 µs / 1 ms |\n|---|---|---|---|"
+    );
+    for d in duts(res) {
+        let key = d.name();
+        if of(&latency, key).all(|r| r.to_sink_ns.is_none()) {
+            continue;
+        }
+        let part = |pick: fn(&RunResult) -> Option<u64>| {
+            us(median(
+                of(&latency, key).filter_map(|r| pick(r).map(|v| v as f64)),
+            ))
+        };
+        let waited = |over: &str| {
+            let name = format!("rx_waited_over_{over}");
+            median(of(&latency, key).filter_map(|r| {
+                let count = |n: &str| r.dut_counters.iter().find(|(c, _)| c == n).map(|(_, v)| *v);
+                let timed = count("rx_wait_timed").filter(|&t| t > 0)?;
+                Some(100.0 * count(&name).unwrap_or(0) as f64 / timed as f64)
+            }))
+            .map_or("—".into(), |v| format!("{v:.2}%"))
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} / {} / {} | {} / {} | {} / {} / {} |",
+            d.short(),
+            part(|r| r.to_sink_ns.map(|p| p.p50)),
+            part(|r| r.to_sink_ns.map(|p| p.p99)),
+            part(|r| r.to_sink_ns.map(|p| p.p999)),
+            part(|r| r.sink_wait_ns.map(|p| p.p99)),
+            part(|r| r.sink_wait_ns.map(|p| p.p999)),
+            waited("10us"),
+            waited("100us"),
+            waited("1ms"),
+        );
+    }
+}
+
 fn secs(s: Option<f64>) -> String {
     match s {
         Some(v) if v < 0.01 => format!("{:.2} ms", v * 1000.0),
@@ -535,6 +587,7 @@ pub fn markdown(res: &Results) -> String {
                 services_noun(p.services)
             );
             latency_table(&mut out, res, p, rate);
+            split_table(&mut out, res, p, rate);
         }
     }
     if !res.install.is_empty() {
@@ -809,6 +862,57 @@ mod tests {
         };
         assert_eq!(verdict("1,000"), "does not hold", "p99 90 against 80 µs");
         assert_eq!(verdict("200,000"), "holds", "p50 20 < 30, p99 60 ≤ 70 µs");
+    }
+
+    #[test]
+    fn a_split_latency_says_where_it_went_and_old_results_say_nothing() {
+        let mut res = Results::default();
+        let mut plan = crate::record::Plan::quick();
+        plan.latency_pps = vec![10_000];
+        plan.duts = vec![DutKind::Kxdp, DutKind::Nftables];
+        res.plan = Some(plan);
+        let at = |dut: &str, to_sink_p99: u64, counters: Vec<(String, u64)>| {
+            let mut r = run(dut, 10_000.0);
+            r.rate_pps = Some(10_000);
+            r.to_sink_ns = Some(crate::measure::Percentiles {
+                p99: to_sink_p99 * 1000,
+                ..Default::default()
+            });
+            r.sink_wait_ns = Some(crate::measure::Percentiles::default());
+            r.dut_counters = counters;
+            r
+        };
+        let ring = |over_10us| {
+            vec![
+                ("rx_wait_timed".to_string(), 10_000),
+                ("rx_waited_over_10us".to_string(), over_10us),
+                ("rx_waited_over_100us".to_string(), 50),
+            ]
+        };
+        res.points.push(Point {
+            services: 1,
+            latency: vec![
+                at("kxdp", 80, ring(100)),
+                at("kxdp", 90, ring(120)),
+                at("kxdp", 100, ring(140)),
+                at("nftables", 50, vec![]),
+            ],
+            ..Point::default()
+        });
+        let md = markdown(&res);
+        assert!(
+            md.contains("| kxdp | 0.0 / 90.0 / 0.0 | 0.0 / 0.0 | 1.20% / 0.50% / 0.00% |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| nftables | 0.0 / 50.0 / 0.0 | 0.0 / 0.0 | — / — / — |"),
+            "{md}"
+        );
+        // Results from a sink that did not stamp: no such table.
+        for r in &mut res.points[0].latency {
+            r.to_sink_ns = None;
+        }
+        assert!(!markdown(&res).contains("Where it went"));
     }
 
     #[test]

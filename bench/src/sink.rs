@@ -401,17 +401,22 @@ mod tests {
     use pktio::MemDevice;
     use std::net::Ipv4Addr;
 
-    #[test]
-    fn counts_sizes_and_latency_and_ignores_other_frames() {
-        let mut dev = MemDevice::new(1, 64);
-        let flows = FlowSet {
+    /// One flow, 10.0.0.1:1024 to 10.0.0.2:9.
+    fn one_flow() -> FlowSet {
+        FlowSet {
             src_mac: [2, 0, 0, 0, 0, 1],
             dst_mac: [2, 0, 0, 0, 0, 2],
             src_ip: Ipv4Addr::new(10, 0, 0, 1),
             src_port: 1024,
             flows: 1,
             dests: vec!["10.0.0.2:9".parse().unwrap()],
-        };
+        }
+    }
+
+    #[test]
+    fn counts_sizes_and_latency_and_ignores_other_frames() {
+        let mut dev = MemDevice::new(1, 64);
+        let flows = one_flow();
         let epoch = Instant::now() - Duration::from_millis(5);
         let mut buf = [0u8; 128];
         for seq in 0..10 {
@@ -443,14 +448,7 @@ mod tests {
     #[test]
     fn a_stamped_frame_latency_splits_at_the_sink_interface() {
         let mut dev = MemDevice::new(1, 64);
-        let flows = FlowSet {
-            src_mac: [2, 0, 0, 0, 0, 1],
-            dst_mac: [2, 0, 0, 0, 0, 2],
-            src_ip: Ipv4Addr::new(10, 0, 0, 1),
-            src_port: 1024,
-            flows: 1,
-            dests: vec!["10.0.0.2:9".parse().unwrap()],
-        };
+        let flows = one_flow();
         // The run began 10 ms ago; frames sent 1 ms in reached the sink interface 2 ms in.
         let epoch = Instant::now() - Duration::from_millis(10);
         let offset = pktio::stamp_clock() - epoch.elapsed().as_nanos() as u64;
