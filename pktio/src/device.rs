@@ -164,7 +164,8 @@ pub struct DeviceStats {
     /// completed when the port closed (they leave the pool for good).
     pub frames_lost: u64,
     /// Receive calls made to run the queue's driver in the caller's thread (preferred busy
-    /// polling, [`crate::xsk::XskDevice::set_busy_poll`]): one per empty poll of a port.
+    /// polling, [`crate::xsk::XskDevice::set_busy_poll`]): one per empty poll of a port
+    /// that did not need a wake-up anyway (those count as `wakeups`).
     pub busy_polls: u64,
 }
 

@@ -367,7 +367,7 @@ fn hand_over(
     let offered = shared.tables.load().generation;
     let offer = dataplane::handover::offer(shared, plan.shape(shared));
     let umems: Vec<_> = attached.umems.iter().map(AsFd::as_fd).collect();
-    let rings = match successor.offer(&offer, &umems, deadline) {
+    let rings = match successor.offer(&offer, &umems, plan.cfg.stamped, deadline) {
         Ok(rings) => rings,
         Err(why) => {
             log::warn!("handover to pid {pid} abandoned ({why}); forwarding throughout");
@@ -472,7 +472,7 @@ fn take_over(
     };
     let asked = Instant::now();
     let (state, fds) = predecessor
-        .take(prepared.is_some())
+        .take(prepared.is_some(), plan.cfg.stamped)
         .map_err(|e| anyhow::anyhow!("takeover: {e}"))?;
     let now = plan.epoch.elapsed().as_nanos() as u64;
     let (taken, rings) = match dataplane::handover::import(shared, state, now) {
@@ -757,8 +757,13 @@ impl Plan {
             });
         opened.resize_with(devices.len(), Vec::new);
         for ((w, mut dev), opened) in devices.into_iter().enumerate().zip(opened) {
-            if let Some(budget) = self.busy_poll {
-                busy_poll(w, &mut dev, budget, shared);
+            match self.busy_poll {
+                Some(budget) => busy_poll(w, &mut dev, budget, shared),
+                // Sockets taken over keep what their predecessor set: off, as asked (a
+                // kernel without the options has nothing to turn off).
+                None => {
+                    let _ = dev.set_busy_poll(None);
+                }
             }
             let worker_shared = shared.clone();
             let worker_stop = stop.clone();

@@ -136,22 +136,36 @@ impl XskDevice {
     }
 
     /// Turns the kernel's preferred busy polling on for every socket, now and opened later,
-    /// with at most `budget` frames per poll of a queue, or off (`None`). While it is on, a
+    /// with at most `budget` frames per poll of a queue, or off (`None`; sockets handed
+    /// over by another process keep what it set until this is called). While it is on, a
     /// poll of a port that finds its receive ring empty asks the kernel to run the queue's
     /// driver in this thread (a non-blocking `recvfrom`, counted as `busy_polls`) instead of
     /// waiting for its interrupt and softirq: with the interface's `napi_defer_hard_irqs`
     /// and `gro_flush_timeout` set, the kernel leaves the queue to this thread while it
     /// polls. Returns each open port's NAPI id; 0 means the kernel knows no NAPI instance
-    /// for the socket (veth, generic XDP) and busy polling does nothing there.
+    /// for the socket (veth, generic XDP) and busy polling does nothing there. On an error
+    /// (a kernel without the options, no `CAP_NET_ADMIN`) every socket is left without it.
     pub fn set_busy_poll(&mut self, budget: Option<u16>) -> Result<Vec<(PortId, u32)>, XskError> {
-        self.busy_poll = budget;
         let mut ids = Vec::new();
         for (id, p) in self.ports.iter().enumerate() {
             let Some(p) = p else { continue };
             let failed = |e| XskError::os(BUSY_POLL, ifname(p.ifindex), e);
-            p.sock.set_busy_poll(budget).map_err(failed)?;
-            ids.push((id, p.sock.napi_id().map_err(failed)?));
+            let set = p.sock.set_busy_poll(budget).and_then(|()| p.sock.napi_id());
+            match set {
+                Ok(napi) => ids.push((id, napi)),
+                Err(e) => {
+                    // All or nothing: the sockets set so far go back to plain polling.
+                    if budget.is_some() {
+                        for q in self.ports.iter().flatten() {
+                            let _ = q.sock.set_busy_poll(None);
+                        }
+                    }
+                    self.busy_poll = None;
+                    return Err(failed(e));
+                }
+            }
         }
+        self.busy_poll = budget;
         Ok(ids)
     }
 
