@@ -81,12 +81,14 @@ pub enum Outcome {
 impl Successor {
     /// Sends the offer with the workers' UMEMs `umems` (the workers still forwarding) and
     /// waits up to `deadline` for the successor's answer: `Ok(rings)`, whether it asks for
-    /// the rings in place, or `Err` with why it will not take over (a silent successor is
-    /// killed).
+    /// the rings in place and can have them (rings whose frames come `stamped` go only to
+    /// a successor that says it expects stamps), or `Err` with why it will not take over
+    /// (a silent successor is killed).
     pub fn offer(
         &mut self,
         offer: &Message,
         umems: &[std::os::fd::BorrowedFd<'_>],
+        stamped: bool,
         deadline: Duration,
     ) -> Result<bool, String> {
         let _ = self.stream.set_write_timeout(Some(deadline));
@@ -97,7 +99,16 @@ impl Successor {
             return Err(format!("the UMEMs could not be sent ({e})"));
         }
         match self.word(deadline) {
-            Word::Said(Message::HandoverTake { rings }) => Ok(rings),
+            Word::Said(Message::HandoverTake {
+                rings,
+                stamped: theirs,
+            }) => {
+                if rings && stamped && theirs != Some(true) {
+                    log::warn!("the successor does not expect stamped frames (--measure-ring-wait): it attaches again instead of taking the rings in place");
+                    return Ok(false);
+                }
+                Ok(rings)
+            }
             Word::Said(other) => {
                 self.kill();
                 Err(format!("the successor answered {}", short(&other)))
@@ -458,11 +469,16 @@ impl Predecessor {
         Ok((offer, umems))
     }
 
-    /// Asks for the state, with the rings in place or not; returns it, with the rings'
-    /// descriptors when they came (the running process has stopped forwarding once this
-    /// returns `Ok`, and with `rings: false` released its interfaces).
-    pub fn take(&mut self, rings: bool) -> Result<(Message, Vec<OwnedFd>), String> {
-        wire::write_message(&mut self.stream, &Message::HandoverTake { rings })
+    /// Asks for the state, with the rings in place or not (for devices that expect
+    /// `stamped` frames or not); returns it, with the rings' descriptors when they came
+    /// (the running process has stopped forwarding once this returns `Ok`, and without
+    /// the rings released its interfaces).
+    pub fn take(&mut self, rings: bool, stamped: bool) -> Result<(Message, Vec<OwnedFd>), String> {
+        let take = Message::HandoverTake {
+            rings,
+            stamped: Some(stamped),
+        };
+        wire::write_message(&mut self.stream, &take)
             .map_err(|e| format!("asking for the state: {e}"))?;
         let state = wire::read_message(&mut self.stream)
             .map_err(|e| format!("reading the handed state: {e}"))?;
@@ -539,5 +555,64 @@ mod tests {
         assert_eq!(back, want);
         // A count beyond reason is cut short, not expanded.
         assert_eq!(chunks(&[(0, u32::MAX)], 4096, 10).len(), 10);
+    }
+
+    #[test]
+    fn stamped_rings_go_in_place_only_to_a_successor_that_expects_stamps() {
+        use std::os::fd::AsFd;
+        // What a successor older than stamping sends: no `stamped` at all.
+        let old = wire::encode(&Message::HandoverTake {
+            rings: true,
+            stamped: None,
+        });
+        let text =
+            String::from_utf8_lossy(&old[wire::HEADER_LEN..]).replace(",\"stamped\":null", "");
+        let old_take: Message = serde_json::from_str(&text).unwrap();
+        assert!(
+            matches!(
+                old_take,
+                Message::HandoverTake {
+                    rings: true,
+                    stamped: None
+                }
+            ),
+            "{text}"
+        );
+        for (ours, theirs, in_place) in [
+            (true, None, false),
+            (true, Some(false), false),
+            (true, Some(true), true),
+            (false, None, true),
+            (false, Some(false), true),
+        ] {
+            let (here, there) = UnixStream::pair().unwrap();
+            let fake = std::thread::spawn(move || {
+                let mut there = there;
+                wire::read_message(&mut there).unwrap();
+                pktio::fdpass::recv(&there, 1).unwrap();
+                let take = Message::HandoverTake {
+                    rings: true,
+                    stamped: theirs,
+                };
+                wire::write_message(&mut there, &take).unwrap();
+            });
+            let mut successor = Successor {
+                stream: here,
+                peer: Peer {
+                    pid: 0,
+                    uid: 0,
+                    gid: 0,
+                },
+            };
+            let umem = std::fs::File::open("/dev/null").unwrap();
+            let got = successor.offer(
+                &Message::GetStats,
+                &[umem.as_fd()],
+                ours,
+                Duration::from_secs(5),
+            );
+            fake.join().unwrap();
+            assert_eq!(got, Ok(in_place), "stamped here {ours}, there {theirs:?}");
+        }
     }
 }

@@ -216,9 +216,14 @@ fn a_successor_failing_at_any_step_leaves_the_old_dataplane_forwarding() {
     assert!(text.contains("no word from the successor"), "{text}");
 
     // A successor that does its part takes over, the rings in place, and the old one
-    // exits; then one whose rings are sized otherwise takes over by attaching again.
+    // exits; then one whose rings are sized otherwise takes over by attaching again. Frames
+    // stamped for ring waits go in place only between processes that both stamp.
+    let stamped = ["--frames", "2048", "--measure-ring-wait"];
     for (extra, how) in [
         (&[][..], "the rings in place"),
+        (&["--frames", "2048"][..], "the interfaces, attached again"),
+        (&stamped[..], "the interfaces, attached again"),
+        (&stamped[..], "the rings in place"),
         (&["--frames", "2048"][..], "the interfaces, attached again"),
     ] {
         let next = successor(&node, 1, extra);

@@ -158,6 +158,12 @@ pub enum Message {
     HandoverTake {
         /// Hand over the rings in place.
         rings: bool,
+        /// The successor's devices expect frames stamped by the XDP program
+        /// (`--measure-ring-wait`). Absent from a successor older than stamping, which
+        /// never gets stamped rings in place: it would read each stamp as the frame's
+        /// first bytes.
+        #[serde(default)]
+        stamped: Option<bool>,
     },
     /// running dataplane → new dataplane, after [`Message::HandoverTake`]: everything it
     /// needs to carry on, sent once the old workers stopped. With `rings`, the descriptors
