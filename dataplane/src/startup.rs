@@ -111,7 +111,8 @@ pub struct Args {
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub busy_poll_budget: Option<u16>,
     /// Measure how long frames wait in the receive rings for their worker: the XDP program
-    /// stamps every frame with the time it saw it (8 bytes of metadata), and each worker
+    /// stamps every frame it redirects with the time it saw it (8 bytes in front, taken off
+    /// again before the pipeline sees the frame), and each worker
     /// counts the frames it took after 10 µs, 20 µs, ... 5 ms (`rx_waited_over_*` in
     /// `kxdp stats`), the part of a packet's latency that is the worker's. Costs the
     /// program a clock read per frame; off by default.

@@ -33,10 +33,10 @@ const PUBLISH: u64 = SECOND / 100;
 /// frames waited.
 const POLL_GAP: u64 = 100_000;
 
-/// How far ahead of a pass's start a frame's stamp may be and still count as its wait
-/// (none: it came during the pass), and how far behind: a stamp outside these, or zero, is
-/// not one (the headroom of a frame that the program did not stamp: a predecessor's, or
-/// one in a fresh pool).
+/// How far ahead of the time a frame was taken its stamp may be (the clocks of two cores
+/// read a moment apart), and how far behind: a stamp outside these, or zero, is not one
+/// (the headroom of a frame that the program did not stamp: a predecessor's, or one in a
+/// fresh pool).
 const STAMP_AHEAD: u64 = 1_000_000;
 const STAMP_BEHIND: u64 = 10_000_000_000;
 
@@ -58,10 +58,8 @@ pub struct Worker<D: Device> {
     ports_seen: u64,
     /// Ports this worker opened at run time, by id, with their sockets.
     opened: Vec<Option<Option<std::os::fd::RawFd>>>,
-    /// Whether frames come stamped and their wait is counted (`--measure-ring-wait`), and
-    /// then, while running, what turns the worker's clock into the stamps'.
+    /// Whether frames come stamped and their wait is counted (`--measure-ring-wait`).
     measure_wait: bool,
-    stamp_offset: Option<u64>,
 }
 
 impl<D: Device> Worker<D> {
@@ -80,13 +78,12 @@ impl<D: Device> Worker<D> {
             ports_seen: 0,
             opened: Vec::new(),
             measure_wait: false,
-            stamp_offset: None,
         }
     }
 
     /// Counts how long each frame waited in its receive ring (`rx_waited_*`), from the
-    /// stamp the XDP program put before it ([`pktio::xsk::XdpProgram::set_stamp`]), once
-    /// the worker runs.
+    /// stamp the XDP program put before it ([`pktio::xsk::XdpProgram::set_stamp`]) to the
+    /// moment the worker took it.
     pub fn measure_ring_wait(&mut self, on: bool) {
         self.measure_wait = on;
     }
@@ -143,8 +140,9 @@ impl<D: Device> Worker<D> {
             self.rx.clear();
             self.dev.recv(port, &mut self.rx, BURST);
             handled += self.rx.len();
-            if let Some(offset) = self.stamp_offset {
-                time_waits(&mut self.dev, &self.rx, &mut self.counters, now + offset);
+            if self.measure_wait && !self.rx.is_empty() {
+                let taken = pktio::stamp_clock();
+                time_waits(&mut self.dev, &self.rx, &mut self.counters, taken);
             }
             pipeline.handle_burst(
                 &mut self.dev,
@@ -225,9 +223,6 @@ impl<D: Device> Worker<D> {
         let shared = self.shared.clone();
         let waker = shared.wakers.of(self.id);
         let clock = || epoch.elapsed().as_nanos() as u64;
-        if self.measure_wait {
-            self.stamp_offset = Some(pktio::stamp_clock().saturating_sub(clock()));
-        }
         // The end of the last pass (or sleep), and the start of the last pass with frames.
         let (mut last, mut last_frame) = (clock(), clock());
         while !stop.load(Ordering::Acquire) {
@@ -272,18 +267,18 @@ impl<D: Device> Worker<D> {
     }
 }
 
-/// Counts the wait of each of `frames`, just received by a pass that started at `start`
-/// on the stamps' clock.
-fn time_waits<D: Device>(dev: &mut D, frames: &[Frame], counters: &mut Counters, start: u64) {
+/// Counts the wait of each of `frames`, taken from their ring at `taken` on the stamps'
+/// clock.
+fn time_waits<D: Device>(dev: &mut D, frames: &[Frame], counters: &mut Counters, taken: u64) {
     for &f in frames {
         let Some(stamp) = dev.rx_stamp(f) else {
             continue;
         };
         if stamp != 0
-            && stamp <= start.saturating_add(STAMP_AHEAD)
-            && stamp.saturating_add(STAMP_BEHIND) >= start
+            && stamp <= taken.saturating_add(STAMP_AHEAD)
+            && stamp.saturating_add(STAMP_BEHIND) >= taken
         {
-            counters.rx_waited(start.saturating_sub(stamp));
+            counters.rx_waited(taken.saturating_sub(stamp));
         }
     }
 }
@@ -343,28 +338,31 @@ mod tests {
 
     #[test]
     fn a_measuring_worker_counts_how_long_stamped_frames_waited() {
-        let shared = one_uplink();
-        let mut w = Worker::new(0, MemDevice::new(1, 64), shared);
-        // The stamps' clock reads 5 s when the worker's reads 1 s.
+        let mut w = Worker::new(0, MemDevice::new(1, 64), one_uplink());
         w.measure_ring_wait(true);
-        w.stamp_offset = Some(4 * SECOND);
-        let start = 5 * SECOND;
         let runt = [0u8; 10];
+        // Stamped this long before now; the poll takes them a little later still, so each
+        // wait is chosen well inside its bucket's lower edge.
+        let now = pktio::stamp_clock();
         for (stamp, what) in [
-            (start - 150_000, "waited 150 µs"),
-            (start - 3_000, "waited 3 µs"),
-            (start + 500, "came during the pass: no wait"),
-            (start - 7_000_000, "waited 7 ms"),
+            (now - 210_000, "waited 210 µs"),
+            (now - 2_000_000, "waited 2 ms"),
+            (now - 30_000_000, "waited 30 ms"),
             (0, "unstamped: not counted"),
-            (start + 2_000_000, "from the future: not a stamp"),
+            (now + 100_000_000, "from the future: not a stamp"),
         ] {
             assert!(w.dev.inject_stamped(0, &runt, stamp), "{what}");
         }
         assert!(w.dev.inject(0, &runt), "no stamp at all");
-        assert_eq!(w.poll(SECOND), 7);
+        assert_eq!(w.poll(SECOND), 6);
         let c = w.counters();
-        assert_eq!(c.rx_wait_timed, 4);
-        assert_eq!(c.rx_wait_ns, 150_000 + 3_000 + 7_000_000);
+        assert_eq!(c.rx_wait_timed, 3);
+        let least = 210_000 + 2_000_000 + 30_000_000;
+        assert!(
+            (least..least + 50_000_000).contains(&c.rx_wait_ns),
+            "{}",
+            c.rx_wait_ns
+        );
         let over: Vec<u64> = [
             c.rx_waited_over_10us,
             c.rx_waited_over_20us,
@@ -376,11 +374,16 @@ mod tests {
             c.rx_waited_over_5ms,
         ]
         .to_vec();
-        assert_eq!(over, [2, 2, 2, 2, 1, 1, 1, 1]);
+        assert_eq!(over[..5], [3, 3, 3, 3, 3]);
+        assert_eq!(
+            over[6..],
+            [2, 1],
+            "2 ms and 30 ms over a millisecond, one over 5 ms"
+        );
 
         // Not measuring: the same frames count nothing.
         let mut quiet = Worker::new(0, MemDevice::new(1, 64), w.shared.clone());
-        assert!(quiet.dev.inject_stamped(0, &runt, start - 150_000));
+        assert!(quiet.dev.inject_stamped(0, &runt, now - 150_000));
         assert_eq!(quiet.poll(SECOND), 1);
         assert_eq!(quiet.counters().rx_wait_timed, 0);
     }

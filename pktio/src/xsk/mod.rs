@@ -12,7 +12,9 @@
 //!
 //! Set-up order: [`XdpProgram::attach`] (or [`XdpProgram::attach_filter`] and its tables) per
 //! interface, [`XskDevice::new`] per worker, then [`XdpProgram::insert`] each device socket
-//! ([`XskDevice::socket_fd`]) at its queue.
+//! ([`XskDevice::socket_fd`]) at its queue. A program that is to stamp its frames
+//! ([`XdpProgram::set_stamp`], for devices with [`XskConfig::stamped`]) is loaded with
+//! [`XdpProgram::load_detached`], told so, then attached with [`XdpProgram::link_to`].
 
 mod bpf;
 mod config;
@@ -43,7 +45,7 @@ pub struct XskConfig {
     /// on TX rings, awaiting completion.
     pub frame_count: u32,
     /// Bytes per chunk: a power of two from 2048 to the page size (4096). Limits the largest
-    /// packet to `frame_size - XDP_PACKET_HEADROOM`.
+    /// packet to `frame_size - XDP_PACKET_HEADROOM` (8 bytes less with [`XskConfig::stamped`]).
     pub frame_size: u32,
     /// Entries of each socket's RX ring (a power of two).
     pub rx_size: u32,
