@@ -212,8 +212,8 @@ counters! {
         /// Of those, the ones over a millisecond: the latency tail's own count.
         poll_gaps_over_1ms,
         /// Frames whose wait in the receive ring was measured (`--measure-ring-wait`): the
-        /// time from kxdp's XDP program seeing the frame to the start of the worker's pass
-        /// that took it, the part of a packet's latency that is the worker's.
+        /// time from kxdp's XDP program seeing the frame to the worker taking it from the
+        /// ring, the part of a packet's latency that is the worker's.
         rx_wait_timed,
         /// Their waits summed, in nanoseconds (over `rx_wait_timed`: the mean).
         rx_wait_ns,

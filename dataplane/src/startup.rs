@@ -106,8 +106,8 @@ pub struct Args {
     /// SO_BUSY_POLL_BUDGET) instead of waiting for the interrupt and softirq. Set the
     /// interface's napi_defer_hard_irqs and gro_flush_timeout too, so the kernel leaves the
     /// queue to the worker while it polls. Does nothing where the kernel knows no NAPI
-    /// instance for a socket (veth, generic XDP): the dataplane says so at start. Needs
-    /// CAP_NET_ADMIN.
+    /// instance for a socket (veth, generic XDP): the dataplane says so when its workers
+    /// start. Needs CAP_NET_ADMIN.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub busy_poll_budget: Option<u16>,
     /// Measure how long frames wait in the receive rings for their worker: the XDP program

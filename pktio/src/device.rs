@@ -116,12 +116,16 @@ pub trait DeviceExt: Device {
     /// frame that was not stamped; `None` when the headroom is shorter.
     fn rx_stamp(&mut self, frame: Frame) -> Option<u64> {
         let (chunk, off) = self.chunk_mut(frame);
-        let bytes = chunk.get(off.checked_sub(8)?..off)?;
+        let bytes = chunk.get(off.checked_sub(STAMP_LEN)?..off)?;
         Some(u64::from_ne_bytes(bytes.try_into().ok()?))
     }
 }
 
 impl<D: Device + ?Sized> DeviceExt for D {}
+
+/// Bytes of the stamp kxdp's XDP program puts in front of a frame
+/// ([`crate::xsk::XdpProgram::set_stamp`]).
+pub const STAMP_LEN: usize = 8;
 
 /// The time now on the clock kxdp's XDP program stamps frames with (`bpf_ktime_get_ns`:
 /// `CLOCK_MONOTONIC`), in nanoseconds; see [`DeviceExt::rx_stamp`].

@@ -58,7 +58,8 @@ impl MemDevice {
         }
         if let Some(frame) = self.rx[port].back() {
             let start = frame.addr as usize;
-            self.pool[start - 8..start].copy_from_slice(&stamp.to_ne_bytes());
+            self.pool[start - crate::device::STAMP_LEN..start]
+                .copy_from_slice(&stamp.to_ne_bytes());
         }
         true
     }

@@ -107,41 +107,37 @@ impl Lab {
     }
 
     fn attach_filter_in(&self, mode: XdpMode) -> (XdpProgram, XskDevice) {
-        in_ns(&self.node, || {
-            let va = xsk::ifindex("va").unwrap();
-            let queues = xsk::queue_count("va");
-            let prog = XdpProgram::attach_filter(va, queues, mode).unwrap();
-            if mode != XdpMode::Auto {
-                assert_eq!(prog.mode(), mode);
-            }
-            let pairs: Vec<(u32, u32)> = (0..queues).map(|q| (va, q)).collect();
-            let dev = XskDevice::new(&pairs, &small_config()).unwrap();
-            for q in 0..queues {
-                prog.insert(q, dev.socket_fd(q as usize)).unwrap();
-            }
-            assert_eq!(prog.steering(), Steering::Filter);
-            (prog, dev)
-        })
+        self.attach_filter_with(mode, false)
     }
 
     /// A filtering program that stamps the frames it redirects, and a device that expects
     /// them.
     fn attach_stamping_filter(&self) -> (XdpProgram, XskDevice) {
+        self.attach_filter_with(XdpMode::Auto, true)
+    }
+
+    /// The filter on `va` in `mode`, stamping or not, with an AF_XDP socket on each of its
+    /// queues in a device that expects the stamps or not.
+    fn attach_filter_with(&self, mode: XdpMode, stamped: bool) -> (XdpProgram, XskDevice) {
         in_ns(&self.node, || {
             let va = xsk::ifindex("va").unwrap();
             let queues = xsk::queue_count("va");
             let prog = XdpProgram::load_detached(va, queues, Steering::Filter).unwrap();
-            prog.set_stamp(true).unwrap();
-            let prog = prog.link_to(XdpMode::Auto).unwrap();
+            prog.set_stamp(stamped).unwrap();
+            let prog = prog.link_to(mode).unwrap();
+            if mode != XdpMode::Auto {
+                assert_eq!(prog.mode(), mode);
+            }
             let pairs: Vec<(u32, u32)> = (0..queues).map(|q| (va, q)).collect();
             let cfg = XskConfig {
-                stamped: true,
+                stamped,
                 ..small_config()
             };
             let dev = XskDevice::new(&pairs, &cfg).unwrap();
             for q in 0..queues {
                 prog.insert(q, dev.socket_fd(q as usize)).unwrap();
             }
+            assert_eq!(prog.steering(), Steering::Filter);
             (prog, dev)
         })
     }

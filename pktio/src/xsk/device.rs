@@ -391,9 +391,6 @@ pub struct HandedSocket {
     pub fill_share: u32,
 }
 
-/// Bytes of the stamp in front of a stamped frame ([`XskConfig::stamped`]).
-const STAMP_LEN: u32 = 8;
-
 impl Device for XskDevice {
     fn port_count(&self) -> usize {
         self.ports.len()
@@ -429,7 +426,11 @@ impl Device for XskDevice {
         }
         // A stamped frame's packet starts after its stamp (none is shorter: the program
         // makes room for the stamp in front of a whole frame).
-        let skip = if self.cfg.stamped { STAMP_LEN } else { 0 };
+        let skip = if self.cfg.stamped {
+            crate::device::STAMP_LEN as u32
+        } else {
+            0
+        };
         for i in 0..n {
             let d = p.sock.rx.read(first.wrapping_add(i));
             let skip = skip.min(d.len);
